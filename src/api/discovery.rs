@@ -1,0 +1,97 @@
+//! Content discovery: tag lists, referrers and the catalog.
+
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::blobs::parse_digest;
+use super::error::{ApiError, ErrorCode};
+use super::{Json, Params, hv};
+use crate::oci::RepoName;
+use crate::registry::Registry;
+
+/// The largest page served, whatever `n` asks for (a `Link` header offers the rest).
+const MAX_PAGE: i64 = 100_000;
+
+/// `n` and `last` of a paginated list.
+fn page(params: &Params) -> Result<(i64, Option<&str>), ApiError> {
+    let n = match params.n.as_deref() {
+        None => MAX_PAGE,
+        Some(n) => n.parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(|| {
+            ApiError::new(ErrorCode::Unsupported)
+                .status(StatusCode::BAD_REQUEST)
+                .message(format!("n must be a non-negative integer, got `{n}`"))
+        })?,
+    };
+    Ok((n.min(MAX_PAGE), params.last.as_deref()))
+}
+
+/// Fetches one more than the page to know whether a `Link` to the next page is due.
+fn paginate(mut items: Vec<String>, n: i64) -> (Vec<String>, Option<String>) {
+    if items.len() as i64 > n {
+        items.truncate(n as usize);
+        let last = items.last().cloned();
+        (items, last)
+    } else {
+        (items, None)
+    }
+}
+
+fn with_link(body: String, next: Option<String>) -> Response {
+    let mut res = Json(body).into_response();
+    if let Some(next) = next {
+        res.headers_mut().insert(header::LINK, hv(format!("<{next}>; rel=\"next\"")));
+    }
+    res
+}
+
+fn query_escape(s: &str) -> String {
+    // Names and tags are from a grammar without reserved characters except `/`.
+    s.replace('/', "%2F")
+}
+
+/// `GET /v2/<name>/tags/list?n=&last=`.
+pub(super) async fn tags(
+    registry: &Registry,
+    repo: &RepoName,
+    params: &Params,
+) -> Result<Response, ApiError> {
+    let (n, last) = page(params)?;
+    let tags = registry.tags(repo, last, n + 1).await?;
+    let (tags, next_last) = paginate(tags, n);
+    let next = next_last.map(|l| format!("/v2/{repo}/tags/list?n={n}&last={}", query_escape(&l)));
+    Ok(with_link(json!({ "name": repo.as_str(), "tags": tags }).to_string(), next))
+}
+
+/// `GET /v2/_catalog?n=&last=`.
+pub(super) async fn catalog(registry: &Registry, params: &Params) -> Result<Response, ApiError> {
+    let (n, last) = page(params)?;
+    let repos = registry.catalog(last, n + 1).await?;
+    let (repos, next_last) = paginate(repos, n);
+    let next = next_last.map(|l| format!("/v2/_catalog?n={n}&last={}", query_escape(&l)));
+    Ok(with_link(json!({ "repositories": repos }).to_string(), next))
+}
+
+/// `GET /v2/<name>/referrers/<digest>?artifactType=`: an image index of the referrers (empty
+/// when there are none or the subject is unknown).
+pub(super) async fn referrers(
+    registry: &Registry,
+    repo: &RepoName,
+    digest: &str,
+    params: &Params,
+) -> Result<Response, ApiError> {
+    let subject = parse_digest(digest)?;
+    let filter = params.artifact_type.as_deref().filter(|t| !t.is_empty());
+    let manifests = registry.referrers(repo, &subject, filter).await?;
+    let body = json!({
+        "schemaVersion": 2,
+        "mediaType": crate::oci::manifest::OCI_INDEX,
+        "manifests": manifests,
+    });
+    let mut res =
+        ([(header::CONTENT_TYPE, hv(crate::oci::manifest::OCI_INDEX))], body.to_string()).into_response();
+    if filter.is_some() {
+        res.headers_mut().insert("oci-filters-applied", hv("artifactType"));
+    }
+    Ok(res)
+}

@@ -1,0 +1,163 @@
+//! Everything that knows about HTTP: the router, request parsing, the OCI error table, and the
+//! request log. Handlers are thin: they parse and validate, call one [`Registry`] operation,
+//! and shape the answer.
+
+mod blobs;
+mod discovery;
+pub mod error;
+mod headers;
+mod manifests;
+pub mod route;
+
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use serde::Deserialize;
+
+use self::error::{ApiError, ErrorCode, InternalError};
+use self::route::V2Route;
+use crate::registry::Registry;
+
+/// The HTTP application over `registry`.
+pub fn router(registry: Registry) -> Router {
+    Router::new()
+        .route("/v2", any(v2))
+        .route("/v2/", any(v2))
+        .route("/v2/{*rest}", any(v2))
+        .route("/healthz", get(healthz))
+        .with_state(registry)
+        .layer(middleware::from_fn(log_request))
+}
+
+/// Query parameters any `/v2/` endpoint may take.
+#[derive(Debug, Default, Deserialize)]
+struct Params {
+    digest: Option<String>,
+    mount: Option<String>,
+    from: Option<String>,
+    n: Option<String>,
+    last: Option<String>,
+    #[serde(rename = "artifactType")]
+    artifact_type: Option<String>,
+}
+
+async fn v2(State(registry): State<Registry>, req: Request) -> Response {
+    match dispatch(&registry, req).await {
+        Ok(res) => res,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn dispatch(registry: &Registry, req: Request) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    let rest = parts.uri.path().strip_prefix("/v2").unwrap_or("");
+    let rest = rest.strip_prefix('/').unwrap_or(rest);
+    let route = route::parse(rest)?;
+    let params: Params = match parts.uri.query() {
+        None => Params::default(),
+        Some(q) => serde_urlencoded_params(q)?,
+    };
+    let method = parts.method;
+    let h = &parts.headers;
+    use V2Route as R;
+    match (route, method) {
+        (R::Base, Method::GET | Method::HEAD) => Ok((StatusCode::OK, Json("{}")).into_response()),
+        (R::Catalog, Method::GET) => discovery::catalog(registry, &params).await,
+        (R::Tags(repo), Method::GET) => discovery::tags(registry, &repo, &params).await,
+        (R::Referrers(repo, d), Method::GET) => discovery::referrers(registry, &repo, &d, &params).await,
+        (R::Manifest(repo, r), Method::GET) => manifests::get(registry, &repo, &r, h, true).await,
+        (R::Manifest(repo, r), Method::HEAD) => manifests::get(registry, &repo, &r, h, false).await,
+        (R::Manifest(repo, r), Method::PUT) => manifests::put(registry, &repo, &r, h, body).await,
+        (R::Manifest(..), Method::DELETE) | (R::Blob(..), Method::DELETE) => {
+            Err(ApiError::new(ErrorCode::Unsupported)
+                .message("deletes are not enabled in this version of Berth"))
+        }
+        (R::Blob(repo, d), Method::GET) => blobs::get(registry, &repo, &d, h, true).await,
+        (R::Blob(repo, d), Method::HEAD) => blobs::get(registry, &repo, &d, h, false).await,
+        (R::UploadStart(repo), Method::POST) => blobs::start_upload(registry, &repo, &params, h, body).await,
+        (R::Upload(repo, id), Method::PATCH) => blobs::patch_upload(registry, &repo, &id, h, body).await,
+        (R::Upload(repo, id), Method::PUT) => blobs::put_upload(registry, &repo, &id, &params, body).await,
+        (R::Upload(repo, id), Method::GET) => blobs::upload_status(registry, &repo, &id).await,
+        (R::Upload(repo, id), Method::DELETE) => blobs::cancel_upload(registry, &repo, &id).await,
+        (_, method) => Err(ApiError::new(ErrorCode::Unsupported)
+            .message(format!("{method} is not supported on this endpoint"))),
+    }
+}
+
+fn serde_urlencoded_params(query: &str) -> Result<Params, ApiError> {
+    let uri: axum::http::Uri = format!("/?{query}")
+        .parse()
+        .map_err(|_| ApiError::new(ErrorCode::Unsupported).status(StatusCode::BAD_REQUEST))?;
+    axum::extract::Query::<Params>::try_from_uri(&uri).map(|q| q.0).map_err(|e| {
+        ApiError::new(ErrorCode::Unsupported)
+            .status(StatusCode::BAD_REQUEST)
+            .message(format!("invalid query string: {e}"))
+    })
+}
+
+/// A JSON body given as ready text.
+struct Json<T>(T);
+
+impl<T: Into<Body>> IntoResponse for Json<T> {
+    fn into_response(self) -> Response {
+        ([(header::CONTENT_TYPE, "application/json")], self.0.into()).into_response()
+    }
+}
+
+/// A header value from text known to be valid (digests, numbers, paths of validated names).
+fn hv(text: impl AsRef<str>) -> HeaderValue {
+    HeaderValue::from_str(text.as_ref()).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+async fn healthz(State(registry): State<Registry>) -> Response {
+    match registry.health().await {
+        Ok(()) => (StatusCode::OK, Json(r#"{"status":"ok"}"#)).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "health check failed");
+            let body = serde_json::json!({ "status": "unavailable", "error": e.to_string() });
+            (StatusCode::SERVICE_UNAVAILABLE, Json(body.to_string())).into_response()
+        }
+    }
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// Logs one line per request (method, path, status, bytes in and out as declared, duration) and
+/// adds the API version header every registry answer carries.
+async fn log_request(req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let bytes_in = content_length(req.headers()).unwrap_or(0);
+    let mut res = next.run(req).await;
+    res.headers_mut().insert(
+        header::HeaderName::from_static("docker-distribution-api-version"),
+        HeaderValue::from_static("registry/2.0"),
+    );
+    let status = res.status().as_u16();
+    let bytes_out = content_length(res.headers())
+        .or_else(|| axum::body::HttpBody::size_hint(res.body()).exact())
+        .unwrap_or(0);
+    let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+    if let Some(InternalError(chain)) = res.extensions().get::<InternalError>() {
+        tracing::error!(http.method = %method, http.path = %path, http.status = status, error = %chain, "request failed");
+    }
+    tracing::info!(
+        http.method = %method,
+        http.path = %path,
+        http.status = status,
+        bytes.in = bytes_in,
+        bytes.out = bytes_out,
+        duration_ms = format_args!("{duration_ms:.3}"),
+        "request"
+    );
+    res
+}

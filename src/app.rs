@@ -1,0 +1,50 @@
+//! Assembling the application from a [`Config`]: open the metadata store (running migrations)
+//! and blob storage, and build the [`Registry`] over them.
+
+use std::time::Duration;
+
+use crate::blob::BlobStore;
+use crate::config::Config;
+use crate::meta::{MetaStore, PoolOptions};
+use crate::registry::{Clock, Registry};
+
+/// A running Berth's shared parts.
+#[derive(Debug, Clone)]
+pub struct App {
+    /// The domain operations.
+    pub registry: Registry,
+    /// The configuration it was opened with.
+    pub config: Config,
+}
+
+impl App {
+    /// Opens metadata and storage as configured.
+    ///
+    /// # Errors
+    /// When the data directory, the database or the storage cannot be opened.
+    pub async fn open(config: &Config) -> anyhow::Result<Self> {
+        Self::open_with_clock(config, Clock::default()).await
+    }
+
+    /// Like [`App::open`] with a given clock (tests move it).
+    ///
+    /// # Errors
+    /// As [`App::open`].
+    pub async fn open_with_clock(config: &Config, clock: Clock) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+            anyhow::anyhow!("cannot create data directory {}: {e}", config.data_dir.display())
+        })?;
+        let pool = PoolOptions {
+            max_connections: config.metadata_max_connections,
+            acquire_timeout: Duration::from_secs(config.metadata_acquire_timeout_secs),
+        };
+        let meta = MetaStore::open(&config.metadata_url, &pool).await?;
+        let blobs = BlobStore::filesystem(&config.storage_path, config.storage_fsync).await?;
+        tracing::info!(
+            metadata = ?meta.dialect(),
+            storage = %blobs.describe(),
+            "deployment opened"
+        );
+        Ok(App { registry: Registry::new(meta, blobs, clock), config: config.clone() })
+    }
+}

@@ -1,0 +1,223 @@
+//! Configuration: defaults, then a TOML file, then `BERTH_…` environment variables, then flags.
+//! Validated once at start, with messages that say what is wrong and where.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address to serve on.
+    pub listen: SocketAddr,
+    /// Directory for the embedded deployment's data.
+    pub data_dir: PathBuf,
+    /// Log filter (`info`, `debug`, `berth=debug,sqlx=warn`, …).
+    pub log_level: String,
+    /// Metadata store URL (`sqlite:…` or `postgres://…`).
+    pub metadata_url: String,
+    /// Metadata connection pool size.
+    pub metadata_max_connections: u32,
+    /// Seconds to wait for a metadata connection.
+    pub metadata_acquire_timeout_secs: u64,
+    /// Directory for blob files.
+    pub storage_path: PathBuf,
+    /// Flush blobs to disk before publishing them.
+    pub storage_fsync: bool,
+}
+
+/// The file format; every field optional, unknown fields rejected.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<String>,
+    data_dir: Option<PathBuf>,
+    log_level: Option<String>,
+    #[serde(default)]
+    metadata: MetadataSection,
+    #[serde(default)]
+    storage: StorageSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetadataSection {
+    url: Option<String>,
+    max_connections: Option<u32>,
+    acquire_timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StorageSection {
+    kind: Option<String>,
+    path: Option<PathBuf>,
+    fsync: Option<bool>,
+}
+
+/// Settings given on the command line; they win over the file and the environment.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--listen`
+    pub listen: Option<String>,
+    /// `--data-dir`
+    pub data_dir: Option<PathBuf>,
+    /// `--log-level`
+    pub log_level: Option<String>,
+}
+
+/// A configuration error, saying where the bad value came from.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+impl Config {
+    /// The embedded default: serve on 127.0.0.1:5000 with everything under `data_dir`.
+    pub fn embedded(data_dir: impl Into<PathBuf>) -> Self {
+        let data_dir = data_dir.into();
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 5000)),
+            metadata_url: sqlite_url(&data_dir),
+            storage_path: data_dir.join("blobs"),
+            data_dir,
+            log_level: "info".into(),
+            metadata_max_connections: 8,
+            metadata_acquire_timeout_secs: 10,
+            storage_fsync: true,
+        }
+    }
+
+    /// Loads the configuration from an optional file, the process environment and `overrides`.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file, variable or flag with the bad value.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        Self::load_from(file, |k| std::env::var(k).ok(), overrides)
+    }
+
+    fn load_from(
+        file: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+        overrides: &Overrides,
+    ) -> Result<Self, ConfigError> {
+        let parsed = match file {
+            None => FileConfig::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
+                toml::from_str(&text)
+                    .map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))?
+            }
+        };
+        if let Some(kind) = &parsed.storage.kind {
+            if kind != "filesystem" {
+                return Err(ConfigError(format!(
+                    "storage.kind = \"{kind}\" is not supported (supported: \"filesystem\")"
+                )));
+            }
+        }
+
+        let data_dir = overrides
+            .data_dir
+            .clone()
+            .or_else(|| env("BERTH_DATA_DIR").map(PathBuf::from))
+            .or(parsed.data_dir)
+            .unwrap_or_else(|| PathBuf::from("./berth-data"));
+        let mut cfg = Config::embedded(&data_dir);
+
+        let (listen, source) = if let Some(l) = &overrides.listen {
+            (Some(l.clone()), "--listen")
+        } else if let Some(l) = env("BERTH_LISTEN") {
+            (Some(l), "BERTH_LISTEN")
+        } else {
+            (parsed.listen.clone(), "listen in the config file")
+        };
+        if let Some(listen) = listen {
+            cfg.listen = listen.parse().map_err(|_| {
+                ConfigError(format!("{source}: `{listen}` is not an address like 127.0.0.1:5000"))
+            })?;
+        }
+        if let Some(level) =
+            overrides.log_level.clone().or_else(|| env("BERTH_LOG_LEVEL")).or(parsed.log_level)
+        {
+            cfg.log_level = level;
+        }
+        if let Some(url) = env("BERTH_METADATA_URL").or(parsed.metadata.url) {
+            if !(url.starts_with("sqlite:")
+                || url.starts_with("postgres://")
+                || url.starts_with("postgresql://"))
+            {
+                return Err(ConfigError(format!(
+                    "metadata.url `{url}` must start with sqlite: or postgres://"
+                )));
+            }
+            cfg.metadata_url = url;
+        }
+        if let Some(n) = parsed.metadata.max_connections {
+            if n == 0 {
+                return Err(ConfigError("metadata.max_connections must be at least 1".into()));
+            }
+            cfg.metadata_max_connections = n;
+        }
+        if let Some(s) = parsed.metadata.acquire_timeout_secs {
+            cfg.metadata_acquire_timeout_secs = s;
+        }
+        if let Some(path) = env("BERTH_STORAGE_PATH").map(PathBuf::from).or(parsed.storage.path) {
+            cfg.storage_path = path;
+        }
+        if let Some(fsync) = parsed.storage.fsync {
+            cfg.storage_fsync = fsync;
+        }
+        Ok(cfg)
+    }
+}
+
+fn sqlite_url(data_dir: &Path) -> String {
+    format!("sqlite:{}", data_dir.join("metadata.db").display())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(toml: &str, env: &[(&str, &str)], o: &Overrides) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("berth.toml");
+        std::fs::write(&path, toml).unwrap();
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Config::load_from(Some(&path), |k| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()), o)
+    }
+
+    #[test]
+    fn defaults_are_the_embedded_deployment() {
+        let c = Config::load_from(None, |_| None, &Overrides::default()).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:5000");
+        assert_eq!(c.data_dir, PathBuf::from("./berth-data"));
+        assert!(c.metadata_url.starts_with("sqlite:") && c.metadata_url.ends_with("metadata.db"));
+    }
+
+    #[test]
+    fn flags_beat_env_beat_file() {
+        let toml = "listen = \"127.0.0.1:1\"\nlog_level = \"warn\"\n";
+        assert_eq!(load(toml, &[], &Overrides::default()).unwrap().listen.port(), 1);
+        assert_eq!(
+            load(toml, &[("BERTH_LISTEN", "127.0.0.1:2")], &Overrides::default()).unwrap().listen.port(),
+            2
+        );
+        let o = Overrides { listen: Some("127.0.0.1:3".into()), ..Default::default() };
+        assert_eq!(load(toml, &[("BERTH_LISTEN", "127.0.0.1:2")], &o).unwrap().listen.port(), 3);
+    }
+
+    #[test]
+    fn errors_say_where() {
+        let e = load("listen = \"nope\"", &[], &Overrides::default()).unwrap_err().to_string();
+        assert!(e.contains("listen in the config file") && e.contains("nope"), "{e}");
+        let e = load("lisen = \"x\"", &[], &Overrides::default()).unwrap_err().to_string();
+        assert!(e.contains("unknown field") && e.contains("lisen"), "{e}");
+        let e = load("[metadata]\nurl = \"mysql://x\"", &[], &Overrides::default()).unwrap_err().to_string();
+        assert!(e.contains("metadata.url"), "{e}");
+        let e = load("", &[("BERTH_LISTEN", "x")], &Overrides::default()).unwrap_err().to_string();
+        assert!(e.contains("BERTH_LISTEN"), "{e}");
+    }
+}

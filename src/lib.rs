@@ -1,0 +1,27 @@
+//! Berth: an OCI container registry where deleting is safe.
+//!
+//! Modules follow the data's way through the system:
+//!
+//! * [`api`] — HTTP: routes, request parsing, the OCI error table, the request log.
+//! * [`registry`] — the domain operations (push, pull, list); the only place that composes
+//!   metadata and storage.
+//! * [`meta`] — the transactional metadata store (SQLite or PostgreSQL).
+//! * [`blob`] — content-addressed blob storage with never-reused keys.
+//! * [`oci`] — pure types: digests, names, references, manifest parsing.
+//! * [`config`], [`app`], [`server`], [`cli`], [`telemetry`] — wiring.
+//!
+//! Dependencies run one way: `api → registry → {meta, blob} → oci`. Only `meta` touches sqlx and
+//! only `blob` touches storage.
+
+#![warn(missing_docs, unreachable_pub)]
+
+pub mod api;
+pub mod app;
+pub mod blob;
+pub mod cli;
+pub mod config;
+pub mod meta;
+pub mod oci;
+pub mod registry;
+pub mod server;
+pub mod telemetry;

@@ -1,0 +1,68 @@
+//! Rows the metadata store returns.
+
+/// A stored blob.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct BlobRow {
+    /// Its digest.
+    pub digest: String,
+    /// Its size in bytes.
+    pub size: i64,
+    /// Where its bytes are in blob storage.
+    pub storage_key: String,
+}
+
+/// A manifest with its bytes.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ManifestRow {
+    /// Digest of `payload`.
+    pub digest: String,
+    /// Media type it is served with.
+    pub media_type: String,
+    /// The bytes as pushed.
+    pub payload: Vec<u8>,
+}
+
+/// A manifest without its bytes.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ManifestHead {
+    /// Its digest.
+    pub digest: String,
+    /// Media type it is served with.
+    pub media_type: String,
+    /// Its size in bytes.
+    pub size: i64,
+}
+
+/// A manifest that refers to a subject.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ReferrerRow {
+    /// Its digest.
+    pub digest: String,
+    /// Its media type.
+    pub media_type: String,
+    /// Its size in bytes.
+    pub size: i64,
+    /// `artifactType`, or its config's media type.
+    pub artifact_type: Option<String>,
+    /// Its annotations as JSON text.
+    pub annotations: Option<String>,
+}
+
+/// An upload session.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct UploadRow {
+    /// The session id (a UUID).
+    pub id: String,
+    /// The repository it was started in.
+    pub repository: String,
+    /// Where its bytes are in blob storage.
+    pub storage_key: String,
+    /// Bytes received and hashed so far.
+    pub size: i64,
+    /// Saved SHA-256 state of those bytes.
+    pub hash_state: Vec<u8>,
+    /// When it started (Unix ms).
+    pub started_at: i64,
+    /// When it last received bytes (Unix ms).
+    pub updated_at: i64,
+}

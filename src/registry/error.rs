@@ -1,0 +1,84 @@
+//! Domain errors, named by outcome in the OCI vocabulary.
+
+use crate::oci::Digest;
+
+/// What a registry operation can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The blob is not linked in the repository.
+    #[error("blob unknown to registry")]
+    BlobUnknown,
+    /// The upload session does not exist (in this repository).
+    #[error("blob upload unknown to registry")]
+    BlobUploadUnknown,
+    /// The upload request is malformed.
+    #[error("blob upload invalid: {0}")]
+    BlobUploadInvalid(String),
+    /// A chunk does not start where the upload currently ends.
+    #[error("chunk must start at offset {size}")]
+    RangeInvalid {
+        /// Bytes the session holds.
+        size: u64,
+        /// The session, for the `Location` of the answer.
+        upload_id: String,
+    },
+    /// A requested byte range lies outside the blob.
+    #[error("range not satisfiable for a blob of {size} bytes")]
+    RangeNotSatisfiable {
+        /// The blob's size.
+        size: u64,
+    },
+    /// The content does not match the given digest, or the digest is malformed.
+    #[error("{0}")]
+    DigestInvalid(String),
+    /// The declared size does not match the content.
+    #[error("{0}")]
+    SizeInvalid(String),
+    /// The manifest is malformed or of an unsupported kind.
+    #[error("{0}")]
+    ManifestInvalid(String),
+    /// The manifest is over the size limit.
+    #[error("manifest is larger than {limit} bytes")]
+    ManifestTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The manifest references content not present in the repository.
+    #[error("manifest references content not in the repository")]
+    ManifestBlobUnknown(Vec<Digest>),
+    /// No such manifest in the repository.
+    #[error("manifest unknown to registry")]
+    ManifestUnknown,
+    /// The manifest exists but in none of the media types the client accepts.
+    #[error("manifest is a `{media_type}`, which the request's Accept header does not include")]
+    ManifestNotAcceptable {
+        /// The stored media type.
+        media_type: String,
+    },
+    /// No such repository.
+    #[error("repository name not known to registry")]
+    NameUnknown,
+    /// The operation is not supported (yet) by this registry.
+    #[error("{0}")]
+    Unsupported(String),
+    /// Something failed inside the registry; details are logged, not shown.
+    #[error("internal error: {0}")]
+    Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl From<crate::meta::Error> for Error {
+    fn from(e: crate::meta::Error) -> Self {
+        Error::Internal(Box::new(e))
+    }
+}
+
+impl From<crate::blob::Error> for Error {
+    fn from(e: crate::blob::Error) -> Self {
+        match e {
+            crate::blob::Error::Body(msg) => {
+                Error::BlobUploadInvalid(format!("request body ended early: {msg}"))
+            }
+            other => Error::Internal(Box::new(other)),
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! Domain operations — push, pull, list — and the only place that composes the metadata store
+//! with blob storage.
+//!
+//! The ordering rule that keeps metadata and bytes consistent: bytes are written under a fresh,
+//! never-reused key *before* the metadata transaction that makes them reachable, and deleted only
+//! *after* the transaction that makes them unreachable has committed. A crash in between can leave
+//! an orphaned object (found by the sweep), never a row without bytes. No axum or sqlx types
+//! appear in these signatures.
+
+mod error;
+mod pull;
+mod push;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub use error::Error;
+pub use pull::{BlobHandle, Referrer};
+pub use push::{ChunkRange, PushedManifest, UploadStatus};
+
+use crate::blob::BlobStore;
+use crate::meta::MetaStore;
+
+/// Result of a registry operation.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The application clock, in Unix milliseconds. Tests move it forward instead of sleeping.
+#[derive(Debug, Clone, Default)]
+pub struct Clock {
+    offset_ms: Arc<AtomicI64>,
+}
+
+impl Clock {
+    /// Now, in Unix milliseconds.
+    pub fn now_ms(&self) -> i64 {
+        let wall = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        wall + self.offset_ms.load(Ordering::Relaxed)
+    }
+
+    /// Moves this clock (and its clones) forward by `ms`.
+    pub fn advance_ms(&self, ms: i64) {
+        self.offset_ms.fetch_add(ms, Ordering::Relaxed);
+    }
+}
+
+/// The registry: domain operations over a metadata store and blob storage. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    meta: MetaStore,
+    blobs: BlobStore,
+    clock: Clock,
+    upload_locks: Arc<UploadLocks>,
+}
+
+impl Registry {
+    /// A registry over `meta` and `blobs`.
+    pub fn new(meta: MetaStore, blobs: BlobStore, clock: Clock) -> Self {
+        Registry { meta, blobs, clock, upload_locks: Arc::default() }
+    }
+
+    /// The metadata store.
+    pub fn meta(&self) -> &MetaStore {
+        &self.meta
+    }
+
+    /// The blob storage.
+    pub fn blobs(&self) -> &BlobStore {
+        &self.blobs
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    /// Checks that metadata and storage both answer.
+    ///
+    /// # Errors
+    /// [`Error::Internal`] naming the part that failed.
+    pub async fn health(&self) -> Result<()> {
+        self.meta.ping().await?;
+        self.blobs.ping().await?;
+        Ok(())
+    }
+}
+
+/// Serialises requests on one upload session within this process. Across processes the
+/// compare-and-set on the session's size in the metadata store decides.
+#[derive(Debug, Default)]
+struct UploadLocks {
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl UploadLocks {
+    async fn lock(self: &Arc<Self>, id: &str) -> UploadGuard {
+        let lock = {
+            let mut map = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            map.entry(id.to_string()).or_default().clone()
+        };
+        let guard = lock.clone().lock_owned().await;
+        UploadGuard { locks: self.clone(), id: id.to_string(), lock, _guard: guard }
+    }
+}
+
+struct UploadGuard {
+    locks: Arc<UploadLocks>,
+    id: String,
+    lock: Arc<tokio::sync::Mutex<()>>,
+    _guard: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl Drop for UploadGuard {
+    fn drop(&mut self) {
+        let mut map = self.locks.locks.lock().unwrap_or_else(|p| p.into_inner());
+        // Ours, the map's and the guard's own reference: nobody else is waiting.
+        if Arc::strong_count(&self.lock) <= 3 {
+            map.remove(&self.id);
+        }
+    }
+}

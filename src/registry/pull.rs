@@ -1,0 +1,129 @@
+//! Pulling and content discovery: blobs, manifests, tags, referrers and the catalog.
+
+use bytes::Bytes;
+use futures_util::Stream;
+
+use super::{Error, Registry, Result};
+use crate::blob::ByteRange;
+use crate::meta::{ManifestHead, ManifestRow};
+use crate::oci::{Digest, Reference, RepoName};
+
+/// A blob linked in a repository, ready to be read.
+#[derive(Debug, Clone)]
+pub struct BlobHandle {
+    /// Its digest.
+    pub digest: Digest,
+    /// Its size in bytes.
+    pub size: u64,
+    storage_key: String,
+}
+
+/// One entry of a referrers list.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Referrer {
+    /// The referrer's media type.
+    pub media_type: String,
+    /// Its digest.
+    pub digest: String,
+    /// Its size.
+    pub size: i64,
+    /// Its artifact type.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub artifact_type: Option<String>,
+    /// Its annotations.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub annotations: Option<serde_json::Value>,
+}
+
+impl Registry {
+    /// The blob `digest` as linked in `repo`.
+    ///
+    /// # Errors
+    /// [`Error::BlobUnknown`] when it is not linked there (even if stored for another repository).
+    pub async fn blob(&self, repo: &RepoName, digest: &Digest) -> Result<BlobHandle> {
+        let row = self.meta.linked_blob(repo, digest).await?.ok_or(Error::BlobUnknown)?;
+        Ok(BlobHandle { digest: digest.clone(), size: row.size as u64, storage_key: row.storage_key })
+    }
+
+    /// Streams a blob's bytes, or `range` of them.
+    ///
+    /// # Errors
+    /// [`Error::RangeNotSatisfiable`] when `range` is outside the blob; [`Error::Internal`] when
+    /// the bytes are missing from storage (a consistency failure, reported by `fsck` too).
+    pub async fn read_blob(
+        &self,
+        blob: &BlobHandle,
+        range: Option<ByteRange>,
+    ) -> Result<impl Stream<Item = std::io::Result<Bytes>> + Send + 'static> {
+        if let Some(r) = range {
+            if r.start > r.end || r.end >= blob.size {
+                return Err(Error::RangeNotSatisfiable { size: blob.size });
+            }
+        }
+        Ok(self.blobs.read(&blob.storage_key, range).await?)
+    }
+
+    /// The manifest `reference` in `repo`, with its bytes.
+    ///
+    /// # Errors
+    /// [`Error::ManifestUnknown`].
+    pub async fn manifest(&self, repo: &RepoName, reference: &Reference) -> Result<ManifestRow> {
+        let row = match reference {
+            Reference::Digest(d) => self.meta.manifest_by_digest(repo, d).await?,
+            Reference::Tag(t) => self.meta.manifest_by_tag(repo, t).await?,
+        };
+        row.ok_or(Error::ManifestUnknown)
+    }
+
+    /// The manifest `reference` in `repo`, without its bytes.
+    ///
+    /// # Errors
+    /// [`Error::ManifestUnknown`].
+    pub async fn manifest_head(&self, repo: &RepoName, reference: &Reference) -> Result<ManifestHead> {
+        let row = match reference {
+            Reference::Digest(d) => self.meta.manifest_head_by_digest(repo, d).await?,
+            Reference::Tag(t) => self.meta.manifest_head_by_tag(repo, t).await?,
+        };
+        row.ok_or(Error::ManifestUnknown)
+    }
+
+    /// Tags of `repo` after `last`, at most `limit`.
+    ///
+    /// # Errors
+    /// [`Error::NameUnknown`] when the repository does not exist.
+    pub async fn tags(&self, repo: &RepoName, last: Option<&str>, limit: i64) -> Result<Vec<String>> {
+        self.meta.list_tags(repo, last, limit).await?.ok_or(Error::NameUnknown)
+    }
+
+    /// Manifests in `repo` whose subject is `subject`, optionally of one artifact type.
+    ///
+    /// # Errors
+    /// [`Error::Internal`].
+    pub async fn referrers(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<Vec<Referrer>> {
+        let rows = self.meta.referrers(repo, subject, artifact_type).await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| Referrer {
+                media_type: r.media_type,
+                digest: r.digest,
+                size: r.size,
+                artifact_type: r.artifact_type,
+                annotations: r.annotations.and_then(|a| serde_json::from_str(&a).ok()),
+            })
+            .collect())
+    }
+
+    /// Repository names after `last`, at most `limit`.
+    ///
+    /// # Errors
+    /// [`Error::Internal`].
+    pub async fn catalog(&self, last: Option<&str>, limit: i64) -> Result<Vec<String>> {
+        Ok(self.meta.list_repositories(last, limit).await?)
+    }
+}

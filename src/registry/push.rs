@@ -1,0 +1,281 @@
+//! Pushing: upload sessions, cross-repository mounts and manifest pushes.
+
+use bytes::Bytes;
+use futures_util::Stream;
+use uuid::Uuid;
+
+use super::{Error, Registry, Result};
+use crate::blob::BlobKey;
+use crate::meta::{CompletedUpload, NewManifest, PutManifestError, UploadRow};
+use crate::oci::manifest::{self, MAX_MANIFEST_BYTES};
+use crate::oci::{Algorithm, Digest, Reference, RepoName, UploadHasher};
+
+/// Where an upload session stands.
+#[derive(Debug, Clone)]
+pub struct UploadStatus {
+    /// The session id.
+    pub id: String,
+    /// Bytes received so far.
+    pub size: u64,
+}
+
+/// A stored manifest.
+#[derive(Debug, Clone)]
+pub struct PushedManifest {
+    /// Its digest.
+    pub digest: Digest,
+    /// Its subject, if it has one (reported in `OCI-Subject`).
+    pub subject: Option<Digest>,
+}
+
+/// A chunk's declared position (from `Content-Range`).
+#[derive(Debug, Clone, Copy)]
+pub struct ChunkRange {
+    /// First byte offset.
+    pub start: u64,
+    /// Last byte offset (inclusive).
+    pub end: u64,
+}
+
+impl Registry {
+    /// Starts an upload session in `repo`.
+    ///
+    /// # Errors
+    /// [`Error::Internal`] when storage or metadata fail.
+    pub async fn start_upload(&self, repo: &RepoName) -> Result<UploadStatus> {
+        let id = Uuid::new_v4().to_string();
+        let key = BlobKey::Upload(&id).path();
+        self.blobs.create_upload(&key).await?;
+        let now = self.clock.now_ms();
+        let row = UploadRow {
+            id: id.clone(),
+            repository: repo.as_str().to_string(),
+            storage_key: key,
+            size: 0,
+            hash_state: UploadHasher::default().save(),
+            started_at: now,
+            updated_at: now,
+        };
+        self.meta.create_upload(&row).await?;
+        Ok(UploadStatus { id, size: 0 })
+    }
+
+    /// Links `digest` from `from` into `repo`. Returns whether it was mounted (false when the
+    /// blob is not linked in `from`; the caller then starts a normal upload).
+    ///
+    /// # Errors
+    /// [`Error::Internal`].
+    pub async fn mount_blob(&self, repo: &RepoName, from: &RepoName, digest: &Digest) -> Result<bool> {
+        Ok(self.meta.mount_blob(from, repo, digest, self.clock.now_ms()).await?)
+    }
+
+    async fn session(&self, repo: &RepoName, id: &str) -> Result<UploadRow> {
+        match self.meta.upload(id).await? {
+            Some(row) if row.repository == repo.as_str() => Ok(row),
+            _ => Err(Error::BlobUploadUnknown),
+        }
+    }
+
+    /// The state of upload session `id` in `repo`.
+    ///
+    /// # Errors
+    /// [`Error::BlobUploadUnknown`].
+    pub async fn upload_status(&self, repo: &RepoName, id: &str) -> Result<UploadStatus> {
+        let row = self.session(repo, id).await?;
+        Ok(UploadStatus { id: row.id, size: row.size as u64 })
+    }
+
+    /// Appends `body` to session `id`. With `range` (a chunked `PATCH`), the chunk must start
+    /// where the session ends and be exactly as long as declared; otherwise nothing is recorded.
+    ///
+    /// # Errors
+    /// [`Error::BlobUploadUnknown`], [`Error::RangeInvalid`] for an out-of-order chunk,
+    /// [`Error::SizeInvalid`] for a chunk of the wrong length, [`Error::BlobUploadInvalid`] when
+    /// the body fails.
+    pub async fn write_upload<S, E>(
+        &self,
+        repo: &RepoName,
+        id: &str,
+        range: Option<ChunkRange>,
+        body: S,
+    ) -> Result<UploadStatus>
+    where
+        S: Stream<Item = Result<Bytes, E>>,
+        E: std::fmt::Display,
+    {
+        let _guard = self.upload_locks.lock(id).await;
+        let row = self.session(repo, id).await?;
+        let size = row.size as u64;
+        if let Some(r) = range {
+            if r.start != size {
+                return Err(Error::RangeInvalid { size, upload_id: row.id });
+            }
+        }
+        let mut hasher = restore_hasher(&row)?;
+        let written = self.blobs.write_upload(&row.storage_key, size, body, &mut hasher).await?;
+        if let Some(r) = range {
+            let declared = r.end - r.start + 1;
+            if written != declared {
+                return Err(Error::SizeInvalid(format!(
+                    "Content-Range declares {declared} bytes but the body had {written}"
+                )));
+            }
+        }
+        let new_size = size + written;
+        let advanced = self
+            .meta
+            .advance_upload(id, row.size, new_size as i64, &hasher.save(), self.clock.now_ms())
+            .await?;
+        if !advanced {
+            // Another process wrote to this session meanwhile; its bytes win.
+            return Err(Error::RangeInvalid { size, upload_id: row.id });
+        }
+        Ok(UploadStatus { id: row.id, size: new_size })
+    }
+
+    /// Completes session `id` with an optional final chunk: checks the content against `digest`,
+    /// publishes it as a blob (or reuses the stored copy) and links it in `repo`. A digest
+    /// mismatch records nothing, so the client can still finish the session correctly.
+    ///
+    /// # Errors
+    /// [`Error::BlobUploadUnknown`], [`Error::DigestInvalid`], [`Error::BlobUploadInvalid`].
+    pub async fn complete_upload<S, E>(
+        &self,
+        repo: &RepoName,
+        id: &str,
+        digest: &Digest,
+        body: S,
+    ) -> Result<Digest>
+    where
+        S: Stream<Item = Result<Bytes, E>>,
+        E: std::fmt::Display,
+    {
+        let _guard = self.upload_locks.lock(id).await;
+        let row = self.session(repo, id).await?;
+        let mut hasher = restore_hasher(&row)?;
+        let written = self.blobs.write_upload(&row.storage_key, row.size as u64, body, &mut hasher).await?;
+        let size = row.size as u64 + written;
+        let actual = match digest.algorithm() {
+            Algorithm::Sha256 => hasher.digest(),
+            other => self.blobs.digest_of(&row.storage_key, size, other).await?,
+        };
+        if &actual != digest {
+            return Err(Error::DigestInvalid(format!("content digest is {actual}, not {digest}")));
+        }
+
+        let copy_id = Uuid::new_v4().simple().to_string();
+        let blob_key = BlobKey::Blob { digest, copy_id: &copy_id }.path();
+        self.blobs.commit_upload(&row.storage_key, &blob_key, size).await?;
+        let outcome = self
+            .meta
+            .complete_upload(id, row.size, repo, digest, size as i64, &blob_key, self.clock.now_ms())
+            .await;
+        match outcome {
+            Ok(Some(CompletedUpload::Stored)) => {}
+            Ok(Some(CompletedUpload::AlreadyStored { discard_key })) => {
+                self.delete_quietly(&discard_key).await;
+            }
+            Ok(None) => {
+                self.delete_quietly(&blob_key).await;
+                return Err(Error::BlobUploadUnknown);
+            }
+            Err(e) => {
+                // Put the bytes back where the still-open session expects them.
+                let _ = self.blobs.commit_upload(&blob_key, &row.storage_key, size).await;
+                return Err(e.into());
+            }
+        }
+        Ok(digest.clone())
+    }
+
+    /// A whole blob in one request (`POST ?digest=`): a session that is completed at once and
+    /// removed again if anything fails.
+    ///
+    /// # Errors
+    /// As [`Registry::complete_upload`].
+    pub async fn upload_blob<S, E>(&self, repo: &RepoName, digest: &Digest, body: S) -> Result<Digest>
+    where
+        S: Stream<Item = Result<Bytes, E>>,
+        E: std::fmt::Display,
+    {
+        let session = self.start_upload(repo).await?;
+        let result = self.complete_upload(repo, &session.id, digest, body).await;
+        if result.is_err() {
+            let _ = self.cancel_upload(repo, &session.id).await;
+        }
+        result
+    }
+
+    /// Cancels session `id`, deleting its bytes.
+    ///
+    /// # Errors
+    /// [`Error::BlobUploadUnknown`].
+    pub async fn cancel_upload(&self, repo: &RepoName, id: &str) -> Result<()> {
+        let _guard = self.upload_locks.lock(id).await;
+        self.session(repo, id).await?;
+        if let Some(key) = self.meta.delete_upload(id).await? {
+            self.delete_quietly(&key).await;
+        }
+        Ok(())
+    }
+
+    /// Deletes an object that metadata no longer refers to. A failure only leaves an orphan for
+    /// the sweep, so it is logged rather than returned.
+    async fn delete_quietly(&self, key: &str) {
+        if let Err(e) = self.blobs.delete(key).await {
+            tracing::warn!(storage.key = key, error = %e, "could not delete an unreferenced object");
+        }
+    }
+
+    /// Stores a manifest pushed to `repo` under `reference`, byte-for-byte.
+    ///
+    /// # Errors
+    /// [`Error::ManifestTooLarge`], [`Error::ManifestInvalid`], [`Error::DigestInvalid`] (the
+    /// bytes do not match a digest reference), [`Error::ManifestBlobUnknown`].
+    pub async fn put_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        content_type: Option<&str>,
+        bytes: &[u8],
+    ) -> Result<PushedManifest> {
+        if bytes.len() > MAX_MANIFEST_BYTES {
+            return Err(Error::ManifestTooLarge { limit: MAX_MANIFEST_BYTES });
+        }
+        let parsed = manifest::parse(bytes, content_type).map_err(Error::ManifestInvalid)?;
+        let (digest, tag) = match reference {
+            Reference::Digest(expected) => {
+                let actual = expected.same_algorithm_of(bytes);
+                if &actual != expected {
+                    return Err(Error::DigestInvalid(format!("manifest digest is {actual}, not {expected}")));
+                }
+                (actual, None)
+            }
+            Reference::Tag(tag) => (Digest::sha256_of(bytes), Some(tag)),
+        };
+        let subject = parsed.subject.as_ref().map(|s| s.digest.clone());
+        let annotations = parsed.annotations.as_ref().map(|a| serde_json::to_string(a).unwrap_or_default());
+        let new = NewManifest {
+            digest: &digest,
+            media_type: &parsed.media_type,
+            artifact_type: parsed.artifact_type.as_deref(),
+            subject: subject.as_ref(),
+            annotations,
+            payload: bytes,
+            blobs: &parsed.blobs,
+            children: &parsed.children,
+        };
+        match self.meta.put_manifest(repo, &new, tag, None, self.clock.now_ms()).await {
+            Ok(()) => Ok(PushedManifest { digest, subject }),
+            Err(PutManifestError::MissingBlobs(d) | PutManifestError::MissingManifests(d)) => {
+                Err(Error::ManifestBlobUnknown(d))
+            }
+            Err(PutManifestError::Meta(e)) => Err(e.into()),
+        }
+    }
+}
+
+fn restore_hasher(row: &UploadRow) -> Result<UploadHasher> {
+    UploadHasher::restore(&row.hash_state)
+        .ok_or_else(|| Error::Internal(format!("upload {} has an unreadable hash state", row.id).into()))
+}

@@ -1,0 +1,13 @@
+//! Logging setup.
+
+use tracing_subscriber::EnvFilter;
+
+/// Installs the log subscriber with `filter` (overridden by `RUST_LOG` when set). Safe to call
+/// more than once: later calls do nothing.
+pub fn init(filter: &str) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(filter))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(ansi).try_init();
+}

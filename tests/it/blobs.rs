@@ -1,0 +1,257 @@
+//! Blob reads, every upload flow, and mounts.
+
+use berth::oci::Digest;
+use reqwest::{Method, StatusCode};
+
+use crate::backend_test;
+use crate::harness::{assert_oci_error, header, random_bytes};
+
+backend_test!(monolithic_post_then_get_head_and_ranges, |reg| {
+    let data = random_bytes(1, 10_000);
+    let d = reg.upload_blob("lib/a", &data).await;
+
+    let res = reg.get(&format!("/v2/lib/a/blobs/{d}")).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(header(&res, "docker-content-digest"), Some(d.as_str()));
+    assert_eq!(header(&res, "content-length"), Some("10000"));
+    assert_eq!(header(&res, "etag"), Some(format!("\"{d}\"").as_str()));
+    assert_eq!(res.bytes().await.unwrap(), data);
+
+    let res = reg.req(Method::HEAD, &format!("/v2/lib/a/blobs/{d}")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(header(&res, "content-length"), Some("10000"));
+    assert_eq!(header(&res, "docker-content-digest"), Some(d.as_str()));
+
+    let ranged =
+        |r: &'static str| reg.req(Method::GET, &format!("/v2/lib/a/blobs/{d}")).header("range", r).send();
+    let res = ranged("bytes=100-199").await.unwrap();
+    assert_eq!(res.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(header(&res, "content-range"), Some("bytes 100-199/10000"));
+    assert_eq!(res.bytes().await.unwrap(), data[100..200]);
+    let res = ranged("bytes=9990-").await.unwrap();
+    assert_eq!(res.bytes().await.unwrap(), data[9990..]);
+    let res = ranged("bytes=-5").await.unwrap();
+    assert_eq!(res.bytes().await.unwrap(), data[9995..]);
+    let res = ranged("bytes=10000-20000").await.unwrap();
+    assert_eq!(res.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(header(&res, "content-range"), Some("bytes */10000"));
+    // A malformed Range is ignored (RFC 9110): the whole blob.
+    let res = ranged("bytes=oops").await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.bytes().await.unwrap().len(), 10_000);
+});
+
+backend_test!(blob_is_visible_only_where_linked, |reg| {
+    let d = reg.upload_blob("team/one", b"secret layer").await;
+    let res = reg.get(&format!("/v2/team/two/blobs/{d}")).await;
+    assert_oci_error(res, 404, "BLOB_UNKNOWN").await;
+    let res = reg.req(Method::HEAD, &format!("/v2/team/two/blobs/{d}")).send().await.unwrap();
+    assert_eq!(res.status(), 404);
+    let unknown = Digest::sha256_of(b"never uploaded");
+    assert_oci_error(reg.get(&format!("/v2/team/one/blobs/{unknown}")).await, 404, "BLOB_UNKNOWN").await;
+});
+
+backend_test!(post_then_put_with_body, |reg| {
+    let data = random_bytes(2, 4096);
+    let d = Digest::sha256_of(&data);
+    let res = reg.req(Method::POST, "/v2/x/blobs/uploads/").send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let loc = header(&res, "location").unwrap().to_string();
+    assert!(loc.starts_with("/v2/x/blobs/uploads/"), "{loc}");
+    assert_eq!(header(&res, "range"), Some("0-0"));
+    assert!(header(&res, "docker-upload-uuid").is_some());
+    let res = reg.req(Method::PUT, &format!("{loc}?digest={d}")).body(data.clone()).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    assert_eq!(header(&res, "location"), Some(format!("/v2/x/blobs/{d}").as_str()));
+    assert_eq!(header(&res, "docker-content-digest"), Some(d.as_str()));
+    assert_eq!(reg.get(&format!("/v2/x/blobs/{d}")).await.bytes().await.unwrap(), data);
+    // The session is gone once completed.
+    assert_oci_error(reg.get(&loc).await, 404, "BLOB_UPLOAD_UNKNOWN").await;
+});
+
+backend_test!(streamed_patch_then_put_without_body, |reg| {
+    let data = random_bytes(3, 300_000);
+    let d = Digest::sha256_of(&data);
+    let res = reg.req(Method::POST, "/v2/x/blobs/uploads/").send().await.unwrap();
+    let loc = header(&res, "location").unwrap().to_string();
+    let res = reg.req(Method::PATCH, &loc).body(data.clone()).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    assert_eq!(header(&res, "range"), Some("0-299999"));
+    let loc = header(&res, "location").unwrap().to_string();
+    let res = reg.get(&loc).await;
+    assert_eq!(res.status(), StatusCode::NO_CONTENT);
+    assert_eq!(header(&res, "range"), Some("0-299999"));
+    assert_eq!(header(&res, "location"), Some(loc.as_str()));
+    let res = reg.req(Method::PUT, &format!("{loc}?digest={d}")).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    assert_eq!(reg.get(&format!("/v2/x/blobs/{d}")).await.bytes().await.unwrap(), data);
+});
+
+backend_test!(chunked_patch_in_order_out_of_order_and_wrong_length, |reg| {
+    let data = random_bytes(4, 30_000);
+    let d = Digest::sha256_of(&data);
+    let res = reg.req(Method::POST, "/v2/x/blobs/uploads/").send().await.unwrap();
+    let loc = header(&res, "location").unwrap().to_string();
+    let chunk = |start: usize, end: usize| {
+        reg.req(Method::PATCH, &loc)
+            .header("content-range", format!("{start}-{}", end - 1))
+            .header("content-type", "application/octet-stream")
+            .body(data[start..end].to_vec())
+            .send()
+    };
+    let res = chunk(0, 10_000).await.unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    assert_eq!(header(&res, "range"), Some("0-9999"));
+    // A repeated (stale) chunk and a gap are both out of order: 416 with the current range.
+    for (s, e) in [(0, 10_000), (15_000, 20_000)] {
+        let res = chunk(s, e).await.unwrap();
+        assert_eq!(res.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+        assert_eq!(header(&res, "range"), Some("0-9999"));
+        assert_oci_error(res, 416, "BLOB_UPLOAD_INVALID").await;
+    }
+    // A chunk whose body is shorter than its Content-Range records nothing.
+    let res = reg
+        .req(Method::PATCH, &loc)
+        .header("content-range", "10000-19999")
+        .body(data[10_000..15_000].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_oci_error(res, 400, "SIZE_INVALID").await;
+    assert_eq!(header(&reg.get(&loc).await, "range"), Some("0-9999"));
+    // Malformed Content-Range.
+    let res = reg.req(Method::PATCH, &loc).header("content-range", "x-y").body("z").send().await.unwrap();
+    assert_oci_error(res, 400, "BLOB_UPLOAD_INVALID").await;
+
+    assert_eq!(chunk(10_000, 20_000).await.unwrap().status(), StatusCode::ACCEPTED);
+    // The last chunk comes with the PUT.
+    let res = reg
+        .req(Method::PUT, &format!("{loc}?digest={d}"))
+        .header("content-range", "20000-29999")
+        .body(data[20_000..].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    assert_eq!(reg.get(&format!("/v2/x/blobs/{d}")).await.bytes().await.unwrap(), data);
+});
+
+backend_test!(wrong_digest_changes_nothing_and_session_can_still_complete, |reg| {
+    let data = b"some bytes".to_vec();
+    let res = reg.req(Method::POST, "/v2/x/blobs/uploads/").send().await.unwrap();
+    let loc = header(&res, "location").unwrap().to_string();
+    reg.req(Method::PATCH, &loc).body(data.clone()).send().await.unwrap();
+    let wrong = Digest::sha256_of(b"other");
+    let res = reg.req(Method::PUT, &format!("{loc}?digest={wrong}")).body("tail").send().await.unwrap();
+    assert_oci_error(res, 400, "DIGEST_INVALID").await;
+    assert_oci_error(reg.get(&format!("/v2/x/blobs/{wrong}")).await, 404, "BLOB_UNKNOWN").await;
+    assert_eq!(header(&reg.get(&loc).await, "range"), Some("0-9"));
+    let res = reg.req(Method::PUT, &format!("{loc}?digest=sha256:nothex")).send().await.unwrap();
+    assert_oci_error(res, 400, "DIGEST_INVALID").await;
+    let res = reg.req(Method::PUT, &loc).send().await.unwrap();
+    assert_oci_error(res, 400, "DIGEST_INVALID").await;
+    let good = Digest::sha256_of(&data);
+    let res = reg.req(Method::PUT, &format!("{loc}?digest={good}")).send().await.unwrap();
+    assert_eq!(res.status(), 201);
+
+    // Monolithic with a wrong digest stores nothing.
+    let res = reg
+        .req(Method::POST, &format!("/v2/x/blobs/uploads/?digest={wrong}"))
+        .body("abc")
+        .send()
+        .await
+        .unwrap();
+    assert_oci_error(res, 400, "DIGEST_INVALID").await;
+    assert_eq!(reg.get(&format!("/v2/x/blobs/{wrong}")).await.status(), 404);
+});
+
+backend_test!(sha512_digests_are_accepted, |reg| {
+    use sha2::Digest as _;
+    let data = random_bytes(9, 5000);
+    let d = format!("sha512:{}", hex::encode(sha2::Sha512::digest(&data)));
+    let res = reg
+        .req(Method::POST, &format!("/v2/x/blobs/uploads/?digest={d}"))
+        .body(data.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201, "{:?}", res.text().await);
+    let res = reg.get(&format!("/v2/x/blobs/{d}")).await;
+    assert_eq!(header(&res, "docker-content-digest"), Some(d.as_str()));
+    assert_eq!(res.bytes().await.unwrap(), data);
+});
+
+backend_test!(cancel_and_unknown_sessions, |reg| {
+    let res = reg.req(Method::POST, "/v2/x/blobs/uploads/").send().await.unwrap();
+    let loc = header(&res, "location").unwrap().to_string();
+    reg.req(Method::PATCH, &loc).body("partial").send().await.unwrap();
+    let res = reg.req(Method::DELETE, &loc).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::NO_CONTENT);
+    assert_oci_error(reg.get(&loc).await, 404, "BLOB_UPLOAD_UNKNOWN").await;
+    let res = reg.req(Method::PATCH, &loc).body("more").send().await.unwrap();
+    assert_oci_error(res, 404, "BLOB_UPLOAD_UNKNOWN").await;
+    let res = reg.req(Method::DELETE, &loc).send().await.unwrap();
+    assert_oci_error(res, 404, "BLOB_UPLOAD_UNKNOWN").await;
+    // A session belongs to the repository it was started in.
+    let res = reg.req(Method::POST, "/v2/x/blobs/uploads/").send().await.unwrap();
+    let id = header(&res, "docker-upload-uuid").unwrap().to_string();
+    assert_oci_error(reg.get(&format!("/v2/y/blobs/uploads/{id}")).await, 404, "BLOB_UPLOAD_UNKNOWN").await;
+    // No upload objects are left behind by cancelled sessions.
+    let uploads = std::fs::read_dir(reg.dir.path().join("blobs/uploads")).unwrap().count();
+    assert_eq!(uploads, 1, "only the still-open session has bytes");
+});
+
+backend_test!(mount_from_another_repository, |reg| {
+    let d = reg.upload_blob("src/repo", b"shared layer").await;
+    for from in ["src/repo", "src%2Frepo"] {
+        let res = reg
+            .req(Method::POST, &format!("/v2/dst{}/blobs/uploads/?mount={d}&from={from}", from.len()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::CREATED, "from={from}");
+        assert_eq!(header(&res, "location"), Some(format!("/v2/dst{}/blobs/{d}", from.len()).as_str()));
+        assert_eq!(header(&res, "docker-content-digest"), Some(d.as_str()));
+        let got = reg.get(&format!("/v2/dst{}/blobs/{d}", from.len())).await;
+        assert_eq!(got.bytes().await.unwrap().as_ref(), b"shared layer");
+    }
+    // Not in the source: a normal session instead.
+    let missing = Digest::sha256_of(b"nope");
+    let res = reg
+        .req(Method::POST, &format!("/v2/dst/blobs/uploads/?mount={missing}&from=src/repo"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    assert!(header(&res, "location").unwrap().starts_with("/v2/dst/blobs/uploads/"));
+    // Without `from`: also a session.
+    let res = reg.req(Method::POST, &format!("/v2/dst/blobs/uploads/?mount={d}")).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+});
+
+backend_test!(same_blob_uploaded_twice_and_concurrently_is_stored_once, |reg| {
+    let data = random_bytes(5, 100_000);
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let url = reg.url(&format!("/v2/c{i}/blobs/uploads/?digest={}", Digest::sha256_of(&data)));
+        let client = reg.client.clone();
+        let body = data.clone();
+        tasks.push(tokio::spawn(async move { client.post(url).body(body).send().await.unwrap().status() }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 201);
+    }
+    let d = Digest::sha256_of(&data);
+    for i in 0..6 {
+        assert_eq!(reg.get(&format!("/v2/c{i}/blobs/{d}")).await.bytes().await.unwrap(), data);
+    }
+    let dir = reg.dir.path().join(format!("blobs/blobs/sha256/{}/{}", &d.hex()[..2], d.hex()));
+    assert_eq!(std::fs::read_dir(dir).unwrap().count(), 1, "redundant copies are removed");
+});
+
+backend_test!(empty_blob, |reg| {
+    let d = reg.upload_blob("x", b"").await;
+    let res = reg.get(&format!("/v2/x/blobs/{d}")).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(header(&res, "content-length"), Some("0"));
+});

@@ -1,0 +1,193 @@
+//! Starting a real Berth on an ephemeral port, and domain-level helpers to drive it over HTTP.
+
+use std::net::SocketAddr;
+
+use berth::app::App;
+use berth::config::Config;
+use berth::oci::Digest;
+use reqwest::{Method, Response, StatusCode};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub const OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// The deployments the suite runs against.
+#[derive(Debug, Clone, Copy)]
+pub enum Backend {
+    /// SQLite metadata, filesystem blobs.
+    Sqlite,
+}
+
+/// A Berth serving on 127.0.0.1:<ephemeral> from a temporary directory.
+pub struct TestRegistry {
+    pub addr: SocketAddr,
+    pub client: reqwest::Client,
+    #[allow(dead_code, reason = "for tests that reach into the running app")]
+    pub app: App,
+    pub dir: tempfile::TempDir,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl TestRegistry {
+    pub async fn start(backend: Backend) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = match backend {
+            Backend::Sqlite => {
+                let mut c = Config::embedded(dir.path());
+                c.storage_fsync = false;
+                c
+            }
+        };
+        let app = App::open(&config).await.expect("open app");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(berth::server::serve(listener, app.clone(), async {
+            let _ = rx.await;
+        }));
+        TestRegistry { addr, client: reqwest::Client::new(), app, dir, shutdown: Some(tx), task: Some(task) }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn req(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        self.client.request(method, self.url(path))
+    }
+
+    pub async fn get(&self, path: &str) -> Response {
+        self.req(Method::GET, path).send().await.expect("request")
+    }
+
+    /// Stops the server, waits for it to finish in-flight requests, and hands back its data
+    /// directory.
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("server task").expect("server result");
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::mem::replace(&mut self.dir, dir)
+    }
+
+    /// Uploads `bytes` in one `POST ?digest=` and returns their digest.
+    pub async fn upload_blob(&self, repo: &str, bytes: &[u8]) -> Digest {
+        let digest = Digest::sha256_of(bytes);
+        let res = self
+            .req(Method::POST, &format!("/v2/{repo}/blobs/uploads/?digest={digest}"))
+            .body(bytes.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::CREATED, "upload of {digest}: {:?}", res.text().await);
+        digest
+    }
+
+    /// Pushes a manifest by tag or digest; returns the response.
+    pub async fn put_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        media_type: &str,
+        bytes: &[u8],
+    ) -> Response {
+        self.req(Method::PUT, &format!("/v2/{repo}/manifests/{reference}"))
+            .header("content-type", media_type)
+            .body(bytes.to_vec())
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Uploads a config and `layers` random layers and pushes an image manifest under `tag`.
+    pub async fn push_image(&self, repo: &str, tag: &str, seed: u64) -> PushedImage {
+        let config = json!({"architecture": "amd64", "os": "linux", "seed": seed}).to_string().into_bytes();
+        let layers = vec![random_bytes(seed, 3000), random_bytes(seed + 1, 5000)];
+        let config_digest = self.upload_blob(repo, &config).await;
+        let mut layer_descs = Vec::new();
+        for layer in &layers {
+            let d = self.upload_blob(repo, layer).await;
+            layer_descs.push(json!({"mediaType": OCI_LAYER, "digest": d.as_str(), "size": layer.len()}));
+        }
+        let manifest = serde_json::to_vec_pretty(&json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": config_digest.as_str(), "size": config.len()},
+            "layers": layer_descs,
+        }))
+        .unwrap();
+        let res = self.put_manifest(repo, tag, OCI_MANIFEST, &manifest).await;
+        assert_eq!(res.status(), StatusCode::CREATED, "{:?}", res.text().await);
+        PushedImage { digest: Digest::sha256_of(&manifest), manifest, config, layers }
+    }
+}
+
+impl Drop for TestRegistry {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+pub struct PushedImage {
+    pub digest: Digest,
+    pub manifest: Vec<u8>,
+    pub config: Vec<u8>,
+    pub layers: Vec<Vec<u8>>,
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so fixtures are reproducible.
+pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// Asserts an OCI error answer: status, and `code` as the first error's code.
+pub async fn assert_oci_error(res: Response, status: u16, code: &str) -> Value {
+    let got = res.status().as_u16();
+    let ct = res.headers().get("content-type").map(|v| v.to_str().unwrap().to_string());
+    let body: Value = res.json().await.unwrap_or(Value::Null);
+    assert_eq!(got, status, "status; body {body}");
+    assert_eq!(ct.as_deref(), Some("application/json"));
+    assert_eq!(body["errors"][0]["code"], code, "body {body}");
+    assert!(body["errors"][0]["message"].as_str().is_some_and(|m| !m.is_empty()));
+    body
+}
+
+pub fn header<'a>(res: &'a Response, name: &str) -> Option<&'a str> {
+    res.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Defines a test that runs once per deployment (a module with one test per backend).
+#[macro_export]
+macro_rules! backend_test {
+    ($name:ident, |$reg:ident| $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                let $reg = $crate::harness::TestRegistry::start($crate::harness::Backend::Sqlite).await;
+                $body
+            }
+        }
+    };
+}

@@ -1,0 +1,9 @@
+//! Berth's integration tests: one binary, every test against a real server on an ephemeral port.
+
+mod harness;
+
+mod api;
+mod blobs;
+mod cli;
+mod discovery;
+mod manifests;
