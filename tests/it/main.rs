@@ -6,4 +6,5 @@ mod api;
 mod blobs;
 mod cli;
 mod discovery;
+mod e2e;
 mod manifests;
