@@ -110,13 +110,12 @@ impl Config {
                     .map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))?
             }
         };
-        if let Some(kind) = &parsed.storage.kind {
-            if kind != "filesystem" {
+        if let Some(kind) = &parsed.storage.kind
+            && kind != "filesystem" {
                 return Err(ConfigError(format!(
                     "storage.kind = \"{kind}\" is not supported (supported: \"filesystem\")"
                 )));
             }
-        }
 
         let data_dir = overrides
             .data_dir

@@ -101,11 +101,10 @@ pub(super) async fn start_upload(
     if let Some(mount) = &params.mount {
         let digest = parse_digest(mount)?;
         // A mount without a usable source falls back to a plain session, as the spec says.
-        if let Some(from) = params.from.as_deref().and_then(|f| RepoName::parse(f).ok()) {
-            if registry.mount_blob(repo, &from, &digest).await? {
+        if let Some(from) = params.from.as_deref().and_then(|f| RepoName::parse(f).ok())
+            && registry.mount_blob(repo, &from, &digest).await? {
                 return Ok(created_blob(repo, &digest));
             }
-        }
         let session = registry.start_upload(repo).await?;
         return Ok(session_response(StatusCode::ACCEPTED, repo, &session));
     }
@@ -131,14 +130,13 @@ pub(super) async fn patch_upload(
     body: Body,
 ) -> Result<Response, ApiError> {
     let range = content_range(headers).map_err(|m| ApiError::new(ErrorCode::BlobUploadInvalid).message(m))?;
-    if let (Some(r), Some(len)) = (range, super::content_length(headers)) {
-        if len != r.end - r.start + 1 {
+    if let (Some(r), Some(len)) = (range, super::content_length(headers))
+        && len != r.end - r.start + 1 {
             return Err(ApiError::new(ErrorCode::SizeInvalid).message(format!(
                 "Content-Length {len} does not match Content-Range {}-{}",
                 r.start, r.end
             )));
         }
-    }
     let session = registry.write_upload(repo, id, range, body.into_data_stream()).await?;
     Ok(session_response(StatusCode::ACCEPTED, repo, &session))
 }

@@ -56,11 +56,10 @@ impl Registry {
         blob: &BlobHandle,
         range: Option<ByteRange>,
     ) -> Result<impl Stream<Item = std::io::Result<Bytes>> + Send + 'static> {
-        if let Some(r) = range {
-            if r.start > r.end || r.end >= blob.size {
+        if let Some(r) = range
+            && (r.start > r.end || r.end >= blob.size) {
                 return Err(Error::RangeNotSatisfiable { size: blob.size });
             }
-        }
         Ok(self.blobs.read(&blob.storage_key, range).await?)
     }
 

@@ -106,11 +106,10 @@ impl Registry {
         let _guard = self.upload_locks.lock(id).await;
         let row = self.session(repo, id).await?;
         let size = row.size as u64;
-        if let Some(r) = range {
-            if r.start != size {
+        if let Some(r) = range
+            && r.start != size {
                 return Err(Error::RangeInvalid { size, upload_id: row.id });
             }
-        }
         let mut hasher = restore_hasher(&row)?;
         let written = self.blobs.write_upload(&row.storage_key, size, body, &mut hasher).await?;
         if let Some(r) = range {

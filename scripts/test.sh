@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Runs Berth's whole test suite: formatting, lints, unit, integration and end-to-end tests.
+# Installs what the tests need when it is missing (Debian packages: the registry clients).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# --- registry clients for the end-to-end tests -------------------------------------------------
+missing=()
+for tool in skopeo buildah; do
+    command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "==> installing ${missing[*]} (Debian packages)"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# --- the suite ----------------------------------------------------------------------------------
+echo "==> cargo fmt --check"
+cargo fmt --check
+echo "==> cargo clippy"
+cargo clippy --all-targets --quiet -- -D warnings
+echo "==> cargo test"
+cargo test --all-targets
