@@ -111,11 +111,12 @@ impl Config {
             }
         };
         if let Some(kind) = &parsed.storage.kind
-            && kind != "filesystem" {
-                return Err(ConfigError(format!(
-                    "storage.kind = \"{kind}\" is not supported (supported: \"filesystem\")"
-                )));
-            }
+            && kind != "filesystem"
+        {
+            return Err(ConfigError(format!(
+                "storage.kind = \"{kind}\" is not supported (supported: \"filesystem\")"
+            )));
+        }
 
         let data_dir = overrides
             .data_dir

@@ -102,9 +102,10 @@ pub(super) async fn start_upload(
         let digest = parse_digest(mount)?;
         // A mount without a usable source falls back to a plain session, as the spec says.
         if let Some(from) = params.from.as_deref().and_then(|f| RepoName::parse(f).ok())
-            && registry.mount_blob(repo, &from, &digest).await? {
-                return Ok(created_blob(repo, &digest));
-            }
+            && registry.mount_blob(repo, &from, &digest).await?
+        {
+            return Ok(created_blob(repo, &digest));
+        }
         let session = registry.start_upload(repo).await?;
         return Ok(session_response(StatusCode::ACCEPTED, repo, &session));
     }
@@ -129,16 +130,21 @@ pub(super) async fn patch_upload(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let range = content_range(headers).map_err(|m| ApiError::new(ErrorCode::BlobUploadInvalid).message(m))?;
-    if let (Some(r), Some(len)) = (range, super::content_length(headers))
-        && len != r.end - r.start + 1 {
-            return Err(ApiError::new(ErrorCode::SizeInvalid).message(format!(
-                "Content-Length {len} does not match Content-Range {}-{}",
-                r.start, r.end
-            )));
-        }
+    let range = chunk_range(headers)?;
     let session = registry.write_upload(repo, id, range, body.into_data_stream()).await?;
     Ok(session_response(StatusCode::ACCEPTED, repo, &session))
+}
+
+/// The `Content-Range` of a chunk, checked against `Content-Length` when both are given.
+fn chunk_range(headers: &HeaderMap) -> Result<Option<crate::registry::ChunkRange>, ApiError> {
+    let range = content_range(headers).map_err(|m| ApiError::new(ErrorCode::BlobUploadInvalid).message(m))?;
+    if let (Some(r), Some(len)) = (range, super::content_length(headers))
+        && len != r.end - r.start + 1
+    {
+        return Err(ApiError::new(ErrorCode::SizeInvalid)
+            .message(format!("Content-Length {len} does not match Content-Range {}-{}", r.start, r.end)));
+    }
+    Ok(range)
 }
 
 /// `PUT /v2/<name>/blobs/uploads/<id>?digest=`: completes a session, with or without a final
@@ -148,13 +154,15 @@ pub(super) async fn put_upload(
     repo: &RepoName,
     id: &str,
     params: &Params,
+    headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let Some(digest) = &params.digest else {
         return Err(ApiError::new(ErrorCode::DigestInvalid).message("completing an upload needs ?digest="));
     };
     let digest = parse_digest(digest)?;
-    let digest = registry.complete_upload(repo, id, &digest, body.into_data_stream()).await?;
+    let range = chunk_range(headers)?;
+    let digest = registry.complete_upload(repo, id, &digest, range, body.into_data_stream()).await?;
     Ok(created_blob(repo, &digest))
 }
 

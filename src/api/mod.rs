@@ -82,7 +82,7 @@ async fn dispatch(registry: &Registry, req: Request) -> Result<Response, ApiErro
         (R::Blob(repo, d), Method::HEAD) => blobs::get(registry, &repo, &d, h, false).await,
         (R::UploadStart(repo), Method::POST) => blobs::start_upload(registry, &repo, &params, h, body).await,
         (R::Upload(repo, id), Method::PATCH) => blobs::patch_upload(registry, &repo, &id, h, body).await,
-        (R::Upload(repo, id), Method::PUT) => blobs::put_upload(registry, &repo, &id, &params, body).await,
+        (R::Upload(repo, id), Method::PUT) => blobs::put_upload(registry, &repo, &id, &params, h, body).await,
         (R::Upload(repo, id), Method::GET) => blobs::upload_status(registry, &repo, &id).await,
         (R::Upload(repo, id), Method::DELETE) => blobs::cancel_upload(registry, &repo, &id).await,
         (_, method) => Err(ApiError::new(ErrorCode::Unsupported)

@@ -57,9 +57,10 @@ impl Registry {
         range: Option<ByteRange>,
     ) -> Result<impl Stream<Item = std::io::Result<Bytes>> + Send + 'static> {
         if let Some(r) = range
-            && (r.start > r.end || r.end >= blob.size) {
-                return Err(Error::RangeNotSatisfiable { size: blob.size });
-            }
+            && (r.start > r.end || r.end >= blob.size)
+        {
+            return Err(Error::RangeNotSatisfiable { size: blob.size });
+        }
         Ok(self.blobs.read(&blob.storage_key, range).await?)
     }
 

@@ -106,20 +106,10 @@ impl Registry {
         let _guard = self.upload_locks.lock(id).await;
         let row = self.session(repo, id).await?;
         let size = row.size as u64;
-        if let Some(r) = range
-            && r.start != size {
-                return Err(Error::RangeInvalid { size, upload_id: row.id });
-            }
+        check_chunk_start(&row, range)?;
         let mut hasher = restore_hasher(&row)?;
         let written = self.blobs.write_upload(&row.storage_key, size, body, &mut hasher).await?;
-        if let Some(r) = range {
-            let declared = r.end - r.start + 1;
-            if written != declared {
-                return Err(Error::SizeInvalid(format!(
-                    "Content-Range declares {declared} bytes but the body had {written}"
-                )));
-            }
-        }
+        check_chunk_length(range, written)?;
         let new_size = size + written;
         let advanced = self
             .meta
@@ -143,6 +133,7 @@ impl Registry {
         repo: &RepoName,
         id: &str,
         digest: &Digest,
+        range: Option<ChunkRange>,
         body: S,
     ) -> Result<Digest>
     where
@@ -151,8 +142,10 @@ impl Registry {
     {
         let _guard = self.upload_locks.lock(id).await;
         let row = self.session(repo, id).await?;
+        check_chunk_start(&row, range)?;
         let mut hasher = restore_hasher(&row)?;
         let written = self.blobs.write_upload(&row.storage_key, row.size as u64, body, &mut hasher).await?;
+        check_chunk_length(range, written)?;
         let size = row.size as u64 + written;
         let actual = match digest.algorithm() {
             Algorithm::Sha256 => hasher.digest(),
@@ -198,7 +191,7 @@ impl Registry {
         E: std::fmt::Display,
     {
         let session = self.start_upload(repo).await?;
-        let result = self.complete_upload(repo, &session.id, digest, body).await;
+        let result = self.complete_upload(repo, &session.id, digest, None, body).await;
         if result.is_err() {
             let _ = self.cancel_upload(repo, &session.id).await;
         }
@@ -271,6 +264,27 @@ impl Registry {
             }
             Err(PutManifestError::Meta(e)) => Err(e.into()),
         }
+    }
+}
+
+/// A chunk must start exactly where the session ends.
+fn check_chunk_start(row: &UploadRow, range: Option<ChunkRange>) -> Result<()> {
+    match range {
+        Some(r) if r.start != row.size as u64 => {
+            Err(Error::RangeInvalid { size: row.size as u64, upload_id: row.id.clone() })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A chunk must be exactly as long as its `Content-Range` says.
+fn check_chunk_length(range: Option<ChunkRange>, written: u64) -> Result<()> {
+    match range {
+        Some(r) if r.end - r.start + 1 != written => Err(Error::SizeInvalid(format!(
+            "Content-Range declares {} bytes but the body had {written}",
+            r.end - r.start + 1
+        ))),
+        _ => Ok(()),
     }
 }
 

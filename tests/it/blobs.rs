@@ -124,6 +124,15 @@ backend_test!(chunked_patch_in_order_out_of_order_and_wrong_length, |reg| {
     assert_oci_error(res, 400, "BLOB_UPLOAD_INVALID").await;
 
     assert_eq!(chunk(10_000, 20_000).await.unwrap().status(), StatusCode::ACCEPTED);
+    // A final chunk on the PUT is held to the same rule.
+    let res = reg
+        .req(Method::PUT, &format!("{loc}?digest={d}"))
+        .header("content-range", "25000-29999")
+        .body(data[25_000..].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_oci_error(res, 416, "BLOB_UPLOAD_INVALID").await;
     // The last chunk comes with the PUT.
     let res = reg
         .req(Method::PUT, &format!("{loc}?digest={d}"))

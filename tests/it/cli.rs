@@ -10,9 +10,10 @@ fn wait_for_file(path: &Path, child: &mut Child) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(s) = std::fs::read_to_string(path)
-            && !s.is_empty() {
-                return s;
-            }
+            && !s.is_empty()
+        {
+            return s;
+        }
         if let Ok(Some(status)) = child.try_wait() {
             panic!("berth exited early: {status}");
         }
