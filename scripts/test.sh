@@ -17,6 +17,15 @@ if [ ${#missing[@]} -gt 0 ]; then
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# --- a throwaway PostgreSQL for the scale-out deployment ---------------------------------------
+work=$(mktemp -d)
+chmod 755 "$work"
+cleanup() { scripts/pg.sh stop "$work/pg" || true; rm -rf "$work"; }
+trap cleanup EXIT
+echo "==> starting PostgreSQL"
+BERTH_TEST_PG_URL=$(scripts/pg.sh start "$work/pg")
+export BERTH_TEST_PG_URL
+
 # --- the suite ----------------------------------------------------------------------------------
 echo "==> cargo fmt --check"
 cargo fmt --check

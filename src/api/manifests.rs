@@ -66,20 +66,7 @@ pub(super) async fn put(
         ReferenceError::Digest(d) => ApiError::new(ErrorCode::DigestInvalid).message(d.to_string()),
         ReferenceError::Tag(m) => ApiError::new(ErrorCode::ManifestInvalid).message(m),
     })?;
-    let too_large = || Error::ManifestTooLarge { limit: MAX_MANIFEST_BYTES };
-    if super::content_length(headers).is_some_and(|n| n > MAX_MANIFEST_BYTES as u64) {
-        return Err(too_large().into());
-    }
-    let bytes = axum::body::to_bytes(body, MAX_MANIFEST_BYTES).await.map_err(|e| {
-        // The limit is the only reason besides a broken connection.
-        let limited =
-            std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-        if limited {
-            ApiError::from(too_large())
-        } else {
-            ApiError::new(ErrorCode::ManifestInvalid).message(format!("could not read the manifest: {e}"))
-        }
-    })?;
+    let bytes = read_manifest_body(body).await?;
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
     let pushed = registry.put_manifest(repo, &reference, content_type, &bytes).await?;
     let mut res = (
@@ -95,4 +82,31 @@ pub(super) async fn put(
         res.headers_mut().insert("oci-subject", hv(subject.as_str()));
     }
     Ok(res)
+}
+
+/// How much of an oversized manifest body is read and discarded before answering 413, so that a
+/// client still sending receives the error instead of a broken connection.
+const DRAIN_LIMIT: usize = 16 * 1024 * 1024;
+
+/// Reads a manifest body of at most [`MAX_MANIFEST_BYTES`].
+async fn read_manifest_body(body: Body) -> Result<bytes::Bytes, ApiError> {
+    use futures_util::StreamExt as _;
+    let mut stream = body.into_data_stream();
+    let mut buf = bytes::BytesMut::new();
+    let mut seen = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            ApiError::new(ErrorCode::ManifestInvalid).message(format!("could not read the manifest: {e}"))
+        })?;
+        seen += chunk.len();
+        if seen <= MAX_MANIFEST_BYTES {
+            buf.extend_from_slice(&chunk);
+        } else if seen > DRAIN_LIMIT {
+            break;
+        }
+    }
+    if seen > MAX_MANIFEST_BYTES {
+        return Err(Error::ManifestTooLarge { limit: MAX_MANIFEST_BYTES }.into());
+    }
+    Ok(buf.freeze())
 }

@@ -265,6 +265,44 @@ impl BlobStore {
     }
 }
 
+impl BlobStore {
+    /// Keys of all objects under `prefix` (a key prefix such as `uploads/`), in no particular
+    /// order. Used by consistency checks and tests, never on the request path.
+    ///
+    /// # Errors
+    /// [`Error::Io`].
+    pub async fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        let root = self.root.clone();
+        let prefix = prefix.to_string();
+        tokio::task::spawn_blocking(move || {
+            let mut keys = Vec::new();
+            let mut stack = vec![root.clone()];
+            while let Some(dir) = stack.pop() {
+                let entries = match std::fs::read_dir(&dir) {
+                    Ok(e) => e,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(io_err(&prefix)(e)),
+                };
+                for entry in entries {
+                    let entry = entry.map_err(io_err(&prefix))?;
+                    let path = entry.path();
+                    if entry.file_type().map_err(io_err(&prefix))?.is_dir() {
+                        stack.push(path);
+                    } else if let Ok(rel) = path.strip_prefix(&root) {
+                        let key = rel.to_string_lossy().replace('\\', "/");
+                        if key.starts_with(&prefix) {
+                            keys.push(key);
+                        }
+                    }
+                }
+            }
+            Ok(keys)
+        })
+        .await
+        .map_err(|e| Error::Io { key: "list".into(), source: std::io::Error::other(e) })?
+    }
+}
+
 async fn create_parent(path: &Path, key: &str) -> Result<()> {
     if let Some(dir) = path.parent() {
         tokio::fs::create_dir_all(dir).await.map_err(io_err(key))?;

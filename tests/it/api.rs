@@ -79,14 +79,13 @@ backend_test!(graceful_shutdown_finishes_in_flight_uploads, |reg| {
     });
     tx.send(Ok(data[..1024 * 1024].to_vec())).await.unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let config = reg.app.config.clone();
     let stop = tokio::spawn(reg.stop());
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     tx.send(Ok(data[1024 * 1024..].to_vec())).await.unwrap();
     drop(tx);
     assert_eq!(upload.await.unwrap().unwrap(), 201);
-    let dir = stop.await.unwrap();
-    let mut config = berth::config::Config::embedded(dir.path());
-    config.storage_fsync = false;
+    let _dir = stop.await.unwrap();
     let app = berth::app::App::open(&config).await.unwrap();
     let blob = app.registry.blob(&berth::oci::RepoName::parse("slow").unwrap(), &digest).await;
     assert_eq!(blob.map(|b| b.size).ok(), Some(data.len() as u64));

@@ -21,13 +21,40 @@ pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list
 pub enum Backend {
     /// SQLite metadata, filesystem blobs.
     Sqlite,
+    /// PostgreSQL metadata (a fresh database per test on the server named by
+    /// `BERTH_TEST_PG_URL`, which the test script starts).
+    Postgres,
+}
+
+/// The PostgreSQL server for the scale-out tests; `None` (the test is skipped) when not
+/// configured, except under CI, where the test script must have started it.
+pub fn postgres_url() -> Option<String> {
+    match std::env::var("BERTH_TEST_PG_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "BERTH_TEST_PG_URL must be set under CI (scripts/test.sh sets it)"
+            );
+            None
+        }
+    }
+}
+
+/// Creates a fresh database on the test server and returns its URL.
+pub async fn fresh_postgres_database(server: &str) -> String {
+    use sqlx::Connection as _;
+    let name = format!("berth_test_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = sqlx::PgConnection::connect(server).await.expect("connect to the test PostgreSQL");
+    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await.expect("create database");
+    let base = server.rsplit_once('/').map_or(server, |(b, _)| b);
+    format!("{base}/{name}")
 }
 
 /// A Berth serving on 127.0.0.1:<ephemeral> from a temporary directory.
 pub struct TestRegistry {
     pub addr: SocketAddr,
     pub client: reqwest::Client,
-    #[allow(dead_code, reason = "for tests that reach into the running app")]
     pub app: App,
     pub dir: tempfile::TempDir,
     shutdown: Option<oneshot::Sender<()>>,
@@ -35,15 +62,20 @@ pub struct TestRegistry {
 }
 
 impl TestRegistry {
-    pub async fn start(backend: Backend) -> Self {
+    /// Starts a registry on `backend`; `None` when that deployment is not available here.
+    pub async fn try_start(backend: Backend) -> Option<Self> {
         let dir = tempfile::tempdir().expect("tempdir");
-        let config = match backend {
-            Backend::Sqlite => {
-                let mut c = Config::embedded(dir.path());
-                c.storage_fsync = false;
-                c
-            }
-        };
+        let mut config = Config::embedded(dir.path());
+        config.storage_fsync = false;
+        if let Backend::Postgres = backend {
+            config.metadata_url = fresh_postgres_database(&postgres_url()?).await;
+            config.metadata_max_connections = 4;
+        }
+        Some(Self::start_with(config, dir).await)
+    }
+
+    /// Starts a registry with `config`, its data under `dir`.
+    pub async fn start_with(config: Config, dir: tempfile::TempDir) -> Self {
         let app = App::open(&config).await.expect("open app");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().unwrap();
@@ -185,7 +217,19 @@ macro_rules! backend_test {
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn sqlite() {
-                let $reg = $crate::harness::TestRegistry::start($crate::harness::Backend::Sqlite).await;
+                let $reg =
+                    $crate::harness::TestRegistry::try_start($crate::harness::Backend::Sqlite).await.unwrap();
+                $body
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                let Some($reg) =
+                    $crate::harness::TestRegistry::try_start($crate::harness::Backend::Postgres).await
+                else {
+                    eprintln!("skipping: BERTH_TEST_PG_URL is not set");
+                    return;
+                };
                 $body
             }
         }
