@@ -344,14 +344,15 @@ impl MetaStore {
     /// [`Error::Database`].
     pub async fn create_upload(&self, upload: &UploadRow) -> Result<()> {
         sqlx::query(
-            "INSERT INTO uploads (id, repository, storage_key, size, hash_state, started_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO uploads (id, repository, storage_key, size, hash_state, chunks, started_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(&upload.id)
         .bind(&upload.repository)
         .bind(&upload.storage_key)
         .bind(upload.size)
         .bind(&upload.hash_state)
+        .bind(&upload.chunks)
         .bind(upload.started_at)
         .bind(upload.updated_at)
         .execute(&self.write)
@@ -365,7 +366,7 @@ impl MetaStore {
     /// [`Error::Database`].
     pub async fn upload(&self, id: &str) -> Result<Option<UploadRow>> {
         Ok(sqlx::query_as(
-            "SELECT id, repository, storage_key, size, hash_state, started_at, updated_at \
+            "SELECT id, repository, storage_key, size, hash_state, chunks, started_at, updated_at \
              FROM uploads WHERE id = $1",
         )
         .bind(id)
@@ -373,9 +374,9 @@ impl MetaStore {
         .await?)
     }
 
-    /// Records that the session now holds `new_size` bytes with hash state `state`, provided it
-    /// still holds `expected_size` (so two writers of one session cannot both advance it).
-    /// Returns whether it was advanced.
+    /// Records that the session now holds `new_size` bytes with hash state `state` (in the
+    /// objects `chunks`, on object storage), provided it still holds `expected_size` — so of two
+    /// writers of one session only one can advance it. Returns whether it was advanced.
     ///
     /// # Errors
     /// [`Error::Database`].
@@ -385,14 +386,16 @@ impl MetaStore {
         expected_size: i64,
         new_size: i64,
         state: &[u8],
+        chunks: &str,
         now: i64,
     ) -> Result<bool> {
         let done = sqlx::query(
-            "UPDATE uploads SET size = $1, hash_state = $2, updated_at = $3 \
-             WHERE id = $4 AND size = $5",
+            "UPDATE uploads SET size = $1, hash_state = $2, chunks = $3, updated_at = $4 \
+             WHERE id = $5 AND size = $6",
         )
         .bind(new_size)
         .bind(state)
+        .bind(chunks)
         .bind(now)
         .bind(id)
         .bind(expected_size)

@@ -61,6 +61,8 @@ pub struct UploadRow {
     pub size: i64,
     /// Saved SHA-256 state of those bytes.
     pub hash_state: Vec<u8>,
+    /// On object storage: the objects holding those bytes, as JSON `[{key, len}]`.
+    pub chunks: String,
     /// When it started (Unix ms).
     pub started_at: i64,
     /// When it last received bytes (Unix ms).

@@ -5,7 +5,7 @@ use futures_util::Stream;
 use uuid::Uuid;
 
 use super::{Error, Registry, Result};
-use crate::blob::BlobKey;
+use crate::blob::Chunk;
 use crate::meta::{CompletedUpload, NewManifest, PutManifestError, UploadRow};
 use crate::oci::manifest::{self, MAX_MANIFEST_BYTES};
 use crate::oci::{Algorithm, Digest, Reference, RepoName, UploadHasher};
@@ -44,8 +44,7 @@ impl Registry {
     /// [`Error::Internal`] when storage or metadata fail.
     pub async fn start_upload(&self, repo: &RepoName) -> Result<UploadStatus> {
         let id = Uuid::new_v4().to_string();
-        let key = BlobKey::Upload(&id).path();
-        self.blobs.create_upload(&key).await?;
+        let key = self.blobs.start_upload(&id).await?;
         let now = self.clock.now_ms();
         let row = UploadRow {
             id: id.clone(),
@@ -53,6 +52,7 @@ impl Registry {
             storage_key: key,
             size: 0,
             hash_state: UploadHasher::default().save(),
+            chunks: "[]".into(),
             started_at: now,
             updated_at: now,
         };
@@ -108,12 +108,14 @@ impl Registry {
         let size = row.size as u64;
         check_chunk_start(&row, range)?;
         let mut hasher = restore_hasher(&row)?;
-        let written = self.blobs.write_upload(&row.storage_key, size, body, &mut hasher).await?;
+        let mut chunks = session_chunks(&row)?;
+        let written = self.blobs.write_upload(&row.storage_key, &mut chunks, size, body, &mut hasher).await?;
         check_chunk_length(range, written)?;
         let new_size = size + written;
+        let chunks_json = serde_json::to_string(&chunks).unwrap_or_else(|_| "[]".into());
         let advanced = self
             .meta
-            .advance_upload(id, row.size, new_size as i64, &hasher.save(), self.clock.now_ms())
+            .advance_upload(id, row.size, new_size as i64, &hasher.save(), &chunks_json, self.clock.now_ms())
             .await?;
         if !advanced {
             // Another process wrote to this session meanwhile; its bytes win.
@@ -144,36 +146,40 @@ impl Registry {
         let row = self.session(repo, id).await?;
         check_chunk_start(&row, range)?;
         let mut hasher = restore_hasher(&row)?;
-        let written = self.blobs.write_upload(&row.storage_key, row.size as u64, body, &mut hasher).await?;
+        let mut chunks = session_chunks(&row)?;
+        let written = self
+            .blobs
+            .write_upload(&row.storage_key, &mut chunks, row.size as u64, body, &mut hasher)
+            .await?;
         check_chunk_length(range, written)?;
         let size = row.size as u64 + written;
         let actual = match digest.algorithm() {
             Algorithm::Sha256 => hasher.digest(),
-            other => self.blobs.digest_of(&row.storage_key, size, other).await?,
+            other => self.blobs.upload_digest(&row.storage_key, &chunks, size, other).await?,
         };
         if &actual != digest {
             return Err(Error::DigestInvalid(format!("content digest is {actual}, not {digest}")));
         }
 
-        let copy_id = Uuid::new_v4().simple().to_string();
-        let blob_key = BlobKey::Blob { digest, copy_id: &copy_id }.path();
-        self.blobs.commit_upload(&row.storage_key, &blob_key, size).await?;
+        let blob_key = self.blobs.commit_upload(&row.storage_key, &chunks, digest, size).await?;
         let outcome = self
             .meta
             .complete_upload(id, row.size, repo, digest, size as i64, &blob_key, self.clock.now_ms())
             .await;
         match outcome {
-            Ok(Some(CompletedUpload::Stored)) => {}
+            Ok(Some(CompletedUpload::Stored)) => self.blobs.finish_upload(&row.storage_key, &blob_key).await,
             Ok(Some(CompletedUpload::AlreadyStored { discard_key })) => {
-                self.delete_quietly(&discard_key).await;
+                if let Err(e) = self.blobs.abort_upload(&row.storage_key, Some(&discard_key)).await {
+                    tracing::warn!(storage.key = %discard_key, error = %e, "could not delete a redundant copy");
+                }
             }
             Ok(None) => {
                 self.delete_quietly(&blob_key).await;
                 return Err(Error::BlobUploadUnknown);
             }
             Err(e) => {
-                // Put the bytes back where the still-open session expects them.
-                let _ = self.blobs.commit_upload(&blob_key, &row.storage_key, size).await;
+                // Leave the still-open session as it was.
+                self.blobs.revert_commit(&row.storage_key, &chunks, &blob_key, size).await;
                 return Err(e.into());
             }
         }
@@ -205,8 +211,10 @@ impl Registry {
     pub async fn cancel_upload(&self, repo: &RepoName, id: &str) -> Result<()> {
         let _guard = self.upload_locks.lock(id).await;
         self.session(repo, id).await?;
-        if let Some(key) = self.meta.delete_upload(id).await? {
-            self.delete_quietly(&key).await;
+        if let Some(key) = self.meta.delete_upload(id).await?
+            && let Err(e) = self.blobs.abort_upload(&key, None).await
+        {
+            tracing::warn!(storage.key = %key, error = %e, "could not delete a cancelled upload's bytes");
         }
         Ok(())
     }
@@ -286,6 +294,11 @@ fn check_chunk_length(range: Option<ChunkRange>, written: u64) -> Result<()> {
         ))),
         _ => Ok(()),
     }
+}
+
+fn session_chunks(row: &UploadRow) -> Result<Vec<Chunk>> {
+    serde_json::from_str(&row.chunks)
+        .map_err(|e| Error::Internal(format!("upload {} has unreadable chunks: {e}", row.id).into()))
 }
 
 fn restore_hasher(row: &UploadRow) -> Result<UploadHasher> {
