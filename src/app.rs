@@ -39,7 +39,10 @@ impl App {
             acquire_timeout: Duration::from_secs(config.metadata_acquire_timeout_secs),
         };
         let meta = MetaStore::open(&config.metadata_url, &pool).await?;
-        let blobs = BlobStore::filesystem(&config.storage_path, config.storage_fsync).await?;
+        let blobs = match &config.storage_s3 {
+            Some(s3) => BlobStore::s3(s3)?,
+            None => BlobStore::filesystem(&config.storage_path, config.storage_fsync).await?,
+        };
         tracing::info!(
             metadata = ?meta.dialect(),
             storage = %blobs.describe(),

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub use crate::blob::S3Config;
+
 /// The resolved configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -25,6 +27,8 @@ pub struct Config {
     pub storage_path: PathBuf,
     /// Flush blobs to disk before publishing them.
     pub storage_fsync: bool,
+    /// S3-compatible storage instead of the filesystem, when set.
+    pub storage_s3: Option<S3Config>,
 }
 
 /// The file format; every field optional, unknown fields rejected.
@@ -54,6 +58,7 @@ struct StorageSection {
     kind: Option<String>,
     path: Option<PathBuf>,
     fsync: Option<bool>,
+    s3: Option<S3Config>,
 }
 
 /// Settings given on the command line; they win over the file and the environment.
@@ -85,6 +90,7 @@ impl Config {
             metadata_max_connections: 8,
             metadata_acquire_timeout_secs: 10,
             storage_fsync: true,
+            storage_s3: None,
         }
     }
 
@@ -110,14 +116,6 @@ impl Config {
                     .map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))?
             }
         };
-        if let Some(kind) = &parsed.storage.kind
-            && kind != "filesystem"
-        {
-            return Err(ConfigError(format!(
-                "storage.kind = \"{kind}\" is not supported (supported: \"filesystem\")"
-            )));
-        }
-
         let data_dir = overrides
             .data_dir
             .clone()
@@ -169,6 +167,41 @@ impl Config {
         if let Some(fsync) = parsed.storage.fsync {
             cfg.storage_fsync = fsync;
         }
+        let kind = env("BERTH_STORAGE_KIND").or(parsed.storage.kind).unwrap_or_else(|| "filesystem".into());
+        match kind.as_str() {
+            "filesystem" => {}
+            "s3" => {
+                let mut s3 = parsed.storage.s3.unwrap_or_default();
+                for (var, field) in [
+                    ("BERTH_S3_ENDPOINT", &mut s3.endpoint),
+                    ("BERTH_S3_REGION", &mut s3.region),
+                    ("BERTH_S3_PREFIX", &mut s3.prefix),
+                    ("BERTH_S3_ACCESS_KEY_ID", &mut s3.access_key_id),
+                    ("BERTH_S3_SECRET_ACCESS_KEY", &mut s3.secret_access_key),
+                ] {
+                    if let Some(v) = env(var) {
+                        *field = Some(v);
+                    }
+                }
+                if let Some(bucket) = env("BERTH_S3_BUCKET") {
+                    s3.bucket = bucket;
+                }
+                if s3.bucket.is_empty() {
+                    return Err(ConfigError(
+                        "storage.kind = \"s3\" needs storage.s3.bucket (or BERTH_S3_BUCKET)".into(),
+                    ));
+                }
+                if s3.part_size_mib < 5 {
+                    return Err(ConfigError("storage.s3.part_size_mib must be at least 5 (S3's minimum part)".into()));
+                }
+                cfg.storage_s3 = Some(s3);
+            }
+            other => {
+                return Err(ConfigError(format!(
+                    "storage.kind = \"{other}\" is not supported (supported: \"filesystem\", \"s3\")"
+                )));
+            }
+        }
         Ok(cfg)
     }
 }
@@ -219,5 +252,18 @@ mod tests {
         assert!(e.contains("metadata.url"), "{e}");
         let e = load("", &[("BERTH_LISTEN", "x")], &Overrides::default()).unwrap_err().to_string();
         assert!(e.contains("BERTH_LISTEN"), "{e}");
+        let e = load("[storage]\nkind = \"s3\"\n", &[], &Overrides::default()).unwrap_err().to_string();
+        assert!(e.contains("bucket"), "{e}");
+        let e = load("[storage]\nkind = \"tape\"\n", &[], &Overrides::default()).unwrap_err().to_string();
+        assert!(e.contains("tape"), "{e}");
+    }
+
+    #[test]
+    fn s3_storage_from_file_and_env() {
+        let toml = "[storage]\nkind = \"s3\"\n[storage.s3]\nbucket = \"b\"\nendpoint = \"http://x:1\"\n";
+        let c = load(toml, &[("BERTH_S3_PREFIX", "p")], &Overrides::default()).unwrap();
+        let s3 = c.storage_s3.unwrap();
+        assert_eq!((s3.bucket.as_str(), s3.endpoint.as_deref(), s3.prefix.as_deref()), ("b", Some("http://x:1"), Some("p")));
+        assert!(s3.path_style && !s3.redirect && s3.part_size_mib == 16);
     }
 }

@@ -28,6 +28,17 @@ pub(super) async fn get(
 ) -> Result<Response, ApiError> {
     let digest = parse_digest(digest)?;
     let blob = registry.blob(repo, &digest).await?;
+    if with_body && let Some(url) = registry.blob_redirect(&blob).await? {
+        return Ok((
+            StatusCode::TEMPORARY_REDIRECT,
+            [
+                (header::LOCATION, hv(url)),
+                (header::HeaderName::from_static("docker-content-digest"), hv(digest.as_str())),
+                (header::CONTENT_LENGTH, hv("0")),
+            ],
+        )
+            .into_response());
+    }
     let range = match blob_range(headers, blob.size) {
         RangeRequest::Whole => None,
         RangeRequest::Part(r) => Some(r),

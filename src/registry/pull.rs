@@ -64,6 +64,15 @@ impl Registry {
         Ok(self.blobs.read(&blob.storage_key, range).await?)
     }
 
+    /// A short-lived URL the client may download `blob` from directly, when storage is configured
+    /// to redirect downloads.
+    ///
+    /// # Errors
+    /// [`Error::Internal`] when signing fails.
+    pub async fn blob_redirect(&self, blob: &BlobHandle) -> Result<Option<String>> {
+        Ok(self.blobs.redirect_url(&blob.storage_key).await?)
+    }
+
     /// The manifest `reference` in `repo`, with its bytes.
     ///
     /// # Errors

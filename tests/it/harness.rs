@@ -21,9 +21,44 @@ pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list
 pub enum Backend {
     /// SQLite metadata, filesystem blobs.
     Sqlite,
-    /// PostgreSQL metadata (a fresh database per test on the server named by
-    /// `BERTH_TEST_PG_URL`, which the test script starts).
+    /// The scale-out deployment: PostgreSQL metadata (a fresh database per test on the server
+    /// named by `BERTH_TEST_PG_URL`) and S3 blobs (a fresh key prefix per test in the bucket named
+    /// by `BERTH_TEST_S3_*`), both started by the test script.
     Postgres,
+}
+
+/// The S3 bucket for the scale-out tests, under a fresh prefix; `None` when not configured,
+/// except under CI, where the test script must have started the S3 server.
+pub fn s3_config() -> Option<berth::config::S3Config> {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let Some(endpoint) = var("BERTH_TEST_S3_ENDPOINT") else {
+        assert!(std::env::var_os("CI").is_none(), "BERTH_TEST_S3_ENDPOINT must be set under CI (scripts/test.sh sets it)");
+        return None;
+    };
+    Some(berth::config::S3Config {
+        endpoint: Some(endpoint),
+        region: Some("garage".into()),
+        bucket: var("BERTH_TEST_S3_BUCKET").expect("BERTH_TEST_S3_BUCKET"),
+        prefix: Some(format!("test-{}", uuid::Uuid::new_v4().simple())),
+        access_key_id: var("BERTH_TEST_S3_KEY_ID"),
+        secret_access_key: var("BERTH_TEST_S3_SECRET"),
+        path_style: true,
+        redirect: false,
+        redirect_ttl_secs: 60,
+        part_size_mib: 5,
+    })
+}
+
+/// The configuration of a scale-out deployment in a fresh database and prefix, or `None` when
+/// PostgreSQL and S3 are not both available here.
+pub async fn scale_out_config(dir: &std::path::Path) -> Option<Config> {
+    let server = postgres_url()?;
+    let s3 = s3_config()?;
+    let mut config = Config::embedded(dir);
+    config.metadata_url = fresh_postgres_database(&server).await;
+    config.metadata_max_connections = 4;
+    config.storage_s3 = Some(s3);
+    Some(config)
 }
 
 /// The PostgreSQL server for the scale-out tests; `None` (the test is skipped) when not
@@ -65,12 +100,14 @@ impl TestRegistry {
     /// Starts a registry on `backend`; `None` when that deployment is not available here.
     pub async fn try_start(backend: Backend) -> Option<Self> {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut config = Config::embedded(dir.path());
-        config.storage_fsync = false;
-        if let Backend::Postgres = backend {
-            config.metadata_url = fresh_postgres_database(&postgres_url()?).await;
-            config.metadata_max_connections = 4;
-        }
+        let config = match backend {
+            Backend::Sqlite => {
+                let mut config = Config::embedded(dir.path());
+                config.storage_fsync = false;
+                config
+            }
+            Backend::Postgres => scale_out_config(dir.path()).await?,
+        };
         Some(Self::start_with(config, dir).await)
     }
 
@@ -227,7 +264,7 @@ macro_rules! backend_test {
                 let Some($reg) =
                     $crate::harness::TestRegistry::try_start($crate::harness::Backend::Postgres).await
                 else {
-                    eprintln!("skipping: BERTH_TEST_PG_URL is not set");
+                    eprintln!("skipping: BERTH_TEST_PG_URL or BERTH_TEST_S3_ENDPOINT is not set");
                     return;
                 };
                 $body

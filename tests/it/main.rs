@@ -8,3 +8,4 @@ mod cli;
 mod discovery;
 mod e2e;
 mod manifests;
+mod replicas;

@@ -1,0 +1,272 @@
+//! Several replicas on one PostgreSQL database and one S3 bucket: push through one and pull
+//! through another, chunks of one upload on alternating replicas, the same content pushed
+//! concurrently through different replicas, and a replica killed mid-upload.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use berth::oci::Digest;
+use reqwest::{Method, StatusCode};
+
+use crate::harness::*;
+
+/// Starts `n` replicas of one scale-out deployment, or `None` when PostgreSQL and S3 are not
+/// available here.
+async fn replicas(n: usize) -> Option<Vec<TestRegistry>> {
+    let dir = tempfile::tempdir().unwrap();
+    let config = scale_out_config(dir.path()).await?;
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(TestRegistry::start_with(config.clone(), tempfile::tempdir().unwrap()).await);
+    }
+    Some(out)
+}
+
+macro_rules! replicas_or_skip {
+    ($n:expr) => {
+        match replicas($n).await {
+            Some(r) => r,
+            None => {
+                eprintln!("skipping: the scale-out deployment is not configured");
+                return;
+            }
+        }
+    };
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_through_one_pull_through_the_others() {
+    let r = replicas_or_skip!(3);
+    let img = r[0].push_image("multi/app", "v1", 70).await;
+    for replica in &r[1..] {
+        let res = replica.get("/v2/multi/app/manifests/v1").await;
+        assert_eq!(header(&res, "docker-content-digest"), Some(img.digest.as_str()));
+        assert_eq!(res.bytes().await.unwrap(), img.manifest);
+        for layer in &img.layers {
+            let d = Digest::sha256_of(layer);
+            assert_eq!(replica.get(&format!("/v2/multi/app/blobs/{d}")).await.bytes().await.unwrap(), *layer);
+        }
+        let tags: serde_json::Value = replica.get("/v2/multi/app/tags/list").await.json().await.unwrap();
+        assert_eq!(tags["tags"], serde_json::json!(["v1"]));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_of_one_upload_on_alternating_replicas() {
+    let r = replicas_or_skip!(3);
+    // Sizes exercise both a multipart write (over the 5 MiB part size) and small single PUTs.
+    let sizes = [6 * 1024 * 1024 + 123, 100_000, 3 * 1024 * 1024];
+    let data = random_bytes(71, sizes.iter().sum());
+    let digest = Digest::sha256_of(&data);
+    let res = r[0].req(Method::POST, "/v2/alt/blobs/uploads/").send().await.unwrap();
+    let mut loc = header(&res, "location").unwrap().to_string();
+    let mut start = 0;
+    for (i, size) in sizes.iter().enumerate() {
+        let replica = &r[(i + 1) % 3];
+        let res = replica
+            .req(Method::PATCH, &loc)
+            .header("content-range", format!("{start}-{}", start + size - 1))
+            .body(data[start..start + size].to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::ACCEPTED, "chunk {i}");
+        start += size;
+        assert_eq!(header(&res, "range"), Some(format!("0-{}", start - 1).as_str()));
+        loc = header(&res, "location").unwrap().to_string();
+        // Every replica sees the same progress.
+        let status = r[i % 3].get(&loc).await;
+        assert_eq!(header(&status, "range"), Some(format!("0-{}", start - 1).as_str()));
+    }
+    let res = r[2].req(Method::PUT, &format!("{loc}?digest={digest}")).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    for replica in &r {
+        assert_eq!(replica.get(&format!("/v2/alt/blobs/{digest}")).await.bytes().await.unwrap(), data);
+    }
+    // The session's chunk objects were composed and removed: one object remains.
+    let objects = r[0].app.registry.blobs().list("blobs/").await.unwrap();
+    assert_eq!(objects.len(), 1, "{objects:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_content_pushed_concurrently_through_different_replicas() {
+    let r = replicas_or_skip!(3);
+    let mut tasks = Vec::new();
+    for (i, replica) in r.iter().enumerate() {
+        let client = replica.client.clone();
+        let base = replica.url("");
+        tasks.push(tokio::spawn(async move {
+            let _ = i;
+            // Same layers, same config, same manifest, same tag, all at once.
+            let layer = random_bytes(72, 2 * 1024 * 1024);
+            let config = br#"{"architecture":"amd64","os":"linux"}"#.to_vec();
+            for blob in [&layer, &config] {
+                let d = Digest::sha256_of(blob);
+                let res = client
+                    .post(format!("{base}/v2/race/app/blobs/uploads/?digest={d}"))
+                    .body(blob.clone())
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(res.status(), StatusCode::CREATED);
+            }
+            let manifest = serde_json::to_vec(&serde_json::json!({
+                "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                "config": {"mediaType": OCI_CONFIG, "digest": Digest::sha256_of(&config).as_str(), "size": config.len()},
+                "layers": [{"mediaType": OCI_LAYER, "digest": Digest::sha256_of(&layer).as_str(), "size": layer.len()}],
+            }))
+            .unwrap();
+            let res = client
+                .put(format!("{base}/v2/race/app/manifests/latest"))
+                .header("content-type", OCI_MANIFEST)
+                .body(manifest.clone())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), StatusCode::CREATED);
+            (manifest, layer)
+        }));
+    }
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap());
+    }
+    let (manifest, layer) = &results[0];
+    for replica in &r {
+        let res = replica.get("/v2/race/app/manifests/latest").await;
+        assert_eq!(res.bytes().await.unwrap(), *manifest);
+        let d = Digest::sha256_of(layer);
+        assert_eq!(replica.get(&format!("/v2/race/app/blobs/{d}")).await.bytes().await.unwrap(), *layer);
+    }
+    // One stored copy per digest: the redundant ones were deleted.
+    let objects = r[0].app.registry.blobs().list("blobs/").await.unwrap();
+    assert_eq!(objects.len(), 2, "{objects:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_racing_on_one_session_cannot_corrupt_it() {
+    let r = replicas_or_skip!(2);
+    let data = random_bytes(73, 200_000);
+    let res = r[0].req(Method::POST, "/v2/race/session/blobs/uploads/").send().await.unwrap();
+    let loc = header(&res, "location").unwrap().to_string();
+    // Both send a different first chunk for the same range at the same time.
+    let other = random_bytes(74, 100_000);
+    let a = r[0].req(Method::PATCH, &loc).header("content-range", "0-99999").body(data[..100_000].to_vec()).send();
+    let b = r[1].req(Method::PATCH, &loc).header("content-range", "0-99999").body(other.clone()).send();
+    let (a, b) = tokio::join!(a, b);
+    let (a, b) = (a.unwrap().status(), b.unwrap().status());
+    let statuses = [a.as_u16(), b.as_u16()];
+    assert!(statuses.contains(&202), "{statuses:?}");
+    // Whichever won, the session holds exactly its bytes: completing with the winner's content
+    // works, with the loser's it does not.
+    let (winner, loser): (&[u8], &[u8]) = if a == 202 && b != 202 {
+        (&data[..100_000], &other)
+    } else if b == 202 && a != 202 {
+        (&other, &data[..100_000])
+    } else {
+        // Serialised: the second saw the first's bytes and was refused as out of order... or both
+        // were accepted one after the other, which the CAS forbids for the same range.
+        panic!("both chunks for one range were accepted: {statuses:?}");
+    };
+    let wrong = Digest::sha256_of(loser);
+    let res = r[1].req(Method::PUT, &format!("{loc}?digest={wrong}")).send().await.unwrap();
+    assert_eq!(res.status(), 400);
+    let right = Digest::sha256_of(winner);
+    let res = r[0].req(Method::PUT, &format!("{loc}?digest={right}")).send().await.unwrap();
+    assert_eq!(res.status(), 201);
+    assert_eq!(r[1].get(&format!("/v2/race/session/blobs/{right}")).await.bytes().await.unwrap(), winner);
+}
+
+/// A `berth serve` process of the scale-out deployment.
+struct Process {
+    child: std::process::Child,
+    addr: String,
+}
+
+fn spawn_replica(config: &berth::config::Config, dir: &std::path::Path, name: &str) -> Process {
+    let s3 = config.storage_s3.as_ref().unwrap();
+    let ready = dir.join(format!("{name}.ready"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--ready-file"])
+        .arg(&ready)
+        .arg("--data-dir")
+        .arg(dir.join(name))
+        .env("BERTH_METADATA_URL", &config.metadata_url)
+        .env("BERTH_STORAGE_KIND", "s3")
+        .env("BERTH_S3_ENDPOINT", s3.endpoint.as_deref().unwrap())
+        .env("BERTH_S3_REGION", s3.region.as_deref().unwrap())
+        .env("BERTH_S3_BUCKET", &s3.bucket)
+        .env("BERTH_S3_PREFIX", s3.prefix.as_deref().unwrap())
+        .env("BERTH_S3_ACCESS_KEY_ID", s3.access_key_id.as_deref().unwrap())
+        .env("BERTH_S3_SECRET_ACCESS_KEY", s3.secret_access_key.as_deref().unwrap())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ready.exists() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("replica {name} exited: {status}");
+        }
+        assert!(Instant::now() < deadline, "replica {name} did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Process { child, addr: std::fs::read_to_string(&ready).unwrap() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_mid_upload_loses_nothing_and_the_others_keep_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(config) = scale_out_config(dir.path()).await else {
+        eprintln!("skipping: the scale-out deployment is not configured");
+        return;
+    };
+    let mut a = spawn_replica(&config, dir.path(), "a");
+    let b = spawn_replica(&config, dir.path(), "b");
+    let client = reqwest::Client::new();
+    let url = |p: &Process, path: &str| format!("http://{}{path}", p.addr);
+
+    // Something already pushed, to pull while a replica dies.
+    let before = random_bytes(75, 500_000);
+    let before_digest = Digest::sha256_of(&before);
+    let res = client.post(url(&a, &format!("/v2/kill/me/blobs/uploads/?digest={before_digest}"))).body(before.clone()).send().await.unwrap();
+    assert_eq!(res.status(), 201);
+
+    // A session with one recorded chunk, then a second chunk streaming into replica A…
+    let data = random_bytes(76, 8 * 1024 * 1024);
+    let digest = Digest::sha256_of(&data);
+    let res = client.post(url(&a, "/v2/kill/me/blobs/uploads/")).send().await.unwrap();
+    let loc = header(&res, "location").unwrap().to_string();
+    let first = 1024 * 1024;
+    let res = client.patch(url(&a, &loc)).header("content-range", format!("0-{}", first - 1)).body(data[..first].to_vec()).send().await.unwrap();
+    assert_eq!(res.status(), 202);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(2);
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+    let streaming = tokio::spawn(
+        client.patch(url(&a, &loc)).body(reqwest::Body::wrap_stream(stream)).send(),
+    );
+    tx.send(Ok(data[first..first + 2 * 1024 * 1024].to_vec())).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // …when A is killed.
+    Command::new("kill").args(["-9", &a.child.id().to_string()]).status().unwrap();
+    let _ = a.child.wait();
+    drop(tx);
+    // The client's request to A died with A; what it saw does not matter, what was recorded does.
+    let _ = streaming.await;
+
+    // B kept serving: earlier content pulls, and the session continues from its recorded size.
+    assert_eq!(client.get(url(&b, &format!("/v2/kill/me/blobs/{before_digest}"))).send().await.unwrap().bytes().await.unwrap(), before);
+    let status = client.get(url(&b, &loc)).send().await.unwrap();
+    assert_eq!(status.status(), 204);
+    assert_eq!(header(&status, "range"), Some(format!("0-{}", first - 1).as_str()));
+    let res = client
+        .put(url(&b, &format!("{loc}?digest={digest}")))
+        .header("content-range", format!("{first}-{}", data.len() - 1))
+        .body(data[first..].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201, "{:?}", res.text().await);
+    assert_eq!(client.get(url(&b, &format!("/v2/kill/me/blobs/{digest}"))).send().await.unwrap().bytes().await.unwrap(), data);
+    Command::new("kill").args(["-TERM", &b.child.id().to_string()]).status().unwrap();
+}
