@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Runs Berth's whole test suite: formatting, lints, unit, integration and end-to-end tests.
-# Installs what the tests need when it is missing (Debian packages: the registry clients).
+# Runs Berth's whole test suite: formatting, lints, unit, integration and end-to-end tests, on
+# both deployments (SQLite + filesystem; PostgreSQL + S3). Installs what it needs when missing:
+# the registry clients and PostgreSQL from Debian's packages, Garage (S3) from crates.io (built
+# once, cached under ~/.cache/berth-tools).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,11 +22,20 @@ fi
 # --- a throwaway PostgreSQL for the scale-out deployment ---------------------------------------
 work=$(mktemp -d)
 chmod 755 "$work"
-cleanup() { scripts/pg.sh stop "$work/pg" || true; rm -rf "$work"; }
+cleanup() {
+    scripts/pg.sh stop "$work/pg" || true
+    scripts/garage.sh stop "$work/garage" || true
+    rm -rf "$work"
+}
 trap cleanup EXIT
 echo "==> starting PostgreSQL"
 BERTH_TEST_PG_URL=$(scripts/pg.sh start "$work/pg")
 export BERTH_TEST_PG_URL
+
+# --- a throwaway S3 server (Garage) for the scale-out deployment ---------------------------------
+echo "==> starting Garage (S3)"
+s3_env=$(scripts/garage.sh start "$work/garage")
+while IFS='=' read -r name value; do export "$name=$value"; done <<<"$s3_env"
 
 # --- the suite ----------------------------------------------------------------------------------
 echo "==> cargo fmt --check"

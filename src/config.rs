@@ -192,7 +192,9 @@ impl Config {
                     ));
                 }
                 if s3.part_size_mib < 5 {
-                    return Err(ConfigError("storage.s3.part_size_mib must be at least 5 (S3's minimum part)".into()));
+                    return Err(ConfigError(
+                        "storage.s3.part_size_mib must be at least 5 (S3's minimum part)".into(),
+                    ));
                 }
                 cfg.storage_s3 = Some(s3);
             }
@@ -263,7 +265,10 @@ mod tests {
         let toml = "[storage]\nkind = \"s3\"\n[storage.s3]\nbucket = \"b\"\nendpoint = \"http://x:1\"\n";
         let c = load(toml, &[("BERTH_S3_PREFIX", "p")], &Overrides::default()).unwrap();
         let s3 = c.storage_s3.unwrap();
-        assert_eq!((s3.bucket.as_str(), s3.endpoint.as_deref(), s3.prefix.as_deref()), ("b", Some("http://x:1"), Some("p")));
+        assert_eq!(
+            (s3.bucket.as_str(), s3.endpoint.as_deref(), s3.prefix.as_deref()),
+            ("b", Some("http://x:1"), Some("p"))
+        );
         assert!(s3.path_style && !s3.redirect && s3.part_size_mib == 16);
     }
 }

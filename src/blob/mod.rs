@@ -247,10 +247,10 @@ impl BlobStore {
     /// Deletes what a committed session leaves behind besides its blob (the chunks composed into
     /// it, objects of writes that lost a race). Best effort: leftovers are found by the sweep.
     pub async fn finish_upload(&self, key: &str, blob_key: &str) {
-        if let Backend::S3(s) = &self.0 {
-            if let Err(e) = s.delete_prefix(key, Some(blob_key)).await {
-                tracing::warn!(storage.key = key, error = %e, "could not clean up an upload session");
-            }
+        if let Backend::S3(s) = &self.0
+            && let Err(e) = s.delete_prefix(key, Some(blob_key)).await
+        {
+            tracing::warn!(storage.key = key, error = %e, "could not clean up an upload session");
         }
     }
 

@@ -10,10 +10,12 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
 use object_store::signer::Signer;
-use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
+use object_store::{GetOptions, GetRange, MultipartId, ObjectStore, ObjectStoreExt, PutPayload};
 use serde::Deserialize;
+use tokio::task::JoinSet;
 
 use super::{ByteRange, ByteStream, Chunk, Error, Result};
 use crate::oci::{Algorithm, Digest, UploadHasher};
@@ -65,6 +67,9 @@ fn default_part_size() -> usize {
 
 /// Parts in flight per write.
 const UPLOAD_CONCURRENCY: usize = 4;
+
+/// Suffix of the marker object that names an in-progress multipart upload.
+const MARKER_SUFFIX: &str = ".multipart";
 
 /// An S3 bucket (and prefix).
 #[derive(Debug, Clone)]
@@ -146,17 +151,16 @@ impl S3Store {
         E: std::fmt::Display,
     {
         let chunk_key = format!("{key}{}", uuid::Uuid::new_v4().simple());
-        let path = self.path(&chunk_key);
         let mut body = std::pin::pin!(body);
         let mut first = BytesMut::new();
-        let mut multipart: Option<WriteMultipart> = None;
+        let mut multipart: Option<PartWriter> = None;
         let mut written = 0u64;
         while let Some(piece) = body.next().await {
             let piece = match piece {
                 Ok(p) => p,
                 Err(e) => {
                     if let Some(m) = multipart {
-                        let _ = m.abort().await;
+                        m.abort().await;
                     }
                     return Err(Error::Body(e.to_string()));
                 }
@@ -164,16 +168,12 @@ impl S3Store {
             hasher.update(&piece);
             written += piece.len() as u64;
             match &mut multipart {
-                Some(m) => {
-                    m.wait_for_capacity(UPLOAD_CONCURRENCY).await?;
-                    m.put(piece);
-                }
+                Some(m) => m.write(&piece).await?,
                 None => {
                     first.extend_from_slice(&piece);
                     if first.len() >= self.part_size {
-                        let upload = self.store.put_multipart(&path).await?;
-                        let mut m = WriteMultipart::new_with_chunk_size(upload, self.part_size);
-                        m.put(std::mem::take(&mut first).freeze());
+                        let mut m = self.part_writer(&chunk_key).await?;
+                        m.write(&std::mem::take(&mut first)).await?;
                         multipart = Some(m);
                     }
                 }
@@ -185,7 +185,7 @@ impl S3Store {
             }
             None if written == 0 => return Ok(0),
             None => {
-                self.store.put(&path, PutPayload::from(first.freeze())).await?;
+                self.store.put(&self.path(&chunk_key), PutPayload::from(first.freeze())).await?;
             }
         }
         chunks.push(Chunk { key: chunk_key, len: written });
@@ -208,20 +208,23 @@ impl S3Store {
             }
             many => {
                 let blob_key = format!("{key}{}", uuid::Uuid::new_v4().simple());
-                let upload = self.store.put_multipart(&self.path(&blob_key)).await?;
-                let mut out = WriteMultipart::new_with_chunk_size(upload, self.part_size);
+                let mut out = self.part_writer(&blob_key).await?;
                 for chunk in many {
-                    let mut stream = self.store.get(&self.path(&chunk.key)).await?.into_stream();
+                    let mut stream = match self.store.get(&self.path(&chunk.key)).await {
+                        Ok(r) => r.into_stream(),
+                        Err(e) => {
+                            out.abort().await;
+                            return Err(e.into());
+                        }
+                    };
                     while let Some(bytes) = stream.next().await {
-                        let bytes = match bytes {
-                            Ok(b) => b,
+                        match bytes {
+                            Ok(b) => out.write(&b).await?,
                             Err(e) => {
-                                let _ = out.abort().await;
+                                out.abort().await;
                                 return Err(e.into());
                             }
-                        };
-                        out.wait_for_capacity(UPLOAD_CONCURRENCY).await?;
-                        out.put(bytes);
+                        }
                     }
                 }
                 out.finish().await?;
@@ -255,10 +258,19 @@ impl S3Store {
         Digest::parse(&text).map_err(|e| Error::Config(e.to_string()))
     }
 
-    /// Deletes every object under `prefix` except `keep`.
+    /// Deletes every object under `prefix` except `keep`, first aborting the multipart uploads
+    /// that markers there name (writes cut off by a crash).
     pub(super) async fn delete_prefix(&self, prefix: &str, keep: Option<&str>) -> Result<()> {
         let keep = keep.map(|k| self.path(k));
         let objects: Vec<_> = self.store.list(Some(&self.path(prefix))).try_collect().await?;
+        for marker in objects.iter().filter(|m| m.location.as_ref().ends_with(MARKER_SUFFIX)) {
+            let target = marker.location.as_ref().trim_end_matches(MARKER_SUFFIX).to_string();
+            if let Ok(id) = self.store.get(&marker.location).await {
+                let id = String::from_utf8_lossy(&id.bytes().await?).to_string();
+                // Already completed or aborted uploads answer an error; that is fine.
+                let _ = self.store.abort_multipart(&Path::from(target), &id).await;
+            }
+        }
         let doomed = objects.into_iter().map(|m| m.location).filter(move |p| Some(p) != keep.as_ref());
         let paths = futures_util::stream::iter(doomed.map(Ok)).boxed();
         let mut results = self.store.delete_stream(paths);
@@ -269,6 +281,26 @@ impl S3Store {
             }
         }
         Ok(())
+    }
+
+    /// Starts a multipart upload to `key`, leaving a marker that names it until it completes or
+    /// is aborted, so that session cleanup can abort it if this process dies mid-write.
+    async fn part_writer(&self, key: &str) -> Result<PartWriter> {
+        let path = self.path(key);
+        let id = self.store.create_multipart(&path).await?;
+        let marker = self.path(&format!("{key}{MARKER_SUFFIX}"));
+        self.store.put(&marker, PutPayload::from(id.clone().into_bytes())).await?;
+        Ok(PartWriter {
+            store: self.store.clone(),
+            path,
+            id,
+            marker,
+            part_size: self.part_size,
+            buf: BytesMut::new(),
+            next_part: 0,
+            in_flight: JoinSet::new(),
+            done: Vec::new(),
+        })
     }
 
     pub(super) async fn delete(&self, key: &str) -> Result<()> {
@@ -303,5 +335,85 @@ impl S3Store {
                 m.location.as_ref().strip_prefix(&self.prefix).unwrap_or(m.location.as_ref()).to_string()
             })
             .collect())
+    }
+}
+
+/// Streams bytes into a multipart upload in fixed-size parts, a few in flight at once.
+struct PartWriter {
+    store: Arc<AmazonS3>,
+    path: Path,
+    id: MultipartId,
+    marker: Path,
+    part_size: usize,
+    buf: BytesMut,
+    next_part: usize,
+    in_flight: JoinSet<object_store::Result<(usize, PartId)>>,
+    done: Vec<(usize, PartId)>,
+}
+
+impl PartWriter {
+    async fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.buf.extend_from_slice(bytes);
+        while self.buf.len() >= self.part_size {
+            let part = self.buf.split_to(self.part_size).freeze();
+            self.send(part).await?;
+        }
+        Ok(())
+    }
+
+    async fn send(&mut self, part: Bytes) -> Result<()> {
+        while self.in_flight.len() >= UPLOAD_CONCURRENCY {
+            self.join_one().await?;
+        }
+        let (store, path, id, idx) = (self.store.clone(), self.path.clone(), self.id.clone(), self.next_part);
+        self.next_part += 1;
+        self.in_flight.spawn(async move {
+            let part_id = store.put_part(&path, &id, idx, PutPayload::from(part)).await?;
+            Ok((idx, part_id))
+        });
+        Ok(())
+    }
+
+    async fn join_one(&mut self) -> Result<()> {
+        if let Some(joined) = self.in_flight.join_next().await {
+            let done = joined.map_err(|e| Error::Config(format!("part upload task failed: {e}")))??;
+            self.done.push(done);
+        }
+        Ok(())
+    }
+
+    async fn finish(mut self) -> Result<()> {
+        let rest = std::mem::take(&mut self.buf).freeze();
+        let result = async {
+            if !rest.is_empty() || self.next_part == 0 {
+                self.send(rest).await?;
+            }
+            while !self.in_flight.is_empty() {
+                self.join_one().await?;
+            }
+            self.done.sort_by_key(|(idx, _)| *idx);
+            let parts = self.done.iter().map(|(_, p)| p.clone()).collect();
+            self.store.complete_multipart(&self.path, &self.id, parts).await?;
+            Ok::<_, Error>(())
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                let _ = self.store.delete(&self.marker).await;
+                Ok(())
+            }
+            Err(e) => {
+                self.abort().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn abort(mut self) {
+        self.in_flight.abort_all();
+        while self.in_flight.join_next().await.is_some() {}
+        if self.store.abort_multipart(&self.path, &self.id).await.is_ok() {
+            let _ = self.store.delete(&self.marker).await;
+        }
     }
 }

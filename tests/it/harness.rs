@@ -32,7 +32,10 @@ pub enum Backend {
 pub fn s3_config() -> Option<berth::config::S3Config> {
     let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     let Some(endpoint) = var("BERTH_TEST_S3_ENDPOINT") else {
-        assert!(std::env::var_os("CI").is_none(), "BERTH_TEST_S3_ENDPOINT must be set under CI (scripts/test.sh sets it)");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "BERTH_TEST_S3_ENDPOINT must be set under CI (scripts/test.sh sets it)"
+        );
         return None;
     };
     Some(berth::config::S3Config {

@@ -151,7 +151,11 @@ async fn two_replicas_racing_on_one_session_cannot_corrupt_it() {
     let loc = header(&res, "location").unwrap().to_string();
     // Both send a different first chunk for the same range at the same time.
     let other = random_bytes(74, 100_000);
-    let a = r[0].req(Method::PATCH, &loc).header("content-range", "0-99999").body(data[..100_000].to_vec()).send();
+    let a = r[0]
+        .req(Method::PATCH, &loc)
+        .header("content-range", "0-99999")
+        .body(data[..100_000].to_vec())
+        .send();
     let b = r[1].req(Method::PATCH, &loc).header("content-range", "0-99999").body(other.clone()).send();
     let (a, b) = tokio::join!(a, b);
     let (a, b) = (a.unwrap().status(), b.unwrap().status());
@@ -229,7 +233,12 @@ async fn a_replica_killed_mid_upload_loses_nothing_and_the_others_keep_serving()
     // Something already pushed, to pull while a replica dies.
     let before = random_bytes(75, 500_000);
     let before_digest = Digest::sha256_of(&before);
-    let res = client.post(url(&a, &format!("/v2/kill/me/blobs/uploads/?digest={before_digest}"))).body(before.clone()).send().await.unwrap();
+    let res = client
+        .post(url(&a, &format!("/v2/kill/me/blobs/uploads/?digest={before_digest}")))
+        .body(before.clone())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 201);
 
     // A session with one recorded chunk, then a second chunk streaming into replica A…
@@ -238,13 +247,18 @@ async fn a_replica_killed_mid_upload_loses_nothing_and_the_others_keep_serving()
     let res = client.post(url(&a, "/v2/kill/me/blobs/uploads/")).send().await.unwrap();
     let loc = header(&res, "location").unwrap().to_string();
     let first = 1024 * 1024;
-    let res = client.patch(url(&a, &loc)).header("content-range", format!("0-{}", first - 1)).body(data[..first].to_vec()).send().await.unwrap();
+    let res = client
+        .patch(url(&a, &loc))
+        .header("content-range", format!("0-{}", first - 1))
+        .body(data[..first].to_vec())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 202);
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(2);
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
-    let streaming = tokio::spawn(
-        client.patch(url(&a, &loc)).body(reqwest::Body::wrap_stream(stream)).send(),
-    );
+    let stream =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+    let streaming = tokio::spawn(client.patch(url(&a, &loc)).body(reqwest::Body::wrap_stream(stream)).send());
     tx.send(Ok(data[first..first + 2 * 1024 * 1024].to_vec())).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     // …when A is killed.
@@ -255,7 +269,17 @@ async fn a_replica_killed_mid_upload_loses_nothing_and_the_others_keep_serving()
     let _ = streaming.await;
 
     // B kept serving: earlier content pulls, and the session continues from its recorded size.
-    assert_eq!(client.get(url(&b, &format!("/v2/kill/me/blobs/{before_digest}"))).send().await.unwrap().bytes().await.unwrap(), before);
+    assert_eq!(
+        client
+            .get(url(&b, &format!("/v2/kill/me/blobs/{before_digest}")))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+        before
+    );
     let status = client.get(url(&b, &loc)).send().await.unwrap();
     assert_eq!(status.status(), 204);
     assert_eq!(header(&status, "range"), Some(format!("0-{}", first - 1).as_str()));
@@ -267,6 +291,42 @@ async fn a_replica_killed_mid_upload_loses_nothing_and_the_others_keep_serving()
         .await
         .unwrap();
     assert_eq!(res.status(), 201, "{:?}", res.text().await);
-    assert_eq!(client.get(url(&b, &format!("/v2/kill/me/blobs/{digest}"))).send().await.unwrap().bytes().await.unwrap(), data);
+    assert_eq!(
+        client
+            .get(url(&b, &format!("/v2/kill/me/blobs/{digest}")))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+        data
+    );
     Command::new("kill").args(["-TERM", &b.child.id().to_string()]).status().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blob_downloads_redirect_to_presigned_urls_when_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(mut config) = scale_out_config(dir.path()).await else {
+        eprintln!("skipping: the scale-out deployment is not configured");
+        return;
+    };
+    if let Some(s3) = config.storage_s3.as_mut() {
+        s3.redirect = true;
+    }
+    let reg = TestRegistry::start_with(config, dir).await;
+    let data = random_bytes(77, 300_000);
+    let d = reg.upload_blob("redirect/me", &data).await;
+    let no_follow = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let res = no_follow.get(reg.url(&format!("/v2/redirect/me/blobs/{d}"))).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::TEMPORARY_REDIRECT);
+    let location = header(&res, "location").unwrap().to_string();
+    assert!(location.contains("X-Amz-Signature") && location.contains("X-Amz-Expires=60"), "{location}");
+    // Following the redirect downloads the exact bytes from the bucket.
+    assert_eq!(reqwest::get(&location).await.unwrap().bytes().await.unwrap(), data);
+    // HEAD is still answered by Berth.
+    let res = reg.req(Method::HEAD, &format!("/v2/redirect/me/blobs/{d}")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(header(&res, "content-length"), Some("300000"));
 }
