@@ -270,5 +270,10 @@ mod tests {
             ("b", Some("http://x:1"), Some("p"))
         );
         assert!(s3.path_style && !s3.redirect && s3.part_size_mib == 16);
+        // Entirely from the environment: the same defaults.
+        let c = load("", &[("BERTH_STORAGE_KIND", "s3"), ("BERTH_S3_BUCKET", "b")], &Overrides::default())
+            .unwrap();
+        let s3 = c.storage_s3.unwrap();
+        assert!(s3.path_style && s3.part_size_mib == 16 && s3.redirect_ttl_secs == 300);
     }
 }

@@ -21,7 +21,7 @@ use super::{ByteRange, ByteStream, Chunk, Error, Result};
 use crate::oci::{Algorithm, Digest, UploadHasher};
 
 /// Connection settings for an S3-compatible bucket.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct S3Config {
     /// Endpoint URL, e.g. `http://127.0.0.1:3900`; empty for AWS itself.
@@ -53,6 +53,24 @@ pub struct S3Config {
     /// Size of the parts large writes are sent in, in MiB (at least 5, S3's minimum).
     #[serde(default = "default_part_size")]
     pub part_size_mib: usize,
+}
+
+impl Default for S3Config {
+    /// The same defaults as an empty `[storage.s3]` section (minus the required bucket).
+    fn default() -> Self {
+        S3Config {
+            endpoint: None,
+            region: None,
+            bucket: String::new(),
+            prefix: None,
+            access_key_id: None,
+            secret_access_key: None,
+            path_style: default_true(),
+            redirect: false,
+            redirect_ttl_secs: default_redirect_ttl(),
+            part_size_mib: default_part_size(),
+        }
+    }
 }
 
 fn default_true() -> bool {
