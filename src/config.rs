@@ -29,6 +29,10 @@ pub struct Config {
     pub storage_fsync: bool,
     /// S3-compatible storage instead of the filesystem, when set.
     pub storage_s3: Option<S3Config>,
+    /// Upload sessions idle this long are removed with their bytes.
+    pub upload_expire_after_secs: u64,
+    /// How often each replica looks for expired upload sessions.
+    pub upload_sweep_interval_secs: u64,
 }
 
 /// The file format; every field optional, unknown fields rejected.
@@ -42,6 +46,15 @@ struct FileConfig {
     metadata: MetadataSection,
     #[serde(default)]
     storage: StorageSection,
+    #[serde(default)]
+    uploads: UploadsSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UploadsSection {
+    expire_after_secs: Option<u64>,
+    sweep_interval_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -91,6 +104,8 @@ impl Config {
             metadata_acquire_timeout_secs: 10,
             storage_fsync: true,
             storage_s3: None,
+            upload_expire_after_secs: 24 * 3600,
+            upload_sweep_interval_secs: 600,
         }
     }
 
@@ -166,6 +181,15 @@ impl Config {
         }
         if let Some(fsync) = parsed.storage.fsync {
             cfg.storage_fsync = fsync;
+        }
+        if let Some(secs) = parsed.uploads.expire_after_secs {
+            cfg.upload_expire_after_secs = secs;
+        }
+        if let Some(secs) = parsed.uploads.sweep_interval_secs {
+            if secs == 0 {
+                return Err(ConfigError("uploads.sweep_interval_secs must be at least 1".into()));
+            }
+            cfg.upload_sweep_interval_secs = secs;
         }
         let kind = env("BERTH_STORAGE_KIND").or(parsed.storage.kind).unwrap_or_else(|| "filesystem".into());
         match kind.as_str() {

@@ -19,9 +19,30 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let registry = app.registry.clone();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let sweeper = tokio::spawn(expire_uploads_periodically(app.clone(), stop_rx));
     let result = axum::serve(listener, api::router(app.registry)).with_graceful_shutdown(shutdown).await;
+    let _ = stop_tx.send(true);
+    let _ = sweeper.await;
     registry.meta().close().await;
     result
+}
+
+/// Removes abandoned upload sessions every `uploads.sweep_interval_secs`, until stopped.
+async fn expire_uploads_periodically(app: App, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let every = std::time::Duration::from_secs(app.config.upload_sweep_interval_secs);
+    let max_idle_ms = (app.config.upload_expire_after_secs * 1000) as i64;
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        match app.registry.expire_uploads(max_idle_ms).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(uploads.expired = n, "removed abandoned upload sessions"),
+            Err(e) => tracing::warn!(error = %e, "could not expire upload sessions"),
+        }
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -417,6 +417,25 @@ impl MetaStore {
         Ok(row.map(|(k,)| k))
     }
 
+    /// Removes up to `limit` sessions that received nothing since `idle_before`, returning their
+    /// storage keys (whose objects the caller deletes after this commits). Safe to run on several
+    /// replicas at once: a session is returned to exactly one of them.
+    ///
+    /// # Errors
+    /// [`Error::Database`].
+    pub async fn expire_uploads(&self, idle_before: i64, limit: i64) -> Result<Vec<String>> {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "DELETE FROM uploads WHERE id IN \
+             (SELECT id FROM uploads WHERE updated_at < $1 ORDER BY updated_at LIMIT $2) \
+             AND updated_at < $1 RETURNING storage_key",
+        )
+        .bind(idle_before)
+        .bind(limit)
+        .fetch_all(&self.write)
+        .await?;
+        Ok(rows.into_iter().map(|(k,)| k).collect())
+    }
+
     /// Turns a finished upload into a blob linked in its repository, in one transaction: the
     /// session (which must still hold `expected_size` bytes) is removed, the blob row is created with
     /// `storage_key` unless the digest is already stored, and the blob is linked.

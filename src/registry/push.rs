@@ -219,6 +219,28 @@ impl Registry {
         Ok(())
     }
 
+    /// Removes upload sessions idle for longer than `max_idle_ms` and deletes their bytes
+    /// (including multipart uploads cut off by a crash). Returns how many were removed.
+    ///
+    /// # Errors
+    /// [`Error::Internal`] when the metadata store fails; storage failures are logged and left
+    /// to a later sweep.
+    pub async fn expire_uploads(&self, max_idle_ms: i64) -> Result<usize> {
+        let mut removed = 0;
+        loop {
+            let keys = self.meta.expire_uploads(self.clock.now_ms() - max_idle_ms, 500).await?;
+            if keys.is_empty() {
+                return Ok(removed);
+            }
+            removed += keys.len();
+            for key in keys {
+                if let Err(e) = self.blobs.abort_upload(&key, None).await {
+                    tracing::warn!(storage.key = %key, error = %e, "could not delete an expired upload's bytes");
+                }
+            }
+        }
+    }
+
     /// Deletes an object that metadata no longer refers to. A failure only leaves an orphan for
     /// the sweep, so it is logged rather than returned.
     async fn delete_quietly(&self, key: &str) {

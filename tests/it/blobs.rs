@@ -266,3 +266,25 @@ backend_test!(empty_blob, |reg| {
     assert_eq!(res.status(), 200);
     assert_eq!(header(&res, "content-length"), Some("0"));
 });
+
+backend_test!(abandoned_sessions_expire_with_their_bytes, |reg| {
+    let reg = &reg;
+    let start = |body: &'static str| async move {
+        let res = reg.req(Method::POST, "/v2/x/blobs/uploads/").send().await.unwrap();
+        let loc = header(&res, "location").unwrap().to_string();
+        let id = header(&res, "docker-upload-uuid").unwrap().to_string();
+        reg.req(Method::PATCH, &loc).body(body).send().await.unwrap();
+        (loc, id)
+    };
+    let (old_loc, old_id) = start("abandoned bytes").await;
+    reg.app.registry.clock().advance_ms(2 * 3600 * 1000);
+    let (new_loc, new_id) = start("fresh bytes").await;
+    let removed = reg.app.registry.expire_uploads(3600 * 1000).await.unwrap();
+    assert_eq!(removed, 1);
+    assert_oci_error(reg.get(&old_loc).await, 404, "BLOB_UPLOAD_UNKNOWN").await;
+    assert_eq!(reg.get(&new_loc).await.status(), 204);
+    let objects = reg.app.registry.blobs().list("").await.unwrap();
+    assert!(objects.iter().all(|k| !k.contains(&old_id)), "{objects:?}");
+    assert!(objects.iter().any(|k| k.contains(&new_id)), "{objects:?}");
+    assert_eq!(reg.app.registry.expire_uploads(3600 * 1000).await.unwrap(), 0);
+});

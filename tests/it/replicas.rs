@@ -190,19 +190,27 @@ struct Process {
 fn spawn_replica(config: &berth::config::Config, dir: &std::path::Path, name: &str) -> Process {
     let s3 = config.storage_s3.as_ref().unwrap();
     let ready = dir.join(format!("{name}.ready"));
+    let config_file = dir.join(format!("{name}.toml"));
+    let toml = format!(
+        "[metadata]\nurl = {:?}\n\n[storage]\nkind = \"s3\"\n\n[storage.s3]\nendpoint = {:?}\nregion = {:?}\n\
+         bucket = {:?}\nprefix = {:?}\naccess_key_id = {:?}\nsecret_access_key = {:?}\npart_size_mib = {}\n",
+        config.metadata_url,
+        s3.endpoint.as_deref().unwrap(),
+        s3.region.as_deref().unwrap(),
+        s3.bucket,
+        s3.prefix.as_deref().unwrap(),
+        s3.access_key_id.as_deref().unwrap(),
+        s3.secret_access_key.as_deref().unwrap(),
+        s3.part_size_mib,
+    );
+    std::fs::write(&config_file, toml).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_berth"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--ready-file"])
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config_file)
+        .arg("--ready-file")
         .arg(&ready)
         .arg("--data-dir")
         .arg(dir.join(name))
-        .env("BERTH_METADATA_URL", &config.metadata_url)
-        .env("BERTH_STORAGE_KIND", "s3")
-        .env("BERTH_S3_ENDPOINT", s3.endpoint.as_deref().unwrap())
-        .env("BERTH_S3_REGION", s3.region.as_deref().unwrap())
-        .env("BERTH_S3_BUCKET", &s3.bucket)
-        .env("BERTH_S3_PREFIX", s3.prefix.as_deref().unwrap())
-        .env("BERTH_S3_ACCESS_KEY_ID", s3.access_key_id.as_deref().unwrap())
-        .env("BERTH_S3_SECRET_ACCESS_KEY", s3.secret_access_key.as_deref().unwrap())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -242,7 +250,7 @@ async fn a_replica_killed_mid_upload_loses_nothing_and_the_others_keep_serving()
     assert_eq!(res.status(), 201);
 
     // A session with one recorded chunk, then a second chunk streaming into replica A…
-    let data = random_bytes(76, 8 * 1024 * 1024);
+    let data = random_bytes(76, 12 * 1024 * 1024);
     let digest = Digest::sha256_of(&data);
     let res = client.post(url(&a, "/v2/kill/me/blobs/uploads/")).send().await.unwrap();
     let loc = header(&res, "location").unwrap().to_string();
@@ -259,8 +267,15 @@ async fn a_replica_killed_mid_upload_loses_nothing_and_the_others_keep_serving()
     let stream =
         futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
     let streaming = tokio::spawn(client.patch(url(&a, &loc)).body(reqwest::Body::wrap_stream(stream)).send());
-    tx.send(Ok(data[first..first + 2 * 1024 * 1024].to_vec())).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // More than one 5 MiB part, so A has started a multipart upload when it dies.
+    tx.send(Ok(data[first..first + 6 * 1024 * 1024].to_vec())).await.unwrap();
+    let store = berth::blob::BlobStore::s3(config.storage_s3.as_ref().unwrap()).unwrap();
+    let session = loc.rsplit('/').next().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !store.list(&format!("blobs/{session}/")).await.unwrap().iter().any(|k| k.ends_with(".multipart")) {
+        assert!(Instant::now() < deadline, "the write never started a multipart upload");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // …when A is killed.
     Command::new("kill").args(["-9", &a.child.id().to_string()]).status().unwrap();
     let _ = a.child.wait();
