@@ -15,7 +15,7 @@ use std::time::Duration;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyConnection, AnyPool, Connection as _, Executor as _, Transaction};
 
-use crate::oci::{Digest, RepoName, Tag};
+use crate::oci::{Digest, Reference, RepoName, Tag};
 pub use rows::{BlobRow, ManifestHead, ManifestRow, ReferrerRow, UploadRow};
 
 /// Errors of the metadata store.
@@ -676,74 +676,47 @@ impl MetaStore {
         Ok(())
     }
 
-    /// The live manifest `digest` in `repo`, with its bytes.
+    /// The live manifest `reference` points at in `repo`, with its bytes.
     ///
     /// # Errors
     /// [`Error::Database`].
-    pub async fn manifest_by_digest(&self, repo: &RepoName, digest: &Digest) -> Result<Option<ManifestRow>> {
-        Ok(sqlx::query_as(
-            "SELECT m.digest, m.media_type, m.payload FROM manifests m \
-             JOIN repositories r ON r.id = m.repository_id \
-             WHERE r.name = $1 AND m.digest = $2 AND m.deleted_at IS NULL",
-        )
-        .bind(repo.as_str())
-        .bind(digest.as_str())
-        .fetch_optional(&self.read)
-        .await?)
+    pub async fn manifest(&self, repo: &RepoName, reference: &Reference) -> Result<Option<ManifestRow>> {
+        self.find_manifest(repo, reference, "m.digest, m.media_type, m.payload").await
     }
 
-    /// The live manifest `tag` points at in `repo`, with its bytes.
+    /// Like [`MetaStore::manifest`] without the bytes.
     ///
     /// # Errors
     /// [`Error::Database`].
-    pub async fn manifest_by_tag(&self, repo: &RepoName, tag: &Tag) -> Result<Option<ManifestRow>> {
-        Ok(sqlx::query_as(
-            "SELECT m.digest, m.media_type, m.payload FROM tags t \
-             JOIN repositories r ON r.id = t.repository_id \
-             JOIN manifests m ON m.id = t.manifest_id \
-             WHERE r.name = $1 AND t.name = $2 AND m.deleted_at IS NULL",
-        )
-        .bind(repo.as_str())
-        .bind(tag.as_str())
-        .fetch_optional(&self.read)
-        .await?)
-    }
-
-    /// Like [`MetaStore::manifest_by_digest`] without the bytes.
-    ///
-    /// # Errors
-    /// [`Error::Database`].
-    pub async fn manifest_head_by_digest(
+    pub async fn manifest_head(
         &self,
         repo: &RepoName,
-        digest: &Digest,
+        reference: &Reference,
     ) -> Result<Option<ManifestHead>> {
-        Ok(sqlx::query_as(
-            "SELECT m.digest, m.media_type, m.size FROM manifests m \
-             JOIN repositories r ON r.id = m.repository_id \
-             WHERE r.name = $1 AND m.digest = $2 AND m.deleted_at IS NULL",
-        )
-        .bind(repo.as_str())
-        .bind(digest.as_str())
-        .fetch_optional(&self.read)
-        .await?)
+        self.find_manifest(repo, reference, "m.digest, m.media_type, m.size").await
     }
 
-    /// Like [`MetaStore::manifest_by_tag`] without the bytes.
-    ///
-    /// # Errors
-    /// [`Error::Database`].
-    pub async fn manifest_head_by_tag(&self, repo: &RepoName, tag: &Tag) -> Result<Option<ManifestHead>> {
-        Ok(sqlx::query_as(
-            "SELECT m.digest, m.media_type, m.size FROM tags t \
-             JOIN repositories r ON r.id = t.repository_id \
-             JOIN manifests m ON m.id = t.manifest_id \
-             WHERE r.name = $1 AND t.name = $2 AND m.deleted_at IS NULL",
-        )
-        .bind(repo.as_str())
-        .bind(tag.as_str())
-        .fetch_optional(&self.read)
-        .await?)
+    async fn find_manifest<T>(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        columns: &str,
+    ) -> Result<Option<T>>
+    where
+        T: for<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> + Send + Unpin,
+    {
+        let (from, key) = match reference {
+            Reference::Digest(d) => {
+                ("manifests m JOIN repositories r ON r.id = m.repository_id WHERE m.digest = $2", d.as_str())
+            }
+            Reference::Tag(t) => (
+                "tags t JOIN repositories r ON r.id = t.repository_id \
+                 JOIN manifests m ON m.id = t.manifest_id WHERE t.name = $2",
+                t.as_str(),
+            ),
+        };
+        let sql = format!("SELECT {columns} FROM {from} AND r.name = $1 AND m.deleted_at IS NULL");
+        Ok(sqlx::query_as(&sql).bind(repo.as_str()).bind(key).fetch_optional(&self.read).await?)
     }
 
     /// Tags of `repo` after `last` in byte order, at most `limit`; `None` if the repository does

@@ -78,11 +78,7 @@ impl Registry {
     /// # Errors
     /// [`Error::ManifestUnknown`].
     pub async fn manifest(&self, repo: &RepoName, reference: &Reference) -> Result<ManifestRow> {
-        let row = match reference {
-            Reference::Digest(d) => self.meta.manifest_by_digest(repo, d).await?,
-            Reference::Tag(t) => self.meta.manifest_by_tag(repo, t).await?,
-        };
-        row.ok_or(Error::ManifestUnknown)
+        self.meta.manifest(repo, reference).await?.ok_or(Error::ManifestUnknown)
     }
 
     /// The manifest `reference` in `repo`, without its bytes.
@@ -90,11 +86,7 @@ impl Registry {
     /// # Errors
     /// [`Error::ManifestUnknown`].
     pub async fn manifest_head(&self, repo: &RepoName, reference: &Reference) -> Result<ManifestHead> {
-        let row = match reference {
-            Reference::Digest(d) => self.meta.manifest_head_by_digest(repo, d).await?,
-            Reference::Tag(t) => self.meta.manifest_head_by_tag(repo, t).await?,
-        };
-        row.ok_or(Error::ManifestUnknown)
+        self.meta.manifest_head(repo, reference).await?.ok_or(Error::ManifestUnknown)
     }
 
     /// Tags of `repo` after `last`, at most `limit`.
