@@ -165,7 +165,7 @@ def with_query(url, query):
 
 def push_monolithic(server, repo, path, digest):
     loc = start_session(server, repo)
-    code, _ = curl("-X", "PUT", "-H", "Content-Type: application/octet-stream", "--data-binary", f"@{path}",
+    code, _ = curl("-X", "PUT", "-H", "Content-Type: application/octet-stream", "-T", path,
                    with_query(loc, f"digest={digest}"))
     assert code == 201, f"{server.name} monolithic push: {code}"
 
@@ -176,7 +176,7 @@ def push_chunked(server, repo, chunks, digest):
     for chunk in chunks:
         size = os.path.getsize(chunk)
         headers = curl_headers("-X", "PATCH", "-H", "Content-Type: application/octet-stream",
-                               "-H", f"Content-Range: {offset}-{offset + size - 1}", "--data-binary", f"@{chunk}", loc)
+                               "-H", f"Content-Range: {offset}-{offset + size - 1}", "-T", chunk, loc)
         loc = location(server, headers)
         offset += size
     code, _ = curl("-X", "PUT", with_query(loc, f"digest={digest}"))
@@ -253,6 +253,21 @@ def wrk(url, method, seconds, connections=64, headers=()):
         v, unit = float(m.group(1)), m.group(2)
         return v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
     return {"rps": reqs, "total": total, "p50": pct(50), "p99": pct(99), "errors": int(non2xx.group(1)) if non2xx else 0}
+
+
+def hey(url, method, seconds, connections=64, headers=()):
+    """Load with hey (wrk cannot do HEAD: it waits for a body that never comes)."""
+    args = ["hey", "-z", f"{seconds}s", "-c", str(connections), "-m", method]
+    for h in headers:
+        args += ["-H", h]
+    out = subprocess.run(args + [url], check=True, capture_output=True, text=True).stdout
+    codes = dict((int(c), int(n)) for c, n in re.findall(r"\[(\d+)\]\s+(\d+) responses", out))
+    total = sum(codes.values())
+
+    def pct(p):
+        return float(re.search(rf"{p}% in ([\d.]+) secs", out).group(1)) * 1000
+    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "total": total,
+            "p50": pct(50), "p99": pct(99), "errors": total - codes.get(200, 0)}
 
 
 def median_ms(fn, n=15):
@@ -333,7 +348,7 @@ secret_access_key = "{env['BERTH_TEST_S3_SECRET']}"
                                           ("push_1GiB", big_path, big_digest, big)]:
             print(f"{label} ({size // MiB} MiB, monolithic PUT)", flush=True)
             for s in servers:
-                wall, cpu = measured(s, lambda: push_monolithic(s, f"bench/{label}", path, digest))
+                wall, cpu = measured(s, lambda: push_monolithic(s, f"bench/{label.lower()}", path, digest))
                 record(s, label, {"MBps": size / MiB / wall, "cpu_s_per_GB": cpu / (size / 1e9)})
         print(f"push_chunked ({big // MiB} MiB in 16 MiB chunks)", flush=True)
         for s in servers:
@@ -347,7 +362,7 @@ secret_access_key = "{env['BERTH_TEST_S3_SECRET']}"
                 if phase == "cold" and not drop_caches():
                     continue
                 reset_peak_rss(s.pid)
-                url = f"{s.base}/v2/bench/push_1GiB/blobs/{big_digest}"
+                url = f"{s.base}/v2/bench/push_1gib/blobs/{big_digest}"
                 wall, cpu = measured(s, lambda: curl("-L", url))
                 record(s, f"pull_{phase}", {"MBps": big / MiB / wall, "cpu_s_per_GB": cpu / (big / 1e9),
                                             "peak_rss_MiB": peak_rss_mib(s.pid)})
@@ -367,7 +382,8 @@ secret_access_key = "{env['BERTH_TEST_S3_SECRET']}"
                 for s in servers:
                     reset_peak_rss(s.pid)
                     c0 = cpu_seconds(s.pid)
-                    r = wrk(f"{s.base}/v2/bench/manifests/manifests/{ref}", method, load_secs, headers=[accept])
+                    load = wrk if method == "GET" else hey
+                    r = load(f"{s.base}/v2/bench/manifests/manifests/{ref}", method, load_secs, headers=[accept])
                     r["cpu_ms_per_req"] = (cpu_seconds(s.pid) - c0) * 1000 / max(r["total"], 1)
                     r["peak_rss_MiB"] = peak_rss_mib(s.pid)
                     record(s, key, r)
@@ -395,9 +411,9 @@ def tiny_image_manifest(servers):
     for s in servers:
         for blob in [config, layer]:
             d = "sha256:" + hashlib.sha256(blob).hexdigest()
-            req = urllib.request.Request(start_session(s, "bench/manifests"), data=blob, method="PUT")
-            req.full_url = with_query(req.full_url, f"digest={d}")
-            urllib.request.urlopen(req).read()
+            url = with_query(start_session(s, "bench/manifests"), f"digest={d}")
+            headers = {"Content-Type": "application/octet-stream"}
+            urllib.request.urlopen(urllib.request.Request(url, data=blob, method="PUT", headers=headers)).read()
     manifest = json.dumps({
         "schemaVersion": 2, "mediaType": media,
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json",

@@ -293,11 +293,11 @@ mod tests {
             (s3.bucket.as_str(), s3.endpoint.as_deref(), s3.prefix.as_deref()),
             ("b", Some("http://x:1"), Some("p"))
         );
-        assert!(s3.path_style && !s3.redirect && s3.part_size_mib == 16);
+        assert!(s3.path_style && !s3.redirect && s3.part_size_mib == 8);
         // Entirely from the environment: the same defaults.
         let c = load("", &[("BERTH_STORAGE_KIND", "s3"), ("BERTH_S3_BUCKET", "b")], &Overrides::default())
             .unwrap();
         let s3 = c.storage_s3.unwrap();
-        assert!(s3.path_style && s3.part_size_mib == 16 && s3.redirect_ttl_secs == 300);
+        assert!(s3.path_style && s3.part_size_mib == 8 && s3.redirect_ttl_secs == 300);
     }
 }

@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufWriter};
 
 use super::{ByteRange, Error, Result};
 use crate::oci::{Algorithm, Digest, UploadHasher};
@@ -18,8 +17,12 @@ pub(super) struct FsStore {
     fsync: bool,
 }
 
-const WRITE_BUFFER: usize = 1 << 20;
-const READ_CHUNK: usize = 256 * 1024;
+/// Batches queued for the writer thread of one upload.
+const WRITE_QUEUE: usize = 4;
+/// Bytes handed to the writer thread at once.
+const WRITE_BATCH: usize = 1 << 20;
+/// Size of the slices a blob is streamed in.
+const READ_CHUNK: usize = 1 << 20;
 
 impl FsStore {
     /// A filesystem store under `root` (created if missing). With `fsync`, completed blobs are
@@ -67,8 +70,8 @@ impl FsStore {
     /// the number of bytes written. If the body fails midway, the bytes written so far stay in
     /// the file past the recorded size and are discarded by the next write.
     ///
-    /// # Errors
-    /// [`Error::Body`] when the body stream fails; [`Error::Io`] when storage does.
+    /// Hashing and writing run on a blocking thread fed with the body's buffers as they arrive,
+    /// so they overlap with receiving and nothing is copied in between.
     pub(super) async fn write_upload<S, E>(
         &self,
         key: &str,
@@ -80,24 +83,64 @@ impl FsStore {
         S: Stream<Item = Result<Bytes, E>>,
         E: std::fmt::Display,
     {
+        use std::io::Seek as _;
         let path = self.file(key);
-        let mut file = tokio::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .await
-            .map_err(|e| not_found_or_io(key, e))?;
-        file.set_len(offset).await.map_err(io_err(key))?;
-        file.seek(SeekFrom::Start(offset)).await.map_err(io_err(key))?;
-        let mut out = BufWriter::with_capacity(WRITE_BUFFER, file);
-        let mut written = 0u64;
+        let owned_key = key.to_string();
+        let mut state = hasher.clone();
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Bytes>>(WRITE_QUEUE);
+        let writer = tokio::task::spawn_blocking(move || -> Result<(UploadHasher, u64)> {
+            let key = owned_key.as_str();
+            let mut file =
+                std::fs::OpenOptions::new().write(true).open(&path).map_err(|e| not_found_or_io(key, e))?;
+            file.set_len(offset).map_err(io_err(key))?;
+            file.seek(SeekFrom::Start(offset)).map_err(io_err(key))?;
+            let mut written = 0u64;
+            while let Some(batch) = rx.blocking_recv() {
+                for chunk in &batch {
+                    state.update(chunk);
+                    written += chunk.len() as u64;
+                }
+                write_all_vectored(&mut file, &batch).map_err(io_err(key))?;
+            }
+            Ok((state, written))
+        });
+        // Hand buffers over in batches of about a mebibyte: one wake-up and one vectored write
+        // per batch instead of per network read.
         let mut body = std::pin::pin!(body);
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| Error::Body(e.to_string()))?;
-            hasher.update(&chunk);
-            out.write_all(&chunk).await.map_err(io_err(key))?;
-            written += chunk.len() as u64;
+        let mut body_error = None;
+        let mut batch = Vec::new();
+        let mut batched = 0;
+        loop {
+            let next = body.next().await;
+            if let Some(Ok(chunk)) = &next {
+                batched += chunk.len();
+                batch.push(chunk.clone());
+                if batched < WRITE_BATCH {
+                    continue;
+                }
+            }
+            // A closed channel means the writer failed; its error is reported below.
+            if !batch.is_empty() && tx.send(std::mem::take(&mut batch)).await.is_err() {
+                break;
+            }
+            batched = 0;
+            match next {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    body_error = Some(Error::Body(e.to_string()));
+                    break;
+                }
+                None => break,
+            }
         }
-        out.flush().await.map_err(io_err(key))?;
+        drop(tx);
+        let joined =
+            writer.await.map_err(|e| Error::Io { key: key.to_string(), source: std::io::Error::other(e) })?;
+        if let Some(e) = body_error {
+            return Err(e);
+        }
+        let (state, written) = joined?;
+        *hasher = state;
         Ok(written)
     }
 
@@ -136,7 +179,9 @@ impl FsStore {
         }
     }
 
-    /// Streams the bytes of `key`, or of `range` within it.
+    /// Streams the bytes of `key`, or of `range` within it, from read-only memory maps of one
+    /// window at a time: the bytes go from the page cache to the socket without a copy through a
+    /// read buffer, and each window is unmapped once sent, so memory stays bounded.
     ///
     /// # Errors
     /// [`Error::NotFound`] when the object is missing; [`Error::Io`].
@@ -145,15 +190,18 @@ impl FsStore {
         key: &str,
         range: Option<ByteRange>,
     ) -> Result<impl Stream<Item = std::io::Result<Bytes>> + Send + 'static> {
-        let mut file = tokio::fs::File::open(self.file(key)).await.map_err(|e| not_found_or_io(key, e))?;
-        let (start, len) = match range {
-            Some(r) => (r.start, r.end - r.start + 1),
-            None => (0, file.metadata().await.map_err(io_err(key))?.len()),
+        let path = self.file(key);
+        let file = std::fs::File::open(&path).map_err(|e| not_found_or_io(key, e))?;
+        let len = file.metadata().map_err(io_err(key))?.len();
+        let (start, end) = match range {
+            Some(r) => (r.start, (r.end + 1).min(len)),
+            None => (0, len),
         };
-        if start > 0 {
-            file.seek(SeekFrom::Start(start)).await.map_err(io_err(key))?;
-        }
-        Ok(tokio_util::io::ReaderStream::with_capacity(file.take(len), READ_CHUNK))
+        let file = std::sync::Arc::new(file);
+        let windows = (start..end)
+            .step_by(READ_CHUNK)
+            .map(move |at| map_window(&file, at, (at + READ_CHUNK as u64).min(end)));
+        Ok(futures_util::stream::iter(windows))
     }
 
     /// The size of object `key`.
@@ -245,6 +293,35 @@ async fn create_parent(path: &Path, key: &str) -> Result<()> {
         tokio::fs::create_dir_all(dir).await.map_err(io_err(key))?;
     }
     Ok(())
+}
+
+/// Writes every buffer of `bufs`, in order, with as few system calls as the kernel allows.
+fn write_all_vectored(file: &mut std::fs::File, bufs: &[Bytes]) -> std::io::Result<()> {
+    use std::io::{IoSlice, Write as _};
+    let mut slices: Vec<IoSlice<'_>> = bufs.iter().map(|b| IoSlice::new(b)).collect();
+    let mut slices = &mut slices[..];
+    while !slices.is_empty() {
+        let n = file.write_vectored(slices)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut slices, n);
+    }
+    Ok(())
+}
+
+/// Maps bytes `from..to` of a published blob file (page-aligned underneath) and asks the kernel to
+/// start reading the next window ahead.
+fn map_window(file: &std::fs::File, from: u64, to: u64) -> std::io::Result<Bytes> {
+    let page = 4096;
+    let aligned = from - from % page;
+    // SAFETY: a published blob file is never written again — it is created under an upload key,
+    // renamed into place once complete, and only ever unlinked (which keeps a mapping valid).
+    // Nothing truncates or modifies it while mapped.
+    let map = unsafe { memmap2::MmapOptions::new().offset(aligned).len((to - aligned) as usize).map(file) }?;
+    let _ = map.advise(memmap2::Advice::Sequential);
+    let _ = map.advise(memmap2::Advice::WillNeed);
+    Ok(Bytes::from_owner(map).slice((from - aligned) as usize..))
 }
 
 pub(super) fn io_err(key: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {

@@ -80,11 +80,12 @@ fn default_redirect_ttl() -> u64 {
     300
 }
 fn default_part_size() -> usize {
-    16
+    8
 }
 
-/// Parts in flight per write.
-const UPLOAD_CONCURRENCY: usize = 4;
+/// Parts in flight per write: with the part being filled, memory per upload stays near four
+/// parts whatever the blob size.
+const UPLOAD_CONCURRENCY: usize = 3;
 
 /// Suffix of the marker object that names an in-progress multipart upload.
 const MARKER_SUFFIX: &str = ".multipart";
