@@ -179,9 +179,9 @@ impl FsStore {
         }
     }
 
-    /// Streams the bytes of `key`, or of `range` within it, from read-only memory maps of one
-    /// window at a time: the bytes go from the page cache to the socket without a copy through a
-    /// read buffer, and each window is unmapped once sent, so memory stays bounded.
+    /// Streams the bytes of `key`, or of `range` within it, from a read-only memory map: the
+    /// bytes go from the page cache to the socket without a copy through a read buffer. Each
+    /// slice releases its pages from this process's mapping once sent, so memory stays bounded.
     ///
     /// # Errors
     /// [`Error::NotFound`] when the object is missing; [`Error::Io`].
@@ -192,16 +192,26 @@ impl FsStore {
     ) -> Result<impl Stream<Item = std::io::Result<Bytes>> + Send + 'static> {
         let path = self.file(key);
         let file = std::fs::File::open(&path).map_err(|e| not_found_or_io(key, e))?;
-        let len = file.metadata().map_err(io_err(key))?.len();
+        let len = file.metadata().map_err(io_err(key))?.len() as usize;
         let (start, end) = match range {
-            Some(r) => (r.start, (r.end + 1).min(len)),
+            Some(r) => (r.start as usize, (r.end as usize + 1).min(len)),
             None => (0, len),
         };
-        let file = std::sync::Arc::new(file);
-        let windows = (start..end)
-            .step_by(READ_CHUNK)
-            .map(move |at| map_window(&file, at, (at + READ_CHUNK as u64).min(end)));
-        Ok(futures_util::stream::iter(windows))
+        let map = if len == 0 {
+            None
+        } else {
+            // SAFETY: a published blob file is never written again — it is created under an
+            // upload key, renamed into place once complete, and only ever unlinked (which keeps
+            // the mapping valid). Nothing truncates or modifies it while mapped.
+            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err(key))?;
+            let _ = map.advise(memmap2::Advice::Sequential);
+            Some(std::sync::Arc::new(map))
+        };
+        let slices = (start..end).step_by(READ_CHUNK).filter_map(move |at| {
+            let map = map.clone()?;
+            Some(Ok(Bytes::from_owner(MappedSlice { map, start: at, end: (at + READ_CHUNK).min(end) })))
+        });
+        Ok(futures_util::stream::iter(slices))
     }
 
     /// The size of object `key`.
@@ -310,18 +320,34 @@ fn write_all_vectored(file: &mut std::fs::File, bufs: &[Bytes]) -> std::io::Resu
     Ok(())
 }
 
-/// Maps bytes `from..to` of a published blob file (page-aligned underneath) and asks the kernel to
-/// start reading the next window ahead.
-fn map_window(file: &std::fs::File, from: u64, to: u64) -> std::io::Result<Bytes> {
-    let page = 4096;
-    let aligned = from - from % page;
-    // SAFETY: a published blob file is never written again — it is created under an upload key,
-    // renamed into place once complete, and only ever unlinked (which keeps a mapping valid).
-    // Nothing truncates or modifies it while mapped.
-    let map = unsafe { memmap2::MmapOptions::new().offset(aligned).len((to - aligned) as usize).map(file) }?;
-    let _ = map.advise(memmap2::Advice::Sequential);
-    let _ = map.advise(memmap2::Advice::WillNeed);
-    Ok(Bytes::from_owner(map).slice((from - aligned) as usize..))
+/// A slice of a mapped blob that, once dropped (sent), drops its whole pages from this process's
+/// mapping; they stay in the page cache.
+struct MappedSlice {
+    map: std::sync::Arc<memmap2::Mmap>,
+    start: usize,
+    end: usize,
+}
+
+impl AsRef<[u8]> for MappedSlice {
+    fn as_ref(&self) -> &[u8] {
+        &self.map[self.start..self.end]
+    }
+}
+
+impl Drop for MappedSlice {
+    fn drop(&mut self) {
+        const PAGE: usize = 4096;
+        let from = self.start.div_ceil(PAGE) * PAGE;
+        let to = if self.end == self.map.len() { self.end } else { self.end / PAGE * PAGE };
+        if to > from {
+            // SAFETY: the mapping is read-only and shared with the file; dropping pages from it
+            // loses nothing (a later access faults them back in from the page cache), and no
+            // other slice covers these whole pages.
+            let _ = unsafe {
+                self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, from, to - from)
+            };
+        }
+    }
 }
 
 pub(super) fn io_err(key: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {

@@ -471,6 +471,28 @@ impl MetaStore {
         Ok(Some(outcome))
     }
 
+    /// Records bytes stored under `storage_key` as blob `digest` (unless the digest is stored
+    /// already) and links it in `repo`, in one transaction — a whole blob pushed in one request.
+    ///
+    /// # Errors
+    /// [`Error::Database`].
+    pub async fn store_and_link_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        size: i64,
+        storage_key: &str,
+        now: i64,
+    ) -> Result<CompletedUpload> {
+        let mut tx = self.begin().await?;
+        let (blob_id, outcome) =
+            Self::store_blob(&mut tx, digest, size, storage_key, now, self.share_lock()).await?;
+        let repo_id = Self::ensure_repository(&mut tx, repo, now).await?;
+        Self::link(&mut tx, repo_id, blob_id, now).await?;
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
     /// Inserts the blob row unless the digest is stored already.
     async fn store_blob(
         tx: &mut AnyConnection,

@@ -186,22 +186,56 @@ impl Registry {
         Ok(digest.clone())
     }
 
-    /// A whole blob in one request (`POST ?digest=`): a session that is completed at once and
-    /// removed again if anything fails.
+    /// A whole blob in one request (`POST ?digest=`): the bytes go to a fresh key with no session
+    /// row, and one transaction records and links the blob. Anything that fails removes the bytes.
     ///
     /// # Errors
-    /// As [`Registry::complete_upload`].
+    /// [`Error::DigestInvalid`], [`Error::BlobUploadInvalid`], [`Error::Internal`].
     pub async fn upload_blob<S, E>(&self, repo: &RepoName, digest: &Digest, body: S) -> Result<Digest>
     where
         S: Stream<Item = Result<Bytes, E>>,
         E: std::fmt::Display,
     {
-        let session = self.start_upload(repo).await?;
-        let result = self.complete_upload(repo, &session.id, digest, None, body).await;
-        if result.is_err() {
-            let _ = self.cancel_upload(repo, &session.id).await;
+        let key = self.blobs.start_upload(&Uuid::new_v4().to_string()).await?;
+        let mut chunks = Vec::new();
+        let mut blob_key = None;
+        let result = async {
+            let mut hasher = UploadHasher::default();
+            let size = self.blobs.write_upload(&key, &mut chunks, 0, body, &mut hasher).await?;
+            let actual = match digest.algorithm() {
+                Algorithm::Sha256 => hasher.digest(),
+                other => self.blobs.upload_digest(&key, &chunks, size, other).await?,
+            };
+            if &actual != digest {
+                return Err(Error::DigestInvalid(format!("content digest is {actual}, not {digest}")));
+            }
+            let published = self.blobs.commit_upload(&key, &chunks, digest, size).await?;
+            blob_key = Some(published.clone());
+            let outcome = self
+                .meta
+                .store_and_link_blob(repo, digest, size as i64, &published, self.clock.now_ms())
+                .await?;
+            Ok((published, outcome))
         }
-        result
+        .await;
+        match result {
+            Ok((published, CompletedUpload::Stored)) => {
+                self.blobs.finish_upload(&key, &published).await;
+                Ok(digest.clone())
+            }
+            Ok((published, CompletedUpload::AlreadyStored { .. })) => {
+                if let Err(e) = self.blobs.abort_upload(&key, Some(&published)).await {
+                    tracing::warn!(storage.key = %published, error = %e, "could not delete a redundant copy");
+                }
+                Ok(digest.clone())
+            }
+            Err(e) => {
+                if let Err(cleanup) = self.blobs.abort_upload(&key, blob_key.as_deref()).await {
+                    tracing::warn!(storage.key = %key, error = %cleanup, "could not delete a failed upload's bytes");
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Cancels session `id`, deleting its bytes.
