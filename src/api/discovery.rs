@@ -60,7 +60,13 @@ pub(super) async fn tags(
     let tags = registry.tags(repo, last, n + 1).await?;
     let (tags, next_last) = paginate(tags, n);
     let next = next_last.map(|l| format!("/v2/{repo}/tags/list?n={n}&last={}", query_escape(&l)));
-    Ok(with_link(json!({ "name": repo.as_str(), "tags": tags }).to_string(), next))
+    #[derive(serde::Serialize)]
+    struct TagList<'a> {
+        name: &'a str,
+        tags: &'a [String],
+    }
+    let body = serde_json::to_string(&TagList { name: repo.as_str(), tags: &tags }).unwrap_or_default();
+    Ok(with_link(body, next))
 }
 
 /// `GET /v2/_catalog?n=&last=`.
