@@ -13,6 +13,8 @@ use crate::registry::{Clock, Registry};
 pub struct App {
     /// The domain operations.
     pub registry: Registry,
+    /// Authentication and authorization, when configured.
+    pub auth: Option<std::sync::Arc<crate::auth::Auth>>,
     /// The configuration it was opened with.
     pub config: Config,
 }
@@ -48,6 +50,7 @@ impl App {
             storage = %blobs.describe(),
             "deployment opened"
         );
-        Ok(App { registry: Registry::new(meta, blobs, clock), config: config.clone() })
+        let auth = config.auth.as_ref().map(crate::auth::Auth::load).transpose()?.map(std::sync::Arc::new);
+        Ok(App { registry: Registry::new(meta, blobs, clock), auth, config: config.clone() })
     }
 }

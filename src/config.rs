@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub use crate::auth::AuthConfig;
 pub use crate::blob::S3Config;
 
 /// The resolved configuration.
@@ -33,6 +34,9 @@ pub struct Config {
     pub upload_expire_after_secs: u64,
     /// How often each replica looks for expired upload sessions.
     pub upload_sweep_interval_secs: u64,
+    /// Authentication and authorization; `None` leaves the registry open (the default, for
+    /// loopback use).
+    pub auth: Option<AuthConfig>,
 }
 
 /// The file format; every field optional, unknown fields rejected.
@@ -48,6 +52,7 @@ struct FileConfig {
     storage: StorageSection,
     #[serde(default)]
     uploads: UploadsSection,
+    auth: Option<AuthConfig>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -106,6 +111,7 @@ impl Config {
             storage_s3: None,
             upload_expire_after_secs: 24 * 3600,
             upload_sweep_interval_secs: 600,
+            auth: None,
         }
     }
 
@@ -191,6 +197,7 @@ impl Config {
             }
             cfg.upload_sweep_interval_secs = secs;
         }
+        cfg.auth = parsed.auth;
         let kind = env("BERTH_STORAGE_KIND").or(parsed.storage.kind).unwrap_or_else(|| "filesystem".into());
         match kind.as_str() {
             "filesystem" => {}

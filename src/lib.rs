@@ -8,6 +8,7 @@
 //! * [`meta`] — the transactional metadata store (SQLite or PostgreSQL).
 //! * [`blob`] — content-addressed blob storage with never-reused keys.
 //! * [`oci`] — pure types: digests, names, references, manifest parsing.
+//! * [`auth`] — who is calling (htpasswd, bearer tokens) and what they may do.
 //! * [`config`], [`app`], [`server`], [`cli`], [`telemetry`] — wiring.
 //!
 //! Dependencies run one way: `api → registry → {meta, blob} → oci`. Only `meta` touches sqlx and
@@ -17,6 +18,7 @@
 
 pub mod api;
 pub mod app;
+pub mod auth;
 pub mod blob;
 pub mod cli;
 pub mod config;

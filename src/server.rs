@@ -21,7 +21,7 @@ pub async fn serve(
     let registry = app.registry.clone();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let sweeper = tokio::spawn(expire_uploads_periodically(app.clone(), stop_rx));
-    let result = axum::serve(listener, api::router(app.registry)).with_graceful_shutdown(shutdown).await;
+    let result = axum::serve(listener, api::router(app.clone())).with_graceful_shutdown(shutdown).await;
     let _ = stop_tx.send(true);
     let _ = sweeper.await;
     registry.meta().close().await;

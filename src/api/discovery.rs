@@ -7,6 +7,8 @@ use serde_json::json;
 use super::blobs::parse_digest;
 use super::error::{ApiError, ErrorCode};
 use super::{Json, Params, hv};
+use crate::app::App;
+use crate::auth::{Action, Identity};
 use crate::oci::RepoName;
 use crate::registry::Registry;
 
@@ -69,10 +71,21 @@ pub(super) async fn tags(
     Ok(with_link(body, next))
 }
 
-/// `GET /v2/_catalog?n=&last=`.
-pub(super) async fn catalog(registry: &Registry, params: &Params) -> Result<Response, ApiError> {
+/// `GET /v2/_catalog?n=&last=`: only the repositories the caller may pull.
+pub(super) async fn catalog(app: &App, who: &Identity, params: &Params) -> Result<Response, ApiError> {
     let (n, last) = page(params)?;
-    let repos = registry.catalog(last, n + 1).await?;
+    let visible = |name: &str| app.auth.as_ref().is_none_or(|a| a.allowed(who, name, Action::Pull));
+    let mut repos = Vec::new();
+    let mut cursor = last.map(str::to_string);
+    loop {
+        let batch = app.registry.catalog(cursor.as_deref(), n + 1).await?;
+        let exhausted = (batch.len() as i64) <= n;
+        cursor = batch.last().cloned();
+        repos.extend(batch.into_iter().filter(|r| visible(r)));
+        if repos.len() as i64 > n || exhausted {
+            break;
+        }
+    }
     let (repos, next_last) = paginate(repos, n);
     let next = next_last.map(|l| format!("/v2/_catalog?n={n}&last={}", query_escape(&l)));
     Ok(with_link(json!({ "repositories": repos }).to_string(), next))

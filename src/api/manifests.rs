@@ -61,6 +61,7 @@ pub(super) async fn put(
     reference: &str,
     headers: &HeaderMap,
     body: Body,
+    actor: Option<&str>,
 ) -> Result<Response, ApiError> {
     let reference = Reference::parse(reference).map_err(|e| match e {
         ReferenceError::Digest(d) => ApiError::new(ErrorCode::DigestInvalid).message(d.to_string()),
@@ -68,7 +69,7 @@ pub(super) async fn put(
     })?;
     let bytes = read_manifest_body(body).await?;
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
-    let pushed = registry.put_manifest(repo, &reference, content_type, &bytes).await?;
+    let pushed = registry.put_manifest(repo, &reference, content_type, &bytes, actor).await?;
     let mut res = (
         StatusCode::CREATED,
         [

@@ -1,7 +1,8 @@
 //! Everything that knows about HTTP: the router, request parsing, the OCI error table, and the
-//! request log. Handlers are thin: they parse and validate, call one [`Registry`] operation,
+//! request log. Handlers are thin: they parse and validate, call one [`crate::registry::Registry`] operation,
 //! and shape the answer.
 
+mod access;
 mod blobs;
 mod discovery;
 pub mod error;
@@ -22,22 +23,23 @@ use serde::Deserialize;
 
 use self::error::{ApiError, ErrorCode, InternalError};
 use self::route::V2Route;
-use crate::registry::Registry;
+use crate::app::App;
 
-/// The HTTP application over `registry`.
-pub fn router(registry: Registry) -> Router {
+/// The HTTP application over `app`.
+pub fn router(app: App) -> Router {
     Router::new()
         .route("/v2", any(v2))
         .route("/v2/", any(v2))
         .route("/v2/{*rest}", any(v2))
+        .route("/auth/token", get(access::token))
         .route("/healthz", get(healthz))
-        .with_state(registry)
+        .with_state(app)
         .layer(middleware::from_fn(log_request))
 }
 
 /// Query parameters any `/v2/` endpoint may take.
 #[derive(Debug, Default, Deserialize)]
-struct Params {
+pub(crate) struct Params {
     digest: Option<String>,
     mount: Option<String>,
     from: Option<String>,
@@ -47,33 +49,36 @@ struct Params {
     artifact_type: Option<String>,
 }
 
-async fn v2(State(registry): State<Registry>, req: Request) -> Response {
-    match dispatch(&registry, req).await {
+async fn v2(State(app): State<App>, req: Request) -> Response {
+    match dispatch(&app, req).await {
         Ok(res) => res,
         Err(e) => e.into_response(),
     }
 }
 
-async fn dispatch(registry: &Registry, req: Request) -> Result<Response, ApiError> {
+async fn dispatch(app: &App, req: Request) -> Result<Response, ApiError> {
+    let registry = &app.registry;
     let (parts, body) = req.into_parts();
     let rest = parts.uri.path().strip_prefix("/v2").unwrap_or("");
     let rest = rest.strip_prefix('/').unwrap_or(rest);
     let route = route::parse(rest)?;
-    let params: Params = match parts.uri.query() {
+    let mut params: Params = match parts.uri.query() {
         None => Params::default(),
         Some(q) => serde_urlencoded_params(q)?,
     };
     let method = parts.method;
     let h = &parts.headers;
+    let who = access::check(app, &route, &method, h, &mut params)?;
+    let actor = who.name();
     use V2Route as R;
     match (route, method) {
         (R::Base, Method::GET | Method::HEAD) => Ok((StatusCode::OK, Json("{}")).into_response()),
-        (R::Catalog, Method::GET) => discovery::catalog(registry, &params).await,
+        (R::Catalog, Method::GET) => discovery::catalog(app, &who, &params).await,
         (R::Tags(repo), Method::GET) => discovery::tags(registry, &repo, &params).await,
         (R::Referrers(repo, d), Method::GET) => discovery::referrers(registry, &repo, &d, &params).await,
         (R::Manifest(repo, r), Method::GET) => manifests::get(registry, &repo, &r, h, true).await,
         (R::Manifest(repo, r), Method::HEAD) => manifests::get(registry, &repo, &r, h, false).await,
-        (R::Manifest(repo, r), Method::PUT) => manifests::put(registry, &repo, &r, h, body).await,
+        (R::Manifest(repo, r), Method::PUT) => manifests::put(registry, &repo, &r, h, body, actor).await,
         (R::Manifest(..), Method::DELETE) | (R::Blob(..), Method::DELETE) => {
             Err(ApiError::new(ErrorCode::Unsupported)
                 .message("deletes are not enabled in this version of Berth"))
@@ -115,8 +120,8 @@ fn hv(text: impl AsRef<str>) -> HeaderValue {
     HeaderValue::from_str(text.as_ref()).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
-async fn healthz(State(registry): State<Registry>) -> Response {
-    match registry.health().await {
+async fn healthz(State(app): State<App>) -> Response {
+    match app.registry.health().await {
         Ok(()) => (StatusCode::OK, Json(r#"{"status":"ok"}"#)).into_response(),
         Err(e) => {
             tracing::error!(error = %e, "health check failed");

@@ -16,7 +16,7 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyConnection, AnyPool, Connection as _, Executor as _, Transaction};
 
 use crate::oci::{Digest, Reference, RepoName, Tag};
-pub use rows::{BlobRow, ManifestHead, ManifestRow, ReferrerRow, UploadRow};
+pub use rows::{BlobRow, ManifestHead, ManifestRow, ReferrerRow, TagMove, UploadRow};
 
 /// Errors of the metadata store.
 #[derive(Debug, thiserror::Error)]
@@ -739,6 +739,21 @@ impl MetaStore {
         };
         let sql = format!("SELECT {columns} FROM {from} AND r.name = $1 AND m.deleted_at IS NULL");
         Ok(sqlx::query_as(&sql).bind(repo.as_str()).bind(key).fetch_optional(&self.read).await?)
+    }
+
+    /// Every move of `tag` in `repo`, oldest first: (old digest, new digest, actor, time).
+    ///
+    /// # Errors
+    /// [`Error::Database`].
+    pub async fn tag_history(&self, repo: &RepoName, tag: &Tag) -> Result<Vec<TagMove>> {
+        Ok(sqlx::query_as(
+            "SELECT h.old_digest, h.new_digest, h.actor, h.at FROM tag_history h \
+             JOIN repositories r ON r.id = h.repository_id WHERE r.name = $1 AND h.tag = $2 ORDER BY h.id",
+        )
+        .bind(repo.as_str())
+        .bind(tag.as_str())
+        .fetch_all(&self.read)
+        .await?)
     }
 
     /// Tags of `repo` after `last` in byte order, at most `limit`; `None` if the repository does

@@ -68,3 +68,16 @@ pub struct UploadRow {
     /// When it last received bytes (Unix ms).
     pub updated_at: i64,
 }
+
+/// One recorded tag move.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct TagMove {
+    /// The digest the tag pointed at before, if any.
+    pub old_digest: Option<String>,
+    /// The digest it points at after, if any (none for a delete).
+    pub new_digest: Option<String>,
+    /// Who moved it.
+    pub actor: Option<String>,
+    /// When (Unix ms).
+    pub at: i64,
+}

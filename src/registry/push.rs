@@ -283,7 +283,8 @@ impl Registry {
         }
     }
 
-    /// Stores a manifest pushed to `repo` under `reference`, byte-for-byte.
+    /// Stores a manifest pushed to `repo` under `reference`, byte-for-byte; a tag move is
+    /// recorded in the tag history as done by `actor`.
     ///
     /// # Errors
     /// [`Error::ManifestTooLarge`], [`Error::ManifestInvalid`], [`Error::DigestInvalid`] (the
@@ -294,6 +295,7 @@ impl Registry {
         reference: &Reference,
         content_type: Option<&str>,
         bytes: &[u8],
+        actor: Option<&str>,
     ) -> Result<PushedManifest> {
         if bytes.len() > MAX_MANIFEST_BYTES {
             return Err(Error::ManifestTooLarge { limit: MAX_MANIFEST_BYTES });
@@ -321,7 +323,7 @@ impl Registry {
             blobs: &parsed.blobs,
             children: &parsed.children,
         };
-        match self.meta.put_manifest(repo, &new, tag, None, self.clock.now_ms()).await {
+        match self.meta.put_manifest(repo, &new, tag, actor, self.clock.now_ms()).await {
             Ok(()) => Ok(PushedManifest { digest, subject }),
             Err(PutManifestError::MissingBlobs(d) | PutManifestError::MissingManifests(d)) => {
                 Err(Error::ManifestBlobUnknown(d))

@@ -3,6 +3,7 @@
 mod harness;
 
 mod api;
+pub mod auth;
 mod blobs;
 mod cli;
 mod discovery;

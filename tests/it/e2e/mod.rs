@@ -2,6 +2,7 @@
 //! A missing client skips the test locally; under `CI` it fails, because the test script must
 //! install every client it uses.
 
+mod auth_clients;
 mod buildah;
 mod layout;
 mod oci_client;

@@ -1,0 +1,62 @@
+//! Repository patterns: `*` matches within one path segment, `**` across segments.
+
+/// A validated repository pattern.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pattern(String);
+
+impl Pattern {
+    /// Validates a pattern: repository-name characters, `/`, and `*`.
+    ///
+    /// # Errors
+    /// A message naming the first character that cannot appear.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s.is_empty() {
+            return Err("empty pattern".into());
+        }
+        if let Some(c) =
+            s.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || "._-/*".contains(*c)))
+        {
+            return Err(format!("`{c}` cannot appear in a repository pattern"));
+        }
+        Ok(Pattern(s.to_string()))
+    }
+
+    /// Whether `name` matches.
+    pub fn matches(&self, name: &str) -> bool {
+        glob(self.0.as_bytes(), name.as_bytes())
+    }
+}
+
+fn glob(p: &[u8], s: &[u8]) -> bool {
+    match p {
+        [] => s.is_empty(),
+        [b'*', b'*', rest @ ..] => (0..=s.len()).any(|i| glob(rest, &s[i..])),
+        [b'*', rest @ ..] => {
+            let segment = s.iter().position(|&c| c == b'/').unwrap_or(s.len());
+            (0..=segment).any(|i| glob(rest, &s[i..]))
+        }
+        [c, rest @ ..] => s.first() == Some(c) && glob(rest, &s[1..]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matching() {
+        let m = |p: &str, n: &str| Pattern::parse(p).unwrap().matches(n);
+        assert!(m("team/*", "team/app"));
+        assert!(!m("team/*", "team/app/x"));
+        assert!(!m("team/*", "teamx/app"));
+        assert!(m("team/**", "team/app/x"));
+        assert!(m("**", "a/b/c"));
+        assert!(m("*", "a"));
+        assert!(!m("*", "a/b"));
+        assert!(m("lib/*-dev", "lib/app-dev"));
+        assert!(m("exact", "exact"));
+        assert!(!m("exact", "exactly"));
+        assert!(Pattern::parse("Team/*").is_err());
+        assert!(Pattern::parse("").is_err());
+    }
+}

@@ -1,0 +1,244 @@
+//! Access control: basic auth against htpasswd, rules per user/group × repository × action,
+//! anonymous pull, 401 challenges versus 403, the token flow, the filtered catalog, and the actor
+//! in tag history.
+
+use berth::oci::{Digest, RepoName, Tag};
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+
+use crate::backend_test;
+use crate::harness::*;
+
+pub const PASSWORD: &str = "s3cret-pass";
+/// A throwaway EC P-256 key for the token tests.
+const TOKEN_KEY: &str = "-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgN2FN0Cgj4eUBUhJm
+1QkBgP6fQMk9kzkAjpGhZQHfR6ahRANCAAQAYH2TNL+ILHfAtUguKAnYJbGIjXKK
+9LdzGRGyFqdW5kxIR9SPry/ENvycedrQ5+q4PF+tmVhLC6aqaRbglcP9
+-----END PRIVATE KEY-----
+";
+
+/// Restarts `reg` (same metadata and storage) with access control: `alice` may do anything,
+/// `robot` (group `ci`) may pull and push `team/*`, `reader` may pull `team/*`, anyone may pull
+/// `public/**`. With `tokens`, bearer tokens are on and issued by Berth.
+pub async fn with_auth(reg: TestRegistry, tokens: bool) -> TestRegistry {
+    let mut config = reg.app.config.clone();
+    let dir = reg.stop().await;
+    let hash = bcrypt::hash(PASSWORD, 4).unwrap();
+    let htpasswd = dir.path().join("htpasswd");
+    std::fs::write(&htpasswd, format!("alice:{hash}\nrobot:{hash}\nreader:{hash}\n")).unwrap();
+    let key = dir.path().join("token.pem");
+    std::fs::write(&key, TOKEN_KEY).unwrap();
+    let token = if tokens {
+        format!("[token]\nservice = \"berth-test\"\nsigning_key = {:?}\n", key.display().to_string())
+    } else {
+        String::new()
+    };
+    let toml = format!(
+        "htpasswd = {:?}\nanonymous_pull = [\"public/**\"]\n{token}\
+         [[group]]\nname = \"ci\"\nmembers = [\"robot\"]\n\
+         [[rule]]\nwho = [\"alice\"]\nrepositories = [\"**\"]\nactions = [\"pull\", \"push\", \"delete\", \"admin\"]\n\
+         [[rule]]\nwho = [\"group:ci\"]\nrepositories = [\"team/*\"]\nactions = [\"pull\", \"push\"]\n\
+         [[rule]]\nwho = [\"reader\"]\nrepositories = [\"team/*\"]\nactions = [\"pull\"]\n",
+        htpasswd.display().to_string()
+    );
+    config.auth = Some(toml::from_str(&toml).unwrap());
+    TestRegistry::start_with(config, dir).await
+}
+
+fn authed(reg: &TestRegistry, method: Method, path: &str, user: &str) -> reqwest::RequestBuilder {
+    reg.req(method, path).basic_auth(user, Some(PASSWORD))
+}
+
+async fn push_as(reg: &TestRegistry, repo: &str, tag: &str, user: &str, seed: u64) -> (StatusCode, Digest) {
+    let layer = random_bytes(seed, 2000);
+    let d = Digest::sha256_of(&layer);
+    let res = authed(reg, Method::POST, &format!("/v2/{repo}/blobs/uploads/?digest={d}"), user)
+        .body(layer)
+        .send()
+        .await
+        .unwrap();
+    if res.status() != StatusCode::CREATED {
+        return (res.status(), d);
+    }
+    let config = reg_blob(reg, repo, user, br#"{"os":"linux"}"#).await;
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": config.as_str(), "size": 14},
+        "layers": [{"mediaType": OCI_LAYER, "digest": d.as_str(), "size": 2000}],
+    }))
+    .unwrap();
+    let res = authed(reg, Method::PUT, &format!("/v2/{repo}/manifests/{tag}"), user)
+        .header("content-type", OCI_MANIFEST)
+        .body(manifest.clone())
+        .send()
+        .await
+        .unwrap();
+    (res.status(), Digest::sha256_of(&manifest))
+}
+
+async fn reg_blob(reg: &TestRegistry, repo: &str, user: &str, bytes: &[u8]) -> Digest {
+    let d = Digest::sha256_of(bytes);
+    let res = authed(reg, Method::POST, &format!("/v2/{repo}/blobs/uploads/?digest={d}"), user)
+        .body(bytes.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    d
+}
+
+backend_test!(basic_auth_rules_and_challenges, |reg| {
+    let reg = with_auth(reg, false).await;
+    // No credentials: 401 with the basic challenge, everywhere that needs a caller.
+    let res = reg.get("/v2/").await;
+    assert_eq!(header(&res, "www-authenticate"), Some("Basic realm=\"Berth\""));
+    assert_oci_error(res, 401, "UNAUTHORIZED").await;
+    assert_oci_error(reg.get("/v2/team/app/tags/list").await, 401, "UNAUTHORIZED").await;
+    // Wrong password, unknown user, malformed header: 401.
+    let res = reg.req(Method::GET, "/v2/").basic_auth("alice", Some("nope")).send().await.unwrap();
+    assert_oci_error(res, 401, "UNAUTHORIZED").await;
+    let res = reg.req(Method::GET, "/v2/").basic_auth("mallory", Some(PASSWORD)).send().await.unwrap();
+    assert_oci_error(res, 401, "UNAUTHORIZED").await;
+    let res = reg.req(Method::GET, "/v2/").header("authorization", "Basic ***").send().await.unwrap();
+    assert_oci_error(res, 401, "UNAUTHORIZED").await;
+    assert_eq!(authed(&reg, Method::GET, "/v2/", "reader").send().await.unwrap().status(), 200);
+
+    // The CI robot may push to team/*, not elsewhere, and may not delete.
+    let (status, digest) = push_as(&reg, "team/app", "v1", "robot", 1).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, _) = push_as(&reg, "other/app", "v1", "robot", 2).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let res = authed(&reg, Method::DELETE, &format!("/v2/team/app/manifests/{digest}"), "robot")
+        .send()
+        .await
+        .unwrap();
+    assert_oci_error(res, 403, "DENIED").await;
+    // alice may delete: the request passes access control and reaches the (not yet enabled) delete.
+    let res = authed(&reg, Method::DELETE, &format!("/v2/team/app/manifests/{digest}"), "alice")
+        .send()
+        .await
+        .unwrap();
+    assert_oci_error(res, 405, "UNSUPPORTED").await;
+
+    // A pull-only user pulls but cannot push.
+    assert_eq!(
+        authed(&reg, Method::GET, "/v2/team/app/manifests/v1", "reader").send().await.unwrap().status(),
+        200
+    );
+    let (status, _) = push_as(&reg, "team/app", "v2", "reader", 3).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let res = authed(&reg, Method::POST, "/v2/team/app/blobs/uploads/", "reader").send().await.unwrap();
+    assert_oci_error(res, 403, "DENIED").await;
+
+    // Anonymous pull of public repositories only.
+    let (status, _) = push_as(&reg, "public/tools", "v1", "alice", 4).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(reg.get("/v2/public/tools/manifests/v1").await.status(), 200);
+    assert_oci_error(reg.get("/v2/team/app/manifests/v1").await, 401, "UNAUTHORIZED").await;
+    let res = reg.req(Method::POST, "/v2/public/tools/blobs/uploads/").send().await.unwrap();
+    assert_oci_error(res, 401, "UNAUTHORIZED").await;
+
+    // The catalog lists only what the caller may pull.
+    let list = |res: reqwest::Response| async { res.json::<Value>().await.unwrap()["repositories"].clone() };
+    let all = list(authed(&reg, Method::GET, "/v2/_catalog", "alice").send().await.unwrap()).await;
+    assert_eq!(all, serde_json::json!(["public/tools", "team/app"]));
+    let reader = list(authed(&reg, Method::GET, "/v2/_catalog?n=1", "reader").send().await.unwrap()).await;
+    assert_eq!(reader, serde_json::json!(["public/tools"]));
+    let anonymous = list(reg.get("/v2/_catalog").await).await;
+    assert_eq!(anonymous, serde_json::json!(["public/tools"]));
+
+    // Mounting from a repository the caller may not pull falls back to a plain upload.
+    let secret = reg_blob(&reg, "other/secret", "alice", b"secret bytes").await;
+    let res = authed(
+        &reg,
+        Method::POST,
+        &format!("/v2/team/app/blobs/uploads/?mount={secret}&from=other/secret"),
+        "robot",
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let res =
+        authed(&reg, Method::HEAD, &format!("/v2/team/app/blobs/{secret}"), "robot").send().await.unwrap();
+    assert_eq!(res.status(), 404);
+
+    // Tag history records who moved the tag.
+    let history = reg
+        .app
+        .registry
+        .meta()
+        .tag_history(&RepoName::parse("team/app").unwrap(), &Tag::parse("v1").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(history.len(), 1);
+    assert_eq!(history[0].actor.as_deref(), Some("robot"));
+    assert_eq!(history[0].new_digest.as_deref(), Some(digest.as_str()));
+});
+
+backend_test!(token_flow, |reg| {
+    let reg = with_auth(reg, true).await;
+    let res = reg.get("/v2/team/app/tags/list").await;
+    let challenge = header(&res, "www-authenticate").unwrap().to_string();
+    let realm = reg.url("/auth/token");
+    assert_eq!(
+        challenge,
+        format!("Bearer realm=\"{realm}\",service=\"berth-test\",scope=\"repository:team/app:pull\"")
+    );
+    assert_oci_error(res, 401, "UNAUTHORIZED").await;
+
+    // A token for the robot, asking for more than it may have.
+    let token_for = |user: Option<&'static str>, scope: &'static str| {
+        let mut req =
+            reg.client.get(reg.url("/auth/token")).query(&[("service", "berth-test"), ("scope", scope)]);
+        if let Some(u) = user {
+            req = req.basic_auth(u, Some(PASSWORD));
+        }
+        async move { req.send().await.unwrap() }
+    };
+    let res = token_for(Some("robot"), "repository:team/app:pull,push,delete").await;
+    assert_eq!(res.status(), 200);
+    let body: Value = res.json().await.unwrap();
+    let token = body["token"].as_str().unwrap().to_string();
+    assert_eq!(body["access_token"], body["token"]);
+    assert_eq!(body["expires_in"], 300);
+    let bearer = |method: Method, path: &str| reg.req(method, path).bearer_auth(&token);
+
+    // The token allows what it grants …
+    let layer = b"token layer".to_vec();
+    let d = Digest::sha256_of(&layer);
+    let res = bearer(Method::POST, &format!("/v2/team/app/blobs/uploads/?digest={d}"))
+        .body(layer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    assert_eq!(bearer(Method::HEAD, &format!("/v2/team/app/blobs/{d}")).send().await.unwrap().status(), 200);
+    // … and for anything else answers 401 with the scope to ask for.
+    let res = bearer(Method::DELETE, &format!("/v2/team/app/blobs/{d}")).send().await.unwrap();
+    assert!(header(&res, "www-authenticate").unwrap().contains("scope=\"repository:team/app:delete\""));
+    assert_oci_error(res, 401, "UNAUTHORIZED").await;
+    let res = bearer(Method::GET, "/v2/other/tags/list").send().await.unwrap();
+    assert_oci_error(res, 401, "UNAUTHORIZED").await;
+
+    // Wrong password: no token. Anonymous: a token good for public pulls only.
+    let res = reg.client.get(reg.url("/auth/token")).basic_auth("robot", Some("wrong")).send().await.unwrap();
+    assert_oci_error(res, 401, "UNAUTHORIZED").await;
+    let anon: Value = token_for(None, "repository:public/x:pull,push").await.json().await.unwrap();
+    let anon = anon["token"].as_str().unwrap().to_string();
+    let res = reg.req(Method::GET, "/v2/public/x/tags/list").bearer_auth(&anon).send().await.unwrap();
+    assert_oci_error(res, 404, "NAME_UNKNOWN").await; // allowed through, the repository does not exist
+    let res = reg.req(Method::POST, "/v2/public/x/blobs/uploads/").bearer_auth(&anon).send().await.unwrap();
+    assert_oci_error(res, 401, "UNAUTHORIZED").await;
+
+    // Tampered and expired tokens are refused: the robot's claims under another token's signature.
+    let (claims, _) = token.rsplit_once('.').unwrap();
+    let (_, other_signature) = anon.rsplit_once('.').unwrap();
+    let tampered = format!("{claims}.{other_signature}");
+    let res = reg.req(Method::GET, "/v2/").bearer_auth(&tampered).send().await.unwrap();
+    assert_oci_error(res, 401, "UNAUTHORIZED").await;
+    reg.app.registry.clock().advance_ms(301 * 1000);
+    let res = bearer(Method::HEAD, &format!("/v2/team/app/blobs/{d}")).send().await.unwrap();
+    assert_eq!(res.status(), 401);
+});
