@@ -284,17 +284,11 @@ async fn a_replica_killed_mid_upload_loses_nothing_and_the_others_keep_serving()
     let _ = streaming.await;
 
     // B kept serving: earlier content pulls, and the session continues from its recorded size.
-    assert_eq!(
-        client
-            .get(url(&b, &format!("/v2/kill/me/blobs/{before_digest}")))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap(),
-        before
-    );
+    let fetch = |path: String| {
+        let client = client.clone();
+        async move { client.get(path).send().await.unwrap().bytes().await.unwrap() }
+    };
+    assert_eq!(fetch(url(&b, &format!("/v2/kill/me/blobs/{before_digest}"))).await, before);
     let status = client.get(url(&b, &loc)).send().await.unwrap();
     assert_eq!(status.status(), 204);
     assert_eq!(header(&status, "range"), Some(format!("0-{}", first - 1).as_str()));
@@ -306,17 +300,7 @@ async fn a_replica_killed_mid_upload_loses_nothing_and_the_others_keep_serving()
         .await
         .unwrap();
     assert_eq!(res.status(), 201, "{:?}", res.text().await);
-    assert_eq!(
-        client
-            .get(url(&b, &format!("/v2/kill/me/blobs/{digest}")))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap(),
-        data
-    );
+    assert_eq!(fetch(url(&b, &format!("/v2/kill/me/blobs/{digest}"))).await, data);
     Command::new("kill").args(["-TERM", &b.child.id().to_string()]).status().unwrap();
 }
 
