@@ -37,6 +37,18 @@ pub struct Config {
     /// Authentication and authorization; `None` leaves the registry open (the default, for
     /// loopback use).
     pub auth: Option<AuthConfig>,
+    /// HTTPS instead of plain HTTP, when set.
+    pub tls: Option<TlsConfig>,
+}
+
+/// The `[tls]` section: serve HTTPS with this certificate chain and key (PEM files).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// Private key of the leaf certificate.
+    pub key: PathBuf,
 }
 
 /// The file format; every field optional, unknown fields rejected.
@@ -53,6 +65,7 @@ struct FileConfig {
     #[serde(default)]
     uploads: UploadsSection,
     auth: Option<AuthConfig>,
+    tls: Option<TlsConfig>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -112,6 +125,7 @@ impl Config {
             upload_expire_after_secs: 24 * 3600,
             upload_sweep_interval_secs: 600,
             auth: None,
+            tls: None,
         }
     }
 
@@ -198,6 +212,7 @@ impl Config {
             cfg.upload_sweep_interval_secs = secs;
         }
         cfg.auth = parsed.auth;
+        cfg.tls = parsed.tls;
         let kind = env("BERTH_STORAGE_KIND").or(parsed.storage.kind).unwrap_or_else(|| "filesystem".into());
         match kind.as_str() {
             "filesystem" => {}

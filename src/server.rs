@@ -19,9 +19,36 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let registry = app.registry.clone();
+    let rustls = match &app.config.tls {
+        None => None,
+        Some(tls) => Some(
+            axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert, &tls.key).await.map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("TLS certificate {} / key {}: {e}", tls.cert.display(), tls.key.display()),
+                )
+            })?,
+        ),
+    };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let sweeper = tokio::spawn(expire_uploads_periodically(app.clone(), stop_rx));
-    let result = axum::serve(listener, api::router(app.clone())).with_graceful_shutdown(shutdown).await;
+    let router = api::router(app.clone());
+    let result = match rustls {
+        None => axum::serve(listener, router).with_graceful_shutdown(shutdown).await,
+        Some(rustls) => {
+            let handle = axum_server::Handle::new();
+            let stopper = handle.clone();
+            tokio::spawn(async move {
+                shutdown.await;
+                // In-flight requests get as long as they need, as on plain HTTP.
+                stopper.graceful_shutdown(None);
+            });
+            axum_server::from_tcp_rustls(listener.into_std()?, rustls)?
+                .handle(handle)
+                .serve(router.into_make_service())
+                .await
+        }
+    };
     let _ = stop_tx.send(true);
     let _ = sweeper.await;
     registry.meta().close().await;

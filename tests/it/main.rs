@@ -7,6 +7,7 @@ pub mod auth;
 mod blobs;
 mod cli;
 mod discovery;
-mod e2e;
+pub mod e2e;
 mod manifests;
 mod replicas;
+mod tls;

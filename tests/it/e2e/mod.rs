@@ -4,7 +4,7 @@
 
 mod auth_clients;
 mod buildah;
-mod layout;
+pub mod layout;
 mod oci_client;
 mod skopeo;
 
