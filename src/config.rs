@@ -39,6 +39,36 @@ pub struct Config {
     pub auth: Option<AuthConfig>,
     /// HTTPS instead of plain HTTP, when set.
     pub tls: Option<TlsConfig>,
+    /// Protection against slow, oversized and abusive requests.
+    pub limits: Limits,
+}
+
+/// The `[limits]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// A client that has not sent a complete request head after this long is disconnected.
+    pub header_read_timeout_secs: u64,
+    /// A request body that delivers nothing for this long is aborted (nothing is recorded).
+    pub body_idle_timeout_secs: u64,
+    /// Largest request head (request line and headers), in bytes; larger ones get 431.
+    pub max_header_bytes: usize,
+    /// Requests per second allowed per client address; 0 means unlimited.
+    pub requests_per_second: u32,
+    /// Requests a client may make in a burst above that rate.
+    pub burst: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            header_read_timeout_secs: 30,
+            body_idle_timeout_secs: 60,
+            max_header_bytes: 64 * 1024,
+            requests_per_second: 0,
+            burst: 200,
+        }
+    }
 }
 
 /// The `[tls]` section: serve HTTPS with this certificate chain and key (PEM files).
@@ -66,6 +96,8 @@ struct FileConfig {
     uploads: UploadsSection,
     auth: Option<AuthConfig>,
     tls: Option<TlsConfig>,
+    #[serde(default)]
+    limits: Limits,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -126,6 +158,7 @@ impl Config {
             upload_sweep_interval_secs: 600,
             auth: None,
             tls: None,
+            limits: Limits::default(),
         }
     }
 
@@ -213,6 +246,13 @@ impl Config {
         }
         cfg.auth = parsed.auth;
         cfg.tls = parsed.tls;
+        if parsed.limits.header_read_timeout_secs == 0 || parsed.limits.body_idle_timeout_secs == 0 {
+            return Err(ConfigError("limits: timeouts must be at least 1 second".into()));
+        }
+        if parsed.limits.max_header_bytes < 8192 {
+            return Err(ConfigError("limits.max_header_bytes must be at least 8192".into()));
+        }
+        cfg.limits = parsed.limits;
         let kind = env("BERTH_STORAGE_KIND").or(parsed.storage.kind).unwrap_or_else(|| "filesystem".into());
         match kind.as_str() {
             "filesystem" => {}

@@ -32,27 +32,45 @@ pub async fn serve(
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let sweeper = tokio::spawn(expire_uploads_periodically(app.clone(), stop_rx));
-    let router = api::router(app.clone());
+    let handle = axum_server::Handle::new();
+    let stopper = handle.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        // In-flight requests get as long as they need.
+        stopper.graceful_shutdown(None);
+    });
+    let service = api::router(app.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let limits = app.config.limits.clone();
+    let listener = listener.into_std()?;
     let result = match rustls {
-        None => axum::serve(listener, router).with_graceful_shutdown(shutdown).await,
+        None => {
+            let mut server = axum_server::from_tcp(listener)?.handle(handle);
+            apply_limits(server.http_builder(), &limits);
+            server.serve(service).await
+        }
         Some(rustls) => {
-            let handle = axum_server::Handle::new();
-            let stopper = handle.clone();
-            tokio::spawn(async move {
-                shutdown.await;
-                // In-flight requests get as long as they need, as on plain HTTP.
-                stopper.graceful_shutdown(None);
-            });
-            axum_server::from_tcp_rustls(listener.into_std()?, rustls)?
-                .handle(handle)
-                .serve(router.into_make_service())
-                .await
+            let mut server = axum_server::from_tcp_rustls(listener, rustls)?.handle(handle);
+            apply_limits(server.http_builder(), &limits);
+            server.serve(service).await
         }
     };
     let _ = stop_tx.send(true);
     let _ = sweeper.await;
     registry.meta().close().await;
     result
+}
+
+/// Connection-level limits: slow request heads are cut off, oversized ones refused (431).
+fn apply_limits(
+    builder: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+    limits: &crate::config::Limits,
+) {
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(std::time::Duration::from_secs(limits.header_read_timeout_secs))
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .max_headers(100);
 }
 
 /// Removes abandoned upload sessions every `uploads.sweep_interval_secs`, until stopped.

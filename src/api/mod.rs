@@ -7,6 +7,7 @@ mod blobs;
 mod discovery;
 pub mod error;
 mod headers;
+mod limits;
 mod manifests;
 pub mod route;
 
@@ -27,11 +28,13 @@ use crate::app::App;
 
 /// The HTTP application over `app`.
 pub fn router(app: App) -> Router {
+    let limiter = limits::RateLimiter::new(&app.config.limits).map(std::sync::Arc::new);
     Router::new()
         .route("/v2", any(v2))
         .route("/v2/", any(v2))
         .route("/v2/{*rest}", any(v2))
         .route("/auth/token", get(access::token))
+        .layer(middleware::from_fn_with_state(limiter, limits::rate_limit))
         .route("/healthz", get(healthz))
         .with_state(app)
         .layer(middleware::from_fn(log_request))
@@ -59,6 +62,8 @@ async fn v2(State(app): State<App>, req: Request) -> Response {
 async fn dispatch(app: &App, req: Request) -> Result<Response, ApiError> {
     let registry = &app.registry;
     let (parts, body) = req.into_parts();
+    let body =
+        limits::idle_limited(body, std::time::Duration::from_secs(app.config.limits.body_idle_timeout_secs));
     let rest = parts.uri.path().strip_prefix("/v2").unwrap_or("");
     let rest = rest.strip_prefix('/').unwrap_or(rest);
     let route = route::parse(rest)?;

@@ -8,6 +8,7 @@ mod blobs;
 mod cli;
 mod discovery;
 pub mod e2e;
+mod limits;
 mod manifests;
 mod replicas;
 mod tls;

@@ -1,0 +1,121 @@
+//! Request-level protection: bodies that stall are aborted, and clients over their request rate
+//! get `429 TOOMANYREQUESTS`. (Connection-level limits — slow or oversized request heads — are
+//! set on the HTTP server in `server.rs`.)
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
+
+use super::error::{ApiError, ErrorCode};
+use crate::config::Limits;
+
+/// `body`, aborted with an error if it delivers nothing for `idle`: a client that announces more
+/// than it sends (or stops sending) cannot hold a request, and whatever it sent is not recorded.
+pub(super) fn idle_limited(body: Body, idle: Duration) -> Body {
+    let stream = futures_util::stream::unfold(Some(body.into_data_stream()), move |state| async move {
+        let mut stream = state?;
+        match tokio::time::timeout(idle, stream.next()).await {
+            Ok(Some(Ok(bytes))) => Some((Ok(bytes), Some(stream))),
+            Ok(Some(Err(e))) => Some((Err(std::io::Error::other(e)), None)),
+            Ok(None) => None,
+            Err(_) => Some((
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the request body sent nothing for {} s", idle.as_secs()),
+                )),
+                None,
+            )),
+        }
+    });
+    Body::from_stream(stream)
+}
+
+/// A token bucket per client address.
+#[derive(Debug)]
+pub(super) struct RateLimiter {
+    per_second: f64,
+    burst: f64,
+    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+}
+
+/// Buckets kept before idle ones are forgotten.
+const MAX_TRACKED_CLIENTS: usize = 100_000;
+
+impl RateLimiter {
+    /// A limiter, or `None` when the configuration sets no limit.
+    pub(super) fn new(limits: &Limits) -> Option<Self> {
+        (limits.requests_per_second > 0).then(|| RateLimiter {
+            per_second: f64::from(limits.requests_per_second),
+            burst: f64::from(limits.burst.max(1)),
+            buckets: Mutex::default(),
+        })
+    }
+
+    /// Takes a token for `client`, or says how long to wait for one.
+    fn take(&self, client: IpAddr) -> Result<(), Duration> {
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if buckets.len() >= MAX_TRACKED_CLIENTS {
+            // Clients whose bucket has refilled are indistinguishable from new ones.
+            let full = self.burst;
+            let rate = self.per_second;
+            buckets.retain(|_, (tokens, at)| *tokens + at.elapsed().as_secs_f64() * rate < full);
+        }
+        let (tokens, at) = buckets.entry(client).or_insert((self.burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.per_second).min(self.burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - *tokens) / self.per_second))
+        }
+    }
+}
+
+/// Middleware: `429 TOOMANYREQUESTS` with `Retry-After` for a client over its rate.
+pub(super) async fn rate_limit(
+    State(limiter): State<Option<Arc<RateLimiter>>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if let Some(limiter) = &limiter {
+        let client = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+        if let Some(client) = client
+            && let Err(wait) = limiter.take(client)
+        {
+            return ApiError::new(ErrorCode::TooManyRequests)
+                .header(header::RETRY_AFTER, (wait.as_secs() + 1).to_string())
+                .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_allows_a_burst_then_the_rate() {
+        let limits = Limits { requests_per_second: 10, burst: 3, ..Limits::default() };
+        let limiter = RateLimiter::new(&limits).unwrap();
+        let a: IpAddr = [127, 0, 0, 1].into();
+        let b: IpAddr = [127, 0, 0, 2].into();
+        assert!((0..3).all(|_| limiter.take(a).is_ok()));
+        let wait = limiter.take(a).unwrap_err();
+        assert!(wait <= Duration::from_millis(100), "{wait:?}");
+        assert!(limiter.take(b).is_ok(), "buckets are per client");
+        std::thread::sleep(Duration::from_millis(120));
+        assert!(limiter.take(a).is_ok(), "refilled at the configured rate");
+        assert!(RateLimiter::new(&Limits::default()).is_none());
+    }
+}
