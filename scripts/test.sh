@@ -44,3 +44,34 @@ echo "==> cargo clippy"
 cargo clippy --all-targets --quiet -- -D warnings
 echo "==> cargo test"
 cargo test --all-targets
+
+# --- brief fuzzing of the parsers ----------------------------------------------------------------
+# cargo-fuzz is built once into ~/.cache/berth-tools. A crash fails the run; copy the input from
+# fuzz/artifacts/<target>/ into fuzz/corpus/<target>/ and the unit test `corpus_regressions`
+# keeps it as a regression test. New corpus entries go to a temporary directory.
+fuzz_root=${BERTH_TOOLS:-$HOME/.cache/berth-tools}/cargo-fuzz
+if ! command -v cargo-fuzz >/dev/null 2>&1 && [ ! -x "$fuzz_root/bin/cargo-fuzz" ]; then
+    echo "==> building cargo-fuzz (cached in $fuzz_root; first time only)"
+    cargo install --locked --quiet --root "$fuzz_root" cargo-fuzz || true
+fi
+export PATH="$fuzz_root/bin:$PATH"
+fuzz_seconds=${BERTH_FUZZ_SECONDS:-20}
+# Instrumented builds of the whole tree are slow; keep them between runs.
+fuzz_target_dir=${BERTH_TOOLS:-$HOME/.cache/berth-tools}/fuzz-target
+if command -v cargo-fuzz >/dev/null 2>&1 \
+    && RUSTC_BOOTSTRAP=1 cargo fuzz build -s none --target-dir "$fuzz_target_dir" >"$work/fuzz-build.log" 2>&1; then
+    for target in manifest reference ranges; do
+        echo "==> fuzzing $target for ${fuzz_seconds}s"
+        mkdir -p "$work/corpus-$target"
+        RUSTC_BOOTSTRAP=1 cargo fuzz run -s none --target-dir "$fuzz_target_dir" "$target" \
+            "$work/corpus-$target" "fuzz/corpus/$target" \
+            -- -max_total_time="$fuzz_seconds" >"$work/fuzz-$target.log" 2>&1 || {
+            tail -n 30 "$work/fuzz-$target.log"
+            echo "fuzzing $target found a crash (see fuzz/artifacts/$target/)"
+            exit 1
+        }
+    done
+else
+    echo "==> fuzzing skipped: this toolchain cannot build the fuzz targets"
+    tail -n 5 "$work/fuzz-build.log" 2>/dev/null || true
+fi

@@ -22,6 +22,7 @@ pub mod auth;
 pub mod blob;
 pub mod cli;
 pub mod config;
+pub mod fuzzing;
 pub mod meta;
 pub mod oci;
 pub mod registry;

@@ -7,7 +7,7 @@ use crate::registry::ChunkRange;
 
 /// A `Range` request on a blob of `size` bytes.
 #[derive(Debug, PartialEq, Eq)]
-pub(super) enum RangeRequest {
+pub enum RangeRequest {
     /// No usable range: serve the whole blob (RFC 9110 lets a server ignore a malformed or
     /// multi-part `Range`).
     Whole,
@@ -18,7 +18,7 @@ pub(super) enum RangeRequest {
 }
 
 /// Interprets a `Range: bytes=…` header for a blob of `size` bytes.
-pub(super) fn blob_range(headers: &HeaderMap, size: u64) -> RangeRequest {
+pub fn blob_range(headers: &HeaderMap, size: u64) -> RangeRequest {
     let Some(value) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
         return RangeRequest::Whole;
     };
@@ -68,7 +68,7 @@ pub(super) fn blob_range(headers: &HeaderMap, size: u64) -> RangeRequest {
 ///
 /// # Errors
 /// A message when the header is present but malformed.
-pub(super) fn content_range(headers: &HeaderMap) -> Result<Option<ChunkRange>, String> {
+pub fn content_range(headers: &HeaderMap) -> Result<Option<ChunkRange>, String> {
     let Some(value) = headers.get(header::CONTENT_RANGE) else {
         return Ok(None);
     };
@@ -92,7 +92,7 @@ pub(super) fn content_range(headers: &HeaderMap) -> Result<Option<ChunkRange>, S
 
 /// Whether a manifest of `media_type` may be served to a request with these `Accept` headers.
 /// No `Accept` at all, a wildcard, or the exact type accepts.
-pub(super) fn accepts(headers: &HeaderMap, media_type: &str) -> bool {
+pub fn accepts(headers: &HeaderMap, media_type: &str) -> bool {
     let mut any = false;
     for value in headers.get_all(header::ACCEPT) {
         let Ok(value) = value.to_str() else { continue };

@@ -6,7 +6,7 @@ mod access;
 mod blobs;
 mod discovery;
 pub mod error;
-mod headers;
+pub mod headers;
 mod limits;
 mod manifests;
 pub mod route;
