@@ -58,7 +58,8 @@ mod tests {
     #[test]
     fn corpus_regressions() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
-        let targets: [(&str, fn(&[u8])); 3] =
+        type Target = fn(&[u8]);
+        let targets: [(&str, Target); 3] =
             [("manifest", super::manifest), ("reference", super::reference), ("ranges", super::ranges)];
         for (name, target) in targets {
             let dir = root.join(name);
