@@ -38,6 +38,14 @@ backend_test!(slow_request_heads_are_cut_off, |reg| {
     assert!(!answer.contains("200 OK"), "{answer}");
     // Normal clients are unaffected.
     assert_eq!(reg.get("/v2/").await.status(), 200);
+
+    // An idle keep-alive connection is closed after the same time.
+    let mut stream = TcpStream::connect(reg.addr).await.unwrap();
+    stream.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let started = Instant::now();
+    let answer = read_all(&mut stream, Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(5), "idle connection held for {:?}", started.elapsed());
 });
 
 backend_test!(oversized_request_heads_get_431, |reg| {
