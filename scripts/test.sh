@@ -10,7 +10,7 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # --- registry clients for the end-to-end tests -------------------------------------------------
 missing=()
-for tool in skopeo buildah openssl curl; do
+for tool in skopeo buildah podman openssl curl; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -121,3 +121,61 @@ backend_test!(oci_client_basic_auth, |reg| {
         "a pull-only user cannot push"
     );
 });
+
+backend_test!(podman_login_and_pull, |reg| {
+    if !have("podman") || !have("skopeo") {
+        return;
+    }
+    let reg = with_auth(reg, false).await;
+    let work = tempfile::tempdir().unwrap();
+    let lay = work.path().join("lay");
+    let img = layout::image(&lay, 12, "amd64");
+    layout::finish(&lay, &[("v1", &img, OCI_MANIFEST)]);
+    let r = reg.addr.to_string();
+    let robot = format!("robot:{PASSWORD}");
+    run(
+        "skopeo",
+        &[
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            "--dest-creds",
+            &robot,
+            &format!("oci:{}:v1", lay.display()),
+            &format!("docker://{r}/team/podman:v1"),
+        ],
+        &[],
+    )
+    .await;
+
+    let (root, runroot, authfile) =
+        (work.path().join("root"), work.path().join("runroot"), work.path().join("auth.json"));
+    let (root, runroot, authfile) =
+        (root.to_str().unwrap(), runroot.to_str().unwrap(), authfile.to_str().unwrap());
+    let podman = |args: &[&str]| {
+        let mut all = vec!["--root", root, "--runroot", runroot, "--storage-driver", "vfs"];
+        all.extend_from_slice(args);
+        all.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let login = |password: &str| {
+        podman(&["login", "--tls-verify=false", "--authfile", authfile, "-u", "reader", "-p", password, &r])
+    };
+    let wrong: Vec<String> = login("wrong");
+    let wrong: Vec<&str> = wrong.iter().map(String::as_str).collect();
+    assert!(!run_raw("podman", &wrong, &[]).await.status.success(), "a wrong password must not log in");
+    let ok: Vec<String> = login(PASSWORD);
+    let ok: Vec<&str> = ok.iter().map(String::as_str).collect();
+    let out = run("podman", &ok, &[]).await;
+    assert!(out.contains("Login Succeeded"), "{out}");
+    let pull = podman(&[
+        "pull",
+        "--quiet",
+        "--tls-verify=false",
+        "--authfile",
+        authfile,
+        &format!("{r}/team/podman:v1"),
+    ]);
+    let pull: Vec<&str> = pull.iter().map(String::as_str).collect();
+    let id = run("podman", &pull, &[]).await;
+    assert!(!id.trim().is_empty());
+});
