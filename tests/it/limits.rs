@@ -78,6 +78,21 @@ backend_test!(bodies_that_stall_or_lie_record_nothing, |reg| {
     let objects = reg.app.registry.blobs().list("").await.unwrap();
     assert!(objects.is_empty(), "{objects:?}");
 
+    // A Content-Length smaller than the body: exactly the declared bytes are the blob, and the
+    // rest is a malformed next request that the server refuses.
+    let declared = b"12345";
+    let digest = Digest::sha256_of(declared);
+    let mut stream = TcpStream::connect(reg.addr).await.unwrap();
+    let request = format!(
+        "POST /v2/short/blobs/uploads/?digest={digest} HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n12345EXTRA BYTES\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let answer = read_all(&mut stream, Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+    assert!(answer.contains("HTTP/1.1 400"), "the excess is refused: {answer}");
+    let stored = reg.get(&format!("/v2/short/blobs/{digest}")).await.bytes().await.unwrap();
+    assert_eq!(stored.as_ref(), declared);
+
     // A chunk that stalls midway is not recorded either: the session stays where it was.
     let res = reg.req(reqwest::Method::POST, "/v2/liar/blobs/uploads/").send().await.unwrap();
     let loc = header(&res, "location").unwrap().to_string();
