@@ -12,6 +12,8 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use std::future::Future as _;
+
 use futures_util::StreamExt;
 
 use super::error::{ApiError, ErrorCode};
@@ -20,22 +22,57 @@ use crate::config::Limits;
 /// `body`, aborted with an error if it delivers nothing for `idle`: a client that announces more
 /// than it sends (or stops sending) cannot hold a request, and whatever it sent is not recorded.
 pub(super) fn idle_limited(body: Body, idle: Duration) -> Body {
-    let stream = futures_util::stream::unfold(Some(body.into_data_stream()), move |state| async move {
-        let mut stream = state?;
-        match tokio::time::timeout(idle, stream.next()).await {
-            Ok(Some(Ok(bytes))) => Some((Ok(bytes), Some(stream))),
-            Ok(Some(Err(e))) => Some((Err(std::io::Error::other(e)), None)),
-            Ok(None) => None,
-            Err(_) => Some((
-                Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("the request body sent nothing for {} s", idle.as_secs()),
-                )),
-                None,
-            )),
+    Body::from_stream(IdleLimited {
+        inner: body.into_data_stream(),
+        idle,
+        deadline: Box::pin(tokio::time::sleep(idle)),
+        done: false,
+    })
+}
+
+/// One timer per request, pushed back whenever a chunk arrives.
+struct IdleLimited {
+    inner: axum::body::BodyDataStream,
+    idle: Duration,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    done: bool,
+}
+
+impl futures_util::Stream for IdleLimited {
+    type Item = Result<bytes::Bytes, std::io::Error>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        if self.done {
+            return Poll::Ready(None);
         }
-    });
-    Body::from_stream(stream)
+        match self.inner.poll_next_unpin(cx) {
+            Poll::Ready(Some(Ok(bytes))) => {
+                let next = tokio::time::Instant::now() + self.idle;
+                self.deadline.as_mut().reset(next);
+                Poll::Ready(Some(Ok(bytes)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                self.done = true;
+                Poll::Ready(Some(Err(std::io::Error::other(e))))
+            }
+            Poll::Ready(None) => {
+                self.done = true;
+                Poll::Ready(None)
+            }
+            Poll::Pending => match self.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    self.done = true;
+                    let message = format!("the request body sent nothing for {} s", self.idle.as_secs());
+                    Poll::Ready(Some(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, message))))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
 }
 
 /// A token bucket per client address.

@@ -17,7 +17,11 @@ async fn with_limits(reg: TestRegistry, edit: impl FnOnce(&mut berth::config::Li
     config.limits.header_read_timeout_secs = 1;
     config.limits.body_idle_timeout_secs = 1;
     edit(&mut config.limits);
-    TestRegistry::start_with(config, dir).await
+    let mut reg = TestRegistry::start_with(config, dir).await;
+    // The 1 s header timeout also closes idle keep-alive connections; a pooled one could be
+    // reused just as the server closes it.
+    reg.client = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    reg
 }
 
 /// Everything the server sends until it closes the connection (bounded by `limit`).

@@ -10,12 +10,18 @@ use crate::auth::{PASSWORD, with_auth};
 use crate::backend_test;
 use crate::harness::{OCI_MANIFEST, random_bytes};
 
-async fn skopeo_with_credentials(reg: &crate::harness::TestRegistry) {
+/// An OCI layout with one image tagged `v1`: (its directory, the image, the skopeo source).
+fn one_image_layout(seed: u64) -> (tempfile::TempDir, layout::Written, String) {
     let work = tempfile::tempdir().unwrap();
     let lay = work.path().join("lay");
-    let img = layout::image(&lay, 9, "amd64");
+    let img = layout::image(&lay, seed, "amd64");
     layout::finish(&lay, &[("v1", &img, OCI_MANIFEST)]);
     let src = format!("oci:{}:v1", lay.display());
+    (work, img, src)
+}
+
+async fn skopeo_with_credentials(reg: &crate::harness::TestRegistry) {
+    let (_work, img, src) = one_image_layout(9);
     let r = reg.addr.to_string();
     let robot = format!("robot:{PASSWORD}");
     let reader = format!("reader:{PASSWORD}");
