@@ -122,7 +122,8 @@ pub(super) async fn start_upload(
     }
     if let Some(digest) = &params.digest {
         let digest = parse_digest(digest)?;
-        let digest = registry.upload_blob(repo, &digest, body.into_data_stream()).await?;
+        let hint = super::content_length(headers);
+        let digest = registry.upload_blob(repo, &digest, hint, body.into_data_stream()).await?;
         return Ok(created_blob(repo, &digest));
     }
     if super::content_length(headers).is_some_and(|n| n > 0) {
@@ -142,7 +143,8 @@ pub(super) async fn patch_upload(
     body: Body,
 ) -> Result<Response, ApiError> {
     let range = chunk_range(headers)?;
-    let session = registry.write_upload(repo, id, range, body.into_data_stream()).await?;
+    let hint = super::content_length(headers);
+    let session = registry.write_upload(repo, id, range, hint, body.into_data_stream()).await?;
     Ok(session_response(StatusCode::ACCEPTED, repo, &session))
 }
 
@@ -173,7 +175,8 @@ pub(super) async fn put_upload(
     };
     let digest = parse_digest(digest)?;
     let range = chunk_range(headers)?;
-    let digest = registry.complete_upload(repo, id, &digest, range, body.into_data_stream()).await?;
+    let hint = super::content_length(headers);
+    let digest = registry.complete_upload(repo, id, &digest, range, hint, body.into_data_stream()).await?;
     Ok(created_blob(repo, &digest))
 }
 

@@ -171,6 +171,7 @@ impl BlobStore {
     /// Stores `body` as the bytes of session `key` from `offset` on, feeding them to `hasher`;
     /// on object storage the new object is appended to `chunks`. Returns the bytes written.
     /// Nothing becomes part of the session until the caller records the new size (and chunks).
+    /// `size_hint` is the length the client announced, used to reserve space up front.
     ///
     /// # Errors
     /// [`Error::Body`] when the body fails; other errors when storage does.
@@ -181,13 +182,14 @@ impl BlobStore {
         offset: u64,
         body: S,
         hasher: &mut UploadHasher,
+        size_hint: Option<u64>,
     ) -> Result<u64>
     where
         S: Stream<Item = Result<Bytes, E>>,
         E: std::fmt::Display,
     {
         match &self.0 {
-            Backend::Filesystem(s) => s.write_upload(key, offset, body, hasher).await,
+            Backend::Filesystem(s) => s.write_upload(key, offset, body, hasher, size_hint).await,
             Backend::S3(s) => s.write_upload(key, chunks, body, hasher).await,
         }
     }

@@ -97,6 +97,7 @@ impl Registry {
         repo: &RepoName,
         id: &str,
         range: Option<ChunkRange>,
+        size_hint: Option<u64>,
         body: S,
     ) -> Result<UploadStatus>
     where
@@ -109,7 +110,9 @@ impl Registry {
         check_chunk_start(&row, range)?;
         let mut hasher = restore_hasher(&row)?;
         let mut chunks = session_chunks(&row)?;
-        let written = self.blobs.write_upload(&row.storage_key, &mut chunks, size, body, &mut hasher).await?;
+        let hint = range.map(|r| r.end - r.start + 1).or(size_hint);
+        let written =
+            self.blobs.write_upload(&row.storage_key, &mut chunks, size, body, &mut hasher, hint).await?;
         check_chunk_length(range, written)?;
         let new_size = size + written;
         let chunks_json = serde_json::to_string(&chunks).unwrap_or_else(|_| "[]".into());
@@ -136,6 +139,7 @@ impl Registry {
         id: &str,
         digest: &Digest,
         range: Option<ChunkRange>,
+        size_hint: Option<u64>,
         body: S,
     ) -> Result<Digest>
     where
@@ -147,9 +151,10 @@ impl Registry {
         check_chunk_start(&row, range)?;
         let mut hasher = restore_hasher(&row)?;
         let mut chunks = session_chunks(&row)?;
+        let hint = range.map(|r| r.end - r.start + 1).or(size_hint);
         let written = self
             .blobs
-            .write_upload(&row.storage_key, &mut chunks, row.size as u64, body, &mut hasher)
+            .write_upload(&row.storage_key, &mut chunks, row.size as u64, body, &mut hasher, hint)
             .await?;
         check_chunk_length(range, written)?;
         let size = row.size as u64 + written;
@@ -191,7 +196,13 @@ impl Registry {
     ///
     /// # Errors
     /// [`Error::DigestInvalid`], [`Error::BlobUploadInvalid`], [`Error::Internal`].
-    pub async fn upload_blob<S, E>(&self, repo: &RepoName, digest: &Digest, body: S) -> Result<Digest>
+    pub async fn upload_blob<S, E>(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        size_hint: Option<u64>,
+        body: S,
+    ) -> Result<Digest>
     where
         S: Stream<Item = Result<Bytes, E>>,
         E: std::fmt::Display,
@@ -201,7 +212,7 @@ impl Registry {
         let mut blob_key = None;
         let result = async {
             let mut hasher = UploadHasher::default();
-            let size = self.blobs.write_upload(&key, &mut chunks, 0, body, &mut hasher).await?;
+            let size = self.blobs.write_upload(&key, &mut chunks, 0, body, &mut hasher, size_hint).await?;
             let actual = match digest.algorithm() {
                 Algorithm::Sha256 => hasher.digest(),
                 other => self.blobs.upload_digest(&key, &chunks, size, other).await?,
