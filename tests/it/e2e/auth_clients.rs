@@ -20,26 +20,20 @@ fn one_image_layout(seed: u64) -> (tempfile::TempDir, layout::Written, String) {
     (work, img, src)
 }
 
+/// Pushes the layout image `src` to `target` (`repo:tag`) as the CI robot, with skopeo.
+async fn push_as_robot(reg: &crate::harness::TestRegistry, src: &str, target: &str) {
+    let robot = format!("robot:{PASSWORD}");
+    let dest = format!("docker://{}/{target}", reg.addr);
+    run("skopeo", &["copy", "--quiet", "--dest-tls-verify=false", "--dest-creds", &robot, src, &dest], &[])
+        .await;
+}
+
 async fn skopeo_with_credentials(reg: &crate::harness::TestRegistry) {
     let (_work, img, src) = one_image_layout(9);
     let r = reg.addr.to_string();
-    let robot = format!("robot:{PASSWORD}");
     let reader = format!("reader:{PASSWORD}");
 
-    run(
-        "skopeo",
-        &[
-            "copy",
-            "--quiet",
-            "--dest-tls-verify=false",
-            "--dest-creds",
-            &robot,
-            &src,
-            &format!("docker://{r}/team/e2e:v1"),
-        ],
-        &[],
-    )
-    .await;
+    push_as_robot(reg, &src, "team/e2e:v1").await;
     let tags = run(
         "skopeo",
         &["list-tags", "--tls-verify=false", "--creds", &reader, &format!("docker://{r}/team/e2e")],
@@ -133,26 +127,9 @@ backend_test!(podman_login_and_pull, |reg| {
         return;
     }
     let reg = with_auth(reg, false).await;
-    let work = tempfile::tempdir().unwrap();
-    let lay = work.path().join("lay");
-    let img = layout::image(&lay, 12, "amd64");
-    layout::finish(&lay, &[("v1", &img, OCI_MANIFEST)]);
+    let (work, _img, src) = one_image_layout(12);
     let r = reg.addr.to_string();
-    let robot = format!("robot:{PASSWORD}");
-    run(
-        "skopeo",
-        &[
-            "copy",
-            "--quiet",
-            "--dest-tls-verify=false",
-            "--dest-creds",
-            &robot,
-            &format!("oci:{}:v1", lay.display()),
-            &format!("docker://{r}/team/podman:v1"),
-        ],
-        &[],
-    )
-    .await;
+    push_as_robot(&reg, &src, "team/podman:v1").await;
 
     let (root, runroot, authfile) =
         (work.path().join("root"), work.path().join("runroot"), work.path().join("auth.json"));
