@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::blob::BlobStore;
+use crate::blob::{BlobStore, FsOptions};
 use crate::config::Config;
 use crate::meta::{MetaStore, PoolOptions};
 use crate::registry::{Clock, Registry};
@@ -43,7 +43,10 @@ impl App {
         let meta = MetaStore::open(&config.metadata_url, &pool).await?;
         let blobs = match &config.storage_s3 {
             Some(s3) => BlobStore::s3(s3)?,
-            None => BlobStore::filesystem(&config.storage_path, config.storage_fsync).await?,
+            None => {
+                let options = FsOptions { fsync: config.storage_fsync, direct_io: config.storage_direct_io };
+                BlobStore::filesystem(&config.storage_path, options).await?
+            }
         };
         tracing::info!(
             metadata = ?meta.dialect(),

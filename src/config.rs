@@ -28,6 +28,8 @@ pub struct Config {
     pub storage_path: PathBuf,
     /// Flush blobs to disk before publishing them.
     pub storage_fsync: bool,
+    /// Write large upload bodies with `O_DIRECT` (filesystem storage).
+    pub storage_direct_io: bool,
     /// S3-compatible storage instead of the filesystem, when set.
     pub storage_s3: Option<S3Config>,
     /// Upload sessions idle this long are removed with their bytes.
@@ -121,6 +123,7 @@ struct StorageSection {
     kind: Option<String>,
     path: Option<PathBuf>,
     fsync: Option<bool>,
+    direct_io: Option<bool>,
     s3: Option<S3Config>,
 }
 
@@ -153,6 +156,7 @@ impl Config {
             metadata_max_connections: 8,
             metadata_acquire_timeout_secs: 10,
             storage_fsync: true,
+            storage_direct_io: true,
             storage_s3: None,
             upload_expire_after_secs: 24 * 3600,
             upload_sweep_interval_secs: 600,
@@ -234,6 +238,9 @@ impl Config {
         }
         if let Some(fsync) = parsed.storage.fsync {
             cfg.storage_fsync = fsync;
+        }
+        if let Some(direct) = parsed.storage.direct_io {
+            cfg.storage_direct_io = direct;
         }
         if let Some(secs) = parsed.uploads.expire_after_secs {
             cfg.upload_expire_after_secs = secs;

@@ -1,6 +1,6 @@
-//! Request-level protection: bodies that stall are aborted, and clients over their request rate
-//! get `429 TOOMANYREQUESTS`. (Connection-level limits — slow or oversized request heads — are
-//! set on the HTTP server in `server.rs`.)
+//! Request-level protection: oversized request heads get `431`, bodies that stall are aborted,
+//! and clients over their request rate get `429 TOOMANYREQUESTS`. (Connection-level limits — slow
+//! request heads, and a hard cap on the read buffer — are set on the HTTP server in `server.rs`.)
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -116,6 +116,27 @@ impl RateLimiter {
             Err(Duration::from_secs_f64((1.0 - *tokens) / self.per_second))
         }
     }
+}
+
+/// Middleware: `431` for a request whose line and headers together exceed `max_bytes`. The HTTP
+/// server's own cap on its read buffer is larger (so that large bodies are read in large
+/// pieces); this is where the configured limit is kept, with an error body clients can show.
+pub(super) async fn limit_head(State(max_bytes): State<usize>, req: Request, next: Next) -> Response {
+    if head_size(&req) > max_bytes {
+        return ApiError::new(ErrorCode::Unsupported)
+            .status(axum::http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+            .message(format!("request line and headers exceed {max_bytes} bytes"))
+            .into_response();
+    }
+    next.run(req).await
+}
+
+/// The size of a request's head as sent: `METHOD target HTTP/1.1` and `name: value` lines.
+fn head_size(req: &Request) -> usize {
+    let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+    let headers: usize =
+        req.headers().iter().map(|(name, value)| name.as_str().len() + value.len() + 4).sum();
+    line + headers
 }
 
 /// Middleware: `429 TOOMANYREQUESTS` with `Retry-After` for a client over its rate.

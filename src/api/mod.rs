@@ -36,6 +36,7 @@ pub fn router(app: App) -> Router {
         .route("/auth/token", get(access::token))
         .layer(middleware::from_fn_with_state(limiter, limits::rate_limit))
         .route("/healthz", get(healthz))
+        .layer(middleware::from_fn_with_state(app.config.limits.max_header_bytes, limits::limit_head))
         .with_state(app)
         .layer(middleware::from_fn(log_request))
 }

@@ -1,13 +1,13 @@
 //! The filesystem backend: uploads are append-only files that become blobs by an atomic rename,
 //! so completing an upload never copies or re-reads it.
 
-use std::io::SeekFrom;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 
-use super::{ByteRange, Error, Result};
+use super::fs_write::UploadWriter;
+use super::{ByteRange, Error, FsOptions, Hold, Result};
 use crate::oci::{Algorithm, Digest, UploadHasher};
 
 /// Files under a root directory.
@@ -15,25 +15,21 @@ use crate::oci::{Algorithm, Digest, UploadHasher};
 pub(super) struct FsStore {
     root: PathBuf,
     fsync: bool,
+    direct_io: bool,
 }
 
-/// Batches queued for the writer thread of one upload.
-const WRITE_QUEUE: usize = 4;
-/// Bytes handed to the writer thread at once.
-const WRITE_BATCH: usize = 1 << 20;
 /// Size of the slices a blob is streamed in.
 const READ_CHUNK: usize = 1 << 20;
 
 impl FsStore {
-    /// A filesystem store under `root` (created if missing). With `fsync`, completed blobs are
-    /// flushed to disk before they are published.
+    /// A filesystem store under `root` (created if missing).
     ///
     /// # Errors
     /// [`Error::Io`] when `root` cannot be created.
-    pub(super) async fn open(root: impl Into<PathBuf>, fsync: bool) -> Result<Self> {
+    pub(super) async fn open(root: impl Into<PathBuf>, options: FsOptions) -> Result<Self> {
         let root = root.into();
         tokio::fs::create_dir_all(&root).await.map_err(io_err(&root.to_string_lossy()))?;
-        Ok(FsStore { root, fsync })
+        Ok(FsStore { root, fsync: options.fsync, direct_io: options.direct_io })
     }
 
     /// A short description for logs.
@@ -68,10 +64,8 @@ impl FsStore {
     /// Writes `body` into the upload object `key` starting at `offset`, feeding every byte to
     /// `hasher`; bytes past `offset` from an earlier, failed write are discarded first. Returns
     /// the number of bytes written. If the body fails midway, the bytes written so far stay in
-    /// the file past the recorded size and are discarded by the next write.
-    ///
-    /// Hashing and writing run on a blocking thread fed with the body's buffers as they arrive,
-    /// so they overlap with receiving and nothing is copied in between.
+    /// the file past the recorded size and are discarded by the next write; `hasher` is only
+    /// advanced on success. See [`UploadWriter`] for how the bytes reach disk.
     pub(super) async fn write_upload<S, E>(
         &self,
         key: &str,
@@ -79,77 +73,40 @@ impl FsStore {
         body: S,
         hasher: &mut UploadHasher,
         size_hint: Option<u64>,
+        hold: Hold,
     ) -> Result<u64>
     where
         S: Stream<Item = Result<Bytes, E>>,
         E: std::fmt::Display,
     {
-        use std::io::Seek as _;
         let path = self.file(key);
-        let owned_key = key.to_string();
+        let mut writer = UploadWriter::open(&path, offset, size_hint, self.direct_io, hold)
+            .await
+            .map_err(|e| not_found_or_io(key, e))?;
         let mut state = hasher.clone();
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Bytes>>(WRITE_QUEUE);
-        let writer = tokio::task::spawn_blocking(move || -> Result<(UploadHasher, u64)> {
-            let key = owned_key.as_str();
-            let mut file =
-                std::fs::OpenOptions::new().write(true).open(&path).map_err(|e| not_found_or_io(key, e))?;
-            file.set_len(offset).map_err(io_err(key))?;
-            file.seek(SeekFrom::Start(offset)).map_err(io_err(key))?;
-            if let Some(len) = size_hint.filter(|n| *n > 0) {
-                preallocate(&file, offset, len.min(MAX_PREALLOCATION));
-            }
-            let mut written = 0u64;
-            let result = (|| {
-                while let Some(batch) = rx.blocking_recv() {
-                    for chunk in &batch {
-                        state.update(chunk);
-                        written += chunk.len() as u64;
-                    }
-                    write_all_vectored(&mut file, &batch)?;
-                }
-                Ok(())
-            })();
-            // Give back whatever was reserved but not written (a body shorter than announced).
-            file.set_len(offset + written).map_err(io_err(key))?;
-            result.map_err(io_err(key))?;
-            Ok((state, written))
-        });
-        // Hand buffers over in batches of about a mebibyte: one wake-up and one vectored write
-        // per batch instead of per network read.
         let mut body = std::pin::pin!(body);
-        let mut body_error = None;
-        let mut batch = Vec::new();
-        let mut batched = 0;
-        loop {
-            let next = body.next().await;
-            if let Some(Ok(chunk)) = &next {
-                batched += chunk.len();
-                batch.push(chunk.clone());
-                if batched < WRITE_BATCH {
-                    continue;
+        let mut failure = None;
+        while let Some(chunk) = body.next().await {
+            match chunk {
+                Ok(chunk) => {
+                    state.update(&chunk);
+                    if let Err(e) = writer.write(&chunk).await {
+                        failure = Some(io_err(key)(e));
+                        break;
+                    }
                 }
-            }
-            // A closed channel means the writer failed; its error is reported below.
-            if !batch.is_empty() && tx.send(std::mem::take(&mut batch)).await.is_err() {
-                break;
-            }
-            batched = 0;
-            match next {
-                Some(Ok(_)) => {}
-                Some(Err(e)) => {
-                    body_error = Some(Error::Body(e.to_string()));
+                Err(e) => {
+                    failure = Some(Error::Body(e.to_string()));
                     break;
                 }
-                None => break,
             }
         }
-        drop(tx);
-        let joined =
-            writer.await.map_err(|e| Error::Io { key: key.to_string(), source: std::io::Error::other(e) })?;
-        if let Some(e) = body_error {
+        // Always wait for the writes in flight, so none lands after this returns.
+        let written = writer.finish().await.map_err(io_err(key));
+        if let Some(e) = failure {
             return Err(e);
         }
-        let (state, written) = joined?;
+        let written = written?;
         *hasher = state;
         Ok(written)
     }
@@ -315,35 +272,6 @@ async fn create_parent(path: &Path, key: &str) -> Result<()> {
     Ok(())
 }
 
-/// The most disk reserved ahead for one write, whatever the client announces.
-const MAX_PREALLOCATION: u64 = 64 << 30;
-
-/// Reserves `len` bytes of disk from `offset` (a hint: failure is ignored). Writing into
-/// preallocated space spares the filesystem its per-page delayed-allocation work, which
-/// measurably speeds up large uploads (docs/benchmarks.md).
-fn preallocate(file: &std::fs::File, offset: u64, len: u64) {
-    use std::os::fd::AsRawFd;
-    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else { return };
-    // SAFETY: fallocate only reads its integer arguments; the descriptor is open for writing
-    // and owned by `file` for the duration of the call.
-    let _ = unsafe { libc::fallocate(file.as_raw_fd(), 0, offset, len) };
-}
-
-/// Writes every buffer of `bufs`, in order, with as few system calls as the kernel allows.
-fn write_all_vectored(file: &mut std::fs::File, bufs: &[Bytes]) -> std::io::Result<()> {
-    use std::io::{IoSlice, Write as _};
-    let mut slices: Vec<IoSlice<'_>> = bufs.iter().map(|b| IoSlice::new(b)).collect();
-    let mut slices = &mut slices[..];
-    while !slices.is_empty() {
-        let n = file.write_vectored(slices)?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        IoSlice::advance_slices(&mut slices, n);
-    }
-    Ok(())
-}
-
 /// A slice of a mapped blob that, once dropped (sent), drops its whole pages from this process's
 /// mapping; they stay in the page cache.
 struct MappedSlice {
@@ -390,24 +318,37 @@ pub(super) fn not_found_or_io(key: &str, e: std::io::Error) -> Error {
 mod tests {
     use super::*;
 
+    fn hold() -> Hold {
+        std::sync::Arc::new(())
+    }
+
+    const BOTH_WAYS: [FsOptions; 2] =
+        [FsOptions { fsync: true, direct_io: true }, FsOptions { fsync: false, direct_io: false }];
+
     #[tokio::test]
     async fn write_discards_bytes_past_the_offset_and_commit_renames() {
+        for options in BOTH_WAYS {
+            write_discard_commit(options).await;
+        }
+    }
+
+    async fn write_discard_commit(options: FsOptions) {
         let dir = tempfile::tempdir().unwrap();
-        let store = FsStore::open(dir.path(), true).await.unwrap();
+        let store = FsStore::open(dir.path(), options).await.unwrap();
         store.create_upload("uploads/u").await.unwrap();
         let chunk =
             |b: &'static [u8]| futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(b))]);
         let mut h = UploadHasher::default();
         assert_eq!(
-            store.write_upload("uploads/u", 0, chunk(b"hello"), &mut h, Some(1 << 20)).await.unwrap(),
+            store.write_upload("uploads/u", 0, chunk(b"hello"), &mut h, Some(1 << 20), hold()).await.unwrap(),
             5
         );
         // A body shorter than its hint leaves no reserved space behind.
         assert_eq!(std::fs::metadata(dir.path().join("uploads/u")).unwrap().len(), 5);
         // A failed write left garbage past offset 5; the next write at 5 replaces it.
         let mut junk = h.clone();
-        store.write_upload("uploads/u", 5, chunk(b"GARBAGE!"), &mut junk, None).await.unwrap();
-        store.write_upload("uploads/u", 5, chunk(b" world"), &mut h, None).await.unwrap();
+        store.write_upload("uploads/u", 5, chunk(b"GARBAGE!"), &mut junk, None, hold()).await.unwrap();
+        store.write_upload("uploads/u", 5, chunk(b" world"), &mut h, None, hold()).await.unwrap();
         assert_eq!(h.digest(), Digest::sha256_of(b"hello world"));
         store.commit_upload("uploads/u", "blobs/x", 11).await.unwrap();
         assert_eq!(store.size("blobs/x").await.unwrap(), 11);
@@ -417,5 +358,40 @@ mod tests {
         assert!(matches!(store.read("uploads/u", None).await, Err(Error::NotFound(_))));
         store.delete("blobs/x").await.unwrap();
         store.delete("blobs/x").await.unwrap();
+    }
+
+    /// Large bodies in uneven pieces, resumed at offsets inside a block and across buffers: the
+    /// file holds exactly the bytes sent, whichever way it was written.
+    #[tokio::test]
+    async fn large_writes_at_unaligned_offsets_keep_every_byte() {
+        let data: Vec<u8> = (0..11_000_003u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        for options in BOTH_WAYS {
+            let dir = tempfile::tempdir().unwrap();
+            let store = FsStore::open(dir.path(), options).await.unwrap();
+            store.create_upload("uploads/big").await.unwrap();
+            let mut h = UploadHasher::default();
+            let mut offset = 0usize;
+            for end in [4_097, 5_000_001, 5_000_002, data.len()] {
+                let pieces: Vec<_> = data[offset..end]
+                    .chunks(65_521)
+                    .map(|c| Ok::<_, std::io::Error>(Bytes::copy_from_slice(c)))
+                    .collect();
+                let n = store
+                    .write_upload(
+                        "uploads/big",
+                        offset as u64,
+                        futures_util::stream::iter(pieces),
+                        &mut h,
+                        None,
+                        hold(),
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(n as usize, end - offset);
+                offset = end;
+            }
+            assert_eq!(h.digest(), Digest::sha256_of(&data));
+            assert_eq!(std::fs::read(dir.path().join("uploads/big")).unwrap(), data, "{options:?}");
+        }
     }
 }

@@ -16,6 +16,7 @@
 //!   object by a multipart upload.
 
 mod fs;
+mod fs_write;
 mod s3;
 
 use bytes::Bytes;
@@ -54,6 +55,20 @@ pub enum Error {
 }
 
 type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Whatever must stay held while bytes of a write may still reach storage — for an upload
+/// session, its lock: a write cut off by a dropped request lands its last bytes before the next
+/// write to the session can start.
+pub type Hold = std::sync::Arc<dyn std::any::Any + Send + Sync>;
+
+/// How the filesystem backend writes.
+#[derive(Debug, Clone, Copy)]
+pub struct FsOptions {
+    /// Flush each completed blob to disk before publishing it.
+    pub fsync: bool,
+    /// Write large upload bodies past the page cache (`O_DIRECT`) where the filesystem allows.
+    pub direct_io: bool,
+}
 
 /// Where a blob copy lives on the filesystem backend. The one place that turns identities into
 /// paths there; on object storage, keys derive from the upload session (see [`s3`]).
@@ -117,13 +132,12 @@ enum Backend {
 }
 
 impl BlobStore {
-    /// A filesystem store under `root` (created if missing). With `fsync`, completed blobs are
-    /// flushed to disk before they are published.
+    /// A filesystem store under `root` (created if missing).
     ///
     /// # Errors
     /// [`Error::Io`] when `root` cannot be created.
-    pub async fn filesystem(root: impl Into<std::path::PathBuf>, fsync: bool) -> Result<Self> {
-        Ok(BlobStore(Backend::Filesystem(fs::FsStore::open(root, fsync).await?)))
+    pub async fn filesystem(root: impl Into<std::path::PathBuf>, options: FsOptions) -> Result<Self> {
+        Ok(BlobStore(Backend::Filesystem(fs::FsStore::open(root, options).await?)))
     }
 
     /// An S3-compatible store.
@@ -171,10 +185,12 @@ impl BlobStore {
     /// Stores `body` as the bytes of session `key` from `offset` on, feeding them to `hasher`;
     /// on object storage the new object is appended to `chunks`. Returns the bytes written.
     /// Nothing becomes part of the session until the caller records the new size (and chunks).
-    /// `size_hint` is the length the client announced, used to reserve space up front.
+    /// `size_hint` is the length the client announced, used to reserve space up front; `hold`
+    /// stays held until the last byte has reached storage, even if this future is dropped.
     ///
     /// # Errors
     /// [`Error::Body`] when the body fails; other errors when storage does.
+    #[allow(clippy::too_many_arguments)] // each is a distinct input of one write
     pub async fn write_upload<S, E>(
         &self,
         key: &str,
@@ -183,13 +199,14 @@ impl BlobStore {
         body: S,
         hasher: &mut UploadHasher,
         size_hint: Option<u64>,
+        hold: Hold,
     ) -> Result<u64>
     where
         S: Stream<Item = Result<Bytes, E>>,
         E: std::fmt::Display,
     {
         match &self.0 {
-            Backend::Filesystem(s) => s.write_upload(key, offset, body, hasher, size_hint).await,
+            Backend::Filesystem(s) => s.write_upload(key, offset, body, hasher, size_hint, hold).await,
             Backend::S3(s) => s.write_upload(key, chunks, body, hasher).await,
         }
     }

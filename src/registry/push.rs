@@ -1,11 +1,13 @@
 //! Pushing: upload sessions, cross-repository mounts and manifest pushes.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use futures_util::Stream;
 use uuid::Uuid;
 
 use super::{Error, Registry, Result};
-use crate::blob::Chunk;
+use crate::blob::{Chunk, Hold};
 use crate::meta::{CompletedUpload, NewManifest, PutManifestError, UploadRow};
 use crate::oci::manifest::{self, MAX_MANIFEST_BYTES};
 use crate::oci::{Algorithm, Digest, Reference, RepoName, UploadHasher};
@@ -104,15 +106,17 @@ impl Registry {
         S: Stream<Item = Result<Bytes, E>>,
         E: std::fmt::Display,
     {
-        let _guard = self.upload_locks.lock(id).await;
+        let guard: Hold = Arc::new(self.upload_locks.lock(id).await);
         let row = self.session(repo, id).await?;
         let size = row.size as u64;
         check_chunk_start(&row, range)?;
         let mut hasher = restore_hasher(&row)?;
         let mut chunks = session_chunks(&row)?;
         let hint = range.map(|r| r.end - r.start + 1).or(size_hint);
-        let written =
-            self.blobs.write_upload(&row.storage_key, &mut chunks, size, body, &mut hasher, hint).await?;
+        let written = self
+            .blobs
+            .write_upload(&row.storage_key, &mut chunks, size, body, &mut hasher, hint, guard.clone())
+            .await?;
         check_chunk_length(range, written)?;
         let new_size = size + written;
         let chunks_json = serde_json::to_string(&chunks).unwrap_or_else(|_| "[]".into());
@@ -146,7 +150,7 @@ impl Registry {
         S: Stream<Item = Result<Bytes, E>>,
         E: std::fmt::Display,
     {
-        let _guard = self.upload_locks.lock(id).await;
+        let guard: Hold = Arc::new(self.upload_locks.lock(id).await);
         let row = self.session(repo, id).await?;
         check_chunk_start(&row, range)?;
         let mut hasher = restore_hasher(&row)?;
@@ -154,7 +158,15 @@ impl Registry {
         let hint = range.map(|r| r.end - r.start + 1).or(size_hint);
         let written = self
             .blobs
-            .write_upload(&row.storage_key, &mut chunks, row.size as u64, body, &mut hasher, hint)
+            .write_upload(
+                &row.storage_key,
+                &mut chunks,
+                row.size as u64,
+                body,
+                &mut hasher,
+                hint,
+                guard.clone(),
+            )
             .await?;
         check_chunk_length(range, written)?;
         let size = row.size as u64 + written;
@@ -212,7 +224,11 @@ impl Registry {
         let mut blob_key = None;
         let result = async {
             let mut hasher = UploadHasher::default();
-            let size = self.blobs.write_upload(&key, &mut chunks, 0, body, &mut hasher, size_hint).await?;
+            // A fresh key nobody else writes: nothing to hold.
+            let size = self
+                .blobs
+                .write_upload(&key, &mut chunks, 0, body, &mut hasher, size_hint, Arc::new(()))
+                .await?;
             let actual = match digest.algorithm() {
                 Algorithm::Sha256 => hasher.digest(),
                 other => self.blobs.upload_digest(&key, &chunks, size, other).await?,

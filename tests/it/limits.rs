@@ -60,6 +60,24 @@ backend_test!(oversized_request_heads_get_431, |reg| {
     let _ = stream.write_all(request.as_bytes()).await;
     let answer = read_all(&mut stream, Duration::from_secs(5)).await;
     assert!(answer.starts_with("HTTP/1.1 431"), "{}", &answer[..answer.len().min(200)]);
+    assert!(answer.contains(r#""errors":[{"code":"UNSUPPORTED""#), "{answer}");
+    assert!(answer.contains("exceed 16384 bytes"), "{answer}");
+
+    // A head larger than the server's whole read buffer is refused by the HTTP parser itself.
+    let mut stream = TcpStream::connect(reg.addr).await.unwrap();
+    let huge = "a".repeat(2 << 20);
+    let request = format!("GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Big: {huge}\r\n\r\n");
+    let _ = stream.write_all(request.as_bytes()).await;
+    let answer = read_all(&mut stream, Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{}", &answer[..answer.len().min(200)]);
+
+    // Heads within the limit pass.
+    let mut stream = TcpStream::connect(reg.addr).await.unwrap();
+    let fine = "a".repeat(8 * 1024);
+    let request = format!("GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Fine: {fine}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let answer = read_all(&mut stream, Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{}", &answer[..answer.len().min(200)]);
 });
 
 backend_test!(bodies_that_stall_or_lie_record_nothing, |reg| {
