@@ -2,11 +2,12 @@
 //! so completing an upload never copies or re-reads it.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 
-use super::fs_write::UploadWriter;
+use super::fs_write::{BufferPool, UploadWriter};
 use super::{ByteRange, Error, FsOptions, Hold, Result};
 use crate::oci::{Algorithm, Digest, UploadHasher};
 
@@ -16,6 +17,7 @@ pub(super) struct FsStore {
     root: PathBuf,
     fsync: bool,
     direct_io: bool,
+    buffers: Arc<BufferPool>,
 }
 
 /// Size of the slices a blob is streamed in.
@@ -29,7 +31,7 @@ impl FsStore {
     pub(super) async fn open(root: impl Into<PathBuf>, options: FsOptions) -> Result<Self> {
         let root = root.into();
         tokio::fs::create_dir_all(&root).await.map_err(io_err(&root.to_string_lossy()))?;
-        Ok(FsStore { root, fsync: options.fsync, direct_io: options.direct_io })
+        Ok(FsStore { root, fsync: options.fsync, direct_io: options.direct_io, buffers: Arc::default() })
     }
 
     /// A short description for logs.
@@ -80,7 +82,7 @@ impl FsStore {
         E: std::fmt::Display,
     {
         let path = self.file(key);
-        let mut writer = UploadWriter::open(&path, offset, size_hint, self.direct_io, hold)
+        let mut writer = UploadWriter::open(&path, offset, size_hint, self.direct_io, &self.buffers, hold)
             .await
             .map_err(|e| not_found_or_io(key, e))?;
         let mut state = hasher.clone();
@@ -393,5 +395,20 @@ mod tests {
             assert_eq!(h.digest(), Digest::sha256_of(&data));
             assert_eq!(std::fs::read(dir.path().join("uploads/big")).unwrap(), data, "{options:?}");
         }
+    }
+
+    /// Staging buffers are reused by the next write and released once the store is idle.
+    #[tokio::test(start_paused = true)]
+    async fn staging_buffers_are_kept_briefly() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::open(dir.path(), BOTH_WAYS[0]).await.unwrap();
+        store.create_upload("uploads/b").await.unwrap();
+        let data = Bytes::from(vec![7u8; 9 << 20]);
+        let body = futures_util::stream::iter([Ok::<_, std::io::Error>(data)]);
+        let mut h = UploadHasher::default();
+        store.write_upload("uploads/b", 0, body, &mut h, None, hold()).await.unwrap();
+        assert!(store.buffers.pooled() > 0);
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        assert_eq!(store.buffers.pooled(), 0);
     }
 }
