@@ -4,6 +4,7 @@ server CPU-s/GB and the server's context switches, then the median. Not part of 
 bench/run is the side-by-side benchmark.
 
     bench/push_probe.py target/release/berth [--size-mib 1024] [--runs 5] [--chunk-mib 0]
+                                             [--config 'TOML text']
 """
 
 import argparse
@@ -40,6 +41,7 @@ def main():
     p.add_argument("--size-mib", type=int, default=1024)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--chunk-mib", type=int, default=0, help="PATCH in chunks of this size (0: monolithic)")
+    p.add_argument("--config", default=None, help="Berth configuration (TOML text) for the server")
     p.add_argument("--work", default=None, help="directory for data (default: a temporary one under /work or /tmp)")
     args = p.parse_args()
 
@@ -56,7 +58,7 @@ def main():
                     out.write(data)
                 chunks.append(path)
                 i += 1
-    server = bench.start_berth(os.path.abspath(args.binary), work, "berth")
+    server = bench.start_berth(os.path.abspath(args.binary), work, "berth", config=args.config)
     speeds, costs = [], []
     try:
         for run in range(args.runs):

@@ -15,8 +15,7 @@ use crate::oci::{Algorithm, Digest, UploadHasher};
 #[derive(Debug, Clone)]
 pub(super) struct FsStore {
     root: PathBuf,
-    fsync: bool,
-    direct_io: bool,
+    options: FsOptions,
     buffers: Arc<BufferPool>,
 }
 
@@ -31,7 +30,7 @@ impl FsStore {
     pub(super) async fn open(root: impl Into<PathBuf>, options: FsOptions) -> Result<Self> {
         let root = root.into();
         tokio::fs::create_dir_all(&root).await.map_err(io_err(&root.to_string_lossy()))?;
-        Ok(FsStore { root, fsync: options.fsync, direct_io: options.direct_io, buffers: Arc::default() })
+        Ok(FsStore { root, options, buffers: Arc::default() })
     }
 
     /// A short description for logs.
@@ -82,7 +81,7 @@ impl FsStore {
         E: std::fmt::Display,
     {
         let path = self.file(key);
-        let mut writer = UploadWriter::open(&path, offset, size_hint, self.direct_io, &self.buffers, hold)
+        let mut writer = UploadWriter::open(&path, offset, size_hint, self.options, &self.buffers, hold)
             .await
             .map_err(|e| not_found_or_io(key, e))?;
         let mut state = hasher.clone();
@@ -127,7 +126,7 @@ impl FsStore {
             .await
             .map_err(|e| not_found_or_io(upload_key, e))?;
         f.set_len(size).await.map_err(io_err(upload_key))?;
-        if self.fsync {
+        if self.options.fsync {
             f.sync_all().await.map_err(io_err(upload_key))?;
         }
         drop(f);

@@ -26,7 +26,7 @@ use tokio::time::Instant;
 use memmap2::MmapMut;
 use tokio::task::JoinHandle;
 
-use super::Hold;
+use super::{FsOptions, Hold};
 
 /// Alignment of buffers, lengths and offsets for direct I/O.
 const ALIGN: u64 = 4096;
@@ -73,12 +73,12 @@ impl UploadWriter {
         path: &Path,
         offset: u64,
         size_hint: Option<u64>,
-        direct_io: bool,
+        options: FsOptions,
         pool: &Arc<BufferPool>,
         hold: Hold,
     ) -> io::Result<Self> {
         let path = path.to_path_buf();
-        let use_direct = direct_io && size_hint.is_none_or(|n| n >= DIRECT_MIN);
+        let use_direct = options.direct_io && size_hint.is_none_or(|n| n >= DIRECT_MIN);
         let (file, direct, head) = tokio::task::spawn_blocking(move || -> io::Result<_> {
             let file = std::fs::OpenOptions::new().read(true).write(true).open(&path)?;
             file.set_len(offset)?;
