@@ -772,7 +772,10 @@ impl MetaStore {
         let page = "SELECT t.name FROM tags t JOIN repositories r ON r.id = t.repository_id \
                     WHERE r.name = $1 AND t.name > $2 ORDER BY t.name LIMIT $3";
         let sql = match self.dialect {
-            Dialect::Sqlite => format!("SELECT group_concat(name, char(10) ORDER BY name) FROM ({page})"),
+            // The page comes out of the (repository, name) index in order; an ORDER BY inside
+            // the aggregate would sort it again through a temporary b-tree (most of the cost of
+            // a 10,000-tag list). The order is checked below instead.
+            Dialect::Sqlite => format!("SELECT group_concat(name, char(10)) FROM ({page})"),
             Dialect::Postgres => {
                 format!("SELECT string_agg(name, E'\\n' ORDER BY name COLLATE \"C\") FROM ({page}) AS page")
             }
@@ -783,12 +786,14 @@ impl MetaStore {
             .bind(limit)
             .fetch_one(&self.read)
             .await?;
-        let rows: Vec<(String,)> =
-            joined.map(|j| j.split('\n').map(|t| (t.to_string(),)).collect()).unwrap_or_default();
-        if rows.is_empty() && !self.repository_exists(repo).await? {
+        let mut tags: Vec<String> =
+            joined.map(|j| j.split('\n').map(str::to_string).collect()).unwrap_or_default();
+        // Byte order whatever the aggregate did; linear for input already in order.
+        tags.sort_unstable();
+        if tags.is_empty() && !self.repository_exists(repo).await? {
             return Ok(None);
         }
-        Ok(Some(rows.into_iter().map(|(n,)| n).collect()))
+        Ok(Some(tags))
     }
 
     /// Live manifests in `repo` whose subject is `subject`, optionally only of `artifact_type`,
