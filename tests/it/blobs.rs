@@ -41,9 +41,9 @@ backend_test!(monolithic_post_then_get_head_and_ranges, |reg| {
     assert_eq!(res.bytes().await.unwrap().len(), 10_000);
 });
 
-/// Chunks of a few MiB that end inside disk blocks (written past the page cache on the
-/// filesystem), and a chunk whose client disconnects halfway: the blob holds exactly the bytes
-/// sent in the chunks that were accepted.
+// Chunks of a few MiB that end inside disk blocks (written past the page cache on the
+// filesystem), and a chunk whose client disconnects halfway: the blob holds exactly the bytes
+// sent in the chunks that were accepted.
 backend_test!(large_uneven_chunks_and_a_cut_off_chunk_keep_every_byte, |reg| {
     use tokio::io::AsyncWriteExt;
     let data = random_bytes(9, (9 << 20) + 12_345);
