@@ -2,7 +2,7 @@
 //!
 //! The request's task hashes each piece of the body as it arrives and copies it into a large
 //! staging buffer; full buffers are written by blocking tasks, two at a time, while the next one
-//! fills. So the only hand-offs between threads are one per buffer (a few per 10 MiB), not one
+//! fills. So the only hand-offs between threads are one per buffer (one per 4 MiB), not one
 //! per network read — on a virtual machine each wake-up of another thread is expensive.
 //!
 //! Large bodies are written with `O_DIRECT`, past the page cache: a buffered write costs the
@@ -21,10 +21,9 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use memmap2::MmapMut;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use super::{FsOptions, Hold};
 
@@ -36,7 +35,7 @@ const BUFFER: usize = 4 << 20;
 const IN_FLIGHT: usize = 2;
 /// Writes announced smaller than this go through the page cache: for them a synchronous device
 /// write costs more than the copy it saves.
-pub(super) const DIRECT_MIN: u64 = 1 << 20;
+const DIRECT_MIN: u64 = 1 << 20;
 /// Full-size buffers kept for the next write, and how long one may sit unused.
 const POOLED: usize = IN_FLIGHT + 1;
 const POOL_IDLE: Duration = Duration::from_secs(1);
