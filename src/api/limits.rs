@@ -133,7 +133,8 @@ pub(super) async fn limit_head(State(max_bytes): State<usize>, req: Request, nex
 
 /// The size of a request's head as sent: `METHOD target HTTP/1.1` and `name: value` lines.
 fn head_size(req: &Request) -> usize {
-    let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+    let target = req.uri().path_and_query().map_or(1, |p| p.as_str().len());
+    let line = req.method().as_str().len() + target + 12;
     let headers: usize =
         req.headers().iter().map(|(name, value)| name.as_str().len() + value.len() + 4).sum();
     line + headers
