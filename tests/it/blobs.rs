@@ -48,16 +48,8 @@ backend_test!(large_uneven_chunks_and_a_cut_off_chunk_keep_every_byte, |reg| {
     use tokio::io::AsyncWriteExt;
     let data = random_bytes(9, (9 << 20) + 12_345);
     let d = Digest::sha256_of(&data);
-    let res = reg.req(Method::POST, "/v2/big/chunks/blobs/uploads/").send().await.unwrap();
-    let loc = header(&res, "location").unwrap().to_string();
-    let chunk = |start: usize, end: usize| {
-        reg.req(Method::PATCH, &loc)
-            .header("content-range", format!("{start}-{}", end - 1))
-            .header("content-type", "application/octet-stream")
-            .body(data[start..end].to_vec())
-            .send()
-    };
-    let res = chunk(0, 1_500_003).await.unwrap();
+    let loc = reg.start_upload("big/chunks").await;
+    let res = reg.patch_chunk(&loc, &data, 0, 1_500_003).await;
     assert_eq!(res.status(), StatusCode::ACCEPTED);
 
     // The next chunk's client sends half of it (junk) and disconnects.
@@ -74,7 +66,7 @@ backend_test!(large_uneven_chunks_and_a_cut_off_chunk_keep_every_byte, |reg| {
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
 
     // The same range again, properly, then the rest with the PUT.
-    let res = chunk(1_500_003, 5_694_307).await.unwrap();
+    let res = reg.patch_chunk(&loc, &data, 1_500_003, 5_694_307).await;
     assert_eq!(res.status(), StatusCode::ACCEPTED);
     assert_eq!(header(&res, "range"), Some("0-5694306"));
     let res = reg
@@ -139,21 +131,14 @@ backend_test!(streamed_patch_then_put_without_body, |reg| {
 backend_test!(chunked_patch_in_order_out_of_order_and_wrong_length, |reg| {
     let data = random_bytes(4, 30_000);
     let d = Digest::sha256_of(&data);
-    let res = reg.req(Method::POST, "/v2/x/blobs/uploads/").send().await.unwrap();
-    let loc = header(&res, "location").unwrap().to_string();
-    let chunk = |start: usize, end: usize| {
-        reg.req(Method::PATCH, &loc)
-            .header("content-range", format!("{start}-{}", end - 1))
-            .header("content-type", "application/octet-stream")
-            .body(data[start..end].to_vec())
-            .send()
-    };
-    let res = chunk(0, 10_000).await.unwrap();
+    let loc = reg.start_upload("x").await;
+    let chunk = |start: usize, end: usize| reg.patch_chunk(&loc, &data, start, end);
+    let res = chunk(0, 10_000).await;
     assert_eq!(res.status(), StatusCode::ACCEPTED);
     assert_eq!(header(&res, "range"), Some("0-9999"));
     // A repeated (stale) chunk and a gap are both out of order: 416 with the current range.
     for (s, e) in [(0, 10_000), (15_000, 20_000)] {
-        let res = chunk(s, e).await.unwrap();
+        let res = chunk(s, e).await;
         assert_eq!(res.status(), StatusCode::RANGE_NOT_SATISFIABLE);
         assert_eq!(header(&res, "range"), Some("0-9999"));
         assert_oci_error(res, 416, "BLOB_UPLOAD_INVALID").await;
@@ -172,7 +157,7 @@ backend_test!(chunked_patch_in_order_out_of_order_and_wrong_length, |reg| {
     let res = reg.req(Method::PATCH, &loc).header("content-range", "x-y").body("z").send().await.unwrap();
     assert_oci_error(res, 400, "BLOB_UPLOAD_INVALID").await;
 
-    assert_eq!(chunk(10_000, 20_000).await.unwrap().status(), StatusCode::ACCEPTED);
+    assert_eq!(chunk(10_000, 20_000).await.status(), StatusCode::ACCEPTED);
     // A final chunk on the PUT is held to the same rule.
     let res = reg
         .req(Method::PUT, &format!("{loc}?digest={d}"))

@@ -164,6 +164,24 @@ impl TestRegistry {
         digest
     }
 
+    /// Opens an upload session in `repo`; returns its location.
+    pub async fn start_upload(&self, repo: &str) -> String {
+        let res = self.req(Method::POST, &format!("/v2/{repo}/blobs/uploads/")).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::ACCEPTED);
+        res.headers()["location"].to_str().unwrap().to_string()
+    }
+
+    /// Sends `data[start..end]` to the session at `location` as a chunk with its Content-Range.
+    pub async fn patch_chunk(&self, location: &str, data: &[u8], start: usize, end: usize) -> Response {
+        self.req(Method::PATCH, location)
+            .header("content-range", format!("{start}-{}", end - 1))
+            .header("content-type", "application/octet-stream")
+            .body(data[start..end].to_vec())
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// Pushes a manifest by tag or digest; returns the response.
     pub async fn put_manifest(
         &self,
