@@ -24,6 +24,14 @@ async fn with_limits(reg: TestRegistry, edit: impl FnOnce(&mut berth::config::Li
     reg
 }
 
+/// Sends `request` on a new connection and returns everything the server answers until it
+/// closes (at most 5 s). The server may hang up before all of `request` is sent.
+async fn exchange(reg: &TestRegistry, request: &str) -> String {
+    let mut stream = TcpStream::connect(reg.addr).await.unwrap();
+    let _ = stream.write_all(request.as_bytes()).await;
+    read_all(&mut stream, Duration::from_secs(5)).await
+}
+
 /// Everything the server sends until it closes the connection (bounded by `limit`).
 async fn read_all(stream: &mut TcpStream, limit: Duration) -> String {
     let mut out = Vec::new();
@@ -54,29 +62,20 @@ backend_test!(slow_request_heads_are_cut_off, |reg| {
 
 backend_test!(oversized_request_heads_get_431, |reg| {
     let reg = with_limits(reg, |l| l.max_header_bytes = 16 * 1024).await;
-    let mut stream = TcpStream::connect(reg.addr).await.unwrap();
-    let big = "a".repeat(64 * 1024);
-    let request = format!("GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n");
-    let _ = stream.write_all(request.as_bytes()).await;
-    let answer = read_all(&mut stream, Duration::from_secs(5)).await;
+    let head_with = |header: &str, len: usize| {
+        format!("GET /v2/ HTTP/1.1\r\nHost: x\r\n{header}: {}\r\nConnection: close\r\n\r\n", "a".repeat(len))
+    };
+    let answer = exchange(&reg, &head_with("X-Big", 64 * 1024)).await;
     assert!(answer.starts_with("HTTP/1.1 431"), "{}", &answer[..answer.len().min(200)]);
     assert!(answer.contains(r#""errors":[{"code":"UNSUPPORTED""#), "{answer}");
     assert!(answer.contains("exceed 16384 bytes"), "{answer}");
 
     // A head larger than the server's whole read buffer is refused by the HTTP parser itself.
-    let mut stream = TcpStream::connect(reg.addr).await.unwrap();
-    let huge = "a".repeat(2 << 20);
-    let request = format!("GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Big: {huge}\r\n\r\n");
-    let _ = stream.write_all(request.as_bytes()).await;
-    let answer = read_all(&mut stream, Duration::from_secs(5)).await;
+    let answer = exchange(&reg, &head_with("X-Big", 2 << 20)).await;
     assert!(answer.starts_with("HTTP/1.1 431"), "{}", &answer[..answer.len().min(200)]);
 
     // Heads within the limit pass.
-    let mut stream = TcpStream::connect(reg.addr).await.unwrap();
-    let fine = "a".repeat(8 * 1024);
-    let request = format!("GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Fine: {fine}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let answer = read_all(&mut stream, Duration::from_secs(5)).await;
+    let answer = exchange(&reg, &head_with("X-Fine", 8 * 1024)).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{}", &answer[..answer.len().min(200)]);
 });
 
@@ -104,12 +103,10 @@ backend_test!(bodies_that_stall_or_lie_record_nothing, |reg| {
     // rest is a malformed next request that the server refuses.
     let declared = b"12345";
     let digest = Digest::sha256_of(declared);
-    let mut stream = TcpStream::connect(reg.addr).await.unwrap();
     let request = format!(
         "POST /v2/short/blobs/uploads/?digest={digest} HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n12345EXTRA BYTES\r\n\r\n"
     );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let answer = read_all(&mut stream, Duration::from_secs(10)).await;
+    let answer = exchange(&reg, &request).await;
     assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
     assert!(answer.contains("HTTP/1.1 400"), "the excess is refused: {answer}");
     let stored = reg.get(&format!("/v2/short/blobs/{digest}")).await.bytes().await.unwrap();
