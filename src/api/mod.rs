@@ -63,8 +63,13 @@ async fn v2(State(app): State<App>, req: Request) -> Response {
 async fn dispatch(app: &App, req: Request) -> Result<Response, ApiError> {
     let registry = &app.registry;
     let (parts, body) = req.into_parts();
-    let body =
-        limits::idle_limited(body, std::time::Duration::from_secs(app.config.limits.body_idle_timeout_secs));
+    // Only the methods that carry content read a body; the others (the hot read path) need no
+    // timer.
+    let body = if matches!(parts.method, Method::PUT | Method::PATCH | Method::POST) {
+        limits::idle_limited(body, std::time::Duration::from_secs(app.config.limits.body_idle_timeout_secs))
+    } else {
+        body
+    };
     let rest = parts.uri.path().strip_prefix("/v2").unwrap_or("");
     let rest = rest.strip_prefix('/').unwrap_or(rest);
     let route = route::parse(rest)?;
