@@ -112,7 +112,7 @@ impl Registry {
         check_chunk_start(&row, range)?;
         let mut hasher = restore_hasher(&row)?;
         let mut chunks = session_chunks(&row)?;
-        let hint = range.map(|r| r.end - r.start + 1).or(size_hint);
+        let hint = announced_length(range, size_hint);
         let written = self
             .blobs
             .write_upload(&row.storage_key, &mut chunks, size, body, &mut hasher, hint, guard.clone())
@@ -155,7 +155,7 @@ impl Registry {
         check_chunk_start(&row, range)?;
         let mut hasher = restore_hasher(&row)?;
         let mut chunks = session_chunks(&row)?;
-        let hint = range.map(|r| r.end - r.start + 1).or(size_hint);
+        let hint = announced_length(range, size_hint);
         let written = self
             .blobs
             .write_upload(
@@ -170,13 +170,7 @@ impl Registry {
             .await?;
         check_chunk_length(range, written)?;
         let size = row.size as u64 + written;
-        let actual = match digest.algorithm() {
-            Algorithm::Sha256 => hasher.digest(),
-            other => self.blobs.upload_digest(&row.storage_key, &chunks, size, other).await?,
-        };
-        if &actual != digest {
-            return Err(Error::DigestInvalid(format!("content digest is {actual}, not {digest}")));
-        }
+        self.check_content(&row.storage_key, &chunks, size, &hasher, digest).await?;
 
         let blob_key = self.blobs.commit_upload(&row.storage_key, &chunks, digest, size).await?;
         let outcome = self
@@ -229,13 +223,7 @@ impl Registry {
                 .blobs
                 .write_upload(&key, &mut chunks, 0, body, &mut hasher, size_hint, Arc::new(()))
                 .await?;
-            let actual = match digest.algorithm() {
-                Algorithm::Sha256 => hasher.digest(),
-                other => self.blobs.upload_digest(&key, &chunks, size, other).await?,
-            };
-            if &actual != digest {
-                return Err(Error::DigestInvalid(format!("content digest is {actual}, not {digest}")));
-            }
+            self.check_content(&key, &chunks, size, &hasher, digest).await?;
             let published = self.blobs.commit_upload(&key, &chunks, digest, size).await?;
             blob_key = Some(published.clone());
             let outcome = self
@@ -263,6 +251,26 @@ impl Registry {
                 Err(e)
             }
         }
+    }
+
+    /// Checks that the first `size` bytes stored under `key` hash to `digest`: sha256 from the
+    /// state hashed while streaming, other algorithms by reading the bytes once.
+    async fn check_content(
+        &self,
+        key: &str,
+        chunks: &[Chunk],
+        size: u64,
+        hasher: &UploadHasher,
+        digest: &Digest,
+    ) -> Result<()> {
+        let actual = match digest.algorithm() {
+            Algorithm::Sha256 => hasher.digest(),
+            other => self.blobs.upload_digest(key, chunks, size, other).await?,
+        };
+        if &actual != digest {
+            return Err(Error::DigestInvalid(format!("content digest is {actual}, not {digest}")));
+        }
+        Ok(())
     }
 
     /// Cancels session `id`, deleting its bytes.
@@ -389,4 +397,9 @@ fn session_chunks(row: &UploadRow) -> Result<Vec<Chunk>> {
 fn restore_hasher(row: &UploadRow) -> Result<UploadHasher> {
     UploadHasher::restore(&row.hash_state)
         .ok_or_else(|| Error::Internal(format!("upload {} has an unreadable hash state", row.id).into()))
+}
+
+/// The length a chunk announces: its `Content-Range`, else its `Content-Length`.
+fn announced_length(range: Option<ChunkRange>, content_length: Option<u64>) -> Option<u64> {
+    range.map(|r| r.end - r.start + 1).or(content_length)
 }
