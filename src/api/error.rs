@@ -215,6 +215,12 @@ impl From<registry::Error> for ApiError {
             }
             E::NameUnknown => ApiError::new(ErrorCode::NameUnknown),
             E::Unsupported(m) => ApiError::new(ErrorCode::Unsupported).message(m),
+            // The spec has no code for an overloaded server; TOOMANYREQUESTS is what clients
+            // already back off on, and Retry-After says when.
+            E::Unavailable(m) => ApiError::new(ErrorCode::TooManyRequests)
+                .status(StatusCode::SERVICE_UNAVAILABLE)
+                .message(m)
+                .header(header::RETRY_AFTER, "1"),
             E::Internal(source) => ApiError::internal(source.as_ref()),
         }
     }

@@ -132,6 +132,15 @@ impl FsStore {
         drop(f);
         create_parent(&to, blob_key).await?;
         tokio::fs::rename(&from, &to).await.map_err(|e| not_found_or_io(upload_key, e))?;
+        if self.options.fsync
+            && let Some(dir) = to.parent()
+        {
+            // The rename itself is durable only once its directory is: without this, a power
+            // loss after the metadata commit could leave a row whose file is still named
+            // `uploads/<id>`.
+            let dir = tokio::fs::File::open(dir).await.map_err(io_err(blob_key))?;
+            dir.sync_all().await.map_err(io_err(blob_key))?;
+        }
         Ok(())
     }
 

@@ -263,6 +263,19 @@ impl BlobStore {
         }
     }
 
+    /// Deletes the copy [`BlobStore::commit_upload`] published when the session turned out to be
+    /// gone or moved on (another process completed or advanced it). A key that is one of the
+    /// session's own chunks is left alone: the live session still lists it, or the process that
+    /// completed the session published that very object as its blob. Best effort.
+    pub async fn discard_commit(&self, chunks: &[Chunk], blob_key: &str) {
+        if chunks.iter().any(|c| c.key == blob_key) {
+            return;
+        }
+        if let Err(e) = self.delete(blob_key).await {
+            tracing::warn!(storage.key = blob_key, error = %e, "could not delete an unused blob copy");
+        }
+    }
+
     /// Deletes what a committed session leaves behind besides its blob (the chunks composed into
     /// it, objects of writes that lost a race). Best effort: leftovers are found by the sweep.
     pub async fn finish_upload(&self, key: &str, blob_key: &str) {

@@ -1,21 +1,31 @@
 //! The metadata store: repositories, blobs and their links, manifests, tags, tag history and
 //! upload sessions, over SQLite (embedded) or PostgreSQL (scale-out).
 //!
-//! Every public method is one transaction that keeps one invariant; callers never hold a
-//! transaction across storage I/O. SQL text is shared between the dialects (`$N` placeholders,
-//! `ON CONFLICT`, `RETURNING` mean the same in both); the few statements that differ — row locks —
-//! are chosen by [`Dialect`] in one place. Only this module touches sqlx. Times are passed in
-//! from the application clock, never taken from the database's `now()`.
+//! Split along the data: [`repos`] (repositories), [`blobs`] (blob rows and their links),
+//! [`uploads`] (upload sessions), [`manifests`] (manifests and what they reference) and [`tags`]
+//! (tags and their history). Every public method is one transaction that keeps one invariant;
+//! callers never hold a transaction across storage I/O. Write transactions go through
+//! [`transaction!`], which retries the whole transaction when the database reports a
+//! transient conflict. SQL text is shared between the dialects (`$N` placeholders, `ON CONFLICT`,
+//! `RETURNING` mean the same in both); the few statements that differ — row locks — are chosen
+//! by [`Dialect`] in one place. Only this module touches sqlx. Times are passed in from the
+//! application clock, never taken from the database's `now()`.
 
+mod blobs;
+mod manifests;
+mod repos;
 mod rows;
+mod tags;
+mod uploads;
 
 use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::{AnyConnection, AnyPool, Connection as _, Executor as _, Transaction};
+use sqlx::{AnyConnection, AnyPool, Connection as _, Executor as _};
 
-use crate::oci::{Digest, Reference, RepoName, Tag};
+pub use blobs::CompletedUpload;
+pub use manifests::{NewManifest, PutManifestError};
 pub use rows::{BlobRow, ManifestHead, ManifestRow, ReferrerRow, TagMove, UploadRow};
 
 /// Errors of the metadata store.
@@ -24,6 +34,16 @@ pub enum Error {
     /// The database failed or could not be reached.
     #[error("metadata store: {0}")]
     Database(#[from] sqlx::Error),
+    /// The database kept reporting a transient conflict (deadlock, serialization failure, busy
+    /// file) through every retry, or no connection was free: nothing was written, and the same
+    /// request may succeed later.
+    #[error("metadata store busy: {0}")]
+    Busy(String),
+    /// The connection failed while committing: the transaction may or may not have been
+    /// committed. Nothing that the transaction would have made reachable may be deleted on the
+    /// strength of this error.
+    #[error("metadata store: commit outcome unknown: {0}")]
+    CommitUnknown(sqlx::Error),
     /// Migrations could not be applied.
     #[error("metadata migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -32,7 +52,107 @@ pub enum Error {
     UnsupportedUrl(String),
 }
 
+impl Error {
+    /// Whether the store was too busy to serve (retries exhausted, or no free connection): the
+    /// request changed nothing and may succeed if sent again.
+    pub fn is_busy(&self) -> bool {
+        matches!(self, Error::Busy(_) | Error::Database(sqlx::Error::PoolTimedOut))
+    }
+}
+
 type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Errors a write transaction's body may end with: the store's own, or a refusal of the domain
+/// (which rolls the transaction back like any error).
+pub(crate) trait TxError: From<Error> {
+    /// The store error inside, if this is one.
+    fn store_error(&self) -> Option<&Error>;
+}
+
+impl TxError for Error {
+    fn store_error(&self) -> Option<&Error> {
+        Some(self)
+    }
+}
+
+/// Whether the database refused a statement in a way that retrying the whole transaction can
+/// cure: a deadlock or serialization failure (PostgreSQL), a busy or locked file (SQLite). In
+/// each case the database rolled the transaction back.
+fn is_transient(e: &sqlx::Error) -> bool {
+    let Some(code) = e.as_database_error().and_then(|d| d.code()) else { return false };
+    match code.as_ref() {
+        "40P01" | "40001" => true,
+        // SQLite reports extended result codes; the primary code is the low byte.
+        other => other.parse::<i32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6)),
+    }
+}
+
+/// How often a transaction that met a transient conflict is tried in all.
+const WRITE_ATTEMPTS: u32 = 5;
+
+/// Runs `$body` (an expression of type `Result<T, $err>` using the connection `$tx`) in one
+/// write transaction of `$store`, committing it if the body succeeds; an error rolls it back.
+/// When the database reports a transient conflict — a deadlock, a serialization failure, a busy
+/// file — the whole transaction is run again, a bounded number of times: the database rolled the
+/// failed attempt back, so nothing is applied twice. A macro rather than a function taking a
+/// closure, so the body stays an ordinary part of the calling `async fn` (and its future `Send`).
+macro_rules! transaction {
+    ($store:expr, $err:ty, |$tx:ident| $body:expr) => {{
+        let mut attempt = 1u32;
+        loop {
+            let error: $err = match $store.begin().await {
+                Err(e) => <$err>::from($crate::meta::Error::Database(e)),
+                Ok(mut guard) => {
+                    let $tx: &mut sqlx::AnyConnection = &mut *guard;
+                    let outcome: std::result::Result<_, $err> = async { $body }.await;
+                    match outcome {
+                        Err(e) => e,
+                        Ok(value) => match guard.commit().await {
+                            Ok(()) => break Ok(value),
+                            Err(e) => <$err>::from($crate::meta::commit_error(e)),
+                        },
+                    }
+                }
+            };
+            match $crate::meta::retry_decision(&error, attempt) {
+                $crate::meta::Retry::Again => {
+                    $crate::meta::back_off(attempt).await;
+                    attempt += 1;
+                }
+                $crate::meta::Retry::Busy(reason) => {
+                    break Err(<$err>::from($crate::meta::Error::Busy(reason)));
+                }
+                $crate::meta::Retry::No => break Err(error),
+            }
+        }
+    }};
+}
+pub(crate) use transaction;
+
+/// What to do after a transaction failed.
+pub(crate) enum Retry {
+    /// Run it again.
+    Again,
+    /// Give up: the database stayed busy (the reason for the error).
+    Busy(String),
+    /// Return the error as it is.
+    No,
+}
+
+pub(crate) fn retry_decision<E: TxError>(error: &E, attempt: u32) -> Retry {
+    match error.store_error() {
+        Some(Error::Database(db)) if is_transient(db) && attempt < WRITE_ATTEMPTS => Retry::Again,
+        Some(Error::Database(db)) if is_transient(db) => Retry::Busy(db.to_string()),
+        Some(Error::Database(db @ sqlx::Error::PoolTimedOut)) => Retry::Busy(db.to_string()),
+        _ => Retry::No,
+    }
+}
+
+/// Waits a little, more after each attempt, so two transactions that deadlocked do not meet
+/// again at once.
+pub(crate) async fn back_off(attempt: u32) {
+    tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt * attempt))).await;
+}
 
 /// Which SQL dialect the store speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,61 +186,18 @@ pub struct MetaStore {
     dialect: Dialect,
 }
 
-/// Outcome of completing an upload.
-#[derive(Debug, PartialEq, Eq)]
-pub enum CompletedUpload {
-    /// The uploaded bytes became the blob, stored under the given key.
-    Stored,
-    /// The blob already existed; the uploaded bytes under `discard_key` are now redundant.
-    AlreadyStored {
-        /// The key of the redundant copy, to delete after commit.
-        discard_key: String,
-    },
+/// The migrations of `dialect`. Migrations applied by a newer Berth that this one does not know
+/// are accepted (their checksums are still verified for the ones it knows): replicas are upgraded
+/// one at a time, so an older replica must be able to restart after a newer one migrated. That
+/// only works because migrations are additive — see docs/deploy.md.
+fn migrator(dialect: Dialect) -> sqlx::migrate::Migrator {
+    let mut migrator = match dialect {
+        Dialect::Sqlite => sqlx::migrate!("./migrations/sqlite"),
+        Dialect::Postgres => sqlx::migrate!("./migrations/postgres"),
+    };
+    migrator.set_ignore_missing(true);
+    migrator
 }
-
-/// A manifest to store, with what it references.
-#[derive(Debug)]
-pub struct NewManifest<'a> {
-    /// The digest of `payload`.
-    pub digest: &'a Digest,
-    /// Media type it is served with.
-    pub media_type: &'a str,
-    /// The referrers API's artifact type.
-    pub artifact_type: Option<&'a str>,
-    /// The digest of its subject, if any.
-    pub subject: Option<&'a Digest>,
-    /// Annotations as JSON text, if any.
-    pub annotations: Option<String>,
-    /// The exact bytes pushed.
-    pub payload: &'a [u8],
-    /// Blobs that must be linked in the repository.
-    pub blobs: &'a [Digest],
-    /// Manifests that must be present in the repository.
-    pub children: &'a [Digest],
-}
-
-/// Why a manifest could not be stored.
-#[derive(Debug, thiserror::Error)]
-pub enum PutManifestError {
-    /// Blobs it references are not in the repository.
-    #[error("blobs not in the repository: {0:?}")]
-    MissingBlobs(Vec<Digest>),
-    /// Manifests it lists are not in the repository.
-    #[error("manifests not in the repository: {0:?}")]
-    MissingManifests(Vec<Digest>),
-    /// The store failed.
-    #[error(transparent)]
-    Meta(#[from] Error),
-}
-
-impl From<sqlx::Error> for PutManifestError {
-    fn from(e: sqlx::Error) -> Self {
-        PutManifestError::Meta(Error::Database(e))
-    }
-}
-
-static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
-static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
 fn sqlite_pragmas(conn: &mut AnyConnection) -> futures_util::future::BoxFuture<'_, Result<(), sqlx::Error>> {
     Box::pin(async move {
@@ -150,7 +227,7 @@ impl MetaStore {
                 .connect_with(opts)
                 .await?;
             // sqlx takes an advisory lock, so replicas starting together migrate once.
-            POSTGRES_MIGRATIONS.run(&pg).await?;
+            migrator(Dialect::Postgres).run(&pg).await?;
             Ok(MetaStore { read: pg.clone(), write: pg, dialect: Dialect::Postgres })
         } else {
             Err(Error::UnsupportedUrl(url.to_string()))
@@ -168,7 +245,7 @@ impl MetaStore {
             .after_connect(|c, _| sqlite_pragmas(c))
             .connect_with(opts.clone())
             .await?;
-        SQLITE_MIGRATIONS.run(&write).await?;
+        migrator(Dialect::Sqlite).run(&write).await?;
         let read = AnyPoolOptions::new()
             .max_connections(pool.max_connections)
             .acquire_timeout(pool.acquire_timeout)
@@ -198,13 +275,13 @@ impl MetaStore {
         Ok(())
     }
 
-    async fn begin(&self) -> Result<Transaction<'static, sqlx::Any>> {
-        Ok(match self.dialect {
+    pub(crate) async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+        match self.dialect {
             // IMMEDIATE takes the write lock up front, so a transaction never fails halfway
             // when it upgrades from reading to writing.
-            Dialect::Sqlite => self.write.begin_with("BEGIN IMMEDIATE").await?,
-            Dialect::Postgres => self.write.begin().await?,
-        })
+            Dialect::Sqlite => self.write.begin_with("BEGIN IMMEDIATE").await,
+            Dialect::Postgres => self.write.begin().await,
+        }
     }
 
     /// The clause that locks the rows a write depends on until commit (shared lock), so a
@@ -217,606 +294,23 @@ impl MetaStore {
         }
     }
 
-    /// Like [`MetaStore::share_lock`], but exclusive: for rows the transaction will update.
-    fn update_lock(&self) -> &'static str {
+    /// Like [`MetaStore::share_lock`], but exclusive, and only on the rows of `table` (an alias
+    /// in the query): for rows the transaction will update. Locking only the named table keeps
+    /// a join from also locking the rows it merely reads.
+    fn update_lock_of(&self, table: &str) -> String {
         match self.dialect {
-            Dialect::Sqlite => "",
-            Dialect::Postgres => " FOR UPDATE",
+            Dialect::Sqlite => String::new(),
+            Dialect::Postgres => format!(" FOR UPDATE OF {table}"),
         }
     }
+}
 
-    // ---------------------------------------------------------------- repositories
-
-    /// Whether the repository exists (has ever had content linked or pushed).
-    ///
-    /// # Errors
-    /// [`Error::Database`].
-    pub async fn repository_exists(&self, repo: &RepoName) -> Result<bool> {
-        let row: Option<(i64,)> = sqlx::query_as("SELECT id FROM repositories WHERE name = $1")
-            .bind(repo.as_str())
-            .fetch_optional(&self.read)
-            .await?;
-        Ok(row.is_some())
-    }
-
-    /// Repository names after `last`, in order, at most `limit`.
-    ///
-    /// # Errors
-    /// [`Error::Database`].
-    pub async fn list_repositories(&self, last: Option<&str>, limit: i64) -> Result<Vec<String>> {
-        let rows: Vec<(String,)> =
-            sqlx::query_as("SELECT name FROM repositories WHERE name > $1 ORDER BY name LIMIT $2")
-                .bind(last.unwrap_or(""))
-                .bind(limit)
-                .fetch_all(&self.read)
-                .await?;
-        Ok(rows.into_iter().map(|(n,)| n).collect())
-    }
-
-    async fn ensure_repository(
-        tx: &mut AnyConnection,
-        repo: &RepoName,
-        now: i64,
-    ) -> Result<i64, sqlx::Error> {
-        sqlx::query(
-            "INSERT INTO repositories (name, created_at) VALUES ($1, $2) \
-             ON CONFLICT (name) DO NOTHING",
-        )
-        .bind(repo.as_str())
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        let (id,): (i64,) = sqlx::query_as("SELECT id FROM repositories WHERE name = $1")
-            .bind(repo.as_str())
-            .fetch_one(&mut *tx)
-            .await?;
-        Ok(id)
-    }
-
-    // ---------------------------------------------------------------- blobs
-
-    /// The blob `digest` if it is linked in `repo`.
-    ///
-    /// # Errors
-    /// [`Error::Database`].
-    pub async fn linked_blob(&self, repo: &RepoName, digest: &Digest) -> Result<Option<BlobRow>> {
-        Ok(sqlx::query_as(
-            "SELECT b.digest, b.size, b.storage_key FROM blobs b \
-             JOIN repository_blobs rb ON rb.blob_id = b.id \
-             JOIN repositories r ON r.id = rb.repository_id \
-             WHERE r.name = $1 AND b.digest = $2",
-        )
-        .bind(repo.as_str())
-        .bind(digest.as_str())
-        .fetch_optional(&self.read)
-        .await?)
-    }
-
-    /// Links `digest` into `to` if it is linked in `from` (a cross-repository mount).
-    /// Returns whether it was linked.
-    ///
-    /// # Errors
-    /// [`Error::Database`].
-    pub async fn mount_blob(
-        &self,
-        from: &RepoName,
-        to: &RepoName,
-        digest: &Digest,
-        now: i64,
-    ) -> Result<bool> {
-        let mut tx = self.begin().await?;
-        let sql = format!(
-            "SELECT b.id FROM blobs b \
-             JOIN repository_blobs rb ON rb.blob_id = b.id \
-             JOIN repositories r ON r.id = rb.repository_id \
-             WHERE r.name = $1 AND b.digest = $2{}",
-            self.share_lock()
-        );
-        let found: Option<(i64,)> =
-            sqlx::query_as(&sql).bind(from.as_str()).bind(digest.as_str()).fetch_optional(&mut *tx).await?;
-        let Some((blob_id,)) = found else {
-            return Ok(false);
-        };
-        let repo_id = Self::ensure_repository(&mut tx, to, now).await?;
-        Self::link(&mut tx, repo_id, blob_id, now).await?;
-        tx.commit().await?;
-        Ok(true)
-    }
-
-    async fn link(tx: &mut AnyConnection, repo_id: i64, blob_id: i64, now: i64) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "INSERT INTO repository_blobs (repository_id, blob_id, linked_at) VALUES ($1, $2, $3) \
-             ON CONFLICT (repository_id, blob_id) DO UPDATE SET linked_at = excluded.linked_at",
-        )
-        .bind(repo_id)
-        .bind(blob_id)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        Ok(())
-    }
-
-    // ---------------------------------------------------------------- uploads
-
-    /// Records a new upload session.
-    ///
-    /// # Errors
-    /// [`Error::Database`].
-    pub async fn create_upload(&self, upload: &UploadRow) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO uploads (id, repository, storage_key, size, hash_state, chunks, started_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        )
-        .bind(&upload.id)
-        .bind(&upload.repository)
-        .bind(&upload.storage_key)
-        .bind(upload.size)
-        .bind(&upload.hash_state)
-        .bind(&upload.chunks)
-        .bind(upload.started_at)
-        .bind(upload.updated_at)
-        .execute(&self.write)
-        .await?;
-        Ok(())
-    }
-
-    /// The upload session `id`.
-    ///
-    /// # Errors
-    /// [`Error::Database`].
-    pub async fn upload(&self, id: &str) -> Result<Option<UploadRow>> {
-        Ok(sqlx::query_as(
-            "SELECT id, repository, storage_key, size, hash_state, chunks, started_at, updated_at \
-             FROM uploads WHERE id = $1",
-        )
-        .bind(id)
-        .fetch_optional(&self.write)
-        .await?)
-    }
-
-    /// Records that the session now holds `new_size` bytes with hash state `state` (in the
-    /// objects `chunks`, on object storage), provided it still holds `expected_size` — so of two
-    /// writers of one session only one can advance it. Returns whether it was advanced.
-    ///
-    /// # Errors
-    /// [`Error::Database`].
-    pub async fn advance_upload(
-        &self,
-        id: &str,
-        expected_size: i64,
-        new_size: i64,
-        state: &[u8],
-        chunks: &str,
-        now: i64,
-    ) -> Result<bool> {
-        let done = sqlx::query(
-            "UPDATE uploads SET size = $1, hash_state = $2, chunks = $3, updated_at = $4 \
-             WHERE id = $5 AND size = $6",
-        )
-        .bind(new_size)
-        .bind(state)
-        .bind(chunks)
-        .bind(now)
-        .bind(id)
-        .bind(expected_size)
-        .execute(&self.write)
-        .await?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    /// Removes an upload session; returns its storage key if it existed.
-    ///
-    /// # Errors
-    /// [`Error::Database`].
-    pub async fn delete_upload(&self, id: &str) -> Result<Option<String>> {
-        let row: Option<(String,)> =
-            sqlx::query_as("DELETE FROM uploads WHERE id = $1 RETURNING storage_key")
-                .bind(id)
-                .fetch_optional(&self.write)
-                .await?;
-        Ok(row.map(|(k,)| k))
-    }
-
-    /// Removes up to `limit` sessions that received nothing since `idle_before`, returning their
-    /// storage keys (whose objects the caller deletes after this commits). Safe to run on several
-    /// replicas at once: a session is returned to exactly one of them.
-    ///
-    /// # Errors
-    /// [`Error::Database`].
-    pub async fn expire_uploads(&self, idle_before: i64, limit: i64) -> Result<Vec<String>> {
-        let rows: Vec<(String,)> = sqlx::query_as(
-            "DELETE FROM uploads WHERE id IN \
-             (SELECT id FROM uploads WHERE updated_at < $1 ORDER BY updated_at LIMIT $2) \
-             AND updated_at < $1 RETURNING storage_key",
-        )
-        .bind(idle_before)
-        .bind(limit)
-        .fetch_all(&self.write)
-        .await?;
-        Ok(rows.into_iter().map(|(k,)| k).collect())
-    }
-
-    /// Turns a finished upload into a blob linked in its repository, in one transaction: the
-    /// session (which must still hold `expected_size` bytes) is removed, the blob row is created with
-    /// `storage_key` unless the digest is already stored, and the blob is linked.
-    /// Returns `None` when the session no longer exists or has moved on.
-    ///
-    /// # Errors
-    /// [`Error::Database`].
-    #[expect(clippy::too_many_arguments, reason = "one call site; the parameters are the event")]
-    pub async fn complete_upload(
-        &self,
-        upload_id: &str,
-        expected_size: i64,
-        repo: &RepoName,
-        digest: &Digest,
-        size: i64,
-        storage_key: &str,
-        now: i64,
-    ) -> Result<Option<CompletedUpload>> {
-        let mut tx = self.begin().await?;
-        let gone = sqlx::query("DELETE FROM uploads WHERE id = $1 AND size = $2")
-            .bind(upload_id)
-            .bind(expected_size)
-            .execute(&mut *tx)
-            .await?;
-        if gone.rows_affected() != 1 {
-            return Ok(None);
-        }
-        let (blob_id, outcome) =
-            Self::store_blob(&mut tx, digest, size, storage_key, now, self.share_lock()).await?;
-        let repo_id = Self::ensure_repository(&mut tx, repo, now).await?;
-        Self::link(&mut tx, repo_id, blob_id, now).await?;
-        tx.commit().await?;
-        Ok(Some(outcome))
-    }
-
-    /// Records bytes stored under `storage_key` as blob `digest` (unless the digest is stored
-    /// already) and links it in `repo`, in one transaction — a whole blob pushed in one request.
-    ///
-    /// # Errors
-    /// [`Error::Database`].
-    pub async fn store_and_link_blob(
-        &self,
-        repo: &RepoName,
-        digest: &Digest,
-        size: i64,
-        storage_key: &str,
-        now: i64,
-    ) -> Result<CompletedUpload> {
-        let mut tx = self.begin().await?;
-        let (blob_id, outcome) =
-            Self::store_blob(&mut tx, digest, size, storage_key, now, self.share_lock()).await?;
-        let repo_id = Self::ensure_repository(&mut tx, repo, now).await?;
-        Self::link(&mut tx, repo_id, blob_id, now).await?;
-        tx.commit().await?;
-        Ok(outcome)
-    }
-
-    /// Inserts the blob row unless the digest is stored already.
-    async fn store_blob(
-        tx: &mut AnyConnection,
-        digest: &Digest,
-        size: i64,
-        storage_key: &str,
-        now: i64,
-        lock: &str,
-    ) -> Result<(i64, CompletedUpload), sqlx::Error> {
-        let inserted: Option<(i64,)> = sqlx::query_as(
-            "INSERT INTO blobs (digest, size, storage_key, created_at) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (digest) DO NOTHING RETURNING id",
-        )
-        .bind(digest.as_str())
-        .bind(size)
-        .bind(storage_key)
-        .bind(now)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some((id,)) = inserted {
-            return Ok((id, CompletedUpload::Stored));
-        }
-        let sql = format!("SELECT id FROM blobs WHERE digest = $1{lock}");
-        let (id,): (i64,) = sqlx::query_as(&sql).bind(digest.as_str()).fetch_one(&mut *tx).await?;
-        Ok((id, CompletedUpload::AlreadyStored { discard_key: storage_key.to_string() }))
-    }
-
-    // ---------------------------------------------------------------- manifests and tags
-
-    /// Stores a manifest in `repo` (or revives or refreshes it if present) and optionally points
-    /// `tag` at it, recording the tag move, in one transaction. Every referenced blob must be
-    /// linked in the repository and every child manifest present there; those rows are locked
-    /// until commit so a concurrent collector cannot remove them underneath the new reference.
-    ///
-    /// # Errors
-    /// [`PutManifestError::MissingBlobs`] / [`PutManifestError::MissingManifests`] naming what is
-    /// absent; [`PutManifestError::Meta`] when the store fails.
-    pub async fn put_manifest(
-        &self,
-        repo: &RepoName,
-        manifest: &NewManifest<'_>,
-        tag: Option<&Tag>,
-        actor: Option<&str>,
-        now: i64,
-    ) -> Result<(), PutManifestError> {
-        let mut tx = self.begin().await?;
-        let repo_id = Self::ensure_repository(&mut tx, repo, now).await?;
-
-        let blob_sql = format!(
-            "SELECT b.id FROM blobs b JOIN repository_blobs rb ON rb.blob_id = b.id \
-             WHERE rb.repository_id = $1 AND b.digest = $2{}",
-            self.share_lock()
-        );
-        let mut blob_ids = Vec::with_capacity(manifest.blobs.len());
-        let mut missing = Vec::new();
-        for digest in manifest.blobs {
-            let row: Option<(i64,)> = sqlx::query_as(&blob_sql)
-                .bind(repo_id)
-                .bind(digest.as_str())
-                .fetch_optional(&mut *tx)
-                .await?;
-            match row {
-                Some((id,)) => blob_ids.push(id),
-                None => missing.push(digest.clone()),
-            }
-        }
-        if !missing.is_empty() {
-            return Err(PutManifestError::MissingBlobs(missing));
-        }
-
-        let child_sql = format!(
-            "SELECT id FROM manifests WHERE repository_id = $1 AND digest = $2 \
-             AND deleted_at IS NULL{}",
-            self.share_lock()
-        );
-        let mut child_ids = Vec::with_capacity(manifest.children.len());
-        for digest in manifest.children {
-            let row: Option<(i64,)> = sqlx::query_as(&child_sql)
-                .bind(repo_id)
-                .bind(digest.as_str())
-                .fetch_optional(&mut *tx)
-                .await?;
-            match row {
-                Some((id,)) => child_ids.push(id),
-                None => missing.push(digest.clone()),
-            }
-        }
-        if !missing.is_empty() {
-            return Err(PutManifestError::MissingManifests(missing));
-        }
-
-        let inserted: Option<(i64,)> = sqlx::query_as(
-            "INSERT INTO manifests (repository_id, digest, media_type, artifact_type, \
-             subject_digest, annotations, size, payload, pushed_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-             ON CONFLICT (repository_id, digest) DO NOTHING RETURNING id",
-        )
-        .bind(repo_id)
-        .bind(manifest.digest.as_str())
-        .bind(manifest.media_type)
-        .bind(manifest.artifact_type)
-        .bind(manifest.subject.map(Digest::as_str))
-        .bind(manifest.annotations.as_deref())
-        .bind(manifest.payload.len() as i64)
-        .bind(manifest.payload)
-        .bind(now)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let manifest_id = match inserted {
-            Some((id,)) => {
-                for blob_id in &blob_ids {
-                    sqlx::query("INSERT INTO manifest_blobs (manifest_id, blob_id) VALUES ($1, $2)")
-                        .bind(id)
-                        .bind(blob_id)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                for child_id in &child_ids {
-                    sqlx::query("INSERT INTO manifest_children (parent_id, child_id) VALUES ($1, $2)")
-                        .bind(id)
-                        .bind(child_id)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                id
-            }
-            // Pushed again: the same bytes, so the same references. Pushing revives a tombstone
-            // and refreshes the push time.
-            None => {
-                let (id,): (i64,) = sqlx::query_as(
-                    "UPDATE manifests SET pushed_at = $1, deleted_at = NULL \
-                     WHERE repository_id = $2 AND digest = $3 RETURNING id",
-                )
-                .bind(now)
-                .bind(repo_id)
-                .bind(manifest.digest.as_str())
-                .fetch_one(&mut *tx)
-                .await?;
-                id
-            }
-        };
-
-        if let Some(tag) = tag {
-            Self::set_tag(
-                &mut tx,
-                repo_id,
-                tag,
-                manifest_id,
-                manifest.digest,
-                actor,
-                now,
-                self.update_lock(),
-            )
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
-    #[expect(clippy::too_many_arguments, reason = "one call site; the parameters are the event")]
-    async fn set_tag(
-        tx: &mut AnyConnection,
-        repo_id: i64,
-        tag: &Tag,
-        manifest_id: i64,
-        digest: &Digest,
-        actor: Option<&str>,
-        now: i64,
-        lock: &str,
-    ) -> Result<(), sqlx::Error> {
-        let sql = format!(
-            "SELECT t.manifest_id, m.digest FROM tags t JOIN manifests m ON m.id = t.manifest_id \
-             WHERE t.repository_id = $1 AND t.name = $2{lock}"
-        );
-        let current: Option<(i64, String)> =
-            sqlx::query_as(&sql).bind(repo_id).bind(tag.as_str()).fetch_optional(&mut *tx).await?;
-        if current.as_ref().is_some_and(|(id, _)| *id == manifest_id) {
-            return Ok(());
-        }
-        sqlx::query(
-            "INSERT INTO tags (repository_id, name, manifest_id, updated_at) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (repository_id, name) DO UPDATE SET manifest_id = excluded.manifest_id, \
-             updated_at = excluded.updated_at",
-        )
-        .bind(repo_id)
-        .bind(tag.as_str())
-        .bind(manifest_id)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO tag_history (repository_id, tag, old_digest, new_digest, actor, at) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(repo_id)
-        .bind(tag.as_str())
-        .bind(current.map(|(_, d)| d))
-        .bind(digest.as_str())
-        .bind(actor)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        Ok(())
-    }
-
-    /// The live manifest `reference` points at in `repo`, with its bytes.
-    ///
-    /// # Errors
-    /// [`Error::Database`].
-    pub async fn manifest(&self, repo: &RepoName, reference: &Reference) -> Result<Option<ManifestRow>> {
-        self.find_manifest(repo, reference, "m.digest, m.media_type, m.payload").await
-    }
-
-    /// Like [`MetaStore::manifest`] without the bytes.
-    ///
-    /// # Errors
-    /// [`Error::Database`].
-    pub async fn manifest_head(
-        &self,
-        repo: &RepoName,
-        reference: &Reference,
-    ) -> Result<Option<ManifestHead>> {
-        self.find_manifest(repo, reference, "m.digest, m.media_type, m.size").await
-    }
-
-    async fn find_manifest<T>(
-        &self,
-        repo: &RepoName,
-        reference: &Reference,
-        columns: &str,
-    ) -> Result<Option<T>>
-    where
-        T: for<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> + Send + Unpin,
-    {
-        let (from, key) = match reference {
-            Reference::Digest(d) => {
-                ("manifests m JOIN repositories r ON r.id = m.repository_id WHERE m.digest = $2", d.as_str())
-            }
-            Reference::Tag(t) => (
-                "tags t JOIN repositories r ON r.id = t.repository_id \
-                 JOIN manifests m ON m.id = t.manifest_id WHERE t.name = $2",
-                t.as_str(),
-            ),
-        };
-        let sql = format!("SELECT {columns} FROM {from} AND r.name = $1 AND m.deleted_at IS NULL");
-        Ok(sqlx::query_as(&sql).bind(repo.as_str()).bind(key).fetch_optional(&self.read).await?)
-    }
-
-    /// Every move of `tag` in `repo`, oldest first: (old digest, new digest, actor, time).
-    ///
-    /// # Errors
-    /// [`Error::Database`].
-    pub async fn tag_history(&self, repo: &RepoName, tag: &Tag) -> Result<Vec<TagMove>> {
-        Ok(sqlx::query_as(
-            "SELECT h.old_digest, h.new_digest, h.actor, h.at FROM tag_history h \
-             JOIN repositories r ON r.id = h.repository_id WHERE r.name = $1 AND h.tag = $2 ORDER BY h.id",
-        )
-        .bind(repo.as_str())
-        .bind(tag.as_str())
-        .fetch_all(&self.read)
-        .await?)
-    }
-
-    /// Tags of `repo` after `last` in byte order, at most `limit`; `None` if the repository does
-    /// not exist.
-    ///
-    /// # Errors
-    /// [`Error::Database`].
-    pub async fn list_tags(
-        &self,
-        repo: &RepoName,
-        last: Option<&str>,
-        limit: i64,
-    ) -> Result<Option<Vec<String>>> {
-        // One row holding the whole page, newline-separated (tags cannot contain newlines):
-        // decoding thousands of rows one by one costs far more than the query.
-        let page = "SELECT t.name FROM tags t JOIN repositories r ON r.id = t.repository_id \
-                    WHERE r.name = $1 AND t.name > $2 ORDER BY t.name LIMIT $3";
-        let sql = match self.dialect {
-            // The page comes out of the (repository, name) index in order; an ORDER BY inside
-            // the aggregate would sort it again through a temporary b-tree (most of the cost of
-            // a 10,000-tag list). The order is checked below instead.
-            Dialect::Sqlite => format!("SELECT group_concat(name, char(10)) FROM ({page})"),
-            Dialect::Postgres => {
-                format!("SELECT string_agg(name, E'\\n' ORDER BY name COLLATE \"C\") FROM ({page}) AS page")
-            }
-        };
-        let (joined,): (Option<String>,) = sqlx::query_as(&sql)
-            .bind(repo.as_str())
-            .bind(last.unwrap_or(""))
-            .bind(limit)
-            .fetch_one(&self.read)
-            .await?;
-        let mut tags: Vec<String> =
-            joined.map(|j| j.split('\n').map(str::to_string).collect()).unwrap_or_default();
-        // Byte order whatever the aggregate did; linear for input already in order.
-        tags.sort_unstable();
-        if tags.is_empty() && !self.repository_exists(repo).await? {
-            return Ok(None);
-        }
-        Ok(Some(tags))
-    }
-
-    /// Live manifests in `repo` whose subject is `subject`, optionally only of `artifact_type`,
-    /// ordered by digest.
-    ///
-    /// # Errors
-    /// [`Error::Database`].
-    pub async fn referrers(
-        &self,
-        repo: &RepoName,
-        subject: &Digest,
-        artifact_type: Option<&str>,
-    ) -> Result<Vec<ReferrerRow>> {
-        Ok(sqlx::query_as(
-            "SELECT m.digest, m.media_type, m.size, m.artifact_type, m.annotations \
-             FROM manifests m JOIN repositories r ON r.id = m.repository_id \
-             WHERE r.name = $1 AND m.subject_digest = $2 AND m.deleted_at IS NULL \
-             AND ($3 IS NULL OR m.artifact_type = $3) ORDER BY m.digest",
-        )
-        .bind(repo.as_str())
-        .bind(subject.as_str())
-        .bind(artifact_type)
-        .fetch_all(&self.read)
-        .await?)
+/// Classifies a failed `COMMIT`: a refusal by the database (it answered, so it did not commit)
+/// stays a database error; anything else — the connection broke, the reply was lost — leaves the
+/// outcome unknown.
+pub(crate) fn commit_error(e: sqlx::Error) -> Error {
+    match e {
+        sqlx::Error::Database(_) => Error::Database(e),
+        other => Error::CommitUnknown(other),
     }
 }

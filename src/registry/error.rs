@@ -61,6 +61,10 @@ pub enum Error {
     /// The operation is not supported (yet) by this registry.
     #[error("{0}")]
     Unsupported(String),
+    /// A part the registry depends on is overloaded or busy (the metadata store kept reporting
+    /// conflicts, or had no free connection); nothing was changed and the request may be retried.
+    #[error("{0}")]
+    Unavailable(String),
     /// Something failed inside the registry; details are logged, not shown.
     #[error("internal error: {0}")]
     Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -68,6 +72,10 @@ pub enum Error {
 
 impl From<crate::meta::Error> for Error {
     fn from(e: crate::meta::Error) -> Self {
+        if e.is_busy() {
+            tracing::warn!(error = %e, "answering 503");
+            return Error::Unavailable("the metadata store is busy; retry the request".into());
+        }
         Error::Internal(Box::new(e))
     }
 }

@@ -15,6 +15,7 @@ pub struct BlobHandle {
     pub digest: Digest,
     /// Its size in bytes.
     pub size: u64,
+    repo: RepoName,
     storage_key: String,
 }
 
@@ -43,14 +44,21 @@ impl Registry {
     /// [`Error::BlobUnknown`] when it is not linked there (even if stored for another repository).
     pub async fn blob(&self, repo: &RepoName, digest: &Digest) -> Result<BlobHandle> {
         let row = self.meta.linked_blob(repo, digest).await?.ok_or(Error::BlobUnknown)?;
-        Ok(BlobHandle { digest: digest.clone(), size: row.size as u64, storage_key: row.storage_key })
+        Ok(BlobHandle {
+            digest: digest.clone(),
+            size: row.size as u64,
+            repo: repo.clone(),
+            storage_key: row.storage_key,
+        })
     }
 
     /// Streams a blob's bytes, or `range` of them.
     ///
     /// # Errors
-    /// [`Error::RangeNotSatisfiable`] when `range` is outside the blob; [`Error::Internal`] when
-    /// the bytes are missing from storage (a consistency failure, reported by `fsck` too).
+    /// [`Error::RangeNotSatisfiable`] when `range` is outside the blob; [`Error::BlobUnknown`]
+    /// when the blob was unlinked or collected since `blob` was looked up; [`Error::Internal`]
+    /// when the bytes are missing although metadata still names them (a consistency failure,
+    /// reported by `fsck` too).
     pub async fn read_blob(
         &self,
         blob: &BlobHandle,
@@ -61,7 +69,18 @@ impl Registry {
         {
             return Err(Error::RangeNotSatisfiable { size: blob.size });
         }
-        Ok(self.blobs.read(&blob.storage_key, range).await?)
+        match self.blobs.read(&blob.storage_key, range).await {
+            Ok(stream) => Ok(stream),
+            Err(crate::blob::Error::NotFound(key)) => {
+                // Gone between the lookup and the read: fine if metadata moved on meanwhile.
+                let now = self.meta.linked_blob(&blob.repo, &blob.digest).await?;
+                if now.is_some_and(|row| row.storage_key == blob.storage_key) {
+                    return Err(crate::blob::Error::NotFound(key).into());
+                }
+                Err(Error::BlobUnknown)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// A short-lived URL the client may download `blob` from directly, when storage is configured

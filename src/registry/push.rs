@@ -177,21 +177,27 @@ impl Registry {
             .meta
             .complete_upload(id, row.size, repo, digest, size as i64, &blob_key, self.clock.now_ms())
             .await;
-        match outcome {
-            Ok(Some(CompletedUpload::Stored)) => self.blobs.finish_upload(&row.storage_key, &blob_key).await,
-            Ok(Some(CompletedUpload::AlreadyStored { discard_key })) => {
-                if let Err(e) = self.blobs.abort_upload(&row.storage_key, Some(&discard_key)).await {
-                    tracing::warn!(storage.key = %discard_key, error = %e, "could not delete a redundant copy");
+        let outcome = match outcome {
+            Err(e) => match self.after_failed_commit(e, &blob_key).await {
+                // The commit went through after all.
+                Ok(()) => CompletedUpload::Stored,
+                Err(AfterFailure::RolledBack(e)) => {
+                    // Leave the still-open session as it was.
+                    self.blobs.revert_commit(&row.storage_key, &chunks, &blob_key, size).await;
+                    return Err(e);
                 }
-            }
+                Err(AfterFailure::Unknown(e)) => return Err(e),
+            },
             Ok(None) => {
-                self.delete_quietly(&blob_key).await;
+                self.blobs.discard_commit(&chunks, &blob_key).await;
                 return Err(Error::BlobUploadUnknown);
             }
-            Err(e) => {
-                // Leave the still-open session as it was.
-                self.blobs.revert_commit(&row.storage_key, &chunks, &blob_key, size).await;
-                return Err(e.into());
+            Ok(Some(outcome)) => outcome,
+        };
+        match outcome {
+            CompletedUpload::Stored => self.blobs.finish_upload(&row.storage_key, &blob_key).await,
+            CompletedUpload::AlreadyStored { discard_key } => {
+                self.discard_upload(&row.storage_key, Some(&discard_key)).await;
             }
         }
         Ok(digest.clone())
@@ -215,8 +221,7 @@ impl Registry {
     {
         let key = self.blobs.start_upload(&Uuid::new_v4().to_string()).await?;
         let mut chunks = Vec::new();
-        let mut blob_key = None;
-        let result = async {
+        let stored = async {
             let mut hasher = UploadHasher::default();
             // A fresh key nobody else writes: nothing to hold.
             let size = self
@@ -225,30 +230,64 @@ impl Registry {
                 .await?;
             self.check_content(&key, &chunks, size, &hasher, digest).await?;
             let published = self.blobs.commit_upload(&key, &chunks, digest, size).await?;
-            blob_key = Some(published.clone());
-            let outcome = self
-                .meta
-                .store_and_link_blob(repo, digest, size as i64, &published, self.clock.now_ms())
-                .await?;
-            Ok((published, outcome))
+            Ok::<_, Error>((published, size))
         }
         .await;
-        match result {
-            Ok((published, CompletedUpload::Stored)) => {
-                self.blobs.finish_upload(&key, &published).await;
-                Ok(digest.clone())
-            }
-            Ok((published, CompletedUpload::AlreadyStored { .. })) => {
-                if let Err(e) = self.blobs.abort_upload(&key, Some(&published)).await {
-                    tracing::warn!(storage.key = %published, error = %e, "could not delete a redundant copy");
-                }
-                Ok(digest.clone())
-            }
+        let (published, size) = match stored {
+            Ok(stored) => stored,
             Err(e) => {
-                if let Err(cleanup) = self.blobs.abort_upload(&key, blob_key.as_deref()).await {
-                    tracing::warn!(storage.key = %key, error = %cleanup, "could not delete a failed upload's bytes");
+                self.discard_upload(&key, None).await;
+                return Err(e);
+            }
+        };
+        let outcome = match self
+            .meta
+            .store_and_link_blob(repo, digest, size as i64, &published, self.clock.now_ms())
+            .await
+        {
+            Ok(outcome) => outcome,
+            Err(e) => match self.after_failed_commit(e, &published).await {
+                Ok(()) => CompletedUpload::Stored,
+                Err(AfterFailure::RolledBack(e)) => {
+                    self.discard_upload(&key, Some(&published)).await;
+                    return Err(e);
                 }
-                Err(e)
+                Err(AfterFailure::Unknown(e)) => return Err(e),
+            },
+        };
+        match outcome {
+            CompletedUpload::Stored => self.blobs.finish_upload(&key, &published).await,
+            CompletedUpload::AlreadyStored { .. } => self.discard_upload(&key, Some(&published)).await,
+        }
+        Ok(digest.clone())
+    }
+
+    /// Deletes the bytes of an upload that no row names (and `copy`, a published copy no row
+    /// names either). A failure only leaves an orphan for the sweep, so it is logged.
+    async fn discard_upload(&self, key: &str, copy: Option<&str>) {
+        if let Err(e) = self.blobs.abort_upload(key, copy).await {
+            tracing::warn!(storage.key = key, error = %e, "could not delete an unrecorded upload's bytes");
+        }
+    }
+
+    /// Decides what a failed blob-recording transaction means for the bytes it would have made
+    /// reachable under `blob_key`. Ok when the commit went through after all (its reply was
+    /// lost, but the row names the key); `RolledBack` when the database surely did not commit
+    /// (the caller may undo its storage work); `Unknown` when it cannot be known — then the bytes
+    /// stay where they are (an orphan for the sweep at worst), because deleting bytes a row may
+    /// name would break a blob.
+    async fn after_failed_commit(&self, e: crate::meta::Error, blob_key: &str) -> Result<(), AfterFailure> {
+        if !matches!(e, crate::meta::Error::CommitUnknown(_)) {
+            return Err(AfterFailure::RolledBack(e.into()));
+        }
+        match self.meta.storage_key_recorded(blob_key).await {
+            Ok(true) => {
+                tracing::warn!(storage.key = blob_key, error = %e, "commit reply lost, but the blob was recorded");
+                Ok(())
+            }
+            Ok(false) | Err(_) => {
+                tracing::warn!(storage.key = blob_key, error = %e, "commit outcome unknown; bytes left for the sweep");
+                Err(AfterFailure::Unknown(e.into()))
             }
         }
     }
@@ -310,14 +349,6 @@ impl Registry {
         }
     }
 
-    /// Deletes an object that metadata no longer refers to. A failure only leaves an orphan for
-    /// the sweep, so it is logged rather than returned.
-    async fn delete_quietly(&self, key: &str) {
-        if let Err(e) = self.blobs.delete(key).await {
-            tracing::warn!(storage.key = key, error = %e, "could not delete an unreferenced object");
-        }
-    }
-
     /// Stores a manifest pushed to `repo` under `reference`, byte-for-byte; a tag move is
     /// recorded in the tag history as done by `actor`.
     ///
@@ -366,6 +397,12 @@ impl Registry {
             Err(PutManifestError::Meta(e)) => Err(e.into()),
         }
     }
+}
+
+/// What a failed recording transaction left: surely nothing, or maybe a row.
+enum AfterFailure {
+    RolledBack(Error),
+    Unknown(Error),
 }
 
 /// A chunk must start exactly where the session ends.

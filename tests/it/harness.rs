@@ -151,6 +151,45 @@ impl TestRegistry {
         std::mem::replace(&mut self.dir, dir)
     }
 
+    /// A connection pool on the registry's own metadata database, for tests that look at or
+    /// tamper with rows directly.
+    pub async fn sql(&self) -> sqlx::AnyPool {
+        sqlx::any::install_default_drivers();
+        sqlx::any::AnyPoolOptions::new()
+            .max_connections(2)
+            .connect(&self.app.config.metadata_url)
+            .await
+            .expect("connect to the metadata database")
+    }
+
+    /// Whether this registry runs on PostgreSQL.
+    pub fn on_postgres(&self) -> bool {
+        self.app.config.metadata_url.starts_with("postgres")
+    }
+
+    /// Pushes an image index of `children` (already pushed to `repo`) under `reference`;
+    /// returns its digest and bytes.
+    pub async fn push_index(
+        &self,
+        repo: &str,
+        reference: &str,
+        children: &[&PushedImage],
+    ) -> (Digest, Vec<u8>) {
+        let manifests: Vec<Value> = children
+            .iter()
+            .map(
+                |c| json!({"mediaType": OCI_MANIFEST, "digest": c.digest.as_str(), "size": c.manifest.len()}),
+            )
+            .collect();
+        let index = serde_json::to_vec(&json!({
+            "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests,
+        }))
+        .unwrap();
+        let res = self.put_manifest(repo, reference, OCI_INDEX, &index).await;
+        assert_eq!(res.status(), StatusCode::CREATED, "{:?}", res.text().await);
+        (Digest::sha256_of(&index), index)
+    }
+
     /// Uploads `bytes` in one `POST ?digest=` and returns their digest.
     pub async fn upload_blob(&self, repo: &str, bytes: &[u8]) -> Digest {
         let digest = Digest::sha256_of(bytes);

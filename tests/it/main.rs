@@ -11,4 +11,5 @@ pub mod e2e;
 mod limits;
 mod manifests;
 mod replicas;
+mod tags;
 mod tls;

@@ -217,3 +217,36 @@ backend_test!(subject_is_reported_and_pushing_works_without_the_subject_present,
     assert_eq!(res.status(), 201);
     assert_eq!(header(&res, "oci-subject"), Some(ghost.as_str()));
 });
+
+// A tombstone whose references were taken away (as purging or collecting it does) and that is
+// then pushed again must reference its blobs again, or its blobs look unreferenced to the
+// collector while the manifest is live.
+backend_test!(a_revived_manifest_references_its_blobs_again, |reg| {
+    let img = reg.push_image("revive", "v1", 30).await;
+    let sql = reg.sql().await;
+    let (id,): (i64,) = sqlx::query_as("SELECT id FROM manifests WHERE digest = $1")
+        .bind(img.digest.as_str())
+        .fetch_one(&sql)
+        .await
+        .unwrap();
+    let reference_count = async || -> i64 {
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM manifest_blobs WHERE manifest_id = $1")
+            .bind(id)
+            .fetch_one(&sql)
+            .await
+            .unwrap();
+        n
+    };
+    assert_eq!(reference_count().await, 3, "config and two layers");
+    // What a purge or the collector leaves of a tombstone: the row, without tags or references.
+    sqlx::query("DELETE FROM tags WHERE manifest_id = $1").bind(id).execute(&sql).await.unwrap();
+    sqlx::query("DELETE FROM manifest_blobs WHERE manifest_id = $1").bind(id).execute(&sql).await.unwrap();
+    sqlx::query("UPDATE manifests SET deleted_at = 1 WHERE id = $1").bind(id).execute(&sql).await.unwrap();
+    assert_oci_error(reg.get("/v2/revive/manifests/v1").await, 404, "MANIFEST_UNKNOWN").await;
+
+    let res = reg.put_manifest("revive", img.digest.as_str(), OCI_MANIFEST, &img.manifest).await;
+    assert_eq!(res.status(), 201);
+    assert_eq!(reference_count().await, 3, "the revived manifest references its blobs again");
+    let res = reg.get(&format!("/v2/revive/manifests/{}", img.digest)).await;
+    assert_eq!(res.bytes().await.unwrap(), img.manifest);
+});

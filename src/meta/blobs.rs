@@ -1,0 +1,163 @@
+//! Blob rows and their links into repositories.
+
+use sqlx::AnyConnection;
+
+use super::{Error, MetaStore, Result, transaction};
+use crate::meta::BlobRow;
+use crate::oci::{Digest, RepoName};
+
+/// Outcome of recording uploaded bytes as a blob.
+#[derive(Debug, PartialEq, Eq)]
+pub enum CompletedUpload {
+    /// The uploaded bytes became the blob, stored under the given key.
+    Stored,
+    /// The blob already existed; the uploaded bytes under `discard_key` are now redundant.
+    AlreadyStored {
+        /// The key of the redundant copy, to delete after commit.
+        discard_key: String,
+    },
+}
+
+/// How often a step that lost a race with a concurrent delete is repeated within its transaction.
+const STEP_ATTEMPTS: usize = 3;
+
+impl MetaStore {
+    /// The blob `digest` if it is linked in `repo`.
+    ///
+    /// # Errors
+    /// [`super::Error::Database`].
+    pub async fn linked_blob(&self, repo: &RepoName, digest: &Digest) -> Result<Option<BlobRow>> {
+        Ok(sqlx::query_as(
+            "SELECT b.digest, b.size, b.storage_key FROM blobs b \
+             JOIN repository_blobs rb ON rb.blob_id = b.id \
+             JOIN repositories r ON r.id = rb.repository_id \
+             WHERE r.name = $1 AND b.digest = $2",
+        )
+        .bind(repo.as_str())
+        .bind(digest.as_str())
+        .fetch_optional(&self.read)
+        .await?)
+    }
+
+    /// Whether a blob row names `storage_key` — read after a commit whose outcome is unknown, to
+    /// learn whether the bytes under that key became a blob.
+    ///
+    /// # Errors
+    /// [`super::Error::Database`].
+    pub async fn storage_key_recorded(&self, storage_key: &str) -> Result<bool> {
+        let row: Option<(i64,)> = sqlx::query_as("SELECT id FROM blobs WHERE storage_key = $1")
+            .bind(storage_key)
+            .fetch_optional(&self.write)
+            .await?;
+        Ok(row.is_some())
+    }
+
+    /// Links `digest` into `to` if it is linked in `from` (a cross-repository mount).
+    /// Returns whether it was linked.
+    ///
+    /// # Errors
+    /// [`super::Error::Database`].
+    pub async fn mount_blob(
+        &self,
+        from: &RepoName,
+        to: &RepoName,
+        digest: &Digest,
+        now: i64,
+    ) -> Result<bool> {
+        let sql = format!(
+            "SELECT b.id FROM blobs b \
+             JOIN repository_blobs rb ON rb.blob_id = b.id \
+             JOIN repositories r ON r.id = rb.repository_id \
+             WHERE r.name = $1 AND b.digest = $2{}",
+            self.share_lock()
+        );
+        transaction!(self, Error, |tx| {
+            let found: Option<(i64,)> = sqlx::query_as(&sql)
+                .bind(from.as_str())
+                .bind(digest.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+            let Some((blob_id,)) = found else {
+                return Ok(false);
+            };
+            let repo_id = Self::ensure_repository(tx, to, now).await?;
+            Self::link(tx, repo_id, blob_id, now).await?;
+            Ok(true)
+        })
+    }
+
+    pub(super) async fn link(
+        tx: &mut AnyConnection,
+        repo_id: i64,
+        blob_id: i64,
+        now: i64,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO repository_blobs (repository_id, blob_id, linked_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (repository_id, blob_id) DO UPDATE SET linked_at = excluded.linked_at",
+        )
+        .bind(repo_id)
+        .bind(blob_id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Records bytes stored under `storage_key` as blob `digest` (unless the digest is stored
+    /// already) and links it in `repo`, in one transaction — a whole blob pushed in one request.
+    ///
+    /// # Errors
+    /// [`super::Error::Database`].
+    pub async fn store_and_link_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        size: i64,
+        storage_key: &str,
+        now: i64,
+    ) -> Result<CompletedUpload> {
+        let lock = self.share_lock();
+        transaction!(self, Error, |tx| {
+            let (blob_id, outcome) = Self::store_blob(tx, digest, size, storage_key, now, lock).await?;
+            let repo_id = Self::ensure_repository(tx, repo, now).await?;
+            Self::link(tx, repo_id, blob_id, now).await?;
+            Ok(outcome)
+        })
+    }
+
+    /// Inserts the blob row unless the digest is stored already (then that row is share-locked).
+    pub(super) async fn store_blob(
+        tx: &mut AnyConnection,
+        digest: &Digest,
+        size: i64,
+        storage_key: &str,
+        now: i64,
+        lock: &str,
+    ) -> Result<(i64, CompletedUpload), sqlx::Error> {
+        let existing = format!("SELECT id FROM blobs WHERE digest = $1{lock}");
+        for _ in 0..STEP_ATTEMPTS {
+            let inserted: Option<(i64,)> = sqlx::query_as(
+                "INSERT INTO blobs (digest, size, storage_key, created_at) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (digest) DO NOTHING RETURNING id",
+            )
+            .bind(digest.as_str())
+            .bind(size)
+            .bind(storage_key)
+            .bind(now)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some((id,)) = inserted {
+                return Ok((id, CompletedUpload::Stored));
+            }
+            let found: Option<(i64,)> =
+                sqlx::query_as(&existing).bind(digest.as_str()).fetch_optional(&mut *tx).await?;
+            if let Some((id,)) = found {
+                return Ok((id, CompletedUpload::AlreadyStored { discard_key: storage_key.to_string() }));
+            }
+            // The row that blocked the insert was removed before it could be read (a concurrent
+            // collection): insert again.
+        }
+        Err(sqlx::Error::RowNotFound)
+    }
+}

@@ -1,0 +1,277 @@
+//! Manifests and what they reference (blobs; index children), stored byte-for-byte.
+
+use sqlx::AnyConnection;
+
+use super::{Error, MetaStore, Result, TxError, transaction};
+use crate::meta::{ManifestHead, ManifestRow, ReferrerRow};
+use crate::oci::{Digest, Reference, RepoName, Tag};
+
+/// A manifest to store, with what it references.
+#[derive(Debug)]
+pub struct NewManifest<'a> {
+    /// The digest of `payload`.
+    pub digest: &'a Digest,
+    /// Media type it is served with.
+    pub media_type: &'a str,
+    /// The referrers API's artifact type.
+    pub artifact_type: Option<&'a str>,
+    /// The digest of its subject, if any.
+    pub subject: Option<&'a Digest>,
+    /// Annotations as JSON text, if any.
+    pub annotations: Option<String>,
+    /// The exact bytes pushed.
+    pub payload: &'a [u8],
+    /// Blobs that must be linked in the repository.
+    pub blobs: &'a [Digest],
+    /// Manifests that must be present in the repository.
+    pub children: &'a [Digest],
+}
+
+/// Why a manifest could not be stored.
+#[derive(Debug, thiserror::Error)]
+pub enum PutManifestError {
+    /// Blobs it references are not in the repository.
+    #[error("blobs not in the repository: {0:?}")]
+    MissingBlobs(Vec<Digest>),
+    /// Manifests it lists are not in the repository.
+    #[error("manifests not in the repository: {0:?}")]
+    MissingManifests(Vec<Digest>),
+    /// The store failed.
+    #[error(transparent)]
+    Meta(#[from] Error),
+}
+
+impl From<sqlx::Error> for PutManifestError {
+    fn from(e: sqlx::Error) -> Self {
+        PutManifestError::Meta(Error::Database(e))
+    }
+}
+
+impl TxError for PutManifestError {
+    fn store_error(&self) -> Option<&Error> {
+        match self {
+            PutManifestError::Meta(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// How often a step that lost a race with a concurrent delete is repeated within its transaction.
+const STEP_ATTEMPTS: usize = 3;
+
+impl MetaStore {
+    /// Stores a manifest in `repo` (or revives or refreshes it if present) and optionally points
+    /// `tag` at it, recording the tag move, in one transaction. Every referenced blob must be
+    /// linked in the repository and every child manifest present there; those rows are locked
+    /// until commit so a concurrent collector cannot remove them underneath the new reference.
+    ///
+    /// # Errors
+    /// [`PutManifestError::MissingBlobs`] / [`PutManifestError::MissingManifests`] naming what is
+    /// absent; [`PutManifestError::Meta`] when the store fails.
+    pub async fn put_manifest(
+        &self,
+        repo: &RepoName,
+        manifest: &NewManifest<'_>,
+        tag: Option<&Tag>,
+        actor: Option<&str>,
+        now: i64,
+    ) -> Result<(), PutManifestError> {
+        let blob_sql = format!(
+            "SELECT b.id FROM blobs b JOIN repository_blobs rb ON rb.blob_id = b.id \
+             WHERE rb.repository_id = $1 AND b.digest = $2{}",
+            self.share_lock()
+        );
+        let child_sql = format!(
+            "SELECT id FROM manifests WHERE repository_id = $1 AND digest = $2 \
+             AND deleted_at IS NULL{}",
+            self.share_lock()
+        );
+        let tag_lock = self.update_lock_of("t");
+        transaction!(self, PutManifestError, |tx| {
+            let repo_id = Self::ensure_repository(tx, repo, now).await?;
+            let blob_ids = ids_of(tx, &blob_sql, repo_id, manifest.blobs).await?;
+            let blob_ids = blob_ids.map_err(PutManifestError::MissingBlobs)?;
+            let child_ids = ids_of(tx, &child_sql, repo_id, manifest.children).await?;
+            let child_ids = child_ids.map_err(PutManifestError::MissingManifests)?;
+            let manifest_id = Self::upsert_manifest(tx, repo_id, manifest, now).await?;
+            Self::write_references(tx, manifest_id, &blob_ids, &child_ids).await?;
+            if let Some(tag) = tag {
+                Self::set_tag(tx, repo_id, tag, manifest_id, manifest.digest, actor, now, &tag_lock).await?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Inserts the manifest row, or — pushed again — revives it if it is a tombstone and
+    /// refreshes its push time. Returns its id.
+    async fn upsert_manifest(
+        tx: &mut AnyConnection,
+        repo_id: i64,
+        manifest: &NewManifest<'_>,
+        now: i64,
+    ) -> Result<i64, sqlx::Error> {
+        for _ in 0..STEP_ATTEMPTS {
+            let inserted: Option<(i64,)> = sqlx::query_as(
+                "INSERT INTO manifests (repository_id, digest, media_type, artifact_type, \
+                 subject_digest, annotations, size, payload, pushed_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                 ON CONFLICT (repository_id, digest) DO NOTHING RETURNING id",
+            )
+            .bind(repo_id)
+            .bind(manifest.digest.as_str())
+            .bind(manifest.media_type)
+            .bind(manifest.artifact_type)
+            .bind(manifest.subject.map(Digest::as_str))
+            .bind(manifest.annotations.as_deref())
+            .bind(manifest.payload.len() as i64)
+            .bind(manifest.payload)
+            .bind(now)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some((id,)) = inserted {
+                return Ok(id);
+            }
+            let revived: Option<(i64,)> = sqlx::query_as(
+                "UPDATE manifests SET pushed_at = $1, deleted_at = NULL \
+                 WHERE repository_id = $2 AND digest = $3 RETURNING id",
+            )
+            .bind(now)
+            .bind(repo_id)
+            .bind(manifest.digest.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some((id,)) = revived {
+                return Ok(id);
+            }
+            // The row that blocked the insert was removed before it could be updated (a
+            // concurrent collection): insert again.
+        }
+        Err(sqlx::Error::RowNotFound)
+    }
+
+    /// Makes the reference rows of `manifest_id` exactly the blobs and children checked (and
+    /// locked) by this transaction. A manifest pushed again has the same bytes, hence the same
+    /// digests — but the rows may be gone (a purged or collected tombstone) or name blob rows
+    /// stored again since, so they are rewritten rather than trusted.
+    async fn write_references(
+        tx: &mut AnyConnection,
+        manifest_id: i64,
+        blob_ids: &[i64],
+        child_ids: &[i64],
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query("DELETE FROM manifest_blobs WHERE manifest_id = $1")
+            .bind(manifest_id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM manifest_children WHERE parent_id = $1")
+            .bind(manifest_id)
+            .execute(&mut *tx)
+            .await?;
+        for blob_id in blob_ids {
+            sqlx::query(
+                "INSERT INTO manifest_blobs (manifest_id, blob_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            )
+            .bind(manifest_id)
+            .bind(blob_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for child_id in child_ids {
+            sqlx::query(
+                "INSERT INTO manifest_children (parent_id, child_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            )
+            .bind(manifest_id)
+            .bind(child_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// The live manifest `reference` points at in `repo`, with its bytes.
+    ///
+    /// # Errors
+    /// [`Error::Database`].
+    pub async fn manifest(&self, repo: &RepoName, reference: &Reference) -> Result<Option<ManifestRow>> {
+        self.find_manifest(repo, reference, "m.digest, m.media_type, m.payload").await
+    }
+
+    /// Like [`MetaStore::manifest`] without the bytes.
+    ///
+    /// # Errors
+    /// [`Error::Database`].
+    pub async fn manifest_head(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<Option<ManifestHead>> {
+        self.find_manifest(repo, reference, "m.digest, m.media_type, m.size").await
+    }
+
+    async fn find_manifest<T>(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        columns: &str,
+    ) -> Result<Option<T>>
+    where
+        T: for<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> + Send + Unpin,
+    {
+        let (from, key) = match reference {
+            Reference::Digest(d) => {
+                ("manifests m JOIN repositories r ON r.id = m.repository_id WHERE m.digest = $2", d.as_str())
+            }
+            Reference::Tag(t) => (
+                "tags t JOIN repositories r ON r.id = t.repository_id \
+                 JOIN manifests m ON m.id = t.manifest_id WHERE t.name = $2",
+                t.as_str(),
+            ),
+        };
+        let sql = format!("SELECT {columns} FROM {from} AND r.name = $1 AND m.deleted_at IS NULL");
+        Ok(sqlx::query_as(&sql).bind(repo.as_str()).bind(key).fetch_optional(&self.read).await?)
+    }
+
+    /// Live manifests in `repo` whose subject is `subject`, optionally only of `artifact_type`,
+    /// ordered by digest.
+    ///
+    /// # Errors
+    /// [`Error::Database`].
+    pub async fn referrers(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<Vec<ReferrerRow>> {
+        Ok(sqlx::query_as(
+            "SELECT m.digest, m.media_type, m.size, m.artifact_type, m.annotations \
+             FROM manifests m JOIN repositories r ON r.id = m.repository_id \
+             WHERE r.name = $1 AND m.subject_digest = $2 AND m.deleted_at IS NULL \
+             AND ($3 IS NULL OR m.artifact_type = $3) ORDER BY m.digest",
+        )
+        .bind(repo.as_str())
+        .bind(subject.as_str())
+        .bind(artifact_type)
+        .fetch_all(&self.read)
+        .await?)
+    }
+}
+
+/// The row ids `sql` finds for each digest (in `repo_id`), or the digests it does not find.
+async fn ids_of(
+    tx: &mut AnyConnection,
+    sql: &str,
+    repo_id: i64,
+    digests: &[Digest],
+) -> Result<Result<Vec<i64>, Vec<Digest>>, sqlx::Error> {
+    let mut ids = Vec::with_capacity(digests.len());
+    let mut missing = Vec::new();
+    for digest in digests {
+        let row: Option<(i64,)> =
+            sqlx::query_as(sql).bind(repo_id).bind(digest.as_str()).fetch_optional(&mut *tx).await?;
+        match row {
+            Some((id,)) => ids.push(id),
+            None => missing.push(digest.clone()),
+        }
+    }
+    Ok(if missing.is_empty() { Ok(ids) } else { Err(missing) })
+}

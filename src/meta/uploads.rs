@@ -1,0 +1,140 @@
+//! Upload sessions: a row per session, holding the hash state of the bytes received so far.
+
+use super::{CompletedUpload, Error, MetaStore, Result, transaction};
+use crate::meta::UploadRow;
+use crate::oci::{Digest, RepoName};
+
+impl MetaStore {
+    /// Records a new upload session.
+    ///
+    /// # Errors
+    /// [`super::Error::Database`].
+    pub async fn create_upload(&self, upload: &UploadRow) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO uploads (id, repository, storage_key, size, hash_state, chunks, started_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(&upload.id)
+        .bind(&upload.repository)
+        .bind(&upload.storage_key)
+        .bind(upload.size)
+        .bind(&upload.hash_state)
+        .bind(&upload.chunks)
+        .bind(upload.started_at)
+        .bind(upload.updated_at)
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    /// The upload session `id`.
+    ///
+    /// # Errors
+    /// [`super::Error::Database`].
+    pub async fn upload(&self, id: &str) -> Result<Option<UploadRow>> {
+        Ok(sqlx::query_as(
+            "SELECT id, repository, storage_key, size, hash_state, chunks, started_at, updated_at \
+             FROM uploads WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.write)
+        .await?)
+    }
+
+    /// Records that the session now holds `new_size` bytes with hash state `state` (in the
+    /// objects `chunks`, on object storage), provided it still holds `expected_size` — so of two
+    /// writers of one session only one can advance it. Returns whether it was advanced.
+    ///
+    /// # Errors
+    /// [`super::Error::Database`].
+    pub async fn advance_upload(
+        &self,
+        id: &str,
+        expected_size: i64,
+        new_size: i64,
+        state: &[u8],
+        chunks: &str,
+        now: i64,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE uploads SET size = $1, hash_state = $2, chunks = $3, updated_at = $4 \
+             WHERE id = $5 AND size = $6",
+        )
+        .bind(new_size)
+        .bind(state)
+        .bind(chunks)
+        .bind(now)
+        .bind(id)
+        .bind(expected_size)
+        .execute(&self.write)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Removes an upload session; returns its storage key if it existed.
+    ///
+    /// # Errors
+    /// [`super::Error::Database`].
+    pub async fn delete_upload(&self, id: &str) -> Result<Option<String>> {
+        let row: Option<(String,)> =
+            sqlx::query_as("DELETE FROM uploads WHERE id = $1 RETURNING storage_key")
+                .bind(id)
+                .fetch_optional(&self.write)
+                .await?;
+        Ok(row.map(|(k,)| k))
+    }
+
+    /// Removes up to `limit` sessions that received nothing since `idle_before`, returning their
+    /// storage keys (whose objects the caller deletes after this commits). Safe to run on several
+    /// replicas at once: a session is returned to exactly one of them.
+    ///
+    /// # Errors
+    /// [`super::Error::Database`].
+    pub async fn expire_uploads(&self, idle_before: i64, limit: i64) -> Result<Vec<String>> {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "DELETE FROM uploads WHERE id IN \
+             (SELECT id FROM uploads WHERE updated_at < $1 ORDER BY updated_at LIMIT $2) \
+             AND updated_at < $1 RETURNING storage_key",
+        )
+        .bind(idle_before)
+        .bind(limit)
+        .fetch_all(&self.write)
+        .await?;
+        Ok(rows.into_iter().map(|(k,)| k).collect())
+    }
+
+    /// Turns a finished upload into a blob linked in its repository, in one transaction: the
+    /// session (which must still hold `expected_size` bytes) is removed, the blob row is created with
+    /// `storage_key` unless the digest is already stored, and the blob is linked.
+    /// Returns `None` when the session no longer exists or has moved on.
+    ///
+    /// # Errors
+    /// [`super::Error::Database`].
+    #[expect(clippy::too_many_arguments, reason = "one call site; the parameters are the event")]
+    pub async fn complete_upload(
+        &self,
+        upload_id: &str,
+        expected_size: i64,
+        repo: &RepoName,
+        digest: &Digest,
+        size: i64,
+        storage_key: &str,
+        now: i64,
+    ) -> Result<Option<CompletedUpload>> {
+        let lock = self.share_lock();
+        transaction!(self, Error, |tx| {
+            let gone = sqlx::query("DELETE FROM uploads WHERE id = $1 AND size = $2")
+                .bind(upload_id)
+                .bind(expected_size)
+                .execute(&mut *tx)
+                .await?;
+            if gone.rows_affected() != 1 {
+                return Ok(None);
+            }
+            let (blob_id, outcome) = Self::store_blob(tx, digest, size, storage_key, now, lock).await?;
+            let repo_id = Self::ensure_repository(tx, repo, now).await?;
+            Self::link(tx, repo_id, blob_id, now).await?;
+            Ok(Some(outcome))
+        })
+    }
+}
