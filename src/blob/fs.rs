@@ -248,7 +248,9 @@ impl FsStore {
         let prefix = prefix.to_string();
         tokio::task::spawn_blocking(move || {
             let mut keys = Vec::new();
-            let mut stack = vec![root.clone()];
+            // Walk only the directory the prefix names (its part up to the last `/`).
+            let start = prefix.rsplit_once('/').map_or(root.clone(), |(dir, _)| root.join(dir));
+            let mut stack = vec![start];
             while let Some(dir) = stack.pop() {
                 let entries = match std::fs::read_dir(&dir) {
                     Ok(e) => e,

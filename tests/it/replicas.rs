@@ -181,6 +181,32 @@ async fn two_replicas_racing_on_one_session_cannot_corrupt_it() {
     assert_eq!(r[1].get(&format!("/v2/race/session/blobs/{right}")).await.bytes().await.unwrap(), winner);
 }
 
+// Two replicas complete one single-chunk session at the same moment. On object storage the
+// blob a one-chunk session publishes is that chunk's own object, so the replica that loses the
+// race must not delete it: it is the winner's blob (or, had the session moved on, still part of
+// the session).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_racing_to_complete_one_session_keep_the_blob() {
+    let r = replicas_or_skip!(2);
+    for round in 0..12u64 {
+        let data = random_bytes(500 + round, 50_000);
+        let digest = Digest::sha256_of(&data);
+        let loc = r[0].start_upload("race/complete").await;
+        let res = r[0].patch_chunk(&loc, &data, 0, data.len()).await;
+        assert_eq!(res.status(), StatusCode::ACCEPTED);
+        let loc = header(&res, "location").unwrap().to_string();
+        let put = |i: usize| r[i].req(Method::PUT, &format!("{loc}?digest={digest}")).send();
+        let (a, b) = tokio::join!(put(0), put(1));
+        let statuses = [a.unwrap().status().as_u16(), b.unwrap().status().as_u16()];
+        assert!(statuses.contains(&201), "round {round}: {statuses:?}");
+        for replica in &r {
+            let res = replica.get(&format!("/v2/race/complete/blobs/{digest}")).await;
+            assert_eq!(res.status(), 200, "round {round} ({statuses:?})");
+            assert_eq!(res.bytes().await.unwrap(), data, "round {round}");
+        }
+    }
+}
+
 /// A `berth serve` process of the scale-out deployment.
 struct Process {
     child: std::process::Child,

@@ -1,0 +1,146 @@
+//! Failures injected between Berth and its database: a connection to PostgreSQL that breaks
+//! right after a `COMMIT` was sent, so the database commits but Berth never hears it. Bytes that
+//! a row may name must never be deleted on the strength of such an error.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use berth::oci::Digest;
+use reqwest::{Method, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::harness::*;
+
+/// A TCP proxy in front of PostgreSQL. While armed, the first connection that sends `COMMIT`
+/// (the simple-query message sqlx uses to end a transaction) has it delivered, and is then cut
+/// before the server's answer comes back.
+struct CommitCutter {
+    addr: std::net::SocketAddr,
+    armed: Arc<AtomicBool>,
+}
+
+/// The simple-query message `COMMIT`: 'Q', its length (4 + 7), the text with its NUL.
+const COMMIT: &[u8] = b"Q\0\0\0\x0bCOMMIT\0";
+
+impl CommitCutter {
+    async fn start(upstream: std::net::SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let armed = Arc::new(AtomicBool::new(false));
+        let arm = armed.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let server = TcpStream::connect(upstream).await.unwrap();
+                tokio::spawn(relay(client, server, arm.clone()));
+            }
+        });
+        CommitCutter { addr, armed }
+    }
+
+    fn arm(&self) {
+        self.armed.store(true, Ordering::SeqCst);
+    }
+
+    fn fired(&self) -> bool {
+        !self.armed.load(Ordering::SeqCst)
+    }
+}
+
+async fn relay(client: TcpStream, server: TcpStream, armed: Arc<AtomicBool>) {
+    let (mut client_rx, mut client_tx) = client.into_split();
+    let (mut server_rx, mut server_tx) = server.into_split();
+    let cut = Arc::new(AtomicBool::new(false));
+    let cut_up = cut.clone();
+    let up = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match client_rx.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let commit = buf[..n].windows(COMMIT.len()).any(|w| w == COMMIT);
+            if commit && armed.compare_exchange(true, false, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+                // Cut the way back first, so the answer can never get through.
+                cut_up.store(true, Ordering::SeqCst);
+                let _ = server_tx.write_all(&buf[..n]).await;
+                // Give the server time to commit before the connection goes away.
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                return;
+            }
+            if server_tx.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
+    let down = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match server_rx.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if cut.load(Ordering::SeqCst) || client_tx.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
+    // When either direction ends, both halves of both sockets are dropped: the connection is gone.
+    tokio::select! { () = up => {}, () = down => {} }
+}
+
+/// A scale-out registry whose database connections pass through a [`CommitCutter`].
+async fn registry_behind_a_cutter() -> Option<(TestRegistry, CommitCutter)> {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = scale_out_config(dir.path()).await?;
+    // postgres://user@host:port/database
+    let url = config.metadata_url.clone();
+    let (scheme_user, rest) = url.split_once('@').unwrap();
+    let (host_port, database) = rest.split_once('/').unwrap();
+    let cutter = CommitCutter::start(host_port.parse().unwrap()).await;
+    config.metadata_url = format!("{scheme_user}@{}/{database}", cutter.addr);
+    Some((TestRegistry::start_with(config, dir).await, cutter))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_commit_reply_never_leaves_a_blob_row_without_bytes() {
+    let Some((reg, cutter)) = registry_behind_a_cutter().await else {
+        eprintln!("skipping: the scale-out deployment is not configured");
+        return;
+    };
+    // A session of two chunks: completing it composes a new object, which a revert would delete.
+    let data = random_bytes(600, 300_000);
+    let digest = Digest::sha256_of(&data);
+    let loc = reg.start_upload("cut/chunked").await;
+    let res = reg.patch_chunk(&loc, &data, 0, 100_000).await;
+    let loc = header(&res, "location").unwrap().to_string();
+    let res = reg.patch_chunk(&loc, &data, 100_000, 300_000).await;
+    let loc = header(&res, "location").unwrap().to_string();
+    cutter.arm();
+    let res = reg.req(Method::PUT, &format!("{loc}?digest={digest}")).send().await.unwrap();
+    assert!(cutter.fired(), "the completion's COMMIT went through the cutter");
+    let status = res.status();
+    // The commit happened, so the blob must read back whole whatever the answer was; and since
+    // the registry checks, the answer says it was created.
+    let res = reg.get(&format!("/v2/cut/chunked/blobs/{digest}")).await;
+    assert_eq!(res.status(), 200, "a row names the blob, so its bytes must be there");
+    assert_eq!(res.bytes().await.unwrap(), data);
+    assert_eq!(status, StatusCode::CREATED, "the blob was recorded; the answer should say so");
+
+    // The same for a blob pushed in one request.
+    let data = random_bytes(601, 70_000);
+    let digest = Digest::sha256_of(&data);
+    cutter.arm();
+    let res = reg
+        .req(Method::POST, &format!("/v2/cut/whole/blobs/uploads/?digest={digest}"))
+        .body(data.clone())
+        .send()
+        .await
+        .unwrap();
+    assert!(cutter.fired());
+    let status = res.status();
+    let res = reg.get(&format!("/v2/cut/whole/blobs/{digest}")).await;
+    assert_eq!(res.status(), 200, "a row names the blob, so its bytes must be there");
+    assert_eq!(res.bytes().await.unwrap(), data);
+    assert_eq!(status, StatusCode::CREATED);
+}
