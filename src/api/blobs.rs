@@ -69,6 +69,25 @@ pub(super) async fn get(
     Ok(res)
 }
 
+/// `DELETE /v2/<name>/blobs/<digest>`: unlinks the blob from the repository.
+pub(super) async fn delete(
+    registry: &Registry,
+    repo: &RepoName,
+    digest: &str,
+    actor: Option<&str>,
+) -> Result<Response, ApiError> {
+    let digest = parse_digest(digest)?;
+    registry.unlink_blob(repo, &digest, actor).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        [
+            (header::HeaderName::from_static("docker-content-digest"), hv(digest.as_str())),
+            (header::CONTENT_LENGTH, hv("0")),
+        ],
+    )
+        .into_response())
+}
+
 fn upload_location(repo: &RepoName, id: &str) -> String {
     format!("/v2/{repo}/blobs/uploads/{id}")
 }

@@ -214,6 +214,14 @@ impl From<registry::Error> for ApiError {
                 ApiError::new(ErrorCode::ManifestUnknown).message(e.to_string())
             }
             E::NameUnknown => ApiError::new(ErrorCode::NameUnknown),
+            E::DeleteRefused(m) => {
+                ApiError::new(ErrorCode::Denied).status(StatusCode::METHOD_NOT_ALLOWED).message(m)
+            }
+            E::PreconditionFailed(m) => {
+                ApiError::new(ErrorCode::Denied).status(StatusCode::PRECONDITION_FAILED).message(m)
+            }
+            E::Conflict(m) => ApiError::new(ErrorCode::Denied).status(StatusCode::CONFLICT).message(m),
+            E::TagUnknown(m) => ApiError::new(ErrorCode::ManifestUnknown).message(m),
             E::Unsupported(m) => ApiError::new(ErrorCode::Unsupported).message(m),
             // The spec has no code for an overloaded server; TOOMANYREQUESTS is what clients
             // already back off on, and Retry-After says when.

@@ -7,8 +7,9 @@ use axum::response::{IntoResponse, Response};
 use super::error::{ApiError, ErrorCode};
 use super::headers::accepts;
 use super::hv;
+use crate::meta::TagCondition;
 use crate::oci::manifest::MAX_MANIFEST_BYTES;
-use crate::oci::{Reference, ReferenceError, RepoName};
+use crate::oci::{Digest, Reference, ReferenceError, RepoName, Tag};
 use crate::registry::{Error, Registry};
 
 /// Parses a reference on a read: a malformed tag can name no manifest (404), a malformed digest
@@ -54,11 +55,40 @@ pub(super) async fn get(
         .into_response())
 }
 
-/// `PUT /v2/<name>/manifests/<reference>`.
+/// The `?tag=` parameters of a manifest push (OCI 1.1), validated. Tags need no decoding: the
+/// tag grammar has no character a query would encode, so an encoded one fails the grammar.
+fn query_tags(query: Option<&str>) -> Result<Vec<Tag>, ApiError> {
+    let Some(query) = query else { return Ok(Vec::new()) };
+    query
+        .split('&')
+        .filter_map(|pair| pair.strip_prefix("tag="))
+        .map(|t| {
+            Tag::parse(t)
+                .map_err(|m| ApiError::new(ErrorCode::ManifestInvalid).message(format!("?tag={t}: {m}")))
+        })
+        .collect()
+}
+
+/// The tag condition of a request: `If-Match: "<digest>"` or `If-None-Match: *`.
+fn tag_condition(headers: &HeaderMap) -> Result<Option<Digest>, ApiError> {
+    let Some(value) = headers.get(header::IF_MATCH) else { return Ok(None) };
+    let text = value.to_str().unwrap_or("").trim();
+    let text = text.strip_prefix("W/").unwrap_or(text).trim_matches('"');
+    Digest::parse(text).map(Some).map_err(|e| {
+        ApiError::new(ErrorCode::DigestInvalid).message(format!("If-Match must be a quoted digest: {e}"))
+    })
+}
+
+fn if_none_match_any(headers: &HeaderMap) -> bool {
+    headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).is_some_and(|v| v.trim() == "*")
+}
+
+/// `PUT /v2/<name>/manifests/<reference>` (with `?tag=`, `If-Match`, `If-None-Match: *`).
 pub(super) async fn put(
     registry: &Registry,
     repo: &RepoName,
     reference: &str,
+    query: Option<&str>,
     headers: &HeaderMap,
     body: Body,
     actor: Option<&str>,
@@ -67,9 +97,17 @@ pub(super) async fn put(
         ReferenceError::Digest(d) => ApiError::new(ErrorCode::DigestInvalid).message(d.to_string()),
         ReferenceError::Tag(m) => ApiError::new(ErrorCode::ManifestInvalid).message(m),
     })?;
+    let extra_tags = query_tags(query)?;
+    let if_match = tag_condition(headers)?;
+    let condition = match (&if_match, if_none_match_any(headers)) {
+        (Some(d), _) => TagCondition::IfPointsAt(d),
+        (None, true) => TagCondition::IfAbsent,
+        (None, false) => TagCondition::Always,
+    };
     let bytes = read_manifest_body(body).await?;
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
-    let pushed = registry.put_manifest(repo, &reference, content_type, &bytes, actor).await?;
+    let pushed =
+        registry.put_manifest(repo, &reference, content_type, &bytes, &extra_tags, condition, actor).await?;
     let mut res = (
         StatusCode::CREATED,
         [
@@ -82,7 +120,40 @@ pub(super) async fn put(
     if let Some(subject) = pushed.subject {
         res.headers_mut().insert("oci-subject", hv(subject.as_str()));
     }
+    for tag in &pushed.tags {
+        res.headers_mut().append("oci-tag", hv(tag.as_str()));
+    }
     Ok(res)
+}
+
+/// `DELETE /v2/<name>/manifests/<reference>`: by digest, the manifest becomes a tombstone with
+/// its referrers and loses its tags; by tag, only the tag goes (`If-Match` makes it conditional).
+pub(super) async fn delete(
+    registry: &Registry,
+    repo: &RepoName,
+    reference: &str,
+    headers: &HeaderMap,
+    actor: Option<&str>,
+) -> Result<Response, ApiError> {
+    let digest = match reference_for_read(reference)? {
+        Reference::Digest(d) => {
+            registry.delete_manifest(repo, &d, actor).await?;
+            d.to_string()
+        }
+        Reference::Tag(tag) => {
+            let if_match = tag_condition(headers)?;
+            let condition = if_match.as_ref().map_or(TagCondition::Always, TagCondition::IfPointsAt);
+            registry.delete_tag(repo, &tag, condition, actor).await?
+        }
+    };
+    Ok((
+        StatusCode::ACCEPTED,
+        [
+            (header::HeaderName::from_static("docker-content-digest"), hv(&digest)),
+            (header::CONTENT_LENGTH, hv("0")),
+        ],
+    )
+        .into_response())
 }
 
 /// How much of an oversized manifest body is read and discarded before answering 413, so that a

@@ -89,11 +89,11 @@ async fn dispatch(app: &App, req: Request) -> Result<Response, ApiError> {
         (R::Referrers(repo, d), Method::GET) => discovery::referrers(registry, &repo, &d, &params).await,
         (R::Manifest(repo, r), Method::GET) => manifests::get(registry, &repo, &r, h, true).await,
         (R::Manifest(repo, r), Method::HEAD) => manifests::get(registry, &repo, &r, h, false).await,
-        (R::Manifest(repo, r), Method::PUT) => manifests::put(registry, &repo, &r, h, body, actor).await,
-        (R::Manifest(..), Method::DELETE) | (R::Blob(..), Method::DELETE) => {
-            Err(ApiError::new(ErrorCode::Unsupported)
-                .message("deletes are not enabled in this version of Berth"))
+        (R::Manifest(repo, r), Method::PUT) => {
+            manifests::put(registry, &repo, &r, parts.uri.query(), h, body, actor).await
         }
+        (R::Manifest(repo, r), Method::DELETE) => manifests::delete(registry, &repo, &r, h, actor).await,
+        (R::Blob(repo, d), Method::DELETE) => blobs::delete(registry, &repo, &d, actor).await,
         (R::Blob(repo, d), Method::GET) => blobs::get(registry, &repo, &d, h, true).await,
         (R::Blob(repo, d), Method::HEAD) => blobs::get(registry, &repo, &d, h, false).await,
         (R::UploadStart(repo), Method::POST) => blobs::start_upload(registry, &repo, &params, h, body).await,

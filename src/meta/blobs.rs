@@ -31,7 +31,7 @@ impl MetaStore {
             "SELECT b.digest, b.size, b.storage_key FROM blobs b \
              JOIN repository_blobs rb ON rb.blob_id = b.id \
              JOIN repositories r ON r.id = rb.repository_id \
-             WHERE r.name = $1 AND b.digest = $2",
+             WHERE r.name = $1 AND b.digest = $2 AND r.deleted_at IS NULL",
         )
         .bind(repo.as_str())
         .bind(digest.as_str())
@@ -68,9 +68,10 @@ impl MetaStore {
             "SELECT b.id FROM blobs b \
              JOIN repository_blobs rb ON rb.blob_id = b.id \
              JOIN repositories r ON r.id = rb.repository_id \
-             WHERE r.name = $1 AND b.digest = $2{}",
+             WHERE r.name = $1 AND b.digest = $2 AND r.deleted_at IS NULL{}",
             self.share_lock()
         );
+        let lock = self.share_lock();
         transaction!(self, Error, |tx| {
             let found: Option<(i64,)> = sqlx::query_as(&sql)
                 .bind(from.as_str())
@@ -80,7 +81,7 @@ impl MetaStore {
             let Some((blob_id,)) = found else {
                 return Ok(false);
             };
-            let repo_id = Self::ensure_repository(tx, to, now).await?;
+            let repo_id = Self::ensure_repository(tx, to, now, lock).await?;
             Self::link(tx, repo_id, blob_id, now).await?;
             Ok(true)
         })
@@ -120,7 +121,7 @@ impl MetaStore {
         let lock = self.share_lock();
         transaction!(self, Error, |tx| {
             let (blob_id, outcome) = Self::store_blob(tx, digest, size, storage_key, now, lock).await?;
-            let repo_id = Self::ensure_repository(tx, repo, now).await?;
+            let repo_id = Self::ensure_repository(tx, repo, now, lock).await?;
             Self::link(tx, repo_id, blob_id, now).await?;
             Ok(outcome)
         })

@@ -2,6 +2,7 @@
 
 use sqlx::AnyConnection;
 
+use super::tags::{TagCondition, TagOutcome, TagWrite};
 use super::{Error, MetaStore, Result, TxError, transaction};
 use crate::meta::{ManifestHead, ManifestRow, ReferrerRow};
 use crate::oci::{Digest, Reference, RepoName, Tag};
@@ -36,6 +37,14 @@ pub enum PutManifestError {
     /// Manifests it lists are not in the repository.
     #[error("manifests not in the repository: {0:?}")]
     MissingManifests(Vec<Digest>),
+    /// A tag's `If-Match` / `If-None-Match` condition did not hold; nothing was stored.
+    #[error("tag {tag} points at {current:?}")]
+    Precondition {
+        /// The tag.
+        tag: String,
+        /// Where it points now.
+        current: Option<String>,
+    },
     /// The store failed.
     #[error(transparent)]
     Meta(#[from] Error),
@@ -60,8 +69,9 @@ impl TxError for PutManifestError {
 const STEP_ATTEMPTS: usize = 3;
 
 impl MetaStore {
-    /// Stores a manifest in `repo` (or revives or refreshes it if present) and optionally points
-    /// `tag` at it, recording the tag move, in one transaction. Every referenced blob must be
+    /// Stores a manifest in `repo` (or revives or refreshes it if present) and points `tags` at
+    /// it (each only if `condition` holds for it, else nothing at all is stored), recording the
+    /// tag moves, in one transaction. Every referenced blob must be
     /// linked in the repository and every child manifest present there; those rows are locked
     /// until commit so a concurrent collector cannot remove them underneath the new reference.
     ///
@@ -72,7 +82,8 @@ impl MetaStore {
         &self,
         repo: &RepoName,
         manifest: &NewManifest<'_>,
-        tag: Option<&Tag>,
+        tags: &[Tag],
+        condition: TagCondition<'_>,
         actor: Option<&str>,
         now: i64,
     ) -> Result<(), PutManifestError> {
@@ -87,16 +98,29 @@ impl MetaStore {
             self.share_lock()
         );
         let tag_lock = self.update_lock_of("t");
+        let lock = self.share_lock();
         transaction!(self, PutManifestError, |tx| {
-            let repo_id = Self::ensure_repository(tx, repo, now).await?;
+            let repo_id = Self::ensure_repository(tx, repo, now, lock).await?;
             let blob_ids = ids_of(tx, &blob_sql, repo_id, manifest.blobs).await?;
             let blob_ids = blob_ids.map_err(PutManifestError::MissingBlobs)?;
             let child_ids = ids_of(tx, &child_sql, repo_id, manifest.children).await?;
             let child_ids = child_ids.map_err(PutManifestError::MissingManifests)?;
             let manifest_id = Self::upsert_manifest(tx, repo_id, manifest, now).await?;
             Self::write_references(tx, manifest_id, &blob_ids, &child_ids).await?;
-            if let Some(tag) = tag {
-                Self::set_tag(tx, repo_id, tag, manifest_id, manifest.digest, actor, now, &tag_lock).await?;
+            for tag in tags {
+                let write = TagWrite {
+                    repo_id,
+                    tag,
+                    manifest_id,
+                    digest: manifest.digest,
+                    actor,
+                    now,
+                    kind: "push",
+                    condition,
+                };
+                if let TagOutcome::Precondition { current } = Self::set_tag(tx, &write, &tag_lock).await? {
+                    return Err(PutManifestError::Precondition { tag: tag.to_string(), current });
+                }
             }
             Ok(())
         })
@@ -132,7 +156,8 @@ impl MetaStore {
                 return Ok(id);
             }
             let revived: Option<(i64,)> = sqlx::query_as(
-                "UPDATE manifests SET pushed_at = $1, deleted_at = NULL \
+                "UPDATE manifests SET pushed_at = $1, deleted_at = NULL, delete_id = NULL, \
+                 deleted_why = NULL, unrestorable = NULL \
                  WHERE repository_id = $2 AND digest = $3 RETURNING id",
             )
             .bind(now)

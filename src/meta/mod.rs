@@ -12,6 +12,7 @@
 //! application clock, never taken from the database's `now()`.
 
 mod blobs;
+mod deletes;
 mod manifests;
 mod repos;
 mod rows;
@@ -25,8 +26,10 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyConnection, AnyPool, Connection as _, Executor as _};
 
 pub use blobs::CompletedUpload;
+pub use deletes::{AffectedManifest, DeleteError, Purged, Refusal, RevertTarget};
 pub use manifests::{NewManifest, PutManifestError};
 pub use rows::{BlobRow, ManifestHead, ManifestRow, ReferrerRow, TagMove, UploadRow};
+pub use tags::TagCondition;
 
 /// Errors of the metadata store.
 #[derive(Debug, thiserror::Error)]

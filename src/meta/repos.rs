@@ -11,33 +11,50 @@ impl MetaStore {
     /// # Errors
     /// [`super::Error::Database`].
     pub async fn repository_exists(&self, repo: &RepoName) -> Result<bool> {
-        let row: Option<(i64,)> = sqlx::query_as("SELECT id FROM repositories WHERE name = $1")
-            .bind(repo.as_str())
-            .fetch_optional(&self.read)
-            .await?;
+        let row: Option<(i64,)> =
+            sqlx::query_as("SELECT id FROM repositories WHERE name = $1 AND deleted_at IS NULL")
+                .bind(repo.as_str())
+                .fetch_optional(&self.read)
+                .await?;
         Ok(row.is_some())
     }
 
-    /// Repository names after `last`, in order, at most `limit`.
+    /// Names of the repositories with something visible in them (a live manifest or a linked
+    /// blob) after `last`, in order, at most `limit`.
     ///
     /// # Errors
     /// [`super::Error::Database`].
     pub async fn list_repositories(&self, last: Option<&str>, limit: i64) -> Result<Vec<String>> {
-        let rows: Vec<(String,)> =
-            sqlx::query_as("SELECT name FROM repositories WHERE name > $1 ORDER BY name LIMIT $2")
-                .bind(last.unwrap_or(""))
-                .bind(limit)
-                .fetch_all(&self.read)
-                .await?;
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT r.name FROM repositories r WHERE r.name > $1 AND r.deleted_at IS NULL \
+             AND (EXISTS (SELECT 1 FROM manifests m WHERE m.repository_id = r.id AND m.deleted_at IS NULL) \
+             OR EXISTS (SELECT 1 FROM repository_blobs rb WHERE rb.repository_id = r.id)) \
+             ORDER BY r.name LIMIT $2",
+        )
+        .bind(last.unwrap_or(""))
+        .bind(limit)
+        .fetch_all(&self.read)
+        .await?;
         Ok(rows.into_iter().map(|(n,)| n).collect())
     }
 
-    /// The id of `repo`, created if missing.
+    /// The id of `repo`, created if missing, and share-locked (`lock`) so that a concurrent
+    /// repository delete waits for this transaction or is waited for. Writing into a deleted
+    /// repository makes its name live again (as an empty repository: what the delete took stays
+    /// restorable).
     pub(super) async fn ensure_repository(
         tx: &mut AnyConnection,
         repo: &RepoName,
         now: i64,
+        lock: &str,
     ) -> Result<i64, sqlx::Error> {
+        sqlx::query(
+            "UPDATE repositories SET deleted_at = NULL, delete_id = NULL \
+             WHERE name = $1 AND deleted_at IS NOT NULL",
+        )
+        .bind(repo.as_str())
+        .execute(&mut *tx)
+        .await?;
         sqlx::query(
             "INSERT INTO repositories (name, created_at) VALUES ($1, $2) \
              ON CONFLICT (name) DO NOTHING",
@@ -46,10 +63,8 @@ impl MetaStore {
         .bind(now)
         .execute(&mut *tx)
         .await?;
-        let (id,): (i64,) = sqlx::query_as("SELECT id FROM repositories WHERE name = $1")
-            .bind(repo.as_str())
-            .fetch_one(&mut *tx)
-            .await?;
+        let sql = format!("SELECT id FROM repositories WHERE name = $1{lock}");
+        let (id,): (i64,) = sqlx::query_as(&sql).bind(repo.as_str()).fetch_one(&mut *tx).await?;
         Ok(id)
     }
 }

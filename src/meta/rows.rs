@@ -70,8 +70,10 @@ pub struct UploadRow {
 }
 
 /// One recorded tag move.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, serde::Serialize)]
 pub struct TagMove {
+    /// The tag.
+    pub tag: String,
     /// The digest the tag pointed at before, if any.
     pub old_digest: Option<String>,
     /// The digest it points at after, if any (none for a delete).
@@ -80,4 +82,6 @@ pub struct TagMove {
     pub actor: Option<String>,
     /// When (Unix ms).
     pub at: i64,
+    /// What moved it: `push`, `delete`, `restore` or `revert`.
+    pub kind: String,
 }

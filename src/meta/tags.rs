@@ -6,97 +6,189 @@ use super::{Dialect, MetaStore, Result};
 use crate::meta::TagMove;
 use crate::oci::{Digest, RepoName, Tag};
 
+/// A condition on a tag write, from `If-Match` / `If-None-Match`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TagCondition<'a> {
+    /// Write whatever the tag points at now.
+    Always,
+    /// Create the tag only if it does not exist (`If-None-Match: *`).
+    IfAbsent,
+    /// Move or delete the tag only if it points at this digest now (`If-Match`).
+    IfPointsAt(&'a Digest),
+}
+
+impl TagCondition<'_> {
+    /// Whether a tag currently at `current` satisfies the condition.
+    pub(super) fn holds(&self, current: Option<&str>) -> bool {
+        match self {
+            TagCondition::Always => true,
+            TagCondition::IfAbsent => current.is_none(),
+            TagCondition::IfPointsAt(d) => current == Some(d.as_str()),
+        }
+    }
+}
+
+/// What a tag write did.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum TagOutcome {
+    /// The tag now points at the manifest (the move is in the history).
+    Set,
+    /// It pointed there already.
+    Unchanged,
+    /// The condition did not hold; nothing changed. `current` is where the tag points.
+    Precondition {
+        /// The digest the tag points at, if it exists.
+        current: Option<String>,
+    },
+}
+
+/// One tag write: point `tag` of repository `repo_id` at a manifest.
+pub(super) struct TagWrite<'a> {
+    pub repo_id: i64,
+    pub tag: &'a Tag,
+    pub manifest_id: i64,
+    pub digest: &'a Digest,
+    pub actor: Option<&'a str>,
+    pub now: i64,
+    /// What the history calls it: push, restore or revert.
+    pub kind: &'a str,
+    pub condition: TagCondition<'a>,
+}
+
 impl MetaStore {
-    /// Points `tag` at `manifest_id` and records the move in the tag history (nothing when it
+    /// Points a tag at a manifest and records the move in the tag history (nothing when it
     /// points there already). `lock` is [`MetaStore::update_lock_of`] for the tag row `t`: only
     /// the tag row is locked, never the manifest it pointed at (which other transactions
     /// share-lock as a reference — locking it too let two tagged index pushes deadlock). A tag
     /// that does not exist yet is created by an insert that waits for any concurrent creator, so
     /// of two creators the second sees the first's row and records the move away from it.
-    #[expect(clippy::too_many_arguments, reason = "the parameters are the event")]
     pub(super) async fn set_tag(
         tx: &mut AnyConnection,
-        repo_id: i64,
-        tag: &Tag,
-        manifest_id: i64,
-        digest: &Digest,
-        actor: Option<&str>,
-        now: i64,
+        w: &TagWrite<'_>,
         lock: &str,
-    ) -> Result<(), sqlx::Error> {
+    ) -> Result<TagOutcome, sqlx::Error> {
         let current_sql = format!(
             "SELECT t.manifest_id, m.digest FROM tags t JOIN manifests m ON m.id = t.manifest_id \
              WHERE t.repository_id = $1 AND t.name = $2{lock}"
         );
-        let mut old_digest = None;
-        let mut recorded = false;
         for _ in 0..3 {
-            let created: Option<(i64,)> = sqlx::query_as(
-                "INSERT INTO tags (repository_id, name, manifest_id, updated_at) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (repository_id, name) DO NOTHING RETURNING manifest_id",
-            )
-            .bind(repo_id)
-            .bind(tag.as_str())
-            .bind(manifest_id)
-            .bind(now)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if created.is_some() {
-                recorded = true;
-                break;
-            }
-            let current: Option<(i64, String)> = sqlx::query_as(&current_sql)
-                .bind(repo_id)
-                .bind(tag.as_str())
+            let may_create = matches!(w.condition, TagCondition::Always | TagCondition::IfAbsent);
+            if may_create {
+                let created: Option<(i64,)> = sqlx::query_as(
+                    "INSERT INTO tags (repository_id, name, manifest_id, updated_at) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (repository_id, name) DO NOTHING RETURNING manifest_id",
+                )
+                .bind(w.repo_id)
+                .bind(w.tag.as_str())
+                .bind(w.manifest_id)
+                .bind(w.now)
                 .fetch_optional(&mut *tx)
                 .await?;
+                if created.is_some() {
+                    Self::record_tag_move(
+                        tx,
+                        w.repo_id,
+                        w.tag.as_str(),
+                        None,
+                        Some(w.digest.as_str()),
+                        w.actor,
+                        w.now,
+                        w.kind,
+                        None,
+                    )
+                    .await?;
+                    return Ok(TagOutcome::Set);
+                }
+            }
+            let current: Option<(i64, String)> = sqlx::query_as(&current_sql)
+                .bind(w.repo_id)
+                .bind(w.tag.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+            if !w.condition.holds(current.as_ref().map(|(_, d)| d.as_str())) {
+                return Ok(TagOutcome::Precondition { current: current.map(|(_, d)| d) });
+            }
             // Gone between the two statements (a concurrent tag delete): create it again.
             let Some((current_id, current_digest)) = current else { continue };
-            if current_id == manifest_id {
-                return Ok(());
+            if current_id == w.manifest_id {
+                return Ok(TagOutcome::Unchanged);
             }
             sqlx::query(
                 "UPDATE tags SET manifest_id = $1, updated_at = $2 WHERE repository_id = $3 AND name = $4",
             )
-            .bind(manifest_id)
-            .bind(now)
-            .bind(repo_id)
-            .bind(tag.as_str())
+            .bind(w.manifest_id)
+            .bind(w.now)
+            .bind(w.repo_id)
+            .bind(w.tag.as_str())
             .execute(&mut *tx)
             .await?;
-            old_digest = Some(current_digest);
-            recorded = true;
-            break;
+            Self::record_tag_move(
+                tx,
+                w.repo_id,
+                w.tag.as_str(),
+                Some(&current_digest),
+                Some(w.digest.as_str()),
+                w.actor,
+                w.now,
+                w.kind,
+                None,
+            )
+            .await?;
+            return Ok(TagOutcome::Set);
         }
-        if !recorded {
-            return Err(sqlx::Error::RowNotFound);
-        }
+        Err(sqlx::Error::RowNotFound)
+    }
+
+    /// Appends one row to the tag history.
+    #[expect(clippy::too_many_arguments, reason = "the row's columns")]
+    pub(super) async fn record_tag_move(
+        tx: &mut AnyConnection,
+        repo_id: i64,
+        tag: &str,
+        old_digest: Option<&str>,
+        new_digest: Option<&str>,
+        actor: Option<&str>,
+        now: i64,
+        kind: &str,
+        delete_id: Option<i64>,
+    ) -> Result<(), sqlx::Error> {
         sqlx::query(
-            "INSERT INTO tag_history (repository_id, tag, old_digest, new_digest, actor, at) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO tag_history (repository_id, tag, old_digest, new_digest, actor, at, kind, delete_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(repo_id)
-        .bind(tag.as_str())
+        .bind(tag)
         .bind(old_digest)
-        .bind(digest.as_str())
+        .bind(new_digest)
         .bind(actor)
         .bind(now)
+        .bind(kind)
+        .bind(delete_id)
         .execute(&mut *tx)
         .await?;
         Ok(())
     }
 
-    /// Every move of `tag` in `repo`, oldest first: (old digest, new digest, actor, time).
+    /// Every move of `tag` in `repo`, oldest first.
     ///
     /// # Errors
     /// [`super::Error::Database`].
     pub async fn tag_history(&self, repo: &RepoName, tag: &Tag) -> Result<Vec<TagMove>> {
+        self.history(repo, Some(tag)).await
+    }
+
+    /// Every tag move in `repo` (of `tag` only, if given), oldest first.
+    ///
+    /// # Errors
+    /// [`super::Error::Database`].
+    pub async fn history(&self, repo: &RepoName, tag: Option<&Tag>) -> Result<Vec<TagMove>> {
         Ok(sqlx::query_as(
-            "SELECT h.old_digest, h.new_digest, h.actor, h.at FROM tag_history h \
-             JOIN repositories r ON r.id = h.repository_id WHERE r.name = $1 AND h.tag = $2 ORDER BY h.id",
+            "SELECT h.tag, h.old_digest, h.new_digest, h.actor, h.at, COALESCE(h.kind, 'push') AS kind \
+             FROM tag_history h JOIN repositories r ON r.id = h.repository_id \
+             WHERE r.name = $1 AND ($2 IS NULL OR h.tag = $2) ORDER BY h.id",
         )
         .bind(repo.as_str())
-        .bind(tag.as_str())
+        .bind(tag.map(Tag::as_str))
         .fetch_all(&self.read)
         .await?)
     }

@@ -132,7 +132,7 @@ impl MetaStore {
                 return Ok(None);
             }
             let (blob_id, outcome) = Self::store_blob(tx, digest, size, storage_key, now, lock).await?;
-            let repo_id = Self::ensure_repository(tx, repo, now).await?;
+            let repo_id = Self::ensure_repository(tx, repo, now, lock).await?;
             Self::link(tx, repo_id, blob_id, now).await?;
             Ok(Some(outcome))
         })

@@ -55,6 +55,20 @@ pub enum Error {
         /// The stored media type.
         media_type: String,
     },
+    /// The registry will not do this delete (405 `DENIED`): the message names what holds the
+    /// item.
+    #[error("{0}")]
+    DeleteRefused(String),
+    /// An `If-Match` / `If-None-Match` condition did not hold; nothing changed (412).
+    #[error("{0}")]
+    PreconditionFailed(String),
+    /// An admin operation conflicts with the current state (a restore whose tag moved since, a
+    /// tombstone that can no longer be restored…); nothing changed (409).
+    #[error("{0}")]
+    Conflict(String),
+    /// No such tag (or nothing to restore for it).
+    #[error("{0}")]
+    TagUnknown(String),
     /// No such repository.
     #[error("repository name not known to registry")]
     NameUnknown,

@@ -7,6 +7,7 @@
 //! an orphaned object (found by the sweep), never a row without bytes. No axum or sqlx types
 //! appear in these signatures.
 
+mod delete;
 mod error;
 mod pull;
 mod push;
@@ -16,6 +17,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+pub use delete::PurgeReport;
 pub use error::Error;
 pub use pull::{BlobHandle, Referrer};
 pub use push::{ChunkRange, PushedManifest, UploadStatus};

@@ -8,9 +8,9 @@ use uuid::Uuid;
 
 use super::{Error, Registry, Result};
 use crate::blob::{Chunk, Hold};
-use crate::meta::{CompletedUpload, NewManifest, PutManifestError, UploadRow};
+use crate::meta::{CompletedUpload, NewManifest, PutManifestError, TagCondition, UploadRow};
 use crate::oci::manifest::{self, MAX_MANIFEST_BYTES};
-use crate::oci::{Algorithm, Digest, Reference, RepoName, UploadHasher};
+use crate::oci::{Algorithm, Digest, Reference, RepoName, Tag, UploadHasher};
 
 /// Where an upload session stands.
 #[derive(Debug, Clone)]
@@ -28,6 +28,8 @@ pub struct PushedManifest {
     pub digest: Digest,
     /// Its subject, if it has one (reported in `OCI-Subject`).
     pub subject: Option<Digest>,
+    /// The tags now pointing at it because of this push (reported in `OCI-Tag`).
+    pub tags: Vec<Tag>,
 }
 
 /// A chunk's declared position (from `Content-Range`).
@@ -349,18 +351,24 @@ impl Registry {
         }
     }
 
-    /// Stores a manifest pushed to `repo` under `reference`, byte-for-byte; a tag move is
-    /// recorded in the tag history as done by `actor`.
+    /// Stores a manifest pushed to `repo` under `reference`, byte-for-byte, and points the
+    /// reference's tag and `extra_tags` (`?tag=`) at it — all in one transaction, and only if
+    /// `condition` holds for every tag. Tag moves are recorded in the tag history as done by
+    /// `actor`. Pushing a tombstone revives it.
     ///
     /// # Errors
     /// [`Error::ManifestTooLarge`], [`Error::ManifestInvalid`], [`Error::DigestInvalid`] (the
-    /// bytes do not match a digest reference), [`Error::ManifestBlobUnknown`].
+    /// bytes do not match a digest reference), [`Error::ManifestBlobUnknown`],
+    /// [`Error::PreconditionFailed`].
+    #[expect(clippy::too_many_arguments, reason = "the parts of one push request")]
     pub async fn put_manifest(
         &self,
         repo: &RepoName,
         reference: &Reference,
         content_type: Option<&str>,
         bytes: &[u8],
+        extra_tags: &[Tag],
+        condition: TagCondition<'_>,
         actor: Option<&str>,
     ) -> Result<PushedManifest> {
         if bytes.len() > MAX_MANIFEST_BYTES {
@@ -389,8 +397,20 @@ impl Registry {
             blobs: &parsed.blobs,
             children: &parsed.children,
         };
-        match self.meta.put_manifest(repo, &new, tag, actor, self.clock.now_ms()).await {
-            Ok(()) => Ok(PushedManifest { digest, subject }),
+        let mut tags: Vec<Tag> = tag.into_iter().cloned().collect();
+        for extra in extra_tags {
+            if !tags.contains(extra) {
+                tags.push(extra.clone());
+            }
+        }
+        match self.meta.put_manifest(repo, &new, &tags, condition, actor, self.clock.now_ms()).await {
+            Ok(()) => Ok(PushedManifest { digest, subject, tags }),
+            Err(PutManifestError::Precondition { tag, current }) => {
+                Err(Error::PreconditionFailed(match current {
+                    Some(d) => format!("tag {tag} points at {d}"),
+                    None => format!("tag {tag} does not exist"),
+                }))
+            }
             Err(PutManifestError::MissingBlobs(d) | PutManifestError::MissingManifests(d)) => {
                 Err(Error::ManifestBlobUnknown(d))
             }

@@ -44,19 +44,6 @@ backend_test!(invalid_names_and_path_tricks_are_400_and_touch_nothing, |reg| {
     assert_eq!(res.json::<serde_json::Value>().await.unwrap()["repositories"], serde_json::json!([]));
 });
 
-backend_test!(deletes_are_not_enabled_yet, |reg| {
-    let img = reg.push_image("a", "v1", 40).await;
-    for path in [
-        format!("/v2/a/manifests/{}", img.digest),
-        "/v2/a/manifests/v1".into(),
-        format!("/v2/a/blobs/{}", berth::oci::Digest::sha256_of(&img.config)),
-    ] {
-        let res = reg.req(Method::DELETE, &path).send().await.unwrap();
-        assert_oci_error(res, 405, "UNSUPPORTED").await;
-    }
-    assert_eq!(reg.get("/v2/a/manifests/v1").await.status(), 200);
-});
-
 backend_test!(unknown_endpoints_and_methods, |reg| {
     assert_eq!(reg.get("/v2/a/unknown/thing").await.status(), 404);
     assert_eq!(reg.get("/nothing").await.status(), 404);

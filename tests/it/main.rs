@@ -6,6 +6,7 @@ mod api;
 pub mod auth;
 mod blobs;
 mod cli;
+mod deletes;
 mod discovery;
 pub mod e2e;
 mod faults;

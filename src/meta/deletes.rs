@@ -1,0 +1,959 @@
+//! Deletes and restores: tombstones, tag deletes, blob unlinks, repository deletes, purges.
+//!
+//! Each public method is one transaction. A delete writes a `deletes` row; the tombstones it
+//! makes and the tag-history rows it writes point at that row, so a restore brings back exactly
+//! what the delete took. Lock, then check: the row a delete acts on is locked `FOR UPDATE`
+//! first (on PostgreSQL), and what holds it is read in later statements, which then see any push
+//! that committed while the delete waited for the lock.
+
+use sqlx::AnyConnection;
+
+use super::tags::{TagCondition, TagOutcome, TagWrite};
+use super::{Error, MetaStore, Result, TxError, transaction};
+use crate::oci::{Digest, RepoName, Tag};
+
+/// Why a delete, restore or tag write did not happen; nothing changed.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// The manifest, tag, blob or repository is not there (or not deleted, for a restore).
+    #[error("{0}")]
+    NotFound(String),
+    /// Something still holds the item; the message names it.
+    #[error("{0}")]
+    Held(String),
+    /// A condition (`If-Match`) did not hold.
+    #[error("{0}")]
+    Precondition(String),
+    /// The request conflicts with the current state (a restore over a tag that moved since, a
+    /// tombstone that cannot be restored); the message says why.
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// A refused or failed delete.
+#[derive(Debug, thiserror::Error)]
+pub enum DeleteError {
+    /// Refused; nothing changed.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    /// The store failed.
+    #[error(transparent)]
+    Meta(#[from] Error),
+}
+
+impl From<sqlx::Error> for DeleteError {
+    fn from(e: sqlx::Error) -> Self {
+        DeleteError::Meta(Error::Database(e))
+    }
+}
+
+impl TxError for DeleteError {
+    fn store_error(&self) -> Option<&Error> {
+        match self {
+            DeleteError::Meta(e) => Some(e),
+            DeleteError::Refused(_) => None,
+        }
+    }
+}
+
+type DeleteResult<T> = std::result::Result<T, DeleteError>;
+
+fn refuse<T>(r: Refusal) -> DeleteResult<T> {
+    Err(DeleteError::Refused(r))
+}
+
+/// A manifest a delete tombstoned (or a restore brought back), with the tags that went with it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AffectedManifest {
+    /// The repository.
+    pub repository: String,
+    /// The manifest's digest.
+    pub digest: String,
+    /// The tags removed from it (or put back).
+    pub tags: Vec<String>,
+}
+
+/// What a purge did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Purged {
+    /// The blob purged.
+    pub digest: String,
+    /// Its size.
+    pub size: i64,
+    /// The storage key whose bytes the caller deletes now that the rows are gone.
+    #[serde(skip)]
+    pub storage_key: String,
+    /// Every manifest made an unrestorable tombstone, in every repository.
+    pub manifests: Vec<AffectedManifest>,
+    /// Repositories the blob was unlinked from.
+    pub unlinked_from: Vec<String>,
+}
+
+/// id, deleted_at, delete_id, deleted_why, unrestorable.
+type TombstoneRow = (i64, Option<i64>, Option<i64>, Option<String>, Option<String>);
+
+/// A manifest row as the delete code needs it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+struct Target {
+    id: i64,
+    digest: String,
+}
+
+impl MetaStore {
+    /// The id of live repository `repo`, locked with `lock`.
+    async fn live_repository(tx: &mut AnyConnection, repo: &RepoName, lock: &str) -> DeleteResult<i64> {
+        let sql = format!("SELECT id FROM repositories WHERE name = $1 AND deleted_at IS NULL{lock}");
+        let row: Option<(i64,)> = sqlx::query_as(&sql).bind(repo.as_str()).fetch_optional(&mut *tx).await?;
+        match row {
+            Some((id,)) => Ok(id),
+            None => refuse(Refusal::NotFound(format!("repository {repo} not known to registry"))),
+        }
+    }
+
+    async fn new_delete(
+        tx: &mut AnyConnection,
+        repo_id: Option<i64>,
+        kind: &str,
+        target: &str,
+        actor: Option<&str>,
+        reason: Option<&str>,
+        now: i64,
+    ) -> Result<i64, sqlx::Error> {
+        let (id,): (i64,) = sqlx::query_as(
+            "INSERT INTO deletes (repository_id, kind, target, actor, reason, at) \
+             VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+        )
+        .bind(repo_id)
+        .bind(kind)
+        .bind(target)
+        .bind(actor)
+        .bind(reason)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
+        Ok(id)
+    }
+
+    /// Removes every tag on manifest `m` (recording each in the history as part of delete
+    /// `delete_id`); returns the tag names.
+    async fn untag_all(
+        tx: &mut AnyConnection,
+        m: &Target,
+        actor: Option<&str>,
+        now: i64,
+        delete_id: i64,
+    ) -> Result<Vec<String>, sqlx::Error> {
+        let names: Vec<(String,)> =
+            sqlx::query_as("SELECT name FROM tags WHERE manifest_id = $1 ORDER BY name")
+                .bind(m.id)
+                .fetch_all(&mut *tx)
+                .await?;
+        sqlx::query(
+            "INSERT INTO tag_history (repository_id, tag, old_digest, new_digest, actor, at, kind, delete_id) \
+             SELECT repository_id, name, $1, NULL, $2, $3, 'delete', $4 FROM tags WHERE manifest_id = $5",
+        )
+        .bind(&m.digest)
+        .bind(actor)
+        .bind(now)
+        .bind(delete_id)
+        .bind(m.id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM tags WHERE manifest_id = $1").bind(m.id).execute(&mut *tx).await?;
+        Ok(names.into_iter().map(|(n,)| n).collect())
+    }
+
+    async fn tombstone(
+        tx: &mut AnyConnection,
+        m: &Target,
+        delete_id: i64,
+        why: &str,
+        unrestorable: Option<&str>,
+        now: i64,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "UPDATE manifests SET deleted_at = $1, delete_id = $2, deleted_why = $3, unrestorable = $4 WHERE id = $5",
+        )
+        .bind(now)
+        .bind(delete_id)
+        .bind(why)
+        .bind(unrestorable)
+        .bind(m.id)
+        .execute(&mut *tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Live image indexes of the repository that list manifest `id` as a child, except those in
+    /// `except`.
+    async fn live_parents(
+        tx: &mut AnyConnection,
+        id: i64,
+        except: &[i64],
+    ) -> Result<Vec<Target>, sqlx::Error> {
+        let parents: Vec<Target> = sqlx::query_as(
+            "SELECT p.id, p.digest FROM manifest_children c JOIN manifests p ON p.id = c.parent_id \
+             WHERE c.child_id = $1 AND p.deleted_at IS NULL ORDER BY p.digest",
+        )
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await?;
+        Ok(parents.into_iter().filter(|p| !except.contains(&p.id)).collect())
+    }
+
+    /// Live manifests of the repository whose subject is one of `group`, transitively (a
+    /// signature of an SBOM of an image), locked with `lock`.
+    async fn live_referrers(
+        tx: &mut AnyConnection,
+        repo_id: i64,
+        root: &Target,
+        lock: &str,
+    ) -> Result<Vec<Target>, sqlx::Error> {
+        let sql = format!(
+            "SELECT id, digest FROM manifests WHERE repository_id = $1 AND subject_digest = $2 \
+             AND deleted_at IS NULL ORDER BY digest{lock}"
+        );
+        let mut found: Vec<Target> = Vec::new();
+        let mut frontier = vec![root.digest.clone()];
+        while let Some(subject) = frontier.pop() {
+            let referrers: Vec<Target> =
+                sqlx::query_as(&sql).bind(repo_id).bind(&subject).fetch_all(&mut *tx).await?;
+            for r in referrers {
+                if r.id != root.id && !found.iter().any(|f| f.id == r.id) {
+                    frontier.push(r.digest.clone());
+                    found.push(r);
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Tombstones manifest `digest` of `repo` with its referrers and removes their tags, in one
+    /// transaction. Refused while a live image index in the repository lists it (or one of the
+    /// referrers going with it).
+    ///
+    /// # Errors
+    /// [`Refusal::NotFound`], [`Refusal::Held`] naming the index; [`DeleteError::Meta`].
+    pub async fn delete_manifest(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        actor: Option<&str>,
+        now: i64,
+    ) -> DeleteResult<Vec<AffectedManifest>> {
+        let share = self.share_lock();
+        let update = self.update_lock_of("manifests");
+        let target_sql = format!(
+            "SELECT id, digest FROM manifests WHERE repository_id = $1 AND digest = $2 AND deleted_at IS NULL{update}"
+        );
+        transaction!(self, DeleteError, |tx| {
+            let repo_id = Self::live_repository(tx, repo, share).await?;
+            let target: Option<Target> = sqlx::query_as(&target_sql)
+                .bind(repo_id)
+                .bind(digest.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+            let Some(target) = target else {
+                return refuse(Refusal::NotFound(format!("manifest {digest} not in repository {repo}")));
+            };
+            let referrers = Self::live_referrers(tx, repo_id, &target, &update).await?;
+            let group: Vec<i64> = std::iter::once(target.id).chain(referrers.iter().map(|r| r.id)).collect();
+            for m in std::iter::once(&target).chain(&referrers) {
+                if let Some(index) = Self::live_parents(tx, m.id, &group).await?.first() {
+                    let what = if m.id == target.id {
+                        String::new()
+                    } else {
+                        format!(" (its referrer {})", m.digest)
+                    };
+                    return refuse(Refusal::Held(format!(
+                        "manifest {}{what} is listed by the image index {} in repository {repo}; delete the index first",
+                        target.digest, index.digest
+                    )));
+                }
+            }
+            let delete_id =
+                Self::new_delete(tx, Some(repo_id), "manifest", digest.as_str(), actor, None, now).await?;
+            let mut affected = Vec::new();
+            for (m, why) in
+                std::iter::once((&target, "deleted")).chain(referrers.iter().map(|r| (r, "subject")))
+            {
+                let tags = Self::untag_all(tx, m, actor, now, delete_id).await?;
+                Self::tombstone(tx, m, delete_id, why, None, now).await?;
+                affected.push(AffectedManifest {
+                    repository: repo.to_string(),
+                    digest: m.digest.clone(),
+                    tags,
+                });
+            }
+            Ok(affected)
+        })
+    }
+
+    /// Removes tag `tag` of `repo` (only if `condition` holds), recording the delete in the tag
+    /// history. Returns the digest it pointed at.
+    ///
+    /// # Errors
+    /// [`Refusal::NotFound`], [`Refusal::Precondition`]; [`DeleteError::Meta`].
+    pub async fn delete_tag(
+        &self,
+        repo: &RepoName,
+        tag: &Tag,
+        condition: TagCondition<'_>,
+        actor: Option<&str>,
+        now: i64,
+    ) -> DeleteResult<String> {
+        let share = self.share_lock();
+        let current_sql = format!(
+            "SELECT m.digest FROM tags t JOIN manifests m ON m.id = t.manifest_id \
+             WHERE t.repository_id = $1 AND t.name = $2{}",
+            self.update_lock_of("t")
+        );
+        transaction!(self, DeleteError, |tx| {
+            let repo_id = Self::live_repository(tx, repo, share).await?;
+            let current: Option<(String,)> = sqlx::query_as(&current_sql)
+                .bind(repo_id)
+                .bind(tag.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+            let current = current.map(|(d,)| d);
+            if !condition.holds(current.as_deref()) {
+                return refuse(Refusal::Precondition(match &current {
+                    Some(d) => format!("tag {tag} points at {d}"),
+                    None => format!("tag {tag} does not exist"),
+                }));
+            }
+            let Some(old) = current else {
+                return refuse(Refusal::NotFound(format!("tag {tag} not in repository {repo}")));
+            };
+            let delete_id =
+                Self::new_delete(tx, Some(repo_id), "tag", tag.as_str(), actor, None, now).await?;
+            Self::record_tag_move(
+                tx,
+                repo_id,
+                tag.as_str(),
+                Some(&old),
+                None,
+                actor,
+                now,
+                "delete",
+                Some(delete_id),
+            )
+            .await?;
+            sqlx::query("DELETE FROM tags WHERE repository_id = $1 AND name = $2")
+                .bind(repo_id)
+                .bind(tag.as_str())
+                .execute(&mut *tx)
+                .await?;
+            Ok(old)
+        })
+    }
+
+    /// Unlinks blob `digest` from `repo`. Refused while a live manifest of the repository
+    /// references it; tombstones that reference it can no longer be restored afterwards.
+    ///
+    /// # Errors
+    /// [`Refusal::NotFound`], [`Refusal::Held`] naming the manifest (and a tag on it);
+    /// [`DeleteError::Meta`].
+    pub async fn unlink_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        actor: Option<&str>,
+        now: i64,
+    ) -> DeleteResult<()> {
+        let share = self.share_lock();
+        let link_sql = format!(
+            "SELECT rb.blob_id FROM repository_blobs rb JOIN blobs b ON b.id = rb.blob_id \
+             WHERE rb.repository_id = $1 AND b.digest = $2{}",
+            self.update_lock_of("rb")
+        );
+        transaction!(self, DeleteError, |tx| {
+            let repo_id = Self::live_repository(tx, repo, share).await?;
+            let link: Option<(i64,)> = sqlx::query_as(&link_sql)
+                .bind(repo_id)
+                .bind(digest.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+            let Some((blob_id,)) = link else {
+                return refuse(Refusal::NotFound(format!("blob {digest} not linked in repository {repo}")));
+            };
+            let holder: Option<(String, Option<String>)> = sqlx::query_as(
+                "SELECT m.digest, (SELECT MIN(t.name) FROM tags t WHERE t.manifest_id = m.id) \
+                 FROM manifest_blobs mb JOIN manifests m ON m.id = mb.manifest_id \
+                 WHERE mb.blob_id = $1 AND m.repository_id = $2 AND m.deleted_at IS NULL \
+                 ORDER BY m.digest LIMIT 1",
+            )
+            .bind(blob_id)
+            .bind(repo_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some((manifest, tag)) = holder {
+                let by = tag.map_or(String::new(), |t| format!(" (tagged {t})"));
+                return refuse(Refusal::Held(format!(
+                    "blob {digest} is referenced by manifest {manifest}{by} in repository {repo}; delete the manifest first"
+                )));
+            }
+            let who = actor.unwrap_or("anonymous");
+            let reason =
+                format!("blob {digest} was unlinked from {repo} by {who} at {}", crate::time::utc(now));
+            sqlx::query(
+                "UPDATE manifests SET unrestorable = $1 WHERE repository_id = $2 AND deleted_at IS NOT NULL \
+                 AND unrestorable IS NULL AND id IN (SELECT manifest_id FROM manifest_blobs WHERE blob_id = $3)",
+            )
+            .bind(&reason)
+            .bind(repo_id)
+            .bind(blob_id)
+            .execute(&mut *tx)
+            .await?;
+            Self::new_delete(tx, Some(repo_id), "blob", digest.as_str(), actor, None, now).await?;
+            sqlx::query("DELETE FROM repository_blobs WHERE repository_id = $1 AND blob_id = $2")
+                .bind(repo_id)
+                .bind(blob_id)
+                .execute(&mut *tx)
+                .await?;
+            Ok(())
+        })
+    }
+
+    /// Deletes repository `repo`: every live manifest becomes a tombstone, every tag is removed
+    /// (and recorded), and the name is hidden — all restorable with [`MetaStore::restore_repository`].
+    ///
+    /// # Errors
+    /// [`Refusal::NotFound`]; [`DeleteError::Meta`].
+    pub async fn delete_repository(
+        &self,
+        repo: &RepoName,
+        actor: Option<&str>,
+        now: i64,
+    ) -> DeleteResult<Vec<AffectedManifest>> {
+        let update = self.update_lock_of("repositories");
+        transaction!(self, DeleteError, |tx| {
+            let repo_id = Self::live_repository(tx, repo, &update).await?;
+            let delete_id =
+                Self::new_delete(tx, Some(repo_id), "repository", repo.as_str(), actor, None, now).await?;
+            let live: Vec<Target> = sqlx::query_as(
+                "SELECT id, digest FROM manifests WHERE repository_id = $1 AND deleted_at IS NULL ORDER BY digest",
+            )
+            .bind(repo_id)
+            .fetch_all(&mut *tx)
+            .await?;
+            let mut affected = Vec::with_capacity(live.len());
+            for m in &live {
+                let tags = Self::untag_all(tx, m, actor, now, delete_id).await?;
+                affected.push(AffectedManifest {
+                    repository: repo.to_string(),
+                    digest: m.digest.clone(),
+                    tags,
+                });
+            }
+            sqlx::query(
+                "UPDATE manifests SET deleted_at = $1, delete_id = $2, deleted_why = 'repository' \
+                 WHERE repository_id = $3 AND deleted_at IS NULL",
+            )
+            .bind(now)
+            .bind(delete_id)
+            .bind(repo_id)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("UPDATE repositories SET deleted_at = $1, delete_id = $2 WHERE id = $3")
+                .bind(now)
+                .bind(delete_id)
+                .bind(repo_id)
+                .execute(&mut *tx)
+                .await?;
+            Ok(affected)
+        })
+    }
+
+    /// Purges blob `digest` everywhere: every manifest that references it — and every index
+    /// that lists such a manifest — in every repository becomes a tombstone that can never be
+    /// restored, their tags are removed, the blob is unlinked everywhere and its row removed.
+    /// The caller deletes the bytes (under the returned key) once this has committed.
+    ///
+    /// # Errors
+    /// [`Refusal::NotFound`]; [`DeleteError::Meta`].
+    pub async fn purge_blob(
+        &self,
+        digest: &Digest,
+        reason: &str,
+        actor: Option<&str>,
+        now: i64,
+    ) -> DeleteResult<Purged> {
+        let blob_sql = format!(
+            "SELECT id, size, storage_key FROM blobs WHERE digest = $1{}",
+            self.update_lock_of("blobs")
+        );
+        transaction!(self, DeleteError, |tx| {
+            let blob: Option<(i64, i64, String)> =
+                sqlx::query_as(&blob_sql).bind(digest.as_str()).fetch_optional(&mut *tx).await?;
+            let Some((blob_id, size, storage_key)) = blob else {
+                return refuse(Refusal::NotFound(format!("blob {digest} not known to registry")));
+            };
+            let delete_id =
+                Self::new_delete(tx, None, "purge", digest.as_str(), actor, Some(reason), now).await?;
+            let why = format!("purged: {reason}");
+            // The manifests that reference the blob, then every index above them.
+            let mut doomed: Vec<(Target, String, String)> = sqlx::query_as::<_, (i64, String, String)>(
+                "SELECT m.id, m.digest, r.name FROM manifest_blobs mb JOIN manifests m ON m.id = mb.manifest_id \
+                 JOIN repositories r ON r.id = m.repository_id WHERE mb.blob_id = $1 ORDER BY r.name, m.digest",
+            )
+            .bind(blob_id)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .map(|(id, digest, repo)| (Target { id, digest }, repo, why.clone()))
+            .collect();
+            let mut i = 0;
+            while i < doomed.len() {
+                let child = doomed[i].0.clone();
+                let parents: Vec<(i64, String, String)> = sqlx::query_as(
+                    "SELECT p.id, p.digest, r.name FROM manifest_children c JOIN manifests p ON p.id = c.parent_id \
+                     JOIN repositories r ON r.id = p.repository_id WHERE c.child_id = $1",
+                )
+                .bind(child.id)
+                .fetch_all(&mut *tx)
+                .await?;
+                for (id, pd, repo) in parents {
+                    if !doomed.iter().any(|(t, _, _)| t.id == id) {
+                        let because =
+                            format!("{why} (it lists {}, which referenced the purged blob)", child.digest);
+                        doomed.push((Target { id, digest: pd }, repo, because));
+                    }
+                }
+                i += 1;
+            }
+            let mut manifests = Vec::with_capacity(doomed.len());
+            for (m, repo, because) in &doomed {
+                let tags = Self::untag_all(tx, m, actor, now, delete_id).await?;
+                sqlx::query(
+                    "UPDATE manifests SET deleted_at = COALESCE(deleted_at, $1), delete_id = COALESCE(delete_id, $2), \
+                     deleted_why = COALESCE(deleted_why, 'purged'), unrestorable = $3 WHERE id = $4",
+                )
+                .bind(now)
+                .bind(delete_id)
+                .bind(because)
+                .bind(m.id)
+                .execute(&mut *tx)
+                .await?;
+                manifests.push(AffectedManifest { repository: repo.clone(), digest: m.digest.clone(), tags });
+            }
+            let unlinked: Vec<(String,)> = sqlx::query_as(
+                "SELECT r.name FROM repository_blobs rb JOIN repositories r ON r.id = rb.repository_id \
+                 WHERE rb.blob_id = $1 ORDER BY r.name",
+            )
+            .bind(blob_id)
+            .fetch_all(&mut *tx)
+            .await?;
+            sqlx::query("DELETE FROM manifest_blobs WHERE blob_id = $1")
+                .bind(blob_id)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("DELETE FROM repository_blobs WHERE blob_id = $1")
+                .bind(blob_id)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("DELETE FROM blobs WHERE id = $1").bind(blob_id).execute(&mut *tx).await?;
+            Ok(Purged {
+                digest: digest.to_string(),
+                size,
+                storage_key,
+                manifests,
+                unlinked_from: unlinked.into_iter().map(|(n,)| n).collect(),
+            })
+        })
+    }
+
+    /// Restores tombstone `digest` of `repo` with the tags its delete removed, the referrers
+    /// deleted with it, and any deleted child it lists. A tag pushed again since is a conflict
+    /// unless `take_tags`, which moves it back.
+    ///
+    /// # Errors
+    /// [`Refusal::NotFound`] (no such manifest, or it is not deleted), [`Refusal::Conflict`]
+    /// (it cannot be restored, or a tag moved since); [`DeleteError::Meta`].
+    pub async fn restore_manifest(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        take_tags: bool,
+        actor: Option<&str>,
+        now: i64,
+    ) -> DeleteResult<Vec<AffectedManifest>> {
+        let repo_sql =
+            format!("SELECT id FROM repositories WHERE name = $1{}", self.update_lock_of("repositories"));
+        let tag_lock = self.update_lock_of("t");
+        transaction!(self, DeleteError, |tx| {
+            let repo_id: Option<(i64,)> =
+                sqlx::query_as(&repo_sql).bind(repo.as_str()).fetch_optional(&mut *tx).await?;
+            let Some((repo_id,)) = repo_id else {
+                return refuse(Refusal::NotFound(format!("repository {repo} not known to registry")));
+            };
+            let restored =
+                Self::restore_group(tx, repo, repo_id, digest.as_str(), take_tags, actor, now, &tag_lock)
+                    .await?;
+            Self::undelete_repository(tx, repo_id).await?;
+            Ok(restored)
+        })
+    }
+
+    /// Restores repository `repo` as its delete left it: every tombstone that delete made, with
+    /// its tags. Tags pushed again since are conflicts unless `take_tags`.
+    ///
+    /// # Errors
+    /// [`Refusal::NotFound`] (no such deleted repository), [`Refusal::Conflict`];
+    /// [`DeleteError::Meta`].
+    pub async fn restore_repository(
+        &self,
+        repo: &RepoName,
+        take_tags: bool,
+        actor: Option<&str>,
+        now: i64,
+    ) -> DeleteResult<Vec<AffectedManifest>> {
+        let repo_sql = format!(
+            "SELECT r.id, d.id FROM repositories r JOIN deletes d ON d.repository_id = r.id \
+             WHERE r.name = $1 AND d.kind = 'repository' ORDER BY d.id DESC LIMIT 1{}",
+            self.update_lock_of("r")
+        );
+        let tag_lock = self.update_lock_of("t");
+        transaction!(self, DeleteError, |tx| {
+            let found: Option<(i64, i64)> =
+                sqlx::query_as(&repo_sql).bind(repo.as_str()).fetch_optional(&mut *tx).await?;
+            let Some((repo_id, delete_id)) = found else {
+                return refuse(Refusal::NotFound(format!("repository {repo} was never deleted")));
+            };
+            let members: Vec<(String,)> = sqlx::query_as(
+                "SELECT digest FROM manifests WHERE delete_id = $1 AND deleted_at IS NOT NULL ORDER BY digest",
+            )
+            .bind(delete_id)
+            .fetch_all(&mut *tx)
+            .await?;
+            let mut restored = Vec::new();
+            for (digest,) in members {
+                // A member an earlier step of this loop already restored (as a child) is skipped.
+                if restored.iter().any(|a: &AffectedManifest| a.digest == digest) {
+                    continue;
+                }
+                let mut group =
+                    Self::restore_group(tx, repo, repo_id, &digest, take_tags, actor, now, &tag_lock).await?;
+                restored.append(&mut group);
+            }
+            Self::undelete_repository(tx, repo_id).await?;
+            Ok(restored)
+        })
+    }
+
+    async fn undelete_repository(tx: &mut AnyConnection, repo_id: i64) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE repositories SET deleted_at = NULL, delete_id = NULL WHERE id = $1 AND deleted_at IS NOT NULL")
+            .bind(repo_id)
+            .execute(&mut *tx)
+            .await?;
+        Ok(())
+    }
+
+    /// Restores one tombstone: checks it can be, brings back deleted children it lists and the
+    /// referrers deleted with it, then its tags.
+    #[expect(clippy::too_many_arguments, reason = "the parts of one restore")]
+    async fn restore_group(
+        tx: &mut AnyConnection,
+        repo: &RepoName,
+        repo_id: i64,
+        digest: &str,
+        take_tags: bool,
+        actor: Option<&str>,
+        now: i64,
+        tag_lock: &str,
+    ) -> DeleteResult<Vec<AffectedManifest>> {
+        let row: Option<TombstoneRow> = sqlx::query_as(
+            "SELECT id, deleted_at, delete_id, deleted_why, unrestorable FROM manifests \
+             WHERE repository_id = $1 AND digest = $2",
+        )
+        .bind(repo_id)
+        .bind(digest)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((id, deleted_at, delete_id, why, unrestorable)) = row else {
+            return refuse(Refusal::NotFound(format!("manifest {digest} not in repository {repo}")));
+        };
+        if deleted_at.is_none() {
+            return refuse(Refusal::NotFound(format!("manifest {digest} in {repo} is not deleted")));
+        }
+        if let Some(reason) = unrestorable {
+            return refuse(Refusal::Conflict(format!(
+                "manifest {digest} in {repo} cannot be restored: {reason}"
+            )));
+        }
+        let missing: Option<(String,)> = sqlx::query_as(
+            "SELECT b.digest FROM manifest_blobs mb JOIN blobs b ON b.id = mb.blob_id WHERE mb.manifest_id = $1 \
+             AND NOT EXISTS (SELECT 1 FROM repository_blobs rb WHERE rb.repository_id = $2 AND rb.blob_id = mb.blob_id) \
+             LIMIT 1",
+        )
+        .bind(id)
+        .bind(repo_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some((blob,)) = missing {
+            return refuse(Refusal::Conflict(format!(
+                "manifest {digest} in {repo} cannot be restored: blob {blob} is no longer in the repository"
+            )));
+        }
+        let mut group = vec![(Target { id, digest: digest.to_string() }, delete_id)];
+        // Referrers deleted together with this manifest come back with it.
+        if why.as_deref() == Some("deleted")
+            && let Some(d) = delete_id
+        {
+            let referrers: Vec<(i64, String)> = sqlx::query_as(
+                "SELECT id, digest FROM manifests WHERE delete_id = $1 AND deleted_why = 'subject' \
+                 AND deleted_at IS NOT NULL AND unrestorable IS NULL ORDER BY digest",
+            )
+            .bind(d)
+            .fetch_all(&mut *tx)
+            .await?;
+            group.extend(referrers.into_iter().map(|(id, digest)| (Target { id, digest }, Some(d))));
+        }
+        // Mark the group live first, so children restored below see their parent as it will be.
+        for (m, _) in &group {
+            sqlx::query(
+                "UPDATE manifests SET deleted_at = NULL, delete_id = NULL, deleted_why = NULL WHERE id = $1",
+            )
+            .bind(m.id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let mut restored = Vec::new();
+        // An index needs its children: deleted ones come back too, or the restore is refused.
+        let children: Vec<(String, Option<i64>)> = sqlx::query_as(
+            "SELECT c.digest, c.deleted_at FROM manifest_children mc JOIN manifests c ON c.id = mc.child_id \
+             WHERE mc.parent_id = $1 ORDER BY c.digest",
+        )
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await?;
+        for (child, child_deleted) in children {
+            if child_deleted.is_some() {
+                let mut more =
+                    Box::pin(Self::restore_group(tx, repo, repo_id, &child, take_tags, actor, now, tag_lock))
+                        .await?;
+                restored.append(&mut more);
+            }
+        }
+        for (m, delete_id) in &group {
+            let tags = match delete_id {
+                Some(d) => Self::restore_tags(tx, repo_id, m, *d, take_tags, actor, now, tag_lock).await?,
+                None => Vec::new(),
+            };
+            restored.push(AffectedManifest { repository: repo.to_string(), digest: m.digest.clone(), tags });
+        }
+        Ok(restored)
+    }
+
+    /// Puts back the tags delete `delete_id` took from manifest `m`.
+    #[expect(clippy::too_many_arguments, reason = "the parts of one restore")]
+    async fn restore_tags(
+        tx: &mut AnyConnection,
+        repo_id: i64,
+        m: &Target,
+        delete_id: i64,
+        take_tags: bool,
+        actor: Option<&str>,
+        now: i64,
+        tag_lock: &str,
+    ) -> DeleteResult<Vec<String>> {
+        let names: Vec<(String,)> = sqlx::query_as(
+            "SELECT DISTINCT tag FROM tag_history WHERE delete_id = $1 AND old_digest = $2 AND kind = 'delete' \
+             AND repository_id = $3 ORDER BY tag",
+        )
+        .bind(delete_id)
+        .bind(&m.digest)
+        .bind(repo_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        let digest = Digest::parse(&m.digest)
+            .map_err(|e| Error::Database(sqlx::Error::Decode(e.to_string().into())))?;
+        let mut restored = Vec::new();
+        for (name,) in names {
+            let Ok(tag) = Tag::parse(&name) else { continue };
+            let condition = if take_tags { TagCondition::Always } else { TagCondition::IfAbsent };
+            let write = TagWrite {
+                repo_id,
+                tag: &tag,
+                manifest_id: m.id,
+                digest: &digest,
+                actor,
+                now,
+                kind: "restore",
+                condition,
+            };
+            match Self::set_tag(tx, &write, tag_lock).await? {
+                TagOutcome::Set | TagOutcome::Unchanged => restored.push(name),
+                TagOutcome::Precondition { current } => {
+                    return refuse(Refusal::Conflict(format!(
+                        "tag {name} was pushed again since the delete and now points at {}; restore with take_tags to move it back",
+                        current.unwrap_or_default()
+                    )));
+                }
+            }
+        }
+        Ok(restored)
+    }
+
+    /// Puts tag `tag` of `repo` back where a tag delete left it (the latest delete of that
+    /// tag). The manifest must still be held: live, or a restorable tombstone (restored alone).
+    ///
+    /// # Errors
+    /// [`Refusal::NotFound`], [`Refusal::Conflict`]; [`DeleteError::Meta`].
+    pub async fn restore_tag(
+        &self,
+        repo: &RepoName,
+        tag: &Tag,
+        take_tags: bool,
+        actor: Option<&str>,
+        now: i64,
+    ) -> DeleteResult<String> {
+        let share = self.share_lock();
+        let tag_lock = self.update_lock_of("t");
+        transaction!(self, DeleteError, |tx| {
+            let repo_id = Self::live_repository(tx, repo, share).await?;
+            let last: Option<(Option<String>,)> = sqlx::query_as(
+                "SELECT old_digest FROM tag_history WHERE repository_id = $1 AND tag = $2 AND kind = 'delete' \
+                 ORDER BY id DESC LIMIT 1",
+            )
+            .bind(repo_id)
+            .bind(tag.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some((Some(digest),)) = last else {
+                return refuse(Refusal::NotFound(format!("tag {tag} of {repo} was never deleted")));
+            };
+            let condition = if take_tags { TagCondition::Always } else { TagCondition::IfAbsent };
+            Self::point_tag(tx, repo, repo_id, tag, &digest, condition, "restore", actor, now, &tag_lock)
+                .await?;
+            Ok(digest)
+        })
+    }
+
+    /// The time machine: points `tag` of `repo` at `target` — a digest, the digest the tag
+    /// pointed at a moment `at` (Unix ms), or one step back in its history — provided that
+    /// manifest is still held (live, or a restorable tombstone, which is restored alone).
+    /// Returns the digest the tag now points at.
+    ///
+    /// # Errors
+    /// [`Refusal::NotFound`] (no such point in the history), [`Refusal::Conflict`];
+    /// [`DeleteError::Meta`].
+    pub async fn revert_tag(
+        &self,
+        repo: &RepoName,
+        tag: &Tag,
+        target: RevertTarget<'_>,
+        actor: Option<&str>,
+        now: i64,
+    ) -> DeleteResult<String> {
+        let share = self.share_lock();
+        let tag_lock = self.update_lock_of("t");
+        transaction!(self, DeleteError, |tx| {
+            let repo_id = Self::live_repository(tx, repo, share).await?;
+            let digest = match target {
+                RevertTarget::Digest(d) => Some(d.to_string()),
+                RevertTarget::At(at) => {
+                    let row: Option<(Option<String>,)> = sqlx::query_as(
+                        "SELECT new_digest FROM tag_history WHERE repository_id = $1 AND tag = $2 AND at <= $3 \
+                         ORDER BY id DESC LIMIT 1",
+                    )
+                    .bind(repo_id)
+                    .bind(tag.as_str())
+                    .bind(at)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    row.and_then(|(d,)| d)
+                }
+                RevertTarget::Previous => {
+                    let row: Option<(Option<String>,)> = sqlx::query_as(
+                        "SELECT old_digest FROM tag_history WHERE repository_id = $1 AND tag = $2 \
+                         ORDER BY id DESC LIMIT 1",
+                    )
+                    .bind(repo_id)
+                    .bind(tag.as_str())
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    row.and_then(|(d,)| d)
+                }
+            };
+            let Some(digest) = digest else {
+                return refuse(Refusal::NotFound(format!("tag {tag} of {repo} pointed at nothing then")));
+            };
+            Self::point_tag(
+                tx,
+                repo,
+                repo_id,
+                tag,
+                &digest,
+                TagCondition::Always,
+                "revert",
+                actor,
+                now,
+                &tag_lock,
+            )
+            .await?;
+            Ok(digest)
+        })
+    }
+
+    /// Points `tag` at manifest `digest` of the repository if it is still held, restoring it
+    /// alone if it is a restorable tombstone.
+    #[expect(clippy::too_many_arguments, reason = "the parts of one tag write")]
+    async fn point_tag(
+        tx: &mut AnyConnection,
+        repo: &RepoName,
+        repo_id: i64,
+        tag: &Tag,
+        digest: &str,
+        condition: TagCondition<'_>,
+        kind: &str,
+        actor: Option<&str>,
+        now: i64,
+        tag_lock: &str,
+    ) -> DeleteResult<()> {
+        let row: Option<(i64, Option<i64>, Option<String>)> = sqlx::query_as(
+            "SELECT id, deleted_at, unrestorable FROM manifests WHERE repository_id = $1 AND digest = $2",
+        )
+        .bind(repo_id)
+        .bind(digest)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((manifest_id, deleted_at, unrestorable)) = row else {
+            return refuse(Refusal::Conflict(format!("manifest {digest} is no longer held in {repo}")));
+        };
+        if deleted_at.is_some() {
+            if let Some(reason) = unrestorable {
+                return refuse(Refusal::Conflict(format!(
+                    "manifest {digest} in {repo} cannot be restored: {reason}"
+                )));
+            }
+            sqlx::query(
+                "UPDATE manifests SET deleted_at = NULL, delete_id = NULL, deleted_why = NULL WHERE id = $1",
+            )
+            .bind(manifest_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let parsed =
+            Digest::parse(digest).map_err(|e| Error::Database(sqlx::Error::Decode(e.to_string().into())))?;
+        let write = TagWrite { repo_id, tag, manifest_id, digest: &parsed, actor, now, kind, condition };
+        if let TagOutcome::Precondition { current } = Self::set_tag(tx, &write, tag_lock).await? {
+            return refuse(Refusal::Conflict(format!(
+                "tag {tag} exists and points at {}; use take_tags to move it",
+                current.unwrap_or_default()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Where the time machine puts a tag.
+#[derive(Debug, Clone, Copy)]
+pub enum RevertTarget<'a> {
+    /// This manifest.
+    Digest(&'a Digest),
+    /// Where the tag pointed at this moment (Unix ms).
+    At(i64),
+    /// Where the tag pointed before its latest move.
+    Previous,
+}

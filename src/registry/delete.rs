@@ -1,0 +1,190 @@
+//! Deleting and restoring: the delete contract, written once for the OCI API, the admin API and
+//! the CLI.
+
+use super::{Error, Registry, Result};
+use crate::meta::{AffectedManifest, DeleteError, Purged, Refusal, RevertTarget, TagCondition};
+use crate::oci::{Digest, RepoName, Tag};
+
+/// What a `Refusal::NotFound` means for the operation at hand.
+fn refusal(e: DeleteError, not_found: fn(String) -> Error) -> Error {
+    match e {
+        DeleteError::Refused(Refusal::NotFound(m)) => not_found(m),
+        DeleteError::Refused(Refusal::Held(m)) => Error::DeleteRefused(m),
+        DeleteError::Refused(Refusal::Precondition(m)) => Error::PreconditionFailed(m),
+        DeleteError::Refused(Refusal::Conflict(m)) => Error::Conflict(m),
+        DeleteError::Meta(e) => e.into(),
+    }
+}
+
+fn manifest_unknown(_: String) -> Error {
+    Error::ManifestUnknown
+}
+fn blob_unknown(_: String) -> Error {
+    Error::BlobUnknown
+}
+fn name_unknown(_: String) -> Error {
+    Error::NameUnknown
+}
+
+/// What a purge did, including whether the bytes are gone from storage already.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PurgeReport {
+    /// What the metadata transaction did.
+    #[serde(flatten)]
+    pub purged: Purged,
+    /// Whether the bytes were deleted from storage; when not, `storage_error` says why (the
+    /// object stays until the collector's sweep or a repeated purge removes it).
+    pub bytes_deleted: bool,
+    /// The storage failure, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub storage_error: Option<String>,
+}
+
+impl Registry {
+    /// Deletes manifest `digest` of `repo`: it becomes a tombstone with its referrers, and every
+    /// tag on them is removed (recorded in the history) — one transaction.
+    ///
+    /// # Errors
+    /// [`Error::ManifestUnknown`]; [`Error::DeleteRefused`] while a live index lists it.
+    pub async fn delete_manifest(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        actor: Option<&str>,
+    ) -> Result<Vec<AffectedManifest>> {
+        let now = self.clock.now_ms();
+        self.meta.delete_manifest(repo, digest, actor, now).await.map_err(|e| refusal(e, manifest_unknown))
+    }
+
+    /// Deletes tag `tag` of `repo` (the manifest stays), if `condition` holds. Returns the
+    /// digest it pointed at.
+    ///
+    /// # Errors
+    /// [`Error::ManifestUnknown`] for a tag that does not exist; [`Error::PreconditionFailed`].
+    pub async fn delete_tag(
+        &self,
+        repo: &RepoName,
+        tag: &Tag,
+        condition: TagCondition<'_>,
+        actor: Option<&str>,
+    ) -> Result<String> {
+        let now = self.clock.now_ms();
+        self.meta.delete_tag(repo, tag, condition, actor, now).await.map_err(|e| refusal(e, manifest_unknown))
+    }
+
+    /// Unlinks blob `digest` from `repo`; tombstones that referenced it can no longer be
+    /// restored.
+    ///
+    /// # Errors
+    /// [`Error::BlobUnknown`]; [`Error::DeleteRefused`] while a live manifest references it.
+    pub async fn unlink_blob(&self, repo: &RepoName, digest: &Digest, actor: Option<&str>) -> Result<()> {
+        let now = self.clock.now_ms();
+        self.meta.unlink_blob(repo, digest, actor, now).await.map_err(|e| refusal(e, blob_unknown))
+    }
+
+    /// Deletes repository `repo`: everything in it becomes a tombstone, restorable.
+    ///
+    /// # Errors
+    /// [`Error::NameUnknown`].
+    pub async fn delete_repository(
+        &self,
+        repo: &RepoName,
+        actor: Option<&str>,
+    ) -> Result<Vec<AffectedManifest>> {
+        let now = self.clock.now_ms();
+        self.meta.delete_repository(repo, actor, now).await.map_err(|e| refusal(e, name_unknown))
+    }
+
+    /// Restores a deleted repository with its tags.
+    ///
+    /// # Errors
+    /// [`Error::NameUnknown`], [`Error::Conflict`].
+    pub async fn restore_repository(
+        &self,
+        repo: &RepoName,
+        take_tags: bool,
+        actor: Option<&str>,
+    ) -> Result<Vec<AffectedManifest>> {
+        let now = self.clock.now_ms();
+        self.meta.restore_repository(repo, take_tags, actor, now).await.map_err(|e| refusal(e, name_unknown))
+    }
+
+    /// Restores tombstone `digest` of `repo` with its tags and the referrers deleted with it.
+    ///
+    /// # Errors
+    /// [`Error::ManifestUnknown`] (also when it is not deleted), [`Error::Conflict`] with the
+    /// reason it cannot be restored.
+    pub async fn restore_manifest(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        take_tags: bool,
+        actor: Option<&str>,
+    ) -> Result<Vec<AffectedManifest>> {
+        let now = self.clock.now_ms();
+        self.meta
+            .restore_manifest(repo, digest, take_tags, actor, now)
+            .await
+            .map_err(|e| refusal(e, Error::Conflict))
+    }
+
+    /// Puts a deleted tag back where it pointed. Returns that digest.
+    ///
+    /// # Errors
+    /// [`Error::TagUnknown`], [`Error::Conflict`].
+    pub async fn restore_tag(
+        &self,
+        repo: &RepoName,
+        tag: &Tag,
+        take_tags: bool,
+        actor: Option<&str>,
+    ) -> Result<String> {
+        let now = self.clock.now_ms();
+        self.meta
+            .restore_tag(repo, tag, take_tags, actor, now)
+            .await
+            .map_err(|e| refusal(e, Error::TagUnknown))
+    }
+
+    /// The time machine: puts `tag` back where it pointed (see [`RevertTarget`]).
+    ///
+    /// # Errors
+    /// [`Error::TagUnknown`], [`Error::Conflict`].
+    pub async fn revert_tag(
+        &self,
+        repo: &RepoName,
+        tag: &Tag,
+        target: RevertTarget<'_>,
+        actor: Option<&str>,
+    ) -> Result<String> {
+        let now = self.clock.now_ms();
+        self.meta.revert_tag(repo, tag, target, actor, now).await.map_err(|e| refusal(e, Error::TagUnknown))
+    }
+
+    /// Emergency purge of blob `digest` everywhere: every manifest referencing it becomes an
+    /// unrestorable tombstone in the same transaction, and the bytes are deleted right after it
+    /// commits — not by the collector.
+    ///
+    /// # Errors
+    /// [`Error::BlobUnknown`].
+    pub async fn purge_blob(
+        &self,
+        digest: &Digest,
+        reason: &str,
+        actor: Option<&str>,
+    ) -> Result<PurgeReport> {
+        let now = self.clock.now_ms();
+        let purged =
+            self.meta.purge_blob(digest, reason, actor, now).await.map_err(|e| refusal(e, blob_unknown))?;
+        let deleted = self.blobs.delete(&purged.storage_key).await;
+        if let Err(e) = &deleted {
+            tracing::error!(storage.key = %purged.storage_key, error = %e, "purged blob's bytes could not be deleted");
+        }
+        tracing::warn!(digest = %digest, reason, actor, manifests = purged.manifests.len(), "blob purged");
+        Ok(PurgeReport {
+            bytes_deleted: deleted.is_ok(),
+            storage_error: deleted.err().map(|e| e.to_string()),
+            purged,
+        })
+    }
+}
