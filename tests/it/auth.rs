@@ -114,12 +114,25 @@ backend_test!(basic_auth_rules_and_challenges, |reg| {
         .await
         .unwrap();
     assert_oci_error(res, 403, "DENIED").await;
-    // alice may delete: the request passes access control and reaches the (not yet enabled) delete.
-    let res = authed(&reg, Method::DELETE, &format!("/v2/team/app/manifests/{digest}"), "alice")
+    // alice may delete, and the tag history says she did.
+    let (status, scratch) = push_as(&reg, "team/app", "scratch", "alice", 5).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let res = authed(&reg, Method::DELETE, &format!("/v2/team/app/manifests/{scratch}"), "alice")
         .send()
         .await
         .unwrap();
-    assert_oci_error(res, 405, "UNSUPPORTED").await;
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let scratch_history = reg
+        .app
+        .registry
+        .meta()
+        .tag_history(&RepoName::parse("team/app").unwrap(), &Tag::parse("scratch").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        scratch_history.last().map(|h| (h.kind.as_str(), h.actor.as_deref())),
+        Some(("delete", Some("alice")))
+    );
 
     // A pull-only user pulls but cannot push.
     assert_eq!(
