@@ -6,7 +6,7 @@ use std::time::Duration;
 use crate::blob::{BlobStore, FsOptions};
 use crate::config::Config;
 use crate::meta::{MetaStore, PoolOptions};
-use crate::registry::{Clock, Registry};
+use crate::registry::{Clock, Policy, Registry};
 
 /// A running Berth's shared parts.
 #[derive(Debug, Clone)]
@@ -54,6 +54,10 @@ impl App {
             "deployment opened"
         );
         let auth = config.auth.as_ref().map(crate::auth::Auth::load).transpose()?.map(std::sync::Arc::new);
-        Ok(App { registry: Registry::new(meta, blobs, clock), auth, config: config.clone() })
+        let policy = Policy {
+            restore_window_ms: i64::try_from(config.gc.restore_window.as_millis()).unwrap_or(i64::MAX),
+            sparse_index_repositories: config.sparse_index_repositories.clone(),
+        };
+        Ok(App { registry: Registry::new(meta, blobs, clock, policy), auth, config: config.clone() })
     }
 }

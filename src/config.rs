@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -43,6 +44,44 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// Protection against slow, oversized and abusive requests.
     pub limits: Limits,
+    /// The collector's windows (deletes use `restore_window`).
+    pub gc: GcSettings,
+    /// Repositories whose image indexes may list children that are not in the repository
+    /// (mirrors that copy one platform).
+    pub sparse_index_repositories: Vec<crate::auth::Pattern>,
+}
+
+/// The `[gc]` section.
+#[derive(Debug, Clone)]
+pub struct GcSettings {
+    /// How long a deleted manifest stays restorable (and keeps holding what it references).
+    pub restore_window: Duration,
+}
+
+impl Default for GcSettings {
+    fn default() -> Self {
+        GcSettings { restore_window: Duration::from_secs(7 * 24 * 3600) }
+    }
+}
+
+/// Parses a duration written as a number and a unit: `500ms`, `30s`, `15m`, `24h`, `7d`.
+///
+/// # Errors
+/// A message saying what a duration looks like.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().map_err(|_| format!("`{text}` is not a duration like \"30s\", \"24h\" or \"7d\""))?;
+    let ms = match unit.trim() {
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("`{text}`: the unit must be one of ms, s, m, h, d")),
+    };
+    n.checked_mul(ms).map(Duration::from_millis).ok_or_else(|| format!("`{text}` is too long"))
 }
 
 /// The `[limits]` section.
@@ -100,6 +139,23 @@ struct FileConfig {
     tls: Option<TlsConfig>,
     #[serde(default)]
     limits: Limits,
+    #[serde(default)]
+    gc: GcSection,
+    #[serde(default)]
+    manifests: ManifestsSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GcSection {
+    restore_window: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ManifestsSection {
+    #[serde(default)]
+    sparse_index_repositories: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -163,6 +219,8 @@ impl Config {
             auth: None,
             tls: None,
             limits: Limits::default(),
+            gc: GcSettings::default(),
+            sparse_index_repositories: Vec::new(),
         }
     }
 
@@ -260,6 +318,18 @@ impl Config {
             return Err(ConfigError("limits.max_header_bytes must be at least 8192".into()));
         }
         cfg.limits = parsed.limits;
+        let (window, source) = match env("BERTH_GC_RESTORE_WINDOW") {
+            Some(w) => (Some(w), "BERTH_GC_RESTORE_WINDOW"),
+            None => (parsed.gc.restore_window, "gc.restore_window"),
+        };
+        if let Some(window) = window {
+            cfg.gc.restore_window = parse_duration(&window).map_err(|e| ConfigError(format!("{source}: {e}")))?;
+        }
+        for p in &parsed.manifests.sparse_index_repositories {
+            let pattern = crate::auth::Pattern::parse(p)
+                .map_err(|e| ConfigError(format!("manifests.sparse_index_repositories: `{p}`: {e}")))?;
+            cfg.sparse_index_repositories.push(pattern);
+        }
         let kind = env("BERTH_STORAGE_KIND").or(parsed.storage.kind).unwrap_or_else(|| "filesystem".into());
         match kind.as_str() {
             "filesystem" => {}
@@ -315,6 +385,20 @@ mod tests {
         std::fs::write(&path, toml).unwrap();
         let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         Config::load_from(Some(&path), |k| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()), o)
+    }
+
+    #[test]
+    fn durations_and_the_gc_section() {
+        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(7 * 86_400));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("1s").unwrap(), Duration::from_secs(1));
+        assert!(parse_duration("7 days").unwrap_err().contains("unit"));
+        assert!(parse_duration("d").is_err());
+        let c = load("[gc]\nrestore_window = \"2h\"\n[manifests]\nsparse_index_repositories = [\"mirror/**\"]\n", &[], &Overrides::default()).unwrap();
+        assert_eq!(c.gc.restore_window, Duration::from_secs(7200));
+        assert!(c.sparse_index_repositories[0].matches("mirror/library/alpine"));
+        let e = load("", &[("BERTH_GC_RESTORE_WINDOW", "soon")], &Overrides::default()).unwrap_err();
+        assert!(e.to_string().contains("BERTH_GC_RESTORE_WINDOW"), "{e}");
     }
 
     #[test]

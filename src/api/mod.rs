@@ -3,6 +3,7 @@
 //! and shape the answer.
 
 mod access;
+mod admin;
 mod blobs;
 mod discovery;
 pub mod error;
@@ -34,6 +35,7 @@ pub fn router(app: App) -> Router {
         .route("/v2/", any(v2))
         .route("/v2/{*rest}", any(v2))
         .route("/auth/token", get(access::token))
+        .route("/admin/v1/{*rest}", any(admin::handle))
         .layer(middleware::from_fn_with_state(limiter, limits::rate_limit))
         .route("/healthz", get(healthz))
         .layer(middleware::from_fn_with_state(app.config.limits.max_header_bytes, limits::limit_head))

@@ -26,6 +26,9 @@ pub struct NewManifest<'a> {
     pub blobs: &'a [Digest],
     /// Manifests that must be present in the repository.
     pub children: &'a [Digest],
+    /// Whether children absent from the repository are accepted (a sparse index, for
+    /// repositories configured as mirrors); only present children are then referenced.
+    pub sparse: bool,
 }
 
 /// Why a manifest could not be stored.
@@ -101,10 +104,14 @@ impl MetaStore {
         let lock = self.share_lock();
         transaction!(self, PutManifestError, |tx| {
             let repo_id = Self::ensure_repository(tx, repo, now, lock).await?;
-            let blob_ids = ids_of(tx, &blob_sql, repo_id, manifest.blobs).await?;
-            let blob_ids = blob_ids.map_err(PutManifestError::MissingBlobs)?;
-            let child_ids = ids_of(tx, &child_sql, repo_id, manifest.children).await?;
-            let child_ids = child_ids.map_err(PutManifestError::MissingManifests)?;
+            let (blob_ids, missing) = ids_of(tx, &blob_sql, repo_id, manifest.blobs).await?;
+            if !missing.is_empty() {
+                return Err(PutManifestError::MissingBlobs(missing));
+            }
+            let (child_ids, missing) = ids_of(tx, &child_sql, repo_id, manifest.children).await?;
+            if !missing.is_empty() && !manifest.sparse {
+                return Err(PutManifestError::MissingManifests(missing));
+            }
             let manifest_id = Self::upsert_manifest(tx, repo_id, manifest, now).await?;
             Self::write_references(tx, manifest_id, &blob_ids, &child_ids).await?;
             for tag in tags {
@@ -281,13 +288,13 @@ impl MetaStore {
     }
 }
 
-/// The row ids `sql` finds for each digest (in `repo_id`), or the digests it does not find.
+/// The row ids `sql` finds for the digests (in `repo_id`), and the digests it does not find.
 async fn ids_of(
     tx: &mut AnyConnection,
     sql: &str,
     repo_id: i64,
     digests: &[Digest],
-) -> Result<Result<Vec<i64>, Vec<Digest>>, sqlx::Error> {
+) -> Result<(Vec<i64>, Vec<Digest>), sqlx::Error> {
     let mut ids = Vec::with_capacity(digests.len());
     let mut missing = Vec::new();
     for digest in digests {
@@ -298,5 +305,5 @@ async fn ids_of(
             None => missing.push(digest.clone()),
         }
     }
-    Ok(if missing.is_empty() { Ok(ids) } else { Err(missing) })
+    Ok((ids, missing))
 }

@@ -14,6 +14,7 @@
 mod blobs;
 mod deletes;
 mod manifests;
+mod reports;
 mod repos;
 mod rows;
 mod tags;
@@ -29,6 +30,7 @@ pub use blobs::CompletedUpload;
 pub use deletes::{AffectedManifest, DeleteError, Purged, Refusal, RevertTarget};
 pub use manifests::{NewManifest, PutManifestError};
 pub use rows::{BlobRow, ManifestHead, ManifestRow, ReferrerRow, TagMove, UploadRow};
+pub use reports::{Preview, RepositorySummary, TombstoneRow};
 pub use tags::TagCondition;
 
 /// Errors of the metadata store.

@@ -7,6 +7,7 @@
 //! an orphaned object (found by the sweep), never a row without bytes. No axum or sqlx types
 //! appear in these signatures.
 
+mod admin;
 mod delete;
 mod error;
 mod pull;
@@ -17,6 +18,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+pub use admin::{DeleteTarget, Tombstone};
 pub use delete::PurgeReport;
 pub use error::Error;
 pub use pull::{BlobHandle, Referrer};
@@ -47,19 +49,40 @@ impl Clock {
     }
 }
 
+/// The rules the domain operations apply, from the configuration.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// How long a tombstone stays restorable, in milliseconds.
+    pub restore_window_ms: i64,
+    /// Repositories whose image indexes may list children absent from the repository.
+    pub sparse_index_repositories: Vec<crate::auth::Pattern>,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy { restore_window_ms: 7 * 24 * 3600 * 1000, sparse_index_repositories: Vec::new() }
+    }
+}
+
 /// The registry: domain operations over a metadata store and blob storage. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Registry {
     meta: MetaStore,
     blobs: BlobStore,
     clock: Clock,
+    policy: Arc<Policy>,
     upload_locks: Arc<UploadLocks>,
 }
 
 impl Registry {
-    /// A registry over `meta` and `blobs`.
-    pub fn new(meta: MetaStore, blobs: BlobStore, clock: Clock) -> Self {
-        Registry { meta, blobs, clock, upload_locks: Arc::default() }
+    /// A registry over `meta` and `blobs` applying `policy`.
+    pub fn new(meta: MetaStore, blobs: BlobStore, clock: Clock, policy: Policy) -> Self {
+        Registry { meta, blobs, clock, policy: Arc::new(policy), upload_locks: Arc::default() }
+    }
+
+    /// The rules in force.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
     }
 
     /// The metadata store.

@@ -396,6 +396,7 @@ impl Registry {
             payload: bytes,
             blobs: &parsed.blobs,
             children: &parsed.children,
+            sparse: self.policy.sparse_index_repositories.iter().any(|p| p.matches(repo.as_str())),
         };
         let mut tags: Vec<Tag> = tag.into_iter().cloned().collect();
         for extra in extra_tags {
