@@ -72,7 +72,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let n: u64 = number.parse().map_err(|_| format!("`{text}` is not a duration like \"30s\", \"24h\" or \"7d\""))?;
+    let n: u64 =
+        number.parse().map_err(|_| format!("`{text}` is not a duration like \"30s\", \"24h\" or \"7d\""))?;
     let ms = match unit.trim() {
         "ms" => 1,
         "s" => 1000,
@@ -323,7 +324,8 @@ impl Config {
             None => (parsed.gc.restore_window, "gc.restore_window"),
         };
         if let Some(window) = window {
-            cfg.gc.restore_window = parse_duration(&window).map_err(|e| ConfigError(format!("{source}: {e}")))?;
+            cfg.gc.restore_window =
+                parse_duration(&window).map_err(|e| ConfigError(format!("{source}: {e}")))?;
         }
         for p in &parsed.manifests.sparse_index_repositories {
             let pattern = crate::auth::Pattern::parse(p)
@@ -394,7 +396,12 @@ mod tests {
         assert_eq!(parse_duration("1s").unwrap(), Duration::from_secs(1));
         assert!(parse_duration("7 days").unwrap_err().contains("unit"));
         assert!(parse_duration("d").is_err());
-        let c = load("[gc]\nrestore_window = \"2h\"\n[manifests]\nsparse_index_repositories = [\"mirror/**\"]\n", &[], &Overrides::default()).unwrap();
+        let c = load(
+            "[gc]\nrestore_window = \"2h\"\n[manifests]\nsparse_index_repositories = [\"mirror/**\"]\n",
+            &[],
+            &Overrides::default(),
+        )
+        .unwrap();
         assert_eq!(c.gc.restore_window, Duration::from_secs(7200));
         assert!(c.sparse_index_repositories[0].matches("mirror/library/alpine"));
         let e = load("", &[("BERTH_GC_RESTORE_WINDOW", "soon")], &Overrides::default()).unwrap_err();

@@ -16,6 +16,7 @@
 
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod admin;
 pub mod api;
 pub mod app;
 pub mod auth;

@@ -17,6 +17,34 @@ pub fn utc(ms: i64) -> String {
     format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
+/// Parses `YYYY-MM-DDTHH:MM:SSZ` (or with a `+00:00` offset, or only the date) into Unix ms.
+///
+/// # Errors
+/// A message saying what a time looks like.
+pub fn parse_utc(text: &str) -> Result<i64, String> {
+    let bad = || format!("`{text}` is not a UTC time like 2026-11-30T21:00:00Z");
+    let t = text.trim().trim_end_matches('Z').trim_end_matches("+00:00");
+    let (date, clock) = t.split_once(['T', ' ']).unwrap_or((t, "00:00:00"));
+    let num = |s: &str| s.parse::<i64>().map_err(|_| bad());
+    let d: Vec<&str> = date.split('-').collect();
+    let c: Vec<&str> = clock.split(':').collect();
+    let ([y, mo, da], [h, mi, se]) = (&d[..], &c[..]) else { return Err(bad()) };
+    let (year, month, day) = (num(y)?, num(mo)?, num(da)?);
+    let (hour, minute, second) = (num(h)?, num(mi)?, num(se)?);
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 || second > 60 {
+        return Err(bad());
+    }
+    // Days from civil (the inverse of `utc`).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Ok((days * 86_400 + hour * 3600 + minute * 60 + second) * 1000)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -24,5 +52,15 @@ mod tests {
         assert_eq!(super::utc(0), "1970-01-01T00:00:00Z");
         assert_eq!(super::utc(951_782_400_000), "2000-02-29T00:00:00Z");
         assert_eq!(super::utc(1_796_075_803_765), "2026-11-30T21:56:43Z");
+    }
+
+    #[test]
+    fn parses_what_it_formats() {
+        for ms in [0, 951_782_400_000, 1_796_075_803_000] {
+            assert_eq!(super::parse_utc(&super::utc(ms)).unwrap(), ms);
+        }
+        assert_eq!(super::parse_utc("2000-02-29").unwrap(), 951_782_400_000);
+        assert!(super::parse_utc("yesterday").is_err());
+        assert!(super::parse_utc("2026-13-01T00:00:00Z").is_err());
     }
 }

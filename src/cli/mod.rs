@@ -1,5 +1,7 @@
 //! The `berth` command line.
 
+pub mod admin;
+
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
@@ -20,6 +22,178 @@ pub struct Cli {
 pub enum Command {
     /// Serve the registry (embedded SQLite + filesystem under ./berth-data by default).
     Serve(ServeArgs),
+    /// List repositories with tag and manifest counts and their bytes live and in tombstones;
+    /// delete or restore a whole repository.
+    ///
+    /// Examples: `berth repos`, `berth repos delete team/app`, `berth repos restore team/app`
+    Repos(ReposArgs),
+    /// Delete a manifest (REPO@DIGEST), a tag (REPO:TAG) or a repository (REPO); with
+    /// --dry-run, say what it would take and free, or why it would be refused.
+    ///
+    /// Example: `berth delete --dry-run team/app@sha256:…`
+    Delete(DeleteArgs),
+    /// List the tombstones of a repository: when and by whom deleted, their tags and
+    /// referrers, whether and until when they can be restored.
+    Tombstones(RepoArgs),
+    /// Restore a deleted manifest with its tags (REPO@DIGEST), a deleted tag (REPO:TAG) or a
+    /// deleted repository (REPO).
+    ///
+    /// Example: `berth restore team/app@sha256:…`
+    Restore(RestoreArgs),
+    /// Show the tag history of a repository or one tag: every push, move, delete, restore
+    /// and revert — when, who, from and to.
+    ///
+    /// Example: `berth history team/app:latest`
+    History(TargetArgs),
+    /// Tag operations: `berth tags revert REPO:TAG --previous` (the time machine).
+    Tags(TagsArgs),
+    /// Emergency purge of a blob everywhere: every manifest referencing it is deleted for
+    /// good and the bytes are removed now.
+    ///
+    /// Example: `berth purge sha256:… --reason "leaked credentials"`
+    Purge(PurgeArgs),
+}
+
+/// `berth repos`.
+#[derive(Debug, clap::Args)]
+pub struct ReposArgs {
+    /// What to do with a repository; without one, list them.
+    #[command(subcommand)]
+    pub action: Option<ReposAction>,
+    /// How to reach Berth.
+    #[command(flatten)]
+    pub conn: admin::Connection,
+}
+
+/// `berth repos …`.
+#[derive(Debug, Subcommand)]
+pub enum ReposAction {
+    /// Show one repository.
+    Show(RepoArgs),
+    /// Delete a repository: everything in it becomes a restorable tombstone.
+    Delete(RepoDeleteArgs),
+    /// Restore a deleted repository with its tags.
+    Restore(RepoRestoreArgs),
+}
+
+/// A command on one repository.
+#[derive(Debug, clap::Args)]
+pub struct RepoArgs {
+    /// The repository.
+    pub repo: String,
+    /// How to reach Berth.
+    #[command(flatten)]
+    pub conn: admin::Connection,
+}
+
+/// `berth repos delete`.
+#[derive(Debug, clap::Args)]
+pub struct RepoDeleteArgs {
+    /// The repository.
+    pub repo: String,
+    /// Only say what would be deleted and freed.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// How to reach Berth.
+    #[command(flatten)]
+    pub conn: admin::Connection,
+}
+
+/// `berth repos restore`.
+#[derive(Debug, clap::Args)]
+pub struct RepoRestoreArgs {
+    /// The repository.
+    pub repo: String,
+    /// Move tags pushed again since the delete back to what the delete took.
+    #[arg(long)]
+    pub take_tags: bool,
+    /// How to reach Berth.
+    #[command(flatten)]
+    pub conn: admin::Connection,
+}
+
+/// A command on a target: REPO, REPO:TAG or REPO@DIGEST.
+#[derive(Debug, clap::Args)]
+pub struct TargetArgs {
+    /// REPO, REPO:TAG or REPO@DIGEST.
+    pub target: String,
+    /// How to reach Berth.
+    #[command(flatten)]
+    pub conn: admin::Connection,
+}
+
+/// `berth delete`.
+#[derive(Debug, clap::Args)]
+pub struct DeleteArgs {
+    /// REPO@DIGEST, REPO:TAG or REPO.
+    pub target: String,
+    /// Only say what would be deleted and freed, or why it would be refused.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// How to reach Berth.
+    #[command(flatten)]
+    pub conn: admin::Connection,
+}
+
+/// `berth restore`.
+#[derive(Debug, clap::Args)]
+pub struct RestoreArgs {
+    /// REPO@DIGEST, REPO:TAG or REPO.
+    pub target: String,
+    /// Move tags pushed again since the delete back to what the delete took.
+    #[arg(long)]
+    pub take_tags: bool,
+    /// How to reach Berth.
+    #[command(flatten)]
+    pub conn: admin::Connection,
+}
+
+/// `berth tags`.
+#[derive(Debug, clap::Args)]
+pub struct TagsArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub action: TagsAction,
+}
+
+/// `berth tags …`.
+#[derive(Debug, Subcommand)]
+pub enum TagsAction {
+    /// Put a tag back where it pointed: at a digest, at a time, or one step back — while that
+    /// manifest is still held.
+    Revert(RevertArgs),
+}
+
+/// `berth tags revert`.
+#[derive(Debug, clap::Args)]
+pub struct RevertArgs {
+    /// REPO:TAG.
+    pub target: String,
+    /// The digest to point the tag at.
+    #[arg(long)]
+    pub to: Option<String>,
+    /// Where the tag pointed at this time (2026-11-30T21:00:00Z, or Unix milliseconds).
+    #[arg(long)]
+    pub at: Option<String>,
+    /// Where the tag pointed before its latest move.
+    #[arg(long)]
+    pub previous: bool,
+    /// How to reach Berth.
+    #[command(flatten)]
+    pub conn: admin::Connection,
+}
+
+/// `berth purge`.
+#[derive(Debug, clap::Args)]
+pub struct PurgeArgs {
+    /// The blob's digest.
+    pub digest: String,
+    /// Why (recorded; restore refusals show it).
+    #[arg(long)]
+    pub reason: String,
+    /// How to reach Berth.
+    #[command(flatten)]
+    pub conn: admin::Connection,
 }
 
 /// Settings shared by commands that open the registry.
@@ -67,9 +241,52 @@ impl CommonArgs {
 /// # Errors
 /// Whatever stopped the command, for `main` to print.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
-        Command::Serve(args) => serve(args).await,
-    }
+    use crate::admin::AdminRequest as Req;
+    use crate::registry::DeleteTarget;
+    let repo = |name: &str| crate::oci::RepoName::parse(name).map_err(|m| anyhow::anyhow!("`{name}`: {m}"));
+    let (conn, request) = match cli.command {
+        Command::Serve(args) => return serve(args).await,
+        Command::Repos(ReposArgs { action: None, conn }) => {
+            (conn, Req::Repositories { last: None, n: 100_000 })
+        }
+        Command::Repos(ReposArgs { action: Some(action), .. }) => match action {
+            ReposAction::Show(a) => (a.conn, Req::Repository(repo(&a.repo)?)),
+            ReposAction::Delete(a) => {
+                let target = DeleteTarget::Repository(repo(&a.repo)?);
+                (a.conn, if a.dry_run { Req::Preview(target) } else { Req::Delete(target) })
+            }
+            ReposAction::Restore(a) => (
+                a.conn,
+                Req::Restore { target: DeleteTarget::Repository(repo(&a.repo)?), take_tags: a.take_tags },
+            ),
+        },
+        Command::Delete(a) => {
+            let target = admin::target(&a.target)?;
+            (a.conn, if a.dry_run { Req::Preview(target) } else { Req::Delete(target) })
+        }
+        Command::Tombstones(a) => (a.conn, Req::Tombstones(repo(&a.repo)?)),
+        Command::Restore(a) => {
+            (a.conn, Req::Restore { target: admin::target(&a.target)?, take_tags: a.take_tags })
+        }
+        Command::History(a) => match admin::target(&a.target)? {
+            DeleteTarget::Repository(r) => (a.conn, Req::History(r, None)),
+            DeleteTarget::Tag(r, t) => (a.conn, Req::History(r, Some(t))),
+            DeleteTarget::Manifest(..) => anyhow::bail!("history is kept per tag: give REPO or REPO:TAG"),
+        },
+        Command::Tags(TagsArgs { action: TagsAction::Revert(a) }) => {
+            let DeleteTarget::Tag(repo, tag) = admin::target(&a.target)? else {
+                anyhow::bail!("`{}`: give REPO:TAG", a.target);
+            };
+            let to = admin::revert_to(a.to.as_deref(), a.at.as_deref(), a.previous)?;
+            (a.conn, Req::Revert { repo, tag, to })
+        }
+        Command::Purge(a) => {
+            let digest =
+                crate::oci::Digest::parse(&a.digest).map_err(|e| anyhow::anyhow!("`{}`: {e}", a.digest))?;
+            (a.conn, Req::Purge { digest, reason: a.reason })
+        }
+    };
+    admin::run(&conn, request).await
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {

@@ -81,7 +81,6 @@ pub struct Purged {
     /// Its size.
     pub size: i64,
     /// The storage key whose bytes the caller deletes now that the rows are gone.
-    #[serde(skip)]
     pub storage_key: String,
     /// Every manifest made an unrestorable tombstone, in every repository.
     pub manifests: Vec<AffectedManifest>,

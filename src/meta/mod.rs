@@ -29,8 +29,8 @@ use sqlx::{AnyConnection, AnyPool, Connection as _, Executor as _};
 pub use blobs::CompletedUpload;
 pub use deletes::{AffectedManifest, DeleteError, Purged, Refusal, RevertTarget};
 pub use manifests::{NewManifest, PutManifestError};
-pub use rows::{BlobRow, ManifestHead, ManifestRow, ReferrerRow, TagMove, UploadRow};
 pub use reports::{Preview, RepositorySummary, TombstoneRow};
+pub use rows::{BlobRow, ManifestHead, ManifestRow, ReferrerRow, TagMove, UploadRow};
 pub use tags::TagCondition;
 
 /// Errors of the metadata store.

@@ -90,7 +90,11 @@ impl MetaStore {
     ///
     /// # Errors
     /// [`super::Error::Database`].
-    pub async fn repository_summaries(&self, last: Option<&str>, limit: i64) -> Result<Vec<RepositorySummary>> {
+    pub async fn repository_summaries(
+        &self,
+        last: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<RepositorySummary>> {
         let sql = format!("{SUMMARY} WHERE r.name > $1 ORDER BY r.name LIMIT $2");
         Ok(sqlx::query_as(&sql).bind(last.unwrap_or("")).bind(limit).fetch_all(&self.read).await?)
     }
@@ -172,10 +176,11 @@ impl MetaStore {
     }
 
     async fn repo_id(&self, repo: &RepoName) -> Result<Option<i64>> {
-        let row: Option<(i64,)> = sqlx::query_as("SELECT id FROM repositories WHERE name = $1 AND deleted_at IS NULL")
-            .bind(repo.as_str())
-            .fetch_optional(&self.read)
-            .await?;
+        let row: Option<(i64,)> =
+            sqlx::query_as("SELECT id FROM repositories WHERE name = $1 AND deleted_at IS NULL")
+                .bind(repo.as_str())
+                .fetch_optional(&self.read)
+                .await?;
         Ok(row.map(|(id,)| id))
     }
 
@@ -188,7 +193,8 @@ impl MetaStore {
         let Some(repo_id) = self.repo_id(repo).await? else { return Ok(None) };
         let Some(id) = self.live_manifest_id(repo_id, digest.as_str()).await? else { return Ok(None) };
         let group = self.with_referrers(repo_id, id, digest.as_str()).await?;
-        let mut preview = self.preview(repo_id, &group, Taken::Ids(group.iter().map(|(id, _)| *id).collect())).await?;
+        let mut preview =
+            self.preview(repo_id, &group, Taken::Ids(group.iter().map(|(id, _)| *id).collect())).await?;
         let ids: Vec<i64> = group.iter().map(|(id, _)| *id).collect();
         for (member, member_digest) in &group {
             let parents: Vec<(i64, String)> = sqlx::query_as(
@@ -238,7 +244,8 @@ impl MetaStore {
             return Ok(Some(Preview { tags: vec![tag.to_string()], ..Preview::default() }));
         }
         let group = self.with_referrers(repo_id, id, &digest).await?;
-        let mut preview = self.preview(repo_id, &group, Taken::Ids(group.iter().map(|(id, _)| *id).collect())).await?;
+        let mut preview =
+            self.preview(repo_id, &group, Taken::Ids(group.iter().map(|(id, _)| *id).collect())).await?;
         preview.tags = vec![tag.to_string()];
         Ok(Some(preview))
     }
@@ -302,9 +309,10 @@ impl MetaStore {
                 let list = ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
                 (format!("SELECT id FROM manifests WHERE id IN ({list})"), format!("m2.id NOT IN ({list})"))
             }
-            Taken::Repository(id) => {
-                (format!("SELECT id FROM manifests WHERE repository_id = {id}"), format!("m2.repository_id <> {id}"))
-            }
+            Taken::Repository(id) => (
+                format!("SELECT id FROM manifests WHERE repository_id = {id}"),
+                format!("m2.repository_id <> {id}"),
+            ),
         };
         let tags: Vec<(String,)> = sqlx::query_as(&format!(
             "SELECT name FROM tags WHERE manifest_id IN ({taken_sql}) ORDER BY name"
@@ -318,8 +326,12 @@ impl MetaStore {
         );
         // A repository delete also frees blobs only linked there, referenced by nothing.
         let candidates = match taken {
-            Taken::Ids(_) => format!("SELECT mb.blob_id FROM manifest_blobs mb WHERE mb.manifest_id IN ({taken_sql})"),
-            Taken::Repository(_) => "SELECT rb.blob_id FROM repository_blobs rb WHERE rb.repository_id = $1".to_string(),
+            Taken::Ids(_) => {
+                format!("SELECT mb.blob_id FROM manifest_blobs mb WHERE mb.manifest_id IN ({taken_sql})")
+            }
+            Taken::Repository(_) => {
+                "SELECT rb.blob_id FROM repository_blobs rb WHERE rb.repository_id = $1".to_string()
+            }
         };
         let (blobs, blob_bytes): (i64, i64) = sqlx::query_as(&format!(
             "SELECT COUNT(*), CAST(COALESCE(SUM(b.size), 0) AS BIGINT) FROM blobs b \
@@ -328,10 +340,11 @@ impl MetaStore {
         .bind(repo_id)
         .fetch_one(&self.read)
         .await?;
-        let (manifest_bytes,): (i64,) =
-            sqlx::query_as(&format!("SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM manifests WHERE id IN ({taken_sql})"))
-                .fetch_one(&self.read)
-                .await?;
+        let (manifest_bytes,): (i64,) = sqlx::query_as(&format!(
+            "SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM manifests WHERE id IN ({taken_sql})"
+        ))
+        .fetch_one(&self.read)
+        .await?;
         Ok(Preview {
             refused: None,
             manifests: manifests.iter().map(|(_, d)| d.clone()).collect(),

@@ -189,7 +189,9 @@ impl Registry {
         actor: Option<&str>,
     ) -> Result<Vec<crate::meta::AffectedManifest>> {
         match target {
-            DeleteTarget::Manifest(repo, digest) => self.restore_manifest(repo, digest, take_tags, actor).await,
+            DeleteTarget::Manifest(repo, digest) => {
+                self.restore_manifest(repo, digest, take_tags, actor).await
+            }
             DeleteTarget::Tag(repo, tag) => {
                 let digest = self.restore_tag(repo, tag, take_tags, actor).await?;
                 Ok(vec![crate::meta::AffectedManifest {

@@ -176,7 +176,14 @@ impl Registry {
         let now = self.clock.now_ms();
         let purged =
             self.meta.purge_blob(digest, reason, actor, now).await.map_err(|e| refusal(e, blob_unknown))?;
-        let deleted = self.blobs.delete(&purged.storage_key).await;
+        let mut deleted = self.blobs.delete(&purged.storage_key).await;
+        for attempt in 1..=3 {
+            if deleted.is_ok() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200 * attempt)).await;
+            deleted = self.blobs.delete(&purged.storage_key).await;
+        }
         if let Err(e) = &deleted {
             tracing::error!(storage.key = %purged.storage_key, error = %e, "purged blob's bytes could not be deleted");
         }

@@ -2,6 +2,7 @@
 
 mod harness;
 
+mod admin;
 mod api;
 pub mod auth;
 mod blobs;

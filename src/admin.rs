@@ -1,0 +1,325 @@
+//! Admin requests — the operations the admin API and the CLI share. Each request knows its
+//! HTTP form (for the CLI talking to a running Berth, and for the API's router) and runs over
+//! [`Registry`] directly (for the API, and for the CLI opening a deployment with `--config`), so
+//! both faces report the same facts as the same JSON.
+
+use serde_json::{Value, json};
+
+use crate::meta::RevertTarget;
+use crate::oci::{Digest, RepoName, Tag};
+use crate::registry::{DeleteTarget, Error, Registry};
+
+/// Where the time machine puts a tag (owned form of [`RevertTarget`]).
+#[derive(Debug, Clone)]
+pub enum Revert {
+    /// This manifest.
+    To(Digest),
+    /// Where the tag pointed at this moment (Unix ms).
+    At(i64),
+    /// One step back.
+    Previous,
+}
+
+/// One admin operation.
+#[derive(Debug, Clone)]
+pub enum AdminRequest {
+    /// Repositories with counts and sizes.
+    Repositories {
+        /// List after this name.
+        last: Option<String>,
+        /// At most this many.
+        n: i64,
+    },
+    /// One repository.
+    Repository(RepoName),
+    /// Delete a manifest (`REPO@DIGEST`), a tag (`REPO:TAG`) or a repository (`REPO`).
+    Delete(DeleteTarget),
+    /// What deleting the target would take and free.
+    Preview(DeleteTarget),
+    /// Tombstones of a repository.
+    Tombstones(RepoName),
+    /// Tag history of a repository, or of one tag.
+    History(RepoName, Option<Tag>),
+    /// Restore a tombstone, a tag or a repository.
+    Restore {
+        /// What.
+        target: DeleteTarget,
+        /// Move tags that were pushed again since the delete back.
+        take_tags: bool,
+    },
+    /// The time machine.
+    Revert {
+        /// The repository.
+        repo: RepoName,
+        /// The tag.
+        tag: Tag,
+        /// Where to.
+        to: Revert,
+    },
+    /// Emergency purge of a blob everywhere.
+    Purge {
+        /// The blob.
+        digest: Digest,
+        /// Why (recorded, and shown by restore refusals).
+        reason: String,
+    },
+}
+
+/// An admin request as HTTP: method, path under `/admin/v1/`, and JSON body.
+#[derive(Debug)]
+pub struct HttpForm {
+    /// `GET`, `POST` or `DELETE`.
+    pub method: &'static str,
+    /// Path and query after `/admin/v1/`.
+    pub path: String,
+    /// JSON body, if any.
+    pub body: Option<Value>,
+}
+
+impl AdminRequest {
+    /// The request's HTTP form.
+    pub fn http(&self) -> HttpForm {
+        let (method, path, body) = match self {
+            AdminRequest::Repositories { last, n } => {
+                let last = last.as_deref().map(|l| format!("&last={l}")).unwrap_or_default();
+                ("GET", format!("repositories?n={n}{last}"), None)
+            }
+            AdminRequest::Repository(r) => ("GET", format!("repositories/{r}"), None),
+            AdminRequest::Delete(DeleteTarget::Repository(r)) => {
+                ("DELETE", format!("repositories/{r}"), None)
+            }
+            AdminRequest::Delete(t) => ("DELETE", format!("manifests/{t}"), None),
+            AdminRequest::Preview(t) => ("GET", format!("preview/{t}"), None),
+            AdminRequest::Tombstones(r) => ("GET", format!("tombstones/{r}"), None),
+            AdminRequest::History(r, None) => ("GET", format!("history/{r}"), None),
+            AdminRequest::History(r, Some(t)) => ("GET", format!("history/{r}:{t}"), None),
+            AdminRequest::Restore { target, take_tags } => {
+                let q = if *take_tags { "?take_tags=true" } else { "" };
+                ("POST", format!("restore/{target}{q}"), None)
+            }
+            AdminRequest::Revert { repo, tag, to } => {
+                let body = match to {
+                    Revert::To(d) => json!({ "to": d.as_str() }),
+                    Revert::At(at) => json!({ "at": at }),
+                    Revert::Previous => json!({ "previous": true }),
+                };
+                ("POST", format!("revert/{repo}:{tag}"), Some(body))
+            }
+            AdminRequest::Purge { digest, reason } => {
+                ("POST", "purge".to_string(), Some(json!({ "digest": digest.as_str(), "reason": reason })))
+            }
+        };
+        HttpForm { method, path, body }
+    }
+
+    /// Runs the request as `actor`, returning the JSON both faces answer with.
+    ///
+    /// # Errors
+    /// The operation's [`Error`].
+    pub async fn run(&self, registry: &Registry, actor: Option<&str>) -> Result<Value, Error> {
+        Ok(match self {
+            AdminRequest::Repositories { last, n } => {
+                json!({ "repositories": to_value(&registry.repositories(last.as_deref(), *n).await?) })
+            }
+            AdminRequest::Repository(r) => to_value(&registry.repository(r).await?),
+            AdminRequest::Delete(target) => {
+                let deleted = match target {
+                    DeleteTarget::Manifest(r, d) => registry.delete_manifest(r, d, actor).await?,
+                    DeleteTarget::Tag(r, t) => {
+                        let digest =
+                            registry.delete_tag(r, t, crate::meta::TagCondition::Always, actor).await?;
+                        vec![crate::meta::AffectedManifest {
+                            repository: r.to_string(),
+                            digest,
+                            tags: vec![t.to_string()],
+                        }]
+                    }
+                    DeleteTarget::Repository(r) => registry.delete_repository(r, actor).await?,
+                };
+                json!({ "target": target.to_string(), "deleted": to_value(&deleted) })
+            }
+            AdminRequest::Preview(target) => {
+                let mut value = to_value(&registry.delete_preview(target).await?);
+                value["target"] = json!(target.to_string());
+                value
+            }
+            AdminRequest::Tombstones(r) => {
+                json!({ "repository": r.as_str(), "tombstones": to_value(&registry.tombstones(r).await?) })
+            }
+            AdminRequest::History(r, tag) => {
+                json!({ "repository": r.as_str(), "history": to_value(&registry.history(r, tag.as_ref()).await?) })
+            }
+            AdminRequest::Restore { target, take_tags } => {
+                let restored = registry.restore(target, *take_tags, actor).await?;
+                json!({ "target": target.to_string(), "restored": to_value(&restored) })
+            }
+            AdminRequest::Revert { repo, tag, to } => {
+                let target = match to {
+                    Revert::To(d) => RevertTarget::Digest(d),
+                    Revert::At(at) => RevertTarget::At(*at),
+                    Revert::Previous => RevertTarget::Previous,
+                };
+                let digest = registry.revert_tag(repo, tag, target, actor).await?;
+                json!({ "repository": repo.as_str(), "tag": tag.as_str(), "digest": digest })
+            }
+            AdminRequest::Purge { digest, reason } => {
+                to_value(&registry.purge_blob(digest, reason, actor).await?)
+            }
+        })
+    }
+
+    /// The repositories whose `admin` permission the request needs (a purge: every repository
+    /// holding the blob); empty for the repository list, which is filtered instead.
+    ///
+    /// # Errors
+    /// [`Error::Internal`] when the holders of a purged blob cannot be read.
+    pub async fn repositories(&self, registry: &Registry) -> Result<Vec<String>, Error> {
+        Ok(match self {
+            AdminRequest::Repositories { .. } => Vec::new(),
+            AdminRequest::Repository(r) | AdminRequest::Tombstones(r) | AdminRequest::History(r, _) => {
+                vec![r.to_string()]
+            }
+            AdminRequest::Revert { repo, .. } => vec![repo.to_string()],
+            AdminRequest::Delete(t) | AdminRequest::Preview(t) | AdminRequest::Restore { target: t, .. } => {
+                vec![t.repository().to_string()]
+            }
+            AdminRequest::Purge { digest, .. } => {
+                let holders = registry.repositories_holding(digest).await?;
+                if holders.is_empty() {
+                    // Nobody's content: the collector removes it; a purge needs a repository's
+                    // admin.
+                    return Err(Error::BlobUnknown);
+                }
+                holders
+            }
+        })
+    }
+}
+
+fn to_value<T: serde::Serialize>(value: &T) -> Value {
+    serde_json::to_value(value).unwrap_or_default()
+}
+
+/// Why an HTTP request is no admin request.
+#[derive(Debug)]
+pub enum ParseError {
+    /// No such route.
+    NoRoute,
+    /// A malformed repository name or tag.
+    Name(String),
+    /// A malformed digest.
+    Digest(String),
+    /// A malformed body or a wrong combination of parameters; the message says what.
+    Invalid(String),
+}
+
+fn parse_target(text: &str) -> Result<DeleteTarget, ParseError> {
+    DeleteTarget::parse(text).map_err(|m| match text.split_once('@') {
+        Some((repo, _)) if RepoName::parse(repo).is_ok() => ParseError::Digest(m),
+        _ => ParseError::Name(m),
+    })
+}
+
+fn parse_repo(text: &str) -> Result<RepoName, ParseError> {
+    RepoName::parse(text).map_err(ParseError::Name)
+}
+
+fn parse_digest(text: &str) -> Result<Digest, ParseError> {
+    Digest::parse(text).map_err(|e| ParseError::Digest(e.to_string()))
+}
+
+fn query_value<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?.split('&').find_map(|p| p.strip_prefix(name)?.strip_prefix('='))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PurgeBody {
+    digest: String,
+    reason: String,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevertBody {
+    to: Option<String>,
+    at: Option<i64>,
+    #[serde(default)]
+    previous: bool,
+}
+
+fn body_of<T: for<'de> serde::Deserialize<'de>>(body: Option<&[u8]>) -> Result<T, ParseError> {
+    serde_json::from_slice(body.unwrap_or(b"")).map_err(|e| ParseError::Invalid(format!("request body: {e}")))
+}
+
+impl AdminRequest {
+    /// Reads the request an HTTP call under `/admin/v1/` makes — the inverse of
+    /// [`AdminRequest::http`].
+    ///
+    /// # Errors
+    /// [`ParseError::NoRoute`], or [`ParseError::Invalid`] saying what is malformed.
+    pub fn from_http(
+        method: &str,
+        path: &str,
+        query: Option<&str>,
+        body: Option<&[u8]>,
+    ) -> Result<Self, ParseError> {
+        let (route, rest) = path.split_once('/').unwrap_or((path, ""));
+        Ok(match (method, route, rest) {
+            ("GET", "repositories", "") => AdminRequest::Repositories {
+                last: query_value(query, "last").map(str::to_string),
+                n: query_value(query, "n").and_then(|n| n.parse().ok()).unwrap_or(1000).clamp(0, 100_000),
+            },
+            ("GET", "repositories", name) => AdminRequest::Repository(parse_repo(name)?),
+            ("DELETE", "repositories", name) => {
+                AdminRequest::Delete(DeleteTarget::Repository(parse_repo(name)?))
+            }
+            ("DELETE", "manifests", text) => match parse_target(text)? {
+                DeleteTarget::Repository(_) => {
+                    return Err(ParseError::Invalid("manifests/ takes REPO@DIGEST or REPO:TAG".into()));
+                }
+                target => AdminRequest::Delete(target),
+            },
+            ("GET", "preview", text) => AdminRequest::Preview(parse_target(text)?),
+            ("GET", "tombstones", name) => AdminRequest::Tombstones(parse_repo(name)?),
+            ("GET", "history", text) => match parse_target(text)? {
+                DeleteTarget::Repository(r) => AdminRequest::History(r, None),
+                DeleteTarget::Tag(r, t) => AdminRequest::History(r, Some(t)),
+                DeleteTarget::Manifest(..) => {
+                    return Err(ParseError::Invalid("history is kept per tag: REPO or REPO:TAG".into()));
+                }
+            },
+            ("POST", "restore", text) => AdminRequest::Restore {
+                target: parse_target(text)?,
+                take_tags: matches!(query_value(query, "take_tags"), Some("true" | "1")),
+            },
+            ("POST", "revert", text) => {
+                let DeleteTarget::Tag(repo, tag) = parse_target(text)? else {
+                    return Err(ParseError::Invalid("revert takes REPO:TAG".into()));
+                };
+                let body: RevertBody = body_of(body)?;
+                let to = match (body.to, body.at, body.previous) {
+                    (Some(d), None, false) => Revert::To(parse_digest(&d)?),
+                    (None, Some(at), false) => Revert::At(at),
+                    (None, None, true) => Revert::Previous,
+                    _ => {
+                        return Err(ParseError::Invalid(
+                            "give exactly one of \"to\" (a digest), \"at\" (Unix ms) or \"previous\": true"
+                                .into(),
+                        ));
+                    }
+                };
+                AdminRequest::Revert { repo, tag, to }
+            }
+            ("POST", "purge", "") => {
+                let body: PurgeBody = body_of(body)?;
+                let reason = body.reason.trim().to_string();
+                if reason.is_empty() {
+                    return Err(ParseError::Invalid("a purge needs a reason".into()));
+                }
+                AdminRequest::Purge { digest: parse_digest(&body.digest)?, reason }
+            }
+            _ => return Err(ParseError::NoRoute),
+        })
+    }
+}

@@ -1,0 +1,279 @@
+//! The CLI's admin commands: each builds an [`AdminRequest`] and runs it against a running Berth
+//! over HTTP (`--url`) or directly on a deployment (`--config` / `--data-dir`), then prints the
+//! answer — the same JSON either way — for people or, with `--json`, for scripts.
+
+use std::path::PathBuf;
+
+use serde_json::Value;
+
+use crate::admin::{AdminRequest, Revert};
+use crate::config::{Config, Overrides};
+use crate::oci::Digest;
+use crate::registry::DeleteTarget;
+use crate::time::utc;
+
+/// How an admin command reaches Berth.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Connection {
+    /// A running Berth to talk to [default: http://127.0.0.1:5000, unless --config or
+    /// --data-dir is given (and --url is not)].
+    #[arg(long, env = "BERTH_URL")]
+    pub url: Option<String>,
+    /// User name for the admin API (basic auth).
+    #[arg(long, env = "BERTH_USER")]
+    pub user: Option<String>,
+    /// Password for the admin API.
+    #[arg(long, env = "BERTH_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
+    /// Open the deployment this configuration file describes directly, instead of over HTTP.
+    #[arg(long, short = 'c', env = "BERTH_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Open the embedded deployment in this directory directly, instead of over HTTP.
+    #[arg(long, env = "BERTH_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Print the answer as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `request` as the connection says and prints the answer.
+///
+/// # Errors
+/// The registry's refusal or failure, or a connection problem, for `main` to print.
+pub async fn run(conn: &Connection, request: AdminRequest) -> anyhow::Result<()> {
+    let value = if conn.url.is_none() && (conn.config.is_some() || conn.data_dir.is_some()) {
+        direct(conn, &request).await?
+    } else {
+        over_http(conn, &request).await?
+    };
+    if conn.json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        print!("{}", render(&request, &value));
+    }
+    Ok(())
+}
+
+async fn direct(conn: &Connection, request: &AdminRequest) -> anyhow::Result<Value> {
+    let overrides = Overrides { data_dir: conn.data_dir.clone(), ..Overrides::default() };
+    let config = Config::load(conn.config.as_deref(), &overrides)?;
+    let app = crate::app::App::open(&config).await?;
+    // Recorded as the actor of what the command changes.
+    let actor = format!("local:{}", std::env::var("USER").unwrap_or_else(|_| "unknown".into()));
+    let result = request.run(&app.registry, Some(&actor)).await;
+    app.registry.meta().close().await;
+    result.map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+async fn over_http(conn: &Connection, request: &AdminRequest) -> anyhow::Result<Value> {
+    let base = conn.url.as_deref().unwrap_or("http://127.0.0.1:5000").trim_end_matches('/');
+    let form = request.http();
+    let url = format!("{base}/admin/v1/{}", form.path);
+    let client = reqwest::Client::new();
+    let method = reqwest::Method::from_bytes(form.method.as_bytes())?;
+    let mut req = client.request(method, &url);
+    if let Some(user) = &conn.user {
+        req = req.basic_auth(user, conn.password.as_deref());
+    }
+    if let Some(body) = &form.body {
+        req = req.json(body);
+    }
+    let res = req.send().await.map_err(|e| anyhow::anyhow!("cannot reach Berth at {base}: {e}"))?;
+    let status = res.status();
+    let text = res.text().await?;
+    let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    if !status.is_success() {
+        let message =
+            value["errors"][0]["message"].as_str().map_or_else(|| value.to_string(), str::to_string);
+        anyhow::bail!("{status}: {message}");
+    }
+    Ok(value)
+}
+
+/// Parses `REPO`, `REPO:TAG` or `REPO@DIGEST`.
+///
+/// # Errors
+/// What does not parse.
+pub fn target(text: &str) -> anyhow::Result<DeleteTarget> {
+    DeleteTarget::parse(text).map_err(|m| anyhow::anyhow!("`{text}`: {m}"))
+}
+
+/// The time machine's target from the command's flags.
+///
+/// # Errors
+/// When not exactly one is given, or one does not parse.
+pub fn revert_to(to: Option<&str>, at: Option<&str>, previous: bool) -> anyhow::Result<Revert> {
+    match (to, at, previous) {
+        (Some(d), None, false) => Ok(Revert::To(Digest::parse(d).map_err(|e| anyhow::anyhow!("--to: {e}"))?)),
+        (None, Some(t), false) => {
+            let ms = t
+                .parse::<i64>()
+                .or_else(|_| crate::time::parse_utc(t))
+                .map_err(|e| anyhow::anyhow!("--at: {e}"))?;
+            Ok(Revert::At(ms))
+        }
+        (None, None, true) => Ok(Revert::Previous),
+        _ => anyhow::bail!("give exactly one of --to DIGEST, --at TIME or --previous"),
+    }
+}
+
+fn s<'a>(v: &'a Value, key: &str) -> &'a str {
+    v[key].as_str().unwrap_or("")
+}
+
+fn n(v: &Value, key: &str) -> i64 {
+    v[key].as_i64().unwrap_or(0)
+}
+
+fn items<'a>(v: &'a Value, key: &str) -> &'a [Value] {
+    v[key].as_array().map_or(&[], Vec::as_slice)
+}
+
+/// Bytes as people read them.
+fn bytes(b: i64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut x = b as f64;
+    let mut unit = 0;
+    while x >= 1024.0 && unit < UNITS.len() - 1 {
+        x /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{b} B") } else { format!("{x:.1} {}", UNITS[unit]) }
+}
+
+fn list(values: &[Value]) -> String {
+    let names: Vec<&str> = values.iter().filter_map(Value::as_str).collect();
+    if names.is_empty() { "-".into() } else { names.join(", ") }
+}
+
+fn affected(out: &mut String, verb: &str, v: &Value, key: &str) {
+    let manifests = items(v, key);
+    out.push_str(&format!("{verb} {} manifest(s)\n", manifests.len()));
+    for m in manifests {
+        out.push_str(&format!(
+            "  {}@{}  tags: {}\n",
+            s(m, "repository"),
+            s(m, "digest"),
+            list(items(m, "tags"))
+        ));
+    }
+}
+
+/// The human form of an answer.
+pub fn render(request: &AdminRequest, v: &Value) -> String {
+    let mut out = String::new();
+    match request {
+        AdminRequest::Repositories { .. } => {
+            out.push_str(&format!(
+                "{:<40} {:>6} {:>9} {:>10} {:>12} {:>14}\n",
+                "REPOSITORY", "TAGS", "MANIFESTS", "TOMBSTONES", "LIVE", "IN TOMBSTONES"
+            ));
+            for r in items(v, "repositories") {
+                let deleted = if r["deleted_at"].is_i64() { " (deleted)" } else { "" };
+                out.push_str(&format!(
+                    "{:<40} {:>6} {:>9} {:>10} {:>12} {:>14}\n",
+                    format!("{}{deleted}", s(r, "name")),
+                    n(r, "tags"),
+                    n(r, "manifests"),
+                    n(r, "tombstones"),
+                    bytes(n(r, "bytes_live")),
+                    bytes(n(r, "bytes_in_tombstones"))
+                ));
+            }
+        }
+        AdminRequest::Repository(_) => {
+            out.push_str(&format!(
+                "{}: {} tags, {} manifests, {} tombstones; {} live, {} in tombstones\n",
+                s(v, "name"),
+                n(v, "tags"),
+                n(v, "manifests"),
+                n(v, "tombstones"),
+                bytes(n(v, "bytes_live")),
+                bytes(n(v, "bytes_in_tombstones"))
+            ));
+        }
+        AdminRequest::Delete(_) => affected(&mut out, &format!("deleted {}:", s(v, "target")), v, "deleted"),
+        AdminRequest::Restore { .. } => {
+            affected(&mut out, &format!("restored {}:", s(v, "target")), v, "restored")
+        }
+        AdminRequest::Preview(_) => {
+            match v["refused"].as_str() {
+                Some(why) => out.push_str(&format!("deleting {} would be refused: {why}\n", s(v, "target"))),
+                None => out.push_str(&format!(
+                    "deleting {} would free {} ({} blobs nothing else holds) once the windows pass\n",
+                    s(v, "target"),
+                    bytes(n(v, "bytes_freed")),
+                    n(v, "blobs_freed")
+                )),
+            }
+            out.push_str(&format!(
+                "  manifests: {}\n  tags: {}\n",
+                list(items(v, "manifests")),
+                list(items(v, "tags"))
+            ));
+        }
+        AdminRequest::Tombstones(_) => {
+            let tombstones = items(v, "tombstones");
+            if tombstones.is_empty() {
+                out.push_str(&format!("{} has no tombstones\n", s(v, "repository")));
+            }
+            for t in tombstones {
+                out.push_str(&format!(
+                    "{}  deleted {} by {} ({})\n  tags: {}  referrers: {}\n",
+                    s(t, "digest"),
+                    utc(n(t, "deleted_at")),
+                    t["deleted_by"].as_str().unwrap_or("anonymous"),
+                    s(t, "deleted_why"),
+                    list(items(t, "tags")),
+                    list(items(t, "referrers"))
+                ));
+                match t["unrestorable_reason"].as_str() {
+                    None => out.push_str(&format!("  restorable until {}\n", utc(n(t, "purge_after")))),
+                    Some(why) => out.push_str(&format!("  not restorable: {why}\n")),
+                }
+            }
+        }
+        AdminRequest::History(..) => {
+            for h in items(v, "history") {
+                let from = h["old_digest"].as_str().unwrap_or("-");
+                let to = h["new_digest"].as_str().unwrap_or("-");
+                out.push_str(&format!(
+                    "{}  {:<8} {:<20} {} -> {}  by {}\n",
+                    utc(n(h, "at")),
+                    s(h, "kind"),
+                    s(h, "tag"),
+                    from,
+                    to,
+                    h["actor"].as_str().unwrap_or("anonymous")
+                ));
+            }
+        }
+        AdminRequest::Revert { .. } => {
+            out.push_str(&format!(
+                "{}:{} now points at {}\n",
+                s(v, "repository"),
+                s(v, "tag"),
+                s(v, "digest")
+            ));
+        }
+        AdminRequest::Purge { .. } => {
+            affected(
+                &mut out,
+                &format!("purged blob {} ({}):", s(v, "digest"), bytes(n(v, "size"))),
+                v,
+                "manifests",
+            );
+            out.push_str(&format!("  unlinked from: {}\n", list(items(v, "unlinked_from"))));
+            if v["bytes_deleted"].as_bool() == Some(true) {
+                out.push_str("  bytes deleted from storage\n");
+            } else {
+                out.push_str(&format!(
+                    "  BYTES NOT DELETED from storage ({}): delete the object {} by hand\n",
+                    s(v, "storage_error"),
+                    s(v, "storage_key")
+                ));
+            }
+        }
+    }
+    out
+}
