@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs Berth's whole test suite: formatting, lints, unit, integration and end-to-end tests, on
 # both deployments (SQLite + filesystem; PostgreSQL + S3). Installs what it needs when missing:
-# the registry clients and PostgreSQL from Debian's packages, Garage (S3) from crates.io (built
+# the registry clients and PostgreSQL from Debian's packages, the ORAS Python SDK from PyPI (in a
+# virtual environment), Garage (S3) from crates.io (built
 # once, cached under ~/.cache/berth-tools).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +19,21 @@ if [ ${#missing[@]} -gt 0 ]; then
     as_root apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+
+# --- the ORAS Python SDK (PyPI) in a virtual environment, for the oras-py end-to-end test ----------
+tools=${BERTH_TOOLS:-$HOME/.cache/berth-tools}
+oras_venv="$tools/oras-py"
+if [ ! -x "$oras_venv/bin/python" ] || ! "$oras_venv/bin/python" -c 'import oras.client' 2>/dev/null; then
+    echo "==> installing the ORAS Python SDK (PyPI oras 0.2.43, cached in $oras_venv)"
+    if ! python3 -m venv "$oras_venv" >/dev/null 2>&1; then
+        as_root apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+        rm -rf "$oras_venv"
+        python3 -m venv "$oras_venv"
+    fi
+    "$oras_venv/bin/pip" install --quiet --disable-pip-version-check oras==0.2.43
+fi
+export BERTH_TEST_ORAS_PYTHON="$oras_venv/bin/python"
 
 # --- a throwaway PostgreSQL for the scale-out deployment ---------------------------------------
 work=$(mktemp -d)

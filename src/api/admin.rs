@@ -44,8 +44,17 @@ async fn dispatch(app: &App, req: Request) -> Result<Response, ApiError> {
             }
         },
     )?;
-    let repos = request.repositories(&app.registry).await?;
-    let who = authorize(app, &parts.headers, &repos)?;
+    let who = authenticate(app, &parts.headers)?;
+    let repos = match request.repositories(&app.registry).await {
+        // Only an administrator of a repository holding a blob learns whether it exists.
+        Err(crate::registry::Error::BlobUnknown) if app.auth.is_some() => {
+            return Err(
+                ApiError::new(ErrorCode::Denied).message("no repository you administer holds this blob")
+            );
+        }
+        other => other?,
+    };
+    authorize(app, &who, &repos)?;
     let mut value = request.run(&app.registry, who.name()).await?;
     if let (Some(auth), AdminRequest::Repositories { .. }) = (&app.auth, &request)
         && let Some(list) = value["repositories"].as_array_mut()
@@ -55,23 +64,30 @@ async fn dispatch(app: &App, req: Request) -> Result<Response, ApiError> {
     Ok(Json(value.to_string()).into_response())
 }
 
-/// The caller, if it may administer every repository in `repos` (with none: any known caller).
-fn authorize(app: &App, headers: &HeaderMap, repos: &[String]) -> Result<Identity, ApiError> {
-    let Some(auth) = &app.auth else { return Ok(Identity::Anonymous) };
-    let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    let now = (app.registry.clock().now_ms() / 1000).max(0) as u64;
-    let deny = |d: Denial| match d {
+fn deny(d: Denial) -> ApiError {
+    match d {
         Denial::Unauthenticated(m) => ApiError::new(ErrorCode::Unauthorized)
             .message(m)
             .header(header::WWW_AUTHENTICATE, "Basic realm=\"berth admin\""),
         Denial::Forbidden => ApiError::new(ErrorCode::Denied),
-    };
+    }
+}
+
+/// Who is calling (anonymous when access control is off; 401 for anonymous callers when on).
+fn authenticate(app: &App, headers: &HeaderMap) -> Result<Identity, ApiError> {
+    let Some(auth) = &app.auth else { return Ok(Identity::Anonymous) };
+    let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let now = (app.registry.clock().now_ms() / 1000).max(0) as u64;
     let who = auth.authenticate(authorization, now).map_err(deny)?;
-    if repos.is_empty() {
-        auth.authorize(&who, None, Action::Admin).map_err(deny)?;
-    }
-    for repo in repos {
-        auth.authorize(&who, Some(repo), Action::Admin).map_err(deny)?;
-    }
+    auth.authorize(&who, None, Action::Admin).map_err(deny)?;
     Ok(who)
+}
+
+/// Checks that `who` may administer every repository in `repos`.
+fn authorize(app: &App, who: &Identity, repos: &[String]) -> Result<(), ApiError> {
+    let Some(auth) = &app.auth else { return Ok(()) };
+    for repo in repos {
+        auth.authorize(who, Some(repo), Action::Admin).map_err(deny)?;
+    }
+    Ok(())
 }

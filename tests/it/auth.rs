@@ -255,3 +255,72 @@ backend_test!(token_flow, |reg| {
     let res = bearer(Method::HEAD, &format!("/v2/team/app/blobs/{d}")).send().await.unwrap();
     assert_eq!(res.status(), 401);
 });
+
+// The admin API needs the `admin` permission on every repository a request touches; the
+// repository list shows only those the caller administers; the CLI passes credentials.
+backend_test!(admin_api_needs_the_admin_permission, |reg| {
+    let reg = with_auth(reg, false).await;
+    let (status, digest) = push_as(&reg, "team/app", "v1", "robot", 11).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, _) = push_as(&reg, "public/tools", "v1", "alice", 12).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let path = format!("/admin/v1/preview/team/app@{digest}");
+    let res = reg.get(&path).await;
+    assert_oci_error(res, 401, "UNAUTHORIZED").await;
+    for user in ["robot", "reader"] {
+        let res = authed(&reg, Method::GET, &path, user).send().await.unwrap();
+        assert_oci_error(res, 403, "DENIED").await;
+        let res = authed(&reg, Method::DELETE, "/admin/v1/repositories/team/app", user).send().await.unwrap();
+        assert_oci_error(res, 403, "DENIED").await;
+        let res = authed(&reg, Method::GET, "/admin/v1/repositories", user).send().await.unwrap();
+        let list: Value = res.json().await.unwrap();
+        assert_eq!(list["repositories"], serde_json::json!([]), "{user} administers nothing");
+    }
+    let res = authed(&reg, Method::GET, &path, "alice").send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let list: Value = authed(&reg, Method::GET, "/admin/v1/repositories", "alice")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["repositories"].as_array().unwrap().len(), 2);
+    // A purge needs admin on every repository holding the blob, and tells nobody else whether
+    // a blob exists.
+    let layer = Digest::sha256_of(&random_bytes(11, 2000));
+    for blob in [layer, Digest::sha256_of(b"stored nowhere")] {
+        let body = serde_json::json!({"digest": blob.as_str(), "reason": "test"});
+        let res = authed(&reg, Method::POST, "/admin/v1/purge", "robot").json(&body).send().await.unwrap();
+        assert_oci_error(res, 403, "DENIED").await;
+    }
+    assert_eq!(
+        authed(&reg, Method::GET, "/v2/team/app/manifests/v1", "robot").send().await.unwrap().status(),
+        200
+    );
+    // The CLI over HTTP with credentials, recorded as the acting user.
+    let url = format!("http://{}", reg.addr);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["delete", &format!("team/app@{digest}"), "--url", &url, "--user", "alice"])
+        .env("BERTH_PASSWORD", PASSWORD)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["tombstones", "team/app", "--url", &url, "--user", "robot", "--password", PASSWORD])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("403"));
+    let history = reg
+        .app
+        .registry
+        .meta()
+        .tag_history(&RepoName::parse("team/app").unwrap(), &Tag::parse("v1").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        history.last().map(|h| (h.kind.as_str(), h.actor.as_deref())),
+        Some(("delete", Some("alice")))
+    );
+});

@@ -441,3 +441,81 @@ backend_test!(repository_delete_and_restore, |reg| {
     );
     assert_eq!(reg.get("/v2/whole/repo/manifests/v1").await.bytes().await.unwrap(), img.manifest);
 });
+
+// An error injected between the steps of a delete — the database refuses to make the
+// tombstone after the tags were removed — leaves the state as it was.
+backend_test!(a_delete_that_fails_midway_changes_nothing, |reg| {
+    let img = reg.push_image("atomic/app", "v1", 320).await;
+    reg.put_manifest("atomic/app", "v2", OCI_MANIFEST, &img.manifest).await;
+    let repo = RepoName::parse("atomic/app").unwrap();
+    let before = reg.app.registry.meta().history(&repo, None).await.unwrap();
+    let sql = reg.sql().await;
+    if reg.on_postgres() {
+        sqlx::query(
+            "CREATE FUNCTION refuse_tombstones() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION 'injected failure'; END $$",
+        )
+        .execute(&sql)
+        .await
+        .unwrap();
+        sqlx::query(
+            "CREATE TRIGGER refuse BEFORE UPDATE OF deleted_at ON manifests \
+             FOR EACH ROW EXECUTE FUNCTION refuse_tombstones()",
+        )
+        .execute(&sql)
+        .await
+        .unwrap();
+    } else {
+        sqlx::query(
+            "CREATE TRIGGER refuse BEFORE UPDATE OF deleted_at ON manifests \
+             BEGIN SELECT RAISE(ABORT, 'injected failure'); END",
+        )
+        .execute(&sql)
+        .await
+        .unwrap();
+    }
+    let res = reg.delete(&format!("/v2/atomic/app/manifests/{}", img.digest)).await;
+    assert_eq!(res.status(), 500);
+    let res = reg.app.registry.delete_repository(&repo, None).await;
+    assert!(res.is_err());
+    assert_eq!(reg.tags_of("atomic/app").await, json!(["v1", "v2"]));
+    assert_eq!(reg.get("/v2/atomic/app/manifests/v1").await.bytes().await.unwrap(), img.manifest);
+    assert_eq!(reg.app.registry.meta().history(&repo, None).await.unwrap(), before);
+    let (tombstones,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM deletes").fetch_one(&sql).await.unwrap();
+    assert_eq!(tombstones, 0, "no delete was recorded");
+    sqlx::query("DROP TRIGGER refuse ON manifests").execute(&sql).await.ok();
+    sqlx::query("DROP TRIGGER refuse").execute(&sql).await.ok();
+    assert_eq!(reg.delete(&format!("/v2/atomic/app/manifests/{}", img.digest)).await.status(), 202);
+});
+
+// Sparse indexes: refused by default, accepted where configured (a mirror that copies one
+// platform); only present children are referenced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sparse_indexes_only_where_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = berth::config::Config::embedded(dir.path());
+    config.storage_fsync = false;
+    config.sparse_index_repositories = vec![berth::auth::Pattern::parse("mirror/**").unwrap()];
+    let reg = TestRegistry::start_with(config, dir).await;
+    for repo in ["mirror/alpine", "own/alpine"] {
+        let amd = reg.push_image(repo, "amd64", 330).await;
+        let absent = Digest::sha256_of(b"the arm64 image, not mirrored");
+        let index = serde_json::to_vec(&json!({
+            "schemaVersion": 2, "mediaType": OCI_INDEX,
+            "manifests": [
+                {"mediaType": OCI_MANIFEST, "digest": amd.digest.as_str(), "size": amd.manifest.len()},
+                {"mediaType": OCI_MANIFEST, "digest": absent.as_str(), "size": 100},
+            ],
+        }))
+        .unwrap();
+        let res = reg.put_manifest(repo, "latest", OCI_INDEX, &index).await;
+        if repo.starts_with("mirror/") {
+            assert_eq!(res.status(), 201);
+            // The present child is held by the index like any other.
+            let res = reg.delete(&format!("/v2/{repo}/manifests/{}", amd.digest)).await;
+            assert_oci_error(res, 405, "DENIED").await;
+        } else {
+            assert_oci_error(res, 400, "MANIFEST_BLOB_UNKNOWN").await;
+        }
+    }
+}

@@ -1,6 +1,7 @@
 //! Failures injected between Berth and its database: a connection to PostgreSQL that breaks
-//! right after a `COMMIT` was sent, so the database commits but Berth never hears it. Bytes that
-//! a row may name must never be deleted on the strength of such an error.
+//! right after a `COMMIT` was sent, so the database commits but Berth never hears it (bytes
+//! that a row may name must never be deleted on the strength of such an error), or that breaks
+//! in the middle of a transaction (which must then leave nothing half-done).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,12 +13,14 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::harness::*;
 
-/// A TCP proxy in front of PostgreSQL. While armed, the first connection that sends `COMMIT`
-/// (the simple-query message sqlx uses to end a transaction) has it delivered, and is then cut
-/// before the server's answer comes back.
+/// A TCP proxy in front of PostgreSQL. While armed, the first connection that sends a message
+/// containing the armed bytes has it delivered, and is then cut before the server's answer comes
+/// back: armed with [`COMMIT`] (the simple-query message sqlx ends a transaction with), the
+/// database commits unheard; armed with a statement's text, the transaction dies midway.
 struct CommitCutter {
     addr: std::net::SocketAddr,
     armed: Arc<AtomicBool>,
+    pattern: Arc<std::sync::Mutex<Vec<u8>>>,
 }
 
 /// The simple-query message `COMMIT`: 'Q', its length (4 + 7), the text with its NUL.
@@ -28,17 +31,25 @@ impl CommitCutter {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let armed = Arc::new(AtomicBool::new(false));
-        let arm = armed.clone();
+        let pattern = Arc::new(std::sync::Mutex::new(COMMIT.to_vec()));
+        let (arm, pat) = (armed.clone(), pattern.clone());
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let server = TcpStream::connect(upstream).await.unwrap();
-                tokio::spawn(relay(client, server, arm.clone()));
+                tokio::spawn(relay(client, server, arm.clone(), pat.clone()));
             }
         });
-        CommitCutter { addr, armed }
+        CommitCutter { addr, armed, pattern }
     }
 
+    /// Cuts the connection that next sends `COMMIT`.
     fn arm(&self) {
+        self.arm_on(COMMIT);
+    }
+
+    /// Cuts the connection that next sends a message containing `bytes`.
+    fn arm_on(&self, bytes: &[u8]) {
+        *self.pattern.lock().unwrap() = bytes.to_vec();
         self.armed.store(true, Ordering::SeqCst);
     }
 
@@ -47,7 +58,12 @@ impl CommitCutter {
     }
 }
 
-async fn relay(client: TcpStream, server: TcpStream, armed: Arc<AtomicBool>) {
+async fn relay(
+    client: TcpStream,
+    server: TcpStream,
+    armed: Arc<AtomicBool>,
+    pattern: Arc<std::sync::Mutex<Vec<u8>>>,
+) {
     let (mut client_rx, mut client_tx) = client.into_split();
     let (mut server_rx, mut server_tx) = server.into_split();
     let cut = Arc::new(AtomicBool::new(false));
@@ -59,8 +75,11 @@ async fn relay(client: TcpStream, server: TcpStream, armed: Arc<AtomicBool>) {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
-            let commit = buf[..n].windows(COMMIT.len()).any(|w| w == COMMIT);
-            if commit && armed.compare_exchange(true, false, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+            let hit = {
+                let pattern = pattern.lock().unwrap();
+                armed.load(Ordering::SeqCst) && buf[..n].windows(pattern.len()).any(|w| w == &pattern[..])
+            };
+            if hit && armed.compare_exchange(true, false, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
                 // Cut the way back first, so the answer can never get through.
                 cut_up.store(true, Ordering::SeqCst);
                 let _ = server_tx.write_all(&buf[..n]).await;
@@ -143,4 +162,47 @@ async fn a_lost_commit_reply_never_leaves_a_blob_row_without_bytes() {
     assert_eq!(res.status(), 200, "a row names the blob, so its bytes must be there");
     assert_eq!(res.bytes().await.unwrap(), data);
     assert_eq!(status, StatusCode::CREATED);
+}
+
+// A delete whose database connection dies between its statements — after the tags were
+// removed, before the manifest became a tombstone — leaves everything as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_cut_off_midway_changes_nothing() {
+    let Some((reg, cutter)) = registry_behind_a_cutter().await else {
+        eprintln!("skipping: the scale-out deployment is not configured");
+        return;
+    };
+    let img = reg.push_image("cut/delete", "v1", 610).await;
+    reg.put_manifest("cut/delete", "v2", OCI_MANIFEST, &img.manifest).await;
+    let history_before = reg
+        .app
+        .registry
+        .meta()
+        .history(&berth::oci::RepoName::parse("cut/delete").unwrap(), None)
+        .await
+        .unwrap();
+    cutter.arm_on(b"UPDATE manifests SET deleted_at");
+    let res =
+        reg.req(Method::DELETE, &format!("/v2/cut/delete/manifests/{}", img.digest)).send().await.unwrap();
+    assert!(cutter.fired(), "the delete's tombstone statement went through the cutter");
+    assert_eq!(res.status(), 500);
+    for tag in ["v1", "v2"] {
+        let res = reg.get(&format!("/v2/cut/delete/manifests/{tag}")).await;
+        assert_eq!(res.status(), 200, "{tag} still there");
+    }
+    assert_eq!(reg.get(&format!("/v2/cut/delete/manifests/{}", img.digest)).await.status(), 200);
+    let tags: serde_json::Value = reg.get("/v2/cut/delete/tags/list").await.json().await.unwrap();
+    assert_eq!(tags["tags"], serde_json::json!(["v1", "v2"]));
+    let history_after = reg
+        .app
+        .registry
+        .meta()
+        .history(&berth::oci::RepoName::parse("cut/delete").unwrap(), None)
+        .await
+        .unwrap();
+    assert_eq!(history_after, history_before, "no delete was recorded");
+    // And the same delete, not cut off, goes through.
+    let res =
+        reg.req(Method::DELETE, &format!("/v2/cut/delete/manifests/{}", img.digest)).send().await.unwrap();
+    assert_eq!(res.status(), 202);
 }

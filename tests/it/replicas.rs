@@ -207,6 +207,26 @@ async fn replicas_racing_to_complete_one_session_keep_the_blob() {
     }
 }
 
+// The delete contract's "on every replica": a delete through one replica is visible through the
+// others in the same moment, and a tag deleted through one can be pushed through another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_through_one_replica_is_visible_through_the_others_at_once() {
+    let r = replicas_or_skip!(2);
+    let img = r[0].push_image("multi/del", "v1", 520).await;
+    r[0].put_manifest("multi/del", "v2", OCI_MANIFEST, &img.manifest).await;
+    let res =
+        r[0].req(Method::DELETE, &format!("/v2/multi/del/manifests/{}", img.digest)).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    for path in ["/v2/multi/del/manifests/v1".to_string(), format!("/v2/multi/del/manifests/{}", img.digest)]
+    {
+        assert_eq!(r[1].get(&path).await.status(), 404, "{path}");
+    }
+    let tags: serde_json::Value = r[1].get("/v2/multi/del/tags/list").await.json().await.unwrap();
+    assert_eq!(tags["tags"], serde_json::json!([]));
+    assert_eq!(r[1].put_manifest("multi/del", "v1", OCI_MANIFEST, &img.manifest).await.status(), 201);
+    assert_eq!(r[0].get("/v2/multi/del/manifests/v1").await.status(), 200);
+}
+
 /// A `berth serve` process of the scale-out deployment.
 struct Process {
     child: std::process::Child,

@@ -1,9 +1,11 @@
-//! End-to-end tests with real registry clients (skopeo, buildah, podman) against a live Berth.
+//! End-to-end tests with real registry clients (skopeo, buildah, podman, curl, the ORAS Python
+//! SDK) against a live Berth.
 //! A missing client skips the test locally; under `CI` it fails, because the test script must
 //! install every client it uses.
 
 mod auth_clients;
 mod buildah;
+mod deletes;
 pub mod layout;
 mod oci_client;
 mod skopeo;
