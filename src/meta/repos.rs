@@ -41,20 +41,14 @@ impl MetaStore {
     /// The id of `repo`, created if missing, and share-locked (`lock`) so that a concurrent
     /// repository delete waits for this transaction or is waited for. Writing into a deleted
     /// repository makes its name live again (as an empty repository: what the delete took stays
-    /// restorable).
+    /// restorable). The lock is taken before the deleted mark is read, so a delete that commits
+    /// while this transaction waits is seen.
     pub(super) async fn ensure_repository(
         tx: &mut AnyConnection,
         repo: &RepoName,
         now: i64,
         lock: &str,
     ) -> Result<i64, sqlx::Error> {
-        sqlx::query(
-            "UPDATE repositories SET deleted_at = NULL, delete_id = NULL \
-             WHERE name = $1 AND deleted_at IS NOT NULL",
-        )
-        .bind(repo.as_str())
-        .execute(&mut *tx)
-        .await?;
         sqlx::query(
             "INSERT INTO repositories (name, created_at) VALUES ($1, $2) \
              ON CONFLICT (name) DO NOTHING",
@@ -63,8 +57,14 @@ impl MetaStore {
         .bind(now)
         .execute(&mut *tx)
         .await?;
-        let sql = format!("SELECT id FROM repositories WHERE name = $1{lock}");
-        let (id,): (i64,) = sqlx::query_as(&sql).bind(repo.as_str()).fetch_one(&mut *tx).await?;
+        let sql = format!("SELECT id, deleted_at FROM repositories WHERE name = $1{lock}");
+        let (id, deleted_at): (i64, Option<i64>) = sqlx::query_as(&sql).bind(repo.as_str()).fetch_one(&mut *tx).await?;
+        if deleted_at.is_some() {
+            sqlx::query("UPDATE repositories SET deleted_at = NULL, delete_id = NULL WHERE id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
         Ok(id)
     }
 }
