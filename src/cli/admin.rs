@@ -25,6 +25,9 @@ pub struct Connection {
     /// Password for the admin API.
     #[arg(long, env = "BERTH_PASSWORD", hide_env_values = true)]
     pub password: Option<String>,
+    /// Read the password from this file (its first line), instead of a flag or the environment.
+    #[arg(long, env = "BERTH_PASSWORD_FILE", conflicts_with = "password")]
+    pub password_file: Option<PathBuf>,
     /// Open the deployment this configuration file describes directly, instead of over HTTP.
     #[arg(long, short = 'c', env = "BERTH_CONFIG")]
     pub config: Option<PathBuf>,
@@ -73,7 +76,18 @@ async fn over_http(conn: &Connection, request: &AdminRequest) -> anyhow::Result<
     let method = reqwest::Method::from_bytes(form.method.as_bytes())?;
     let mut req = client.request(method, &url);
     if let Some(user) = &conn.user {
-        req = req.basic_auth(user, conn.password.as_deref());
+        let password = match &conn.password_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("--password-file {}: {e}", path.display()))?
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string(),
+            ),
+            None => conn.password.clone(),
+        };
+        req = req.basic_auth(user, password);
     }
     if let Some(body) = &form.body {
         req = req.json(body);

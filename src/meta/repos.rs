@@ -58,7 +58,8 @@ impl MetaStore {
         .execute(&mut *tx)
         .await?;
         let sql = format!("SELECT id, deleted_at FROM repositories WHERE name = $1{lock}");
-        let (id, deleted_at): (i64, Option<i64>) = sqlx::query_as(&sql).bind(repo.as_str()).fetch_one(&mut *tx).await?;
+        let (id, deleted_at): (i64, Option<i64>) =
+            sqlx::query_as(&sql).bind(repo.as_str()).fetch_one(&mut *tx).await?;
         if deleted_at.is_some() {
             sqlx::query("UPDATE repositories SET deleted_at = NULL, delete_id = NULL WHERE id = $1")
                 .bind(id)

@@ -206,11 +206,14 @@ impl MetaStore {
     ) -> Result<Option<Vec<String>>> {
         // One row holding the whole page, newline-separated (tags cannot contain newlines):
         // decoding thousands of rows one by one costs far more than the query.
-        // Tags on tombstones are never listed (deletes remove them in the same transaction; the join
-        // keeps that true whatever wrote the rows).
-        let page = "SELECT t.name FROM tags t JOIN repositories r ON r.id = t.repository_id \
-                    JOIN manifests m ON m.id = t.manifest_id \
-                    WHERE r.name = $1 AND t.name > $2 AND m.deleted_at IS NULL ORDER BY t.name LIMIT $3";
+        // Tags on tombstones are never listed (deletes remove them in the same transaction; the
+        // anti-join keeps that true whatever wrote the rows). The repository is a scalar
+        // subquery so that both databases walk the (repository, name) index in order and stop
+        // after the page; a join let PostgreSQL hash and sort every tag of the repository.
+        let page = "SELECT t.name FROM tags t \
+                    WHERE t.repository_id = (SELECT id FROM repositories WHERE name = $1) AND t.name > $2 \
+                    AND NOT EXISTS (SELECT 1 FROM manifests m WHERE m.id = t.manifest_id AND m.deleted_at IS NOT NULL) \
+                    ORDER BY t.name LIMIT $3";
         let sql = match self.dialect {
             // The page comes out of the (repository, name) index in order; an ORDER BY inside
             // the aggregate would sort it again through a temporary b-tree (most of the cost of

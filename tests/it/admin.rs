@@ -193,3 +193,41 @@ async fn cli_opens_an_embedded_deployment_directly() {
     let reg = TestRegistry::start_with(config, dir).await;
     assert_eq!(reg.get("/v2/direct/app/manifests/v1").await.bytes().await.unwrap(), img.manifest);
 }
+
+// `--config` opens the deployment a configuration file describes — here the scale-out one,
+// PostgreSQL and S3 — next to the running replica, which sees the change at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_opens_a_scale_out_deployment_with_its_config_file() {
+    let Some(reg) = TestRegistry::try_start(Backend::Postgres).await else {
+        eprintln!("skipping: the scale-out deployment is not configured");
+        return;
+    };
+    let img = reg.push_image("cfg/app", "v1", 430).await;
+    let config = &reg.app.config;
+    let s3 = config.storage_s3.as_ref().unwrap();
+    let toml = format!(
+        "[metadata]\nurl = {:?}\n[storage]\nkind = \"s3\"\n[storage.s3]\nendpoint = {:?}\nregion = {:?}\n\
+         bucket = {:?}\nprefix = {:?}\naccess_key_id = {:?}\nsecret_access_key = {:?}\npart_size_mib = 5\n",
+        config.metadata_url,
+        s3.endpoint.as_deref().unwrap(),
+        s3.region.as_deref().unwrap(),
+        s3.bucket,
+        s3.prefix.as_deref().unwrap(),
+        s3.access_key_id.as_deref().unwrap(),
+        s3.secret_access_key.as_deref().unwrap(),
+    );
+    let file = reg.dir.path().join("berth.toml");
+    std::fs::write(&file, toml).unwrap();
+    let file = file.to_str().unwrap();
+    let (ok, out, err) =
+        cli(&["delete", "--dry-run", &format!("cfg/app@{}", img.digest), "--config", file, "--json"]);
+    assert!(ok, "{err}");
+    let preview: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(preview["tags"], json!(["v1"]));
+    let (ok, _, err) = cli(&["delete", "cfg/app:v1", "--config", file]);
+    assert!(ok, "{err}");
+    assert_eq!(reg.get("/v2/cfg/app/manifests/v1").await.status(), 404);
+    let (ok, _, err) = cli(&["restore", "cfg/app:v1", "--config", file]);
+    assert!(ok, "{err}");
+    assert_eq!(reg.get("/v2/cfg/app/manifests/v1").await.bytes().await.unwrap(), img.manifest);
+}

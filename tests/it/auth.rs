@@ -312,6 +312,15 @@ backend_test!(admin_api_needs_the_admin_permission, |reg| {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("403"));
+    let password_file = reg.dir.path().join("password");
+    std::fs::write(&password_file, format!("{PASSWORD}\n")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["tombstones", "team/app", "--url", &url, "--user", "alice", "--password-file"])
+        .arg(&password_file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(digest.as_str()));
     let history = reg
         .app
         .registry

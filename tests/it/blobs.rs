@@ -322,3 +322,27 @@ backend_test!(abandoned_sessions_expire_with_their_bytes, |reg| {
     assert!(objects.iter().any(|k| k.contains(&new_id)), "{objects:?}");
     assert_eq!(reg.app.registry.expire_uploads(3600 * 1000).await.unwrap(), 0);
 });
+
+// A blob whose bytes vanish between the lookup and the read: a 404 when metadata moved on
+// meanwhile (here a purge, which removes the row and then the bytes), but a 500 — a consistency
+// failure, never silently masked — when a row still names the missing bytes.
+backend_test!(bytes_gone_between_lookup_and_read, |reg| {
+    let data = random_bytes(90, 4000);
+    let digest = reg.upload_blob("gone/app", &data).await;
+    let repo = berth::oci::RepoName::parse("gone/app").unwrap();
+    let handle = reg.app.registry.blob(&repo, &digest).await.unwrap();
+    reg.app.registry.purge_blob(&digest, "test", None).await.unwrap();
+    let err = reg.app.registry.read_blob(&handle, None).await.err().expect("the bytes are gone");
+    assert!(matches!(err, berth::registry::Error::BlobUnknown), "{err}");
+
+    let data = random_bytes(91, 4000);
+    let digest = reg.upload_blob("gone/app", &data).await;
+    let sql = reg.sql().await;
+    let (key,): (String,) = sqlx::query_as("SELECT storage_key FROM blobs WHERE digest = $1")
+        .bind(digest.as_str())
+        .fetch_one(&sql)
+        .await
+        .unwrap();
+    reg.app.registry.blobs().delete(&key).await.unwrap();
+    assert_eq!(reg.get(&format!("/v2/gone/app/blobs/{digest}")).await.status(), 500);
+});

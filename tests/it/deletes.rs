@@ -266,6 +266,18 @@ backend_test!(conditional_moves_racing_exactly_one_wins, |reg| {
         let mut statuses = [ra.unwrap().status().as_u16(), rb.unwrap().status().as_u16()];
         statuses.sort_unstable();
         assert_eq!(statuses, [201, 412], "round {round}");
+        // Two conditional deletes of the tag where it now points: one deletes, one is refused.
+        let now = reg.get("/v2/condrace/manifests/t").await;
+        let now = header(&now, "docker-content-digest").unwrap().to_string();
+        let del = || {
+            reg.req(Method::DELETE, "/v2/condrace/manifests/t")
+                .header("if-match", format!("\"{now}\""))
+                .send()
+        };
+        let (da, db) = tokio::join!(del(), del());
+        let mut statuses = [da.unwrap().status().as_u16(), db.unwrap().status().as_u16()];
+        statuses.sort_unstable();
+        assert_eq!(statuses, [202, 412], "round {round}");
     }
 });
 
