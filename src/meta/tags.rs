@@ -71,9 +71,14 @@ impl MetaStore {
             "SELECT t.manifest_id, m.digest FROM tags t JOIN manifests m ON m.id = t.manifest_id \
              WHERE t.repository_id = $1 AND t.name = $2{lock}"
         );
-        for _ in 0..3 {
-            let may_create = matches!(w.condition, TagCondition::Always | TagCondition::IfAbsent);
-            if may_create {
+        let mut moved_from = None;
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            if attempts > 3 {
+                return Err(sqlx::Error::RowNotFound);
+            }
+            if matches!(w.condition, TagCondition::Always | TagCondition::IfAbsent) {
                 let created: Option<(i64,)> = sqlx::query_as(
                     "INSERT INTO tags (repository_id, name, manifest_id, updated_at) VALUES ($1, $2, $3, $4) \
                      ON CONFLICT (repository_id, name) DO NOTHING RETURNING manifest_id",
@@ -85,19 +90,7 @@ impl MetaStore {
                 .fetch_optional(&mut *tx)
                 .await?;
                 if created.is_some() {
-                    Self::record_tag_move(
-                        tx,
-                        w.repo_id,
-                        w.tag.as_str(),
-                        None,
-                        Some(w.digest.as_str()),
-                        w.actor,
-                        w.now,
-                        w.kind,
-                        None,
-                    )
-                    .await?;
-                    return Ok(TagOutcome::Set);
+                    break;
                 }
             }
             let current: Option<(i64, String)> = sqlx::query_as(&current_sql)
@@ -122,21 +115,23 @@ impl MetaStore {
             .bind(w.tag.as_str())
             .execute(&mut *tx)
             .await?;
-            Self::record_tag_move(
-                tx,
-                w.repo_id,
-                w.tag.as_str(),
-                Some(&current_digest),
-                Some(w.digest.as_str()),
-                w.actor,
-                w.now,
-                w.kind,
-                None,
-            )
-            .await?;
-            return Ok(TagOutcome::Set);
+            moved_from = Some(current_digest);
+            break;
         }
-        Err(sqlx::Error::RowNotFound)
+        let new = Some(w.digest.as_str());
+        Self::record_tag_move(
+            tx,
+            w.repo_id,
+            w.tag.as_str(),
+            moved_from.as_deref(),
+            new,
+            w.actor,
+            w.now,
+            w.kind,
+            None,
+        )
+        .await?;
+        Ok(TagOutcome::Set)
     }
 
     /// Appends one row to the tag history.
