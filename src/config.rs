@@ -267,9 +267,16 @@ impl Config {
                 ConfigError(format!("{source}: `{listen}` is not an address like 127.0.0.1:5000"))
             })?;
         }
-        if let Some(level) =
-            overrides.log_level.clone().or_else(|| env("BERTH_LOG_LEVEL")).or(parsed.log_level)
-        {
+        let level = [
+            (overrides.log_level.clone(), "--log-level"),
+            (env("BERTH_LOG_LEVEL"), "BERTH_LOG_LEVEL"),
+            (env("RUST_LOG"), "RUST_LOG"),
+            (parsed.log_level, "log_level in the config file"),
+        ]
+        .into_iter()
+        .find_map(|(value, source)| value.map(|v| (v, source)));
+        if let Some((level, source)) = level {
+            check_log_filter(&level).map_err(|e| ConfigError(format!("{source}: {e}")))?;
             cfg.log_level = level;
         }
         if let Some(url) = env("BERTH_METADATA_URL").or(parsed.metadata.url) {
@@ -373,6 +380,32 @@ impl Config {
     }
 }
 
+/// Checks a log filter: comma-separated directives, each a level (`error`, `warn`, `info`,
+/// `debug`, `trace`, `off`) or `target=level`. A bare word that is not a level would be read as a
+/// target and silence everything else, so it is refused rather than guessed at.
+fn check_log_filter(filter: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+    let is_level = |l: &str| LEVELS.contains(&l.trim().to_ascii_lowercase().as_str());
+    let bad = |d: &str| {
+        format!(
+            "`{d}` is not a log level; use one of error, warn, info, debug, trace, off, or target=level (e.g. berth=debug,sqlx=warn)"
+        )
+    };
+    if filter.trim().is_empty() {
+        return Err(bad(filter));
+    }
+    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let ok = match directive.rsplit_once('=') {
+            Some((target, level)) => !target.is_empty() && is_level(level),
+            None => is_level(directive),
+        };
+        if !ok {
+            return Err(bad(directive));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(filter).map(|_| ()).map_err(|e| format!("`{filter}`: {e}"))
+}
+
 fn sqlite_url(data_dir: &Path) -> String {
     format!("sqlite:{}", data_dir.join("metadata.db").display())
 }
@@ -387,6 +420,32 @@ mod tests {
         std::fs::write(&path, toml).unwrap();
         let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         Config::load_from(Some(&path), |k| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()), o)
+    }
+
+    #[test]
+    fn bad_log_levels_stop_with_their_source() {
+        for (flag, env_var, file) in
+            [(Some("verbose"), None, None), (None, Some("bogus"), None), (None, None, Some("xx=["))]
+        {
+            let o = Overrides { log_level: flag.map(str::to_string), ..Overrides::default() };
+            let env: Vec<(&str, &str)> = env_var.map(|v| ("BERTH_LOG_LEVEL", v)).into_iter().collect();
+            let toml = file.map(|f| format!("log_level = {f:?}\n")).unwrap_or_default();
+            let e = load(&toml, &env, &o).unwrap_err().to_string();
+            let source = if flag.is_some() {
+                "--log-level"
+            } else if env_var.is_some() {
+                "BERTH_LOG_LEVEL"
+            } else {
+                "config file"
+            };
+            assert!(e.contains(source) && e.contains("log level"), "{e}");
+        }
+        for good in ["info", "debug", "berth=debug,sqlx=warn", "WARN"] {
+            let o = Overrides { log_level: Some(good.into()), ..Overrides::default() };
+            assert_eq!(load("", &[], &o).unwrap().log_level, good);
+        }
+        let e = load("", &[("RUST_LOG", "loud")], &Overrides::default()).unwrap_err();
+        assert!(e.to_string().contains("RUST_LOG"), "{e}");
     }
 
     #[test]

@@ -10,20 +10,19 @@ pub mod error;
 pub mod headers;
 mod limits;
 mod manifests;
+mod request_log;
 pub mod route;
-
-use std::time::Instant;
 
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use serde::Deserialize;
 
-use self::error::{ApiError, ErrorCode, InternalError};
+use self::error::{ApiError, ErrorCode};
 use self::route::V2Route;
 use crate::app::App;
 
@@ -40,7 +39,7 @@ pub fn router(app: App) -> Router {
         .route("/healthz", get(healthz))
         .layer(middleware::from_fn_with_state(app.config.limits.max_header_bytes, limits::limit_head))
         .with_state(app)
-        .layer(middleware::from_fn(log_request))
+        .layer(middleware::from_fn(request_log::log_request))
 }
 
 /// Query parameters any `/v2/` endpoint may take.
@@ -83,6 +82,7 @@ async fn dispatch(app: &App, req: Request) -> Result<Response, ApiError> {
     let h = &parts.headers;
     let who = access::check(app, &route, &method, h, &mut params)?;
     let actor = who.name();
+    let allow = route.allowed_methods();
     use V2Route as R;
     match (route, method) {
         (R::Base, Method::GET | Method::HEAD) => Ok((StatusCode::OK, Json("{}")).into_response()),
@@ -104,7 +104,8 @@ async fn dispatch(app: &App, req: Request) -> Result<Response, ApiError> {
         (R::Upload(repo, id), Method::GET) => blobs::upload_status(registry, &repo, &id).await,
         (R::Upload(repo, id), Method::DELETE) => blobs::cancel_upload(registry, &repo, &id).await,
         (_, method) => Err(ApiError::new(ErrorCode::Unsupported)
-            .message(format!("{method} is not supported on this endpoint"))),
+            .message(format!("{method} is not supported on this endpoint"))
+            .header(header::ALLOW, allow)),
     }
 }
 
@@ -146,36 +147,4 @@ async fn healthz(State(app): State<App>) -> Response {
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
-}
-
-/// Logs one line per request (method, path, status, bytes in and out as declared, duration) and
-/// adds the API version header every registry answer carries.
-async fn log_request(req: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let method = req.method().clone();
-    let path = req.uri().path().to_string();
-    let bytes_in = content_length(req.headers()).unwrap_or(0);
-    let mut res = next.run(req).await;
-    res.headers_mut().insert(
-        header::HeaderName::from_static("docker-distribution-api-version"),
-        HeaderValue::from_static("registry/2.0"),
-    );
-    let status = res.status().as_u16();
-    let bytes_out = content_length(res.headers())
-        .or_else(|| axum::body::HttpBody::size_hint(res.body()).exact())
-        .unwrap_or(0);
-    let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
-    if let Some(InternalError(chain)) = res.extensions().get::<InternalError>() {
-        tracing::error!(http.method = %method, http.path = %path, http.status = status, error = %chain, "request failed");
-    }
-    tracing::info!(
-        http.method = %method,
-        http.path = %path,
-        http.status = status,
-        bytes.in = bytes_in,
-        bytes.out = bytes_out,
-        duration_ms = format_args!("{duration_ms:.3}"),
-        "request"
-    );
-    res
 }

@@ -30,6 +30,20 @@ pub enum V2Route {
     Referrers(RepoName, String),
 }
 
+impl V2Route {
+    /// The methods the endpoint answers, for the `Allow` header of a 405.
+    pub fn allowed_methods(&self) -> &'static str {
+        match self {
+            V2Route::Base => "GET, HEAD",
+            V2Route::Catalog | V2Route::Tags(_) | V2Route::Referrers(..) => "GET",
+            V2Route::Manifest(..) => "GET, HEAD, PUT, DELETE",
+            V2Route::Blob(..) => "GET, HEAD, DELETE",
+            V2Route::UploadStart(_) => "POST",
+            V2Route::Upload(..) => "GET, PATCH, PUT, DELETE",
+        }
+    }
+}
+
 /// Parses the path after `/v2/`.
 ///
 /// # Errors

@@ -10,12 +10,34 @@ use crate::config::{Config, Overrides};
 
 /// Berth: an OCI container registry where deleting is safe.
 #[derive(Debug, Parser)]
-#[command(name = "berth", version, about)]
+#[command(name = "berth", version, about, after_help = GUIDE)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
+
+/// The map of the commands, by what they are for, with one example each.
+const GUIDE: &str = "\
+Serve:
+  berth serve                                    embedded: ./berth-data, 127.0.0.1:5000
+  berth serve --config berth.toml                scale-out: PostgreSQL + S3 (docs/deploy.md)
+
+Look:
+  berth repos                                    repositories, bytes live and in tombstones
+  berth history team/app:latest                  every push, move, delete, restore of a tag
+  berth tombstones team/app                      what was deleted, by whom, restorable until
+
+Delete and undo (docs/deleting.md):
+  berth delete --dry-run team/app@sha256:...     what it would take and free, or why refused
+  berth delete team/app:old                      a tag (REPO:TAG), manifest (REPO@DIGEST), repository
+  berth restore team/app@sha256:...              a manifest with its tags, a tag, a repository
+  berth tags revert team/app:latest --previous   the time machine
+  berth repos delete team/app                    a whole repository, restorable
+  berth purge sha256:... --reason \"leaked key\"   a blob everywhere, now, for good
+
+Admin commands talk to http://127.0.0.1:5000 (--url, BERTH_URL; --user, --password) or open a
+deployment directly (--config, --data-dir). Add --json for scripts.";
 
 /// Subcommands.
 #[derive(Debug, Subcommand)]
@@ -202,10 +224,11 @@ pub struct CommonArgs {
     /// TOML configuration file.
     #[arg(long, short = 'c', env = "BERTH_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Directory for the embedded deployment's data [default: ./berth-data].
+    /// Directory for the embedded deployment's data [default: ./berth-data] [env: BERTH_DATA_DIR]
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    /// Log filter, e.g. `info` or `berth=debug` [default: info].
+    /// Log filter: a level (error, warn, info, debug, trace) or target=level list, e.g.
+    /// `berth=debug,sqlx=warn` [default: info] [env: BERTH_LOG_LEVEL, then RUST_LOG]
     #[arg(long)]
     pub log_level: Option<String>,
 }
@@ -216,7 +239,8 @@ pub struct ServeArgs {
     /// Common settings.
     #[command(flatten)]
     pub common: CommonArgs,
-    /// Address to listen on [default: 127.0.0.1:5000]; port 0 picks a free port.
+    /// Address to listen on; port 0 picks a free port [default: 127.0.0.1:5000] [env:
+    /// BERTH_LISTEN]
     #[arg(long)]
     pub listen: Option<String>,
     /// Write the bound address to this file once the server accepts connections.
@@ -292,15 +316,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.common.load(args.listen.clone())?;
     crate::telemetry::init(&config.log_level);
-    let app = crate::app::App::open(&config).await?;
+    // Bind first: a port in use stops Berth before it creates or opens anything.
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+    let app = crate::app::App::open(&config).await?;
     let addr = listener.local_addr()?;
     tracing::info!(listen = %addr, data_dir = %config.data_dir.display(), "berth is serving");
     if let Some(path) = &args.ready_file {
         std::fs::write(path, addr.to_string())?;
     }
     crate::server::serve(listener, app, crate::server::shutdown_signal()).await?;
+    tracing::info!("berth stopped");
     Ok(())
 }

@@ -47,10 +47,15 @@ backend_test!(invalid_names_and_path_tricks_are_400_and_touch_nothing, |reg| {
 backend_test!(unknown_endpoints_and_methods, |reg| {
     assert_eq!(reg.get("/v2/a/unknown/thing").await.status(), 404);
     assert_eq!(reg.get("/nothing").await.status(), 404);
+    // A 405 names what the endpoint allows, as HTTP requires.
     let res = reg.req(Method::POST, "/v2/a/tags/list").send().await.unwrap();
+    assert_eq!(header(&res, "allow"), Some("GET"));
     assert_oci_error(res, 405, "UNSUPPORTED").await;
     let res = reg.req(Method::PATCH, "/v2/a/manifests/v1").send().await.unwrap();
+    assert_eq!(header(&res, "allow"), Some("GET, HEAD, PUT, DELETE"));
     assert_oci_error(res, 405, "UNSUPPORTED").await;
+    let res = reg.req(Method::POST, "/v2/a/blobs/sha256:00").send().await.unwrap();
+    assert_eq!(header(&res, "allow"), Some("GET, HEAD, DELETE"));
 });
 
 backend_test!(graceful_shutdown_finishes_in_flight_uploads, |reg| {

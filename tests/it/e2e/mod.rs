@@ -8,6 +8,7 @@ mod buildah;
 mod deletes;
 pub mod layout;
 mod oci_client;
+mod quickstart;
 mod skopeo;
 
 use std::process::Output;

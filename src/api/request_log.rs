@@ -1,0 +1,137 @@
+//! The request log: one line per request with method, path, status, the bytes that really moved
+//! in and out, and the duration — logged when the answer's body has been sent (or dropped), so a
+//! streamed download's line tells its real size and time. Also adds the API version header every
+//! registry answer carries.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use axum::body::{Body, Bytes, HttpBody};
+use axum::extract::Request;
+use axum::http::{HeaderValue, Method, header};
+use axum::middleware::Next;
+use axum::response::Response;
+use http_body::Frame;
+
+use super::error::InternalError;
+
+/// The middleware.
+pub(super) async fn log_request(req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let bytes_in = Arc::new(AtomicU64::new(0));
+    // Only methods that carry content get a counting body; the read path stays as it is.
+    let req = if matches!(method, Method::PUT | Method::PATCH | Method::POST) {
+        let counter = bytes_in.clone();
+        req.map(|body| Body::new(Counted { inner: body, count: counter, line: None }))
+    } else {
+        req
+    };
+    let mut res = next.run(req).await;
+    res.headers_mut().insert(
+        header::HeaderName::from_static("docker-distribution-api-version"),
+        HeaderValue::from_static("registry/2.0"),
+    );
+    let status = res.status().as_u16();
+    if let Some(InternalError(chain)) = res.extensions().get::<InternalError>() {
+        tracing::error!(http.method = %method, http.path = %path, http.status = status, error = %chain, "request failed");
+    }
+    let line = Line { method, path, status, started, bytes_in };
+    let exact = res.body().size_hint().exact();
+    match (line.method == Method::HEAD, exact) {
+        // No body is sent for HEAD, whatever Content-Length says.
+        (true, _) => {
+            line.log(0);
+            res
+        }
+        // A body of known size (manifests, errors, JSON): log now, the hot path gains nothing.
+        (false, Some(n)) => {
+            line.log(n);
+            res
+        }
+        // A stream (blob downloads): log when it has been sent.
+        (false, None) => res.map(|body| {
+            Body::new(Counted { inner: body, count: Arc::new(AtomicU64::new(0)), line: Some(line) })
+        }),
+    }
+}
+
+/// What one log line says besides the bytes out.
+struct Line {
+    method: Method,
+    path: String,
+    status: u16,
+    started: Instant,
+    bytes_in: Arc<AtomicU64>,
+}
+
+impl Line {
+    fn log(&self, bytes_out: u64) {
+        let duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        tracing::info!(
+            http.method = %self.method,
+            http.path = %self.path,
+            http.status = self.status,
+            bytes.in = self.bytes_in.load(Ordering::Relaxed),
+            bytes.out = bytes_out,
+            duration_ms = format_args!("{duration_ms:.3}"),
+            "request"
+        );
+    }
+}
+
+/// A body that counts the data passing through it; with a `line`, it logs that line once, when
+/// the body ends or is dropped (a client that went away).
+struct Counted {
+    inner: Body,
+    count: Arc<AtomicU64>,
+    line: Option<Line>,
+}
+
+impl HttpBody for Counted {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+            }
+            Poll::Ready(None) => self.finish(),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Counted {
+    fn finish(&mut self) {
+        if let Some(line) = self.line.take() {
+            line.log(self.count.load(Ordering::Relaxed));
+        }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
