@@ -195,7 +195,6 @@ impl FsStore {
     ///
     /// # Errors
     /// [`Error::NotFound`]; [`Error::Io`].
-    #[cfg(test)]
     pub(super) async fn size(&self, key: &str) -> Result<u64> {
         let meta = tokio::fs::metadata(self.file(key)).await.map_err(|e| not_found_or_io(key, e))?;
         Ok(meta.len())

@@ -338,6 +338,17 @@ impl BlobStore {
         }
     }
 
+    /// The size of object `key`.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] when the object is missing; others when storage fails.
+    pub async fn size(&self, key: &str) -> Result<u64> {
+        match &self.0 {
+            Backend::Filesystem(s) => s.size(key).await,
+            Backend::S3(s) => s.size(key).await,
+        }
+    }
+
     /// Keys of all objects under `prefix`, in no particular order. For consistency checks and
     /// tests, never on the request path.
     ///

@@ -346,6 +346,14 @@ impl S3Store {
         Ok(Some(url.to_string()))
     }
 
+    pub(super) async fn size(&self, key: &str) -> Result<u64> {
+        match self.store.head(&self.path(key)).await {
+            Ok(meta) => Ok(meta.size),
+            Err(object_store::Error::NotFound { .. }) => Err(Error::NotFound(key.to_string())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     pub(super) async fn list(&self, prefix: &str) -> Result<Vec<String>> {
         let objects: Vec<_> = self.store.list(Some(&self.path(prefix))).try_collect().await?;
         Ok(objects

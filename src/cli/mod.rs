@@ -1,6 +1,7 @@
 //! The `berth` command line.
 
 pub mod admin;
+mod fsck;
 
 use std::path::PathBuf;
 
@@ -36,6 +37,9 @@ Delete and undo (docs/deleting.md):
   berth repos delete team/app                    a whole repository, restorable
   berth purge sha256:... --reason \"leaked key\"   a blob everywhere, now, for good
 
+Check:
+  berth fsck --rehash                            metadata against storage; exit 1 if inconsistent
+
 Admin commands talk to http://127.0.0.1:5000 (--url, BERTH_URL; --user, --password) or open a
 deployment directly (--config, --data-dir). Add --json for scripts.";
 
@@ -69,6 +73,12 @@ pub enum Command {
     History(TargetArgs),
     /// Tag operations: `berth tags revert REPO:TAG --previous` (the time machine).
     Tags(TagsArgs),
+    /// Check metadata against storage: every blob's bytes present with their size (and digest,
+    /// with --rehash), every reference intact; list storage objects nothing accounts for. Exits
+    /// 0 when consistent, 1 when not. Read-only; safe while Berth serves.
+    ///
+    /// Example: `berth fsck --config berth.toml --rehash`
+    Fsck(FsckArgs),
     /// Emergency purge of a blob everywhere: every manifest referencing it is deleted for
     /// good and the bytes are removed now.
     ///
@@ -205,6 +215,20 @@ pub struct RevertArgs {
     pub conn: admin::Connection,
 }
 
+/// `berth fsck`.
+#[derive(Debug, clap::Args)]
+pub struct FsckArgs {
+    /// Also read every blob and check it hashes to its digest.
+    #[arg(long)]
+    pub rehash: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Common settings (the deployment to check).
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
 /// `berth purge`.
 #[derive(Debug, clap::Args)]
 pub struct PurgeArgs {
@@ -270,6 +294,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let repo = |name: &str| crate::oci::RepoName::parse(name).map_err(|m| anyhow::anyhow!("`{name}`: {m}"));
     let (conn, request) = match cli.command {
         Command::Serve(args) => return serve(args).await,
+        Command::Fsck(args) => return fsck::run(args).await,
         Command::Repos(ReposArgs { action: None, conn }) => {
             (conn, Req::Repositories { last: None, n: 100_000 })
         }

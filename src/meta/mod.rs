@@ -12,6 +12,7 @@
 //! application clock, never taken from the database's `now()`.
 
 mod blobs;
+mod consistency;
 mod deletes;
 mod manifests;
 mod reports;
@@ -27,6 +28,7 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyConnection, AnyPool, Connection as _, Executor as _};
 
 pub use blobs::CompletedUpload;
+pub use consistency::{Finding, StoredBlob};
 pub use deletes::{AffectedManifest, DeleteError, Purged, Refusal, RevertTarget};
 pub use manifests::{NewManifest, PutManifestError};
 pub use reports::{Preview, RepositorySummary, TombstoneRow};

@@ -10,6 +10,7 @@
 mod admin;
 mod delete;
 mod error;
+mod fsck;
 mod pull;
 mod push;
 
@@ -21,6 +22,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub use admin::{DeleteTarget, Tombstone};
 pub use delete::PurgeReport;
 pub use error::Error;
+pub use fsck::FsckReport;
 pub use pull::{BlobHandle, Referrer};
 pub use push::{ChunkRange, PushedManifest, UploadStatus};
 

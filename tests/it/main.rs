@@ -11,6 +11,7 @@ mod deletes;
 mod discovery;
 pub mod e2e;
 mod faults;
+mod fsck;
 mod limits;
 mod manifests;
 mod replicas;

@@ -1,0 +1,67 @@
+//! `berth fsck`: opens the deployment, checks it, prints the report, and exits 1 when it found a
+//! problem.
+
+use super::FsckArgs;
+use crate::registry::FsckReport;
+
+/// Runs the check.
+///
+/// # Errors
+/// When the deployment cannot be opened or read; an unclean report exits the process with 1.
+pub(super) async fn run(args: FsckArgs) -> anyhow::Result<()> {
+    let config = args.common.load(None)?;
+    let app = crate::app::App::open(&config).await?;
+    let bar = indicatif::ProgressBar::new_spinner();
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let progress = |blobs: u64, bytes: u64| {
+        if blobs % 64 == 0 {
+            bar.set_message(format!("{blobs} blobs, {} MiB checked", bytes / (1024 * 1024)));
+            bar.tick();
+        }
+    };
+    let report = app.registry.fsck(args.rehash, &progress).await;
+    bar.finish_and_clear();
+    app.registry.meta().close().await;
+    let report = report.map_err(|e| anyhow::anyhow!("{e}"))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", render(&report));
+    }
+    if !report.clean() {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+fn render(r: &FsckReport) -> String {
+    let mut out = format!(
+        "checked {} blobs ({} bytes){}\n",
+        r.blobs_checked,
+        r.bytes_checked,
+        if r.rehashed { ", re-hashed" } else { "" }
+    );
+    for (label, findings) in [("PROBLEM", &r.problems), ("warning", &r.warnings)] {
+        for f in findings {
+            let repo = f.repository.as_deref().map(|r| format!("{r} ")).unwrap_or_default();
+            out.push_str(&format!("{label} {}: {repo}{} {}\n", f.kind, f.subject, f.detail));
+        }
+    }
+    if !r.orphans.is_empty() {
+        out.push_str(&format!(
+            "{} storage objects ({} bytes) are not accounted for by any row (left by interrupted writes; reclaimable):\n",
+            r.orphans.len(),
+            r.orphan_bytes
+        ));
+        for key in r.orphans.iter().take(20) {
+            out.push_str(&format!("  {key}\n"));
+        }
+        if r.orphans.len() > 20 {
+            out.push_str("  …\n");
+        }
+    }
+    out.push_str(if r.clean() { "consistent\n" } else { "INCONSISTENT\n" });
+    out
+}

@@ -1,0 +1,129 @@
+//! Checking metadata against storage (`berth fsck`): every blob row's bytes present with their
+//! size (and, with `rehash`, their digest), every reference between rows intact, and the storage
+//! objects no row accounts for. Read-only; safe while Berth serves.
+
+use std::collections::HashSet;
+
+use super::{Registry, Result};
+use crate::blob::Chunk;
+use crate::meta::Finding;
+use crate::oci::Digest;
+
+/// What `fsck` found.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct FsckReport {
+    /// Blob rows checked.
+    pub blobs_checked: u64,
+    /// Their bytes, by the rows.
+    pub bytes_checked: u64,
+    /// Whether the bytes were re-hashed.
+    pub rehashed: bool,
+    /// Inconsistencies: data that is missing, wrong, or referenced where it must not be. Any of
+    /// these makes the report unclean.
+    pub problems: Vec<Finding>,
+    /// Things that are not corruption but not as they should be either (a tombstone marked
+    /// restorable that cannot be).
+    pub warnings: Vec<Finding>,
+    /// Storage objects no blob row or upload session accounts for: what a crash between writing
+    /// bytes and recording them leaves. Not corruption — reclaimable space.
+    pub orphans: Vec<String>,
+    /// Their bytes.
+    pub orphan_bytes: u64,
+}
+
+impl FsckReport {
+    /// Whether no problem was found (orphans and warnings do not count).
+    pub fn clean(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Rows read per page.
+const PAGE: i64 = 1000;
+
+impl Registry {
+    /// Checks metadata against storage. `progress` is told (blobs done, bytes done) as the pass
+    /// goes.
+    ///
+    /// # Errors
+    /// [`super::Error::Internal`] when the metadata store or storage cannot be read at all.
+    pub async fn fsck(&self, rehash: bool, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<FsckReport> {
+        let mut report = FsckReport { rehashed: rehash, ..FsckReport::default() };
+        // Storage is listed before the rows are read: bytes are written before the rows that
+        // name them, so an object listed here either has its row by the time the rows are read,
+        // or really is unaccounted for (or its row is still being written: a warning at worst).
+        let mut listed = self.blobs.list("blobs/").await?;
+        listed.extend(self.blobs.list("uploads/").await?);
+        let mut accounted: HashSet<String> = HashSet::new();
+        let mut after = 0;
+        loop {
+            let page = self.meta.blobs_after(after, PAGE).await?;
+            let Some(last) = page.last() else { break };
+            after = last.id;
+            for blob in page {
+                report.blobs_checked += 1;
+                report.bytes_checked += blob.size as u64;
+                if let Some(problem) =
+                    self.check_blob(&blob.digest, blob.size as u64, &blob.storage_key, rehash).await?
+                {
+                    report.problems.push(problem);
+                }
+                accounted.insert(blob.storage_key);
+                progress(report.blobs_checked, report.bytes_checked);
+            }
+        }
+        let sessions = self.meta.upload_storage_keys().await?;
+        for key in listed {
+            // A session owns its key (filesystem) or everything under its prefix (S3).
+            if accounted.contains(&key)
+                || sessions.iter().any(|s| key == *s || (s.ends_with('/') && key.starts_with(s.as_str())))
+            {
+                continue;
+            }
+            report.orphan_bytes += self.blobs.size(&key).await.unwrap_or(0);
+            report.orphans.push(key);
+        }
+        report.orphans.sort();
+        let (problems, warnings) = self.meta.reference_findings().await?;
+        report.problems.extend(problems);
+        report.warnings.extend(warnings);
+        Ok(report)
+    }
+
+    /// Checks one blob's bytes: present, of the recorded size, and (with `rehash`) hashing to
+    /// its digest. Missing bytes whose row has gone meanwhile are not a problem (a concurrent
+    /// delete).
+    async fn check_blob(&self, digest: &str, size: u64, key: &str, rehash: bool) -> Result<Option<Finding>> {
+        let finding = |kind, detail: String| {
+            Some(Finding { kind, repository: None, subject: digest.to_string(), detail })
+        };
+        let stored = match self.blobs.size(key).await {
+            Ok(n) => n,
+            Err(crate::blob::Error::NotFound(_)) => {
+                if !self.meta.blob_row_names(key).await? {
+                    return Ok(None);
+                }
+                return Ok(finding("blob-missing", format!("bytes missing from storage (key {key})")));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if stored != size {
+            return Ok(finding(
+                "blob-size",
+                format!("stored object has {stored} bytes, the row says {size} (key {key})"),
+            ));
+        }
+        if rehash {
+            let Ok(expected) = Digest::parse(digest) else {
+                return Ok(finding("blob-digest", format!("the row's digest `{digest}` does not parse")));
+            };
+            // The same read-and-hash that checks an upload's digest: one object of `size` bytes.
+            let whole = [Chunk { key: key.to_string(), len: size }];
+            let actual = self.blobs.upload_digest(key, &whole, size, expected.algorithm()).await?;
+            if actual != expected {
+                return Ok(finding("blob-content", format!("bytes hash to {actual} (key {key})")));
+            }
+        }
+        Ok(None)
+    }
+}

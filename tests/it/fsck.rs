@@ -1,0 +1,106 @@
+//! `berth fsck`: a consistent deployment is reported clean; missing bytes, wrong sizes, wrong
+//! content (with --rehash) and broken references are problems; objects nothing accounts for are
+//! listed as reclaimable leftovers, not as problems.
+
+use std::process::Command;
+
+use berth::oci::{Digest, UploadHasher};
+use bytes::Bytes;
+
+use crate::backend_test;
+use crate::harness::*;
+
+async fn fsck(reg: &TestRegistry, rehash: bool) -> berth::registry::FsckReport {
+    reg.app.registry.fsck(rehash, &|_, _| {}).await.unwrap()
+}
+
+async fn storage_key(reg: &TestRegistry, digest: &Digest) -> String {
+    let sql = reg.sql().await;
+    let (key,): (String,) = sqlx::query_as("SELECT storage_key FROM blobs WHERE digest = $1")
+        .bind(digest.as_str())
+        .fetch_one(&sql)
+        .await
+        .unwrap();
+    key
+}
+
+backend_test!(fsck_reports_problems_and_leftovers, |reg| {
+    let img = reg.push_image("fsck/app", "v1", 900).await;
+    // A chunked upload still open is accounted for by its session.
+    let loc = reg.start_upload("fsck/app").await;
+    reg.patch_chunk(&loc, &random_bytes(901, 1000), 0, 1000).await;
+    let report = fsck(&reg, true).await;
+    assert!(report.clean(), "{report:?}");
+    assert_eq!(report.blobs_checked, 3);
+    assert!(report.orphans.is_empty(), "{:?}", report.orphans);
+
+    // Bytes written and never recorded (a crash between the two): a leftover, not a problem.
+    let blobs = reg.app.registry.blobs();
+    let key = blobs.start_upload("orphan-session").await.unwrap();
+    let body = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from(vec![1u8; 500]))]);
+    let mut chunks = Vec::new();
+    let mut hasher = UploadHasher::default();
+    blobs
+        .write_upload(&key, &mut chunks, 0, body, &mut hasher, Some(500), std::sync::Arc::new(()))
+        .await
+        .unwrap();
+    let report = fsck(&reg, false).await;
+    assert!(report.clean(), "{report:?}");
+    assert_eq!(report.orphans.len(), 1, "{:?}", report.orphans);
+    assert_eq!(report.orphan_bytes, 500);
+
+    // A layer's bytes gone: a problem naming the blob.
+    let layer = Digest::sha256_of(&img.layers[0]);
+    blobs.delete(&storage_key(&reg, &layer).await).await.unwrap();
+    let report = fsck(&reg, false).await;
+    assert!(!report.clean());
+    assert_eq!(report.problems.len(), 1, "{report:?}");
+    assert_eq!(
+        (report.problems[0].kind, report.problems[0].subject.as_str()),
+        ("blob-missing", layer.as_str())
+    );
+
+    // A tag left on a tombstone: a broken reference.
+    let sql = reg.sql().await;
+    sqlx::query("UPDATE manifests SET deleted_at = 1 WHERE digest = $1")
+        .bind(img.digest.as_str())
+        .execute(&sql)
+        .await
+        .unwrap();
+    let report = fsck(&reg, false).await;
+    assert!(report.problems.iter().any(|p| p.kind == "tag-on-tombstone" && p.subject == "v1"), "{report:?}");
+});
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fsck_rehash_finds_changed_bytes_and_the_cli_exit_status_says_so() {
+    let reg = TestRegistry::try_start(Backend::Sqlite).await.unwrap();
+    let img = reg.push_image("fsck/cli", "v1", 910).await;
+    let layer = Digest::sha256_of(&img.layers[1]);
+    let path = reg.app.config.storage_path.join(storage_key(&reg, &layer).await);
+    let data_dir = reg.app.config.data_dir.clone();
+    let _dir = reg.stop().await;
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_berth"))
+            .arg("fsck")
+            .args(args)
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .env_remove("BERTH_CONFIG")
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--rehash"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("consistent"));
+
+    // Same size, other bytes: only a re-hash can tell.
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[0] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    assert!(run(&[]).status.success(), "sizes still match");
+    let out = run(&["--rehash", "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["problems"][0]["kind"], "blob-content");
+    assert_eq!(report["problems"][0]["subject"], layer.as_str());
+}
