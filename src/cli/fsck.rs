@@ -16,7 +16,7 @@ pub(super) async fn run(args: FsckArgs) -> anyhow::Result<()> {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     let progress = |blobs: u64, bytes: u64| {
-        if blobs % 64 == 0 {
+        if blobs.is_multiple_of(64) {
             bar.set_message(format!("{blobs} blobs, {} MiB checked", bytes / (1024 * 1024)));
             bar.tick();
         }
