@@ -56,11 +56,17 @@ pub struct Config {
 pub struct GcSettings {
     /// How long a deleted manifest stays restorable (and keeps holding what it references).
     pub restore_window: Duration,
+    /// How often each replica writes the pull and `HEAD` times it noted (the collector's grace
+    /// margins must exceed it).
+    pub access_flush_interval: Duration,
 }
 
 impl Default for GcSettings {
     fn default() -> Self {
-        GcSettings { restore_window: Duration::from_secs(7 * 24 * 3600) }
+        GcSettings {
+            restore_window: Duration::from_secs(7 * 24 * 3600),
+            access_flush_interval: Duration::from_secs(1),
+        }
     }
 }
 
@@ -150,6 +156,7 @@ struct FileConfig {
 #[serde(deny_unknown_fields)]
 struct GcSection {
     restore_window: Option<String>,
+    access_flush_interval: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -333,6 +340,14 @@ impl Config {
         if let Some(window) = window {
             cfg.gc.restore_window =
                 parse_duration(&window).map_err(|e| ConfigError(format!("{source}: {e}")))?;
+        }
+        if let Some(every) = parsed.gc.access_flush_interval {
+            let every =
+                parse_duration(&every).map_err(|e| ConfigError(format!("gc.access_flush_interval: {e}")))?;
+            if every.is_zero() || every > Duration::from_secs(60) {
+                return Err(ConfigError("gc.access_flush_interval must be between 1ms and 60s".into()));
+            }
+            cfg.gc.access_flush_interval = every;
         }
         for p in &parsed.manifests.sparse_index_repositories {
             let pattern = crate::auth::Pattern::parse(p)

@@ -31,7 +31,8 @@ pub async fn serve(
         ),
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let sweeper = tokio::spawn(expire_uploads_periodically(app.clone(), stop_rx));
+    let sweeper = tokio::spawn(expire_uploads_periodically(app.clone(), stop_rx.clone()));
+    let access = tokio::spawn(flush_access_periodically(app.clone(), stop_rx));
     let handle = axum_server::Handle::new();
     let stopper = handle.clone();
     tokio::spawn(async move {
@@ -56,6 +57,7 @@ pub async fn serve(
     };
     let _ = stop_tx.send(true);
     let _ = sweeper.await;
+    let _ = access.await;
     registry.meta().close().await;
     result
 }
@@ -95,6 +97,24 @@ async fn expire_uploads_periodically(app: App, mut stop: tokio::sync::watch::Rec
             Ok(0) => {}
             Ok(n) => tracing::info!(uploads.expired = n, "removed abandoned upload sessions"),
             Err(e) => tracing::warn!(error = %e, "could not expire upload sessions"),
+        }
+    }
+}
+
+/// Writes the noted pull and `HEAD` times every `gc.access_flush_interval`, and once more when
+/// the server stops, so they are durable within that interval.
+async fn flush_access_periodically(app: App, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let every = app.config.gc.access_flush_interval;
+    loop {
+        let stopping = tokio::select! {
+            _ = stop.changed() => true,
+            () = tokio::time::sleep(every) => false,
+        };
+        if let Err(e) = app.registry.flush_access().await {
+            tracing::warn!(error = %e, "could not record pull and HEAD times; kept for the next flush");
+        }
+        if stopping {
+            return;
         }
     }
 }

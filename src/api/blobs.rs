@@ -27,7 +27,7 @@ pub(super) async fn get(
     with_body: bool,
 ) -> Result<Response, ApiError> {
     let digest = parse_digest(digest)?;
-    let blob = registry.blob(repo, &digest).await?;
+    let blob = registry.blob(repo, &digest, !with_body).await?;
     if with_body && let Some(url) = registry.blob_redirect(&blob).await? {
         return Ok((
             StatusCode::TEMPORARY_REDIRECT,

@@ -28,7 +28,7 @@ impl MetaStore {
     /// [`super::Error::Database`].
     pub async fn linked_blob(&self, repo: &RepoName, digest: &Digest) -> Result<Option<BlobRow>> {
         Ok(sqlx::query_as(
-            "SELECT b.digest, b.size, b.storage_key FROM blobs b \
+            "SELECT b.id, b.digest, b.size, b.storage_key FROM blobs b \
              JOIN repository_blobs rb ON rb.blob_id = b.id \
              JOIN repositories r ON r.id = rb.repository_id \
              WHERE r.name = $1 AND b.digest = $2 AND r.deleted_at IS NULL",

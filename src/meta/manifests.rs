@@ -225,7 +225,7 @@ impl MetaStore {
     /// # Errors
     /// [`Error::Database`].
     pub async fn manifest(&self, repo: &RepoName, reference: &Reference) -> Result<Option<ManifestRow>> {
-        self.find_manifest(repo, reference, "m.digest, m.media_type, m.payload").await
+        self.find_manifest(repo, reference, "m.id, m.digest, m.media_type, m.payload").await
     }
 
     /// Like [`MetaStore::manifest`] without the bytes.
@@ -237,7 +237,7 @@ impl MetaStore {
         repo: &RepoName,
         reference: &Reference,
     ) -> Result<Option<ManifestHead>> {
-        self.find_manifest(repo, reference, "m.digest, m.media_type, m.size").await
+        self.find_manifest(repo, reference, "m.id, m.digest, m.media_type, m.size").await
     }
 
     async fn find_manifest<T>(

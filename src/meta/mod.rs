@@ -11,6 +11,7 @@
 //! by [`Dialect`] in one place. Only this module touches sqlx. Times are passed in from the
 //! application clock, never taken from the database's `now()`.
 
+mod access;
 mod blobs;
 mod consistency;
 mod deletes;

@@ -3,6 +3,8 @@
 /// A stored blob.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct BlobRow {
+    /// Its row id.
+    pub id: i64,
     /// Its digest.
     pub digest: String,
     /// Its size in bytes.
@@ -14,6 +16,8 @@ pub struct BlobRow {
 /// A manifest with its bytes.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct ManifestRow {
+    /// Its row id.
+    pub id: i64,
     /// Digest of `payload`.
     pub digest: String,
     /// Media type it is served with.
@@ -25,6 +29,8 @@ pub struct ManifestRow {
 /// A manifest without its bytes.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct ManifestHead {
+    /// Its row id.
+    pub id: i64,
     /// Its digest.
     pub digest: String,
     /// Media type it is served with.

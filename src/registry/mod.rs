@@ -7,6 +7,7 @@
 //! an orphaned object (found by the sweep), never a row without bytes. No axum or sqlx types
 //! appear in these signatures.
 
+mod access;
 mod admin;
 mod delete;
 mod error;
@@ -74,12 +75,20 @@ pub struct Registry {
     clock: Clock,
     policy: Arc<Policy>,
     upload_locks: Arc<UploadLocks>,
+    access: Arc<access::AccessLog>,
 }
 
 impl Registry {
     /// A registry over `meta` and `blobs` applying `policy`.
     pub fn new(meta: MetaStore, blobs: BlobStore, clock: Clock, policy: Policy) -> Self {
-        Registry { meta, blobs, clock, policy: Arc::new(policy), upload_locks: Arc::default() }
+        Registry {
+            meta,
+            blobs,
+            clock,
+            policy: Arc::new(policy),
+            upload_locks: Arc::default(),
+            access: Arc::default(),
+        }
     }
 
     /// The rules in force.

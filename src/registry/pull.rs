@@ -38,12 +38,17 @@ pub struct Referrer {
 }
 
 impl Registry {
-    /// The blob `digest` as linked in `repo`.
+    /// The blob `digest` as linked in `repo`. A `HEAD` (`head`) is noted: it refreshes the
+    /// blob's grace, since a client that saw 200 may skip uploading it and push a manifest that
+    /// references it.
     ///
     /// # Errors
     /// [`Error::BlobUnknown`] when it is not linked there (even if stored for another repository).
-    pub async fn blob(&self, repo: &RepoName, digest: &Digest) -> Result<BlobHandle> {
+    pub async fn blob(&self, repo: &RepoName, digest: &Digest, head: bool) -> Result<BlobHandle> {
         let row = self.meta.linked_blob(repo, digest).await?.ok_or(Error::BlobUnknown)?;
+        if head {
+            self.access.blob_seen(row.id);
+        }
         Ok(BlobHandle {
             digest: digest.clone(),
             size: row.size as u64,
@@ -97,7 +102,9 @@ impl Registry {
     /// # Errors
     /// [`Error::ManifestUnknown`].
     pub async fn manifest(&self, repo: &RepoName, reference: &Reference) -> Result<ManifestRow> {
-        self.meta.manifest(repo, reference).await?.ok_or(Error::ManifestUnknown)
+        let row = self.meta.manifest(repo, reference).await?.ok_or(Error::ManifestUnknown)?;
+        self.access.manifest_pulled(row.id);
+        Ok(row)
     }
 
     /// The manifest `reference` in `repo`, without its bytes.
@@ -105,7 +112,9 @@ impl Registry {
     /// # Errors
     /// [`Error::ManifestUnknown`].
     pub async fn manifest_head(&self, repo: &RepoName, reference: &Reference) -> Result<ManifestHead> {
-        self.meta.manifest_head(repo, reference).await?.ok_or(Error::ManifestUnknown)
+        let row = self.meta.manifest_head(repo, reference).await?.ok_or(Error::ManifestUnknown)?;
+        self.access.manifest_pulled(row.id);
+        Ok(row)
     }
 
     /// Tags of `repo` after `last`, at most `limit`.

@@ -79,7 +79,7 @@ backend_test!(graceful_shutdown_finishes_in_flight_uploads, |reg| {
     assert_eq!(upload.await.unwrap().unwrap(), 201);
     let _dir = stop.await.unwrap();
     let app = berth::app::App::open(&config).await.unwrap();
-    let blob = app.registry.blob(&berth::oci::RepoName::parse("slow").unwrap(), &digest).await;
+    let blob = app.registry.blob(&berth::oci::RepoName::parse("slow").unwrap(), &digest, false).await;
     assert_eq!(blob.map(|b| b.size).ok(), Some(data.len() as u64));
 });
 

@@ -330,7 +330,7 @@ backend_test!(bytes_gone_between_lookup_and_read, |reg| {
     let data = random_bytes(90, 4000);
     let digest = reg.upload_blob("gone/app", &data).await;
     let repo = berth::oci::RepoName::parse("gone/app").unwrap();
-    let handle = reg.app.registry.blob(&repo, &digest).await.unwrap();
+    let handle = reg.app.registry.blob(&repo, &digest, false).await.unwrap();
     reg.app.registry.purge_blob(&digest, "test", None).await.unwrap();
     let err = reg.app.registry.read_blob(&handle, None).await.err().expect("the bytes are gone");
     assert!(matches!(err, berth::registry::Error::BlobUnknown), "{err}");

@@ -250,3 +250,53 @@ backend_test!(a_revived_manifest_references_its_blobs_again, |reg| {
     let res = reg.get(&format!("/v2/revive/manifests/{}", img.digest)).await;
     assert_eq!(res.bytes().await.unwrap(), img.manifest);
 });
+
+// Pull and HEAD times are noted off the request path and written in batches, durable within
+// the flush interval (a second by default) and at shutdown: manifest GET and HEAD set
+// `pulled_at`; a blob HEAD (not a GET) sets `seen_at`.
+backend_test!(pull_and_head_times_are_recorded_in_batches, |reg| {
+    let img = reg.push_image("access/app", "v1", 950).await;
+    let (config, layer) = (Digest::sha256_of(&img.config), Digest::sha256_of(&img.layers[0]));
+    let sql = reg.sql().await;
+    let times = async || -> (Option<i64>, Option<i64>, Option<i64>) {
+        let (m,): (Option<i64>,) = sqlx::query_as("SELECT pulled_at FROM manifests WHERE digest = $1")
+            .bind(img.digest.as_str())
+            .fetch_one(&sql)
+            .await
+            .unwrap();
+        let seen = async |d: &Digest| -> Option<i64> {
+            let (s,): (Option<i64>,) = sqlx::query_as("SELECT seen_at FROM blobs WHERE digest = $1")
+                .bind(d.as_str())
+                .fetch_one(&sql)
+                .await
+                .unwrap();
+            s
+        };
+        (m, seen(&config).await, seen(&layer).await)
+    };
+    assert_eq!(times().await, (None, None, None));
+    assert_eq!(reg.get("/v2/access/app/manifests/v1").await.status(), 200);
+    assert_eq!(
+        reg.req(Method::HEAD, &format!("/v2/access/app/blobs/{config}")).send().await.unwrap().status(),
+        200
+    );
+    assert_eq!(reg.get(&format!("/v2/access/app/blobs/{layer}")).await.status(), 200);
+    // Written within the flush interval.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let (m, c, l) = times().await;
+        if m.is_some() && c.is_some() {
+            assert!(l.is_none(), "a blob GET does not count as a HEAD");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not recorded within seconds");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // A HEAD just before shutdown is written by the last flush.
+    assert_eq!(
+        reg.req(Method::HEAD, &format!("/v2/access/app/blobs/{layer}")).send().await.unwrap().status(),
+        200
+    );
+    let _dir = reg.stop().await;
+    assert!(times().await.2.is_some(), "flushed at shutdown");
+});

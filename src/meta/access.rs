@@ -1,0 +1,32 @@
+//! Access times, written in batches: when manifests were last pulled and blobs last answered a
+//! `HEAD`.
+
+use super::{Error, MetaStore, Result, transaction};
+
+/// Ids per statement (inlined: they are integers read from the database).
+const CHUNK: usize = 500;
+
+impl MetaStore {
+    /// Records that the manifests `manifest_ids` were pulled and the blobs `blob_ids` answered a
+    /// `HEAD`, at `now`, in one transaction. Rows removed meanwhile are simply not found.
+    ///
+    /// # Errors
+    /// [`Error::Database`].
+    pub async fn record_access(&self, manifest_ids: &[i64], blob_ids: &[i64], now: i64) -> Result<()> {
+        transaction!(self, Error, |tx| {
+            for (table, column, ids) in
+                [("manifests", "pulled_at", manifest_ids), ("blobs", "seen_at", blob_ids)]
+            {
+                for chunk in ids.chunks(CHUNK) {
+                    let list = chunk.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+                    // Never moves a time backwards (replicas flush independently).
+                    let sql = format!(
+                        "UPDATE {table} SET {column} = $1 WHERE id IN ({list}) AND ({column} IS NULL OR {column} < $1)"
+                    );
+                    sqlx::query(&sql).bind(now).execute(&mut *tx).await?;
+                }
+            }
+            Ok(())
+        })
+    }
+}
