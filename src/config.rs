@@ -59,6 +59,11 @@ pub struct GcSettings {
     /// How often each replica writes the pull and `HEAD` times it noted (the collector's grace
     /// margins must exceed it).
     pub access_flush_interval: Duration,
+    /// How long an uploaded, mounted, linked or `HEAD`-answered blob is kept although nothing
+    /// references it (the time between a layer push and the manifest push that uses it).
+    pub blob_grace: Duration,
+    /// How long a manifest left without tags is kept (extended by pulls).
+    pub untagged_grace: Duration,
 }
 
 impl Default for GcSettings {
@@ -66,6 +71,8 @@ impl Default for GcSettings {
         GcSettings {
             restore_window: Duration::from_secs(7 * 24 * 3600),
             access_flush_interval: Duration::from_secs(1),
+            blob_grace: Duration::from_secs(24 * 3600),
+            untagged_grace: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -157,6 +164,8 @@ struct FileConfig {
 struct GcSection {
     restore_window: Option<String>,
     access_flush_interval: Option<String>,
+    blob_grace: Option<String>,
+    untagged_grace: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -341,6 +350,23 @@ impl Config {
             cfg.gc.restore_window =
                 parse_duration(&window).map_err(|e| ConfigError(format!("{source}: {e}")))?;
         }
+        for (value, var, name, field) in [
+            (parsed.gc.blob_grace, "BERTH_GC_BLOB_GRACE", "gc.blob_grace", &mut cfg.gc.blob_grace),
+            (
+                parsed.gc.untagged_grace,
+                "BERTH_GC_UNTAGGED_GRACE",
+                "gc.untagged_grace",
+                &mut cfg.gc.untagged_grace,
+            ),
+        ] {
+            let (value, source) = match env(var) {
+                Some(v) => (Some(v), var),
+                None => (value, name),
+            };
+            if let Some(value) = value {
+                *field = parse_duration(&value).map_err(|e| ConfigError(format!("{source}: {e}")))?;
+            }
+        }
         if let Some(every) = parsed.gc.access_flush_interval {
             let every =
                 parse_duration(&every).map_err(|e| ConfigError(format!("gc.access_flush_interval: {e}")))?;
@@ -382,6 +408,18 @@ impl Config {
                     return Err(ConfigError(
                         "storage.s3.part_size_mib must be at least 5 (S3's minimum part)".into(),
                     ));
+                }
+                // A presigned URL handed out just before a blob's grace ends must not outlive the
+                // blob: keep it far shorter (a tenth) than blob_grace.
+                if s3.redirect
+                    && Duration::from_secs(s3.redirect_ttl_secs.saturating_mul(10)) > cfg.gc.blob_grace
+                {
+                    return Err(ConfigError(format!(
+                        "storage.s3.redirect_ttl_secs = {} must be at most a tenth of gc.blob_grace ({} s): \
+                         a presigned URL must not outlive the blob it names",
+                        s3.redirect_ttl_secs,
+                        cfg.gc.blob_grace.as_secs()
+                    )));
                 }
                 cfg.storage_s3 = Some(s3);
             }
@@ -480,6 +518,14 @@ mod tests {
         assert!(c.sparse_index_repositories[0].matches("mirror/library/alpine"));
         let e = load("", &[("BERTH_GC_RESTORE_WINDOW", "soon")], &Overrides::default()).unwrap_err();
         assert!(e.to_string().contains("BERTH_GC_RESTORE_WINDOW"), "{e}");
+        let c =
+            load("[gc]\nblob_grace = \"1s\"\nuntagged_grace = \"2s\"\n", &[], &Overrides::default()).unwrap();
+        assert_eq!((c.gc.blob_grace, c.gc.untagged_grace), (Duration::from_secs(1), Duration::from_secs(2)));
+        // Presigned URLs must live far shorter than blob_grace.
+        let s3 = "[storage]\nkind = \"s3\"\n[storage.s3]\nbucket = \"b\"\nredirect = true\nredirect_ttl_secs = 600\n";
+        let e = load(&format!("{s3}[gc]\nblob_grace = \"1h\"\n"), &[], &Overrides::default()).unwrap_err();
+        assert!(e.to_string().contains("redirect_ttl_secs"), "{e}");
+        assert!(load(&format!("{s3}[gc]\nblob_grace = \"2h\"\n"), &[], &Overrides::default()).is_ok());
     }
 
     #[test]
