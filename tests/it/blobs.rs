@@ -337,12 +337,7 @@ backend_test!(bytes_gone_between_lookup_and_read, |reg| {
 
     let data = random_bytes(91, 4000);
     let digest = reg.upload_blob("gone/app", &data).await;
-    let sql = reg.sql().await;
-    let (key,): (String,) = sqlx::query_as("SELECT storage_key FROM blobs WHERE digest = $1")
-        .bind(digest.as_str())
-        .fetch_one(&sql)
-        .await
-        .unwrap();
+    let key = reg.storage_key(&digest).await;
     reg.app.registry.blobs().delete(&key).await.unwrap();
     assert_eq!(reg.get(&format!("/v2/gone/app/blobs/{digest}")).await.status(), 500);
 });

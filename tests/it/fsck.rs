@@ -14,16 +14,6 @@ async fn fsck(reg: &TestRegistry, rehash: bool) -> berth::registry::FsckReport {
     reg.app.registry.fsck(rehash, &|_, _| {}).await.unwrap()
 }
 
-async fn storage_key(reg: &TestRegistry, digest: &Digest) -> String {
-    let sql = reg.sql().await;
-    let (key,): (String,) = sqlx::query_as("SELECT storage_key FROM blobs WHERE digest = $1")
-        .bind(digest.as_str())
-        .fetch_one(&sql)
-        .await
-        .unwrap();
-    key
-}
-
 backend_test!(fsck_reports_problems_and_leftovers, |reg| {
     let img = reg.push_image("fsck/app", "v1", 900).await;
     // A chunked upload still open is accounted for by its session.
@@ -51,7 +41,7 @@ backend_test!(fsck_reports_problems_and_leftovers, |reg| {
 
     // A layer's bytes gone: a problem naming the blob.
     let layer = Digest::sha256_of(&img.layers[0]);
-    blobs.delete(&storage_key(&reg, &layer).await).await.unwrap();
+    blobs.delete(&reg.storage_key(&layer).await).await.unwrap();
     let report = fsck(&reg, false).await;
     assert!(!report.clean());
     assert_eq!(report.problems.len(), 1, "{report:?}");
@@ -76,7 +66,7 @@ async fn fsck_rehash_finds_changed_bytes_and_the_cli_exit_status_says_so() {
     let reg = TestRegistry::try_start(Backend::Sqlite).await.unwrap();
     let img = reg.push_image("fsck/cli", "v1", 910).await;
     let layer = Digest::sha256_of(&img.layers[1]);
-    let path = reg.app.config.storage_path.join(storage_key(&reg, &layer).await);
+    let path = reg.app.config.storage_path.join(reg.storage_key(&layer).await);
     let data_dir = reg.app.config.data_dir.clone();
     let _dir = reg.stop().await;
     let run = |args: &[&str]| {

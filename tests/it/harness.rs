@@ -162,6 +162,16 @@ impl TestRegistry {
             .expect("connect to the metadata database")
     }
 
+    /// The storage key the blob row of `digest` names.
+    pub async fn storage_key(&self, digest: &Digest) -> String {
+        let (key,): (String,) = sqlx::query_as("SELECT storage_key FROM blobs WHERE digest = $1")
+            .bind(digest.as_str())
+            .fetch_one(&self.sql().await)
+            .await
+            .expect("a blob row");
+        key
+    }
+
     /// Whether this registry runs on PostgreSQL.
     pub fn on_postgres(&self) -> bool {
         self.app.config.metadata_url.starts_with("postgres")
