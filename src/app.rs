@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::blob::{BlobStore, FsOptions};
 use crate::config::Config;
-use crate::meta::{MetaStore, PoolOptions};
+use crate::meta::{MetaStore, PoolOptions, Windows};
 use crate::registry::{Clock, Policy, Registry};
 
 /// A running Berth's shared parts.
@@ -40,7 +40,13 @@ impl App {
             max_connections: config.metadata_max_connections,
             acquire_timeout: Duration::from_secs(config.metadata_acquire_timeout_secs),
         };
-        let meta = MetaStore::open(&config.metadata_url, &pool).await?;
+        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        let windows = Windows {
+            blob_grace_ms: ms(config.gc.blob_grace),
+            untagged_grace_ms: ms(config.gc.untagged_grace),
+            restore_window_ms: ms(config.gc.restore_window),
+        };
+        let meta = MetaStore::open(&config.metadata_url, &pool).await?.with_windows(windows);
         let blobs = match &config.storage_s3 {
             Some(s3) => BlobStore::s3(s3)?,
             None => {

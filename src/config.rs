@@ -64,6 +64,11 @@ pub struct GcSettings {
     pub blob_grace: Duration,
     /// How long a manifest left without tags is kept (extended by pulls).
     pub untagged_grace: Duration,
+    /// Whether `berth serve` runs the collector (off by default until its stress and crash tests
+    /// exist; `berth gc run` works either way).
+    pub enabled: bool,
+    /// How often a serving replica's collector looks for due reviews.
+    pub interval: Duration,
 }
 
 impl Default for GcSettings {
@@ -73,6 +78,8 @@ impl Default for GcSettings {
             access_flush_interval: Duration::from_secs(1),
             blob_grace: Duration::from_secs(24 * 3600),
             untagged_grace: Duration::from_secs(7 * 24 * 3600),
+            enabled: false,
+            interval: Duration::from_secs(10),
         }
     }
 }
@@ -166,6 +173,8 @@ struct GcSection {
     access_flush_interval: Option<String>,
     blob_grace: Option<String>,
     untagged_grace: Option<String>,
+    enabled: Option<bool>,
+    interval: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -365,6 +374,18 @@ impl Config {
             };
             if let Some(value) = value {
                 *field = parse_duration(&value).map_err(|e| ConfigError(format!("{source}: {e}")))?;
+            }
+        }
+        if let Some(enabled) = parsed.gc.enabled {
+            cfg.gc.enabled = enabled;
+        }
+        if let Some(v) = env("BERTH_GC_ENABLED") {
+            cfg.gc.enabled = matches!(v.as_str(), "1" | "true" | "yes");
+        }
+        if let Some(every) = parsed.gc.interval {
+            cfg.gc.interval = parse_duration(&every).map_err(|e| ConfigError(format!("gc.interval: {e}")))?;
+            if cfg.gc.interval.is_zero() {
+                return Err(ConfigError("gc.interval must be more than zero".into()));
             }
         }
         if let Some(every) = parsed.gc.access_flush_interval {

@@ -32,7 +32,8 @@ pub async fn serve(
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let sweeper = tokio::spawn(expire_uploads_periodically(app.clone(), stop_rx.clone()));
-    let access = tokio::spawn(flush_access_periodically(app.clone(), stop_rx));
+    let access = tokio::spawn(flush_access_periodically(app.clone(), stop_rx.clone()));
+    let collector = app.config.gc.enabled.then(|| tokio::spawn(collect_periodically(app.clone(), stop_rx)));
     let handle = axum_server::Handle::new();
     let stopper = handle.clone();
     tokio::spawn(async move {
@@ -58,6 +59,9 @@ pub async fn serve(
     let _ = stop_tx.send(true);
     let _ = sweeper.await;
     let _ = access.await;
+    if let Some(collector) = collector {
+        let _ = collector.await;
+    }
     registry.meta().close().await;
     result
 }
@@ -115,6 +119,26 @@ async fn flush_access_periodically(app: App, mut stop: tokio::sync::watch::Recei
         }
         if stopping {
             return;
+        }
+    }
+}
+
+/// Runs the collector every `gc.interval` while serving.
+async fn collect_periodically(app: App, mut stop: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            () = tokio::time::sleep(app.config.gc.interval) => {}
+        }
+        match app.registry.collect(10_000).await {
+            Ok(r) if r.manifests + r.blobs > 0 => tracing::info!(
+                gc.manifests = r.manifests,
+                gc.blobs = r.blobs,
+                gc.bytes = r.bytes,
+                "collected"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "collection pass failed; retried next time"),
         }
     }
 }

@@ -72,6 +72,7 @@ impl MetaStore {
             self.share_lock()
         );
         let lock = self.share_lock();
+        let grace = self.windows().blob_grace_ms;
         transaction!(self, Error, |tx| {
             let found: Option<(i64,)> = sqlx::query_as(&sql)
                 .bind(from.as_str())
@@ -82,17 +83,21 @@ impl MetaStore {
                 return Ok(false);
             };
             let repo_id = Self::ensure_repository(tx, to, now, lock).await?;
-            Self::link(tx, repo_id, blob_id, now).await?;
+            Self::link(tx, repo_id, blob_id, now, now.saturating_add(grace)).await?;
             Ok(true)
         })
     }
 
+    /// Links a blob into a repository — the one place every upload completion, one-request
+    /// upload and mount passes through — and schedules its review for when its grace ends.
     pub(super) async fn link(
         tx: &mut AnyConnection,
         repo_id: i64,
         blob_id: i64,
         now: i64,
+        review_at: i64,
     ) -> Result<(), sqlx::Error> {
+        Self::enqueue(tx, super::gc::Review::Blob(blob_id), review_at).await?;
         sqlx::query(
             "INSERT INTO repository_blobs (repository_id, blob_id, linked_at) VALUES ($1, $2, $3) \
              ON CONFLICT (repository_id, blob_id) DO UPDATE SET linked_at = excluded.linked_at",
@@ -119,10 +124,11 @@ impl MetaStore {
         now: i64,
     ) -> Result<CompletedUpload> {
         let lock = self.share_lock();
+        let grace = self.windows().blob_grace_ms;
         transaction!(self, Error, |tx| {
             let (blob_id, outcome) = Self::store_blob(tx, digest, size, storage_key, now, lock).await?;
             let repo_id = Self::ensure_repository(tx, repo, now, lock).await?;
-            Self::link(tx, repo_id, blob_id, now).await?;
+            Self::link(tx, repo_id, blob_id, now, now.saturating_add(grace)).await?;
             Ok(outcome)
         })
     }

@@ -8,7 +8,8 @@
 
 use sqlx::AnyConnection;
 
-use super::tags::{TagCondition, TagOutcome, TagWrite};
+use super::gc::Review;
+use super::tags::{TagCondition, TagCtx, TagOutcome, TagWrite};
 use super::{Error, MetaStore, Result, TxError, transaction};
 use crate::oci::{Digest, RepoName, Tag};
 
@@ -162,6 +163,8 @@ impl MetaStore {
         Ok(names.into_iter().map(|(n,)| n).collect())
     }
 
+    /// Makes `m` a tombstone of delete `delete_id`, reviewed by the collector at `review_at`
+    /// (when its restore window ends).
     async fn tombstone(
         tx: &mut AnyConnection,
         m: &Target,
@@ -169,7 +172,9 @@ impl MetaStore {
         why: &str,
         unrestorable: Option<&str>,
         now: i64,
+        review_at: i64,
     ) -> Result<(), sqlx::Error> {
+        Self::enqueue(tx, Review::Manifest(m.id), review_at).await?;
         sqlx::query(
             "UPDATE manifests SET deleted_at = $1, delete_id = $2, deleted_why = $3, unrestorable = $4 WHERE id = $5",
         )
@@ -242,6 +247,7 @@ impl MetaStore {
     ) -> DeleteResult<Vec<AffectedManifest>> {
         let share = self.share_lock();
         let update = self.update_lock_of("manifests");
+        let window = self.windows().restore_window_ms;
         let target_sql = format!(
             "SELECT id, digest FROM manifests WHERE repository_id = $1 AND digest = $2 AND deleted_at IS NULL{update}"
         );
@@ -277,7 +283,7 @@ impl MetaStore {
                 std::iter::once((&target, "deleted")).chain(referrers.iter().map(|r| (r, "subject")))
             {
                 let tags = Self::untag_all(tx, m, actor, now, delete_id).await?;
-                Self::tombstone(tx, m, delete_id, why, None, now).await?;
+                Self::tombstone(tx, m, delete_id, why, None, now, now.saturating_add(window)).await?;
                 affected.push(AffectedManifest {
                     repository: repo.to_string(),
                     digest: m.digest.clone(),
@@ -303,18 +309,20 @@ impl MetaStore {
     ) -> DeleteResult<String> {
         let share = self.share_lock();
         let current_sql = format!(
-            "SELECT m.digest FROM tags t JOIN manifests m ON m.id = t.manifest_id \
+            "SELECT m.digest, m.id FROM tags t JOIN manifests m ON m.id = t.manifest_id \
              WHERE t.repository_id = $1 AND t.name = $2{}",
             self.update_lock_of("t")
         );
+        let untagged_review_at = now.saturating_add(self.windows().untagged_grace_ms);
         transaction!(self, DeleteError, |tx| {
             let repo_id = Self::live_repository(tx, repo, share).await?;
-            let current: Option<(String,)> = sqlx::query_as(&current_sql)
+            let current: Option<(String, i64)> = sqlx::query_as(&current_sql)
                 .bind(repo_id)
                 .bind(tag.as_str())
                 .fetch_optional(&mut *tx)
                 .await?;
-            let current = current.map(|(d,)| d);
+            let manifest_id = current.as_ref().map(|(_, id)| *id);
+            let current = current.map(|(d, _)| d);
             if !condition.holds(current.as_deref()) {
                 return refuse(Refusal::Precondition(match &current {
                     Some(d) => format!("tag {tag} points at {d}"),
@@ -343,6 +351,9 @@ impl MetaStore {
                 .bind(tag.as_str())
                 .execute(&mut *tx)
                 .await?;
+            if let Some(id) = manifest_id {
+                Self::enqueue(tx, Review::Manifest(id), untagged_review_at).await?;
+            }
             Ok(old)
         })
     }
@@ -410,6 +421,8 @@ impl MetaStore {
                 .bind(blob_id)
                 .execute(&mut *tx)
                 .await?;
+            // Perhaps unreferenced and unlinked everywhere now: the review checks the grace.
+            Self::enqueue(tx, Review::Blob(blob_id), now).await?;
             Ok(())
         })
     }
@@ -426,6 +439,7 @@ impl MetaStore {
         now: i64,
     ) -> DeleteResult<Vec<AffectedManifest>> {
         let update = self.update_lock_of("repositories");
+        let window = self.windows().restore_window_ms;
         transaction!(self, DeleteError, |tx| {
             let repo_id = Self::live_repository(tx, repo, &update).await?;
             let delete_id =
@@ -438,6 +452,7 @@ impl MetaStore {
             .await?;
             let mut affected = Vec::with_capacity(live.len());
             for m in &live {
+                Self::enqueue(tx, Review::Manifest(m.id), now.saturating_add(window)).await?;
                 let tags = Self::untag_all(tx, m, actor, now, delete_id).await?;
                 affected.push(AffectedManifest {
                     repository: repo.to_string(),
@@ -523,6 +538,8 @@ impl MetaStore {
             }
             let mut manifests = Vec::with_capacity(doomed.len());
             for (m, repo, because) in &doomed {
+                // Unrestorable: collectable at once.
+                Self::enqueue(tx, Review::Manifest(m.id), now).await?;
                 let tags = Self::untag_all(tx, m, actor, now, delete_id).await?;
                 sqlx::query(
                     "UPDATE manifests SET deleted_at = COALESCE(deleted_at, $1), delete_id = COALESCE(delete_id, $2), \
@@ -579,7 +596,7 @@ impl MetaStore {
     ) -> DeleteResult<Vec<AffectedManifest>> {
         let repo_sql =
             format!("SELECT id FROM repositories WHERE name = $1{}", self.update_lock_of("repositories"));
-        let tag_lock = self.update_lock_of("t");
+        let tag_lock = self.tag_ctx(now);
         transaction!(self, DeleteError, |tx| {
             let repo_id: Option<(i64,)> =
                 sqlx::query_as(&repo_sql).bind(repo.as_str()).fetch_optional(&mut *tx).await?;
@@ -612,7 +629,7 @@ impl MetaStore {
              WHERE r.name = $1 AND d.kind = 'repository' ORDER BY d.id DESC LIMIT 1{}",
             self.update_lock_of("r")
         );
-        let tag_lock = self.update_lock_of("t");
+        let tag_lock = self.tag_ctx(now);
         transaction!(self, DeleteError, |tx| {
             let found: Option<(i64, i64)> =
                 sqlx::query_as(&repo_sql).bind(repo.as_str()).fetch_optional(&mut *tx).await?;
@@ -659,7 +676,7 @@ impl MetaStore {
         take_tags: bool,
         actor: Option<&str>,
         now: i64,
-        tag_lock: &str,
+        tag_lock: &TagCtx,
     ) -> DeleteResult<Vec<AffectedManifest>> {
         let row: Option<TombstoneRow> = sqlx::query_as(
             "SELECT id, deleted_at, delete_id, deleted_why, unrestorable FROM manifests \
@@ -754,7 +771,7 @@ impl MetaStore {
         take_tags: bool,
         actor: Option<&str>,
         now: i64,
-        tag_lock: &str,
+        tag_lock: &TagCtx,
     ) -> DeleteResult<Vec<String>> {
         let names: Vec<(String,)> = sqlx::query_as(
             "SELECT DISTINCT tag FROM tag_history WHERE delete_id = $1 AND old_digest = $2 AND kind = 'delete' \
@@ -808,7 +825,7 @@ impl MetaStore {
         now: i64,
     ) -> DeleteResult<String> {
         let share = self.share_lock();
-        let tag_lock = self.update_lock_of("t");
+        let tag_lock = self.tag_ctx(now);
         transaction!(self, DeleteError, |tx| {
             let repo_id = Self::live_repository(tx, repo, share).await?;
             let last: Option<(Option<String>,)> = sqlx::query_as(
@@ -846,7 +863,7 @@ impl MetaStore {
         now: i64,
     ) -> DeleteResult<String> {
         let share = self.share_lock();
-        let tag_lock = self.update_lock_of("t");
+        let tag_lock = self.tag_ctx(now);
         transaction!(self, DeleteError, |tx| {
             let repo_id = Self::live_repository(tx, repo, share).await?;
             let digest = match target {
@@ -908,7 +925,7 @@ impl MetaStore {
         kind: &str,
         actor: Option<&str>,
         now: i64,
-        tag_lock: &str,
+        tag_lock: &TagCtx,
     ) -> DeleteResult<()> {
         let row: Option<(i64, Option<i64>, Option<String>)> = sqlx::query_as(
             "SELECT id, deleted_at, unrestorable FROM manifests WHERE repository_id = $1 AND digest = $2",

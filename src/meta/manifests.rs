@@ -100,7 +100,7 @@ impl MetaStore {
              AND deleted_at IS NULL{}",
             self.share_lock()
         );
-        let tag_lock = self.update_lock_of("t");
+        let tag_ctx = self.tag_ctx(now);
         let lock = self.share_lock();
         transaction!(self, PutManifestError, |tx| {
             let repo_id = Self::ensure_repository(tx, repo, now, lock).await?;
@@ -114,6 +114,8 @@ impl MetaStore {
             }
             let manifest_id = Self::upsert_manifest(tx, repo_id, manifest, now).await?;
             Self::write_references(tx, manifest_id, &blob_ids, &child_ids).await?;
+            // Pushed without a tag, it is garbage once its grace passes; a tag drops the review.
+            Self::enqueue(tx, super::gc::Review::Manifest(manifest_id), tag_ctx.untagged_review_at).await?;
             for tag in tags {
                 let write = TagWrite {
                     repo_id,
@@ -125,7 +127,7 @@ impl MetaStore {
                     kind: "push",
                     condition,
                 };
-                if let TagOutcome::Precondition { current } = Self::set_tag(tx, &write, &tag_lock).await? {
+                if let TagOutcome::Precondition { current } = Self::set_tag(tx, &write, &tag_ctx).await? {
                     return Err(PutManifestError::Precondition { tag: tag.to_string(), current });
                 }
             }

@@ -15,6 +15,7 @@ mod access;
 mod blobs;
 mod consistency;
 mod deletes;
+mod gc;
 mod manifests;
 mod reports;
 mod repos;
@@ -31,6 +32,7 @@ use sqlx::{AnyConnection, AnyPool, Connection as _, Executor as _};
 pub use blobs::CompletedUpload;
 pub use consistency::{Finding, StoredBlob};
 pub use deletes::{AffectedManifest, DeleteError, Purged, Refusal, RevertTarget};
+pub use gc::{Collected, Review};
 pub use manifests::{NewManifest, PutManifestError};
 pub use reports::{Preview, RepositorySummary, TombstoneRow};
 pub use rows::{BlobRow, ManifestHead, ManifestRow, ReferrerRow, TagMove, UploadRow};
@@ -186,12 +188,31 @@ impl Default for PoolOptions {
     }
 }
 
+/// The collector's windows, in milliseconds: the review times events enqueue.
+#[derive(Debug, Clone, Copy)]
+pub struct Windows {
+    /// How long an unreferenced blob is kept after its last upload, link or `HEAD`.
+    pub blob_grace_ms: i64,
+    /// How long a manifest without tags is kept after its last push, pull or untagging.
+    pub untagged_grace_ms: i64,
+    /// How long a tombstone stays restorable.
+    pub restore_window_ms: i64,
+}
+
+impl Default for Windows {
+    fn default() -> Self {
+        const DAY: i64 = 24 * 3600 * 1000;
+        Windows { blob_grace_ms: DAY, untagged_grace_ms: 7 * DAY, restore_window_ms: 7 * DAY }
+    }
+}
+
 /// The metadata store. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct MetaStore {
     read: AnyPool,
     write: AnyPool,
     dialect: Dialect,
+    windows: Windows,
 }
 
 /// The migrations of `dialect`. Migrations applied by a newer Berth that this one does not know
@@ -236,7 +257,12 @@ impl MetaStore {
                 .await?;
             // sqlx takes an advisory lock, so replicas starting together migrate once.
             migrator(Dialect::Postgres).run(&pg).await?;
-            Ok(MetaStore { read: pg.clone(), write: pg, dialect: Dialect::Postgres })
+            Ok(MetaStore {
+                read: pg.clone(),
+                write: pg,
+                dialect: Dialect::Postgres,
+                windows: Windows::default(),
+            })
         } else {
             Err(Error::UnsupportedUrl(url.to_string()))
         }
@@ -260,7 +286,14 @@ impl MetaStore {
             .after_connect(|c, _| sqlite_pragmas(c))
             .connect_with(opts)
             .await?;
-        Ok(MetaStore { read, write, dialect: Dialect::Sqlite })
+        Ok(MetaStore { read, write, dialect: Dialect::Sqlite, windows: Windows::default() })
+    }
+
+    /// The same store with the collector's `windows`.
+    #[must_use]
+    pub fn with_windows(mut self, windows: Windows) -> Self {
+        self.windows = windows;
+        self
     }
 
     /// The dialect in use.

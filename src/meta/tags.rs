@@ -42,6 +42,14 @@ pub(super) enum TagOutcome {
     },
 }
 
+/// The per-transaction context of tag writes: the row lock clause for the tag row `t`, and when
+/// a manifest a tag moves away from is to be reviewed by the collector.
+#[derive(Debug, Clone)]
+pub(super) struct TagCtx {
+    pub lock: String,
+    pub untagged_review_at: i64,
+}
+
 /// One tag write: point `tag` of repository `repo_id` at a manifest.
 pub(super) struct TagWrite<'a> {
     pub repo_id: i64,
@@ -56,8 +64,16 @@ pub(super) struct TagWrite<'a> {
 }
 
 impl MetaStore {
+    /// The tag-write context of a transaction starting at `now`.
+    pub(super) fn tag_ctx(&self, now: i64) -> TagCtx {
+        TagCtx {
+            lock: self.update_lock_of("t"),
+            untagged_review_at: now.saturating_add(self.windows().untagged_grace_ms),
+        }
+    }
+
     /// Points a tag at a manifest and records the move in the tag history (nothing when it
-    /// points there already). `lock` is [`MetaStore::update_lock_of`] for the tag row `t`: only
+    /// points there already). `ctx.lock` is [`MetaStore::update_lock_of`] for the tag row `t`: only
     /// the tag row is locked, never the manifest it pointed at (which other transactions
     /// share-lock as a reference — locking it too let two tagged index pushes deadlock). A tag
     /// that does not exist yet is created by an insert that waits for any concurrent creator, so
@@ -65,8 +81,9 @@ impl MetaStore {
     pub(super) async fn set_tag(
         tx: &mut AnyConnection,
         w: &TagWrite<'_>,
-        lock: &str,
+        ctx: &TagCtx,
     ) -> Result<TagOutcome, sqlx::Error> {
+        let lock = ctx.lock.as_str();
         let current_sql = format!(
             "SELECT t.manifest_id, m.digest FROM tags t JOIN manifests m ON m.id = t.manifest_id \
              WHERE t.repository_id = $1 AND t.name = $2{lock}"
@@ -116,6 +133,8 @@ impl MetaStore {
             .execute(&mut *tx)
             .await?;
             moved_from = Some(current_digest);
+            // The manifest left behind may now be garbage, once its grace has passed.
+            Self::enqueue(tx, super::gc::Review::Manifest(current_id), ctx.untagged_review_at).await?;
             break;
         }
         let new = Some(w.digest.as_str());

@@ -122,6 +122,7 @@ impl MetaStore {
         now: i64,
     ) -> Result<Option<CompletedUpload>> {
         let lock = self.share_lock();
+        let grace = self.windows().blob_grace_ms;
         transaction!(self, Error, |tx| {
             let gone = sqlx::query("DELETE FROM uploads WHERE id = $1 AND size = $2")
                 .bind(upload_id)
@@ -133,7 +134,7 @@ impl MetaStore {
             }
             let (blob_id, outcome) = Self::store_blob(tx, digest, size, storage_key, now, lock).await?;
             let repo_id = Self::ensure_repository(tx, repo, now, lock).await?;
-            Self::link(tx, repo_id, blob_id, now).await?;
+            Self::link(tx, repo_id, blob_id, now, now.saturating_add(grace)).await?;
             Ok(Some(outcome))
         })
     }

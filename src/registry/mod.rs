@@ -12,6 +12,7 @@ mod admin;
 mod delete;
 mod error;
 mod fsck;
+mod gc;
 mod pull;
 mod push;
 
@@ -24,6 +25,7 @@ pub use admin::{DeleteTarget, Tombstone};
 pub use delete::PurgeReport;
 pub use error::Error;
 pub use fsck::FsckReport;
+pub use gc::GcReport;
 pub use pull::{BlobHandle, Referrer};
 pub use push::{ChunkRange, PushedManifest, UploadStatus};
 

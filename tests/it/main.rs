@@ -12,6 +12,7 @@ mod discovery;
 pub mod e2e;
 mod faults;
 mod fsck;
+mod gc;
 mod limits;
 mod manifests;
 mod replicas;

@@ -1,0 +1,327 @@
+//! The collector's side of the store: the review queue events fill, one review at a time
+//! (claim, lock the item, re-check liveness, act — in one transaction), and the delete outbox.
+//!
+//! Liveness (docs/design.md): a manifest is kept while a tag points at it, a live index lists
+//! it, it refers to a live subject, it was pushed, pulled or untagged within `untagged_grace`, or
+//! it is a restorable tombstone within `restore_window`. A blob is kept while any manifest row
+//! references it (live, or a tombstone not yet collected) or it was uploaded, linked or answered
+//! a `HEAD` within `blob_grace`. Lock, then check: the item's row is locked before anything that
+//! holds it is read, so a push that share-locked it first is seen, and a push that comes after
+//! finds it gone.
+
+use sqlx::AnyConnection;
+
+use super::{Dialect, Error, MetaStore, Result, transaction};
+
+/// What a review is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Review {
+    /// A blob row.
+    Blob(i64),
+    /// A manifest row.
+    Manifest(i64),
+}
+
+impl Review {
+    fn kind(self) -> &'static str {
+        match self {
+            Review::Blob(_) => "blob",
+            Review::Manifest(_) => "manifest",
+        }
+    }
+
+    fn id(self) -> i64 {
+        match self {
+            Review::Blob(id) | Review::Manifest(id) => id,
+        }
+    }
+}
+
+/// What one review did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Collected {
+    /// Manifest rows removed.
+    pub manifests: u64,
+    /// Blob rows removed (their keys went to the outbox).
+    pub blobs: u64,
+    /// Bytes of those blobs.
+    pub bytes: u64,
+}
+
+/// The decision about one item.
+enum Verdict {
+    /// Gone, or held by something whose own change will enqueue it again: drop the review.
+    Drop,
+    /// Held by a window that ends then.
+    Until(i64),
+    /// Collected.
+    Collected(Collected),
+}
+
+impl MetaStore {
+    /// Upserts a review of `item` at `at`, only ever postponing an existing one. Written in the
+    /// event's own transaction; both dialects take the same statement.
+    pub(super) async fn enqueue(tx: &mut AnyConnection, item: Review, at: i64) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO gc_reviews (kind, item_id, review_after) VALUES ($1, $2, $3) \
+             ON CONFLICT (kind, item_id) DO UPDATE SET review_after = CASE \
+             WHEN excluded.review_after > gc_reviews.review_after THEN excluded.review_after \
+             ELSE gc_reviews.review_after END",
+        )
+        .bind(item.kind())
+        .bind(item.id())
+        .bind(at)
+        .execute(&mut *tx)
+        .await?;
+        Ok(())
+    }
+
+    /// The collector's windows.
+    pub(super) fn windows(&self) -> super::Windows {
+        self.windows
+    }
+
+    /// Claims one review that is due at `now` and carries it out in one transaction. `None` when
+    /// nothing is due (or everything due is claimed by other workers right now).
+    ///
+    /// # Errors
+    /// [`Error::Database`].
+    pub async fn review_one(&self, now: i64) -> Result<Option<Collected>> {
+        let skip_locked = match self.dialect {
+            Dialect::Sqlite => "",
+            Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
+        };
+        let claim = format!(
+            "SELECT kind, item_id FROM gc_reviews WHERE review_after <= $1 ORDER BY review_after LIMIT 1{skip_locked}"
+        );
+        let lock = self.update_lock_of_table();
+        let w = self.windows;
+        transaction!(self, Error, |tx| {
+            let claimed: Option<(String, i64)> =
+                sqlx::query_as(&claim).bind(now).fetch_optional(&mut *tx).await?;
+            let Some((kind, id)) = claimed else { return Ok(None) };
+            let item = if kind == "blob" { Review::Blob(id) } else { Review::Manifest(id) };
+            let verdict = match item {
+                Review::Blob(id) => Self::review_blob(tx, id, now, w.blob_grace_ms, lock).await?,
+                Review::Manifest(id) => Self::review_manifest(tx, id, now, w, lock).await?,
+            };
+            let collected = match verdict {
+                Verdict::Until(at) => {
+                    sqlx::query("UPDATE gc_reviews SET review_after = $1 WHERE kind = $2 AND item_id = $3")
+                        .bind(at.max(now + 1))
+                        .bind(&kind)
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?;
+                    Collected::default()
+                }
+                Verdict::Drop | Verdict::Collected(_) => {
+                    sqlx::query("DELETE FROM gc_reviews WHERE kind = $1 AND item_id = $2")
+                        .bind(&kind)
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?;
+                    if let Verdict::Collected(c) = verdict { c } else { Collected::default() }
+                }
+            };
+            Ok(Some(collected))
+        })
+    }
+
+    fn update_lock_of_table(&self) -> &'static str {
+        match self.dialect {
+            Dialect::Sqlite => "",
+            Dialect::Postgres => " FOR UPDATE",
+        }
+    }
+
+    async fn review_blob(
+        tx: &mut AnyConnection,
+        id: i64,
+        now: i64,
+        grace: i64,
+        lock: &str,
+    ) -> Result<Verdict, sqlx::Error> {
+        let sql = format!("SELECT size, storage_key, created_at, seen_at FROM blobs WHERE id = $1{lock}");
+        let row: Option<(i64, String, i64, Option<i64>)> =
+            sqlx::query_as(&sql).bind(id).fetch_optional(&mut *tx).await?;
+        let Some((size, key, created_at, seen_at)) = row else { return Ok(Verdict::Drop) };
+        // Referenced: whatever removes the reference enqueues the blob again.
+        let referenced: Option<(i64,)> =
+            sqlx::query_as("SELECT manifest_id FROM manifest_blobs WHERE blob_id = $1 LIMIT 1")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if referenced.is_some() {
+            return Ok(Verdict::Drop);
+        }
+        let (last_link,): (Option<i64>,) =
+            sqlx::query_as("SELECT MAX(linked_at) FROM repository_blobs WHERE blob_id = $1")
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await?;
+        let grace_end =
+            created_at.max(last_link.unwrap_or(0)).max(seen_at.unwrap_or(0)).saturating_add(grace);
+        if grace_end > now {
+            return Ok(Verdict::Until(grace_end));
+        }
+        sqlx::query("DELETE FROM repository_blobs WHERE blob_id = $1").bind(id).execute(&mut *tx).await?;
+        sqlx::query(
+            "INSERT INTO gc_outbox (storage_key, enqueued_at, next_attempt) VALUES ($1, $2, $2) \
+             ON CONFLICT (storage_key) DO NOTHING",
+        )
+        .bind(&key)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM blobs WHERE id = $1").bind(id).execute(&mut *tx).await?;
+        Ok(Verdict::Collected(Collected { manifests: 0, blobs: 1, bytes: size as u64 }))
+    }
+
+    async fn review_manifest(
+        tx: &mut AnyConnection,
+        id: i64,
+        now: i64,
+        w: super::Windows,
+        lock: &str,
+    ) -> Result<Verdict, sqlx::Error> {
+        let sql = format!(
+            "SELECT repository_id, digest, subject_digest, pushed_at, pulled_at, deleted_at, unrestorable \
+             FROM manifests WHERE id = $1{lock}"
+        );
+        type Row = (i64, String, Option<String>, i64, Option<i64>, Option<i64>, Option<String>);
+        let row: Option<Row> = sqlx::query_as(&sql).bind(id).fetch_optional(&mut *tx).await?;
+        let Some((repo_id, digest, subject, pushed_at, pulled_at, deleted_at, unrestorable)) = row else {
+            return Ok(Verdict::Drop);
+        };
+        if let Some(deleted_at) = deleted_at {
+            let window_end = deleted_at.saturating_add(w.restore_window_ms);
+            if unrestorable.is_none() && window_end > now {
+                return Ok(Verdict::Until(window_end));
+            }
+        } else {
+            // Live: kept by a tag, a live index, or a live subject — each of whose changes
+            // enqueues this manifest again.
+            let held: (i64,) = sqlx::query_as(
+                "SELECT (SELECT COUNT(*) FROM tags WHERE manifest_id = $1) \
+                 + (SELECT COUNT(*) FROM manifest_children c JOIN manifests p ON p.id = c.parent_id \
+                    WHERE c.child_id = $1 AND p.deleted_at IS NULL) \
+                 + (SELECT COUNT(*) FROM manifests s WHERE s.repository_id = $2 AND s.digest = $3 \
+                    AND s.deleted_at IS NULL)",
+            )
+            .bind(id)
+            .bind(repo_id)
+            .bind(subject.as_deref().unwrap_or(""))
+            .fetch_one(&mut *tx)
+            .await?;
+            if held.0 > 0 {
+                return Ok(Verdict::Drop);
+            }
+            let (untagged_at,): (Option<i64>,) = sqlx::query_as(
+                "SELECT MAX(at) FROM tag_history WHERE repository_id = $1 AND old_digest = $2",
+            )
+            .bind(repo_id)
+            .bind(&digest)
+            .fetch_one(&mut *tx)
+            .await?;
+            let grace_end = pushed_at
+                .max(pulled_at.unwrap_or(0))
+                .max(untagged_at.unwrap_or(0))
+                .saturating_add(w.untagged_grace_ms);
+            if grace_end > now {
+                return Ok(Verdict::Until(grace_end));
+            }
+        }
+        Self::collect_manifest(tx, id, repo_id, &digest, now).await?;
+        Ok(Verdict::Collected(Collected { manifests: 1, blobs: 0, bytes: 0 }))
+    }
+
+    /// Removes a manifest row and its references; what it referenced, and its referrers, are
+    /// reviewed next. A tombstoned index that listed it can no longer be restored.
+    async fn collect_manifest(
+        tx: &mut AnyConnection,
+        id: i64,
+        repo_id: i64,
+        digest: &str,
+        now: i64,
+    ) -> Result<(), sqlx::Error> {
+        let children: Vec<(i64,)> =
+            sqlx::query_as("SELECT child_id FROM manifest_children WHERE parent_id = $1")
+                .bind(id)
+                .fetch_all(&mut *tx)
+                .await?;
+        let blobs: Vec<(i64,)> = sqlx::query_as("SELECT blob_id FROM manifest_blobs WHERE manifest_id = $1")
+            .bind(id)
+            .fetch_all(&mut *tx)
+            .await?;
+        let referrers: Vec<(i64,)> = sqlx::query_as(
+            "SELECT id FROM manifests WHERE repository_id = $1 AND subject_digest = $2 AND id <> $3",
+        )
+        .bind(repo_id)
+        .bind(digest)
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE manifests SET unrestorable = $1 WHERE unrestorable IS NULL \
+             AND id IN (SELECT parent_id FROM manifest_children WHERE child_id = $2)",
+        )
+        .bind(format!("its child {digest} was collected"))
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM manifest_children WHERE parent_id = $1 OR child_id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM manifest_blobs WHERE manifest_id = $1").bind(id).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM tags WHERE manifest_id = $1").bind(id).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM manifests WHERE id = $1").bind(id).execute(&mut *tx).await?;
+        for (child,) in children.into_iter().chain(referrers) {
+            Self::enqueue(tx, Review::Manifest(child), now).await?;
+        }
+        for (blob,) in blobs {
+            Self::enqueue(tx, Review::Blob(blob), now).await?;
+        }
+        Ok(())
+    }
+
+    /// Storage keys in the outbox due for deletion at `now`, at most `limit`.
+    ///
+    /// # Errors
+    /// [`Error::Database`].
+    pub async fn outbox_due(&self, now: i64, limit: i64) -> Result<Vec<String>> {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT storage_key FROM gc_outbox WHERE next_attempt <= $1 ORDER BY next_attempt LIMIT $2",
+        )
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&self.write)
+        .await?;
+        Ok(rows.into_iter().map(|(k,)| k).collect())
+    }
+
+    /// Records that the object under `key` is deleted (`Ok`) or could not be (retried later,
+    /// with a pause growing with the attempts).
+    ///
+    /// # Errors
+    /// [`Error::Database`].
+    pub async fn outbox_done(&self, key: &str, deleted: bool, now: i64) -> Result<()> {
+        if deleted {
+            sqlx::query("DELETE FROM gc_outbox WHERE storage_key = $1")
+                .bind(key)
+                .execute(&self.write)
+                .await?;
+        } else {
+            sqlx::query(
+                "UPDATE gc_outbox SET attempts = attempts + 1, \
+                 next_attempt = $1 + 1000 * (1 + attempts * attempts) WHERE storage_key = $2",
+            )
+            .bind(now)
+            .bind(key)
+            .execute(&self.write)
+            .await?;
+        }
+        Ok(())
+    }
+}
