@@ -151,3 +151,174 @@ backend_test!(untagged_manifests_go_after_their_grace_unless_held, |reg| {
     assert_eq!(report.manifests, 2, "the image, then its referrer: {report:?}");
     assert_eq!(reg.get(&format!("/v2/gc/idx/manifests/{sbom_digest}")).await.status(), 404);
 });
+
+/// A registry whose collector windows are short enough to act during a test.
+async fn with_short_windows(backend: Backend) -> Option<TestRegistry> {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = match backend {
+        Backend::Sqlite => {
+            let mut c = berth::config::Config::embedded(dir.path());
+            c.storage_fsync = false;
+            c
+        }
+        Backend::Postgres => scale_out_config(dir.path()).await?,
+    };
+    config.gc.blob_grace = std::time::Duration::from_millis(1500);
+    config.gc.untagged_grace = std::time::Duration::from_millis(300);
+    config.gc.restore_window = std::time::Duration::from_millis(300);
+    config.gc.access_flush_interval = std::time::Duration::from_millis(100);
+    Some(TestRegistry::start_with(config, dir).await)
+}
+
+/// Pushes, deletes and collection at once, with windows short enough that the collector really
+/// collects: writers push images sharing layers (skipping a shared layer's upload when `HEAD`
+/// says it is there, as clients do), a deleter removes tags and manifests, the collector runs
+/// continuously. Afterwards every listed tag pulls completely, every acknowledged push whose tag
+/// was not deleted still resolves where it put it, and fsck finds no problem. A push may answer
+/// MANIFEST_BLOB_UNKNOWN only when a blob really was collected before it (the writer then
+/// uploads again); those are counted.
+async fn stress(reg: TestRegistry) {
+    use std::collections::{HashMap, HashSet};
+    use std::sync::{Arc, Mutex};
+    let reg = Arc::new(reg);
+    let shared: Vec<Vec<u8>> = (0..3).map(|i| random_bytes(1300 + i, 4000)).collect();
+    let config = br#"{"os":"linux"}"#.to_vec();
+    let acked: Arc<Mutex<HashMap<String, Digest>>> = Arc::default();
+    let deleted: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let retries = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(6);
+
+    let mut tasks = Vec::new();
+    for w in 0..3u64 {
+        let (reg, shared, config, acked, retries) = (reg.clone(), shared.clone(), config.clone(), acked.clone(), retries.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut k = 0u64;
+            while std::time::Instant::now() < deadline {
+                k += 1;
+                let own = random_bytes(10_000 + w * 1000 + k, 3000);
+                let common = &shared[(k % 3) as usize];
+                let tag = format!("w{w}-{k}");
+                loop {
+                    // The shared layer: skipped when HEAD says it is there.
+                    let d = Digest::sha256_of(common);
+                    let head = reg.req(Method::HEAD, &format!("/v2/stress/app/blobs/{d}")).send().await.unwrap();
+                    if head.status() != 200 {
+                        reg.upload_blob("stress/app", common).await;
+                    }
+                    let cfg = reg.upload_blob("stress/app", &config).await;
+                    let own_d = reg.upload_blob("stress/app", &own).await;
+                    let manifest = serde_json::to_vec(&json!({
+                        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                        "config": {"mediaType": OCI_CONFIG, "digest": cfg.as_str(), "size": config.len()},
+                        "layers": [
+                            {"mediaType": OCI_LAYER, "digest": d.as_str(), "size": common.len()},
+                            {"mediaType": OCI_LAYER, "digest": own_d.as_str(), "size": own.len()},
+                        ],
+                    }))
+                    .unwrap();
+                    let res = reg.put_manifest("stress/app", &tag, OCI_MANIFEST, &manifest).await;
+                    match res.status().as_u16() {
+                        201 => {
+                            acked.lock().unwrap().insert(tag.clone(), Digest::sha256_of(&manifest));
+                            break;
+                        }
+                        400 => {
+                            retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        other => panic!("push {tag}: {other} {:?}", res.text().await),
+                    }
+                }
+            }
+        }));
+    }
+    {
+        let (reg, acked, deleted) = (reg.clone(), acked.clone(), deleted.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while std::time::Instant::now() < deadline {
+                n += 1;
+                let victim = acked.lock().unwrap().iter().nth((n * 7 % 13) as usize).map(|(t, d)| (t.clone(), d.clone()));
+                if let Some((tag, digest)) = victim {
+                    deleted.lock().unwrap().insert(tag.clone());
+                    let path = if n % 3 == 0 {
+                        format!("/v2/stress/app/manifests/{digest}")
+                    } else {
+                        format!("/v2/stress/app/manifests/{tag}")
+                    };
+                    let status = reg.req(Method::DELETE, &path).send().await.unwrap().status().as_u16();
+                    assert!(matches!(status, 202 | 404), "delete {path}: {status}");
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+            }
+        }));
+    }
+    let collected: Arc<Mutex<(u64, u64)>> = Arc::default();
+    {
+        let (reg, stop, collected) = (reg.clone(), stop.clone(), collected.clone());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = reg.app.registry.collect(1000).await.unwrap();
+                {
+                    let mut c = collected.lock().unwrap();
+                    c.0 += r.manifests;
+                    c.1 += r.blobs;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }));
+    }
+    let collector = tasks.pop().unwrap();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    collector.await.unwrap();
+
+    // Every listed tag pulls completely.
+    let tags: serde_json::Value = reg.get("/v2/stress/app/tags/list").await.json().await.unwrap();
+    let tags: Vec<String> = serde_json::from_value(tags["tags"].clone()).unwrap();
+    for tag in &tags {
+        let res = reg.get(&format!("/v2/stress/app/manifests/{tag}")).await;
+        assert_eq!(res.status(), 200, "{tag}");
+        let manifest: serde_json::Value = res.json().await.unwrap();
+        for layer in manifest["layers"].as_array().unwrap().iter().chain([&manifest["config"]]) {
+            let d = layer["digest"].as_str().unwrap();
+            let res = reg.get(&format!("/v2/stress/app/blobs/{d}")).await;
+            assert_eq!(res.status(), 200, "{tag} needs {d}");
+            assert_eq!(Digest::sha256_of(&res.bytes().await.unwrap()).as_str(), d);
+        }
+    }
+    // Every acknowledged push not deleted later still resolves where it put its tag.
+    let deleted = deleted.lock().unwrap().clone();
+    for (tag, digest) in acked.lock().unwrap().iter().filter(|(t, _)| !deleted.contains(*t)) {
+        let res = reg.get(&format!("/v2/stress/app/manifests/{tag}")).await;
+        assert_eq!(header(&res, "docker-content-digest"), Some(digest.as_str()), "{tag}");
+    }
+    let fsck = reg.app.registry.fsck(false, &|_, _| {}).await.unwrap();
+    assert!(fsck.clean(), "{:?}", fsck.problems);
+    let acked_n = acked.lock().unwrap().len();
+    let (manifests, blobs) = *collected.lock().unwrap();
+    eprintln!(
+        "stress: {acked_n} pushes acknowledged, {} deleted, {} pushes retried after MANIFEST_BLOB_UNKNOWN; \
+         collected {manifests} manifests and {blobs} blobs meanwhile",
+        deleted.len(),
+        retries.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    assert!(acked_n > 20, "the writers made progress");
+    assert!(manifests > 0 && blobs > 0, "the collector collected while the others worked");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_deletes_and_collection_at_once_lose_nothing_sqlite() {
+    stress(with_short_windows(Backend::Sqlite).await.unwrap()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_deletes_and_collection_at_once_lose_nothing_postgres() {
+    let Some(reg) = with_short_windows(Backend::Postgres).await else {
+        eprintln!("skipping: the scale-out deployment is not configured");
+        return;
+    };
+    stress(reg).await;
+}
