@@ -64,8 +64,7 @@ pub struct GcSettings {
     pub blob_grace: Duration,
     /// How long a manifest left without tags is kept (extended by pulls).
     pub untagged_grace: Duration,
-    /// Whether `berth serve` runs the collector (off by default until its stress and crash tests
-    /// exist; `berth gc run` works either way).
+    /// Whether `berth serve` runs the collector (`berth gc run` works either way).
     pub enabled: bool,
     /// How often a serving replica's collector looks for due reviews.
     pub interval: Duration,
@@ -78,7 +77,7 @@ impl Default for GcSettings {
             access_flush_interval: Duration::from_secs(1),
             blob_grace: Duration::from_secs(24 * 3600),
             untagged_grace: Duration::from_secs(7 * 24 * 3600),
-            enabled: false,
+            enabled: true,
             interval: Duration::from_secs(10),
         }
     }

@@ -1,6 +1,7 @@
 -- The collector's review queue: one row per item that may have become garbage, reviewed once
 -- review_after has passed. Every event that can make something garbage upserts its row in the
--- event's own transaction, and an upsert only ever postpones review_after.
+-- event's own transaction. review_after is a lower bound (a review re-derives the deadline from
+-- the item's rows and reschedules itself), so an upsert keeps the earlier time.
 CREATE TABLE gc_reviews (
     kind         TEXT    NOT NULL, -- blob | manifest
     item_id      BIGINT NOT NULL,

@@ -37,8 +37,9 @@ Delete and undo (docs/deleting.md):
   berth repos delete team/app                    a whole repository, restorable
   berth purge sha256:... --reason \"leaked key\"   a blob everywhere, now, for good
 
-Check:
+Check and collect:
   berth fsck --rehash                            metadata against storage; exit 1 if inconsistent
+  berth gc run                                   collect what is due now (serve does it too)
 
 Admin commands talk to http://127.0.0.1:5000 (--url, BERTH_URL; --user, --password) or open a
 deployment directly (--config, --data-dir). Add --json for scripts.";
@@ -73,6 +74,11 @@ pub enum Command {
     History(TargetArgs),
     /// Tag operations: `berth tags revert REPO:TAG --previous` (the time machine).
     Tags(TagsArgs),
+    /// The online collector: `berth gc run` carries out every review that is due and deletes
+    /// the collected bytes, then exits (serving replicas also do this every `gc.interval`).
+    ///
+    /// Example: `berth gc run --config berth.toml`
+    Gc(GcArgs),
     /// Check metadata against storage: every blob's bytes present with their size (and digest,
     /// with --rehash), every reference intact; list storage objects nothing accounts for. Exits
     /// 0 when consistent, 1 when not. Read-only; safe while Berth serves.
@@ -215,6 +221,32 @@ pub struct RevertArgs {
     pub conn: admin::Connection,
 }
 
+/// `berth gc`.
+#[derive(Debug, clap::Args)]
+pub struct GcArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub action: GcAction,
+}
+
+/// `berth gc …`.
+#[derive(Debug, Subcommand)]
+pub enum GcAction {
+    /// One pass over everything due now, then exit.
+    Run(GcRunArgs),
+}
+
+/// `berth gc run`.
+#[derive(Debug, clap::Args)]
+pub struct GcRunArgs {
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Common settings (the deployment to collect).
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
 /// `berth fsck`.
 #[derive(Debug, clap::Args)]
 pub struct FsckArgs {
@@ -295,6 +327,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let (conn, request) = match cli.command {
         Command::Serve(args) => return serve(args).await,
         Command::Fsck(args) => return fsck::run(args).await,
+        Command::Gc(GcArgs { action: GcAction::Run(args) }) => return gc_run(args).await,
         Command::Repos(ReposArgs { action: None, conn }) => {
             (conn, Req::Repositories { last: None, n: 100_000 })
         }
@@ -353,5 +386,44 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     crate::server::serve(listener, app, crate::server::shutdown_signal()).await?;
     tracing::info!("berth stopped");
+    Ok(())
+}
+
+async fn gc_run(args: GcRunArgs) -> anyhow::Result<()> {
+    let config = args.common.load(None)?;
+    let app = crate::app::App::open(&config).await?;
+    let mut total = crate::registry::GcReport::default();
+    // Until nothing is due: each pass may make more due (a collected manifest's blobs).
+    loop {
+        let r = app.registry.collect(10_000).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        let progressed = r.reviews > 0;
+        total.reviews += r.reviews;
+        total.manifests += r.manifests;
+        total.blobs += r.blobs;
+        total.bytes += r.bytes;
+        total.objects_deleted += r.objects_deleted;
+        total.objects_failed += r.objects_failed;
+        if !progressed {
+            break;
+        }
+    }
+    app.registry.meta().close().await;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&total)?);
+    } else {
+        println!(
+            "reviewed {}, collected {} manifests and {} blobs ({} bytes); deleted {} objects{}",
+            total.reviews,
+            total.manifests,
+            total.blobs,
+            total.bytes,
+            total.objects_deleted,
+            if total.objects_failed > 0 {
+                format!(", {} deletes to retry", total.objects_failed)
+            } else {
+                String::new()
+            }
+        );
+    }
     Ok(())
 }

@@ -59,13 +59,16 @@ enum Verdict {
 }
 
 impl MetaStore {
-    /// Upserts a review of `item` at `at`, only ever postponing an existing one. Written in the
-    /// event's own transaction; both dialects take the same statement.
+    /// Upserts a review of `item` at `at`, written in the event's own transaction. The queue
+    /// time is a lower bound, not a verdict: a review derives the item's real deadline from its
+    /// rows and reschedules itself when it came early, so of two times the earlier one is kept —
+    /// a tombstone's restore window may end before the untagged grace an earlier push asked
+    /// for. Both dialects take the same statement.
     pub(super) async fn enqueue(tx: &mut AnyConnection, item: Review, at: i64) -> Result<(), sqlx::Error> {
         sqlx::query(
             "INSERT INTO gc_reviews (kind, item_id, review_after) VALUES ($1, $2, $3) \
              ON CONFLICT (kind, item_id) DO UPDATE SET review_after = CASE \
-             WHEN excluded.review_after > gc_reviews.review_after THEN excluded.review_after \
+             WHEN excluded.review_after < gc_reviews.review_after THEN excluded.review_after \
              ELSE gc_reviews.review_after END",
         )
         .bind(item.kind())
@@ -200,18 +203,22 @@ impl MetaStore {
                 return Ok(Verdict::Until(window_end));
             }
         } else {
-            // Live: kept by a tag, a live index, or a live subject — each of whose changes
-            // enqueues this manifest again.
+            // Live: kept by a tag, an index that is live or a restorable tombstone (its restore
+            // needs its children), or a live subject — each of whose changes (untagging, the
+            // index's collection, the subject's delete or collection) enqueues this manifest
+            // again.
             let held: (i64,) = sqlx::query_as(
                 "SELECT (SELECT COUNT(*) FROM tags WHERE manifest_id = $1) \
                  + (SELECT COUNT(*) FROM manifest_children c JOIN manifests p ON p.id = c.parent_id \
-                    WHERE c.child_id = $1 AND p.deleted_at IS NULL) \
+                    WHERE c.child_id = $1 AND (p.deleted_at IS NULL \
+                    OR (p.unrestorable IS NULL AND p.deleted_at > $4))) \
                  + (SELECT COUNT(*) FROM manifests s WHERE s.repository_id = $2 AND s.digest = $3 \
                     AND s.deleted_at IS NULL)",
             )
             .bind(id)
             .bind(repo_id)
             .bind(subject.as_deref().unwrap_or(""))
+            .bind(now.saturating_sub(w.restore_window_ms))
             .fetch_one(&mut *tx)
             .await?;
             if held.0 > 0 {

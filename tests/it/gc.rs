@@ -159,6 +159,7 @@ async fn with_short_windows(backend: Backend) -> Option<TestRegistry> {
         Backend::Sqlite => {
             let mut c = berth::config::Config::embedded(dir.path());
             c.storage_fsync = false;
+            c.gc.enabled = false;
             c
         }
         Backend::Postgres => scale_out_config(dir.path()).await?,
@@ -191,7 +192,8 @@ async fn stress(reg: TestRegistry) {
 
     let mut tasks = Vec::new();
     for w in 0..3u64 {
-        let (reg, shared, config, acked, retries) = (reg.clone(), shared.clone(), config.clone(), acked.clone(), retries.clone());
+        let (reg, shared, config, acked, retries) =
+            (reg.clone(), shared.clone(), config.clone(), acked.clone(), retries.clone());
         tasks.push(tokio::spawn(async move {
             let mut k = 0u64;
             while std::time::Instant::now() < deadline {
@@ -202,7 +204,8 @@ async fn stress(reg: TestRegistry) {
                 loop {
                     // The shared layer: skipped when HEAD says it is there.
                     let d = Digest::sha256_of(common);
-                    let head = reg.req(Method::HEAD, &format!("/v2/stress/app/blobs/{d}")).send().await.unwrap();
+                    let head =
+                        reg.req(Method::HEAD, &format!("/v2/stress/app/blobs/{d}")).send().await.unwrap();
                     if head.status() != 200 {
                         reg.upload_blob("stress/app", common).await;
                     }
@@ -238,7 +241,12 @@ async fn stress(reg: TestRegistry) {
             let mut n = 0u64;
             while std::time::Instant::now() < deadline {
                 n += 1;
-                let victim = acked.lock().unwrap().iter().nth((n * 7 % 13) as usize).map(|(t, d)| (t.clone(), d.clone()));
+                let victim = acked
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .nth((n * 7 % 13) as usize)
+                    .map(|(t, d)| (t.clone(), d.clone()));
                 if let Some((tag, digest)) = victim {
                     deleted.lock().unwrap().insert(tag.clone());
                     let path = if n % 3 == 0 {
@@ -291,7 +299,14 @@ async fn stress(reg: TestRegistry) {
     }
     // Every acknowledged push not deleted later still resolves where it put its tag.
     let deleted = deleted.lock().unwrap().clone();
-    for (tag, digest) in acked.lock().unwrap().iter().filter(|(t, _)| !deleted.contains(*t)) {
+    let kept: Vec<(String, Digest)> = acked
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(t, _)| !deleted.contains(*t))
+        .map(|(t, d)| (t.clone(), d.clone()))
+        .collect();
+    for (tag, digest) in &kept {
         let res = reg.get(&format!("/v2/stress/app/manifests/{tag}")).await;
         assert_eq!(header(&res, "docker-content-digest"), Some(digest.as_str()), "{tag}");
     }
@@ -321,4 +336,90 @@ async fn pushes_deletes_and_collection_at_once_lose_nothing_postgres() {
         return;
     };
     stress(reg).await;
+}
+
+// `berth serve` runs the collector in the background when `gc.enabled` (the default): a deleted
+// image's bytes leave storage without anyone asking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_collects_in_the_background() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = berth::config::Config::embedded(dir.path());
+    config.storage_fsync = false;
+    assert!(config.gc.enabled, "on by default");
+    config.gc.interval = std::time::Duration::from_millis(100);
+    config.gc.blob_grace = std::time::Duration::from_millis(200);
+    config.gc.restore_window = std::time::Duration::from_millis(200);
+    let reg = TestRegistry::start_with(config, dir).await;
+    let img = reg.push_image("gc/bg", "v1", 1400).await;
+    let key = reg.storage_key(&Digest::sha256_of(&img.layers[0])).await;
+    assert_eq!(
+        reg.req(Method::DELETE, &format!("/v2/gc/bg/manifests/{}", img.digest))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        202
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while reg.app.registry.blobs().list("").await.unwrap().contains(&key) {
+        if std::time::Instant::now() > deadline {
+            let sql = reg.sql().await;
+            let rows: Vec<(String, i64, i64)> =
+                sqlx::query_as("SELECT kind, item_id, review_after FROM gc_reviews")
+                    .fetch_all(&sql)
+                    .await
+                    .unwrap();
+            let now = reg.app.registry.clock().now_ms();
+            panic!(
+                "not collected in the background; now {now}, reviews {rows:?}, manual {:?}",
+                reg.app.registry.collect(100).await
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+// `berth gc run` collects what is due and exits; fsck is clean afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_run_collects_and_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gc.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\n[storage]\nfsync = false\n[gc]\nenabled = false\nrestore_window = \"1ms\"\nblob_grace = \"1ms\"\n",
+            dir.path().join("data").display().to_string()
+        ),
+    )
+    .unwrap();
+    let loaded = berth::config::Config::load(Some(&config), &berth::config::Overrides::default()).unwrap();
+    let reg = TestRegistry::start_with(loaded, tempfile::tempdir().unwrap()).await;
+    let img = reg.push_image("gc/cli", "v1", 1500).await;
+    assert_eq!(
+        reg.req(Method::DELETE, &format!("/v2/gc/cli/manifests/{}", img.digest))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        202
+    );
+    let _ = reg.stop().await;
+    let berth = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    let out = berth(&["gc", "run", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((report["manifests"].as_u64(), report["blobs"].as_u64()), (Some(1), Some(3)), "{report}");
+    assert_eq!(report["objects_deleted"], 3);
+    let out = berth(&["fsck", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let fsck: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(fsck["blobs_checked"], 0);
+    assert_eq!(fsck["orphans"], serde_json::json!([]));
 }

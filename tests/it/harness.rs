@@ -60,6 +60,9 @@ pub async fn scale_out_config(dir: &std::path::Path) -> Option<Config> {
     let mut config = Config::embedded(dir);
     config.metadata_url = fresh_postgres_database(&server).await;
     config.metadata_max_connections = 4;
+    // Tests run collection passes themselves (and move the clock); a background pass would
+    // race their counts.
+    config.gc.enabled = false;
     config.storage_s3 = Some(s3);
     Some(config)
 }
@@ -107,6 +110,7 @@ impl TestRegistry {
             Backend::Sqlite => {
                 let mut config = Config::embedded(dir.path());
                 config.storage_fsync = false;
+                config.gc.enabled = false;
                 config
             }
             Backend::Postgres => scale_out_config(dir.path()).await?,
