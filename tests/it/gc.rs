@@ -249,7 +249,7 @@ async fn stress(reg: TestRegistry) {
                     .map(|(t, d)| (t.clone(), d.clone()));
                 if let Some((tag, digest)) = victim {
                     deleted.lock().unwrap().insert(tag.clone());
-                    let path = if n % 3 == 0 {
+                    let path = if n.is_multiple_of(3) {
                         format!("/v2/stress/app/manifests/{digest}")
                     } else {
                         format!("/v2/stress/app/manifests/{tag}")
