@@ -178,10 +178,12 @@ async fn with_short_windows(backend: Backend) -> Option<TestRegistry> {
 /// was not deleted still resolves where it put it, and fsck finds no problem. A push may answer
 /// MANIFEST_BLOB_UNKNOWN only when a blob really was collected before it (the writer then
 /// uploads again); those are counted.
-async fn stress(reg: TestRegistry) {
+async fn stress(replicas: Vec<TestRegistry>) {
     use std::collections::{HashMap, HashSet};
     use std::sync::{Arc, Mutex};
-    let reg = Arc::new(reg);
+    let replicas: Vec<Arc<TestRegistry>> = replicas.into_iter().map(Arc::new).collect();
+    let n = replicas.len();
+    let reg = replicas[0].clone();
     let shared: Vec<Vec<u8>> = (0..3).map(|i| random_bytes(1300 + i, 4000)).collect();
     let config = br#"{"os":"linux"}"#.to_vec();
     let acked: Arc<Mutex<HashMap<String, Digest>>> = Arc::default();
@@ -236,7 +238,8 @@ async fn stress(reg: TestRegistry) {
         }));
     }
     {
-        let (reg, acked, deleted) = (reg.clone(), acked.clone(), deleted.clone());
+        let reg = replicas[1 % n].clone();
+        let (acked, deleted) = (acked.clone(), deleted.clone());
         tasks.push(tokio::spawn(async move {
             let mut n = 0u64;
             while std::time::Instant::now() < deadline {
@@ -262,9 +265,10 @@ async fn stress(reg: TestRegistry) {
         }));
     }
     let collected: Arc<Mutex<(u64, u64)>> = Arc::default();
-    {
+    let mut collectors = Vec::new();
+    for reg in &replicas {
         let (reg, stop, collected) = (reg.clone(), stop.clone(), collected.clone());
-        tasks.push(tokio::spawn(async move {
+        collectors.push(tokio::spawn(async move {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let r = reg.app.registry.collect(1000).await.unwrap();
                 {
@@ -276,12 +280,13 @@ async fn stress(reg: TestRegistry) {
             }
         }));
     }
-    let collector = tasks.pop().unwrap();
     for t in tasks {
         t.await.unwrap();
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    collector.await.unwrap();
+    for c in collectors {
+        c.await.unwrap();
+    }
 
     // Every listed tag pulls completely.
     let tags: serde_json::Value = reg.get("/v2/stress/app/tags/list").await.json().await.unwrap();
@@ -326,7 +331,7 @@ async fn stress(reg: TestRegistry) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pushes_deletes_and_collection_at_once_lose_nothing_sqlite() {
-    stress(with_short_windows(Backend::Sqlite).await.unwrap()).await;
+    stress(vec![with_short_windows(Backend::Sqlite).await.unwrap()]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -335,7 +340,20 @@ async fn pushes_deletes_and_collection_at_once_lose_nothing_postgres() {
         eprintln!("skipping: the scale-out deployment is not configured");
         return;
     };
-    stress(reg).await;
+    stress(vec![reg]).await;
+}
+
+// The same on two replicas of one scale-out deployment: writers on both, the deleter on the
+// second, a collector on each (they claim reviews with SKIP LOCKED and never collect one item
+// twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_deletes_and_collection_on_two_replicas_lose_nothing() {
+    let Some(first) = with_short_windows(Backend::Postgres).await else {
+        eprintln!("skipping: the scale-out deployment is not configured");
+        return;
+    };
+    let second = TestRegistry::start_with(first.app.config.clone(), tempfile::tempdir().unwrap()).await;
+    stress(vec![first, second]).await;
 }
 
 // `berth serve` runs the collector in the background when `gc.enabled` (the default): a deleted
