@@ -7,6 +7,7 @@ mod api;
 pub mod auth;
 mod blobs;
 mod cli;
+mod crash;
 mod deletes;
 mod discovery;
 pub mod e2e;
