@@ -18,3 +18,6 @@ CREATE TABLE gc_outbox (
     attempts     INTEGER NOT NULL DEFAULT 0,
     next_attempt INTEGER NOT NULL
 );
+
+-- A manifest's review reads when a tag last moved away from it: by digest, not by tag.
+CREATE INDEX tag_history_by_old_digest ON tag_history (repository_id, old_digest);

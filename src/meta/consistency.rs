@@ -86,15 +86,6 @@ impl MetaStore {
         .await?)
     }
 
-    /// Whether a blob row still names `storage_key` (re-read after finding its bytes missing:
-    /// a concurrent delete explains it, a row that still names them does not).
-    ///
-    /// # Errors
-    /// [`super::Error::Database`].
-    pub async fn blob_row_names(&self, storage_key: &str) -> Result<bool> {
-        self.storage_key_recorded(storage_key).await
-    }
-
     /// The storage keys (or, on object storage, key prefixes) of the open upload sessions.
     ///
     /// # Errors

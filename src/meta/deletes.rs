@@ -782,8 +782,7 @@ impl MetaStore {
         .bind(repo_id)
         .fetch_all(&mut *tx)
         .await?;
-        let digest = Digest::parse(&m.digest)
-            .map_err(|e| Error::Database(sqlx::Error::Decode(e.to_string().into())))?;
+        let digest = stored_digest(&m.digest)?;
         let mut restored = Vec::new();
         for (name,) in names {
             let Ok(tag) = Tag::parse(&name) else { continue };
@@ -950,8 +949,7 @@ impl MetaStore {
             .execute(&mut *tx)
             .await?;
         }
-        let parsed =
-            Digest::parse(digest).map_err(|e| Error::Database(sqlx::Error::Decode(e.to_string().into())))?;
+        let parsed = stored_digest(digest)?;
         let write = TagWrite { repo_id, tag, manifest_id, digest: &parsed, actor, now, kind, condition };
         if let TagOutcome::Precondition { current } = Self::set_tag(tx, &write, tag_lock).await? {
             return refuse(Refusal::Conflict(format!(
@@ -961,6 +959,11 @@ impl MetaStore {
         }
         Ok(())
     }
+}
+
+/// A digest read back from the store (it was validated on the way in).
+fn stored_digest(text: &str) -> Result<Digest, Error> {
+    Digest::parse(text).map_err(|e| Error::Database(sqlx::Error::Decode(e.to_string().into())))
 }
 
 /// Where the time machine puts a tag.

@@ -100,7 +100,7 @@ impl Registry {
         let stored = match self.blobs.size(key).await {
             Ok(n) => n,
             Err(crate::blob::Error::NotFound(_)) => {
-                if !self.meta.blob_row_names(key).await? {
+                if !self.meta.storage_key_recorded(key).await? {
                     return Ok(None);
                 }
                 return Ok(finding("blob-missing", format!("bytes missing from storage (key {key})")));

@@ -203,19 +203,7 @@ async fn cli_opens_a_scale_out_deployment_with_its_config_file() {
         return;
     };
     let img = reg.push_image("cfg/app", "v1", 430).await;
-    let config = &reg.app.config;
-    let s3 = config.storage_s3.as_ref().unwrap();
-    let toml = format!(
-        "[metadata]\nurl = {:?}\n[storage]\nkind = \"s3\"\n[storage.s3]\nendpoint = {:?}\nregion = {:?}\n\
-         bucket = {:?}\nprefix = {:?}\naccess_key_id = {:?}\nsecret_access_key = {:?}\npart_size_mib = 5\n",
-        config.metadata_url,
-        s3.endpoint.as_deref().unwrap(),
-        s3.region.as_deref().unwrap(),
-        s3.bucket,
-        s3.prefix.as_deref().unwrap(),
-        s3.access_key_id.as_deref().unwrap(),
-        s3.secret_access_key.as_deref().unwrap(),
-    );
+    let toml = scale_out_toml(&reg.app.config);
     let file = reg.dir.path().join("berth.toml");
     std::fs::write(&file, toml).unwrap();
     let file = file.to_str().unwrap();

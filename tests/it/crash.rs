@@ -2,7 +2,7 @@
 //! each crash `berth fsck` finds the store consistent (leftover objects allowed, never a row
 //! without bytes), and after a restart what was kept pulls completely.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use berth::oci::Digest;
@@ -13,29 +13,7 @@ use crate::harness::*;
 const BERTH: &str = env!("CARGO_BIN_EXE_berth");
 
 fn serve(config: &std::path::Path, dir: &std::path::Path) -> (Child, String) {
-    let ready = dir.join("ready");
-    let _ = std::fs::remove_file(&ready);
-    let mut child = Command::new(BERTH)
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(config)
-        .arg("--ready-file")
-        .arg(&ready)
-        .env_remove("BERTH_DATA_DIR")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(addr) = std::fs::read_to_string(&ready)
-            && !addr.is_empty()
-        {
-            return (child, addr);
-        }
-        assert!(child.try_wait().unwrap().is_none(), "berth exited");
-        assert!(Instant::now() < deadline, "berth did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    serve_process(&[std::ffi::OsStr::new("--config"), config.as_os_str()], &dir.join("ready"))
 }
 
 /// Pushes one image (two layers, one shared) and answers its digest, or nothing when the server
@@ -150,18 +128,7 @@ async fn kill_9_during_pushes_deletes_and_collection_scale_out() {
         eprintln!("skipping: the scale-out deployment is not configured");
         return;
     };
-    let s3 = c.storage_s3.as_ref().unwrap();
-    let toml = format!(
-        "[metadata]\nurl = {:?}\n[storage]\nkind = \"s3\"\n[storage.s3]\nendpoint = {:?}\nregion = {:?}\n\
-         bucket = {:?}\nprefix = {:?}\naccess_key_id = {:?}\nsecret_access_key = {:?}\npart_size_mib = 5\n{GC}",
-        c.metadata_url,
-        s3.endpoint.as_deref().unwrap(),
-        s3.region.as_deref().unwrap(),
-        s3.bucket,
-        s3.prefix.as_deref().unwrap(),
-        s3.access_key_id.as_deref().unwrap(),
-        s3.secret_access_key.as_deref().unwrap(),
-    );
+    let toml = format!("{}{GC}", scale_out_toml(&c));
     let config = dir.path().join("berth.toml");
     std::fs::write(&config, toml).unwrap();
     crash_rounds(config, dir.path().to_path_buf()).await;

@@ -67,6 +67,54 @@ pub async fn scale_out_config(dir: &std::path::Path) -> Option<Config> {
     Some(config)
 }
 
+/// The `[metadata]` and `[storage]` sections of a configuration file for the scale-out
+/// deployment `config` describes, for tests that run the `berth` binary on it.
+pub fn scale_out_toml(config: &Config) -> String {
+    let s3 = config.storage_s3.as_ref().expect("a scale-out configuration");
+    format!(
+        "[metadata]\nurl = {:?}\n\n[storage]\nkind = \"s3\"\n\n[storage.s3]\nendpoint = {:?}\nregion = {:?}\n\
+         bucket = {:?}\nprefix = {:?}\naccess_key_id = {:?}\nsecret_access_key = {:?}\npart_size_mib = {}\n",
+        config.metadata_url,
+        s3.endpoint.as_deref().unwrap_or_default(),
+        s3.region.as_deref().unwrap_or_default(),
+        s3.bucket,
+        s3.prefix.as_deref().unwrap_or_default(),
+        s3.access_key_id.as_deref().unwrap_or_default(),
+        s3.secret_access_key.as_deref().unwrap_or_default(),
+        s3.part_size_mib,
+    )
+}
+
+/// Starts `berth serve` on 127.0.0.1:<ephemeral> with `args` (a `--config`, a `--data-dir`…);
+/// returns the process and the address it listens on, once it does.
+pub fn serve_process(args: &[&std::ffi::OsStr], ready: &std::path::Path) -> (std::process::Child, String) {
+    use std::time::{Duration, Instant};
+    let _ = std::fs::remove_file(ready);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--ready-file"])
+        .arg(ready)
+        .args(args)
+        .env_remove("BERTH_DATA_DIR")
+        .env_remove("BERTH_CONFIG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn berth");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(addr) = std::fs::read_to_string(ready)
+            && !addr.is_empty()
+        {
+            return (child, addr);
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("berth exited: {status}");
+        }
+        assert!(Instant::now() < deadline, "berth did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The PostgreSQL server for the scale-out tests; `None` (the test is skipped) when not
 /// configured, except under CI, where the test script must have started it.
 pub fn postgres_url() -> Option<String> {

@@ -2,7 +2,7 @@
 //! through another, chunks of one upload on alternating replicas, the same content pushed
 //! concurrently through different replicas, and a replica killed mid-upload.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use berth::oci::Digest;
@@ -234,42 +234,17 @@ struct Process {
 }
 
 fn spawn_replica(config: &berth::config::Config, dir: &std::path::Path, name: &str) -> Process {
-    let s3 = config.storage_s3.as_ref().unwrap();
-    let ready = dir.join(format!("{name}.ready"));
     let config_file = dir.join(format!("{name}.toml"));
-    let toml = format!(
-        "[metadata]\nurl = {:?}\n\n[storage]\nkind = \"s3\"\n\n[storage.s3]\nendpoint = {:?}\nregion = {:?}\n\
-         bucket = {:?}\nprefix = {:?}\naccess_key_id = {:?}\nsecret_access_key = {:?}\npart_size_mib = {}\n",
-        config.metadata_url,
-        s3.endpoint.as_deref().unwrap(),
-        s3.region.as_deref().unwrap(),
-        s3.bucket,
-        s3.prefix.as_deref().unwrap(),
-        s3.access_key_id.as_deref().unwrap(),
-        s3.secret_access_key.as_deref().unwrap(),
-        s3.part_size_mib,
-    );
-    std::fs::write(&config_file, toml).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_berth"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&config_file)
-        .arg("--ready-file")
-        .arg(&ready)
-        .arg("--data-dir")
-        .arg(dir.join(name))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !ready.exists() {
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("replica {name} exited: {status}");
-        }
-        assert!(Instant::now() < deadline, "replica {name} did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Process { child, addr: std::fs::read_to_string(&ready).unwrap() }
+    std::fs::write(&config_file, scale_out_toml(config)).unwrap();
+    let data_dir = dir.join(name);
+    let args = [
+        std::ffi::OsStr::new("--config"),
+        config_file.as_os_str(),
+        "--data-dir".as_ref(),
+        data_dir.as_os_str(),
+    ];
+    let (child, addr) = serve_process(&args, &dir.join(format!("{name}.ready")));
+    Process { child, addr }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
