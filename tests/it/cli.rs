@@ -22,6 +22,22 @@ fn wait_for_file(path: &Path, child: &mut Child) -> String {
     }
 }
 
+/// `berth serve` on an ephemeral port with its data under `dir` and its log captured.
+fn serve_with_log(dir: &Path) -> (Child, String) {
+    let ready = dir.join("ready");
+    let mut child = Command::new(BERTH)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.join("data"))
+        .arg("--ready-file")
+        .arg(&ready)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr = wait_for_file(&ready, &mut child);
+    (child, addr)
+}
+
 fn terminate(child: &mut Child) -> std::process::ExitStatus {
     let ok = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
     assert!(ok.success());
@@ -31,17 +47,7 @@ fn terminate(child: &mut Child) -> std::process::ExitStatus {
 #[tokio::test]
 async fn serve_with_flags_answers_and_stops_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let ready = dir.path().join("ready");
-    let mut child = Command::new(BERTH)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path().join("data"))
-        .arg("--ready-file")
-        .arg(&ready)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let addr = wait_for_file(&ready, &mut child);
+    let (mut child, addr) = serve_with_log(dir.path());
     let res = reqwest::get(format!("http://{addr}/v2/")).await.unwrap();
     assert_eq!(res.status(), 200);
     assert_eq!(reqwest::get(format!("http://{addr}/healthz")).await.unwrap().status(), 200);
@@ -150,17 +156,7 @@ fn a_port_in_use_stops_berth_before_it_opens_anything() {
 #[tokio::test]
 async fn the_request_log_counts_real_bytes() {
     let dir = tempfile::tempdir().unwrap();
-    let ready = dir.path().join("ready");
-    let mut child = Command::new(BERTH)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path().join("data"))
-        .arg("--ready-file")
-        .arg(&ready)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let addr = wait_for_file(&ready, &mut child);
+    let (mut child, addr) = serve_with_log(dir.path());
     let client = reqwest::Client::new();
     let res = client.post(format!("http://{addr}/v2/log/blobs/uploads/")).send().await.unwrap();
     let loc = res.headers()["location"].to_str().unwrap().to_string();
