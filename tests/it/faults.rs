@@ -174,13 +174,8 @@ async fn a_delete_cut_off_midway_changes_nothing() {
     };
     let img = reg.push_image("cut/delete", "v1", 610).await;
     reg.put_manifest("cut/delete", "v2", OCI_MANIFEST, &img.manifest).await;
-    let history_before = reg
-        .app
-        .registry
-        .meta()
-        .history(&berth::oci::RepoName::parse("cut/delete").unwrap(), None)
-        .await
-        .unwrap();
+    let repo = berth::oci::RepoName::parse("cut/delete").unwrap();
+    let history_before = reg.app.registry.meta().history(&repo, None).await.unwrap();
     cutter.arm_on(b"UPDATE manifests SET deleted_at");
     let res =
         reg.req(Method::DELETE, &format!("/v2/cut/delete/manifests/{}", img.digest)).send().await.unwrap();
@@ -193,13 +188,7 @@ async fn a_delete_cut_off_midway_changes_nothing() {
     assert_eq!(reg.get(&format!("/v2/cut/delete/manifests/{}", img.digest)).await.status(), 200);
     let tags: serde_json::Value = reg.get("/v2/cut/delete/tags/list").await.json().await.unwrap();
     assert_eq!(tags["tags"], serde_json::json!(["v1", "v2"]));
-    let history_after = reg
-        .app
-        .registry
-        .meta()
-        .history(&berth::oci::RepoName::parse("cut/delete").unwrap(), None)
-        .await
-        .unwrap();
+    let history_after = reg.app.registry.meta().history(&repo, None).await.unwrap();
     assert_eq!(history_after, history_before, "no delete was recorded");
     // And the same delete, not cut off, goes through.
     let res =
