@@ -63,6 +63,9 @@ impl App {
         let policy = Policy {
             restore_window_ms: i64::try_from(config.gc.restore_window.as_millis()).unwrap_or(i64::MAX),
             sparse_index_repositories: config.sparse_index_repositories.clone(),
+            upload_expire_after_ms: i64::try_from(config.upload_expire_after_secs.saturating_mul(1000))
+                .unwrap_or(i64::MAX),
+            scrub_period_ms: (!config.gc.scrub_period.is_zero()).then(|| ms(config.gc.scrub_period)),
         };
         Ok(App { registry: Registry::new(meta, blobs, clock, policy), auth, config: config.clone() })
     }

@@ -33,10 +33,8 @@ pub struct Config {
     pub storage_direct_io: bool,
     /// S3-compatible storage instead of the filesystem, when set.
     pub storage_s3: Option<S3Config>,
-    /// Upload sessions idle this long are removed with their bytes.
+    /// Upload sessions idle this long are removed with their bytes (by the collector).
     pub upload_expire_after_secs: u64,
-    /// How often each replica looks for expired upload sessions.
-    pub upload_sweep_interval_secs: u64,
     /// Authentication and authorization; `None` leaves the registry open (the default, for
     /// loopback use).
     pub auth: Option<AuthConfig>,
@@ -68,6 +66,12 @@ pub struct GcSettings {
     pub enabled: bool,
     /// How often a serving replica's collector looks for due reviews.
     pub interval: Duration,
+    /// Collector workers per serving replica.
+    pub workers: u32,
+    /// How often a step of the storage sweep and of the scrub runs (on one replica at a time).
+    pub sweep_interval: Duration,
+    /// The scrub re-hashes every stored blob once in this long; zero switches it off.
+    pub scrub_period: Duration,
 }
 
 impl Default for GcSettings {
@@ -79,6 +83,9 @@ impl Default for GcSettings {
             untagged_grace: Duration::from_secs(7 * 24 * 3600),
             enabled: true,
             interval: Duration::from_secs(10),
+            workers: 1,
+            sweep_interval: Duration::from_secs(60),
+            scrub_period: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -174,6 +181,9 @@ struct GcSection {
     untagged_grace: Option<String>,
     enabled: Option<bool>,
     interval: Option<String>,
+    workers: Option<u32>,
+    sweep_interval: Option<String>,
+    scrub_period: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -240,7 +250,6 @@ impl Config {
             storage_direct_io: true,
             storage_s3: None,
             upload_expire_after_secs: 24 * 3600,
-            upload_sweep_interval_secs: 600,
             auth: None,
             tls: None,
             limits: Limits::default(),
@@ -335,11 +344,12 @@ impl Config {
         if let Some(secs) = parsed.uploads.expire_after_secs {
             cfg.upload_expire_after_secs = secs;
         }
-        if let Some(secs) = parsed.uploads.sweep_interval_secs {
-            if secs == 0 {
-                return Err(ConfigError("uploads.sweep_interval_secs must be at least 1".into()));
-            }
-            cfg.upload_sweep_interval_secs = secs;
+        if parsed.uploads.sweep_interval_secs.is_some() {
+            return Err(ConfigError(
+                "uploads.sweep_interval_secs is gone: the collector removes abandoned upload sessions \
+                 every gc.interval"
+                    .into(),
+            ));
         }
         cfg.auth = parsed.auth;
         cfg.tls = parsed.tls;
@@ -366,6 +376,14 @@ impl Config {
                 "gc.untagged_grace",
                 &mut cfg.gc.untagged_grace,
             ),
+            (parsed.gc.interval, "BERTH_GC_INTERVAL", "gc.interval", &mut cfg.gc.interval),
+            (
+                parsed.gc.sweep_interval,
+                "BERTH_GC_SWEEP_INTERVAL",
+                "gc.sweep_interval",
+                &mut cfg.gc.sweep_interval,
+            ),
+            (parsed.gc.scrub_period, "BERTH_GC_SCRUB_PERIOD", "gc.scrub_period", &mut cfg.gc.scrub_period),
         ] {
             let (value, source) = match env(var) {
                 Some(v) => (Some(v), var),
@@ -381,11 +399,20 @@ impl Config {
         if let Some(v) = env("BERTH_GC_ENABLED") {
             cfg.gc.enabled = matches!(v.as_str(), "1" | "true" | "yes");
         }
-        if let Some(every) = parsed.gc.interval {
-            cfg.gc.interval = parse_duration(&every).map_err(|e| ConfigError(format!("gc.interval: {e}")))?;
-            if cfg.gc.interval.is_zero() {
-                return Err(ConfigError("gc.interval must be more than zero".into()));
-            }
+        if cfg.gc.interval.is_zero() || cfg.gc.sweep_interval.is_zero() {
+            return Err(ConfigError("gc.interval and gc.sweep_interval must be more than zero".into()));
+        }
+        if let Some(workers) = parsed.gc.workers {
+            cfg.gc.workers = workers;
+        }
+        if let Some(v) = env("BERTH_GC_WORKERS") {
+            cfg.gc.workers =
+                v.parse().map_err(|_| ConfigError(format!("BERTH_GC_WORKERS: `{v}` is not a number")))?;
+        }
+        if !(1..=64).contains(&cfg.gc.workers) {
+            return Err(ConfigError(
+                "gc.workers must be between 1 and 64 (gc.enabled = false switches the collector off)".into(),
+            ));
         }
         if let Some(every) = parsed.gc.access_flush_interval {
             let every =

@@ -31,9 +31,13 @@ pub async fn serve(
         ),
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let sweeper = tokio::spawn(expire_uploads_periodically(app.clone(), stop_rx.clone()));
-    let access = tokio::spawn(flush_access_periodically(app.clone(), stop_rx.clone()));
-    let collector = app.config.gc.enabled.then(|| tokio::spawn(collect_periodically(app.clone(), stop_rx)));
+    let mut background = vec![tokio::spawn(flush_access_periodically(app.clone(), stop_rx.clone()))];
+    if app.config.gc.enabled {
+        for _ in 0..app.config.gc.workers {
+            background.push(tokio::spawn(collect_periodically(app.clone(), stop_rx.clone())));
+        }
+        background.push(tokio::spawn(sweep_periodically(app.clone(), stop_rx)));
+    }
     let handle = axum_server::Handle::new();
     let stopper = handle.clone();
     tokio::spawn(async move {
@@ -57,10 +61,8 @@ pub async fn serve(
         }
     };
     let _ = stop_tx.send(true);
-    let _ = sweeper.await;
-    let _ = access.await;
-    if let Some(collector) = collector {
-        let _ = collector.await;
+    for task in background {
+        let _ = task.await;
     }
     registry.meta().close().await;
     result
@@ -88,23 +90,6 @@ fn read_buffer_bytes(limits: &crate::config::Limits) -> usize {
     limits.max_header_bytes.max(1 << 20)
 }
 
-/// Removes abandoned upload sessions every `uploads.sweep_interval_secs`, until stopped.
-async fn expire_uploads_periodically(app: App, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let every = std::time::Duration::from_secs(app.config.upload_sweep_interval_secs);
-    let max_idle_ms = (app.config.upload_expire_after_secs * 1000) as i64;
-    loop {
-        tokio::select! {
-            _ = stop.changed() => return,
-            () = tokio::time::sleep(every) => {}
-        }
-        match app.registry.expire_uploads(max_idle_ms).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(uploads.expired = n, "removed abandoned upload sessions"),
-            Err(e) => tracing::warn!(error = %e, "could not expire upload sessions"),
-        }
-    }
-}
-
 /// Writes the noted pull and `HEAD` times every `gc.access_flush_interval`, and once more when
 /// the server stops, so they are durable within that interval.
 async fn flush_access_periodically(app: App, mut stop: tokio::sync::watch::Receiver<bool>) {
@@ -123,24 +108,81 @@ async fn flush_access_periodically(app: App, mut stop: tokio::sync::watch::Recei
     }
 }
 
-/// Runs the collector every `gc.interval` while serving.
+/// Reviews passed to one collection pass; a pass that used them all is followed by another at
+/// once, so a backlog drains at the store's speed rather than one pass per interval.
+const REVIEWS_PER_PASS: u64 = 1000;
+
+/// A collector worker: collects what is due every `gc.interval` while serving (several workers
+/// and replicas claim different reviews).
 async fn collect_periodically(app: App, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut backlog = false;
     loop {
-        tokio::select! {
-            _ = stop.changed() => return,
-            () = tokio::time::sleep(app.config.gc.interval) => {}
+        if !backlog {
+            tokio::select! {
+                _ = stop.changed() => return,
+                () = tokio::time::sleep(app.config.gc.interval) => {}
+            }
+        } else if *stop.borrow() {
+            return;
         }
-        match app.registry.collect(10_000).await {
-            Ok(r) if r.manifests + r.blobs > 0 => tracing::info!(
-                gc.manifests = r.manifests,
-                gc.blobs = r.blobs,
-                gc.bytes = r.bytes,
-                "collected"
-            ),
-            Ok(_) => {}
+        backlog = false;
+        match app.registry.collect(REVIEWS_PER_PASS).await {
+            Ok(r) => {
+                backlog = r.reviews == REVIEWS_PER_PASS;
+                if r.manifests + r.blobs + r.uploads_expired > 0 {
+                    tracing::info!(
+                        gc.manifests = r.manifests,
+                        gc.blobs = r.blobs,
+                        gc.bytes = r.bytes,
+                        gc.uploads_expired = r.uploads_expired,
+                        gc.objects_deleted = r.objects_deleted,
+                        "collected"
+                    );
+                }
+            }
             Err(e) => tracing::warn!(error = %e, "collection pass failed; retried next time"),
         }
     }
+}
+
+/// Runs a step of the storage sweep and of the scrub every `gc.sweep_interval`, on whichever
+/// replica holds the lease for it.
+async fn sweep_periodically(app: App, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let every = app.config.gc.sweep_interval;
+    let holder = format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
+    let every_ms = i64::try_from(every.as_millis()).unwrap_or(i64::MAX);
+    let lease_ms = every_ms.saturating_mul(3).max(60_000);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            () = tokio::time::sleep(every) => {}
+        }
+        let now = app.registry.clock().now_ms();
+        match app.registry.meta().take_lease("sweep", &holder, now, lease_ms).await {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not take the sweep lease");
+                continue;
+            }
+        }
+        match app.registry.sweep_step().await {
+            Ok(r) if r.orphans + r.rows_requeued > 0 => tracing::info!(
+                sweep.orphans = r.orphans,
+                sweep.orphan_bytes = r.orphan_bytes,
+                sweep.rows_requeued = r.rows_requeued,
+                "sweep step"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "sweep step failed; retried next time"),
+        }
+        if let Some(period) = app.registry.policy().scrub_period_ms
+            && let Err(e) = app.registry.scrub_step(period, every_ms.saturating_mul(10)).await
+        {
+            tracing::warn!(error = %e, "scrub step failed; retried next time");
+        }
+    }
+    let _ = app.registry.meta().release_lease("sweep", &holder).await;
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 
 use super::fs_write::{BufferPool, UploadWriter};
-use super::{ByteRange, Error, FsOptions, Hold, Result};
+use super::{ByteRange, Error, FsOptions, Hold, Listed, Result};
 use crate::oci::{Algorithm, Digest, UploadHasher};
 
 /// Files under a root directory.
@@ -126,10 +126,19 @@ impl FsStore {
             .await
             .map_err(|e| not_found_or_io(upload_key, e))?;
         f.set_len(size).await.map_err(io_err(upload_key))?;
-        if self.options.fsync {
-            f.sync_all().await.map_err(io_err(upload_key))?;
-        }
-        drop(f);
+        // The blob's age is its publication, not the session's last write: the storage sweep
+        // leaves alone what is younger than `blob_grace`, and the row naming this file is written
+        // right after the rename.
+        let f = f.into_std().await;
+        let fsync = self.options.fsync;
+        tokio::task::spawn_blocking(move || {
+            f.set_modified(std::time::SystemTime::now())?;
+            if fsync { f.sync_all() } else { Ok(()) }
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r)
+        .map_err(io_err(upload_key))?;
         create_parent(&to, blob_key).await?;
         tokio::fs::rename(&from, &to).await.map_err(|e| not_found_or_io(upload_key, e))?;
         if self.options.fsync
@@ -274,6 +283,65 @@ impl FsStore {
         .await
         .map_err(|e| Error::Io { key: "list".into(), source: std::io::Error::other(e) })?
     }
+
+    /// Up to `limit` objects with keys after `after`, in key order: a walk that visits
+    /// directories in the order of the keys under them and skips those wholly before `after`.
+    pub(super) async fn list_page(&self, after: &str, limit: usize) -> Result<Vec<Listed>> {
+        let root = self.root.clone();
+        let after = after.to_string();
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            walk_sorted(&root, "", &after, limit, &mut out)?;
+            Ok(out)
+        })
+        .await
+        .map_err(|e| Error::Io { key: "list".into(), source: std::io::Error::other(e) })?
+    }
+}
+
+/// Appends to `out` the files under `dir` (whose keys start with `rel`) that sort after `after`,
+/// in key order, until `out` holds `limit`.
+fn walk_sorted(dir: &Path, rel: &str, after: &str, limit: usize, out: &mut Vec<Listed>) -> Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err(rel)(e)),
+    };
+    // A directory sorts as its name and a slash: that is how the keys under it begin.
+    let mut named = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io_err(rel))?;
+        let is_dir = entry.file_type().map_err(io_err(rel))?.is_dir();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let key = if is_dir { format!("{rel}{name}/") } else { format!("{rel}{name}") };
+        named.push((key, is_dir, entry.path()));
+    }
+    named.sort();
+    for (key, is_dir, path) in named {
+        if out.len() >= limit {
+            return Ok(());
+        }
+        if is_dir {
+            // Skip a directory whose every key sorts before `after`.
+            if key.as_str() < after && !after.starts_with(&key) {
+                continue;
+            }
+            walk_sorted(&path, &key, after, limit, out)?;
+        } else if key.as_str() > after {
+            let meta = match std::fs::metadata(&path) {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err(&key)(e)),
+            };
+            let modified_ms = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_millis() as i64);
+            out.push(Listed { key, size: meta.len(), modified_ms });
+        }
+    }
+    Ok(())
 }
 
 async fn create_parent(path: &Path, key: &str) -> Result<()> {

@@ -116,6 +116,20 @@ pub struct Chunk {
     pub len: u64,
 }
 
+/// An object found by [`BlobStore::list_page`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    /// Its key.
+    pub key: String,
+    /// Its size.
+    pub size: u64,
+    /// When it was last written, in milliseconds since the epoch (by the store's clock).
+    pub modified_ms: i64,
+}
+
+/// Deletes in flight at once on the filesystem.
+const FS_DELETE_CONCURRENCY: usize = 16;
+
 /// A stream of blob bytes.
 pub type ByteStream = BoxStream<'static, std::io::Result<Bytes>>;
 
@@ -312,6 +326,37 @@ impl BlobStore {
         match &self.0 {
             Backend::Filesystem(s) => s.delete(key).await,
             Backend::S3(s) => s.delete(key).await,
+        }
+    }
+
+    /// Deletes `keys` (on object storage in bulk requests, on the filesystem a few at a time);
+    /// returns each key's outcome. Deleting a missing object succeeds.
+    pub async fn delete_many(&self, keys: &[String]) -> Vec<(String, Result<()>)> {
+        use futures_util::StreamExt as _;
+        match &self.0 {
+            Backend::Filesystem(s) => {
+                futures_util::stream::iter(keys.iter().cloned())
+                    .map(|key| async move {
+                        let outcome = s.delete(&key).await;
+                        (key, outcome)
+                    })
+                    .buffer_unordered(FS_DELETE_CONCURRENCY)
+                    .collect()
+                    .await
+            }
+            Backend::S3(s) => s.delete_many(keys).await,
+        }
+    }
+
+    /// Up to `limit` objects whose keys sort after `after`, in key order — a page of a walk
+    /// over everything stored that can resume where it stopped.
+    ///
+    /// # Errors
+    /// When storage fails.
+    pub async fn list_page(&self, after: &str, limit: usize) -> Result<Vec<Listed>> {
+        match &self.0 {
+            Backend::Filesystem(s) => s.list_page(after, limit).await,
+            Backend::S3(s) => s.list_page(after, limit).await,
         }
     }
 

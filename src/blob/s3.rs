@@ -17,7 +17,7 @@ use object_store::{GetOptions, GetRange, MultipartId, ObjectStore, ObjectStoreEx
 use serde::Deserialize;
 use tokio::task::JoinSet;
 
-use super::{ByteRange, ByteStream, Chunk, Error, Result};
+use super::{ByteRange, ByteStream, Chunk, Error, Listed, Result};
 use crate::oci::{Algorithm, Digest, UploadHasher};
 
 /// Connection settings for an S3-compatible bucket.
@@ -352,6 +352,87 @@ impl S3Store {
             Err(object_store::Error::NotFound { .. }) => Err(Error::NotFound(key.to_string())),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Up to `limit` objects with keys after `after`, in key order (one listing request per
+    /// thousand keys).
+    pub(super) async fn list_page(&self, after: &str, limit: usize) -> Result<Vec<Listed>> {
+        let root = (!self.prefix.is_empty()).then(|| Path::from(self.prefix.trim_end_matches('/')));
+        let offset = self.path(after);
+        let objects: Vec<_> =
+            self.store.list_with_offset(root.as_ref(), &offset).take(limit).try_collect().await?;
+        Ok(objects
+            .into_iter()
+            .map(|m| Listed {
+                key: m
+                    .location
+                    .as_ref()
+                    .strip_prefix(&self.prefix)
+                    .unwrap_or(m.location.as_ref())
+                    .to_string(),
+                size: m.size,
+                modified_ms: m.last_modified.timestamp_millis(),
+            })
+            .collect())
+    }
+
+    /// Deletes `keys` in bulk (`DeleteObjects`, a thousand keys a request). A marker of an
+    /// interrupted multipart upload first aborts the upload it names. Returns each key's outcome;
+    /// a missing object counts as deleted.
+    pub(super) async fn delete_many(&self, keys: &[String]) -> Vec<(String, Result<()>)> {
+        let mut outcomes = Vec::with_capacity(keys.len());
+        let mut plain = Vec::with_capacity(keys.len());
+        for key in keys {
+            if key.ends_with(MARKER_SUFFIX) {
+                let outcome = self.abort_marked(key).await;
+                if outcome.is_err() {
+                    outcomes.push((key.clone(), outcome));
+                    continue;
+                }
+            }
+            plain.push(key.clone());
+        }
+        let paths: Vec<_> = plain.iter().map(|k| Ok(self.path(k))).collect();
+        let paths = futures_util::stream::iter(paths).boxed();
+        // A failed request reports one error for all its keys, so outcomes are matched by key:
+        // a key not reported deleted failed with the last error seen.
+        let mut deleted = std::collections::HashSet::new();
+        let mut last_error = None;
+        let mut results = self.store.delete_stream(paths);
+        while let Some(result) = results.next().await {
+            match result {
+                Ok(path) => {
+                    deleted.insert(path);
+                }
+                Err(object_store::Error::NotFound { path, .. }) => {
+                    deleted.insert(Path::from(path));
+                }
+                Err(e) => last_error = Some(e.to_string()),
+            }
+        }
+        for key in plain {
+            let outcome = if deleted.contains(&self.path(&key)) {
+                Ok(())
+            } else {
+                let why = last_error.clone().unwrap_or_else(|| "not reported deleted".into());
+                Err(Error::Io { key: key.clone(), source: std::io::Error::other(why) })
+            };
+            outcomes.push((key, outcome));
+        }
+        outcomes
+    }
+
+    /// Aborts the multipart upload that the marker `key` names (it may have completed or been
+    /// aborted already: that is fine).
+    async fn abort_marked(&self, key: &str) -> Result<()> {
+        let id = match self.store.get(&self.path(key)).await {
+            Ok(r) => String::from_utf8_lossy(&r.bytes().await?).to_string(),
+            Err(object_store::Error::NotFound { .. }) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        let target = self.path(key.trim_end_matches(MARKER_SUFFIX));
+        let _ = self.store.abort_multipart(&target, &id).await;
+        Ok(())
     }
 
     pub(super) async fn list(&self, prefix: &str) -> Result<Vec<String>> {

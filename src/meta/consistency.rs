@@ -71,6 +71,20 @@ const CHECKS: [(&str, &str, bool); 5] = [
     ),
 ];
 
+/// Kinds of findings about stored bytes (checked by `fsck` and the scrub, not in SQL).
+pub const BLOB_FINDINGS: [&str; 4] = ["blob-missing", "blob-size", "blob-content", "blob-digest"];
+
+/// The kind names of the reference checks.
+pub fn reference_kinds() -> Vec<&'static str> {
+    CHECKS.iter().map(|(kind, _, _)| *kind).collect()
+}
+
+/// The static name of a finding kind read back from the store (`"other"` for one this version
+/// does not know, written by a newer one).
+pub(super) fn finding_kind(kind: &str) -> &'static str {
+    BLOB_FINDINGS.into_iter().chain(reference_kinds()).find(|k| *k == kind).unwrap_or("other")
+}
+
 impl MetaStore {
     /// Blob rows with an id above `after`, by id, at most `limit`.
     ///

@@ -79,8 +79,22 @@ impl MetaStore {
         Ok(())
     }
 
+    /// Records in the outbox that the object under `key` is to be deleted once the calling
+    /// transaction commits.
+    pub(super) async fn to_outbox(tx: &mut AnyConnection, key: &str, now: i64) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO gc_outbox (storage_key, enqueued_at, next_attempt) VALUES ($1, $2, $2) \
+             ON CONFLICT (storage_key) DO NOTHING",
+        )
+        .bind(key)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        Ok(())
+    }
+
     /// The collector's windows.
-    pub(super) fn windows(&self) -> super::Windows {
+    pub fn windows(&self) -> super::Windows {
         self.windows
     }
 
@@ -169,14 +183,7 @@ impl MetaStore {
             return Ok(Verdict::Until(grace_end));
         }
         sqlx::query("DELETE FROM repository_blobs WHERE blob_id = $1").bind(id).execute(&mut *tx).await?;
-        sqlx::query(
-            "INSERT INTO gc_outbox (storage_key, enqueued_at, next_attempt) VALUES ($1, $2, $2) \
-             ON CONFLICT (storage_key) DO NOTHING",
-        )
-        .bind(&key)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
+        Self::to_outbox(tx, &key, now).await?;
         sqlx::query("DELETE FROM blobs WHERE id = $1").bind(id).execute(&mut *tx).await?;
         Ok(Verdict::Collected(Collected { manifests: 0, blobs: 1, bytes: size as u64 }))
     }
@@ -308,27 +315,30 @@ impl MetaStore {
         Ok(rows.into_iter().map(|(k,)| k).collect())
     }
 
-    /// Records that the object under `key` is deleted (`Ok`) or could not be (retried later,
-    /// with a pause growing with the attempts).
+    /// Records the outcome of deleting outbox objects: `deleted` keys leave the outbox, `failed`
+    /// ones are retried later, with a pause growing with their attempts.
     ///
     /// # Errors
     /// [`Error::Database`].
-    pub async fn outbox_done(&self, key: &str, deleted: bool, now: i64) -> Result<()> {
-        if deleted {
-            sqlx::query("DELETE FROM gc_outbox WHERE storage_key = $1")
+    pub async fn outbox_settle(&self, deleted: &[String], failed: &[String], now: i64) -> Result<()> {
+        transaction!(self, Error, |tx| {
+            for key in deleted {
+                sqlx::query("DELETE FROM gc_outbox WHERE storage_key = $1")
+                    .bind(key)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            for key in failed {
+                sqlx::query(
+                    "UPDATE gc_outbox SET attempts = attempts + 1, \
+                     next_attempt = $1 + 1000 * (1 + attempts * attempts) WHERE storage_key = $2",
+                )
+                .bind(now)
                 .bind(key)
-                .execute(&self.write)
+                .execute(&mut *tx)
                 .await?;
-        } else {
-            sqlx::query(
-                "UPDATE gc_outbox SET attempts = attempts + 1, \
-                 next_attempt = $1 + 1000 * (1 + attempts * attempts) WHERE storage_key = $2",
-            )
-            .bind(now)
-            .bind(key)
-            .execute(&self.write)
-            .await?;
-        }
-        Ok(())
+            }
+            Ok(())
+        })
     }
 }

@@ -20,6 +20,7 @@ mod manifests;
 mod reports;
 mod repos;
 mod rows;
+mod sweep;
 mod tags;
 mod uploads;
 
@@ -30,12 +31,13 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyConnection, AnyPool, Connection as _, Executor as _};
 
 pub use blobs::CompletedUpload;
-pub use consistency::{Finding, StoredBlob};
+pub use consistency::{BLOB_FINDINGS, Finding, StoredBlob, reference_kinds};
 pub use deletes::{AffectedManifest, DeleteError, Purged, Refusal, RevertTarget};
 pub use gc::{Collected, Review};
 pub use manifests::{NewManifest, PutManifestError};
 pub use reports::{Preview, RepositorySummary, TombstoneRow};
 pub use rows::{BlobRow, ManifestHead, ManifestRow, ReferrerRow, TagMove, UploadRow};
+pub use sweep::{Progress, RowSweep};
 pub use tags::TagCondition;
 
 /// Errors of the metadata store.

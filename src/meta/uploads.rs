@@ -84,23 +84,40 @@ impl MetaStore {
         Ok(row.map(|(k,)| k))
     }
 
-    /// Removes up to `limit` sessions that received nothing since `idle_before`, returning their
-    /// storage keys (whose objects the caller deletes after this commits). Safe to run on several
-    /// replicas at once: a session is returned to exactly one of them.
+    /// Removes up to `limit` sessions that received nothing since `idle_before` and, in the
+    /// same transaction, sends the objects they recorded to the outbox (a session key that is a
+    /// prefix is not an object; what a session wrote but never recorded is left to the sweep).
+    /// Returns how many sessions went. Safe on several replicas at once: a session is removed by
+    /// exactly one of them.
     ///
     /// # Errors
     /// [`super::Error::Database`].
-    pub async fn expire_uploads(&self, idle_before: i64, limit: i64) -> Result<Vec<String>> {
-        let rows: Vec<(String,)> = sqlx::query_as(
-            "DELETE FROM uploads WHERE id IN \
-             (SELECT id FROM uploads WHERE updated_at < $1 ORDER BY updated_at LIMIT $2) \
-             AND updated_at < $1 RETURNING storage_key",
-        )
-        .bind(idle_before)
-        .bind(limit)
-        .fetch_all(&self.write)
-        .await?;
-        Ok(rows.into_iter().map(|(k,)| k).collect())
+    pub async fn expire_uploads(&self, idle_before: i64, limit: i64, now: i64) -> Result<u64> {
+        let skip_locked = match self.dialect {
+            super::Dialect::Sqlite => "",
+            super::Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
+        };
+        let due = format!(
+            "SELECT id, storage_key, chunks FROM uploads WHERE updated_at < $1 ORDER BY updated_at LIMIT $2{skip_locked}"
+        );
+        transaction!(self, Error, |tx| {
+            let sessions: Vec<(String, String, String)> =
+                sqlx::query_as(&due).bind(idle_before).bind(limit).fetch_all(&mut *tx).await?;
+            for (id, key, chunks) in &sessions {
+                sqlx::query("DELETE FROM uploads WHERE id = $1").bind(id).execute(&mut *tx).await?;
+                #[derive(serde::Deserialize)]
+                struct Recorded {
+                    key: String,
+                }
+                let recorded: Vec<Recorded> = serde_json::from_str(chunks).unwrap_or_default();
+                let objects =
+                    recorded.into_iter().map(|c| c.key).chain((!key.ends_with('/')).then(|| key.clone()));
+                for object in objects {
+                    Self::to_outbox(tx, &object, now).await?;
+                }
+            }
+            Ok(sessions.len() as u64)
+        })
     }
 
     /// Turns a finished upload into a blob linked in its repository, in one transaction: the

@@ -93,7 +93,13 @@ impl Registry {
     /// Checks one blob's bytes: present, of the recorded size, and (with `rehash`) hashing to
     /// its digest. Missing bytes whose row has gone meanwhile are not a problem (a concurrent
     /// delete).
-    async fn check_blob(&self, digest: &str, size: u64, key: &str, rehash: bool) -> Result<Option<Finding>> {
+    pub(super) async fn check_blob(
+        &self,
+        digest: &str,
+        size: u64,
+        key: &str,
+        rehash: bool,
+    ) -> Result<Option<Finding>> {
         let finding = |kind, detail: String| {
             Some(Finding { kind, repository: None, subject: digest.to_string(), detail })
         };

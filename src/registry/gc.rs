@@ -15,17 +15,20 @@ pub struct GcReport {
     pub blobs: u64,
     /// Their bytes.
     pub bytes: u64,
+    /// Abandoned upload sessions removed (their objects went to the outbox).
+    pub uploads_expired: u64,
     /// Storage objects deleted from the outbox.
     pub objects_deleted: u64,
     /// Storage deletes that failed (retried later).
     pub objects_failed: u64,
 }
 
-/// Outbox keys deleted per batch.
-const OUTBOX_BATCH: i64 = 100;
+/// Outbox keys deleted per batch (one `DeleteObjects` request on S3).
+const OUTBOX_BATCH: i64 = 1000;
 
 impl Registry {
-    /// Carries out up to `max_reviews` due reviews, then drains the outbox.
+    /// Carries out up to `max_reviews` due reviews, removes abandoned upload sessions, then
+    /// drains the outbox.
     ///
     /// # Errors
     /// [`super::Error::Internal`] when the metadata store fails (what was done so far stays done).
@@ -38,6 +41,7 @@ impl Registry {
             report.blobs += done.blobs;
             report.bytes += done.bytes;
         }
+        report.uploads_expired = self.expire_uploads().await?;
         let (deleted, failed) = self.drain_outbox().await?;
         report.objects_deleted = deleted;
         report.objects_failed = failed;
@@ -56,23 +60,21 @@ impl Registry {
             if keys.is_empty() {
                 return Ok((deleted, failed));
             }
-            let mut progressed = false;
-            for key in keys {
-                let ok = match self.blobs.delete(&key).await {
-                    Ok(()) => true,
+            let outcomes = self.blobs.delete_many(&keys).await;
+            let (mut done, mut failing) = (Vec::new(), Vec::new());
+            for (key, outcome) in outcomes {
+                match outcome {
+                    Ok(()) => done.push(key),
                     Err(e) => {
                         tracing::warn!(storage.key = %key, error = %e, "could not delete a collected object; will retry");
-                        false
+                        failing.push(key);
                     }
-                };
-                self.meta.outbox_done(&key, ok, self.clock.now_ms()).await?;
-                if ok {
-                    deleted += 1;
-                    progressed = true;
-                } else {
-                    failed += 1;
                 }
             }
+            self.meta.outbox_settle(&done, &failing, self.clock.now_ms()).await?;
+            let progressed = !done.is_empty();
+            deleted += done.len() as u64;
+            failed += failing.len() as u64;
             if !progressed {
                 return Ok((deleted, failed));
             }

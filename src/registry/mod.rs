@@ -15,6 +15,7 @@ mod fsck;
 mod gc;
 mod pull;
 mod push;
+mod sweep;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -28,6 +29,7 @@ pub use fsck::FsckReport;
 pub use gc::GcReport;
 pub use pull::{BlobHandle, Referrer};
 pub use push::{ChunkRange, PushedManifest, UploadStatus};
+pub use sweep::{ScrubReport, SweepReport};
 
 use crate::blob::BlobStore;
 use crate::meta::MetaStore;
@@ -61,11 +63,21 @@ pub struct Policy {
     pub restore_window_ms: i64,
     /// Repositories whose image indexes may list children absent from the repository.
     pub sparse_index_repositories: Vec<crate::auth::Pattern>,
+    /// Upload sessions that received nothing for this long are removed, in milliseconds.
+    pub upload_expire_after_ms: i64,
+    /// The scrub re-hashes every stored blob once in this long, in milliseconds (`None`: off).
+    pub scrub_period_ms: Option<i64>,
 }
 
 impl Default for Policy {
     fn default() -> Self {
-        Policy { restore_window_ms: 7 * 24 * 3600 * 1000, sparse_index_repositories: Vec::new() }
+        const DAY: i64 = 24 * 3600 * 1000;
+        Policy {
+            restore_window_ms: 7 * DAY,
+            sparse_index_repositories: Vec::new(),
+            upload_expire_after_ms: DAY,
+            scrub_period_ms: Some(7 * DAY),
+        }
     }
 }
 

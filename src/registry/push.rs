@@ -329,24 +329,21 @@ impl Registry {
         Ok(())
     }
 
-    /// Removes upload sessions idle for longer than `max_idle_ms` and deletes their bytes
-    /// (including multipart uploads cut off by a crash). Returns how many were removed.
+    /// Removes upload sessions idle (nothing received) for longer than the policy's
+    /// `upload_expire_after_ms`; their objects go to the collector's outbox in the same
+    /// transaction, so a crash cannot leak them. Returns how many sessions were removed.
     ///
     /// # Errors
-    /// [`Error::Internal`] when the metadata store fails; storage failures are logged and left
-    /// to a later sweep.
-    pub async fn expire_uploads(&self, max_idle_ms: i64) -> Result<usize> {
+    /// [`Error::Internal`] when the metadata store fails.
+    pub async fn expire_uploads(&self) -> Result<u64> {
         let mut removed = 0;
         loop {
-            let keys = self.meta.expire_uploads(self.clock.now_ms() - max_idle_ms, 500).await?;
-            if keys.is_empty() {
+            let now = self.clock.now_ms();
+            let idle_before = now.saturating_sub(self.policy.upload_expire_after_ms);
+            let n = self.meta.expire_uploads(idle_before, 500, now).await?;
+            removed += n;
+            if n < 500 {
                 return Ok(removed);
-            }
-            removed += keys.len();
-            for key in keys {
-                if let Err(e) = self.blobs.abort_upload(&key, None).await {
-                    tracing::warn!(storage.key = %key, error = %e, "could not delete an expired upload's bytes");
-                }
             }
         }
     }

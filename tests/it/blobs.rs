@@ -311,16 +311,18 @@ backend_test!(abandoned_sessions_expire_with_their_bytes, |reg| {
         (loc, id)
     };
     let (old_loc, old_id) = start("abandoned bytes").await;
-    reg.app.registry.clock().advance_ms(2 * 3600 * 1000);
+    // Idle for longer than `uploads.expire_after_secs` (a day by default).
+    reg.app.registry.clock().advance_ms(25 * 3600 * 1000);
     let (new_loc, new_id) = start("fresh bytes").await;
-    let removed = reg.app.registry.expire_uploads(3600 * 1000).await.unwrap();
-    assert_eq!(removed, 1);
+    let pass = reg.app.registry.collect(100).await.unwrap();
+    assert_eq!(pass.uploads_expired, 1);
+    assert_eq!(pass.objects_failed, 0);
     assert_oci_error(reg.get(&old_loc).await, 404, "BLOB_UPLOAD_UNKNOWN").await;
     assert_eq!(reg.get(&new_loc).await.status(), 204);
     let objects = reg.app.registry.blobs().list("").await.unwrap();
     assert!(objects.iter().all(|k| !k.contains(&old_id)), "{objects:?}");
     assert!(objects.iter().any(|k| k.contains(&new_id)), "{objects:?}");
-    assert_eq!(reg.app.registry.expire_uploads(3600 * 1000).await.unwrap(), 0);
+    assert_eq!(reg.app.registry.collect(100).await.unwrap().uploads_expired, 0);
 });
 
 // A blob whose bytes vanish between the lookup and the read: a 404 when metadata moved on

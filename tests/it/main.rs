@@ -17,6 +17,7 @@ mod gc;
 mod limits;
 mod manifests;
 mod replicas;
+mod sweep;
 mod tags;
 mod tls;
 mod upgrade;

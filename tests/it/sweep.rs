@@ -1,0 +1,198 @@
+//! The safety net: the storage sweep removes objects no row accounts for once they are older
+//! than `blob_grace` (and nothing else), rows the review queue missed are queued again, and the
+//! scrub finds bytes that rotted or vanished behind Berth's back.
+
+use berth::oci::{Digest, UploadHasher};
+use bytes::Bytes;
+
+use crate::backend_test;
+use crate::harness::*;
+
+const DAY_MS: i64 = 24 * 3600 * 1000;
+
+/// Writes `len` bytes to storage as an upload session's object that no row will ever name —
+/// what a crash between writing bytes and recording them leaves. Returns the objects' keys.
+async fn leave_unrecorded_bytes(reg: &TestRegistry, session: &str, len: usize) -> Vec<String> {
+    let blobs = reg.app.registry.blobs();
+    let key = blobs.start_upload(session).await.unwrap();
+    let body = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from(vec![7u8; len]))]);
+    let mut chunks = Vec::new();
+    let mut hasher = UploadHasher::default();
+    blobs
+        .write_upload(&key, &mut chunks, 0, body, &mut hasher, Some(len as u64), std::sync::Arc::new(()))
+        .await
+        .unwrap();
+    let keys: Vec<String> = chunks.into_iter().map(|c| c.key).collect();
+    if keys.is_empty() { vec![key] } else { keys }
+}
+
+/// Runs sweep steps until the walk over storage has finished once.
+async fn sweep_pass(reg: &TestRegistry) -> berth::registry::SweepReport {
+    let mut total = berth::registry::SweepReport::default();
+    loop {
+        let step = reg.app.registry.sweep_step().await.unwrap();
+        total.objects_listed += step.objects_listed;
+        total.orphans += step.orphans;
+        total.orphan_bytes += step.orphan_bytes;
+        total.rows_requeued += step.rows_requeued;
+        if step.storage_pass_finished {
+            return total;
+        }
+    }
+}
+
+backend_test!(the_sweep_removes_old_unaccounted_objects_and_nothing_else, |reg| {
+    let img = reg.push_image("sweep/app", "v1", 1200).await;
+    // An upload left open, and bytes nobody recorded.
+    let open = reg.start_upload("sweep/app").await;
+    assert_eq!(reg.patch_chunk(&open, &random_bytes(1201, 700), 0, 700).await.status(), 202);
+    let orphans = leave_unrecorded_bytes(&reg, "crashed-session", 600).await;
+    // A published blob whose row was lost (a commit whose reply never came, then rolled back).
+    let lost = reg.upload_blob("sweep/app", &random_bytes(1202, 800)).await;
+    let lost_key = reg.storage_key(&lost).await;
+    let sql = reg.sql().await;
+    let (lost_id,): (i64,) = sqlx::query_as("SELECT id FROM blobs WHERE digest = $1")
+        .bind(lost.as_str())
+        .fetch_one(&sql)
+        .await
+        .unwrap();
+    for table in ["DELETE FROM repository_blobs WHERE blob_id = $1", "DELETE FROM blobs WHERE id = $1"] {
+        sqlx::query(table).bind(lost_id).execute(&sql).await.unwrap();
+    }
+    let before = reg.app.registry.blobs().list("").await.unwrap();
+    for key in orphans.iter().chain([&lost_key]) {
+        assert!(before.contains(key), "{key} in {before:?}");
+    }
+
+    // Young objects are left alone: their rows may still be on their way.
+    let pass = sweep_pass(&reg).await;
+    assert_eq!(pass.orphans, 0, "{pass:?}");
+    assert!(pass.objects_listed as usize >= before.len());
+
+    reg.app.registry.clock().advance_ms(DAY_MS + 1000);
+    let pass = sweep_pass(&reg).await;
+    assert_eq!(pass.orphans, orphans.len() as u64 + 1, "{pass:?}");
+    assert_eq!(pass.orphan_bytes, 600 + 800);
+    let (deleted, failed) = reg.app.registry.drain_outbox().await.unwrap();
+    assert_eq!((deleted, failed), (orphans.len() as u64 + 1, 0));
+    let after = reg.app.registry.blobs().list("").await.unwrap();
+    for key in orphans.iter().chain([&lost_key]) {
+        assert!(!after.contains(key), "{key} still stored: {after:?}");
+    }
+    // Everything else is still there: the image pulls, the open session takes its last chunk.
+    assert_eq!(after.len(), before.len() - orphans.len() - 1, "{before:?} → {after:?}");
+    let res = reg.get(&format!("/v2/sweep/app/manifests/{}", img.digest)).await;
+    assert_eq!(res.status(), 200);
+    for layer in &img.layers {
+        let res = reg.get(&format!("/v2/sweep/app/blobs/{}", Digest::sha256_of(layer))).await;
+        assert_eq!(res.bytes().await.unwrap().as_ref(), layer.as_slice());
+    }
+    assert_eq!(reg.patch_chunk(&open, &random_bytes(1201, 700), 0, 700).await.status(), 416);
+    // A second pass finds nothing more.
+    assert_eq!(sweep_pass(&reg).await.orphans, 0);
+    let report = reg.app.registry.fsck(false, &|_, _| {}).await.unwrap();
+    assert!(report.clean() && report.orphans.is_empty(), "{report:?}");
+});
+
+backend_test!(the_sweep_walks_a_store_larger_than_one_page_in_steps, |reg| {
+    // More objects than one step lists (1,000): orphans on both sides of the page boundary go.
+    let mut orphans = Vec::new();
+    for i in 0..1100 {
+        orphans.extend(leave_unrecorded_bytes(&reg, &format!("many-{i:04}"), 10).await);
+    }
+    reg.app.registry.clock().advance_ms(DAY_MS + 1000);
+    let first = reg.app.registry.sweep_step().await.unwrap();
+    assert_eq!(first.objects_listed, 1000);
+    assert!(!first.storage_pass_finished);
+    let second = reg.app.registry.sweep_step().await.unwrap();
+    assert!(second.storage_pass_finished, "{second:?}");
+    assert_eq!(first.orphans + second.orphans, 1100);
+    reg.app.registry.drain_outbox().await.unwrap();
+    assert!(reg.app.registry.blobs().list("").await.unwrap().is_empty());
+});
+
+backend_test!(rows_the_queue_missed_are_queued_again_by_the_sweep, |reg| {
+    // A layer uploaded and never used, whose review got lost.
+    let unused = reg.upload_blob("sweep/rows", &random_bytes(1210, 900)).await;
+    let key = reg.storage_key(&unused).await;
+    let sql = reg.sql().await;
+    sqlx::query("DELETE FROM gc_reviews").execute(&sql).await.unwrap();
+    reg.app.registry.clock().advance_ms(DAY_MS + 1000);
+    assert_eq!(reg.app.registry.collect(100).await.unwrap().blobs, 0, "nothing is queued");
+    let step = reg.app.registry.sweep_step().await.unwrap();
+    assert_eq!(step.rows_requeued, 1, "{step:?}");
+    let pass = reg.app.registry.collect(100).await.unwrap();
+    assert_eq!((pass.blobs, pass.bytes, pass.objects_deleted), (1, 900, 1));
+    assert!(!reg.app.registry.blobs().list("").await.unwrap().contains(&key));
+    // Rows something holds are not queued.
+    reg.push_image("sweep/rows", "v1", 1211).await;
+    sqlx::query("DELETE FROM gc_reviews").execute(&sql).await.unwrap();
+    assert_eq!(reg.app.registry.sweep_step().await.unwrap().rows_requeued, 0);
+});
+
+backend_test!(the_scrub_finds_vanished_bytes_and_forgets_them_once_mended, |reg| {
+    let img = reg.push_image("scrub/app", "v1", 1220).await;
+    let layer = Digest::sha256_of(&img.layers[0]);
+    let key = reg.storage_key(&layer).await;
+    let registry = &reg.app.registry;
+    // A period of a millisecond: every step re-hashes everything.
+    let step = registry.scrub_step(1, 1000).await.unwrap();
+    assert!(step.pass_finished && step.problems.is_empty(), "{step:?}");
+    assert_eq!(step.blobs_checked, 3);
+
+    registry.blobs().delete(&key).await.unwrap();
+    reg.app.registry.clock().advance_ms(10);
+    let step = registry.scrub_step(1, 1000).await.unwrap();
+    assert_eq!(step.problems.len(), 1, "{step:?}");
+    assert_eq!((step.problems[0].kind, step.problems[0].subject.as_str()), ("blob-missing", layer.as_str()));
+    let findings = registry.meta().findings().await.unwrap();
+    assert_eq!(findings.len(), 1, "{findings:?}");
+    assert_eq!(findings[0].0.subject, layer.as_str());
+
+    // Deleting the image and collecting it removes the damaged row: the finding goes with the
+    // next pass.
+    let res =
+        reg.req(reqwest::Method::DELETE, &format!("/v2/scrub/app/manifests/{}", img.digest)).send().await;
+    assert_eq!(res.unwrap().status(), 202);
+    let sql = reg.sql().await;
+    sqlx::query("UPDATE manifests SET unrestorable = 'test' WHERE digest = $1")
+        .bind(img.digest.as_str())
+        .execute(&sql)
+        .await
+        .unwrap();
+    reg.app.registry.clock().advance_ms(8 * DAY_MS);
+    let pass = registry.collect(100).await.unwrap();
+    assert_eq!(pass.blobs, 3, "{pass:?}");
+    let step = registry.scrub_step(1, 1000).await.unwrap();
+    assert!(step.pass_finished && step.problems.is_empty(), "{step:?}");
+    assert!(registry.meta().findings().await.unwrap().is_empty());
+});
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scrub_finds_rotten_bytes_at_its_pace() {
+    let reg = TestRegistry::try_start(Backend::Sqlite).await.unwrap();
+    let img = reg.push_image("scrub/rot", "v1", 1230).await;
+    let layer = Digest::sha256_of(&img.layers[1]);
+    let path = reg.app.config.storage_path.join(reg.storage_key(&layer).await);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[10] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+    let registry = &reg.app.registry;
+    // A week's period and a minute since the last step: the step checks about a minute's share
+    // of the bytes — here the first blob only, as a step always checks at least one.
+    let week = 7 * DAY_MS;
+    let first = registry.scrub_step(week, 60_000).await.unwrap();
+    assert_eq!(first.blobs_checked, 1, "{first:?}");
+    assert!(!first.pass_finished);
+    // A pass over everything finds the flipped bit.
+    let mut found = first.problems;
+    loop {
+        let step = registry.scrub_step(week, 60_000).await.unwrap();
+        found.extend(step.problems);
+        if step.pass_finished {
+            break;
+        }
+    }
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!((found[0].kind, found[0].subject.as_str()), ("blob-content", layer.as_str()));
+}
