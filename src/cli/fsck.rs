@@ -21,7 +21,13 @@ pub(super) async fn run(args: FsckArgs) -> anyhow::Result<()> {
             bar.tick();
         }
     };
-    let report = app.registry.fsck(args.rehash, &progress).await;
+    let repaired = if args.repair {
+        bar.set_message("repairing");
+        Some(app.registry.repair().await.map_err(|e| anyhow::anyhow!("{e}"))?)
+    } else {
+        None
+    };
+    let report = app.registry.fsck(args.rehash, &progress).await.map(|r| FsckReport { repaired, ..r });
     bar.finish_and_clear();
     app.registry.meta().close().await;
     let report = report.map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -37,12 +43,29 @@ pub(super) async fn run(args: FsckArgs) -> anyhow::Result<()> {
 }
 
 fn render(r: &FsckReport) -> String {
-    let mut out = format!(
+    let mut out = String::new();
+    if let Some(fixed) = &r.repaired {
+        out.push_str(&format!(
+            "repaired: {} outbox entries naming live blobs dropped, {} stale reviews dropped, \
+             {} rows queued for review, {} orphaned objects ({} bytes) deleted{}\n",
+            fixed.outbox_entries_dropped,
+            fixed.stale_reviews_dropped,
+            fixed.rows_requeued,
+            fixed.orphans_removed,
+            fixed.orphan_bytes,
+            if fixed.objects_failed > 0 {
+                format!(", {} deletes failed (the collector retries them)", fixed.objects_failed)
+            } else {
+                String::new()
+            }
+        ));
+    }
+    out.push_str(&format!(
         "checked {} blobs ({} bytes){}\n",
         r.blobs_checked,
         r.bytes_checked,
         if r.rehashed { ", re-hashed" } else { "" }
-    );
+    ));
     for (label, findings) in [("PROBLEM", &r.problems), ("warning", &r.warnings)] {
         for f in findings {
             let repo = f.repository.as_deref().map(|r| format!("{r} ")).unwrap_or_default();
@@ -51,7 +74,8 @@ fn render(r: &FsckReport) -> String {
     }
     if !r.orphans.is_empty() {
         out.push_str(&format!(
-            "{} storage objects ({} bytes) are not accounted for by any row (left by interrupted writes; reclaimable):\n",
+            "{} storage objects ({} bytes) are not accounted for by any row (left by interrupted writes; \
+             the sweep or `fsck --repair` removes them once older than gc.blob_grace):\n",
             r.orphans.len(),
             r.orphan_bytes
         ));

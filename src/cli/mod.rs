@@ -253,6 +253,11 @@ pub struct FsckArgs {
     /// Also read every blob and check it hashes to its digest.
     #[arg(long)]
     pub rehash: bool,
+    /// First repair what is safe to repair: drop queue entries that are wrong, queue rows the
+    /// collector missed, delete storage objects no row accounts for that are older than
+    /// gc.blob_grace. Never deletes anything a manifest references.
+    #[arg(long)]
+    pub repair: bool,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,

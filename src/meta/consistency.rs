@@ -74,6 +74,9 @@ const CHECKS: [(&str, &str, bool); 5] = [
 /// Kinds of findings about stored bytes (checked by `fsck` and the scrub, not in SQL).
 pub const BLOB_FINDINGS: [&str; 4] = ["blob-missing", "blob-size", "blob-content", "blob-digest"];
 
+/// Kinds of findings about the collector's queues.
+const QUEUE_FINDINGS: [&str; 4] = ["outbox-names-live-blob", "review-of-missing-row", "reviews-overdue", "not-queued"];
+
 /// The kind names of the reference checks.
 pub fn reference_kinds() -> Vec<&'static str> {
     CHECKS.iter().map(|(kind, _, _)| *kind).collect()
@@ -82,7 +85,7 @@ pub fn reference_kinds() -> Vec<&'static str> {
 /// The static name of a finding kind read back from the store (`"other"` for one this version
 /// does not know, written by a newer one).
 pub(super) fn finding_kind(kind: &str) -> &'static str {
-    BLOB_FINDINGS.into_iter().chain(reference_kinds()).find(|k| *k == kind).unwrap_or("other")
+    BLOB_FINDINGS.into_iter().chain(QUEUE_FINDINGS).chain(reference_kinds()).find(|k| *k == kind).unwrap_or("other")
 }
 
 impl MetaStore {
@@ -109,6 +112,84 @@ impl MetaStore {
             .fetch_all(&self.read)
             .await?;
         Ok(rows.into_iter().map(|(k,)| k).collect())
+    }
+
+    /// What is wrong with the collector's queues at `now`: outbox entries naming a key a blob
+    /// row still uses (errors: draining them would delete live bytes), reviews of rows that no
+    /// longer exist, reviews overdue by more than `overdue_ms` (is any collector running?), and
+    /// rows nothing holds that no review is pending for (warnings).
+    ///
+    /// # Errors
+    /// [`super::Error::Database`].
+    pub async fn queue_findings(&self, now: i64, overdue_ms: i64) -> Result<(Vec<Finding>, Vec<Finding>)> {
+        let finding = |kind, subject: String, detail: String| Finding { kind, repository: None, subject, detail };
+        let live_keys: Vec<(String,)> = sqlx::query_as(
+            "SELECT o.storage_key FROM gc_outbox o JOIN blobs b ON b.storage_key = o.storage_key",
+        )
+        .fetch_all(&self.read)
+        .await?;
+        let errors = live_keys
+            .into_iter()
+            .map(|(k,)| finding("outbox-names-live-blob", k, "is queued for deletion but a blob row uses it".into()))
+            .collect();
+        let mut warnings = Vec::new();
+        let stale: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT r.kind, r.item_id FROM gc_reviews r WHERE              (r.kind = 'blob' AND NOT EXISTS (SELECT 1 FROM blobs b WHERE b.id = r.item_id)) OR              (r.kind = 'manifest' AND NOT EXISTS (SELECT 1 FROM manifests m WHERE m.id = r.item_id))",
+        )
+        .fetch_all(&self.read)
+        .await?;
+        warnings.extend(stale.into_iter().map(|(kind, id)| {
+            finding("review-of-missing-row", format!("{kind} {id}"), "is queued for review but its row is gone".into())
+        }));
+        let (overdue, oldest): (i64, Option<i64>) =
+            sqlx::query_as("SELECT COUNT(*), MIN(review_after) FROM gc_reviews WHERE review_after < $1")
+                .bind(now - overdue_ms)
+                .fetch_one(&self.read)
+                .await?;
+        if let (true, Some(oldest)) = (overdue > 0, oldest) {
+            warnings.push(finding(
+                "reviews-overdue",
+                format!("{overdue} reviews"),
+                format!("were due {} s ago or earlier: is a collector running?", (now - oldest) / 1000),
+            ));
+        }
+        for (kind, sql) in [
+            (
+                "blob",
+                "SELECT b.digest FROM blobs b                  WHERE NOT EXISTS (SELECT 1 FROM manifest_blobs mb WHERE mb.blob_id = b.id)                  AND NOT EXISTS (SELECT 1 FROM gc_reviews r WHERE r.kind = 'blob' AND r.item_id = b.id)",
+            ),
+            (
+                "manifest",
+                "SELECT m.digest FROM manifests m                  WHERE NOT EXISTS (SELECT 1 FROM tags t WHERE t.manifest_id = m.id)                  AND NOT EXISTS (SELECT 1 FROM manifest_children c WHERE c.child_id = m.id)                  AND NOT EXISTS (SELECT 1 FROM manifests s WHERE s.repository_id = m.repository_id                      AND s.digest = m.subject_digest AND s.deleted_at IS NULL)                  AND NOT EXISTS (SELECT 1 FROM gc_reviews r WHERE r.kind = 'manifest' AND r.item_id = m.id)",
+            ),
+        ] {
+            let rows: Vec<(String,)> = sqlx::query_as(sql).fetch_all(&self.read).await?;
+            warnings.extend(rows.into_iter().map(|(digest,)| {
+                finding("not-queued", digest, format!("is a {kind} nothing holds, with no review pending"))
+            }));
+        }
+        Ok((errors, warnings))
+    }
+
+    /// Repairs the queues: removes outbox entries that name a key a blob row uses and reviews
+    /// of rows that are gone. Returns how many of each.
+    ///
+    /// # Errors
+    /// [`super::Error::Database`].
+    pub async fn repair_queues(&self) -> Result<(u64, u64)> {
+        let outbox = sqlx::query(
+            "DELETE FROM gc_outbox WHERE storage_key IN (SELECT storage_key FROM blobs)",
+        )
+        .execute(&self.write)
+        .await?
+        .rows_affected();
+        let reviews = sqlx::query(
+            "DELETE FROM gc_reviews WHERE              (kind = 'blob' AND NOT EXISTS (SELECT 1 FROM blobs b WHERE b.id = gc_reviews.item_id)) OR              (kind = 'manifest' AND NOT EXISTS (SELECT 1 FROM manifests m WHERE m.id = gc_reviews.item_id))",
+        )
+        .execute(&self.write)
+        .await?
+        .rows_affected();
+        Ok((outbox, reviews))
     }
 
     /// Every broken reference between rows: errors (a fetchable manifest that cannot be pulled

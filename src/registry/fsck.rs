@@ -1,6 +1,7 @@
 //! Checking metadata against storage (`berth fsck`): every blob row's bytes present with their
 //! size (and, with `rehash`, their digest), every reference between rows intact, and the storage
-//! objects no row accounts for. Read-only; safe while Berth serves.
+//! objects no row accounts for, and the collector's queues. Read-only (`--repair` is
+//! `Registry::repair`, run before the check); safe while Berth serves.
 
 use std::collections::HashSet;
 
@@ -29,6 +30,9 @@ pub struct FsckReport {
     pub orphans: Vec<String>,
     /// Their bytes.
     pub orphan_bytes: u64,
+    /// What `--repair` did before the check, when asked to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repaired: Option<super::RepairReport>,
 }
 
 impl FsckReport {
@@ -40,6 +44,9 @@ impl FsckReport {
 
 /// Rows read per page.
 const PAGE: i64 = 1000;
+
+/// Reviews due longer ago than this are reported: no collector has been running.
+const OVERDUE_MS: i64 = 3600 * 1000;
 
 impl Registry {
     /// Checks metadata against storage. `progress` is told (blobs done, bytes done) as the pass
@@ -85,6 +92,9 @@ impl Registry {
         }
         report.orphans.sort();
         let (problems, warnings) = self.meta.reference_findings().await?;
+        report.problems.extend(problems);
+        report.warnings.extend(warnings);
+        let (problems, warnings) = self.meta.queue_findings(self.clock.now_ms(), OVERDUE_MS).await?;
         report.problems.extend(problems);
         report.warnings.extend(warnings);
         Ok(report)

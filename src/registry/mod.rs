@@ -29,7 +29,7 @@ pub use fsck::FsckReport;
 pub use gc::GcReport;
 pub use pull::{BlobHandle, Referrer};
 pub use push::{ChunkRange, PushedManifest, UploadStatus};
-pub use sweep::{ScrubReport, SweepReport};
+pub use sweep::{RepairReport, ScrubReport, SweepReport};
 
 use crate::blob::BlobStore;
 use crate::meta::MetaStore;

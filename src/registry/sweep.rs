@@ -13,6 +13,7 @@
 //! the scrub only reads.
 
 use super::{Registry, Result};
+use crate::blob::Listed;
 use crate::meta::{BLOB_FINDINGS, Finding, reference_kinds};
 
 /// Objects listed per sweep step (one listing request on S3).
@@ -59,25 +60,12 @@ impl Registry {
     /// next time).
     pub async fn sweep_step(&self) -> Result<SweepReport> {
         let now = self.clock.now_ms();
-        let grace = self.meta.windows().blob_grace_ms;
         let mut report = SweepReport::default();
 
         let mut storage = self.meta.progress("sweep-storage", now).await?;
         let page = self.blobs.list_page(&storage.resume_after, SWEEP_PAGE).await?;
         report.objects_listed = page.len() as u64;
-        // Age is judged by the store's own clock, against `blob_grace`: far longer than any write
-        // takes to be recorded (a filesystem blob's time is its publication, see `blob::fs`).
-        let old: Vec<_> =
-            page.iter().filter(|o| is_berths(&o.key) && o.modified_ms.saturating_add(grace) <= now).collect();
-        let keys: Vec<String> = old.iter().map(|o| o.key.clone()).collect();
-        let known = self.meta.keys_accounted_for(&keys).await?;
-        for object in old.into_iter().filter(|o| !known.contains(&o.key)) {
-            if self.meta.orphan_to_outbox(&object.key, now).await? {
-                tracing::info!(storage.key = %object.key, bytes = object.size, "sweep: object without a row goes");
-                report.orphans += 1;
-                report.orphan_bytes += object.size;
-            }
-        }
+        (report.orphans, report.orphan_bytes) = self.send_orphans_to_outbox(&page, now).await?;
         match page.last() {
             Some(last) if page.len() == SWEEP_PAGE => storage.resume_after = last.key.clone(),
             _ => {
@@ -182,6 +170,87 @@ impl Registry {
         p.step_at = now;
         self.meta.save_progress("scrub", &p).await?;
         Ok(report)
+    }
+}
+
+/// What `fsck --repair` did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RepairReport {
+    /// Outbox entries removed because a blob row still uses their key.
+    pub outbox_entries_dropped: u64,
+    /// Reviews removed because their row is gone.
+    pub stale_reviews_dropped: u64,
+    /// Rows nothing holds put back on the review queue.
+    pub rows_requeued: u64,
+    /// Storage objects older than `blob_grace` that no row accounts for, deleted.
+    pub orphans_removed: u64,
+    /// Their bytes.
+    pub orphan_bytes: u64,
+    /// Outbox deletes that failed (retried by the collector).
+    pub objects_failed: u64,
+}
+
+impl Registry {
+    /// Repairs what is safe to repair, all at once: queue entries that are wrong, rows the
+    /// queue missed, and storage objects no row accounts for that are older than `blob_grace`
+    /// (younger ones may still be on their way to being recorded). Never touches anything a row
+    /// references.
+    ///
+    /// # Errors
+    /// [`super::Error::Internal`] when storage or the metadata store fails.
+    pub async fn repair(&self) -> Result<RepairReport> {
+        let mut report = RepairReport::default();
+        (report.outbox_entries_dropped, report.stale_reviews_dropped) = self.meta.repair_queues().await?;
+        let now = self.clock.now_ms();
+        for blobs in [true, false] {
+            let mut after = 0;
+            loop {
+                let step = if blobs {
+                    self.meta.requeue_blobs(after, ROW_PAGE, now).await?
+                } else {
+                    self.meta.requeue_manifests(after, ROW_PAGE, now).await?
+                };
+                report.rows_requeued += step.enqueued;
+                let Some(last) = step.last_id else { break };
+                after = last;
+            }
+        }
+        let mut after = String::new();
+        loop {
+            let page = self.blobs.list_page(&after, SWEEP_PAGE).await?;
+            let (n, bytes) = self.send_orphans_to_outbox(&page, now).await?;
+            report.orphans_removed += n;
+            report.orphan_bytes += bytes;
+            match page.last() {
+                Some(last) if page.len() == SWEEP_PAGE => after = last.key.clone(),
+                _ => break,
+            }
+        }
+        report.objects_failed = self.drain_outbox().await?.1;
+        Ok(report)
+    }
+
+    /// Sends to the outbox the objects of `page` older than `blob_grace` that no blob row, upload
+    /// session or outbox entry accounts for; returns how many and their bytes.
+    async fn send_orphans_to_outbox(&self, page: &[Listed], now: i64) -> Result<(u64, u64)> {
+        // Age is judged by the store's own clock, against `blob_grace`: far longer than any write
+        // takes to be recorded (a filesystem blob's time is its publication, see `blob::fs`).
+        let grace = self.meta.windows().blob_grace_ms;
+        let old: Vec<&Listed> = page
+            .iter()
+            .filter(|o| is_berths(&o.key) && o.modified_ms.saturating_add(grace) <= now)
+            .collect();
+        let keys: Vec<String> = old.iter().map(|o| o.key.clone()).collect();
+        let known = self.meta.keys_accounted_for(&keys).await?;
+        let (mut count, mut bytes) = (0, 0);
+        for object in old.into_iter().filter(|o| !known.contains(&o.key)) {
+            if self.meta.orphan_to_outbox(&object.key, now).await? {
+                tracing::info!(storage.key = %object.key, bytes = object.size, "object without a row goes");
+                count += 1;
+                bytes += object.size;
+            }
+        }
+        Ok((count, bytes))
     }
 }
 

@@ -61,6 +61,62 @@ backend_test!(fsck_reports_problems_and_leftovers, |reg| {
     assert!(report.problems.iter().any(|p| p.kind == "tag-on-tombstone" && p.subject == "v1"), "{report:?}");
 });
 
+backend_test!(fsck_checks_the_collector_queues_and_repair_mends_what_is_safe, |reg| {
+    let img = reg.push_image("fsck/queues", "v1", 920).await;
+    let unused = reg.upload_blob("fsck/queues", &random_bytes(921, 400)).await;
+    let layer = Digest::sha256_of(&img.layers[0]);
+    let layer_key = reg.storage_key(&layer).await;
+    let sql = reg.sql().await;
+    // A lost review, a review of a row that is gone, and — the dangerous one — an outbox entry
+    // naming bytes a live image uses.
+    sqlx::query("DELETE FROM gc_reviews WHERE kind = 'blob' AND item_id = (SELECT id FROM blobs WHERE digest = $1)")
+        .bind(unused.as_str())
+        .execute(&sql)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO gc_reviews (kind, item_id, review_after) VALUES ('manifest', 999999, 0)")
+        .execute(&sql)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO gc_outbox (storage_key, enqueued_at, next_attempt) VALUES ($1, 0, $2)")
+        .bind(&layer_key)
+        .bind(i64::MAX / 2)
+        .execute(&sql)
+        .await
+        .unwrap();
+    let report = fsck(&reg, false).await;
+    let kinds = |f: &[berth::meta::Finding]| f.iter().map(|f| f.kind).collect::<Vec<_>>();
+    assert_eq!(kinds(&report.problems), ["outbox-names-live-blob"], "{report:?}");
+    let warnings = kinds(&report.warnings);
+    for kind in ["review-of-missing-row", "reviews-overdue", "not-queued"] {
+        assert!(warnings.contains(&kind), "{kind} in {report:?}");
+    }
+    let orphan = {
+        let blobs = reg.app.registry.blobs();
+        let key = blobs.start_upload("fsck-orphan").await.unwrap();
+        let body = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from(vec![3u8; 300]))]);
+        let (mut chunks, mut hasher) = (Vec::new(), UploadHasher::default());
+        blobs.write_upload(&key, &mut chunks, 0, body, &mut hasher, Some(300), std::sync::Arc::new(())).await.unwrap();
+        chunks.pop().map_or(key, |c| c.key)
+    };
+
+    // Repair leaves the young orphan (its row may be on its way) …
+    let repaired = reg.app.registry.repair().await.unwrap();
+    assert_eq!((repaired.outbox_entries_dropped, repaired.stale_reviews_dropped), (1, 1), "{repaired:?}");
+    assert_eq!((repaired.rows_requeued, repaired.orphans_removed), (1, 0), "{repaired:?}");
+    let report = fsck(&reg, true).await;
+    assert!(report.clean() && report.warnings.is_empty(), "{report:?}");
+    assert_eq!(report.orphans, [orphan.clone()]);
+    // … and deletes it once it is older than blob_grace, and nothing else.
+    reg.app.registry.clock().advance_ms(24 * 3600 * 1000 + 60_000);
+    let repaired = reg.app.registry.repair().await.unwrap();
+    assert_eq!((repaired.orphans_removed, repaired.orphan_bytes), (1, 300), "{repaired:?}");
+    let report = fsck(&reg, true).await;
+    assert!(report.clean() && report.orphans.is_empty(), "{report:?}");
+    let res = reg.get(&format!("/v2/fsck/queues/blobs/{layer}")).await;
+    assert_eq!(res.bytes().await.unwrap().as_ref(), img.layers[0].as_slice());
+});
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fsck_rehash_finds_changed_bytes_and_the_cli_exit_status_says_so() {
     let reg = TestRegistry::try_start(Backend::Sqlite).await.unwrap();
@@ -93,4 +149,10 @@ async fn fsck_rehash_finds_changed_bytes_and_the_cli_exit_status_says_so() {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["problems"][0]["kind"], "blob-content");
     assert_eq!(report["problems"][0]["subject"], layer.as_str());
+    // Repair never rewrites bytes: changed content stays a problem.
+    let out = run(&["--rehash", "--repair", "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["repaired"]["orphans_removed"], 0);
+    assert_eq!(report["problems"][0]["kind"], "blob-content");
 }
