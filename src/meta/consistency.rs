@@ -75,7 +75,8 @@ const CHECKS: [(&str, &str, bool); 5] = [
 pub const BLOB_FINDINGS: [&str; 4] = ["blob-missing", "blob-size", "blob-content", "blob-digest"];
 
 /// Kinds of findings about the collector's queues.
-const QUEUE_FINDINGS: [&str; 4] = ["outbox-names-live-blob", "review-of-missing-row", "reviews-overdue", "not-queued"];
+const QUEUE_FINDINGS: [&str; 4] =
+    ["outbox-names-live-blob", "review-of-missing-row", "reviews-overdue", "not-queued"];
 
 /// The kind names of the reference checks.
 pub fn reference_kinds() -> Vec<&'static str> {
@@ -85,7 +86,12 @@ pub fn reference_kinds() -> Vec<&'static str> {
 /// The static name of a finding kind read back from the store (`"other"` for one this version
 /// does not know, written by a newer one).
 pub(super) fn finding_kind(kind: &str) -> &'static str {
-    BLOB_FINDINGS.into_iter().chain(QUEUE_FINDINGS).chain(reference_kinds()).find(|k| *k == kind).unwrap_or("other")
+    BLOB_FINDINGS
+        .into_iter()
+        .chain(QUEUE_FINDINGS)
+        .chain(reference_kinds())
+        .find(|k| *k == kind)
+        .unwrap_or("other")
 }
 
 impl MetaStore {
@@ -122,7 +128,8 @@ impl MetaStore {
     /// # Errors
     /// [`super::Error::Database`].
     pub async fn queue_findings(&self, now: i64, overdue_ms: i64) -> Result<(Vec<Finding>, Vec<Finding>)> {
-        let finding = |kind, subject: String, detail: String| Finding { kind, repository: None, subject, detail };
+        let finding =
+            |kind, subject: String, detail: String| Finding { kind, repository: None, subject, detail };
         let live_keys: Vec<(String,)> = sqlx::query_as(
             "SELECT o.storage_key FROM gc_outbox o JOIN blobs b ON b.storage_key = o.storage_key",
         )
@@ -130,7 +137,9 @@ impl MetaStore {
         .await?;
         let errors = live_keys
             .into_iter()
-            .map(|(k,)| finding("outbox-names-live-blob", k, "is queued for deletion but a blob row uses it".into()))
+            .map(|(k,)| {
+                finding("outbox-names-live-blob", k, "is queued for deletion but a blob row uses it".into())
+            })
             .collect();
         let mut warnings = Vec::new();
         let stale: Vec<(String, i64)> = sqlx::query_as(
@@ -139,7 +148,11 @@ impl MetaStore {
         .fetch_all(&self.read)
         .await?;
         warnings.extend(stale.into_iter().map(|(kind, id)| {
-            finding("review-of-missing-row", format!("{kind} {id}"), "is queued for review but its row is gone".into())
+            finding(
+                "review-of-missing-row",
+                format!("{kind} {id}"),
+                "is queued for review but its row is gone".into(),
+            )
         }));
         let (overdue, oldest): (i64, Option<i64>) =
             sqlx::query_as("SELECT COUNT(*), MIN(review_after) FROM gc_reviews WHERE review_after < $1")
@@ -177,12 +190,11 @@ impl MetaStore {
     /// # Errors
     /// [`super::Error::Database`].
     pub async fn repair_queues(&self) -> Result<(u64, u64)> {
-        let outbox = sqlx::query(
-            "DELETE FROM gc_outbox WHERE storage_key IN (SELECT storage_key FROM blobs)",
-        )
-        .execute(&self.write)
-        .await?
-        .rows_affected();
+        let outbox =
+            sqlx::query("DELETE FROM gc_outbox WHERE storage_key IN (SELECT storage_key FROM blobs)")
+                .execute(&self.write)
+                .await?
+                .rows_affected();
         let reviews = sqlx::query(
             "DELETE FROM gc_reviews WHERE              (kind = 'blob' AND NOT EXISTS (SELECT 1 FROM blobs b WHERE b.id = gc_reviews.item_id)) OR              (kind = 'manifest' AND NOT EXISTS (SELECT 1 FROM manifests m WHERE m.id = gc_reviews.item_id))",
         )

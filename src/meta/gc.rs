@@ -5,7 +5,8 @@
 //! it, it refers to a live subject, it was pushed, pulled or untagged within `untagged_grace`, or
 //! it is a restorable tombstone within `restore_window`. A blob is kept while any manifest row
 //! references it (live, or a tombstone not yet collected) or it was uploaded, linked or answered
-//! a `HEAD` within `blob_grace`. Lock, then check: the item's row is locked before anything that
+//! a `HEAD` within `blob_grace`; its link into a repository is kept while a manifest of that
+//! repository references it or within the same grace. Lock, then check: the item's row is locked before anything that
 //! holds it is read, so a push that share-locked it first is seen, and a push that comes after
 //! finds it gone.
 
@@ -163,6 +164,27 @@ impl MetaStore {
         let row: Option<(i64, String, i64, Option<i64>)> =
             sqlx::query_as(&sql).bind(id).fetch_optional(&mut *tx).await?;
         let Some((size, key, created_at, seen_at)) = row else { return Ok(Verdict::Drop) };
+        let seen_at = seen_at.unwrap_or(0);
+        // A link that no manifest of its repository references is kept for `blob_grace` after
+        // it was made (or the blob last answered a HEAD), like an unreferenced blob: the time for
+        // the manifest push it announced. After that it goes even if the blob lives on elsewhere.
+        const LOOSE: &str = "NOT EXISTS (SELECT 1 FROM manifest_blobs mb JOIN manifests m ON m.id = mb.manifest_id \
+             WHERE mb.blob_id = repository_blobs.blob_id AND m.repository_id = repository_blobs.repository_id)";
+        if seen_at.saturating_add(grace) <= now {
+            sqlx::query(&format!(
+                "DELETE FROM repository_blobs WHERE blob_id = $1 AND linked_at <= $2 AND {LOOSE}"
+            ))
+            .bind(id)
+            .bind(now.saturating_sub(grace))
+            .execute(&mut *tx)
+            .await?;
+        }
+        let (loose_since,): (Option<i64>,) = sqlx::query_as(&format!(
+            "SELECT MIN(linked_at) FROM repository_blobs WHERE blob_id = $1 AND {LOOSE}"
+        ))
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
         // Referenced: whatever removes the reference enqueues the blob again.
         let referenced: Option<(i64,)> =
             sqlx::query_as("SELECT manifest_id FROM manifest_blobs WHERE blob_id = $1 LIMIT 1")
@@ -170,15 +192,17 @@ impl MetaStore {
                 .fetch_optional(&mut *tx)
                 .await?;
         if referenced.is_some() {
-            return Ok(Verdict::Drop);
+            return Ok(match loose_since {
+                Some(linked_at) => Verdict::Until(linked_at.max(seen_at).saturating_add(grace)),
+                None => Verdict::Drop,
+            });
         }
         let (last_link,): (Option<i64>,) =
             sqlx::query_as("SELECT MAX(linked_at) FROM repository_blobs WHERE blob_id = $1")
                 .bind(id)
                 .fetch_one(&mut *tx)
                 .await?;
-        let grace_end =
-            created_at.max(last_link.unwrap_or(0)).max(seen_at.unwrap_or(0)).saturating_add(grace);
+        let grace_end = created_at.max(last_link.unwrap_or(0)).max(seen_at).saturating_add(grace);
         if grace_end > now {
             return Ok(Verdict::Until(grace_end));
         }

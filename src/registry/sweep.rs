@@ -236,10 +236,8 @@ impl Registry {
         // Age is judged by the store's own clock, against `blob_grace`: far longer than any write
         // takes to be recorded (a filesystem blob's time is its publication, see `blob::fs`).
         let grace = self.meta.windows().blob_grace_ms;
-        let old: Vec<&Listed> = page
-            .iter()
-            .filter(|o| is_berths(&o.key) && o.modified_ms.saturating_add(grace) <= now)
-            .collect();
+        let old: Vec<&Listed> =
+            page.iter().filter(|o| is_berths(&o.key) && o.modified_ms.saturating_add(grace) <= now).collect();
         let keys: Vec<String> = old.iter().map(|o| o.key.clone()).collect();
         let known = self.meta.keys_accounted_for(&keys).await?;
         let (mut count, mut bytes) = (0, 0);

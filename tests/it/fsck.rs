@@ -69,11 +69,13 @@ backend_test!(fsck_checks_the_collector_queues_and_repair_mends_what_is_safe, |r
     let sql = reg.sql().await;
     // A lost review, a review of a row that is gone, and — the dangerous one — an outbox entry
     // naming bytes a live image uses.
-    sqlx::query("DELETE FROM gc_reviews WHERE kind = 'blob' AND item_id = (SELECT id FROM blobs WHERE digest = $1)")
-        .bind(unused.as_str())
-        .execute(&sql)
-        .await
-        .unwrap();
+    sqlx::query(
+        "DELETE FROM gc_reviews WHERE kind = 'blob' AND item_id = (SELECT id FROM blobs WHERE digest = $1)",
+    )
+    .bind(unused.as_str())
+    .execute(&sql)
+    .await
+    .unwrap();
     sqlx::query("INSERT INTO gc_reviews (kind, item_id, review_after) VALUES ('manifest', 999999, 0)")
         .execute(&sql)
         .await
@@ -96,7 +98,10 @@ backend_test!(fsck_checks_the_collector_queues_and_repair_mends_what_is_safe, |r
         let key = blobs.start_upload("fsck-orphan").await.unwrap();
         let body = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from(vec![3u8; 300]))]);
         let (mut chunks, mut hasher) = (Vec::new(), UploadHasher::default());
-        blobs.write_upload(&key, &mut chunks, 0, body, &mut hasher, Some(300), std::sync::Arc::new(())).await.unwrap();
+        blobs
+            .write_upload(&key, &mut chunks, 0, body, &mut hasher, Some(300), std::sync::Arc::new(()))
+            .await
+            .unwrap();
         chunks.pop().map_or(key, |c| c.key)
     };
 

@@ -441,3 +441,144 @@ async fn gc_run_collects_and_exits() {
     assert_eq!(fsck["blobs_checked"], 0);
     assert_eq!(fsck["orphans"], serde_json::json!([]));
 }
+
+/// Pushes an artifact whose subject is `subject` in `repo` (a signature or SBOM); returns its
+/// digest.
+async fn push_referrer(reg: &TestRegistry, repo: &str, subject: &PushedImage, seed: u64) -> Digest {
+    let config = reg.upload_blob(repo, b"{}").await;
+    let payload = random_bytes(seed, 1500);
+    let layer = reg.upload_blob(repo, &payload).await;
+    let artifact = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": "application/spdx+json",
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": config.as_str(), "size": 2},
+        "layers": [{"mediaType": "application/spdx+json", "digest": layer.as_str(), "size": payload.len()}],
+        "subject": {"mediaType": OCI_MANIFEST, "digest": subject.digest.as_str(), "size": subject.manifest.len()},
+    }))
+    .unwrap();
+    let digest = Digest::sha256_of(&artifact);
+    assert_eq!(reg.put_manifest(repo, digest.as_str(), OCI_MANIFEST, &artifact).await.status(), 201);
+    digest
+}
+
+// Reclaim: push every kind of thing (images, an index, a referrer, a chunked upload, a mount,
+// abandoned and cancelled uploads, bytes a crash left unrecorded), delete everything but one
+// image in every way there is, wait out the windows, and storage holds exactly what that image
+// needs: no object, row or queue entry is left over.
+backend_test!(storage_returns_to_what_live_content_needs, |reg| {
+    let kept = reg.push_image("reclaim/kept", "v1", 1300).await;
+    let a = reg.push_image("reclaim/app", "a", 1301).await;
+    let b = reg.push_image("reclaim/app", "b", 1302).await;
+    let (_index, _) = reg.push_index("reclaim/app", "multi", &[&a, &b]).await;
+    push_referrer(&reg, "reclaim/app", &a, 1303).await;
+    // A layer shared with the kept image, mounted into another repository.
+    let shared = Digest::sha256_of(&kept.layers[0]);
+    let res = reg
+        .req(Method::POST, &format!("/v2/reclaim/other/blobs/uploads/?mount={shared}&from=reclaim/kept"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let other = reg.push_image("reclaim/other", "x", 1304).await;
+    // A chunked upload of three chunks (composed into one object on S3).
+    let chunked = random_bytes(1305, 3 * 1024);
+    let loc = reg.start_upload("reclaim/other").await;
+    for i in 0..3 {
+        assert_eq!(reg.patch_chunk(&loc, &chunked, i * 1024, (i + 1) * 1024).await.status(), 202);
+    }
+    let digest = Digest::sha256_of(&chunked);
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    assert_eq!(
+        reg.req(Method::PUT, &format!("{loc}{sep}digest={digest}")).send().await.unwrap().status(),
+        201
+    );
+    // An upload abandoned after two chunks, and one cancelled.
+    let abandoned = reg.start_upload("reclaim/other").await;
+    for i in 0..2 {
+        assert_eq!(reg.patch_chunk(&abandoned, &chunked, i * 1024, (i + 1) * 1024).await.status(), 202);
+    }
+    let cancelled = reg.start_upload("reclaim/other").await;
+    assert_eq!(reg.patch_chunk(&cancelled, &chunked, 0, 1024).await.status(), 202);
+    assert_eq!(reg.req(Method::DELETE, &cancelled).send().await.unwrap().status(), 204);
+    // Bytes a crash left behind without a row.
+    {
+        let blobs = reg.app.registry.blobs();
+        let key = blobs.start_upload("reclaim-crashed").await.unwrap();
+        let body = futures_util::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(vec![9u8; 777]))]);
+        let (mut chunks, mut hasher) = (Vec::new(), berth::oci::UploadHasher::default());
+        blobs
+            .write_upload(&key, &mut chunks, 0, body, &mut hasher, Some(777), std::sync::Arc::new(()))
+            .await
+            .unwrap();
+    }
+
+    // Delete everything but `kept`: tags (the children of the index are held by its tombstone
+    // until that goes, then by their untagged grace), a manifest by digest, a whole repository.
+    let reg = &reg;
+    let del = |path: String| async move { reg.req(Method::DELETE, &path).send().await.unwrap().status() };
+    assert_eq!(del("/v2/reclaim/app/manifests/multi".into()).await, 202);
+    assert_eq!(del("/v2/reclaim/app/manifests/a".into()).await, 202);
+    assert_eq!(del("/v2/reclaim/app/manifests/b".into()).await, 202);
+    assert_eq!(del(format!("/v2/reclaim/other/manifests/{}", other.digest)).await, 202);
+    let res = reg.req(Method::DELETE, "/admin/v1/repositories/reclaim/other").send().await.unwrap();
+    assert!(res.status().is_success(), "{:?}", res.text().await);
+    // The unreferenced chunked blob and the mounted link go by blob_grace, tombstones by the
+    // restore window, the referrer with its subject, the abandoned upload by its expiry, the
+    // crash leftovers by the sweep.
+    reg.advance(8 * DAY);
+    let mut rounds = 0;
+    loop {
+        let pass = reg.collect().await;
+        let sweep = reg.app.registry.sweep_step().await.unwrap();
+        rounds += 1;
+        if pass.reviews == 0 && sweep.orphans == 0 && sweep.storage_pass_finished {
+            break;
+        }
+        assert!(rounds < 10, "still collecting after {rounds} rounds: {pass:?} {sweep:?}");
+    }
+    reg.app.registry.drain_outbox().await.unwrap();
+
+    let mut needed = Vec::new();
+    for d in blob_digests(&kept) {
+        needed.push(reg.storage_key(&d).await);
+    }
+    needed.sort();
+    let mut stored = reg.app.registry.blobs().list("").await.unwrap();
+    stored.sort();
+    assert_eq!(stored, needed, "storage holds exactly the kept image's blobs");
+    let sql = reg.sql().await;
+    for (table, expected) in [
+        ("blobs", 3),
+        ("manifests", 1),
+        ("tags", 1),
+        ("uploads", 0),
+        ("gc_outbox", 0),
+        ("manifest_children", 0),
+        ("repository_blobs", 3),
+    ] {
+        let (n,): (i64,) =
+            sqlx::query_as(&format!("SELECT COUNT(*) FROM {table}")).fetch_one(&sql).await.unwrap();
+        assert_eq!(n, expected, "rows in {table}");
+    }
+    assert_eq!(reg.get("/v2/reclaim/kept/manifests/v1").await.bytes().await.unwrap(), kept.manifest);
+    let fsck = reg.app.registry.fsck(true, &|_, _| {}).await.unwrap();
+    assert!(fsck.clean() && fsck.orphans.is_empty() && fsck.warnings.is_empty(), "{fsck:?}");
+});
+
+// A blob pushed to a repository whose manifest never came there is unlinked from it after
+// blob_grace, even though another repository's image keeps the blob itself.
+backend_test!(a_link_no_manifest_of_its_repository_uses_goes_after_blob_grace, |reg| {
+    let img = reg.push_image("links/used", "v1", 1310).await;
+    let layer = &img.layers[0];
+    let digest = reg.upload_blob("links/stray", layer).await;
+    reg.advance(23 * HOUR);
+    reg.collect().await;
+    assert_eq!(reg.get(&format!("/v2/links/stray/blobs/{digest}")).await.status(), 200, "within grace");
+    reg.advance(2 * HOUR);
+    let pass = reg.collect().await;
+    assert_eq!(pass.blobs, 0, "{pass:?}");
+    assert_eq!(reg.get(&format!("/v2/links/stray/blobs/{digest}")).await.status(), 404);
+    let res = reg.get(&format!("/v2/links/used/blobs/{digest}")).await;
+    assert_eq!(res.bytes().await.unwrap().as_ref(), layer.as_slice());
+    let fsck = reg.app.registry.fsck(false, &|_, _| {}).await.unwrap();
+    assert!(fsck.clean() && fsck.warnings.is_empty(), "{fsck:?}");
+});
