@@ -111,7 +111,7 @@ backend_test!(fsck_checks_the_collector_queues_and_repair_mends_what_is_safe, |r
     assert_eq!((repaired.rows_requeued, repaired.orphans_removed), (1, 0), "{repaired:?}");
     let report = fsck(&reg, true).await;
     assert!(report.clean() && report.warnings.is_empty(), "{report:?}");
-    assert_eq!(report.orphans, [orphan.clone()]);
+    assert_eq!(report.orphans, std::slice::from_ref(&orphan));
     // … and deletes it once it is older than blob_grace, and nothing else.
     reg.app.registry.clock().advance_ms(24 * 3600 * 1000 + 60_000);
     let repaired = reg.app.registry.repair().await.unwrap();
