@@ -123,10 +123,10 @@ impl MetaStore {
         storage_key: &str,
         now: i64,
     ) -> Result<CompletedUpload> {
-        let lock = self.share_lock();
+        let (lock, dialect) = (self.share_lock(), self.dialect);
         let grace = self.windows().blob_grace_ms;
         transaction!(self, Error, |tx| {
-            let (blob_id, outcome) = Self::store_blob(tx, digest, size, storage_key, now, lock).await?;
+            let (blob_id, outcome) = Self::store_blob(tx, digest, size, storage_key, now, dialect).await?;
             let repo_id = Self::ensure_repository(tx, repo, now, lock).await?;
             Self::link(tx, repo_id, blob_id, now, now.saturating_add(grace)).await?;
             Ok(outcome)
@@ -140,8 +140,33 @@ impl MetaStore {
         size: i64,
         storage_key: &str,
         now: i64,
-        lock: &str,
-    ) -> Result<(i64, CompletedUpload), sqlx::Error> {
+        dialect: super::Dialect,
+    ) -> Result<(i64, CompletedUpload), super::Error> {
+        // The fence against the storage sweep, which may take these bytes for an orphan while
+        // this transaction is on its way (a publication slower than `blob_grace`): whichever of
+        // the two goes first wins, the other sees it. On PostgreSQL both lock the key (shared
+        // here, exclusive in the sweep) before they look; SQLite's single writer orders them.
+        let lock = match dialect {
+            super::Dialect::Sqlite => "",
+            super::Dialect::Postgres => {
+                sqlx::query("SELECT pg_advisory_xact_lock_shared(hashtext($1))")
+                    .bind(storage_key)
+                    .execute(&mut *tx)
+                    .await?;
+                " FOR SHARE"
+            }
+        };
+        let reclaimed: Option<(String,)> =
+            sqlx::query_as("SELECT storage_key FROM gc_outbox WHERE storage_key = $1")
+                .bind(storage_key)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if reclaimed.is_some() {
+            return Err(super::Error::Busy(format!(
+                "the uploaded bytes ({storage_key}) waited longer than gc.blob_grace to be recorded and were \
+                 reclaimed; upload them again"
+            )));
+        }
         let existing = format!("SELECT id FROM blobs WHERE digest = $1{lock}");
         for _ in 0..STEP_ATTEMPTS {
             let inserted: Option<(i64,)> = sqlx::query_as(
@@ -165,6 +190,6 @@ impl MetaStore {
             // The row that blocked the insert was removed before it could be read (a concurrent
             // collection): insert again.
         }
-        Err(sqlx::Error::RowNotFound)
+        Err(sqlx::Error::RowNotFound.into())
     }
 }

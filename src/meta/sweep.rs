@@ -143,23 +143,32 @@ impl MetaStore {
     /// Sends the object under `key` to the outbox if, in one statement (one snapshot), no blob
     /// row names it and no open upload session owns it (its key, or the prefix its objects live
     /// under). Returns whether it was sent. A session's bytes become a blob in the transaction
-    /// that removes the session, so the statement sees the one or the other, never neither.
+    /// that removes the session, so the statement sees the one or the other, never neither; a
+    /// transaction recording bytes written without a session is fenced off by the key's lock
+    /// (see `store_blob`), and fails if the sweep was first.
     ///
     /// # Errors
     /// [`Error::Database`].
     pub async fn orphan_to_outbox(&self, key: &str, now: i64) -> Result<bool> {
-        let done = sqlx::query(
-            "INSERT INTO gc_outbox (storage_key, enqueued_at, next_attempt) SELECT $1, $2, $2 \
-             WHERE NOT EXISTS (SELECT 1 FROM blobs WHERE storage_key = $1) \
-             AND NOT EXISTS (SELECT 1 FROM uploads \
-                 WHERE storage_key = $1 OR substr($1, 1, length(storage_key)) = storage_key) \
-             ON CONFLICT (storage_key) DO NOTHING",
-        )
-        .bind(key)
-        .bind(now)
-        .execute(&self.write)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        let dialect = self.dialect;
+        transaction!(self, Error, |tx| {
+            if dialect == super::Dialect::Postgres {
+                // The other side of the fence in `store_blob`: a transaction recording these
+                // bytes holds the key's lock shared until it commits; then the check sees its row.
+                sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))").bind(key).execute(&mut *tx).await?;
+            }
+            let done = sqlx::query(
+                "INSERT INTO gc_outbox (storage_key, enqueued_at, next_attempt) SELECT $1, $2, $2 \
+                 WHERE NOT EXISTS (SELECT 1 FROM blobs WHERE storage_key = $1) \
+                 AND NOT EXISTS (SELECT 1 FROM uploads WHERE substr($1, 1, length(storage_key)) = storage_key) \
+                 ON CONFLICT (storage_key) DO NOTHING",
+            )
+            .bind(key)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            Ok(done.rows_affected() == 1)
+        })
     }
 
     /// Puts back on the review queue the blob rows after id `after` (at most `limit`) that

@@ -138,7 +138,7 @@ impl MetaStore {
         storage_key: &str,
         now: i64,
     ) -> Result<Option<CompletedUpload>> {
-        let lock = self.share_lock();
+        let (lock, dialect) = (self.share_lock(), self.dialect);
         let grace = self.windows().blob_grace_ms;
         transaction!(self, Error, |tx| {
             let gone = sqlx::query("DELETE FROM uploads WHERE id = $1 AND size = $2")
@@ -149,7 +149,7 @@ impl MetaStore {
             if gone.rows_affected() != 1 {
                 return Ok(None);
             }
-            let (blob_id, outcome) = Self::store_blob(tx, digest, size, storage_key, now, lock).await?;
+            let (blob_id, outcome) = Self::store_blob(tx, digest, size, storage_key, now, dialect).await?;
             let repo_id = Self::ensure_repository(tx, repo, now, lock).await?;
             Self::link(tx, repo_id, blob_id, now, now.saturating_add(grace)).await?;
             Ok(Some(outcome))

@@ -242,7 +242,11 @@ impl Registry {
         let known = self.meta.keys_accounted_for(&keys).await?;
         let (mut count, mut bytes) = (0, 0);
         for object in old.into_iter().filter(|o| !known.contains(&o.key)) {
-            if self.meta.orphan_to_outbox(&object.key, now).await? {
+            // Claimed and still there (an object its own outbox entry deleted between the listing
+            // and the claim is not counted: deleting it again is harmless).
+            if self.meta.orphan_to_outbox(&object.key, now).await?
+                && !matches!(self.blobs.size(&object.key).await, Err(crate::blob::Error::NotFound(_)))
+            {
                 tracing::info!(storage.key = %object.key, bytes = object.size, "object without a row goes");
                 count += 1;
                 bytes += object.size;

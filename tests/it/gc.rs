@@ -264,17 +264,21 @@ async fn stress(replicas: Vec<TestRegistry>) {
             }
         }));
     }
-    let collected: Arc<Mutex<(u64, u64)>> = Arc::default();
+    let collected: Arc<Mutex<(u64, u64, u64)>> = Arc::default();
     let mut collectors = Vec::new();
     for reg in &replicas {
         let (reg, stop, collected) = (reg.clone(), stop.clone(), collected.clone());
         collectors.push(tokio::spawn(async move {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let r = reg.app.registry.collect(1000).await.unwrap();
+                // The storage sweep runs as fast as it can too: nothing a push wrote may look
+                // like an orphan to it.
+                let sweep = reg.app.registry.sweep_step().await.unwrap();
                 {
                     let mut c = collected.lock().unwrap();
                     c.0 += r.manifests;
                     c.1 += r.blobs;
+                    c.2 += sweep.orphans;
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
@@ -318,7 +322,8 @@ async fn stress(replicas: Vec<TestRegistry>) {
     let fsck = reg.app.registry.fsck(false, &|_, _| {}).await.unwrap();
     assert!(fsck.clean(), "{:?}", fsck.problems);
     let acked_n = acked.lock().unwrap().len();
-    let (manifests, blobs) = *collected.lock().unwrap();
+    let (manifests, blobs, orphans) = *collected.lock().unwrap();
+    assert_eq!(orphans, 0, "the sweep took something a push wrote for an orphan");
     eprintln!(
         "stress: {acked_n} pushes acknowledged, {} deleted, {} pushes retried after MANIFEST_BLOB_UNKNOWN; \
          collected {manifests} manifests and {blobs} blobs meanwhile",

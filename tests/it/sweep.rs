@@ -196,3 +196,23 @@ async fn the_scrub_finds_rotten_bytes_at_its_pace() {
     assert_eq!(found.len(), 1, "{found:?}");
     assert_eq!((found[0].kind, found[0].subject.as_str()), ("blob-content", layer.as_str()));
 }
+
+backend_test!(a_publication_slower_than_blob_grace_loses_to_the_sweep_and_fails_loudly, |reg| {
+    // Bytes written as a one-request upload writes them, whose recording transaction comes only
+    // after the sweep took them for an orphan.
+    let data = vec![7u8; 600];
+    let digest = Digest::sha256_of(&data);
+    let keys = leave_unrecorded_bytes(&reg, "slow-publication", data.len()).await;
+    let key = keys.last().unwrap();
+    reg.app.registry.clock().advance_ms(DAY_MS + 1000);
+    assert_eq!(sweep_pass(&reg).await.orphans, 1);
+    let repo = berth::oci::RepoName::parse("sweep/slow").unwrap();
+    let now = reg.app.registry.clock().now_ms();
+    let late = reg.app.registry.meta().store_and_link_blob(&repo, &digest, data.len() as i64, key, now).await;
+    assert!(matches!(late, Err(berth::meta::Error::Busy(_))), "{late:?}");
+    // Nothing names the reclaimed bytes: the blob is simply not there, and the store is sound.
+    assert_eq!(reg.get(&format!("/v2/sweep/slow/blobs/{digest}")).await.status(), 404);
+    reg.app.registry.drain_outbox().await.unwrap();
+    let report = reg.app.registry.fsck(false, &|_, _| {}).await.unwrap();
+    assert!(report.clean() && report.orphans.is_empty(), "{report:?}");
+});
