@@ -71,6 +71,20 @@ impl MetaStore {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Notes that session `id` (still holding `expected_size` bytes) is receiving bytes at `now`.
+    ///
+    /// # Errors
+    /// [`super::Error::Database`].
+    pub async fn touch_upload(&self, id: &str, expected_size: i64, now: i64) -> Result<()> {
+        sqlx::query("UPDATE uploads SET updated_at = $1 WHERE id = $2 AND size = $3 AND updated_at < $1")
+            .bind(now)
+            .bind(id)
+            .bind(expected_size)
+            .execute(&self.write)
+            .await?;
+        Ok(())
+    }
+
     /// Removes an upload session; returns its storage key if it existed.
     ///
     /// # Errors

@@ -80,6 +80,42 @@ impl Registry {
         }
     }
 
+    /// Stores `body` after the bytes session `row` holds. While bytes keep arriving the
+    /// session's last-activity time is refreshed every quarter of `upload_expire_after` (at most
+    /// every ten minutes), so a single long write is not taken for an abandoned session: idleness
+    /// counts from the last byte (a body that stops delivering is cut off by
+    /// `limits.body_idle_timeout_secs`).
+    async fn write_session<S, E>(
+        &self,
+        row: &UploadRow,
+        chunks: &mut Vec<Chunk>,
+        hasher: &mut UploadHasher,
+        body: S,
+        hint: Option<u64>,
+        guard: Hold,
+    ) -> Result<u64>
+    where
+        S: Stream<Item = Result<Bytes, E>>,
+        E: std::fmt::Display,
+    {
+        let every_ms = (self.policy.upload_expire_after_ms / 4).clamp(1000, 600_000) as u64;
+        let every = std::time::Duration::from_millis(every_ms);
+        let write =
+            self.blobs.write_upload(&row.storage_key, chunks, row.size as u64, body, hasher, hint, guard);
+        tokio::pin!(write);
+        let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        loop {
+            tokio::select! {
+                written = &mut write => return Ok(written?),
+                _ = beat.tick() => {
+                    if let Err(e) = self.meta.touch_upload(&row.id, row.size, self.clock.now_ms()).await {
+                        tracing::warn!(upload = %row.id, error = %e, "could not note an upload's activity");
+                    }
+                }
+            }
+        }
+    }
+
     /// The state of upload session `id` in `repo`.
     ///
     /// # Errors
@@ -115,10 +151,7 @@ impl Registry {
         let mut hasher = restore_hasher(&row)?;
         let mut chunks = session_chunks(&row)?;
         let hint = announced_length(range, size_hint);
-        let written = self
-            .blobs
-            .write_upload(&row.storage_key, &mut chunks, size, body, &mut hasher, hint, guard.clone())
-            .await?;
+        let written = self.write_session(&row, &mut chunks, &mut hasher, body, hint, guard).await?;
         check_chunk_length(range, written)?;
         let new_size = size + written;
         let chunks_json = serde_json::to_string(&chunks).unwrap_or_else(|_| "[]".into());
@@ -158,18 +191,7 @@ impl Registry {
         let mut hasher = restore_hasher(&row)?;
         let mut chunks = session_chunks(&row)?;
         let hint = announced_length(range, size_hint);
-        let written = self
-            .blobs
-            .write_upload(
-                &row.storage_key,
-                &mut chunks,
-                row.size as u64,
-                body,
-                &mut hasher,
-                hint,
-                guard.clone(),
-            )
-            .await?;
+        let written = self.write_session(&row, &mut chunks, &mut hasher, body, hint, guard.clone()).await?;
         check_chunk_length(range, written)?;
         let size = row.size as u64 + written;
         self.check_content(&row.storage_key, &chunks, size, &hasher, digest).await?;

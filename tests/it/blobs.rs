@@ -343,3 +343,49 @@ backend_test!(bytes_gone_between_lookup_and_read, |reg| {
     reg.app.registry.blobs().delete(&key).await.unwrap();
     assert_eq!(reg.get(&format!("/v2/gone/app/blobs/{digest}")).await.status(), 500);
 });
+
+// Idleness counts from the last byte: a single write that streams for longer than the expiry
+// keeps its session alive while bytes arrive, and the collector leaves it alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_write_keeps_its_session_alive() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = berth::config::Config::embedded(dir.path());
+    config.storage_fsync = false;
+    config.gc.enabled = false;
+    config.upload_expire_after_secs = 2;
+    let reg = crate::harness::TestRegistry::start_with(config, dir).await;
+    let loc = reg.start_upload("slow/writer").await;
+    let collector = {
+        let registry = reg.app.registry.clone();
+        tokio::spawn(async move {
+            let mut expired = 0;
+            for _ in 0..40 {
+                expired += registry.collect(100).await.unwrap().uploads_expired;
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            expired
+        })
+    };
+    // Five pieces 0.8 s apart: 3.2 s in all, longer than the 2 s expiry.
+    let piece = random_bytes(1400, 1000);
+    let pieces = futures_util::stream::unfold(0, move |i| {
+        let piece = piece.clone();
+        async move {
+            if i == 5 {
+                return None;
+            }
+            if i > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+            }
+            Some((Ok::<_, std::io::Error>(piece), i + 1))
+        }
+    });
+    let res = reg.req(Method::PATCH, &loc).body(reqwest::Body::wrap_stream(pieces)).send().await.unwrap();
+    assert_eq!(res.status(), 202, "{:?}", res.text().await);
+    assert_eq!(header(&res, "range"), Some("0-4999"));
+    assert_eq!(collector.await.unwrap(), 0, "the session was not expired");
+    // Once nothing arrives any more, it goes.
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    assert_eq!(reg.app.registry.collect(100).await.unwrap().uploads_expired, 1);
+    assert_oci_error(reg.get(&loc).await, 404, "BLOB_UPLOAD_UNKNOWN").await;
+}
