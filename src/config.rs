@@ -573,6 +573,24 @@ mod tests {
         let e = load(&format!("{s3}[gc]\nblob_grace = \"1h\"\n"), &[], &Overrides::default()).unwrap_err();
         assert!(e.to_string().contains("redirect_ttl_secs"), "{e}");
         assert!(load(&format!("{s3}[gc]\nblob_grace = \"2h\"\n"), &[], &Overrides::default()).is_ok());
+        // The collector's workers and the safety net's pace.
+        let c = load(
+            "[gc]\nworkers = 4\nsweep_interval = \"30s\"\nscrub_period = \"0s\"\n",
+            &[("BERTH_GC_INTERVAL", "2s")],
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.gc.workers, 4);
+        assert_eq!((c.gc.interval, c.gc.sweep_interval), (Duration::from_secs(2), Duration::from_secs(30)));
+        assert!(c.gc.scrub_period.is_zero());
+        for (toml, fragment) in [
+            ("[gc]\nworkers = 0\n", "gc.workers"),
+            ("[gc]\nsweep_interval = \"0s\"\n", "sweep_interval"),
+            ("[uploads]\nsweep_interval_secs = 600\n", "gc.interval"),
+        ] {
+            let e = load(toml, &[], &Overrides::default()).unwrap_err();
+            assert!(e.to_string().contains(fragment), "{toml}: {e}");
+        }
     }
 
     #[test]
