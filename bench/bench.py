@@ -106,6 +106,29 @@ def start_berth(binary, work, name, env_extra=None, config=None):
     return Server(name, proc, base, os.path.join(data, "blobs"))
 
 
+def scale_out_toml(env_path):
+    """The [metadata] and [storage] sections for the scale-out deployment the env file names
+    (BERTH_TEST_PG_URL, BERTH_TEST_S3_*): a fresh database, and a fresh prefix in the bucket."""
+    import uuid
+    env = dict(line.strip().split("=", 1) for line in open(env_path) if "=" in line)
+    db = "bench_" + uuid.uuid4().hex[:12]
+    subprocess.run(["psql", env["BERTH_TEST_PG_URL"], "-qc", f"CREATE DATABASE {db}"], check=True)
+    pg = env["BERTH_TEST_PG_URL"].rsplit("/", 1)[0] + "/" + db
+    return f"""
+[metadata]
+url = "{pg}"
+[storage]
+kind = "s3"
+[storage.s3]
+endpoint = "{env['BERTH_TEST_S3_ENDPOINT']}"
+region = "garage"
+bucket = "{env['BERTH_TEST_S3_BUCKET']}"
+prefix = "bench-{db}"
+access_key_id = "{env['BERTH_TEST_S3_KEY_ID']}"
+secret_access_key = "{env['BERTH_TEST_S3_SECRET']}"
+"""
+
+
 def start_reference(work):
     port = free_port()
     root = os.path.join(work, "reference")
@@ -314,24 +337,7 @@ def main():
     servers = [start_berth(a.berth, a.work, "berth-embedded", config="[storage]\nfsync = false\n"),
                start_reference(a.work)]
     if a.scale_out_env:
-        env = dict(line.strip().split("=", 1) for line in open(a.scale_out_env) if "=" in line)
-        import uuid
-        db = "bench_" + uuid.uuid4().hex[:12]
-        subprocess.run(["psql", env["BERTH_TEST_PG_URL"], "-qc", f"CREATE DATABASE {db}"], check=True)
-        pg = env["BERTH_TEST_PG_URL"].rsplit("/", 1)[0] + "/" + db
-        servers.insert(1, start_berth(a.berth, a.work, "berth-scale-out", config=f"""
-[metadata]
-url = "{pg}"
-[storage]
-kind = "s3"
-[storage.s3]
-endpoint = "{env['BERTH_TEST_S3_ENDPOINT']}"
-region = "garage"
-bucket = "{env['BERTH_TEST_S3_BUCKET']}"
-prefix = "bench-{db}"
-access_key_id = "{env['BERTH_TEST_S3_KEY_ID']}"
-secret_access_key = "{env['BERTH_TEST_S3_SECRET']}"
-"""))
+        servers.insert(1, start_berth(a.berth, a.work, "berth-scale-out", config=scale_out_toml(a.scale_out_env)))
     results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(), "servers": {}}
     try:
         results["sha256_MBps"] = sha256_speed()

@@ -12,6 +12,7 @@ CREATE TABLE gc_progress (
     resume_after    TEXT    NOT NULL,
     pass_started_at BIGINT NOT NULL,
     pass_total      BIGINT NOT NULL DEFAULT 0, -- the scrub: bytes stored when the pass started
+    credit          BIGINT NOT NULL DEFAULT 0, -- the scrub: bytes it may read before it must wait
     passes          BIGINT NOT NULL DEFAULT 0,
     step_at         BIGINT NOT NULL DEFAULT 0
 );

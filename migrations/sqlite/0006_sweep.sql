@@ -12,6 +12,7 @@ CREATE TABLE gc_progress (
     resume_after    TEXT    NOT NULL,
     pass_started_at INTEGER NOT NULL,
     pass_total      INTEGER NOT NULL DEFAULT 0, -- the scrub: bytes stored when the pass started
+    credit          INTEGER NOT NULL DEFAULT 0, -- the scrub: bytes it may read before it must wait
     passes          INTEGER NOT NULL DEFAULT 0,
     step_at         INTEGER NOT NULL DEFAULT 0
 );

@@ -402,12 +402,7 @@ async fn gc_run(args: GcRunArgs) -> anyhow::Result<()> {
     loop {
         let r = app.registry.collect(10_000).await.map_err(|e| anyhow::anyhow!("{e}"))?;
         let progressed = r.reviews > 0;
-        total.reviews += r.reviews;
-        total.manifests += r.manifests;
-        total.blobs += r.blobs;
-        total.bytes += r.bytes;
-        total.objects_deleted += r.objects_deleted;
-        total.objects_failed += r.objects_failed;
+        total.add(&r);
         if !progressed {
             break;
         }
@@ -417,11 +412,12 @@ async fn gc_run(args: GcRunArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&total)?);
     } else {
         println!(
-            "reviewed {}, collected {} manifests and {} blobs ({} bytes); deleted {} objects{}",
+            "reviewed {}, collected {} manifests and {} blobs ({} bytes), expired {} upload sessions; deleted {} objects{}",
             total.reviews,
             total.manifests,
             total.blobs,
             total.bytes,
+            total.uploads_expired,
             total.objects_deleted,
             if total.objects_failed > 0 {
                 format!(", {} deletes to retry", total.objects_failed)

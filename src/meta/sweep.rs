@@ -16,6 +16,8 @@ pub struct Progress {
     pub pass_started_at: i64,
     /// The scrub: bytes stored when the pass started (its pace derives from them).
     pub pass_total: i64,
+    /// The scrub: bytes it may read before it has to wait for more time to pass.
+    pub credit: i64,
     /// Passes finished.
     pub passes: i64,
     /// When the last step ran.
@@ -82,15 +84,15 @@ impl MetaStore {
     /// # Errors
     /// [`Error::Database`].
     pub async fn progress(&self, name: &str, now: i64) -> Result<Progress> {
-        let row: Option<(String, i64, i64, i64, i64)> = sqlx::query_as(
-            "SELECT resume_after, pass_started_at, pass_total, passes, step_at FROM gc_progress WHERE name = $1",
+        let row: Option<(String, i64, i64, i64, i64, i64)> = sqlx::query_as(
+            "SELECT resume_after, pass_started_at, pass_total, credit, passes, step_at FROM gc_progress WHERE name = $1",
         )
         .bind(name)
         .fetch_optional(&self.write)
         .await?;
         Ok(match row {
-            Some((resume_after, pass_started_at, pass_total, passes, step_at)) => {
-                Progress { resume_after, pass_started_at, pass_total, passes, step_at }
+            Some((resume_after, pass_started_at, pass_total, credit, passes, step_at)) => {
+                Progress { resume_after, pass_started_at, pass_total, credit, passes, step_at }
             }
             None => Progress { pass_started_at: now, ..Progress::default() },
         })
@@ -102,15 +104,17 @@ impl MetaStore {
     /// [`Error::Database`].
     pub async fn save_progress(&self, name: &str, p: &Progress) -> Result<()> {
         sqlx::query(
-            "INSERT INTO gc_progress (name, resume_after, pass_started_at, pass_total, passes, step_at) \
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (name) DO UPDATE SET \
+            "INSERT INTO gc_progress (name, resume_after, pass_started_at, pass_total, credit, passes, step_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (name) DO UPDATE SET \
              resume_after = excluded.resume_after, pass_started_at = excluded.pass_started_at, \
-             pass_total = excluded.pass_total, passes = excluded.passes, step_at = excluded.step_at",
+             pass_total = excluded.pass_total, credit = excluded.credit, passes = excluded.passes, \
+             step_at = excluded.step_at",
         )
         .bind(name)
         .bind(&p.resume_after)
         .bind(p.pass_started_at)
         .bind(p.pass_total)
+        .bind(p.credit)
         .bind(p.passes)
         .bind(p.step_at)
         .execute(&self.write)

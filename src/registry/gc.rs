@@ -23,6 +23,19 @@ pub struct GcReport {
     pub objects_failed: u64,
 }
 
+impl GcReport {
+    /// Adds what another pass did.
+    pub fn add(&mut self, other: &GcReport) {
+        self.reviews += other.reviews;
+        self.manifests += other.manifests;
+        self.blobs += other.blobs;
+        self.bytes += other.bytes;
+        self.uploads_expired += other.uploads_expired;
+        self.objects_deleted += other.objects_deleted;
+        self.objects_failed += other.objects_failed;
+    }
+}
+
 /// Outbox keys deleted per batch (one `DeleteObjects` request on S3).
 const OUTBOX_BATCH: i64 = 1000;
 

@@ -109,9 +109,12 @@ impl Registry {
         Ok(report)
     }
 
-    /// One step of the scrub: re-hashes blobs from where the last step stopped, as many bytes
-    /// as the time since that step is of `scrub_period` (at least one blob; the time counted is
-    /// at most `max_elapsed_ms`, so a replica back after a long pause does not hash for hours).
+    /// One step of the scrub: re-hashes blobs from where the last step stopped, at a pace that
+    /// reads every stored byte once per `period_ms`. The time since the last step earns credit
+    /// (stored bytes × elapsed ÷ period), and a blob is read only when the credit covers it, so a
+    /// large blob waits until enough time has passed rather than being read at every step. The
+    /// credit is capped at what `max_elapsed_ms` earns (or the next blob, if larger), so a replica
+    /// back after a long pause does not hash for hours.
     ///
     /// # Errors
     /// [`super::Error::Internal`] when storage or the metadata store fails.
@@ -119,7 +122,7 @@ impl Registry {
         let now = self.clock.now_ms();
         let mut report = ScrubReport::default();
         let mut p = self.meta.progress("scrub", now).await?;
-        if p.resume_after.is_empty() {
+        if p.resume_after.is_empty() && p.credit == 0 {
             // A new pass: its pace is set by what is stored now; the reference checks run once.
             p.pass_started_at = now;
             p.pass_total = self.meta.stored_bytes().await?;
@@ -130,11 +133,14 @@ impl Registry {
             self.meta.replace_reference_findings(&reference_kinds(), &problems, now).await?;
             report.problems.extend(problems);
         }
+        let earned =
+            |ms: i64| (i128::from(p.pass_total) * i128::from(ms) / i128::from(period_ms.max(1))) as i64;
         let elapsed =
             if p.step_at == 0 { max_elapsed_ms } else { (now - p.step_at).clamp(0, max_elapsed_ms) };
-        let budget = (i128::from(p.pass_total) * i128::from(elapsed) / i128::from(period_ms.max(1))) as u64;
         let mut after: i64 = p.resume_after.parse().unwrap_or(0);
+        let mut credit = p.credit.saturating_add(earned(elapsed));
         let mut finished = false;
+        let mut first = true;
         'pages: loop {
             let page = self.meta.blobs_after(after, 100).await?;
             if page.is_empty() {
@@ -142,6 +148,14 @@ impl Registry {
                 break;
             }
             for blob in page {
+                if first {
+                    credit = credit.min(earned(max_elapsed_ms).max(blob.size));
+                    first = false;
+                }
+                if blob.size > credit {
+                    break 'pages;
+                }
+                credit -= blob.size;
                 after = blob.id;
                 report.blobs_checked += 1;
                 report.bytes_checked += blob.size as u64;
@@ -153,9 +167,6 @@ impl Registry {
                     }
                     None => self.meta.clear_findings(&blob.digest, &BLOB_FINDINGS).await?,
                 }
-                if report.bytes_checked >= budget {
-                    break 'pages;
-                }
             }
         }
         if finished {
@@ -163,10 +174,12 @@ impl Registry {
             self.meta.forget_findings_before(&BLOB_FINDINGS, p.pass_started_at).await?;
             p.resume_after.clear();
             p.passes += 1;
+            credit = 0;
             report.pass_finished = true;
         } else {
             p.resume_after = after.to_string();
         }
+        p.credit = credit.max(0);
         p.step_at = now;
         self.meta.save_progress("scrub", &p).await?;
         Ok(report)

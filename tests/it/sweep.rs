@@ -178,21 +178,26 @@ async fn the_scrub_finds_rotten_bytes_at_its_pace() {
     bytes[10] ^= 0x01;
     std::fs::write(&path, &bytes).unwrap();
     let registry = &reg.app.registry;
-    // A week's period and a minute since the last step: the step checks about a minute's share
-    // of the bytes — here the first blob only, as a step always checks at least one.
+    let stored: u64 = std::iter::once(&img.config).chain(&img.layers).map(|b| b.len() as u64).sum();
+    // A week's period, a step a day: each step earns a seventh of the stored bytes and reads a
+    // blob only once its credit covers it, so the pass takes the week, not a step.
     let week = 7 * DAY_MS;
-    let first = registry.scrub_step(week, 60_000).await.unwrap();
-    assert_eq!(first.blobs_checked, 1, "{first:?}");
-    assert!(!first.pass_finished);
-    // A pass over everything finds the flipped bit.
-    let mut found = first.problems;
+    let mut found = Vec::new();
+    let (mut steps, mut checked) = (0, 0);
     loop {
-        let step = registry.scrub_step(week, 60_000).await.unwrap();
+        registry.clock().advance_ms(DAY_MS);
+        let step = registry.scrub_step(week, DAY_MS).await.unwrap();
+        steps += 1;
+        checked += step.bytes_checked;
+        assert!(checked <= stored * steps / 7 + 1, "read {checked} of {stored} bytes in {steps} days");
         found.extend(step.problems);
         if step.pass_finished {
             break;
         }
+        assert!(steps < 9, "the pass did not finish in a week");
     }
+    assert_eq!(checked, stored);
+    assert!(steps >= 7, "finished in {steps} days");
     assert_eq!(found.len(), 1, "{found:?}");
     assert_eq!((found[0].kind, found[0].subject.as_str()), ("blob-content", layer.as_str()));
 }
