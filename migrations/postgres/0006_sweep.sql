@@ -30,3 +30,7 @@ CREATE TABLE gc_findings (
 
 -- Abandoned upload sessions are found by their last write.
 CREATE INDEX uploads_idle ON uploads (updated_at);
+
+-- A review that failed is retried later, the pause growing with its failures, so one bad item
+-- never stops the rest of the queue.
+ALTER TABLE gc_reviews ADD COLUMN attempts BIGINT NOT NULL DEFAULT 0;

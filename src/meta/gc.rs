@@ -24,14 +24,16 @@ pub enum Review {
 }
 
 impl Review {
-    fn kind(self) -> &'static str {
+    /// `blob` or `manifest`.
+    pub fn kind(self) -> &'static str {
         match self {
             Review::Blob(_) => "blob",
             Review::Manifest(_) => "manifest",
         }
     }
 
-    fn id(self) -> i64 {
+    /// The row id.
+    pub fn id(self) -> i64 {
         match self {
             Review::Blob(id) | Review::Manifest(id) => id,
         }
@@ -47,6 +49,20 @@ pub struct Collected {
     pub blobs: u64,
     /// Bytes of those blobs.
     pub bytes: u64,
+}
+
+/// How one review ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReviewOutcome {
+    /// Carried out (possibly collecting nothing).
+    Done(Collected),
+    /// Failed; postponed.
+    Failed {
+        /// The item.
+        item: Review,
+        /// Why.
+        error: String,
+    },
 }
 
 /// The decision about one item.
@@ -100,11 +116,13 @@ impl MetaStore {
     }
 
     /// Claims one review that is due at `now` and carries it out in one transaction. `None` when
-    /// nothing is due (or everything due is claimed by other workers right now).
+    /// nothing is due (or everything due is claimed by other workers right now). A review that
+    /// fails is postponed, the pause growing with its failures (up to an hour), and reported as
+    /// [`ReviewOutcome::Failed`]: the next claim takes another item.
     ///
     /// # Errors
-    /// [`Error::Database`].
-    pub async fn review_one(&self, now: i64) -> Result<Option<Collected>> {
+    /// [`Error::Database`] when the store fails outside any one item (the claim, the postponing).
+    pub async fn review_one(&self, now: i64) -> Result<Option<ReviewOutcome>> {
         let skip_locked = match self.dialect {
             Dialect::Sqlite => "",
             Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
@@ -114,23 +132,27 @@ impl MetaStore {
         );
         let lock = self.update_lock_of_table();
         let w = self.windows;
-        transaction!(self, Error, |tx| {
-            let claimed: Option<(String, i64)> =
+        let mut claimed = None;
+        let result = transaction!(self, Error, |tx| {
+            let row: Option<(String, i64)> =
                 sqlx::query_as(&claim).bind(now).fetch_optional(&mut *tx).await?;
-            let Some((kind, id)) = claimed else { return Ok(None) };
+            let Some((kind, id)) = row else { return Ok(None) };
             let item = if kind == "blob" { Review::Blob(id) } else { Review::Manifest(id) };
+            claimed = Some(item);
             let verdict = match item {
                 Review::Blob(id) => Self::review_blob(tx, id, now, w.blob_grace_ms, lock).await?,
                 Review::Manifest(id) => Self::review_manifest(tx, id, now, w, lock).await?,
             };
             let collected = match verdict {
                 Verdict::Until(at) => {
-                    sqlx::query("UPDATE gc_reviews SET review_after = $1 WHERE kind = $2 AND item_id = $3")
-                        .bind(at.max(now + 1))
-                        .bind(&kind)
-                        .bind(id)
-                        .execute(&mut *tx)
-                        .await?;
+                    sqlx::query(
+                        "UPDATE gc_reviews SET review_after = $1, attempts = 0 WHERE kind = $2 AND item_id = $3",
+                    )
+                    .bind(at.max(now + 1))
+                    .bind(&kind)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
                     Collected::default()
                 }
                 Verdict::Drop | Verdict::Collected(_) => {
@@ -143,7 +165,24 @@ impl MetaStore {
                 }
             };
             Ok(Some(collected))
-        })
+        });
+        match (result, claimed) {
+            (Ok(done), _) => Ok(done.map(ReviewOutcome::Done)),
+            (Err(e), Some(item)) if !e.is_busy() => {
+                sqlx::query(
+                    "UPDATE gc_reviews SET attempts = attempts + 1, \
+                     review_after = $1 + CASE WHEN attempts >= 60 THEN 3600000 ELSE 1000 * (1 + attempts * attempts) END \
+                     WHERE kind = $2 AND item_id = $3",
+                )
+                .bind(now)
+                .bind(item.kind())
+                .bind(item.id())
+                .execute(&self.write)
+                .await?;
+                Ok(Some(ReviewOutcome::Failed { item, error: e.to_string() }))
+            }
+            (Err(e), _) => Err(e),
+        }
     }
 
     fn update_lock_of_table(&self) -> &'static str {
@@ -168,23 +207,43 @@ impl MetaStore {
         // A link that no manifest of its repository references is kept for `blob_grace` after
         // it was made (or the blob last answered a HEAD), like an unreferenced blob: the time for
         // the manifest push it announced. After that it goes even if the blob lives on elsewhere.
-        const LOOSE: &str = "NOT EXISTS (SELECT 1 FROM manifest_blobs mb JOIN manifests m ON m.id = mb.manifest_id \
-             WHERE mb.blob_id = repository_blobs.blob_id AND m.repository_id = repository_blobs.repository_id)";
-        if seen_at.saturating_add(grace) <= now {
-            sqlx::query(&format!(
-                "DELETE FROM repository_blobs WHERE blob_id = $1 AND linked_at <= $2 AND {LOOSE}"
-            ))
+        let links: Vec<(i64, i64)> =
+            sqlx::query_as("SELECT repository_id, linked_at FROM repository_blobs WHERE blob_id = $1")
+                .bind(id)
+                .fetch_all(&mut *tx)
+                .await?;
+        let cutoff = now.saturating_sub(grace);
+        let mut loose_since = None;
+        let prunable = seen_at <= cutoff && links.iter().any(|&(_, linked_at)| linked_at <= cutoff);
+        if !prunable {
+            // Nothing can go yet: look again when the oldest link's grace ends.
+            loose_since = links.iter().map(|&(_, linked_at)| linked_at).min();
+        } else {
+            // The repositories whose manifests reference the blob: one walk of its references
+            // (through the blob's index — CROSS JOIN keeps SQLite from starting at the
+            // repository's manifests instead, which costs as much as the repository is large).
+            let referencing: Vec<(i64,)> = sqlx::query_as(
+                "SELECT DISTINCT m.repository_id FROM manifest_blobs mb CROSS JOIN manifests m \
+                 WHERE mb.blob_id = $1 AND m.id = mb.manifest_id",
+            )
             .bind(id)
-            .bind(now.saturating_sub(grace))
-            .execute(&mut *tx)
+            .fetch_all(&mut *tx)
             .await?;
+            for (repo, linked_at) in links {
+                if referencing.iter().any(|(r,)| *r == repo) {
+                    continue;
+                }
+                if linked_at <= cutoff && seen_at <= cutoff {
+                    sqlx::query("DELETE FROM repository_blobs WHERE repository_id = $1 AND blob_id = $2")
+                        .bind(repo)
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?;
+                } else {
+                    loose_since = Some(loose_since.map_or(linked_at, |t: i64| t.min(linked_at)));
+                }
+            }
         }
-        let (loose_since,): (Option<i64>,) = sqlx::query_as(&format!(
-            "SELECT MIN(linked_at) FROM repository_blobs WHERE blob_id = $1 AND {LOOSE}"
-        ))
-        .bind(id)
-        .fetch_one(&mut *tx)
-        .await?;
         // Referenced: whatever removes the reference enqueues the blob again.
         let referenced: Option<(i64,)> =
             sqlx::query_as("SELECT manifest_id FROM manifest_blobs WHERE blob_id = $1 LIMIT 1")

@@ -33,7 +33,7 @@ use sqlx::{AnyConnection, AnyPool, Connection as _, Executor as _};
 pub use blobs::CompletedUpload;
 pub use consistency::{BLOB_FINDINGS, Finding, StoredBlob, reference_kinds};
 pub use deletes::{AffectedManifest, DeleteError, Purged, Refusal, RevertTarget};
-pub use gc::{Collected, Review};
+pub use gc::{Collected, Review, ReviewOutcome};
 pub use manifests::{NewManifest, PutManifestError};
 pub use reports::{Preview, RepositorySummary, TombstoneRow};
 pub use rows::{BlobRow, ManifestHead, ManifestRow, ReferrerRow, TagMove, UploadRow};

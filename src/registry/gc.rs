@@ -3,6 +3,7 @@
 //! (when `gc.enabled`) and in `berth gc run`; several workers and replicas can run it at once.
 
 use super::{Registry, Result};
+use crate::meta::ReviewOutcome;
 
 /// What a collection pass did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -17,6 +18,8 @@ pub struct GcReport {
     pub bytes: u64,
     /// Abandoned upload sessions removed (their objects went to the outbox).
     pub uploads_expired: u64,
+    /// Reviews that failed (postponed, retried later with a growing pause).
+    pub review_errors: u64,
     /// Storage objects deleted from the outbox.
     pub objects_deleted: u64,
     /// Storage deletes that failed (retried later).
@@ -31,6 +34,7 @@ impl GcReport {
         self.blobs += other.blobs;
         self.bytes += other.bytes;
         self.uploads_expired += other.uploads_expired;
+        self.review_errors += other.review_errors;
         self.objects_deleted += other.objects_deleted;
         self.objects_failed += other.objects_failed;
     }
@@ -48,11 +52,19 @@ impl Registry {
     pub async fn collect(&self, max_reviews: u64) -> Result<GcReport> {
         let mut report = GcReport::default();
         while report.reviews < max_reviews {
-            let Some(done) = self.meta.review_one(self.clock.now_ms()).await? else { break };
+            let Some(outcome) = self.meta.review_one(self.clock.now_ms()).await? else { break };
             report.reviews += 1;
-            report.manifests += done.manifests;
-            report.blobs += done.blobs;
-            report.bytes += done.bytes;
+            match outcome {
+                ReviewOutcome::Done(done) => {
+                    report.manifests += done.manifests;
+                    report.blobs += done.blobs;
+                    report.bytes += done.bytes;
+                }
+                ReviewOutcome::Failed { item, error } => {
+                    tracing::warn!(gc.kind = item.kind(), gc.item = item.id(), %error, "review failed; retried later");
+                    report.review_errors += 1;
+                }
+            }
         }
         report.uploads_expired = self.expire_uploads().await?;
         let (deleted, failed) = self.drain_outbox().await?;

@@ -587,3 +587,49 @@ backend_test!(a_link_no_manifest_of_its_repository_uses_goes_after_blob_grace, |
     let fsck = reg.app.registry.fsck(false, &|_, _| {}).await.unwrap();
     assert!(fsck.clean() && fsck.warnings.is_empty(), "{fsck:?}");
 });
+
+// One item whose review fails (here a trigger refuses to delete its row) is postponed with a
+// growing pause; the rest of the queue is collected meanwhile, and the item once it can be.
+backend_test!(a_failing_review_is_postponed_and_the_rest_goes_on, |reg| {
+    let poisoned = reg.upload_blob("gc/poison", &random_bytes(1320, 500)).await;
+    let fine = reg.upload_blob("gc/poison", &random_bytes(1321, 600)).await;
+    let sql = reg.sql().await;
+    let (create_trigger, drop_trigger): (Vec<String>, Vec<&str>) = if reg.on_postgres() {
+        (
+            vec![
+                format!(
+                    "CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $body$ BEGIN \
+                     IF OLD.digest = '{poisoned}' THEN RAISE EXCEPTION 'poisoned for the test'; END IF; \
+                     RETURN OLD; END $body$"
+                ),
+                "CREATE TRIGGER poison BEFORE DELETE ON blobs FOR EACH ROW EXECUTE FUNCTION poison()".into(),
+            ],
+            vec!["DROP TRIGGER poison ON blobs", "DROP FUNCTION poison()"],
+        )
+    } else {
+        (
+            vec![format!(
+                "CREATE TRIGGER poison BEFORE DELETE ON blobs WHEN OLD.digest = '{poisoned}' \
+                 BEGIN SELECT RAISE(ABORT, 'poisoned for the test'); END"
+            )],
+            vec!["DROP TRIGGER poison"],
+        )
+    };
+    for statement in &create_trigger {
+        sqlx::query(statement).execute(&sql).await.unwrap();
+    }
+    reg.advance(DAY + HOUR);
+    let pass = reg.collect().await;
+    assert_eq!((pass.blobs, pass.bytes, pass.review_errors), (1, 600, 1), "{pass:?}");
+    assert_eq!(reg.get(&format!("/v2/gc/poison/blobs/{fine}")).await.status(), 404);
+    assert_eq!(reg.get(&format!("/v2/gc/poison/blobs/{poisoned}")).await.status(), 200);
+    // Postponed: not retried at once.
+    assert_eq!(reg.collect().await.review_errors, 0);
+    for statement in drop_trigger {
+        sqlx::query(statement).execute(&sql).await.unwrap();
+    }
+    reg.advance(2000);
+    let pass = reg.collect().await;
+    assert_eq!((pass.blobs, pass.bytes, pass.review_errors), (1, 500, 0), "{pass:?}");
+    assert_eq!(reg.get(&format!("/v2/gc/poison/blobs/{poisoned}")).await.status(), 404);
+});
