@@ -6,7 +6,7 @@
   store, while `berth serve` keeps answering manifest GETs (measured during the collection);
 * the reclaim rate — blobs and bytes collected per second once due — on the filesystem (SQLite)
   and on S3 (PostgreSQL + Garage);
-* the price of the bookkeeping: manifest GET/HEAD requests/s and a 256 MiB push with the
+* the price of the bookkeeping: manifest GET/HEAD requests/s and a 1 GiB push with the
   collector running (its workers, the sweep and the scrub) against switched off, with the
   reference registry beside them for the targets' ratios.
 
@@ -221,6 +221,7 @@ def main():
     ap.add_argument("--scale-out-env", help="file of KEY=VALUE lines: BERTH_TEST_PG_URL and BERTH_TEST_S3_*")
     ap.add_argument("--out", help="JSON results file")
     ap.add_argument("--quick", action="store_true", help="smaller sizes, shorter loads")
+    ap.add_argument("--bookkeeping-only", action="store_true", help="only the collector on/off comparison")
     args = ap.parse_args()
     os.makedirs(args.work, exist_ok=True)
     small, large = (1000, 10_000) if args.quick else (1000, 100_000)
@@ -229,16 +230,18 @@ def main():
     load_secs = 3 if args.quick else 8
     fs = "[storage]\nfsync = false\n"
     results = {"machine": bench.machine(), "sha256_MBps": bench.sha256_speed(), "layer_bytes": layer}
-    results["collections"] = [
-        collection(args.berth, args.work, "berth-small", small, victims, layer, fs, load_secs),
-        collection(args.berth, args.work, "berth-large", large, victims, layer, fs, load_secs),
-    ]
-    if args.scale_out_env:
-        s3 = bench.scale_out_toml(args.scale_out_env)
-        results["s3_collection"] = collection(args.berth, args.work, "berth-s3", small, victims, layer, s3,
-                                              load_secs)
+    if not args.bookkeeping_only:
+        results["collections"] = [
+            collection(args.berth, args.work, "berth-small", small, victims, layer, fs, load_secs),
+            collection(args.berth, args.work, "berth-large", large, victims, layer, fs, load_secs),
+        ]
+        if args.scale_out_env:
+            s3 = bench.scale_out_toml(args.scale_out_env)
+            results["s3_collection"] = collection(args.berth, args.work, "berth-s3", small, victims, layer, s3,
+                                                  load_secs)
     big = os.path.join(args.work, "big.bin")
-    big_digest = bench.make_file(big, (64 if args.quick else 256) * bench.MiB)
+    big_digest = bench.make_file(big, (256 if args.quick else 1024) * bench.MiB)
+    results["push_bytes"] = os.path.getsize(big)
     results["bookkeeping"] = bookkeeping(args.berth, args.work, big, big_digest, load_secs)
     if args.out:
         with open(args.out, "w") as f:
@@ -247,8 +250,15 @@ def main():
 
 
 def table(r):
-    lines = [f"Machine: {r['machine']}; SHA-256 {r['sha256_MBps']:.0f} MB/s on one core.", "",
-             "Collecting deleted images (each a unique config and a unique "
+    lines = [f"Machine: {r['machine']}; SHA-256 {r['sha256_MBps']:.0f} MB/s on one core.", ""]
+    if "collections" in r:
+        lines += collection_table(r)
+    lines += bookkeeping_table(r)
+    return "\n".join(lines)
+
+
+def collection_table(r):
+    lines = ["Collecting deleted images (each a unique config and a unique "
              f"{r['layer_bytes'] // 1024} KiB layer) with `berth gc run`, while `berth serve` answers "
              "manifest GETs at 64 connections:", "",
              "| deployment | images stored | deleted | wall | CPU | per image | reclaim rate | GET req/s quiet → during | GET p99 quiet → during |",
@@ -270,20 +280,25 @@ def table(r):
         if c["disk_before"] is not None:
             lines.append(f"{name}, {c['store']:,} images: blob storage {c['disk_before'] / 1e6:.1f} MB → "
                          f"{c['disk_after'] / 1e6:.1f} MB.")
+    return lines + [""]
+
+
+def bookkeeping_table(r):
     b = r["bookkeeping"]
 
     def best(s, k, key):
         return max(b[s][k], key=lambda x: x[key])
     ref_get, ref_head, ref_push = (best("reference", "GET", "rps"), best("reference", "HEAD", "rps"),
                                    best("reference", "push", "MBps"))
-    lines += ["", "Collector on (workers, sweep every 5 s, scrub) against off; best of two interleaved rounds:", "",
-              "| | manifest GET | manifest HEAD | push 256 MiB |", "|---|---|---|---|"]
+    size = "1 GiB" if r.get("push_bytes", 0) >= 1 << 30 else "256 MiB"
+    lines = ["Collector on (workers, sweep every 5 s, scrub) against off; best of two interleaved rounds:", "",
+             f"| | manifest GET | manifest HEAD | push {size} |", "|---|---|---|---|"]
     for s in ["berth-gc-on", "berth-gc-off", "reference"]:
         g, h, p = best(s, "GET", "rps"), best(s, "HEAD", "rps"), best(s, "push", "MBps")
         lines.append(f"| {s} | {g['rps']:.0f} req/s ({g['rps'] / ref_get['rps']:.1f}×), {g['cpu_ms_per_req']:.3f} CPU-ms | "
                      f"{h['rps']:.0f} req/s ({h['rps'] / ref_head['rps']:.1f}×), {h['cpu_ms_per_req']:.3f} CPU-ms | "
                      f"{p['MBps']:.0f} MB/s ({p['MBps'] / ref_push['MBps']:.1f}×), {p['cpu_s_per_GB']:.2f} CPU-s/GB |")
-    return "\n".join(lines)
+    return lines
 
 
 if __name__ == "__main__":
