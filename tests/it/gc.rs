@@ -89,6 +89,33 @@ backend_test!(blob_grace_is_refreshed_by_head_and_references_hold, |reg| {
     assert_eq!(reg.collect().await.blobs, 1);
     assert_eq!(reg.get(&path).await.status(), 404);
 
+    // A mount starts the grace again, for the repository it links into: the blob's first link
+    // goes when its grace ends, the mounted one lives on, and a manifest pushed there keeps it.
+    let layer = random_bytes(1212, 1500);
+    let digest = reg.upload_blob("gc/grace", &layer).await;
+    reg.advance(23 * HOUR);
+    let res = reg
+        .req(Method::POST, &format!("/v2/gc/mounted/blobs/uploads/?mount={digest}&from=gc/grace"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    reg.advance(2 * HOUR);
+    assert_eq!(reg.collect().await.blobs, 0, "mounted an hour ago");
+    assert_eq!(reg.get(&format!("/v2/gc/grace/blobs/{digest}")).await.status(), 404, "the first link's grace ended");
+    let config = reg.upload_blob("gc/mounted", b"{}").await;
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": config.as_str(), "size": 2},
+        "layers": [{"mediaType": OCI_LAYER, "digest": digest.as_str(), "size": layer.len()}],
+    }))
+    .unwrap();
+    assert_eq!(reg.put_manifest("gc/mounted", "m", OCI_MANIFEST, &manifest).await.status(), 201);
+    reg.advance(30 * DAY);
+    reg.collect().await;
+    let res = reg.get(&format!("/v2/gc/mounted/blobs/{digest}")).await;
+    assert_eq!(res.bytes().await.unwrap().as_ref(), layer.as_slice());
+
     // A tagged image's blobs are never collected, however old.
     let img = reg.push_image("gc/grace", "v1", 1211).await;
     reg.advance(60 * DAY);
