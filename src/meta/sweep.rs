@@ -250,18 +250,8 @@ impl MetaStore {
     /// # Errors
     /// [`Error::Database`].
     pub async fn record_finding(&self, finding: &Finding, now: i64) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO gc_findings (kind, subject, repository, detail, found_at) VALUES ($1, $2, $3, $4, $5) \
-             ON CONFLICT (kind, subject) DO UPDATE SET repository = excluded.repository, \
-             detail = excluded.detail, found_at = excluded.found_at",
-        )
-        .bind(finding.kind)
-        .bind(&finding.subject)
-        .bind(&finding.repository)
-        .bind(&finding.detail)
-        .bind(now)
-        .execute(&self.write)
-        .await?;
+        let mut conn = self.write.acquire().await?;
+        Self::insert_finding(&mut conn, finding, now).await?;
         Ok(())
     }
 
@@ -295,20 +285,31 @@ impl MetaStore {
                 sqlx::query("DELETE FROM gc_findings WHERE kind = $1").bind(kind).execute(&mut *tx).await?;
             }
             for f in found {
-                sqlx::query(
-                    "INSERT INTO gc_findings (kind, subject, repository, detail, found_at) \
-                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (kind, subject) DO NOTHING",
-                )
-                .bind(f.kind)
-                .bind(&f.subject)
-                .bind(&f.repository)
-                .bind(&f.detail)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
+                Self::insert_finding(tx, f, now).await?;
             }
             Ok(())
         })
+    }
+
+    /// Records `finding`, replacing an earlier one of its kind about its subject.
+    async fn insert_finding(
+        conn: &mut sqlx::AnyConnection,
+        finding: &Finding,
+        now: i64,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO gc_findings (kind, subject, repository, detail, found_at) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (kind, subject) DO UPDATE SET repository = excluded.repository, \
+             detail = excluded.detail, found_at = excluded.found_at",
+        )
+        .bind(finding.kind)
+        .bind(&finding.subject)
+        .bind(&finding.repository)
+        .bind(&finding.detail)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
     }
 
     /// Everything the scrub has found and not yet seen mended, oldest first.

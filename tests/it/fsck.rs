@@ -4,8 +4,7 @@
 
 use std::process::Command;
 
-use berth::oci::{Digest, UploadHasher};
-use bytes::Bytes;
+use berth::oci::Digest;
 
 use crate::backend_test;
 use crate::harness::*;
@@ -25,15 +24,8 @@ backend_test!(fsck_reports_problems_and_leftovers, |reg| {
     assert!(report.orphans.is_empty(), "{:?}", report.orphans);
 
     // Bytes written and never recorded (a crash between the two): a leftover, not a problem.
+    reg.leave_unrecorded_bytes("orphan-session", 500).await;
     let blobs = reg.app.registry.blobs();
-    let key = blobs.start_upload("orphan-session").await.unwrap();
-    let body = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from(vec![1u8; 500]))]);
-    let mut chunks = Vec::new();
-    let mut hasher = UploadHasher::default();
-    blobs
-        .write_upload(&key, &mut chunks, 0, body, &mut hasher, Some(500), std::sync::Arc::new(()))
-        .await
-        .unwrap();
     let report = fsck(&reg, false).await;
     assert!(report.clean(), "{report:?}");
     assert_eq!(report.orphans.len(), 1, "{:?}", report.orphans);
@@ -93,17 +85,7 @@ backend_test!(fsck_checks_the_collector_queues_and_repair_mends_what_is_safe, |r
     for kind in ["review-of-missing-row", "reviews-overdue", "not-queued"] {
         assert!(warnings.contains(&kind), "{kind} in {report:?}");
     }
-    let orphan = {
-        let blobs = reg.app.registry.blobs();
-        let key = blobs.start_upload("fsck-orphan").await.unwrap();
-        let body = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from(vec![3u8; 300]))]);
-        let (mut chunks, mut hasher) = (Vec::new(), UploadHasher::default());
-        blobs
-            .write_upload(&key, &mut chunks, 0, body, &mut hasher, Some(300), std::sync::Arc::new(()))
-            .await
-            .unwrap();
-        chunks.pop().map_or(key, |c| c.key)
-    };
+    let orphan = reg.leave_unrecorded_bytes("fsck-orphan", 300).await;
 
     // Repair leaves the young orphan (its row may be on its way) …
     let repaired = reg.app.registry.repair().await.unwrap();

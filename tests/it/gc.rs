@@ -101,8 +101,12 @@ backend_test!(blob_grace_is_refreshed_by_head_and_references_hold, |reg| {
         .unwrap();
     assert_eq!(res.status(), 201);
     reg.advance(2 * HOUR);
-    assert_eq!(reg.collect().await.blobs, 0, "mounted an hour ago");
-    assert_eq!(reg.get(&format!("/v2/gc/grace/blobs/{digest}")).await.status(), 404, "the first link's grace ended");
+    assert_eq!(reg.collect().await.blobs, 0, "mounted two hours ago");
+    assert_eq!(
+        reg.get(&format!("/v2/gc/grace/blobs/{digest}")).await.status(),
+        404,
+        "the first link's grace ended"
+    );
     let config = reg.upload_blob("gc/mounted", b"{}").await;
     let manifest = serde_json::to_vec(&json!({
         "schemaVersion": 2, "mediaType": OCI_MANIFEST,
@@ -532,16 +536,7 @@ backend_test!(storage_returns_to_what_live_content_needs, |reg| {
     assert_eq!(reg.patch_chunk(&cancelled, &chunked, 0, 1024).await.status(), 202);
     assert_eq!(reg.req(Method::DELETE, &cancelled).send().await.unwrap().status(), 204);
     // Bytes a crash left behind without a row.
-    {
-        let blobs = reg.app.registry.blobs();
-        let key = blobs.start_upload("reclaim-crashed").await.unwrap();
-        let body = futures_util::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(vec![9u8; 777]))]);
-        let (mut chunks, mut hasher) = (Vec::new(), berth::oci::UploadHasher::default());
-        blobs
-            .write_upload(&key, &mut chunks, 0, body, &mut hasher, Some(777), std::sync::Arc::new(()))
-            .await
-            .unwrap();
-    }
+    reg.leave_unrecorded_bytes("reclaim-crashed", 777).await;
 
     // Delete everything but `kept`: tags (the children of the index are held by its tombstone
     // until that goes, then by their untagged grace), a manifest by digest, a whole repository.

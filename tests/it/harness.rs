@@ -224,6 +224,20 @@ impl TestRegistry {
         key
     }
 
+    /// Writes `len` bytes to storage as upload session `session` writes them, recording nothing —
+    /// what a crash between writing bytes and recording them leaves. Returns the object's key.
+    pub async fn leave_unrecorded_bytes(&self, session: &str, len: usize) -> String {
+        let blobs = self.app.registry.blobs();
+        let key = blobs.start_upload(session).await.unwrap();
+        let body = futures_util::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(vec![7u8; len]))]);
+        let (mut chunks, mut hasher) = (Vec::new(), berth::oci::UploadHasher::default());
+        blobs
+            .write_upload(&key, &mut chunks, 0, body, &mut hasher, Some(len as u64), std::sync::Arc::new(()))
+            .await
+            .unwrap();
+        chunks.pop().map_or(key, |c| c.key)
+    }
+
     /// Whether this registry runs on PostgreSQL.
     pub fn on_postgres(&self) -> bool {
         self.app.config.metadata_url.starts_with("postgres")

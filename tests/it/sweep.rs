@@ -2,29 +2,12 @@
 //! than `blob_grace` (and nothing else), rows the review queue missed are queued again, and the
 //! scrub finds bytes that rotted or vanished behind Berth's back.
 
-use berth::oci::{Digest, UploadHasher};
-use bytes::Bytes;
+use berth::oci::Digest;
 
 use crate::backend_test;
 use crate::harness::*;
 
 const DAY_MS: i64 = 24 * 3600 * 1000;
-
-/// Writes `len` bytes to storage as an upload session's object that no row will ever name —
-/// what a crash between writing bytes and recording them leaves. Returns the objects' keys.
-async fn leave_unrecorded_bytes(reg: &TestRegistry, session: &str, len: usize) -> Vec<String> {
-    let blobs = reg.app.registry.blobs();
-    let key = blobs.start_upload(session).await.unwrap();
-    let body = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from(vec![7u8; len]))]);
-    let mut chunks = Vec::new();
-    let mut hasher = UploadHasher::default();
-    blobs
-        .write_upload(&key, &mut chunks, 0, body, &mut hasher, Some(len as u64), std::sync::Arc::new(()))
-        .await
-        .unwrap();
-    let keys: Vec<String> = chunks.into_iter().map(|c| c.key).collect();
-    if keys.is_empty() { vec![key] } else { keys }
-}
 
 /// Runs sweep steps until the walk over storage has finished once.
 async fn sweep_pass(reg: &TestRegistry) -> berth::registry::SweepReport {
@@ -46,7 +29,7 @@ backend_test!(the_sweep_removes_old_unaccounted_objects_and_nothing_else, |reg| 
     // An upload left open, and bytes nobody recorded.
     let open = reg.start_upload("sweep/app").await;
     assert_eq!(reg.patch_chunk(&open, &random_bytes(1201, 700), 0, 700).await.status(), 202);
-    let orphans = leave_unrecorded_bytes(&reg, "crashed-session", 600).await;
+    let orphans = vec![reg.leave_unrecorded_bytes("crashed-session", 600).await];
     // A published blob whose row was lost (a commit whose reply never came, then rolled back).
     let lost = reg.upload_blob("sweep/app", &random_bytes(1202, 800)).await;
     let lost_key = reg.storage_key(&lost).await;
@@ -98,7 +81,7 @@ backend_test!(the_sweep_walks_a_store_larger_than_one_page_in_steps, |reg| {
     // More objects than one step lists (1,000): orphans on both sides of the page boundary go.
     let mut orphans = Vec::new();
     for i in 0..1100 {
-        orphans.extend(leave_unrecorded_bytes(&reg, &format!("many-{i:04}"), 10).await);
+        orphans.push(reg.leave_unrecorded_bytes(&format!("many-{i:04}"), 10).await);
     }
     reg.app.registry.clock().advance_ms(DAY_MS + 1000);
     let first = reg.app.registry.sweep_step().await.unwrap();
@@ -207,8 +190,7 @@ backend_test!(a_publication_slower_than_blob_grace_loses_to_the_sweep_and_fails_
     // after the sweep took them for an orphan.
     let data = vec![7u8; 600];
     let digest = Digest::sha256_of(&data);
-    let keys = leave_unrecorded_bytes(&reg, "slow-publication", data.len()).await;
-    let key = keys.last().unwrap();
+    let key = &reg.leave_unrecorded_bytes("slow-publication", data.len()).await;
     reg.app.registry.clock().advance_ms(DAY_MS + 1000);
     assert_eq!(sweep_pass(&reg).await.orphans, 1);
     let repo = berth::oci::RepoName::parse("sweep/slow").unwrap();
