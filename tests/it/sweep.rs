@@ -29,7 +29,7 @@ backend_test!(the_sweep_removes_old_unaccounted_objects_and_nothing_else, |reg| 
     // An upload left open, and bytes nobody recorded.
     let open = reg.start_upload("sweep/app").await;
     assert_eq!(reg.patch_chunk(&open, &random_bytes(1201, 700), 0, 700).await.status(), 202);
-    let orphans = vec![reg.leave_unrecorded_bytes("crashed-session", 600).await];
+    let orphans = [reg.leave_unrecorded_bytes("crashed-session", 600).await];
     // A published blob whose row was lost (a commit whose reply never came, then rolled back).
     let lost = reg.upload_blob("sweep/app", &random_bytes(1202, 800)).await;
     let lost_key = reg.storage_key(&lost).await;
