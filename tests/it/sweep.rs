@@ -203,3 +203,41 @@ backend_test!(a_publication_slower_than_blob_grace_loses_to_the_sweep_and_fails_
     let report = reg.app.registry.fsck(false, &|_, _| {}).await.unwrap();
     assert!(report.clean() && report.orphans.is_empty(), "{report:?}");
 });
+
+// A multipart upload cut off by a crash (on S3 a large write streams as one, leaving a marker
+// object that names it until it completes): once the marker is older than blob_grace the sweep
+// aborts the upload, so its parts stop costing storage, and removes the marker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_aborts_multipart_uploads_a_crash_cut_off() {
+    use object_store::ObjectStoreExt as _;
+    use object_store::multipart::MultipartStore as _;
+    let Some(reg) = TestRegistry::try_start(Backend::Postgres).await else {
+        eprintln!("skipping: the scale-out deployment is not configured");
+        return;
+    };
+    let s3 = reg.app.config.storage_s3.clone().unwrap();
+    let store = object_store::aws::AmazonS3Builder::new()
+        .with_endpoint(s3.endpoint.clone().unwrap())
+        .with_allow_http(true)
+        .with_region(s3.region.clone().unwrap())
+        .with_bucket_name(&s3.bucket)
+        .with_access_key_id(s3.access_key_id.clone().unwrap())
+        .with_secret_access_key(s3.secret_access_key.clone().unwrap())
+        .build()
+        .unwrap();
+    let prefix = s3.prefix.clone().unwrap();
+    // What a replica killed mid-write leaves: the upload with a part in it, and its marker.
+    let target = object_store::path::Path::from(format!("{prefix}/blobs/crashed-session/chunk"));
+    let id = store.create_multipart(&target).await.unwrap();
+    store.put_part(&target, &id, 0, vec![1u8; 5 << 20].into()).await.unwrap();
+    let marker = object_store::path::Path::from(format!("{prefix}/blobs/crashed-session/chunk.multipart"));
+    store.put(&marker, id.clone().into_bytes().into()).await.unwrap();
+
+    reg.app.registry.clock().advance_ms(DAY_MS + 1000);
+    assert_eq!(sweep_pass(&reg).await.orphans, 1);
+    assert_eq!(reg.app.registry.drain_outbox().await.unwrap(), (1, 0));
+    assert!(reg.app.registry.blobs().list("").await.unwrap().is_empty());
+    // The upload is gone: another part cannot be added to it.
+    let late = store.put_part(&target, &id, 1, vec![2u8; 16].into()).await;
+    assert!(late.is_err(), "the multipart upload is still open");
+}
