@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use crate::meta::RevertTarget;
 use crate::oci::{Digest, RepoName, Tag};
-use crate::registry::{DeleteTarget, Error, Registry};
+use crate::registry::{DeleteTarget, Error, ExplainTarget, Registry};
 
 /// Where the time machine puts a tag (owned form of [`RevertTarget`]).
 #[derive(Debug, Clone)]
@@ -56,6 +56,8 @@ pub enum AdminRequest {
         /// Where to.
         to: Revert,
     },
+    /// Why a manifest or blob is kept, and when the collector will take it.
+    Explain(ExplainTarget),
     /// Emergency purge of a blob everywhere.
     Purge {
         /// The blob.
@@ -105,6 +107,7 @@ impl AdminRequest {
                 };
                 ("POST", format!("revert/{repo}:{tag}"), Some(body))
             }
+            AdminRequest::Explain(t) => ("GET", format!("explain/{t}"), None),
             AdminRequest::Purge { digest, reason } => {
                 ("POST", "purge".to_string(), Some(json!({ "digest": digest.as_str(), "reason": reason })))
             }
@@ -162,6 +165,7 @@ impl AdminRequest {
                 let digest = registry.revert_tag(repo, tag, target, actor).await?;
                 json!({ "repository": repo.as_str(), "tag": tag.as_str(), "digest": digest })
             }
+            AdminRequest::Explain(target) => to_value(&registry.explain(target).await?),
             AdminRequest::Purge { digest, reason } => {
                 to_value(&registry.purge_blob(digest, reason, actor).await?)
             }
@@ -183,7 +187,8 @@ impl AdminRequest {
             AdminRequest::Delete(t) | AdminRequest::Preview(t) | AdminRequest::Restore { target: t, .. } => {
                 vec![t.repository().to_string()]
             }
-            AdminRequest::Purge { digest, .. } => {
+            AdminRequest::Explain(ExplainTarget::Manifest(r, _)) => vec![r.to_string()],
+            AdminRequest::Explain(ExplainTarget::Blob(digest)) | AdminRequest::Purge { digest, .. } => {
                 let holders = registry.repositories_holding(digest).await?;
                 if holders.is_empty() {
                     // Nobody's content: the collector removes it; a purge needs a repository's
@@ -311,6 +316,13 @@ impl AdminRequest {
                 };
                 AdminRequest::Revert { repo, tag, to }
             }
+            ("GET", "explain", text) => AdminRequest::Explain(ExplainTarget::parse(text).map_err(|m| {
+                if text.contains('@') && RepoName::parse(text.split('@').next().unwrap_or("")).is_err() {
+                    ParseError::Name(m)
+                } else {
+                    ParseError::Digest(m)
+                }
+            })?),
             ("POST", "purge", "") => {
                 let body: PurgeBody = body_of(body)?;
                 let reason = body.reason.trim().to_string();

@@ -270,6 +270,39 @@ pub fn render(request: &AdminRequest, v: &Value) -> String {
                 s(v, "digest")
             ));
         }
+        AdminRequest::Explain(_) => {
+            let state = s(v, "state");
+            out.push_str(&format!(
+                "{} {} is {state} ({})\n",
+                s(v, "kind"),
+                s(v, "subject"),
+                bytes(n(v, "size"))
+            ));
+            for h in items(v, "holds") {
+                let until = h["until"].as_i64().map(|t| format!(" until {}", utc(t))).unwrap_or_default();
+                out.push_str(&format!("  held: {} {}{until}\n", s(h, "reason"), s(h, "detail")));
+            }
+            if n(v, "holds_not_listed") > 0 {
+                out.push_str(&format!("  held: and {} more\n", n(v, "holds_not_listed")));
+            }
+            for l in items(v, "links") {
+                let how = match l["until"].as_i64() {
+                    Some(t) => format!("unreferenced there; unlinked after {}", utc(t)),
+                    None => "referenced there".into(),
+                };
+                out.push_str(&format!("  linked in {}: {how}\n", s(l, "repository")));
+            }
+            match (state, v["collect_at"].as_i64(), v["due"].as_bool() == Some(true)) {
+                ("gone", ..) => {
+                    out.push_str("  nothing stored under this name (never pushed, or collected)\n")
+                }
+                (_, None, _) => out.push_str("  not collected while the holds without an end last\n"),
+                (_, Some(_), true) => out.push_str("  due: the next collection pass takes it\n"),
+                (_, Some(t), false) => {
+                    out.push_str(&format!("  collected at {} if nothing changes\n", utc(t)))
+                }
+            }
+        }
         AdminRequest::Purge { .. } => {
             affected(
                 &mut out,

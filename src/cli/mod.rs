@@ -40,6 +40,7 @@ Delete and undo (docs/deleting.md):
 Check and collect:
   berth fsck --rehash                            metadata against storage; exit 1 if inconsistent
   berth gc run                                   collect what is due now (serve does it too)
+  berth gc explain REPO@DIGEST | DIGEST          why it is kept, and when it will go
 
 Admin commands talk to http://127.0.0.1:5000 (--url, BERTH_URL; --user, --password) or open a
 deployment directly (--config, --data-dir). Add --json for scripts.";
@@ -234,6 +235,21 @@ pub struct GcArgs {
 pub enum GcAction {
     /// One pass over everything due now, then exit.
     Run(GcRunArgs),
+    /// Why a manifest (REPO@DIGEST) or a blob (DIGEST) is kept: every hold, when each ends,
+    /// and when the collector will take it if nothing changes.
+    ///
+    /// Example: `berth gc explain team/app@sha256:…`
+    Explain(GcExplainArgs),
+}
+
+/// `berth gc explain`.
+#[derive(Debug, clap::Args)]
+pub struct GcExplainArgs {
+    /// `REPO@DIGEST` for a manifest, `DIGEST` for a blob.
+    pub target: String,
+    /// How to reach Berth.
+    #[command(flatten)]
+    pub conn: admin::Connection,
 }
 
 /// `berth gc run`.
@@ -366,6 +382,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let to = admin::revert_to(a.to.as_deref(), a.at.as_deref(), a.previous)?;
             (a.conn, Req::Revert { repo, tag, to })
+        }
+        Command::Gc(GcArgs { action: GcAction::Explain(a) }) => {
+            let target =
+                crate::registry::ExplainTarget::parse(&a.target).map_err(|m| anyhow::anyhow!("{m}"))?;
+            (a.conn, Req::Explain(target))
         }
         Command::Purge(a) => {
             let digest =

@@ -75,6 +75,29 @@ enum Verdict {
     Collected(Collected),
 }
 
+/// When an unreferenced blob's grace ends: its upload, its last link (upload, mount) or its last
+/// `HEAD`, plus `blob_grace`.
+pub(super) fn blob_grace_end(created_at: i64, last_link: Option<i64>, seen_at: i64, grace: i64) -> i64 {
+    created_at.max(last_link.unwrap_or(0)).max(seen_at).saturating_add(grace)
+}
+
+/// When a manifest nothing holds leaves its grace: its push, last pull or last untagging, plus
+/// `untagged_grace`.
+pub(super) fn untagged_grace_end(
+    pushed_at: i64,
+    pulled_at: Option<i64>,
+    untagged_at: Option<i64>,
+    grace: i64,
+) -> i64 {
+    pushed_at.max(pulled_at.unwrap_or(0)).max(untagged_at.unwrap_or(0)).saturating_add(grace)
+}
+
+/// Until when a tombstone is restorable (and holds what it references); `None` for one marked
+/// unrestorable (purged, or an index whose child was collected).
+pub(super) fn restore_window_end(deleted_at: i64, unrestorable: bool, window: i64) -> Option<i64> {
+    (!unrestorable).then(|| deleted_at.saturating_add(window))
+}
+
 impl MetaStore {
     /// Upserts a review of `item` at `at`, written in the event's own transaction. The queue
     /// time is a lower bound, not a verdict: a review derives the item's real deadline from its
@@ -261,7 +284,7 @@ impl MetaStore {
                 .bind(id)
                 .fetch_one(&mut *tx)
                 .await?;
-        let grace_end = created_at.max(last_link.unwrap_or(0)).max(seen_at).saturating_add(grace);
+        let grace_end = blob_grace_end(created_at, last_link, seen_at, grace);
         if grace_end > now {
             return Ok(Verdict::Until(grace_end));
         }
@@ -288,8 +311,10 @@ impl MetaStore {
             return Ok(Verdict::Drop);
         };
         if let Some(deleted_at) = deleted_at {
-            let window_end = deleted_at.saturating_add(w.restore_window_ms);
-            if unrestorable.is_none() && window_end > now {
+            if let Some(window_end) =
+                restore_window_end(deleted_at, unrestorable.is_some(), w.restore_window_ms)
+                && window_end > now
+            {
                 return Ok(Verdict::Until(window_end));
             }
         } else {
@@ -321,10 +346,7 @@ impl MetaStore {
             .bind(&digest)
             .fetch_one(&mut *tx)
             .await?;
-            let grace_end = pushed_at
-                .max(pulled_at.unwrap_or(0))
-                .max(untagged_at.unwrap_or(0))
-                .saturating_add(w.untagged_grace_ms);
+            let grace_end = untagged_grace_end(pushed_at, pulled_at, untagged_at, w.untagged_grace_ms);
             if grace_end > now {
                 return Ok(Verdict::Until(grace_end));
             }

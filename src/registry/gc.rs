@@ -3,7 +3,44 @@
 //! (when `gc.enabled`) and in `berth gc run`; several workers and replicas can run it at once.
 
 use super::{Registry, Result};
-use crate::meta::ReviewOutcome;
+use crate::meta::{Explanation, ReviewOutcome};
+use crate::oci::{Digest, RepoName};
+
+/// What `gc explain` explains: a manifest (`REPO@DIGEST`) or a blob (`DIGEST`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExplainTarget {
+    /// A manifest of a repository.
+    Manifest(RepoName, Digest),
+    /// A blob, wherever it is linked.
+    Blob(Digest),
+}
+
+impl ExplainTarget {
+    /// Parses `REPO@DIGEST` or `DIGEST`.
+    ///
+    /// # Errors
+    /// A message saying what is malformed.
+    pub fn parse(text: &str) -> std::result::Result<Self, String> {
+        match text.split_once('@') {
+            Some((repo, digest)) => Ok(ExplainTarget::Manifest(
+                RepoName::parse(repo)?,
+                Digest::parse(digest).map_err(|e| e.to_string())?,
+            )),
+            None => Digest::parse(text)
+                .map(ExplainTarget::Blob)
+                .map_err(|e| format!("`{text}` is neither REPO@DIGEST nor a blob digest: {e}")),
+        }
+    }
+}
+
+impl std::fmt::Display for ExplainTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExplainTarget::Manifest(r, d) => write!(f, "{r}@{d}"),
+            ExplainTarget::Blob(d) => write!(f, "{d}"),
+        }
+    }
+}
 
 /// What a collection pass did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -44,6 +81,19 @@ impl GcReport {
 const OUTBOX_BATCH: i64 = 1000;
 
 impl Registry {
+    /// Why `target` is kept, every hold with when it ends, and when the collector will take it
+    /// if nothing changes.
+    ///
+    /// # Errors
+    /// [`super::Error::Internal`] when the metadata store fails.
+    pub async fn explain(&self, target: &ExplainTarget) -> Result<Explanation> {
+        let now = self.clock.now_ms();
+        Ok(match target {
+            ExplainTarget::Manifest(repo, digest) => self.meta.explain_manifest(repo, digest, now).await?,
+            ExplainTarget::Blob(digest) => self.meta.explain_blob(digest, now).await?,
+        })
+    }
+
     /// Carries out up to `max_reviews` due reviews, removes abandoned upload sessions, then
     /// drains the outbox.
     ///

@@ -11,6 +11,7 @@ mod crash;
 mod deletes;
 mod discovery;
 pub mod e2e;
+mod explain;
 mod faults;
 mod fsck;
 mod gc;
