@@ -39,7 +39,7 @@ Delete and undo (docs/deleting.md):
 
 Check and collect:
   berth fsck --rehash                            metadata against storage; exit 1 if inconsistent
-  berth gc run                                   collect what is due now (serve does it too)
+  berth gc run [--dry-run]                       collect what is due now (serve does it too)
   berth gc explain REPO@DIGEST | DIGEST          why it is kept, and when it will go
 
 Admin commands talk to http://127.0.0.1:5000 (--url, BERTH_URL; --user, --password) or open a
@@ -255,6 +255,10 @@ pub struct GcExplainArgs {
 /// `berth gc run`.
 #[derive(Debug, clap::Args)]
 pub struct GcRunArgs {
+    /// List what a pass would collect now and the bytes it would free, changing nothing (the
+    /// pass's own reviews in a transaction that is rolled back).
+    #[arg(long)]
+    pub dry_run: bool,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -418,6 +422,27 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 async fn gc_run(args: GcRunArgs) -> anyhow::Result<()> {
     let config = args.common.load(None)?;
     let app = crate::app::App::open(&config).await?;
+    if args.dry_run {
+        let plan = app.registry.dry_run(u64::MAX).await.map_err(|e| anyhow::anyhow!("{e}"));
+        app.registry.meta().close().await;
+        let plan = plan?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&plan)?);
+        } else {
+            for item in plan.manifests.iter().chain(&plan.blobs) {
+                println!("would collect {} {} ({} bytes)", item.kind, item.subject, item.bytes);
+            }
+            println!(
+                "a pass now would review {}, collect {} manifests and {} blobs, free {} bytes, and remove {} abandoned upload sessions",
+                plan.reviews,
+                plan.manifests.len(),
+                plan.blobs.len(),
+                plan.bytes,
+                plan.uploads_expiring
+            );
+        }
+        return Ok(());
+    }
     let mut total = crate::registry::GcReport::default();
     // Until nothing is due: each pass may make more due (a collected manifest's blobs).
     loop {

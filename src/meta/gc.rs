@@ -51,6 +51,17 @@ pub struct Collected {
     pub bytes: u64,
 }
 
+/// An item a dry run found the collector would take now.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct WouldCollect {
+    /// `manifest` or `blob`.
+    pub kind: &'static str,
+    /// `REPO@DIGEST`, or the blob's digest.
+    pub subject: String,
+    /// Its size (for a blob, the bytes its collection frees in storage).
+    pub bytes: u64,
+}
+
 /// How one review ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReviewOutcome {
@@ -146,13 +157,7 @@ impl MetaStore {
     /// # Errors
     /// [`Error::Database`] when the store fails outside any one item (the claim, the postponing).
     pub async fn review_one(&self, now: i64) -> Result<Option<ReviewOutcome>> {
-        let skip_locked = match self.dialect {
-            Dialect::Sqlite => "",
-            Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
-        };
-        let claim = format!(
-            "SELECT kind, item_id FROM gc_reviews WHERE review_after <= $1 ORDER BY review_after LIMIT 1{skip_locked}"
-        );
+        let claim = self.claim_sql();
         let lock = self.update_lock_of_table();
         let w = self.windows;
         let mut claimed = None;
@@ -162,32 +167,7 @@ impl MetaStore {
             let Some((kind, id)) = row else { return Ok(None) };
             let item = if kind == "blob" { Review::Blob(id) } else { Review::Manifest(id) };
             claimed = Some(item);
-            let verdict = match item {
-                Review::Blob(id) => Self::review_blob(tx, id, now, w.blob_grace_ms, lock).await?,
-                Review::Manifest(id) => Self::review_manifest(tx, id, now, w, lock).await?,
-            };
-            let collected = match verdict {
-                Verdict::Until(at) => {
-                    sqlx::query(
-                        "UPDATE gc_reviews SET review_after = $1, attempts = 0 WHERE kind = $2 AND item_id = $3",
-                    )
-                    .bind(at.max(now + 1))
-                    .bind(&kind)
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await?;
-                    Collected::default()
-                }
-                Verdict::Drop | Verdict::Collected(_) => {
-                    sqlx::query("DELETE FROM gc_reviews WHERE kind = $1 AND item_id = $2")
-                        .bind(&kind)
-                        .bind(id)
-                        .execute(&mut *tx)
-                        .await?;
-                    if let Verdict::Collected(c) = verdict { c } else { Collected::default() }
-                }
-            };
-            Ok(Some(collected))
+            Ok(Some(Self::carry_out(tx, item, now, w, lock).await?))
         });
         match (result, claimed) {
             (Ok(done), _) => Ok(done.map(ReviewOutcome::Done)),
@@ -206,6 +186,95 @@ impl MetaStore {
             }
             (Err(e), _) => Err(e),
         }
+    }
+
+    /// Reviews `item` and settles its queue entry: rescheduled when a window holds it, removed
+    /// when it was collected or something else holds it.
+    async fn carry_out(
+        tx: &mut AnyConnection,
+        item: Review,
+        now: i64,
+        w: super::Windows,
+        lock: &str,
+    ) -> Result<Collected, sqlx::Error> {
+        let verdict = match item {
+            Review::Blob(id) => Self::review_blob(tx, id, now, w.blob_grace_ms, lock).await?,
+            Review::Manifest(id) => Self::review_manifest(tx, id, now, w, lock).await?,
+        };
+        Ok(match verdict {
+            Verdict::Until(at) => {
+                sqlx::query(
+                    "UPDATE gc_reviews SET review_after = $1, attempts = 0 WHERE kind = $2 AND item_id = $3",
+                )
+                .bind(at.max(now + 1))
+                .bind(item.kind())
+                .bind(item.id())
+                .execute(&mut *tx)
+                .await?;
+                Collected::default()
+            }
+            Verdict::Drop | Verdict::Collected(_) => {
+                sqlx::query("DELETE FROM gc_reviews WHERE kind = $1 AND item_id = $2")
+                    .bind(item.kind())
+                    .bind(item.id())
+                    .execute(&mut *tx)
+                    .await?;
+                if let Verdict::Collected(c) = verdict { c } else { Collected::default() }
+            }
+        })
+    }
+
+    /// What a collection pass would collect at `now` (at most `max_reviews` reviews): the very
+    /// reviews a pass carries out, in one transaction that is rolled back, so the answer is exact
+    /// and nothing changes. The transaction holds the write lock (SQLite) or the reviewed rows'
+    /// locks (PostgreSQL) while it runs, as a pass's transactions do one at a time.
+    ///
+    /// # Errors
+    /// [`Error::Database`].
+    pub async fn dry_run(&self, now: i64, max_reviews: u64) -> Result<(u64, Vec<WouldCollect>)> {
+        let claim = self.claim_sql();
+        let lock = self.update_lock_of_table();
+        let mut tx = self.begin().await?;
+        let (mut reviews, mut found) = (0, Vec::new());
+        while reviews < max_reviews {
+            let row: Option<(String, i64)> =
+                sqlx::query_as(&claim).bind(now).fetch_optional(&mut *tx).await?;
+            let Some((kind, id)) = row else { break };
+            reviews += 1;
+            let item = if kind == "blob" { Review::Blob(id) } else { Review::Manifest(id) };
+            let (subject, size): (String, i64) = match item {
+                Review::Blob(id) => sqlx::query_as("SELECT digest, size FROM blobs WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .unwrap_or_default(),
+                Review::Manifest(id) => sqlx::query_as(
+                    "SELECT r.name || '@' || m.digest, m.size FROM manifests m \
+                     JOIN repositories r ON r.id = m.repository_id WHERE m.id = $1",
+                )
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .unwrap_or_default(),
+            };
+            let done = Self::carry_out(&mut tx, item, now, self.windows, lock).await?;
+            if done.manifests + done.blobs > 0 {
+                found.push(WouldCollect { kind: item.kind(), subject, bytes: size.max(0) as u64 });
+            }
+        }
+        tx.rollback().await?;
+        Ok((reviews, found))
+    }
+
+    /// The statement that claims the earliest due review, skipping those other workers hold.
+    fn claim_sql(&self) -> String {
+        let skip_locked = match self.dialect {
+            Dialect::Sqlite => "",
+            Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
+        };
+        format!(
+            "SELECT kind, item_id FROM gc_reviews WHERE review_after <= $1 ORDER BY review_after LIMIT 1{skip_locked}"
+        )
     }
 
     fn update_lock_of_table(&self) -> &'static str {

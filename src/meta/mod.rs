@@ -35,7 +35,7 @@ pub use blobs::CompletedUpload;
 pub use consistency::{BLOB_FINDINGS, Finding, StoredBlob, reference_kinds};
 pub use deletes::{AffectedManifest, DeleteError, Purged, Refusal, RevertTarget};
 pub use explain::{Explanation, Hold, LinkState};
-pub use gc::{Collected, Review, ReviewOutcome};
+pub use gc::{Collected, Review, ReviewOutcome, WouldCollect};
 pub use manifests::{NewManifest, PutManifestError};
 pub use reports::{Preview, RepositorySummary, TombstoneRow};
 pub use rows::{BlobRow, ManifestHead, ManifestRow, ReferrerRow, TagMove, UploadRow};

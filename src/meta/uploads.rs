@@ -134,6 +134,18 @@ impl MetaStore {
         })
     }
 
+    /// How many sessions received nothing since `idle_before` (what expiry would remove now).
+    ///
+    /// # Errors
+    /// [`super::Error::Database`].
+    pub async fn idle_uploads(&self, idle_before: i64) -> Result<u64> {
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM uploads WHERE updated_at < $1")
+            .bind(idle_before)
+            .fetch_one(&self.read)
+            .await?;
+        Ok(n as u64)
+    }
+
     /// Turns a finished upload into a blob linked in its repository, in one transaction: the
     /// session (which must still hold `expected_size` bytes) is removed, the blob row is created with
     /// `storage_key` unless the digest is already stored, and the blob is linked.

@@ -3,7 +3,7 @@
 //! (when `gc.enabled`) and in `berth gc run`; several workers and replicas can run it at once.
 
 use super::{Registry, Result};
-use crate::meta::{Explanation, ReviewOutcome};
+use crate::meta::{Explanation, ReviewOutcome, WouldCollect};
 use crate::oci::{Digest, RepoName};
 
 /// What `gc explain` explains: a manifest (`REPO@DIGEST`) or a blob (`DIGEST`).
@@ -63,6 +63,21 @@ pub struct GcReport {
     pub objects_failed: u64,
 }
 
+/// What a collection pass would do now (`berth gc run --dry-run`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DryRun {
+    /// Reviews that would be carried out.
+    pub reviews: u64,
+    /// Manifests that would be collected.
+    pub manifests: Vec<WouldCollect>,
+    /// Blobs that would be collected.
+    pub blobs: Vec<WouldCollect>,
+    /// Storage bytes their collection would free.
+    pub bytes: u64,
+    /// Abandoned upload sessions that would be removed.
+    pub uploads_expiring: u64,
+}
+
 impl GcReport {
     /// Adds what another pass did.
     pub fn add(&mut self, other: &GcReport) {
@@ -92,6 +107,21 @@ impl Registry {
             ExplainTarget::Manifest(repo, digest) => self.meta.explain_manifest(repo, digest, now).await?,
             ExplainTarget::Blob(digest) => self.meta.explain_blob(digest, now).await?,
         })
+    }
+
+    /// What [`Registry::collect`] would collect now, without changing anything: the same
+    /// reviews, carried out in a transaction that is rolled back.
+    ///
+    /// # Errors
+    /// [`super::Error::Internal`] when the metadata store fails.
+    pub async fn dry_run(&self, max_reviews: u64) -> Result<DryRun> {
+        let now = self.clock.now_ms();
+        let (reviews, found) = self.meta.dry_run(now, max_reviews).await?;
+        let (blobs, manifests): (Vec<_>, Vec<_>) = found.into_iter().partition(|w| w.kind == "blob");
+        let bytes = blobs.iter().map(|b| b.bytes).sum();
+        let idle_before = now.saturating_sub(self.policy.upload_expire_after_ms);
+        let uploads_expiring = self.meta.idle_uploads(idle_before).await?;
+        Ok(DryRun { reviews, manifests, blobs, bytes, uploads_expiring })
     }
 
     /// Carries out up to `max_reviews` due reviews, removes abandoned upload sessions, then

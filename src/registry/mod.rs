@@ -26,7 +26,7 @@ pub use admin::{DeleteTarget, Tombstone};
 pub use delete::PurgeReport;
 pub use error::Error;
 pub use fsck::FsckReport;
-pub use gc::{ExplainTarget, GcReport};
+pub use gc::{DryRun, ExplainTarget, GcReport};
 pub use pull::{BlobHandle, Referrer};
 pub use push::{ChunkRange, PushedManifest, UploadStatus};
 pub use sweep::{RepairReport, ScrubReport, SweepReport};

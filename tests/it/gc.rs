@@ -466,10 +466,17 @@ async fn gc_run_collects_and_exits() {
             .output()
             .unwrap()
     };
+    // The dry run lists exactly what the pass then collects.
+    let out = berth(&["gc", "run", "--dry-run", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(plan["manifests"][0]["subject"], format!("gc/cli@{}", img.digest), "{plan}");
+    assert_eq!(plan["blobs"].as_array().map(Vec::len), Some(3), "{plan}");
     let out = berth(&["gc", "run", "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!((report["manifests"].as_u64(), report["blobs"].as_u64()), (Some(1), Some(3)), "{report}");
+    assert_eq!(report["bytes"], plan["bytes"]);
     assert_eq!(report["objects_deleted"], 3);
     let out = berth(&["fsck", "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
@@ -654,4 +661,46 @@ backend_test!(a_failing_review_is_postponed_and_the_rest_goes_on, |reg| {
     let pass = reg.collect().await;
     assert_eq!((pass.blobs, pass.bytes, pass.review_errors), (1, 500, 0), "{pass:?}");
     assert_eq!(reg.get(&format!("/v2/gc/poison/blobs/{poisoned}")).await.status(), 404);
+});
+
+// A dry run changes nothing and lists exactly what the pass right after collects: the same
+// reviews, rolled back.
+backend_test!(a_dry_run_lists_exactly_what_the_pass_then_collects, |reg| {
+    let gone = reg.push_image("gc/dry", "a", 1330).await;
+    let kept = reg.push_image("gc/dry", "b", 1331).await;
+    let unused = reg.upload_blob("gc/dry", &random_bytes(1332, 900)).await;
+    let abandoned = reg.start_upload("gc/dry").await;
+    assert_eq!(reg.patch_chunk(&abandoned, &random_bytes(1333, 100), 0, 100).await.status(), 202);
+    let res = reg.req(Method::DELETE, &format!("/v2/gc/dry/manifests/{}", gone.digest)).send().await.unwrap();
+    assert_eq!(res.status(), 202);
+    reg.advance(8 * DAY);
+    let sql = reg.sql().await;
+    let rows = || async {
+        let mut counts = Vec::new();
+        for table in ["gc_reviews", "gc_outbox", "blobs", "manifests", "repository_blobs", "uploads"] {
+            let (n,): (i64,) =
+                sqlx::query_as(&format!("SELECT COUNT(*) FROM {table}")).fetch_one(&sql).await.unwrap();
+            counts.push(n);
+        }
+        counts
+    };
+    let before = rows().await;
+    let plan = reg.app.registry.dry_run(u64::MAX).await.unwrap();
+    assert_eq!(rows().await, before, "the dry run changed rows");
+    let subjects: Vec<&str> = plan.manifests.iter().map(|m| m.subject.as_str()).collect();
+    assert_eq!(subjects, [format!("gc/dry@{}", gone.digest)]);
+    let mut blobs: Vec<String> = plan.blobs.iter().map(|b| b.subject.clone()).collect();
+    blobs.sort();
+    let mut expected: Vec<String> =
+        blob_digests(&gone).iter().map(|d| d.to_string()).chain([unused.to_string()]).collect();
+    expected.sort();
+    assert_eq!(blobs, expected);
+    let gone_bytes: u64 = std::iter::once(&gone.config).chain(&gone.layers).map(|b| b.len() as u64).sum();
+    assert_eq!((plan.bytes, plan.uploads_expiring), (gone_bytes + 900, 1));
+
+    let pass = reg.collect().await;
+    assert_eq!((pass.manifests, pass.blobs, pass.bytes), (1, 4, plan.bytes), "{pass:?}");
+    assert_eq!(pass.uploads_expired, 1);
+    assert_eq!(reg.get("/v2/gc/dry/manifests/b").await.bytes().await.unwrap(), kept.manifest);
+    assert_eq!(reg.app.registry.dry_run(u64::MAX).await.unwrap().manifests.len(), 0);
 });
