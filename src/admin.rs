@@ -58,6 +58,8 @@ pub enum AdminRequest {
     },
     /// Why a manifest or blob is kept, and when the collector will take it.
     Explain(ExplainTarget),
+    /// The collector's state (the whole registry's: needs admin on every repository).
+    GcStatus,
     /// Emergency purge of a blob everywhere.
     Purge {
         /// The blob.
@@ -108,6 +110,7 @@ impl AdminRequest {
                 ("POST", format!("revert/{repo}:{tag}"), Some(body))
             }
             AdminRequest::Explain(t) => ("GET", format!("explain/{t}"), None),
+            AdminRequest::GcStatus => ("GET", "gc/status".to_string(), None),
             AdminRequest::Purge { digest, reason } => {
                 ("POST", "purge".to_string(), Some(json!({ "digest": digest.as_str(), "reason": reason })))
             }
@@ -166,20 +169,28 @@ impl AdminRequest {
                 json!({ "repository": repo.as_str(), "tag": tag.as_str(), "digest": digest })
             }
             AdminRequest::Explain(target) => to_value(&registry.explain(target).await?),
+            AdminRequest::GcStatus => to_value(&registry.gc_status().await?),
             AdminRequest::Purge { digest, reason } => {
                 to_value(&registry.purge_blob(digest, reason, actor).await?)
             }
         })
     }
 
+    /// Whether the request is about the whole registry rather than repositories: it needs
+    /// `admin` on every repository (a rule for `**`).
+    pub fn whole_registry(&self) -> bool {
+        matches!(self, AdminRequest::GcStatus)
+    }
+
     /// The repositories whose `admin` permission the request needs (a purge: every repository
-    /// holding the blob); empty for the repository list, which is filtered instead.
+    /// holding the blob); empty for the repository list, which is filtered instead, and for the
+    /// requests about the whole registry.
     ///
     /// # Errors
     /// [`Error::Internal`] when the holders of a purged blob cannot be read.
     pub async fn repositories(&self, registry: &Registry) -> Result<Vec<String>, Error> {
         Ok(match self {
-            AdminRequest::Repositories { .. } => Vec::new(),
+            AdminRequest::Repositories { .. } | AdminRequest::GcStatus => Vec::new(),
             AdminRequest::Repository(r) | AdminRequest::Tombstones(r) | AdminRequest::History(r, _) => {
                 vec![r.to_string()]
             }
@@ -316,6 +327,7 @@ impl AdminRequest {
                 };
                 AdminRequest::Revert { repo, tag, to }
             }
+            ("GET", "gc", "status") => AdminRequest::GcStatus,
             ("GET", "explain", text) => AdminRequest::Explain(ExplainTarget::parse(text).map_err(|m| {
                 if text.contains('@') && RepoName::parse(text.split('@').next().unwrap_or("")).is_err() {
                     ParseError::Name(m)

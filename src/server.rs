@@ -149,7 +149,7 @@ async fn collect_periodically(app: App, mut stop: tokio::sync::watch::Receiver<b
 /// replica holds the lease for it.
 async fn sweep_periodically(app: App, mut stop: tokio::sync::watch::Receiver<bool>) {
     let every = app.config.gc.sweep_interval;
-    let holder = format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
+    let holder = app.registry.instance().to_string();
     let every_ms = i64::try_from(every.as_millis()).unwrap_or(i64::MAX);
     let lease_ms = every_ms.saturating_mul(3).max(60_000);
     loop {

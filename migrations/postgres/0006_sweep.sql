@@ -34,3 +34,19 @@ CREATE INDEX uploads_idle ON uploads (updated_at);
 -- A review that failed is retried later, the pause growing with its failures, so one bad item
 -- never stops the rest of the queue.
 ALTER TABLE gc_reviews ADD COLUMN attempts BIGINT NOT NULL DEFAULT 0;
+
+-- The last collection passes that did something, for `berth gc status` (the newest hundred are
+-- kept).
+CREATE TABLE gc_passes (
+    id              BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    replica         TEXT    NOT NULL,
+    started_at      BIGINT NOT NULL,
+    finished_at     BIGINT NOT NULL,
+    reviews         BIGINT NOT NULL,
+    manifests       BIGINT NOT NULL,
+    blobs           BIGINT NOT NULL,
+    bytes           BIGINT NOT NULL,
+    uploads_expired BIGINT NOT NULL,
+    objects_deleted BIGINT NOT NULL,
+    errors          BIGINT NOT NULL
+);

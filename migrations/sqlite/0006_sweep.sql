@@ -34,3 +34,19 @@ CREATE INDEX uploads_idle ON uploads (updated_at);
 -- A review that failed is retried later, the pause growing with its failures, so one bad item
 -- never stops the rest of the queue.
 ALTER TABLE gc_reviews ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+
+-- The last collection passes that did something, for `berth gc status` (the newest hundred are
+-- kept).
+CREATE TABLE gc_passes (
+    id              INTEGER PRIMARY KEY,
+    replica         TEXT    NOT NULL,
+    started_at      INTEGER NOT NULL,
+    finished_at     INTEGER NOT NULL,
+    reviews         INTEGER NOT NULL,
+    manifests       INTEGER NOT NULL,
+    blobs           INTEGER NOT NULL,
+    bytes           INTEGER NOT NULL,
+    uploads_expired INTEGER NOT NULL,
+    objects_deleted INTEGER NOT NULL,
+    errors          INTEGER NOT NULL
+);

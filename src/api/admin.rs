@@ -57,6 +57,18 @@ async fn dispatch(app: &App, req: Request) -> Result<Response, ApiError> {
         other => other?,
     };
     authorize(app, &who, &repos)?;
+    if request.whole_registry()
+        && let Some(auth) = &app.auth
+        && !auth.allowed_everywhere(&who, Action::Admin)
+    {
+        return Err(match who {
+            crate::auth::Identity::Anonymous => {
+                deny(Denial::Unauthenticated("authentication required".into()))
+            }
+            _ => ApiError::new(ErrorCode::Denied)
+                .message("this needs admin on every repository (a rule for **)"),
+        });
+    }
     let mut value = request.run(&app.registry, who.name()).await?;
     if let (Some(auth), AdminRequest::Repositories { .. }) = (&app.auth, &request)
         && let Some(list) = value["repositories"].as_array_mut()

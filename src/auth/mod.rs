@@ -281,16 +281,32 @@ impl Auth {
         }
     }
 
-    fn user_allowed(&self, user: &str, repo: &str, action: Action) -> bool {
+    /// Whether `who` may do `action` on every repository — a user with a rule for `**`. For the
+    /// registry-wide admin requests (the collector's status). Tokens are scoped to repositories,
+    /// so never.
+    pub fn allowed_everywhere(&self, who: &Identity, action: Action) -> bool {
+        let Identity::User(user) = who else { return false };
+        self.rules_of(user).any(|r| {
+            r.repositories.iter().any(Pattern::matches_everything)
+                && r.actions.iter().any(|a| *a == action || *a == Action::Admin)
+        })
+    }
+
+    /// The rules that apply to `user` (by name, by group, or to everyone).
+    fn rules_of<'a>(&'a self, user: &'a str) -> impl Iterator<Item = &'a Rule> + 'a {
         let groups = self.groups_of.get(user).map(Vec::as_slice).unwrap_or_default();
-        self.rules.iter().any(|r| {
-            let applies = r.who.iter().any(|w| {
+        self.rules.iter().filter(move |r| {
+            r.who.iter().any(|w| {
                 w == "*"
                     || w == user
                     || w.strip_prefix("group:").is_some_and(|g| groups.iter().any(|x| x == g))
-            });
-            applies
-                && r.repositories.iter().any(|p| p.matches(repo))
+            })
+        })
+    }
+
+    fn user_allowed(&self, user: &str, repo: &str, action: Action) -> bool {
+        self.rules_of(user).any(|r| {
+            r.repositories.iter().any(|p| p.matches(repo))
                 && r.actions.iter().any(|a| *a == action || *a == Action::Admin)
         })
     }

@@ -21,6 +21,11 @@ impl Pattern {
         Ok(Pattern(s.to_string()))
     }
 
+    /// Whether it matches every repository name (`**`).
+    pub fn matches_everything(&self) -> bool {
+        self.0.split('/').all(|part| part.chars().all(|c| c == '*')) && self.0.starts_with("**")
+    }
+
     /// Whether `name` matches.
     pub fn matches(&self, name: &str) -> bool {
         glob(self.0.as_bytes(), name.as_bytes())

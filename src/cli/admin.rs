@@ -270,6 +270,68 @@ pub fn render(request: &AdminRequest, v: &Value) -> String {
                 s(v, "digest")
             ));
         }
+        AdminRequest::GcStatus => {
+            for q in items(v, "queue") {
+                let oldest = q["oldest_due_ms"]
+                    .as_i64()
+                    .map(|ms| format!(", oldest due {} s ago", ms / 1000))
+                    .unwrap_or_default();
+                out.push_str(&format!(
+                    "queue {:<8} {} queued, {} due, {} overdue{oldest}\n",
+                    s(q, "kind"),
+                    n(q, "queued"),
+                    n(q, "due"),
+                    n(q, "overdue")
+                ));
+            }
+            let o = &v["outbox"];
+            out.push_str(&format!(
+                "outbox: {} keys to delete, {} failing\nupload sessions due to expire: {}\n",
+                n(o, "keys"),
+                n(o, "failing"),
+                n(v, "uploads_expiring")
+            ));
+            for p in items(v, "passes").iter().take(5) {
+                out.push_str(&format!(
+                    "pass {} on {}: {} ms, {} reviews, {} manifests, {} blobs ({}), {} uploads, {} errors\n",
+                    utc(n(p, "started_at")),
+                    s(p, "replica"),
+                    n(p, "finished_at") - n(p, "started_at"),
+                    n(p, "reviews"),
+                    n(p, "manifests"),
+                    n(p, "blobs"),
+                    bytes(n(p, "bytes")),
+                    n(p, "uploads_expired"),
+                    n(p, "errors")
+                ));
+            }
+            for p in items(v, "progress") {
+                let at = if s(p, "resume_after").is_empty() {
+                    "at the start".to_string()
+                } else {
+                    format!("after {}", s(p, "resume_after"))
+                };
+                out.push_str(&format!(
+                    "{}: {} passes done, this one {at}, last step {}\n",
+                    s(p, "name"),
+                    n(p, "passes"),
+                    utc(n(p, "step_at"))
+                ));
+            }
+            let findings = items(v, "findings");
+            if findings.is_empty() {
+                out.push_str("the scrub has found nothing wrong\n");
+            }
+            for f in findings {
+                out.push_str(&format!(
+                    "FOUND {} {}: {} ({})\n",
+                    s(f, "kind"),
+                    s(f, "subject"),
+                    s(f, "detail"),
+                    utc(n(f, "found_at"))
+                ));
+            }
+        }
         AdminRequest::Explain(_) => {
             let state = s(v, "state");
             out.push_str(&format!(

@@ -41,6 +41,7 @@ Check and collect:
   berth fsck --rehash                            metadata against storage; exit 1 if inconsistent
   berth gc run [--dry-run]                       collect what is due now (serve does it too)
   berth gc explain REPO@DIGEST | DIGEST          why it is kept, and when it will go
+  berth gc status                                queues, outbox, last passes, sweep, scrub findings
 
 Admin commands talk to http://127.0.0.1:5000 (--url, BERTH_URL; --user, --password) or open a
 deployment directly (--config, --data-dir). Add --json for scripts.";
@@ -240,6 +241,17 @@ pub enum GcAction {
     ///
     /// Example: `berth gc explain team/app@sha256:…`
     Explain(GcExplainArgs),
+    /// The collector's state: queue depth by kind, overdue reviews, the outbox, the last passes,
+    /// the sweep's and the scrub's progress, and what the scrub found.
+    Status(GcStatusArgs),
+}
+
+/// `berth gc status`.
+#[derive(Debug, clap::Args)]
+pub struct GcStatusArgs {
+    /// How to reach Berth.
+    #[command(flatten)]
+    pub conn: admin::Connection,
 }
 
 /// `berth gc explain`.
@@ -387,6 +399,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let to = admin::revert_to(a.to.as_deref(), a.at.as_deref(), a.previous)?;
             (a.conn, Req::Revert { repo, tag, to })
         }
+        Command::Gc(GcArgs { action: GcAction::Status(a) }) => (a.conn, Req::GcStatus),
         Command::Gc(GcArgs { action: GcAction::Explain(a) }) => {
             let target =
                 crate::registry::ExplainTarget::parse(&a.target).map_err(|m| anyhow::anyhow!("{m}"))?;

@@ -21,6 +21,7 @@ mod manifests;
 mod reports;
 mod repos;
 mod rows;
+mod status;
 mod sweep;
 mod tags;
 mod uploads;
@@ -39,6 +40,7 @@ pub use gc::{Collected, Review, ReviewOutcome, WouldCollect};
 pub use manifests::{NewManifest, PutManifestError};
 pub use reports::{Preview, RepositorySummary, TombstoneRow};
 pub use rows::{BlobRow, ManifestHead, ManifestRow, ReferrerRow, TagMove, UploadRow};
+pub use status::{GcStatus, PassRecord};
 pub use sweep::{Progress, RowSweep};
 pub use tags::TagCondition;
 

@@ -46,7 +46,7 @@ impl FsckReport {
 const PAGE: i64 = 1000;
 
 /// Reviews due longer ago than this are reported: no collector has been running.
-const OVERDUE_MS: i64 = 3600 * 1000;
+pub(super) const OVERDUE_MS: i64 = 3600 * 1000;
 
 impl Registry {
     /// Checks metadata against storage. `progress` is told (blobs done, bytes done) as the pass

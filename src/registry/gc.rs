@@ -3,7 +3,7 @@
 //! (when `gc.enabled`) and in `berth gc run`; several workers and replicas can run it at once.
 
 use super::{Registry, Result};
-use crate::meta::{Explanation, ReviewOutcome, WouldCollect};
+use crate::meta::{Explanation, GcStatus, PassRecord, ReviewOutcome, WouldCollect};
 use crate::oci::{Digest, RepoName};
 
 /// What `gc explain` explains: a manifest (`REPO@DIGEST`) or a blob (`DIGEST`).
@@ -109,6 +109,17 @@ impl Registry {
         })
     }
 
+    /// The collector's state: queues, outbox, the last passes, the sweep's and the scrub's
+    /// progress and findings. A review due for longer than an hour counts as overdue.
+    ///
+    /// # Errors
+    /// [`super::Error::Internal`] when the metadata store fails.
+    pub async fn gc_status(&self) -> Result<GcStatus> {
+        let now = self.clock.now_ms();
+        let idle_before = now.saturating_sub(self.policy.upload_expire_after_ms);
+        Ok(self.meta.gc_status(now, super::fsck::OVERDUE_MS, idle_before).await?)
+    }
+
     /// What [`Registry::collect`] would collect now, without changing anything: the same
     /// reviews, carried out in a transaction that is rolled back.
     ///
@@ -130,6 +141,7 @@ impl Registry {
     /// # Errors
     /// [`super::Error::Internal`] when the metadata store fails (what was done so far stays done).
     pub async fn collect(&self, max_reviews: u64) -> Result<GcReport> {
+        let started_at = self.clock.now_ms();
         let mut report = GcReport::default();
         while report.reviews < max_reviews {
             let Some(outcome) = self.meta.review_one(self.clock.now_ms()).await? else { break };
@@ -150,6 +162,26 @@ impl Registry {
         let (deleted, failed) = self.drain_outbox().await?;
         report.objects_deleted = deleted;
         report.objects_failed = failed;
+        if report.manifests + report.blobs + report.uploads_expired + deleted + failed + report.review_errors
+            > 0
+        {
+            let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            let record = PassRecord {
+                replica: self.instance.to_string(),
+                started_at,
+                finished_at: self.clock.now_ms(),
+                reviews: n(report.reviews),
+                manifests: n(report.manifests),
+                blobs: n(report.blobs),
+                bytes: n(report.bytes),
+                uploads_expired: n(report.uploads_expired),
+                objects_deleted: n(deleted),
+                errors: n(report.review_errors + failed),
+            };
+            if let Err(e) = self.meta.record_pass(&record).await {
+                tracing::warn!(error = %e, "could not record a collection pass");
+            }
+        }
         Ok(report)
     }
 

@@ -90,6 +90,7 @@ pub struct Registry {
     policy: Arc<Policy>,
     upload_locks: Arc<UploadLocks>,
     access: Arc<access::AccessLog>,
+    instance: Arc<str>,
 }
 
 impl Registry {
@@ -102,7 +103,14 @@ impl Registry {
             policy: Arc::new(policy),
             upload_locks: Arc::default(),
             access: Arc::default(),
+            instance: instance_name().into(),
         }
+    }
+
+    /// This process's name in the collector's records and leases: host, process id and a random
+    /// suffix (two registries in one process are two instances).
+    pub fn instance(&self) -> &str {
+        &self.instance
     }
 
     /// The rules in force.
@@ -134,6 +142,15 @@ impl Registry {
         self.blobs.ping().await?;
         Ok(())
     }
+}
+
+fn instance_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    let host = if host.is_empty() { "host".to_string() } else { host };
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}-{}-{}", std::process::id(), &suffix[..8])
 }
 
 /// Serialises requests on one upload session within this process. Across processes the

@@ -278,6 +278,23 @@ backend_test!(admin_api_needs_the_admin_permission, |reg| {
     }
     let res = authed(&reg, Method::GET, &path, "alice").send().await.unwrap();
     assert_eq!(res.status(), 200);
+    // The collector's status is the whole registry's: admin on every repository (`**`).
+    assert_oci_error(reg.get("/admin/v1/gc/status").await, 401, "UNAUTHORIZED").await;
+    let res = authed(&reg, Method::GET, "/admin/v1/gc/status", "robot").send().await.unwrap();
+    assert_oci_error(res, 403, "DENIED").await;
+    let res = authed(&reg, Method::GET, "/admin/v1/gc/status", "alice").send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    // Explaining a manifest needs admin on its repository.
+    let res = authed(&reg, Method::GET, &format!("/admin/v1/explain/team/app@{digest}"), "robot")
+        .send()
+        .await
+        .unwrap();
+    assert_oci_error(res, 403, "DENIED").await;
+    let res = authed(&reg, Method::GET, &format!("/admin/v1/explain/team/app@{digest}"), "alice")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
     let list: Value = authed(&reg, Method::GET, "/admin/v1/repositories", "alice")
         .send()
         .await

@@ -1,5 +1,6 @@
 //! `gc explain`: every hold on a manifest or a blob, when each ends, and when the collector
-//! takes the item if nothing changes — checked against what the collector then does.
+//! takes the item if nothing changes — checked against what the collector then does. And
+//! `gc status`: queues, passes, the sweep's and the scrub's progress and findings.
 
 use std::process::Command;
 
@@ -129,4 +130,63 @@ async fn the_cli_explains_in_words() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("is live") && text.contains("held: tag v1"), "{text}");
     assert!(text.contains("not collected while"), "{text}");
+    let out = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["gc", "status", "--url", &reg.url("")])
+        .env_remove("BERTH_URL")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("queue blob") && text.contains("outbox: 0 keys"), "{text}");
+    assert!(text.contains("the scrub has found nothing wrong"), "{text}");
 }
+
+async fn status(reg: &TestRegistry) -> Value {
+    let (code, v) = reg.admin(Method::GET, "gc/status", None).await;
+    assert_eq!(code, 200, "{v}");
+    v
+}
+
+backend_test!(gc_status_shows_queues_passes_progress_and_findings, |reg| {
+    let gone = reg.push_image("st/app", "a", 1530).await;
+    let kept = reg.push_image("st/app", "b", 1531).await;
+    let res = reg.req(Method::DELETE, &format!("/v2/st/app/manifests/{}", gone.digest)).send().await.unwrap();
+    assert_eq!(res.status(), 202);
+    let v = status(&reg).await;
+    let queued = |v: &Value, kind: &str, field: &str| {
+        v["queue"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|q| q["kind"] == kind)
+            .map_or(0, |q| q[field].as_i64().unwrap())
+    };
+    assert!(queued(&v, "manifest", "queued") >= 1 && queued(&v, "blob", "queued") >= 1, "{v}");
+    assert_eq!((queued(&v, "manifest", "due"), queued(&v, "blob", "due")), (0, 0), "{v}");
+    assert_eq!(v["passes"], json!([]));
+
+    // A week later, unattended: everything due, and overdue.
+    reg.app.registry.clock().advance_ms(8 * DAY);
+    let v = status(&reg).await;
+    assert!(queued(&v, "manifest", "overdue") >= 1, "{v}");
+    assert!(v["queue"][0]["oldest_due_ms"].as_i64().unwrap() > HOUR, "{v}");
+    let pass = reg.app.registry.collect(1000).await.unwrap();
+    let v = status(&reg).await;
+    assert_eq!(v["passes"][0]["replica"], reg.app.registry.instance());
+    assert_eq!(v["passes"][0]["manifests"].as_u64(), Some(pass.manifests));
+    assert_eq!(v["passes"][0]["blobs"].as_u64(), Some(pass.blobs));
+    assert_eq!((queued(&v, "manifest", "due"), queued(&v, "blob", "due")), (0, 0), "{v}");
+    assert_eq!(v["outbox"]["keys"], 0);
+
+    // The sweep's progress and the scrub's findings.
+    let layer = Digest::sha256_of(&kept.layers[0]);
+    reg.app.registry.blobs().delete(&reg.storage_key(&layer).await).await.unwrap();
+    reg.app.registry.sweep_step().await.unwrap();
+    reg.app.registry.scrub_step(1, 1000).await.unwrap();
+    let v = status(&reg).await;
+    let progress: Vec<&str> =
+        v["progress"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert!(progress.contains(&"sweep-storage") && progress.contains(&"scrub"), "{v}");
+    assert_eq!(v["findings"][0]["kind"], "blob-missing", "{v}");
+    assert_eq!(v["findings"][0]["subject"], layer.as_str());
+});
