@@ -19,6 +19,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Log filter (`info`, `debug`, `berth=debug,sqlx=warn`, …).
     pub log_level: String,
+    /// Log lines as text for people, or as JSON objects (one a line) for log shippers.
+    pub log_json: bool,
     /// Metadata store URL (`sqlite:…` or `postgres://…`).
     pub metadata_url: String,
     /// Metadata connection pool size.
@@ -156,6 +158,7 @@ struct FileConfig {
     listen: Option<String>,
     data_dir: Option<PathBuf>,
     log_level: Option<String>,
+    log_format: Option<String>,
     #[serde(default)]
     metadata: MetadataSection,
     #[serde(default)]
@@ -244,6 +247,7 @@ impl Config {
             storage_path: data_dir.join("blobs"),
             data_dir,
             log_level: "info".into(),
+            log_json: false,
             metadata_max_connections: 8,
             metadata_acquire_timeout_secs: 10,
             storage_fsync: true,
@@ -311,6 +315,17 @@ impl Config {
         if let Some((level, source)) = level {
             check_log_filter(&level).map_err(|e| ConfigError(format!("{source}: {e}")))?;
             cfg.log_level = level;
+        }
+        let (format, source) = match env("BERTH_LOG_FORMAT") {
+            Some(f) => (Some(f), "BERTH_LOG_FORMAT"),
+            None => (parsed.log_format, "log_format in the config file"),
+        };
+        match format.as_deref() {
+            None | Some("text") => {}
+            Some("json") => cfg.log_json = true,
+            Some(other) => {
+                return Err(ConfigError(format!("{source}: `{other}` is not a log format (text or json)")));
+            }
         }
         if let Some(url) = env("BERTH_METADATA_URL").or(parsed.metadata.url) {
             if !(url.starts_with("sqlite:")
@@ -573,6 +588,11 @@ mod tests {
         let e = load(&format!("{s3}[gc]\nblob_grace = \"1h\"\n"), &[], &Overrides::default()).unwrap_err();
         assert!(e.to_string().contains("redirect_ttl_secs"), "{e}");
         assert!(load(&format!("{s3}[gc]\nblob_grace = \"2h\"\n"), &[], &Overrides::default()).is_ok());
+        // Log format.
+        assert!(load("log_format = \"json\"\n", &[], &Overrides::default()).unwrap().log_json);
+        assert!(!load("", &[], &Overrides::default()).unwrap().log_json);
+        let e = load("", &[("BERTH_LOG_FORMAT", "xml")], &Overrides::default()).unwrap_err();
+        assert!(e.to_string().contains("BERTH_LOG_FORMAT"), "{e}");
         // The collector's workers and the safety net's pace.
         let c = load(
             "[gc]\nworkers = 4\nsweep_interval = \"30s\"\nscrub_period = \"0s\"\n",

@@ -416,7 +416,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.common.load(args.listen.clone())?;
-    crate::telemetry::init(&config.log_level);
+    crate::telemetry::init(&config.log_level, config.log_json);
     // Bind first: a port in use stops Berth before it creates or opens anything.
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

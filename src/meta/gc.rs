@@ -49,6 +49,8 @@ pub struct Collected {
     pub blobs: u64,
     /// Bytes of those blobs.
     pub bytes: u64,
+    /// What was collected: `REPO@DIGEST`, or the blob's digest (empty when nothing was).
+    pub subject: String,
 }
 
 /// An item a dry run found the collector would take now.
@@ -291,10 +293,11 @@ impl MetaStore {
         grace: i64,
         lock: &str,
     ) -> Result<Verdict, sqlx::Error> {
-        let sql = format!("SELECT size, storage_key, created_at, seen_at FROM blobs WHERE id = $1{lock}");
-        let row: Option<(i64, String, i64, Option<i64>)> =
+        let sql =
+            format!("SELECT digest, size, storage_key, created_at, seen_at FROM blobs WHERE id = $1{lock}");
+        let row: Option<(String, i64, String, i64, Option<i64>)> =
             sqlx::query_as(&sql).bind(id).fetch_optional(&mut *tx).await?;
-        let Some((size, key, created_at, seen_at)) = row else { return Ok(Verdict::Drop) };
+        let Some((digest, size, key, created_at, seen_at)) = row else { return Ok(Verdict::Drop) };
         let seen_at = seen_at.unwrap_or(0);
         // A link that no manifest of its repository references is kept for `blob_grace` after
         // it was made (or the blob last answered a HEAD), like an unreferenced blob: the time for
@@ -360,7 +363,7 @@ impl MetaStore {
         sqlx::query("DELETE FROM repository_blobs WHERE blob_id = $1").bind(id).execute(&mut *tx).await?;
         Self::to_outbox(tx, &key, now).await?;
         sqlx::query("DELETE FROM blobs WHERE id = $1").bind(id).execute(&mut *tx).await?;
-        Ok(Verdict::Collected(Collected { manifests: 0, blobs: 1, bytes: size as u64 }))
+        Ok(Verdict::Collected(Collected { manifests: 0, blobs: 1, bytes: size as u64, subject: digest }))
     }
 
     async fn review_manifest(
@@ -421,7 +424,16 @@ impl MetaStore {
             }
         }
         Self::collect_manifest(tx, id, repo_id, &digest, now).await?;
-        Ok(Verdict::Collected(Collected { manifests: 1, blobs: 0, bytes: 0 }))
+        let (repo,): (String,) = sqlx::query_as("SELECT name FROM repositories WHERE id = $1")
+            .bind(repo_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        Ok(Verdict::Collected(Collected {
+            manifests: 1,
+            blobs: 0,
+            bytes: 0,
+            subject: format!("{repo}@{digest}"),
+        }))
     }
 
     /// Removes a manifest row and its references; what it referenced, and its referrers, are

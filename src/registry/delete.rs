@@ -40,6 +40,22 @@ pub struct PurgeReport {
     pub storage_error: Option<String>,
 }
 
+/// Writes an audit event (target `berth::audit`): who did what to which manifests.
+pub(super) fn audit(action: &str, actor: Option<&str>, target: &str, affected: &[AffectedManifest]) {
+    let manifests: Vec<String> = affected.iter().map(|m| format!("{}@{}", m.repository, m.digest)).collect();
+    let tags: Vec<String> =
+        affected.iter().flat_map(|m| m.tags.iter().map(|t| format!("{}:{t}", m.repository))).collect();
+    tracing::info!(
+        target: crate::telemetry::AUDIT,
+        action,
+        actor = actor.unwrap_or("anonymous"),
+        subject = target,
+        manifests = manifests.join(" "),
+        tags = tags.join(" "),
+        "audit"
+    );
+}
+
 impl Registry {
     /// Deletes manifest `digest` of `repo`: it becomes a tombstone with its referrers, and every
     /// tag on them is removed (recorded in the history) — one transaction.
@@ -53,7 +69,13 @@ impl Registry {
         actor: Option<&str>,
     ) -> Result<Vec<AffectedManifest>> {
         let now = self.clock.now_ms();
-        self.meta.delete_manifest(repo, digest, actor, now).await.map_err(|e| refusal(e, manifest_unknown))
+        let deleted = self
+            .meta
+            .delete_manifest(repo, digest, actor, now)
+            .await
+            .map_err(|e| refusal(e, manifest_unknown))?;
+        audit("delete-manifest", actor, &format!("{repo}@{digest}"), &deleted);
+        Ok(deleted)
     }
 
     /// Deletes tag `tag` of `repo` (the manifest stays), if `condition` holds. Returns the
@@ -69,7 +91,18 @@ impl Registry {
         actor: Option<&str>,
     ) -> Result<String> {
         let now = self.clock.now_ms();
-        self.meta.delete_tag(repo, tag, condition, actor, now).await.map_err(|e| refusal(e, manifest_unknown))
+        let digest = self
+            .meta
+            .delete_tag(repo, tag, condition, actor, now)
+            .await
+            .map_err(|e| refusal(e, manifest_unknown))?;
+        let affected = [AffectedManifest {
+            repository: repo.to_string(),
+            digest: digest.clone(),
+            tags: vec![tag.to_string()],
+        }];
+        audit("delete-tag", actor, &format!("{repo}:{tag}"), &affected);
+        Ok(digest)
     }
 
     /// Unlinks blob `digest` from `repo`; tombstones that referenced it can no longer be
@@ -79,7 +112,9 @@ impl Registry {
     /// [`Error::BlobUnknown`]; [`Error::DeleteRefused`] while a live manifest references it.
     pub async fn unlink_blob(&self, repo: &RepoName, digest: &Digest, actor: Option<&str>) -> Result<()> {
         let now = self.clock.now_ms();
-        self.meta.unlink_blob(repo, digest, actor, now).await.map_err(|e| refusal(e, blob_unknown))
+        self.meta.unlink_blob(repo, digest, actor, now).await.map_err(|e| refusal(e, blob_unknown))?;
+        audit("unlink-blob", actor, &format!("{repo}@{digest}"), &[]);
+        Ok(())
     }
 
     /// Deletes repository `repo`: everything in it becomes a tombstone, restorable.
@@ -92,7 +127,10 @@ impl Registry {
         actor: Option<&str>,
     ) -> Result<Vec<AffectedManifest>> {
         let now = self.clock.now_ms();
-        self.meta.delete_repository(repo, actor, now).await.map_err(|e| refusal(e, name_unknown))
+        let deleted =
+            self.meta.delete_repository(repo, actor, now).await.map_err(|e| refusal(e, name_unknown))?;
+        audit("delete-repository", actor, repo.as_str(), &deleted);
+        Ok(deleted)
     }
 
     /// Restores a deleted repository with its tags.
@@ -106,7 +144,13 @@ impl Registry {
         actor: Option<&str>,
     ) -> Result<Vec<AffectedManifest>> {
         let now = self.clock.now_ms();
-        self.meta.restore_repository(repo, take_tags, actor, now).await.map_err(|e| refusal(e, name_unknown))
+        let restored = self
+            .meta
+            .restore_repository(repo, take_tags, actor, now)
+            .await
+            .map_err(|e| refusal(e, name_unknown))?;
+        audit("restore-repository", actor, repo.as_str(), &restored);
+        Ok(restored)
     }
 
     /// Restores tombstone `digest` of `repo` with its tags and the referrers deleted with it.
@@ -122,10 +166,13 @@ impl Registry {
         actor: Option<&str>,
     ) -> Result<Vec<AffectedManifest>> {
         let now = self.clock.now_ms();
-        self.meta
+        let restored = self
+            .meta
             .restore_manifest(repo, digest, take_tags, actor, now)
             .await
-            .map_err(|e| refusal(e, Error::Conflict))
+            .map_err(|e| refusal(e, Error::Conflict))?;
+        audit("restore-manifest", actor, &format!("{repo}@{digest}"), &restored);
+        Ok(restored)
     }
 
     /// Puts a deleted tag back where it pointed. Returns that digest.
@@ -140,10 +187,18 @@ impl Registry {
         actor: Option<&str>,
     ) -> Result<String> {
         let now = self.clock.now_ms();
-        self.meta
+        let digest = self
+            .meta
             .restore_tag(repo, tag, take_tags, actor, now)
             .await
-            .map_err(|e| refusal(e, Error::TagUnknown))
+            .map_err(|e| refusal(e, Error::TagUnknown))?;
+        let affected = [AffectedManifest {
+            repository: repo.to_string(),
+            digest: digest.clone(),
+            tags: vec![tag.to_string()],
+        }];
+        audit("restore-tag", actor, &format!("{repo}:{tag}"), &affected);
+        Ok(digest)
     }
 
     /// The time machine: puts `tag` back where it pointed (see [`RevertTarget`]).
@@ -158,7 +213,18 @@ impl Registry {
         actor: Option<&str>,
     ) -> Result<String> {
         let now = self.clock.now_ms();
-        self.meta.revert_tag(repo, tag, target, actor, now).await.map_err(|e| refusal(e, Error::TagUnknown))
+        let digest = self
+            .meta
+            .revert_tag(repo, tag, target, actor, now)
+            .await
+            .map_err(|e| refusal(e, Error::TagUnknown))?;
+        let affected = [AffectedManifest {
+            repository: repo.to_string(),
+            digest: digest.clone(),
+            tags: vec![tag.to_string()],
+        }];
+        audit("revert-tag", actor, &format!("{repo}:{tag}"), &affected);
+        Ok(digest)
     }
 
     /// Emergency purge of blob `digest` everywhere: every manifest referencing it becomes an
@@ -188,6 +254,7 @@ impl Registry {
             tracing::error!(storage.key = %purged.storage_key, error = %e, "purged blob's bytes could not be deleted");
         }
         tracing::warn!(digest = %digest, reason, actor, manifests = purged.manifests.len(), "blob purged");
+        audit("purge-blob", actor, digest.as_str(), &purged.manifests);
         Ok(PurgeReport {
             bytes_deleted: deleted.is_ok(),
             storage_error: deleted.err().map(|e| e.to_string()),

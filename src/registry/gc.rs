@@ -151,6 +151,17 @@ impl Registry {
                     report.manifests += done.manifests;
                     report.blobs += done.blobs;
                     report.bytes += done.bytes;
+                    if !done.subject.is_empty() {
+                        let action = if done.blobs > 0 { "collect-blob" } else { "collect-manifest" };
+                        tracing::info!(
+                            target: crate::telemetry::AUDIT,
+                            action,
+                            actor = "collector",
+                            subject = done.subject,
+                            bytes = done.bytes,
+                            "audit"
+                        );
+                    }
                 }
                 ReviewOutcome::Failed { item, error } => {
                     tracing::warn!(gc.kind = item.kind(), gc.item = item.id(), %error, "review failed; retried later");

@@ -24,12 +24,18 @@ fn wait_for_file(path: &Path, child: &mut Child) -> String {
 
 /// `berth serve` on an ephemeral port with its data under `dir` and its log captured.
 fn serve_with_log(dir: &Path) -> (Child, String) {
+    serve_with_log_and_env(dir, &[])
+}
+
+/// Like [`serve_with_log`], with environment variables set.
+fn serve_with_log_and_env(dir: &Path, env: &[(&str, &str)]) -> (Child, String) {
     let ready = dir.join("ready");
     let mut child = Command::new(BERTH)
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir.join("data"))
         .arg("--ready-file")
         .arg(&ready)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -256,4 +262,87 @@ fn help_shows_the_environment_and_the_map() {
     for var in ["BERTH_URL", "BERTH_USER", "BERTH_PASSWORD", "BERTH_CONFIG", "BERTH_DATA_DIR"] {
         assert!(help.contains(var), "{var} missing from:\n{help}");
     }
+}
+
+// `log_format = "json"`: every line is a JSON object, and deletes and collections leave audit
+// events (target `berth::audit`) naming who did what.
+#[tokio::test]
+async fn json_logs_carry_an_audit_trail() {
+    use serde_json::{Value, json};
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("BERTH_LOG_FORMAT", "json"),
+        ("BERTH_GC_RESTORE_WINDOW", "1ms"),
+        ("BERTH_GC_BLOB_GRACE", "1ms"),
+        ("BERTH_GC_UNTAGGED_GRACE", "1ms"),
+        ("BERTH_GC_INTERVAL", "100ms"),
+    ];
+    let (mut child, addr) = serve_with_log_and_env(dir.path(), &env);
+    let base = format!("http://{addr}");
+    let client = reqwest::Client::new();
+    let (config, layer) = (b"{}".to_vec(), b"audited layer".to_vec());
+    for blob in [&config, &layer] {
+        let d = berth::oci::Digest::sha256_of(blob);
+        let res = client
+            .post(format!("{base}/v2/audit/app/blobs/uploads/?digest={d}"))
+            .body(blob.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 201);
+    }
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": berth::oci::Digest::sha256_of(&config).as_str(), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": berth::oci::Digest::sha256_of(&layer).as_str(), "size": layer.len()}],
+    }))
+    .unwrap();
+    let digest = berth::oci::Digest::sha256_of(&manifest);
+    let res = client
+        .put(format!("{base}/v2/audit/app/manifests/v1"))
+        .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+        .body(manifest)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let res = client.delete(format!("{base}/v2/audit/app/manifests/{digest}")).send().await.unwrap();
+    assert_eq!(res.status(), 202);
+    // The collector in serve takes it all within a few passes.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client
+        .get(format!("{base}/admin/v1/explain/audit/app@{digest}"))
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap()["state"]
+        != "gone"
+    {
+        assert!(Instant::now() < deadline, "not collected");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    terminate(&mut child);
+    let mut out = String::new();
+    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
+    let lines: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(lines.iter().any(|l| l["message"] == "berth is serving"), "{out}");
+    let audit: Vec<&Value> = lines.iter().filter(|l| l["target"] == "berth::audit").collect();
+    let find = |action: &str| audit.iter().find(|l| l["action"] == action).copied();
+    let deleted = find("delete-manifest").unwrap_or_else(|| panic!("no delete in {audit:?}"));
+    assert_eq!(deleted["actor"], "anonymous");
+    assert_eq!(deleted["subject"], format!("audit/app@{digest}"));
+    assert_eq!(deleted["tags"], "audit/app:v1");
+    let collected = find("collect-manifest").unwrap_or_else(|| panic!("no collection in {audit:?}"));
+    assert_eq!(
+        (collected["actor"].as_str(), collected["subject"].as_str()),
+        (Some("collector"), Some(format!("audit/app@{digest}").as_str()))
+    );
+    assert_eq!(audit.iter().filter(|l| l["action"] == "collect-blob").count(), 2, "{audit:?}");
 }
