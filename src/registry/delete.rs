@@ -41,7 +41,7 @@ pub struct PurgeReport {
 }
 
 /// Writes an audit event (target `berth::audit`): who did what to which manifests.
-pub(super) fn audit(action: &str, actor: Option<&str>, target: &str, affected: &[AffectedManifest]) {
+fn audit(action: &str, actor: Option<&str>, subject: &str, affected: &[AffectedManifest]) {
     let manifests: Vec<String> = affected.iter().map(|m| format!("{}@{}", m.repository, m.digest)).collect();
     let tags: Vec<String> =
         affected.iter().flat_map(|m| m.tags.iter().map(|t| format!("{}:{t}", m.repository))).collect();
@@ -49,11 +49,21 @@ pub(super) fn audit(action: &str, actor: Option<&str>, target: &str, affected: &
         target: crate::telemetry::AUDIT,
         action,
         actor = actor.unwrap_or("anonymous"),
-        subject = target,
+        subject,
         manifests = manifests.join(" "),
         tags = tags.join(" "),
         "audit"
     );
+}
+
+/// [`audit`] for a change of one tag.
+fn audit_tag(action: &str, actor: Option<&str>, repo: &RepoName, tag: &Tag, digest: &str) {
+    let affected = [AffectedManifest {
+        repository: repo.to_string(),
+        digest: digest.to_string(),
+        tags: vec![tag.to_string()],
+    }];
+    audit(action, actor, &format!("{repo}:{tag}"), &affected);
 }
 
 impl Registry {
@@ -96,12 +106,7 @@ impl Registry {
             .delete_tag(repo, tag, condition, actor, now)
             .await
             .map_err(|e| refusal(e, manifest_unknown))?;
-        let affected = [AffectedManifest {
-            repository: repo.to_string(),
-            digest: digest.clone(),
-            tags: vec![tag.to_string()],
-        }];
-        audit("delete-tag", actor, &format!("{repo}:{tag}"), &affected);
+        audit_tag("delete-tag", actor, repo, tag, &digest);
         Ok(digest)
     }
 
@@ -192,12 +197,7 @@ impl Registry {
             .restore_tag(repo, tag, take_tags, actor, now)
             .await
             .map_err(|e| refusal(e, Error::TagUnknown))?;
-        let affected = [AffectedManifest {
-            repository: repo.to_string(),
-            digest: digest.clone(),
-            tags: vec![tag.to_string()],
-        }];
-        audit("restore-tag", actor, &format!("{repo}:{tag}"), &affected);
+        audit_tag("restore-tag", actor, repo, tag, &digest);
         Ok(digest)
     }
 
@@ -218,12 +218,7 @@ impl Registry {
             .revert_tag(repo, tag, target, actor, now)
             .await
             .map_err(|e| refusal(e, Error::TagUnknown))?;
-        let affected = [AffectedManifest {
-            repository: repo.to_string(),
-            digest: digest.clone(),
-            tags: vec![tag.to_string()],
-        }];
-        audit("revert-tag", actor, &format!("{repo}:{tag}"), &affected);
+        audit_tag("revert-tag", actor, repo, tag, &digest);
         Ok(digest)
     }
 
