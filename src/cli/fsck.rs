@@ -11,24 +11,22 @@ use crate::registry::FsckReport;
 pub(super) async fn run(args: FsckArgs) -> anyhow::Result<()> {
     let config = args.common.load(None)?;
     let app = crate::app::App::open(&config).await?;
-    let bar = indicatif::ProgressBar::new_spinner();
-    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
+    let shown = super::progress::Progress::start();
     let progress = |blobs: u64, bytes: u64| {
         if blobs.is_multiple_of(64) {
-            bar.set_message(format!("{blobs} blobs, {} MiB checked", bytes / (1024 * 1024)));
-            bar.tick();
+            shown.update(|| format!("{blobs} blobs, {} MiB checked", bytes / (1024 * 1024)));
         }
     };
     let repaired = if args.repair {
-        bar.set_message("repairing");
+        shown.update(|| "repairing".into());
         Some(app.registry.repair().await.map_err(|e| anyhow::anyhow!("{e}"))?)
     } else {
         None
     };
     let report = app.registry.fsck(args.rehash, &progress).await.map(|r| FsckReport { repaired, ..r });
-    bar.finish_and_clear();
+    if let Ok(r) = &report {
+        shown.finish(&format!("checked {} blobs ({} MiB)", r.blobs_checked, r.bytes_checked / (1024 * 1024)));
+    }
     app.registry.meta().close().await;
     let report = report.map_err(|e| anyhow::anyhow!("{e}"))?;
     if args.json {

@@ -2,6 +2,7 @@
 
 pub mod admin;
 mod fsck;
+mod progress;
 
 use std::path::PathBuf;
 
@@ -457,15 +458,26 @@ async fn gc_run(args: GcRunArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let mut total = crate::registry::GcReport::default();
+    let shown = progress::Progress::start();
     // Until nothing is due: each pass may make more due (a collected manifest's blobs).
     loop {
-        let r = app.registry.collect(10_000).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        let r = app.registry.collect(1000).await.map_err(|e| anyhow::anyhow!("{e}"))?;
         let progressed = r.reviews > 0;
         total.add(&r);
+        shown.update(|| {
+            format!(
+                "{} reviewed, {} manifests and {} blobs ({} MiB) collected",
+                total.reviews,
+                total.manifests,
+                total.blobs,
+                total.bytes / (1024 * 1024)
+            )
+        });
         if !progressed {
             break;
         }
     }
+    shown.finish(&format!("reviewed {}", total.reviews));
     app.registry.meta().close().await;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&total)?);

@@ -125,6 +125,9 @@ async fn fsck_rehash_finds_changed_bytes_and_the_cli_exit_status_says_so() {
     let out = run(&["--rehash"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("consistent"));
+    // Not on a terminal: progress comes as plain lines on stderr, ending with what was done.
+    let progress = String::from_utf8_lossy(&out.stderr);
+    assert!(progress.contains("checked 3 blobs") && progress.contains(" s"), "{progress}");
 
     // Same size, other bytes: only a re-hash can tell.
     let mut bytes = std::fs::read(&path).unwrap();

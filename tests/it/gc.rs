@@ -474,6 +474,7 @@ async fn gc_run_collects_and_exits() {
     assert_eq!(plan["blobs"].as_array().map(Vec::len), Some(3), "{plan}");
     let out = berth(&["gc", "run", "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("reviewed"), "progress on stderr");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!((report["manifests"].as_u64(), report["blobs"].as_u64()), (Some(1), Some(3)), "{report}");
     assert_eq!(report["bytes"], plan["bytes"]);
