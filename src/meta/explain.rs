@@ -5,6 +5,7 @@
 use super::gc::{blob_grace_end, restore_window_end, untagged_grace_end};
 use super::{MetaStore, Result};
 use crate::oci::{Digest, RepoName};
+use crate::time::utc;
 
 /// Holds listed per kind at most; the totals are always given.
 const LISTED: i64 = 100;
@@ -120,7 +121,7 @@ impl MetaStore {
             if let Some(end) = end.filter(|end| *end > now) {
                 e.holds.push(Hold {
                     reason: "restore-window",
-                    detail: format!("deleted at {deleted_at}"),
+                    detail: format!("deleted at {}", utc(deleted_at)),
                     until: Some(end),
                 });
             }
@@ -189,7 +190,7 @@ impl MetaStore {
             let since = pushed_at.max(pulled_at.unwrap_or(0)).max(untagged_at.unwrap_or(0));
             e.holds.push(Hold {
                 reason: "untagged-grace",
-                detail: format!("pushed, pulled or untagged at {since}"),
+                detail: format!("pushed, pulled or untagged at {}", utc(since)),
                 until: Some(grace_end),
             });
         }
@@ -269,7 +270,7 @@ impl MetaStore {
             let since = created_at.max(last_link.unwrap_or(0)).max(seen_at);
             e.holds.push(Hold {
                 reason: "blob-grace",
-                detail: format!("uploaded, linked or HEAD at {since}"),
+                detail: format!("uploaded, linked or HEAD at {}", utc(since)),
                 until: Some(grace_end),
             });
         }
