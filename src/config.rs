@@ -21,6 +21,11 @@ pub struct Config {
     pub log_level: String,
     /// Log lines as text for people, or as JSON objects (one a line) for log shippers.
     pub log_json: bool,
+    /// Serve `/metrics` on the main listener (needing admin on every repository when access
+    /// control is on).
+    pub metrics_enabled: bool,
+    /// Also serve `/metrics` here, without authentication.
+    pub metrics_listen: Option<SocketAddr>,
     /// Metadata store URL (`sqlite:…` or `postgres://…`).
     pub metadata_url: String,
     /// Metadata connection pool size.
@@ -173,6 +178,15 @@ struct FileConfig {
     gc: GcSection,
     #[serde(default)]
     manifests: ManifestsSection,
+    #[serde(default)]
+    metrics: MetricsSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsSection {
+    enabled: Option<bool>,
+    listen: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -248,6 +262,8 @@ impl Config {
             data_dir,
             log_level: "info".into(),
             log_json: false,
+            metrics_enabled: true,
+            metrics_listen: None,
             metadata_max_connections: 8,
             metadata_acquire_timeout_secs: 10,
             storage_fsync: true,
@@ -326,6 +342,18 @@ impl Config {
             Some(other) => {
                 return Err(ConfigError(format!("{source}: `{other}` is not a log format (text or json)")));
             }
+        }
+        if let Some(enabled) = parsed.metrics.enabled {
+            cfg.metrics_enabled = enabled;
+        }
+        let (listen, source) = match env("BERTH_METRICS_LISTEN") {
+            Some(l) => (Some(l), "BERTH_METRICS_LISTEN"),
+            None => (parsed.metrics.listen, "metrics.listen"),
+        };
+        if let Some(listen) = listen {
+            cfg.metrics_listen = Some(listen.parse().map_err(|_| {
+                ConfigError(format!("{source}: `{listen}` is not an address like 127.0.0.1:9090"))
+            })?);
         }
         if let Some(url) = env("BERTH_METADATA_URL").or(parsed.metadata.url) {
             if !(url.starts_with("sqlite:")

@@ -25,6 +25,7 @@ pub mod cli;
 pub mod config;
 pub mod fuzzing;
 pub mod meta;
+pub mod metrics;
 pub mod oci;
 pub mod registry;
 pub mod server;

@@ -31,6 +31,24 @@ pub async fn serve(
         ),
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let metrics = match app.config.metrics_listen {
+        None => None,
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|e| std::io::Error::new(e.kind(), format!("metrics.listen {addr}: {e}")))?;
+            tracing::info!(metrics.listen = %listener.local_addr()?, "serving /metrics");
+            let mut stop = stop_rx.clone();
+            let router = api::metrics_router(app.clone());
+            Some(tokio::spawn(async move {
+                let _ = axum::serve(listener, router)
+                    .with_graceful_shutdown(async move {
+                        let _ = stop.changed().await;
+                    })
+                    .await;
+            }))
+        }
+    };
     let mut background = vec![tokio::spawn(flush_access_periodically(app.clone(), stop_rx.clone()))];
     if app.config.gc.enabled {
         for _ in 0..app.config.gc.workers {
@@ -61,7 +79,7 @@ pub async fn serve(
         }
     };
     let _ = stop_tx.send(true);
-    for task in background {
+    for task in background.into_iter().chain(metrics) {
         let _ = task.await;
     }
     registry.meta().close().await;

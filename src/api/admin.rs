@@ -57,17 +57,8 @@ async fn dispatch(app: &App, req: Request) -> Result<Response, ApiError> {
         other => other?,
     };
     authorize(app, &who, &repos)?;
-    if request.whole_registry()
-        && let Some(auth) = &app.auth
-        && !auth.allowed_everywhere(&who, Action::Admin)
-    {
-        return Err(match who {
-            crate::auth::Identity::Anonymous => {
-                deny(Denial::Unauthenticated("authentication required".into()))
-            }
-            _ => ApiError::new(ErrorCode::Denied)
-                .message("this needs admin on every repository (a rule for **)"),
-        });
+    if request.whole_registry() {
+        authorize_whole_registry(app, &who)?;
     }
     let mut value = request.run(&app.registry, who.name()).await?;
     if let (Some(auth), AdminRequest::Repositories { .. }) = (&app.auth, &request)
@@ -88,13 +79,26 @@ fn deny(d: Denial) -> ApiError {
 }
 
 /// Who is calling (anonymous when access control is off; 401 for anonymous callers when on).
-fn authenticate(app: &App, headers: &HeaderMap) -> Result<Identity, ApiError> {
+pub(super) fn authenticate(app: &App, headers: &HeaderMap) -> Result<Identity, ApiError> {
     let Some(auth) = &app.auth else { return Ok(Identity::Anonymous) };
     let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     let now = (app.registry.clock().now_ms() / 1000).max(0) as u64;
     let who = auth.authenticate(authorization, now).map_err(deny)?;
     auth.authorize(&who, None, Action::Admin).map_err(deny)?;
     Ok(who)
+}
+
+/// Checks that `who` may administer the whole registry (a rule for `**`), for what concerns every
+/// repository at once: the collector's status, the metrics.
+pub(super) fn authorize_whole_registry(app: &App, who: &Identity) -> Result<(), ApiError> {
+    match &app.auth {
+        Some(auth) if !auth.allowed_everywhere(who, Action::Admin) => Err(match who {
+            Identity::Anonymous => deny(Denial::Unauthenticated("authentication required".into())),
+            _ => ApiError::new(ErrorCode::Denied)
+                .message("this needs admin on every repository (a rule for **)"),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Checks that `who` may administer every repository in `repos`.

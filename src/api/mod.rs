@@ -10,6 +10,7 @@ pub mod error;
 pub mod headers;
 mod limits;
 mod manifests;
+mod metrics;
 mod request_log;
 pub mod route;
 
@@ -26,6 +27,12 @@ use self::error::{ApiError, ErrorCode};
 use self::route::V2Route;
 use crate::app::App;
 
+/// The router of a separate metrics listener (`metrics.listen`): `/metrics` alone, without
+/// authentication — the address is the protection.
+pub fn metrics_router(app: App) -> Router {
+    Router::new().route("/metrics", get(metrics::separate_listener)).with_state(app)
+}
+
 /// The HTTP application over `app`.
 pub fn router(app: App) -> Router {
     let limiter = limits::RateLimiter::new(&app.config.limits).map(std::sync::Arc::new);
@@ -37,9 +44,10 @@ pub fn router(app: App) -> Router {
         .route("/admin/v1/{*rest}", any(admin::handle))
         .layer(middleware::from_fn_with_state(limiter, limits::rate_limit))
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics::main_listener))
         .layer(middleware::from_fn_with_state(app.config.limits.max_header_bytes, limits::limit_head))
-        .with_state(app)
-        .layer(middleware::from_fn(request_log::log_request))
+        .with_state(app.clone())
+        .layer(middleware::from_fn_with_state(app.registry.metrics().clone(), request_log::log_request))
 }
 
 /// Query parameters any `/v2/` endpoint may take.

@@ -1,7 +1,7 @@
 //! The request log: one line per request with method, path, status, the bytes that really moved
 //! in and out, and the duration — logged when the answer's body has been sent (or dropped), so a
 //! streamed download's line tells its real size and time. Also adds the API version header every
-//! registry answer carries.
+//! registry answer carries. The same facts feed the request metrics.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -10,16 +10,21 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::body::{Body, Bytes, HttpBody};
-use axum::extract::Request;
+use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, header};
 use axum::middleware::Next;
 use axum::response::Response;
 use http_body::Frame;
 
 use super::error::InternalError;
+use crate::metrics::{BerthMetrics, RequestLabels, method_label, route_of};
 
 /// The middleware.
-pub(super) async fn log_request(req: Request, next: Next) -> Response {
+pub(super) async fn log_request(
+    State(metrics): State<Arc<BerthMetrics>>,
+    req: Request,
+    next: Next,
+) -> Response {
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
@@ -40,7 +45,7 @@ pub(super) async fn log_request(req: Request, next: Next) -> Response {
     if let Some(InternalError(chain)) = res.extensions().get::<InternalError>() {
         tracing::error!(http.method = %method, http.path = %path, http.status = status, error = %chain, "request failed");
     }
-    let line = Line { method, path, status, started, bytes_in };
+    let line = Line { method, path, status, started, bytes_in, metrics };
     let exact = res.body().size_hint().exact();
     match (line.method == Method::HEAD, exact) {
         // No body is sent for HEAD, whatever Content-Length says.
@@ -67,16 +72,25 @@ struct Line {
     status: u16,
     started: Instant,
     bytes_in: Arc<AtomicU64>,
+    metrics: Arc<BerthMetrics>,
 }
 
 impl Line {
     fn log(&self, bytes_out: u64) {
-        let duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        let seconds = self.started.elapsed().as_secs_f64();
+        let bytes_in = self.bytes_in.load(Ordering::Relaxed);
+        let labels = RequestLabels {
+            route: route_of(&self.path),
+            method: method_label(&self.method),
+            status: self.status,
+        };
+        self.metrics.request(labels, seconds, bytes_in, bytes_out);
+        let duration_ms = seconds * 1000.0;
         tracing::info!(
             http.method = %self.method,
             http.path = %self.path,
             http.status = self.status,
-            bytes.in = self.bytes_in.load(Ordering::Relaxed),
+            bytes.in = bytes_in,
             bytes.out = bytes_out,
             duration_ms = format_args!("{duration_ms:.3}"),
             "request"

@@ -173,6 +173,7 @@ impl Registry {
         let (deleted, failed) = self.drain_outbox().await?;
         report.objects_deleted = deleted;
         report.objects_failed = failed;
+        self.metrics.collection(&report);
         if report.manifests + report.blobs + report.uploads_expired + deleted + failed + report.review_errors
             > 0
         {

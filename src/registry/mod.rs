@@ -91,6 +91,7 @@ pub struct Registry {
     upload_locks: Arc<UploadLocks>,
     access: Arc<access::AccessLog>,
     instance: Arc<str>,
+    metrics: Arc<crate::metrics::BerthMetrics>,
 }
 
 impl Registry {
@@ -104,7 +105,23 @@ impl Registry {
             upload_locks: Arc::default(),
             access: Arc::default(),
             instance: instance_name().into(),
+            metrics: Arc::default(),
         }
+    }
+
+    /// This process's metrics.
+    pub fn metrics(&self) -> &Arc<crate::metrics::BerthMetrics> {
+        &self.metrics
+    }
+
+    /// The Prometheus text exposition: the counters, with the collector's gauges read now.
+    ///
+    /// # Errors
+    /// [`Error::Internal`] when the metadata store fails.
+    pub async fn render_metrics(&self) -> Result<String> {
+        let status = self.gc_status().await?;
+        let sessions = self.meta.idle_uploads(i64::MAX).await?;
+        Ok(self.metrics.render(&status, i64::try_from(sessions).unwrap_or(i64::MAX)))
     }
 
     /// This process's name in the collector's records and leases: host, process id and a random

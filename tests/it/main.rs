@@ -17,6 +17,7 @@ mod fsck;
 mod gc;
 mod limits;
 mod manifests;
+mod metrics;
 mod replicas;
 mod sweep;
 mod tags;

@@ -1,0 +1,271 @@
+//! Prometheus metrics: counters and histograms updated where things happen (the request log, the
+//! collector), gauges read from the metadata store when scraped. Label values are static strings
+//! and numbers, so the request path allocates nothing for them.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry as Metrics;
+
+/// A request's labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// What kind of endpoint (`manifest`, `blob`, `upload`, `tags`, …; see [`route_of`]).
+    pub route: &'static str,
+    /// The HTTP method.
+    pub method: &'static str,
+    /// The status answered.
+    pub status: u16,
+}
+
+/// A duration's labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// What kind of endpoint.
+    pub route: &'static str,
+    /// The HTTP method.
+    pub method: &'static str,
+}
+
+/// A kind of item (`manifest`, `blob`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// The kind.
+    pub kind: &'static str,
+}
+
+/// Berth's metrics.
+#[derive(Debug)]
+pub struct BerthMetrics {
+    registry: Metrics,
+    requests: Family<RequestLabels, Counter>,
+    durations: Family<RouteLabels, Histogram>,
+    bytes_in: Counter,
+    bytes_out: Counter,
+    request_errors: Counter,
+    reviews: Counter,
+    collected: Family<KindLabels, Counter>,
+    bytes_freed: Counter,
+    uploads_expired: Counter,
+    objects_deleted: Counter,
+    collector_errors: Counter,
+    queue: Family<KindLabels, Gauge>,
+    overdue: Family<KindLabels, Gauge>,
+    oldest_due: Gauge,
+    outbox: Gauge,
+    outbox_failing: Gauge,
+    upload_sessions: Gauge,
+    findings: Gauge,
+}
+
+impl Default for BerthMetrics {
+    fn default() -> Self {
+        let mut registry = Metrics::with_prefix("berth");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests answered, by route, method and status",
+            requests.clone(),
+        );
+        // 0.25 ms to ~16 s.
+        let durations = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.000_25, 2.0, 17))
+        });
+        registry.register(
+            "http_request_duration_seconds",
+            "Time to answer (streamed bodies: until the last byte was sent)",
+            durations.clone(),
+        );
+        let bytes_in = Counter::default();
+        registry.register("http_received_bytes", "Request body bytes received", bytes_in.clone());
+        let bytes_out = Counter::default();
+        registry.register("http_sent_bytes", "Response body bytes sent", bytes_out.clone());
+        let request_errors = Counter::default();
+        registry.register(
+            "internal_errors",
+            "Requests that failed inside Berth (metadata store or storage errors)",
+            request_errors.clone(),
+        );
+        let reviews = Counter::default();
+        registry.register("gc_reviews", "Reviews the collector carried out", reviews.clone());
+        let collected = Family::<KindLabels, Counter>::default();
+        registry.register("gc_collected", "Items the collector removed, by kind", collected.clone());
+        let bytes_freed = Counter::default();
+        registry.register("gc_freed_bytes", "Bytes of the blobs the collector removed", bytes_freed.clone());
+        let uploads_expired = Counter::default();
+        registry.register("gc_uploads_expired", "Abandoned upload sessions removed", uploads_expired.clone());
+        let objects_deleted = Counter::default();
+        registry.register(
+            "gc_objects_deleted",
+            "Storage objects deleted from the outbox",
+            objects_deleted.clone(),
+        );
+        let collector_errors = Counter::default();
+        registry.register(
+            "gc_errors",
+            "Reviews and storage deletes that failed (each is retried later)",
+            collector_errors.clone(),
+        );
+        let queue = Family::<KindLabels, Gauge>::default();
+        registry.register("gc_queue_reviews", "Reviews queued, by kind", queue.clone());
+        let overdue = Family::<KindLabels, Gauge>::default();
+        registry.register(
+            "gc_overdue_reviews",
+            "Reviews due for more than an hour, by kind",
+            overdue.clone(),
+        );
+        let oldest_due = Gauge::default();
+        registry.register("gc_lag_seconds", "How long the oldest due review has waited", oldest_due.clone());
+        let outbox = Gauge::default();
+        registry.register("gc_outbox_keys", "Storage objects waiting to be deleted", outbox.clone());
+        let outbox_failing = Gauge::default();
+        registry.register(
+            "gc_outbox_failing_keys",
+            "Outbox keys whose delete failed at least once",
+            outbox_failing.clone(),
+        );
+        let upload_sessions = Gauge::default();
+        registry.register("upload_sessions", "Open upload sessions", upload_sessions.clone());
+        let findings = Gauge::default();
+        registry.register(
+            "scrub_findings",
+            "Problems the scrub found and has not seen mended (missing or damaged bytes, broken references)",
+            findings.clone(),
+        );
+        BerthMetrics {
+            registry,
+            requests,
+            durations,
+            bytes_in,
+            bytes_out,
+            request_errors,
+            reviews,
+            collected,
+            bytes_freed,
+            uploads_expired,
+            objects_deleted,
+            collector_errors,
+            queue,
+            overdue,
+            oldest_due,
+            outbox,
+            outbox_failing,
+            upload_sessions,
+            findings,
+        }
+    }
+}
+
+impl BerthMetrics {
+    /// Counts an answered request.
+    pub fn request(&self, labels: RequestLabels, seconds: f64, bytes_in: u64, bytes_out: u64) {
+        self.durations
+            .get_or_create(&RouteLabels { route: labels.route, method: labels.method })
+            .observe(seconds);
+        if labels.status >= 500 {
+            self.request_errors.inc();
+        }
+        self.requests.get_or_create(&labels).inc();
+        self.bytes_in.inc_by(bytes_in);
+        self.bytes_out.inc_by(bytes_out);
+    }
+
+    /// Counts what a collection pass did.
+    pub fn collection(&self, report: &crate::registry::GcReport) {
+        self.reviews.inc_by(report.reviews);
+        self.collected.get_or_create(&KindLabels { kind: "manifest" }).inc_by(report.manifests);
+        self.collected.get_or_create(&KindLabels { kind: "blob" }).inc_by(report.blobs);
+        self.bytes_freed.inc_by(report.bytes);
+        self.uploads_expired.inc_by(report.uploads_expired);
+        self.objects_deleted.inc_by(report.objects_deleted);
+        self.collector_errors.inc_by(report.review_errors + report.objects_failed);
+    }
+
+    /// The text exposition, with the gauges set from `status` (read from the metadata store for
+    /// this scrape) and `upload_sessions`.
+    pub fn render(&self, status: &crate::meta::GcStatus, upload_sessions: i64) -> String {
+        let mut oldest = 0;
+        for q in &status.queue {
+            let kind = if q.kind == "blob" { "blob" } else { "manifest" };
+            self.queue.get_or_create(&KindLabels { kind }).set(q.queued);
+            self.overdue.get_or_create(&KindLabels { kind }).set(q.overdue);
+            oldest = oldest.max(q.oldest_due_ms.unwrap_or(0));
+        }
+        self.oldest_due.set(oldest / 1000);
+        self.outbox.set(status.outbox.keys);
+        self.outbox_failing.set(status.outbox.failing);
+        self.upload_sessions.set(upload_sessions);
+        self.findings.set(status.findings.len() as i64);
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// The route label of a request path: the kind of endpoint, never the repository or digest (so
+/// the label set stays small).
+pub fn route_of(path: &str) -> &'static str {
+    if path == "/v2" || path == "/v2/" {
+        "base"
+    } else if let Some(rest) = path.strip_prefix("/v2/") {
+        if rest == "_catalog" {
+            "catalog"
+        } else if rest.contains("/manifests/") {
+            "manifest"
+        } else if rest.contains("/blobs/uploads") {
+            "upload"
+        } else if rest.contains("/blobs/") {
+            "blob"
+        } else if rest.ends_with("/tags/list") {
+            "tags"
+        } else if rest.contains("/referrers/") {
+            "referrers"
+        } else {
+            "other"
+        }
+    } else if path.starts_with("/admin/") {
+        "admin"
+    } else {
+        match path {
+            "/auth/token" => "token",
+            "/metrics" => "metrics",
+            "/healthz" => "health",
+            _ => "other",
+        }
+    }
+}
+
+/// A method's label.
+pub fn method_label(method: &http::Method) -> &'static str {
+    match *method {
+        http::Method::GET => "GET",
+        http::Method::HEAD => "HEAD",
+        http::Method::PUT => "PUT",
+        http::Method::POST => "POST",
+        http::Method::PATCH => "PATCH",
+        http::Method::DELETE => "DELETE",
+        http::Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_name_the_endpoint_not_the_repository() {
+        assert_eq!(route_of("/v2/"), "base");
+        assert_eq!(route_of("/v2/team/app/manifests/v1"), "manifest");
+        assert_eq!(route_of("/v2/a/b/c/blobs/uploads/1234"), "upload");
+        assert_eq!(route_of("/v2/a/blobs/sha256:00"), "blob");
+        assert_eq!(route_of("/v2/a/tags/list"), "tags");
+        assert_eq!(route_of("/v2/a/referrers/sha256:00"), "referrers");
+        assert_eq!(route_of("/v2/_catalog"), "catalog");
+        assert_eq!(route_of("/admin/v1/gc/status"), "admin");
+        assert_eq!(route_of("/elsewhere"), "other");
+    }
+}
