@@ -273,7 +273,8 @@ async fn json_logs_carry_an_audit_trail() {
     let env = [
         ("BERTH_LOG_FORMAT", "json"),
         ("BERTH_GC_RESTORE_WINDOW", "1ms"),
-        ("BERTH_GC_BLOB_GRACE", "1ms"),
+        // Long enough for the push to reference its blobs before the collector may take them.
+        ("BERTH_GC_BLOB_GRACE", "2s"),
         ("BERTH_GC_UNTAGGED_GRACE", "1ms"),
         ("BERTH_GC_INTERVAL", "100ms"),
     ];
