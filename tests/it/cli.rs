@@ -311,20 +311,15 @@ async fn json_logs_carry_an_audit_trail() {
     assert_eq!(res.status(), 201);
     let res = client.delete(format!("{base}/v2/audit/app/manifests/{digest}")).send().await.unwrap();
     assert_eq!(res.status(), 202);
-    // The collector in serve takes it all within a few passes.
+    // The collector in serve takes it all: the manifest at once, its blobs once their grace ends.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while client
-        .get(format!("{base}/admin/v1/explain/audit/app@{digest}"))
-        .send()
-        .await
-        .unwrap()
-        .json::<Value>()
-        .await
-        .unwrap()["state"]
-        != "gone"
-    {
-        assert!(Instant::now() < deadline, "not collected");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    let blobs = [&config, &layer].map(|b| berth::oci::Digest::sha256_of(b).to_string());
+    for item in std::iter::once(format!("audit/app@{digest}")).chain(blobs) {
+        let url = format!("{base}/admin/v1/explain/{item}");
+        while client.get(&url).send().await.unwrap().json::<Value>().await.unwrap()["state"] != "gone" {
+            assert!(Instant::now() < deadline, "{item} not collected");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
     terminate(&mut child);
     let mut out = String::new();
