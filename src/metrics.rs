@@ -63,99 +63,110 @@ pub struct BerthMetrics {
 impl Default for BerthMetrics {
     fn default() -> Self {
         let mut registry = Metrics::with_prefix("berth");
-        let requests = Family::<RequestLabels, Counter>::default();
-        registry.register(
+        let r = &mut registry;
+        let requests = registered(
+            r,
             "http_requests",
             "HTTP requests answered, by route, method and status",
-            requests.clone(),
+            Family::default(),
         );
         // 0.25 ms to ~16 s.
-        let durations = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new(exponential_buckets(0.000_25, 2.0, 17))
-        });
-        registry.register(
+        let durations = registered(
+            r,
             "http_request_duration_seconds",
             "Time to answer (streamed bodies: until the last byte was sent)",
-            durations.clone(),
-        );
-        let bytes_in = Counter::default();
-        registry.register("http_received_bytes", "Request body bytes received", bytes_in.clone());
-        let bytes_out = Counter::default();
-        registry.register("http_sent_bytes", "Response body bytes sent", bytes_out.clone());
-        let request_errors = Counter::default();
-        registry.register(
-            "internal_errors",
-            "Requests that failed inside Berth (metadata store or storage errors)",
-            request_errors.clone(),
-        );
-        let reviews = Counter::default();
-        registry.register("gc_reviews", "Reviews the collector carried out", reviews.clone());
-        let collected = Family::<KindLabels, Counter>::default();
-        registry.register("gc_collected", "Items the collector removed, by kind", collected.clone());
-        let bytes_freed = Counter::default();
-        registry.register("gc_freed_bytes", "Bytes of the blobs the collector removed", bytes_freed.clone());
-        let uploads_expired = Counter::default();
-        registry.register("gc_uploads_expired", "Abandoned upload sessions removed", uploads_expired.clone());
-        let objects_deleted = Counter::default();
-        registry.register(
-            "gc_objects_deleted",
-            "Storage objects deleted from the outbox",
-            objects_deleted.clone(),
-        );
-        let collector_errors = Counter::default();
-        registry.register(
-            "gc_errors",
-            "Reviews and storage deletes that failed (each is retried later)",
-            collector_errors.clone(),
-        );
-        let queue = Family::<KindLabels, Gauge>::default();
-        registry.register("gc_queue_reviews", "Reviews queued, by kind", queue.clone());
-        let overdue = Family::<KindLabels, Gauge>::default();
-        registry.register(
-            "gc_overdue_reviews",
-            "Reviews due for more than an hour, by kind",
-            overdue.clone(),
-        );
-        let oldest_due = Gauge::default();
-        registry.register("gc_lag_seconds", "How long the oldest due review has waited", oldest_due.clone());
-        let outbox = Gauge::default();
-        registry.register("gc_outbox_keys", "Storage objects waiting to be deleted", outbox.clone());
-        let outbox_failing = Gauge::default();
-        registry.register(
-            "gc_outbox_failing_keys",
-            "Outbox keys whose delete failed at least once",
-            outbox_failing.clone(),
-        );
-        let upload_sessions = Gauge::default();
-        registry.register("upload_sessions", "Open upload sessions", upload_sessions.clone());
-        let findings = Gauge::default();
-        registry.register(
-            "scrub_findings",
-            "Problems the scrub found and has not seen mended (missing or damaged bytes, broken references)",
-            findings.clone(),
+            Family::<RouteLabels, Histogram>::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.000_25, 2.0, 17))
+            }),
         );
         BerthMetrics {
-            registry,
             requests,
             durations,
-            bytes_in,
-            bytes_out,
-            request_errors,
-            reviews,
-            collected,
-            bytes_freed,
-            uploads_expired,
-            objects_deleted,
-            collector_errors,
-            queue,
-            overdue,
-            oldest_due,
-            outbox,
-            outbox_failing,
-            upload_sessions,
-            findings,
+            bytes_in: registered(r, "http_received_bytes", "Request body bytes received", Counter::default()),
+            bytes_out: registered(r, "http_sent_bytes", "Response body bytes sent", Counter::default()),
+            request_errors: registered(
+                r,
+                "internal_errors",
+                "Requests that failed inside Berth (metadata store or storage errors)",
+                Counter::default(),
+            ),
+            reviews: registered(r, "gc_reviews", "Reviews the collector carried out", Counter::default()),
+            collected: registered(
+                r,
+                "gc_collected",
+                "Items the collector removed, by kind",
+                Family::default(),
+            ),
+            bytes_freed: registered(
+                r,
+                "gc_freed_bytes",
+                "Bytes of the blobs the collector removed",
+                Counter::default(),
+            ),
+            uploads_expired: registered(
+                r,
+                "gc_uploads_expired",
+                "Abandoned upload sessions removed",
+                Counter::default(),
+            ),
+            objects_deleted: registered(
+                r,
+                "gc_objects_deleted",
+                "Storage objects deleted from the outbox",
+                Counter::default(),
+            ),
+            collector_errors: registered(
+                r,
+                "gc_errors",
+                "Reviews and storage deletes that failed (each is retried later)",
+                Counter::default(),
+            ),
+            queue: registered(r, "gc_queue_reviews", "Reviews queued, by kind", Family::default()),
+            overdue: registered(
+                r,
+                "gc_overdue_reviews",
+                "Reviews due for more than an hour, by kind",
+                Family::default(),
+            ),
+            oldest_due: registered(
+                r,
+                "gc_lag_seconds",
+                "How long the oldest due review has waited",
+                Gauge::default(),
+            ),
+            outbox: registered(
+                r,
+                "gc_outbox_keys",
+                "Storage objects waiting to be deleted",
+                Gauge::default(),
+            ),
+            outbox_failing: registered(
+                r,
+                "gc_outbox_failing_keys",
+                "Outbox keys whose delete failed at least once",
+                Gauge::default(),
+            ),
+            upload_sessions: registered(r, "upload_sessions", "Open upload sessions", Gauge::default()),
+            findings: registered(
+                r,
+                "scrub_findings",
+                "Problems the scrub found and has not seen mended (missing or damaged bytes, broken references)",
+                Gauge::default(),
+            ),
+            registry,
         }
     }
+}
+
+/// Registers `metric` under `name` and hands it back (metrics share their state when cloned).
+fn registered<M: prometheus_client::registry::Metric + Clone>(
+    r: &mut Metrics,
+    name: &str,
+    help: &str,
+    metric: M,
+) -> M {
+    r.register(name, help, metric.clone());
+    metric
 }
 
 impl BerthMetrics {
