@@ -44,11 +44,23 @@ pub struct Connection {
 /// # Errors
 /// The registry's refusal or failure, or a connection problem, for `main` to print.
 pub async fn run(conn: &Connection, request: AdminRequest) -> anyhow::Result<()> {
+    // A preview of a large repository takes a while: say so while it runs.
+    let preview = match &request {
+        AdminRequest::Preview(target) => {
+            let shown = super::progress::Progress::start();
+            shown.waiting(format!("working out what deleting {target} would take"));
+            Some((shown, target.to_string()))
+        }
+        _ => None,
+    };
     let value = if conn.url.is_none() && (conn.config.is_some() || conn.data_dir.is_some()) {
         direct(conn, &request).await?
     } else {
         over_http(conn, &request).await?
     };
+    if let Some((shown, target)) = preview {
+        shown.finish(&format!("previewed {target}"));
+    }
     if conn.json {
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {

@@ -1,4 +1,4 @@
-//! Progress of long CLI jobs (`fsck`, `gc run`): a spinner with a message on a terminal; plain
+//! Progress of long CLI jobs (`fsck`, `gc run`, delete previews): a spinner with a message on a terminal; plain
 //! lines on standard error otherwise (at most one every few seconds, and one at the end), so a
 //! job under cron or CI still shows that it moves.
 
@@ -41,6 +41,14 @@ impl Progress {
                     eprintln!("{} ({:.0} s)", message(), self.started.elapsed().as_secs_f64());
                 }
             }
+        }
+    }
+
+    /// Shows `message` while one long step runs (the spinner turns by itself).
+    pub(super) fn waiting(&self, message: String) {
+        if let Some(bar) = &self.bar {
+            bar.set_message(message);
+            bar.enable_steady_tick(Duration::from_millis(120));
         }
     }
 

@@ -147,6 +147,7 @@ backend_test!(cli_over_http_reports_what_the_admin_api_reports, |reg| {
     let (ok, out, err) =
         cli(&["delete", "--dry-run", &format!("cli/app@{}", img.digest), "--url", &url, "--json"]);
     assert!(ok, "{err}");
+    assert!(err.contains(&format!("previewed cli/app@{}", img.digest)), "progress on stderr: {err}");
     let cli_json: Value = serde_json::from_str(&out).unwrap();
     let (_, api_json) = reg.admin(Method::GET, &format!("preview/cli/app@{}", img.digest), None).await;
     assert_eq!(cli_json, api_json, "the same facts in the same words");
