@@ -60,6 +60,8 @@ pub enum AdminRequest {
     Explain(ExplainTarget),
     /// The collector's state (the whole registry's: needs admin on every repository).
     GcStatus,
+    /// Where the space goes: a repository's, or (needing admin on every repository) all.
+    Space(Option<RepoName>),
     /// Emergency purge of a blob everywhere.
     Purge {
         /// The blob.
@@ -111,6 +113,8 @@ impl AdminRequest {
             }
             AdminRequest::Explain(t) => ("GET", format!("explain/{t}"), None),
             AdminRequest::GcStatus => ("GET", "gc/status".to_string(), None),
+            AdminRequest::Space(None) => ("GET", "space".to_string(), None),
+            AdminRequest::Space(Some(r)) => ("GET", format!("space/{r}"), None),
             AdminRequest::Purge { digest, reason } => {
                 ("POST", "purge".to_string(), Some(json!({ "digest": digest.as_str(), "reason": reason })))
             }
@@ -170,6 +174,11 @@ impl AdminRequest {
             }
             AdminRequest::Explain(target) => to_value(&registry.explain(target).await?),
             AdminRequest::GcStatus => to_value(&registry.gc_status().await?),
+            AdminRequest::Space(repo) => {
+                let mut value = to_value(&registry.space(repo.as_ref()).await?);
+                value["repository"] = json!(repo.as_ref().map(RepoName::as_str));
+                value
+            }
             AdminRequest::Purge { digest, reason } => {
                 to_value(&registry.purge_blob(digest, reason, actor).await?)
             }
@@ -179,7 +188,7 @@ impl AdminRequest {
     /// Whether the request is about the whole registry rather than repositories: it needs
     /// `admin` on every repository (a rule for `**`).
     pub fn whole_registry(&self) -> bool {
-        matches!(self, AdminRequest::GcStatus)
+        matches!(self, AdminRequest::GcStatus | AdminRequest::Space(None))
     }
 
     /// The repositories whose `admin` permission the request needs (a purge: every repository
@@ -190,7 +199,10 @@ impl AdminRequest {
     /// [`Error::Internal`] when the holders of a purged blob cannot be read.
     pub async fn repositories(&self, registry: &Registry) -> Result<Vec<String>, Error> {
         Ok(match self {
-            AdminRequest::Repositories { .. } | AdminRequest::GcStatus => Vec::new(),
+            AdminRequest::Repositories { .. } | AdminRequest::GcStatus | AdminRequest::Space(None) => {
+                Vec::new()
+            }
+            AdminRequest::Space(Some(r)) => vec![r.to_string()],
             AdminRequest::Repository(r) | AdminRequest::Tombstones(r) | AdminRequest::History(r, _) => {
                 vec![r.to_string()]
             }
@@ -328,6 +340,8 @@ impl AdminRequest {
                 AdminRequest::Revert { repo, tag, to }
             }
             ("GET", "gc", "status") => AdminRequest::GcStatus,
+            ("GET", "space", "") => AdminRequest::Space(None),
+            ("GET", "space", name) => AdminRequest::Space(Some(parse_repo(name)?)),
             ("GET", "explain", text) => AdminRequest::Explain(ExplainTarget::parse(text).map_err(|m| {
                 if text.contains('@') && RepoName::parse(text.split('@').next().unwrap_or("")).is_err() {
                     ParseError::Name(m)

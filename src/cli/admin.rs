@@ -282,6 +282,36 @@ pub fn render(request: &AdminRequest, v: &Value) -> String {
                 s(v, "digest")
             ));
         }
+        AdminRequest::Space(_) => {
+            let whom = v["repository"].as_str().map_or("the registry".to_string(), str::to_string);
+            out.push_str(&format!(
+                "{whom}: {} blobs, {} stored\n",
+                n(v, "blobs"),
+                bytes(n(v, "bytes_stored"))
+            ));
+            for (key, label) in [
+                ("bytes_live", "live (referenced by a live manifest here)"),
+                ("bytes_live_elsewhere", "live elsewhere (held here by a link or a tombstone)"),
+                ("bytes_in_tombstones", "held only by restorable tombstones"),
+                ("bytes_in_grace", "unreferenced, within blob grace"),
+                ("bytes_pending_reclaim", "due: the next collection pass frees it"),
+            ] {
+                out.push_str(&format!("  {:>12}  {label}\n", bytes(n(v, key))));
+            }
+            if v["repository"].is_string() {
+                out.push_str(&format!(
+                    "  {:>12}  held by this repository alone\n",
+                    bytes(n(v, "bytes_exclusive"))
+                ));
+            }
+            for step in items(v, "reclaim_schedule") {
+                out.push_str(&format!(
+                    "  {} becomes reclaimable at {}\n",
+                    bytes(step[1].as_i64().unwrap_or(0)),
+                    utc(step[0].as_i64().unwrap_or(0))
+                ));
+            }
+        }
         AdminRequest::GcStatus => {
             for q in items(v, "queue") {
                 let oldest = q["oldest_due_ms"]

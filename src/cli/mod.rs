@@ -43,6 +43,7 @@ Check and collect:
   berth gc run [--dry-run]                       collect what is due now (serve does it too)
   berth gc explain REPO@DIGEST | DIGEST          why it is kept, and when it will go
   berth gc status                                queues, outbox, last passes, sweep, scrub findings
+  berth gc space [REPO]                          bytes live, in tombstones, in grace, due; when the rest goes
 
 Admin commands talk to http://127.0.0.1:5000 (--url, BERTH_URL; --user, --password) or open a
 deployment directly (--config, --data-dir). Add --json for scripts.";
@@ -245,6 +246,21 @@ pub enum GcAction {
     /// The collector's state: queue depth by kind, overdue reviews, the outbox, the last passes,
     /// the sweep's and the scrub's progress, and what the scrub found.
     Status(GcStatusArgs),
+    /// Where the space goes: bytes live, held by tombstones, in grace, due for reclaim, and when
+    /// the rest becomes reclaimable — for a repository (with what it alone holds) or all.
+    ///
+    /// Example: `berth gc space team/app`
+    Space(GcSpaceArgs),
+}
+
+/// `berth gc space`.
+#[derive(Debug, clap::Args)]
+pub struct GcSpaceArgs {
+    /// A repository; without one, the whole registry.
+    pub repo: Option<String>,
+    /// How to reach Berth.
+    #[command(flatten)]
+    pub conn: admin::Connection,
 }
 
 /// `berth gc status`.
@@ -401,6 +417,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             (a.conn, Req::Revert { repo, tag, to })
         }
         Command::Gc(GcArgs { action: GcAction::Status(a) }) => (a.conn, Req::GcStatus),
+        Command::Gc(GcArgs { action: GcAction::Space(a) }) => {
+            let target = a.repo.as_deref().map(repo).transpose()?;
+            (a.conn, Req::Space(target))
+        }
         Command::Gc(GcArgs { action: GcAction::Explain(a) }) => {
             let target =
                 crate::registry::ExplainTarget::parse(&a.target).map_err(|m| anyhow::anyhow!("{m}"))?;

@@ -109,6 +109,14 @@ impl Registry {
         })
     }
 
+    /// Where the space goes: the blobs `repo` holds (or all of them), by state.
+    ///
+    /// # Errors
+    /// [`super::Error::Internal`] when the metadata store fails.
+    pub async fn space(&self, repo: Option<&RepoName>) -> Result<crate::meta::Space> {
+        Ok(self.meta.space(repo, self.clock.now_ms()).await?)
+    }
+
     /// The collector's state: queues, outbox, the last passes, the sweep's and the scrub's
     /// progress and findings. A review due for longer than an hour counts as overdue.
     ///

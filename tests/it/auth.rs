@@ -284,6 +284,9 @@ backend_test!(admin_api_needs_the_admin_permission, |reg| {
     assert_oci_error(res, 403, "DENIED").await;
     let res = authed(&reg, Method::GET, "/admin/v1/gc/status", "alice").send().await.unwrap();
     assert_eq!(res.status(), 200);
+    let res = authed(&reg, Method::GET, "/admin/v1/space", "robot").send().await.unwrap();
+    assert_oci_error(res, 403, "DENIED").await;
+    assert_eq!(authed(&reg, Method::GET, "/admin/v1/space", "alice").send().await.unwrap().status(), 200);
     // So are the metrics on the main listener.
     assert_oci_error(reg.get("/metrics").await, 401, "UNAUTHORIZED").await;
     let res = authed(&reg, Method::GET, "/metrics", "robot").send().await.unwrap();

@@ -139,6 +139,14 @@ async fn the_cli_explains_in_words() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("queue blob") && text.contains("outbox: 0 keys"), "{text}");
     assert!(text.contains("the scrub has found nothing wrong"), "{text}");
+    let out = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["gc", "space", "ex/cli", "--url", &reg.url("")])
+        .env_remove("BERTH_URL")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.starts_with("ex/cli: 3 blobs") && text.contains("held by this repository alone"), "{text}");
 }
 
 async fn status(reg: &TestRegistry) -> Value {
@@ -189,4 +197,104 @@ backend_test!(gc_status_shows_queues_passes_progress_and_findings, |reg| {
     assert!(progress.contains(&"sweep-storage") && progress.contains(&"scrub"), "{v}");
     assert_eq!(v["findings"][0]["kind"], "blob-missing", "{v}");
     assert_eq!(v["findings"][0]["subject"], layer.as_str());
+});
+
+/// Sum of the sizes of every stored object (no upload session is open when it is called).
+async fn bytes_in_storage(reg: &TestRegistry) -> u64 {
+    let (mut after, mut total) = (String::new(), 0);
+    loop {
+        let page = reg.app.registry.blobs().list_page(&after, 1000).await.unwrap();
+        total += page.iter().map(|o| o.size).sum::<u64>();
+        match page.last() {
+            Some(last) if page.len() == 1000 => after = last.key.clone(),
+            _ => return total,
+        }
+    }
+}
+
+async fn space(reg: &TestRegistry, repo: Option<&str>) -> Value {
+    let path = repo.map_or("space".to_string(), |r| format!("space/{r}"));
+    let (code, v) = reg.admin(Method::GET, &path, None).await;
+    assert_eq!(code, 200, "{v}");
+    v
+}
+
+fn total(blobs: &[&[u8]]) -> u64 {
+    blobs.iter().map(|b| b.len() as u64).sum()
+}
+
+// Where the space goes, exactly: each state's bytes from the rows, the total equal to the bytes
+// in storage (files on disk, objects in the bucket) through pushes, shared layers, deletes,
+// restores and collection.
+backend_test!(space_accounting_matches_storage_and_the_collector, |reg| {
+    let a = reg.push_image("sp/a", "a", 1700).await;
+    // sp/b shares a's first layer and has its own config and layer.
+    let shared = &a.layers[0];
+    reg.upload_blob("sp/b", shared).await;
+    let b_own = random_bytes(1701, 4000);
+    let b_config = br#"{"b":true}"#.to_vec();
+    reg.upload_blob("sp/b", &b_own).await;
+    reg.upload_blob("sp/b", &b_config).await;
+    let b_manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": Digest::sha256_of(&b_config).as_str(), "size": b_config.len()},
+        "layers": [
+            {"mediaType": OCI_LAYER, "digest": Digest::sha256_of(shared).as_str(), "size": shared.len()},
+            {"mediaType": OCI_LAYER, "digest": Digest::sha256_of(&b_own).as_str(), "size": b_own.len()},
+        ],
+    }))
+    .unwrap();
+    assert_eq!(reg.put_manifest("sp/b", "b", OCI_MANIFEST, &b_manifest).await.status(), 201);
+    // In sp/a: an image deleted (its blobs held by the tombstone), an unused upload (in grace).
+    let c = reg.push_image("sp/a", "c", 1702).await;
+    let res = reg.req(Method::DELETE, &format!("/v2/sp/a/manifests/{}", c.digest)).send().await.unwrap();
+    assert_eq!(res.status(), 202);
+    let unused = random_bytes(1703, 900);
+    reg.upload_blob("sp/a", &unused).await;
+    // A delete restored: live again.
+    let res = reg.req(Method::DELETE, &format!("/v2/sp/a/manifests/{}", a.digest)).send().await.unwrap();
+    assert_eq!(res.status(), 202);
+    let (code, v) = reg.admin(Method::POST, &format!("restore/sp/a@{}", a.digest), None).await;
+    assert_eq!(code, 200, "{v}");
+
+    let a_blobs = total(&[&a.config, &a.layers[0], &a.layers[1]]);
+    let c_blobs = total(&[&c.config, &c.layers[0], &c.layers[1]]);
+    let b_blobs = total(&[&b_config, &b_own]);
+    let v = space(&reg, Some("sp/a")).await;
+    assert_eq!(v["bytes_live"], a_blobs, "{v}");
+    assert_eq!(v["bytes_in_tombstones"], c_blobs, "{v}");
+    assert_eq!(v["bytes_in_grace"], unused.len(), "{v}");
+    assert_eq!((v["bytes_live_elsewhere"].as_u64(), v["bytes_pending_reclaim"].as_u64()), (Some(0), Some(0)));
+    assert_eq!(v["bytes_exclusive"], a_blobs - shared.len() as u64 + c_blobs + unused.len() as u64, "{v}");
+    let v = space(&reg, Some("sp/b")).await;
+    assert_eq!(v["bytes_live"], b_blobs + shared.len() as u64, "{v}");
+    assert_eq!(v["bytes_exclusive"], b_blobs, "{v}");
+    let all = space(&reg, None).await;
+    assert_eq!(all["bytes_stored"], a_blobs + b_blobs + c_blobs + unused.len() as u64, "{all}");
+    assert_eq!(all["bytes_stored"], bytes_in_storage(&reg).await);
+
+    // A day on: the unused blob is due, and the collector frees exactly that.
+    reg.app.registry.clock().advance_ms(DAY + HOUR);
+    let v = space(&reg, Some("sp/a")).await;
+    assert_eq!(
+        (v["bytes_in_grace"].as_u64(), v["bytes_pending_reclaim"].as_u64()),
+        (Some(0), Some(unused.len() as u64))
+    );
+    let schedule = v["reclaim_schedule"].as_array().unwrap();
+    assert_eq!(schedule.len(), 1, "{v}");
+    assert_eq!(schedule[0][1], c_blobs, "the tombstone's blobs, when its window ends");
+    let pass = reg.app.registry.collect(1000).await.unwrap();
+    assert_eq!(pass.bytes, unused.len() as u64);
+    let all = space(&reg, None).await;
+    assert_eq!(all["bytes_stored"], bytes_in_storage(&reg).await);
+    assert_eq!(all["bytes_pending_reclaim"], 0);
+
+    // A week on: the tombstone's blobs are due, then gone; what is left is what lives.
+    reg.app.registry.clock().advance_ms(7 * DAY);
+    assert_eq!(space(&reg, Some("sp/a")).await["bytes_pending_reclaim"], c_blobs);
+    reg.app.registry.collect(1000).await.unwrap();
+    let all = space(&reg, None).await;
+    assert_eq!(all["bytes_stored"], a_blobs + b_blobs);
+    assert_eq!(all["bytes_live"], a_blobs + b_blobs);
+    assert_eq!(all["bytes_stored"], bytes_in_storage(&reg).await);
 });
