@@ -171,12 +171,17 @@ def collection(binary, work, name, store_size, victims, layer_size, storage_conf
         loader.join()
         after = stored_bytes(server.blob_dir) if before is not None else None
         assert report["manifests"] == victims and report["blobs"] == 2 * victims, report
+        # `berth gc space`, derived on read: its cost on this store.
+        space_total_ms = bench.median_ms(lambda: bench.fetch(f"{server.base}/admin/v1/space"), n=5)
+        space_repo_ms = bench.median_ms(lambda: bench.fetch(f"{server.base}/admin/v1/space/bench/fill"), n=5)
+        space = json.loads(bench.fetch(f"{server.base}/admin/v1/space"))
         assert quiet["errors"] == 0 and during["errors"] == 0
         return {"store": store_size, "victims": victims, "fill_secs": fill_secs,
                 "backlog": {"reviews": backlog["reviews"], "wall_s": backlog_wall, "cpu_s": backlog_cpu},
                 "report": report, "wall_s": wall, "cpu_s": cpu,
                 "get_quiet": quiet, "get_during": during,
-                "disk_before": before, "disk_after": after}
+                "disk_before": before, "disk_after": after,
+                "space_total_ms": space_total_ms, "space_repo_ms": space_repo_ms, "space": space}
     finally:
         server.stop()
 
@@ -280,6 +285,11 @@ def collection_table(r):
         if c["disk_before"] is not None:
             lines.append(f"{name}, {c['store']:,} images: blob storage {c['disk_before'] / 1e6:.1f} MB → "
                          f"{c['disk_after'] / 1e6:.1f} MB.")
+    for name, c in rows:
+        if "space_total_ms" in c:
+            lines.append(f"{name}, {c['store'] + c['victims']:,} images: `gc space` whole registry "
+                         f"{c['space_total_ms']:.0f} ms, the filled repository {c['space_repo_ms']:.0f} ms "
+                         f"(medians; {c['space']['blobs']:,} blobs, {c['space']['bytes_stored']:,} bytes stored).")
     return lines + [""]
 
 
