@@ -97,6 +97,21 @@ backend_test!(explain_covers_grace_windows_indexes_and_loose_links, |reg| {
     assert!(holds(&v).contains(&("index".to_string(), format!("ex/idx@{index}"))), "{v}");
     assert_eq!(v["collect_at"], Value::Null);
 
+    // Deleted, the index still holds its child while it can be restored.
+    let res = reg.req(Method::DELETE, &format!("/v2/ex/idx/manifests/{index}")).send().await.unwrap();
+    assert_eq!(res.status(), 202);
+    let v = explain(&reg, &target).await;
+    let held = v["holds"].as_array().unwrap().iter().find(|h| h["reason"] == "index").cloned().unwrap();
+    assert_eq!(held["detail"], format!("ex/idx@{index} (deleted)"));
+    assert!(held["until"].as_i64().is_some(), "{v}");
+
+    // A referrer (an SBOM) is held by its live subject.
+    let subject = reg.push_image("ex/ref", "s", 1512).await;
+    let sbom_digest = crate::gc::push_referrer(&reg, "ex/ref", &subject, 1513).await;
+    let v = explain(&reg, &format!("ex/ref@{sbom_digest}")).await;
+    assert!(holds(&v).contains(&("subject".to_string(), format!("ex/ref@{}", subject.digest))), "{v}");
+    assert_eq!(v["collect_at"], Value::Null);
+
     // A blob uploaded and never used: its grace, and its link's.
     let data = random_bytes(1511, 700);
     let blob = reg.upload_blob("ex/loose", &data).await;

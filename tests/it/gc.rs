@@ -488,7 +488,12 @@ async fn gc_run_collects_and_exits() {
 
 /// Pushes an artifact whose subject is `subject` in `repo` (a signature or SBOM); returns its
 /// digest.
-async fn push_referrer(reg: &TestRegistry, repo: &str, subject: &PushedImage, seed: u64) -> Digest {
+pub(crate) async fn push_referrer(
+    reg: &TestRegistry,
+    repo: &str,
+    subject: &PushedImage,
+    seed: u64,
+) -> Digest {
     let config = reg.upload_blob(repo, b"{}").await;
     let payload = random_bytes(seed, 1500);
     let layer = reg.upload_blob(repo, &payload).await;
