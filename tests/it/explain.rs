@@ -136,31 +136,25 @@ backend_test!(explain_covers_grace_windows_indexes_and_loose_links, |reg| {
 async fn the_cli_explains_in_words() {
     let reg = TestRegistry::try_start(Backend::Sqlite).await.unwrap();
     let img = reg.push_image("ex/cli", "v1", 1520).await;
-    let out = Command::new(env!("CARGO_BIN_EXE_berth"))
-        .args(["gc", "explain", "--url", &reg.url(""), &format!("ex/cli@{}", img.digest)])
-        .env_remove("BERTH_URL")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Runs `berth gc ARGS… --url` against the registry; answers its output.
+    let gc = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_berth"))
+            .arg("gc")
+            .args(args)
+            .args(["--url", &reg.url("")])
+            .env_remove("BERTH_URL")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let text = gc(&["explain", &format!("ex/cli@{}", img.digest)]);
     assert!(text.contains("is live") && text.contains("held: tag v1"), "{text}");
     assert!(text.contains("not collected while"), "{text}");
-    let out = Command::new(env!("CARGO_BIN_EXE_berth"))
-        .args(["gc", "status", "--url", &reg.url("")])
-        .env_remove("BERTH_URL")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = gc(&["status"]);
     assert!(text.contains("queue blob") && text.contains("outbox: 0 keys"), "{text}");
     assert!(text.contains("the scrub has found nothing wrong"), "{text}");
-    let out = Command::new(env!("CARGO_BIN_EXE_berth"))
-        .args(["gc", "space", "ex/cli", "--url", &reg.url("")])
-        .env_remove("BERTH_URL")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = gc(&["space", "ex/cli"]);
     assert!(text.starts_with("ex/cli: 3 blobs") && text.contains("held by this repository alone"), "{text}");
 }
 
