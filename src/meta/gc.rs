@@ -60,7 +60,8 @@ pub struct WouldCollect {
     pub kind: &'static str,
     /// `REPO@DIGEST`, or the blob's digest.
     pub subject: String,
-    /// Its size (for a blob, the bytes its collection frees in storage).
+    /// The storage bytes its collection frees (a blob's size; 0 for a manifest, which lives in
+    /// the metadata store).
     pub bytes: u64,
 }
 
@@ -244,24 +245,9 @@ impl MetaStore {
             let Some((kind, id)) = row else { break };
             reviews += 1;
             let item = if kind == "blob" { Review::Blob(id) } else { Review::Manifest(id) };
-            let (subject, size): (String, i64) = match item {
-                Review::Blob(id) => sqlx::query_as("SELECT digest, size FROM blobs WHERE id = $1")
-                    .bind(id)
-                    .fetch_optional(&mut *tx)
-                    .await?
-                    .unwrap_or_default(),
-                Review::Manifest(id) => sqlx::query_as(
-                    "SELECT r.name || '@' || m.digest, m.size FROM manifests m \
-                     JOIN repositories r ON r.id = m.repository_id WHERE m.id = $1",
-                )
-                .bind(id)
-                .fetch_optional(&mut *tx)
-                .await?
-                .unwrap_or_default(),
-            };
             let done = Self::carry_out(&mut tx, item, now, self.windows, lock).await?;
-            if done.manifests + done.blobs > 0 {
-                found.push(WouldCollect { kind: item.kind(), subject, bytes: size.max(0) as u64 });
+            if !done.subject.is_empty() {
+                found.push(WouldCollect { kind: item.kind(), subject: done.subject, bytes: done.bytes });
             }
         }
         tx.rollback().await?;
