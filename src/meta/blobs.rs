@@ -110,29 +110,6 @@ impl MetaStore {
         Ok(())
     }
 
-    /// Records bytes stored under `storage_key` as blob `digest` (unless the digest is stored
-    /// already) and links it in `repo`, in one transaction — a whole blob pushed in one request.
-    ///
-    /// # Errors
-    /// [`super::Error::Database`].
-    pub async fn store_and_link_blob(
-        &self,
-        repo: &RepoName,
-        digest: &Digest,
-        size: i64,
-        storage_key: &str,
-        now: i64,
-    ) -> Result<CompletedUpload> {
-        let (lock, dialect) = (self.share_lock(), self.dialect);
-        let grace = self.windows().blob_grace_ms;
-        transaction!(self, Error, |tx| {
-            let (blob_id, outcome) = Self::store_blob(tx, digest, size, storage_key, now, dialect).await?;
-            let repo_id = Self::ensure_repository(tx, repo, now, lock).await?;
-            Self::link(tx, repo_id, blob_id, now, now.saturating_add(grace)).await?;
-            Ok(outcome)
-        })
-    }
-
     /// Inserts the blob row unless the digest is stored already (then that row is share-locked).
     pub(super) async fn store_blob(
         tx: &mut AnyConnection,
@@ -143,8 +120,9 @@ impl MetaStore {
         dialect: super::Dialect,
     ) -> Result<(i64, CompletedUpload), super::Error> {
         // The fence against the storage sweep, which may take these bytes for an orphan while
-        // this transaction is on its way (a publication slower than `blob_grace`): whichever of
-        // the two goes first wins, the other sees it. On PostgreSQL both lock the key (shared
+        // this transaction is on its way (a copy published outside its session's prefix, as on
+        // the filesystem, whose recording is slower than `blob_grace`): whichever of the two
+        // goes first wins, the other sees it. On PostgreSQL both lock the key (shared
         // here, exclusive in the sweep) before they look; SQLite's single writer orders them.
         let lock = match dialect {
             super::Dialect::Sqlite => "",

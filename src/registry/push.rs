@@ -227,8 +227,11 @@ impl Registry {
         Ok(digest.clone())
     }
 
-    /// A whole blob in one request (`POST ?digest=`): the bytes go to a fresh key with no session
-    /// row, and one transaction records and links the blob. Anything that fails removes the bytes.
+    /// A whole blob in one request (`POST ?digest=`). It runs as a session opened and completed
+    /// at once: the session row owns the bytes while they are written, so the storage sweep and
+    /// the upload expiry know them for what they are however long the write or its recording
+    /// takes (a write with no row would look like an orphan to the sweep once older than
+    /// `blob_grace`). Anything that fails removes the session and its bytes.
     ///
     /// # Errors
     /// [`Error::DigestInvalid`], [`Error::BlobUploadInvalid`], [`Error::Internal`].
@@ -243,47 +246,16 @@ impl Registry {
         S: Stream<Item = Result<Bytes, E>>,
         E: std::fmt::Display,
     {
-        let key = self.blobs.start_upload(&Uuid::new_v4().to_string()).await?;
-        let mut chunks = Vec::new();
-        let stored = async {
-            let mut hasher = UploadHasher::default();
-            // A fresh key nobody else writes: nothing to hold.
-            let size = self
-                .blobs
-                .write_upload(&key, &mut chunks, 0, body, &mut hasher, size_hint, Arc::new(()))
-                .await?;
-            self.check_content(&key, &chunks, size, &hasher, digest).await?;
-            let published = self.blobs.commit_upload(&key, &chunks, digest, size).await?;
-            Ok::<_, Error>((published, size))
-        }
-        .await;
-        let (published, size) = match stored {
-            Ok(stored) => stored,
-            Err(e) => {
-                self.discard_upload(&key, None).await;
-                return Err(e);
+        let session = self.start_upload(repo).await?;
+        let completed = self.complete_upload(repo, &session.id, digest, None, size_hint, body).await;
+        if completed.is_err() {
+            // Gone already when the recording committed after all (its reply lost).
+            match self.cancel_upload(repo, &session.id).await {
+                Ok(()) | Err(Error::BlobUploadUnknown) => {}
+                Err(e) => tracing::warn!(upload = %session.id, error = %e, "could not cancel a failed upload"),
             }
-        };
-        let outcome = match self
-            .meta
-            .store_and_link_blob(repo, digest, size as i64, &published, self.clock.now_ms())
-            .await
-        {
-            Ok(outcome) => outcome,
-            Err(e) => match self.after_failed_commit(e, &published).await {
-                Ok(()) => CompletedUpload::Stored,
-                Err(AfterFailure::RolledBack(e)) => {
-                    self.discard_upload(&key, Some(&published)).await;
-                    return Err(e);
-                }
-                Err(AfterFailure::Unknown(e)) => return Err(e),
-            },
-        };
-        match outcome {
-            CompletedUpload::Stored => self.blobs.finish_upload(&key, &published).await,
-            CompletedUpload::AlreadyStored { .. } => self.discard_upload(&key, Some(&published)).await,
         }
-        Ok(digest.clone())
+        completed
     }
 
     /// Deletes the bytes of an upload that no row names (and `copy`, a published copy no row

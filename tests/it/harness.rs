@@ -168,6 +168,7 @@ impl TestRegistry {
 
     /// Starts a registry with `config`, its data under `dir`.
     pub async fn start_with(config: Config, dir: tempfile::TempDir) -> Self {
+        show_warnings_of_failed_tests();
         let app = App::open(&config).await.expect("open app");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().unwrap();
@@ -407,4 +408,13 @@ macro_rules! backend_test {
             }
         }
     };
+}
+
+/// Sends the servers' warnings and errors to the test's captured output, so a failing test shows
+/// why the server answered as it did (a passing test's output is discarded).
+fn show_warnings_of_failed_tests() {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("berth=warn"))
+        .try_init();
 }

@@ -185,24 +185,36 @@ async fn the_scrub_finds_rotten_bytes_at_its_pace() {
     assert_eq!((found[0].kind, found[0].subject.as_str()), ("blob-content", layer.as_str()));
 }
 
-backend_test!(a_publication_slower_than_blob_grace_loses_to_the_sweep_and_fails_loudly, |reg| {
-    // Bytes written as a one-request upload writes them, whose recording transaction comes only
-    // after the sweep took them for an orphan.
+// On the filesystem a completed upload is published outside its session's directory, so from
+// the publication until the recording commits no row and no session accounts for the copy. Should
+// that take longer than blob_grace, the sweep may take the copy for an orphan; the recording then
+// fails loudly instead of naming reclaimed bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publication_slower_than_blob_grace_loses_to_the_sweep_and_fails_loudly() {
+    let reg = TestRegistry::try_start(Backend::Sqlite).await.unwrap();
+    let repo = berth::oci::RepoName::parse("sweep/slow").unwrap();
     let data = vec![7u8; 600];
     let digest = Digest::sha256_of(&data);
-    let key = &reg.leave_unrecorded_bytes("slow-publication", data.len()).await;
+    let session = reg.app.registry.start_upload(&repo).await.unwrap();
+    let key = reg.app.registry.meta().upload(&session.id).await.unwrap().unwrap().storage_key;
+    let blobs = reg.app.registry.blobs();
+    let body = futures_util::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(data.clone()))]);
+    let (mut chunks, mut hasher) = (Vec::new(), berth::oci::UploadHasher::default());
+    let size = blobs.write_upload(&key, &mut chunks, 0, body, &mut hasher, None, std::sync::Arc::new(())).await.unwrap();
+    let published = blobs.commit_upload(&key, &chunks, &digest, size).await.unwrap();
+    assert!(!published.starts_with(&key), "published outside the session: {published}");
+
     reg.app.registry.clock().advance_ms(DAY_MS + 1000);
     assert_eq!(sweep_pass(&reg).await.orphans, 1);
-    let repo = berth::oci::RepoName::parse("sweep/slow").unwrap();
     let now = reg.app.registry.clock().now_ms();
-    let late = reg.app.registry.meta().store_and_link_blob(&repo, &digest, data.len() as i64, key, now).await;
+    let late = reg.app.registry.meta().complete_upload(&session.id, 0, &repo, &digest, size as i64, &published, now).await;
     assert!(matches!(late, Err(berth::meta::Error::Busy(_))), "{late:?}");
     // Nothing names the reclaimed bytes: the blob is simply not there, and the store is sound.
     assert_eq!(reg.get(&format!("/v2/sweep/slow/blobs/{digest}")).await.status(), 404);
     reg.app.registry.drain_outbox().await.unwrap();
     let report = reg.app.registry.fsck(false, &|_, _| {}).await.unwrap();
     assert!(report.clean() && report.orphans.is_empty(), "{report:?}");
-});
+}
 
 // A multipart upload cut off by a crash (on S3 a large write streams as one, leaving a marker
 // object that names it until it completes): once the marker is older than blob_grace the sweep
