@@ -46,7 +46,10 @@ impl App {
             untagged_grace_ms: ms(config.gc.untagged_grace),
             restore_window_ms: ms(config.gc.restore_window),
         };
-        let meta = MetaStore::open(&config.metadata_url, &pool).await?.with_windows(windows);
+        let meta = MetaStore::open(&config.metadata_url, &pool)
+            .await?
+            .with_windows(windows)
+            .with_immutable(config.immutable.clone());
         let blobs = match &config.storage_s3 {
             Some(s3) => BlobStore::s3(s3)?,
             None => {
@@ -66,6 +69,8 @@ impl App {
             upload_expire_after_ms: i64::try_from(config.upload_expire_after_secs.saturating_mul(1000))
                 .unwrap_or(i64::MAX),
             scrub_period_ms: (!config.gc.scrub_period.is_zero()).then(|| ms(config.gc.scrub_period)),
+            retention_rules: config.retention.rules.clone(),
+            retention_interval_ms: ms(config.retention.interval),
         };
         Ok(App { registry: Registry::new(meta, blobs, clock, policy), auth, config: config.clone() })
     }

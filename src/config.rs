@@ -54,6 +54,25 @@ pub struct Config {
     /// Repositories whose image indexes may list children that are not in the repository
     /// (mirrors that copy one platform).
     pub sparse_index_repositories: Vec<crate::auth::Pattern>,
+    /// Retention rules and how often they run.
+    pub retention: RetentionSettings,
+    /// Tags that can be neither moved nor deleted.
+    pub immutable: crate::retention::ImmutableTags,
+}
+
+/// The `[retention]` section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetentionSettings {
+    /// How often the rules run (on one replica at a time); zero runs them only on demand.
+    pub interval: Duration,
+    /// The rules, in order (the first that marks a tag is credited with it).
+    pub rules: Vec<crate::retention::RetentionRule>,
+}
+
+impl Default for RetentionSettings {
+    fn default() -> Self {
+        RetentionSettings { interval: Duration::from_secs(3600), rules: Vec::new() }
+    }
 }
 
 /// The `[gc]` section.
@@ -180,6 +199,39 @@ struct FileConfig {
     manifests: ManifestsSection,
     #[serde(default)]
     metrics: MetricsSection,
+    #[serde(default)]
+    retention: RetentionSection,
+    #[serde(default)]
+    immutable: Vec<ImmutableSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetentionSection {
+    interval: Option<String>,
+    #[serde(default)]
+    rules: Vec<RuleSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleSection {
+    name: String,
+    repositories: Option<String>,
+    tags: Option<String>,
+    keep_last: Option<u32>,
+    keep_tags: Option<String>,
+    remove_not_pushed_within: Option<String>,
+    remove_not_pulled_within: Option<String>,
+    remove_untagged_older_than: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImmutableSection {
+    name: String,
+    repositories: Option<String>,
+    tags: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -275,6 +327,8 @@ impl Config {
             limits: Limits::default(),
             gc: GcSettings::default(),
             sparse_index_repositories: Vec::new(),
+            retention: RetentionSettings::default(),
+            immutable: crate::retention::ImmutableTags::default(),
         }
     }
 
@@ -470,6 +524,16 @@ impl Config {
                 .map_err(|e| ConfigError(format!("manifests.sparse_index_repositories: `{p}`: {e}")))?;
             cfg.sparse_index_repositories.push(pattern);
         }
+        let (interval, source) = match env("BERTH_RETENTION_INTERVAL") {
+            Some(v) => (Some(v), "BERTH_RETENTION_INTERVAL"),
+            None => (parsed.retention.interval, "retention.interval"),
+        };
+        if let Some(interval) = interval {
+            cfg.retention.interval =
+                parse_duration(&interval).map_err(|e| ConfigError(format!("{source}: {e}")))?;
+        }
+        cfg.retention.rules = retention_rules(parsed.retention.rules)?;
+        cfg.immutable = immutable_rules(parsed.immutable)?;
         let kind = env("BERTH_STORAGE_KIND").or(parsed.storage.kind).unwrap_or_else(|| "filesystem".into());
         match kind.as_str() {
             "filesystem" => {}
@@ -521,6 +585,95 @@ impl Config {
         }
         Ok(cfg)
     }
+}
+
+/// A rule's name: it appears in the history as `retention:<name>` and in refusals.
+fn rule_name(kind: &str, name: &str, seen: &mut Vec<String>) -> Result<String, ConfigError> {
+    if name.is_empty()
+        || !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c))
+    {
+        return Err(ConfigError(format!(
+            "{kind} `{name}`: a rule's name is lowercase letters, digits, `.`, `_` and `-`"
+        )));
+    }
+    if seen.iter().any(|s| s == name) {
+        return Err(ConfigError(format!("{kind} `{name}` is defined twice")));
+    }
+    seen.push(name.to_string());
+    Ok(name.to_string())
+}
+
+fn rule_repositories(kind: &str, name: &str, p: Option<&str>) -> Result<crate::auth::Pattern, ConfigError> {
+    let p = p.unwrap_or("**");
+    crate::auth::Pattern::parse(p).map_err(|e| ConfigError(format!("{kind} `{name}`: repositories `{p}`: {e}")))
+}
+
+fn rule_tags(kind: &str, name: &str, field: &str, p: &str) -> Result<crate::retention::TagPattern, ConfigError> {
+    crate::retention::TagPattern::parse(p).map_err(|e| ConfigError(format!("{kind} `{name}`: {field}: {e}")))
+}
+
+fn retention_rules(sections: Vec<RuleSection>) -> Result<Vec<crate::retention::RetentionRule>, ConfigError> {
+    let kind = "retention rule";
+    let mut seen = Vec::new();
+    let mut rules = Vec::with_capacity(sections.len());
+    for r in sections {
+        let name = rule_name(kind, &r.name, &mut seen)?;
+        let ms = |field: &str, v: Option<String>| -> Result<Option<i64>, ConfigError> {
+            v.map(|v| {
+                let d = parse_duration(&v).map_err(|e| ConfigError(format!("{kind} `{name}`: {field}: {e}")))?;
+                if d.is_zero() {
+                    return Err(ConfigError(format!("{kind} `{name}`: {field} must be more than zero")));
+                }
+                Ok(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            })
+            .transpose()
+        };
+        let rule = crate::retention::RetentionRule {
+            repositories: rule_repositories(kind, &name, r.repositories.as_deref())?,
+            tags: r.tags.as_deref().map(|p| rule_tags(kind, &name, "tags", p)).transpose()?,
+            keep_last: r.keep_last,
+            keep_tags: r.keep_tags.as_deref().map(|p| rule_tags(kind, &name, "keep_tags", p)).transpose()?,
+            remove_not_pushed_within_ms: ms("remove_not_pushed_within", r.remove_not_pushed_within)?,
+            remove_not_pulled_within_ms: ms("remove_not_pulled_within", r.remove_not_pulled_within)?,
+            remove_untagged_older_than_ms: ms("remove_untagged_older_than", r.remove_untagged_older_than)?,
+            name,
+        };
+        if rule.keep_last == Some(0) {
+            return Err(ConfigError(format!(
+                "{kind} `{}`: keep_last must be at least 1 (leave it out to keep no tag by recency)",
+                rule.name
+            )));
+        }
+        if rule.keep_last.is_none()
+            && rule.keep_tags.is_none()
+            && rule.remove_not_pushed_within_ms.is_none()
+            && rule.remove_not_pulled_within_ms.is_none()
+            && rule.remove_untagged_older_than_ms.is_none()
+        {
+            return Err(ConfigError(format!(
+                "{kind} `{}` does nothing: give it keep_last, keep_tags, remove_not_pushed_within, \
+                 remove_not_pulled_within or remove_untagged_older_than",
+                rule.name
+            )));
+        }
+        rules.push(rule);
+    }
+    Ok(rules)
+}
+
+fn immutable_rules(sections: Vec<ImmutableSection>) -> Result<crate::retention::ImmutableTags, ConfigError> {
+    let kind = "immutable rule";
+    let mut seen = Vec::new();
+    let mut rules = Vec::with_capacity(sections.len());
+    for r in sections {
+        let name = rule_name(kind, &r.name, &mut seen)?;
+        rules.push(crate::retention::ImmutableRule {
+            repositories: rule_repositories(kind, &name, r.repositories.as_deref())?,
+            tags: rule_tags(kind, &name, "tags", &r.tags)?,
+            name,
+        });
+    }
+    Ok(crate::retention::ImmutableTags(rules))
 }
 
 /// Checks a log filter: comma-separated directives, each a level (`error`, `warn`, `info`,

@@ -9,6 +9,8 @@
 //! * [`blob`] — content-addressed blob storage with never-reused keys.
 //! * [`oci`] — pure types: digests, names, references, manifest parsing.
 //! * [`auth`] — who is calling (htpasswd, bearer tokens) and what they may do.
+//! * [`retention`] — retention rules and immutable tags, and the pure decision of what the rules
+//!   remove.
 //! * [`config`], [`app`], [`server`], [`cli`], [`telemetry`] — wiring.
 //!
 //! Dependencies run one way: `api → registry → {meta, blob} → oci`. Only `meta` touches sqlx and
@@ -28,6 +30,7 @@ pub mod meta;
 pub mod metrics;
 pub mod oci;
 pub mod registry;
+pub mod retention;
 pub mod server;
 pub mod telemetry;
 pub mod time;

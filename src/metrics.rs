@@ -58,6 +58,19 @@ pub struct BerthMetrics {
     outbox_failing: Gauge,
     upload_sessions: Gauge,
     findings: Gauge,
+    retention_runs: Counter,
+    retention_removed: Family<RuleLabels, Counter>,
+    retention_skipped: Counter,
+    retention_last_run: Gauge,
+}
+
+/// Labels of what retention removed.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleLabels {
+    /// The rule credited.
+    pub rule: String,
+    /// `tag` or `manifest`.
+    pub kind: &'static str,
 }
 
 impl Default for BerthMetrics {
@@ -153,6 +166,25 @@ impl Default for BerthMetrics {
                 "Problems the scrub found and has not seen mended (missing or damaged bytes, broken references)",
                 Gauge::default(),
             ),
+            retention_runs: registered(r, "retention_runs", "Real retention runs finished", Counter::default()),
+            retention_removed: registered(
+                r,
+                "retention_removed",
+                "Tags and untagged manifests retention removed, by rule and kind",
+                Family::default(),
+            ),
+            retention_skipped: registered(
+                r,
+                "retention_skipped",
+                "Removals retention left alone because the tag moved (a push won) or became immutable",
+                Counter::default(),
+            ),
+            retention_last_run: registered(
+                r,
+                "retention_last_run_timestamp_seconds",
+                "When this replica last finished a real retention run (Unix seconds)",
+                Gauge::default(),
+            ),
             registry,
         }
     }
@@ -192,6 +224,19 @@ impl BerthMetrics {
         self.uploads_expired.inc_by(report.uploads_expired);
         self.objects_deleted.inc_by(report.objects_deleted);
         self.collector_errors.inc_by(report.review_errors + report.objects_failed);
+    }
+
+    /// Counts what a real retention run did.
+    pub fn retention(&self, report: &crate::registry::RetentionReport) {
+        self.retention_runs.inc();
+        for t in report.tags.iter().filter(|t| t.outcome.as_deref() == Some("removed")) {
+            self.retention_removed.get_or_create(&RuleLabels { rule: t.rule.clone(), kind: "tag" }).inc();
+        }
+        for m in report.manifests.iter().filter(|m| m.outcome.as_deref() == Some("removed")) {
+            self.retention_removed.get_or_create(&RuleLabels { rule: m.rule.clone(), kind: "manifest" }).inc();
+        }
+        self.retention_skipped.inc_by(report.skipped);
+        self.retention_last_run.set(report.finished_at / 1000);
     }
 
     /// The text exposition, with the gauges set from `status` (read from the metadata store for

@@ -12,6 +12,7 @@ use super::gc::Review;
 use super::tags::{TagCondition, TagCtx, TagOutcome, TagWrite};
 use super::{Error, MetaStore, Result, TxError, transaction};
 use crate::oci::{Digest, RepoName, Tag};
+use crate::retention::ImmutableTags;
 
 /// Why a delete, restore or tag write did not happen; nothing changed.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +30,9 @@ pub enum Refusal {
     /// tombstone that cannot be restored); the message says why.
     #[error("{0}")]
     Conflict(String),
+    /// A tag it would move or remove is immutable; the message names the tag and the rule.
+    #[error("{0}")]
+    Immutable(String),
 }
 
 /// A refused or failed delete.
@@ -89,6 +93,13 @@ pub struct Purged {
     pub unlinked_from: Vec<String>,
 }
 
+/// What removing tags in a transaction needs, prepared once.
+pub(super) struct UntagCtx {
+    current_sql: String,
+    untagged_review_at: i64,
+    immutable: std::sync::Arc<ImmutableTags>,
+}
+
 /// id, deleted_at, delete_id, deleted_why, unrestorable.
 type TombstoneRow = (i64, Option<i64>, Option<i64>, Option<String>, Option<String>);
 
@@ -101,13 +112,51 @@ struct Target {
 
 impl MetaStore {
     /// The id of live repository `repo`, locked with `lock`.
-    async fn live_repository(tx: &mut AnyConnection, repo: &RepoName, lock: &str) -> DeleteResult<i64> {
+    pub(super) async fn live_repository(tx: &mut AnyConnection, repo: &RepoName, lock: &str) -> DeleteResult<i64> {
         let sql = format!("SELECT id FROM repositories WHERE name = $1 AND deleted_at IS NULL{lock}");
         let row: Option<(i64,)> = sqlx::query_as(&sql).bind(repo.as_str()).fetch_optional(&mut *tx).await?;
         match row {
             Some((id,)) => Ok(id),
             None => refuse(Refusal::NotFound(format!("repository {repo} not known to registry"))),
         }
+    }
+
+    /// Refuses when one of `tags` (of repository `repo`) is immutable; lifts are used up on the
+    /// way (and restored by the rollback if one of the others refuses).
+    async fn refuse_immutable(
+        tx: &mut AnyConnection,
+        immutable: &ImmutableTags,
+        repo_id: i64,
+        repo: &RepoName,
+        tags: &[String],
+        now: i64,
+    ) -> DeleteResult<()> {
+        for tag in tags {
+            if let Some(refusal) = Self::immutable_refusal(tx, immutable, repo_id, repo.as_str(), tag, now).await? {
+                return refuse(Refusal::Immutable(refusal));
+            }
+        }
+        Ok(())
+    }
+
+    /// The tags on manifest `manifest_id` (or on every manifest of repository `repo_id`), when
+    /// any immutability rule is configured — otherwise none need checking.
+    async fn tags_to_check(
+        tx: &mut AnyConnection,
+        immutable: &ImmutableTags,
+        manifest_id: Option<i64>,
+        repo_id: i64,
+    ) -> Result<Vec<String>, sqlx::Error> {
+        if immutable.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<(String,)> = match manifest_id {
+            Some(id) => sqlx::query_as("SELECT name FROM tags WHERE manifest_id = $1").bind(id).fetch_all(&mut *tx).await?,
+            None => {
+                sqlx::query_as("SELECT name FROM tags WHERE repository_id = $1").bind(repo_id).fetch_all(&mut *tx).await?
+            }
+        };
+        Ok(rows.into_iter().map(|(n,)| n).collect())
     }
 
     async fn new_delete(
@@ -234,7 +283,8 @@ impl MetaStore {
 
     /// Tombstones manifest `digest` of `repo` with its referrers and removes their tags, in one
     /// transaction. Refused while a live image index in the repository lists it (or one of the
-    /// referrers going with it).
+    /// referrers going with it), while a tag on them is immutable, and — with `only_untagged` —
+    /// when it has a tag (retention evaluated it untagged; a push since wins).
     ///
     /// # Errors
     /// [`Refusal::NotFound`], [`Refusal::Held`] naming the index; [`DeleteError::Meta`].
@@ -242,12 +292,14 @@ impl MetaStore {
         &self,
         repo: &RepoName,
         digest: &Digest,
+        only_untagged: bool,
         actor: Option<&str>,
         now: i64,
     ) -> DeleteResult<Vec<AffectedManifest>> {
         let share = self.share_lock();
         let update = self.update_lock_of("manifests");
         let window = self.windows().restore_window_ms;
+        let immutable = self.immutable.clone();
         let target_sql = format!(
             "SELECT id, digest FROM manifests WHERE repository_id = $1 AND digest = $2 AND deleted_at IS NULL{update}"
         );
@@ -261,6 +313,15 @@ impl MetaStore {
             let Some(target) = target else {
                 return refuse(Refusal::NotFound(format!("manifest {digest} not in repository {repo}")));
             };
+            if only_untagged {
+                let tagged: Option<(String,)> = sqlx::query_as("SELECT name FROM tags WHERE manifest_id = $1 LIMIT 1")
+                    .bind(target.id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if let Some((tag,)) = tagged {
+                    return refuse(Refusal::Precondition(format!("manifest {digest} is tagged {tag} now")));
+                }
+            }
             let referrers = Self::live_referrers(tx, repo_id, &target, &update).await?;
             let group: Vec<i64> = std::iter::once(target.id).chain(referrers.iter().map(|r| r.id)).collect();
             for m in std::iter::once(&target).chain(&referrers) {
@@ -275,6 +336,10 @@ impl MetaStore {
                         target.digest, index.digest
                     )));
                 }
+            }
+            for m in std::iter::once(&target).chain(&referrers) {
+                let tags = Self::tags_to_check(tx, &immutable, Some(m.id), repo_id).await?;
+                Self::refuse_immutable(tx, &immutable, repo_id, repo, &tags, now).await?;
             }
             let delete_id =
                 Self::new_delete(tx, Some(repo_id), "manifest", digest.as_str(), actor, None, now).await?;
@@ -308,54 +373,66 @@ impl MetaStore {
         now: i64,
     ) -> DeleteResult<String> {
         let share = self.share_lock();
-        let current_sql = format!(
-            "SELECT m.digest, m.id FROM tags t JOIN manifests m ON m.id = t.manifest_id \
-             WHERE t.repository_id = $1 AND t.name = $2{}",
-            self.update_lock_of("t")
-        );
-        let untagged_review_at = now.saturating_add(self.windows().untagged_grace_ms);
+        let ctx = self.untag_ctx(now);
         transaction!(self, DeleteError, |tx| {
             let repo_id = Self::live_repository(tx, repo, share).await?;
-            let current: Option<(String, i64)> = sqlx::query_as(&current_sql)
-                .bind(repo_id)
-                .bind(tag.as_str())
-                .fetch_optional(&mut *tx)
-                .await?;
-            let manifest_id = current.as_ref().map(|(_, id)| *id);
-            let current = current.map(|(d, _)| d);
-            if !condition.holds(current.as_deref()) {
-                return refuse(Refusal::Precondition(match &current {
-                    Some(d) => format!("tag {tag} points at {d}"),
-                    None => format!("tag {tag} does not exist"),
-                }));
-            }
-            let Some(old) = current else {
-                return refuse(Refusal::NotFound(format!("tag {tag} not in repository {repo}")));
-            };
-            let delete_id =
-                Self::new_delete(tx, Some(repo_id), "tag", tag.as_str(), actor, None, now).await?;
-            Self::record_tag_move(
-                tx,
-                repo_id,
-                tag.as_str(),
-                Some(&old),
-                None,
-                actor,
-                now,
-                "delete",
-                Some(delete_id),
-            )
-            .await?;
-            sqlx::query("DELETE FROM tags WHERE repository_id = $1 AND name = $2")
-                .bind(repo_id)
-                .bind(tag.as_str())
-                .execute(&mut *tx)
-                .await?;
-            if let Some(id) = manifest_id {
-                Self::enqueue(tx, Review::Manifest(id), untagged_review_at).await?;
-            }
-            Ok(old)
+            Self::untag(tx, &ctx, repo_id, repo, tag, condition, actor, now).await
         })
+    }
+
+    /// The parts of a transaction that removes tags, prepared at `now`.
+    pub(super) fn untag_ctx(&self, now: i64) -> UntagCtx {
+        UntagCtx {
+            current_sql: format!(
+                "SELECT m.digest, m.id FROM tags t JOIN manifests m ON m.id = t.manifest_id \
+                 WHERE t.repository_id = $1 AND t.name = $2{}",
+                self.update_lock_of("t")
+            ),
+            untagged_review_at: now.saturating_add(self.windows().untagged_grace_ms),
+            immutable: self.immutable.clone(),
+        }
+    }
+
+    /// Removes tag `tag` of repository `repo_id` if `condition` holds and it is not immutable,
+    /// as a delete of its own (restorable) recorded in the history. Returns the digest it
+    /// pointed at. A refusal writes nothing, so the transaction may go on.
+    #[expect(clippy::too_many_arguments, reason = "the parts of one tag delete")]
+    pub(super) async fn untag(
+        tx: &mut AnyConnection,
+        ctx: &UntagCtx,
+        repo_id: i64,
+        repo: &RepoName,
+        tag: &Tag,
+        condition: TagCondition<'_>,
+        actor: Option<&str>,
+        now: i64,
+    ) -> DeleteResult<String> {
+        let current: Option<(String, i64)> =
+            sqlx::query_as(&ctx.current_sql).bind(repo_id).bind(tag.as_str()).fetch_optional(&mut *tx).await?;
+        let manifest_id = current.as_ref().map(|(_, id)| *id);
+        let current = current.map(|(d, _)| d);
+        if !condition.holds(current.as_deref()) {
+            return refuse(Refusal::Precondition(match &current {
+                Some(d) => format!("tag {tag} points at {d}"),
+                None => format!("tag {tag} does not exist"),
+            }));
+        }
+        let Some(old) = current else {
+            return refuse(Refusal::NotFound(format!("tag {tag} not in repository {repo}")));
+        };
+        Self::refuse_immutable(tx, &ctx.immutable, repo_id, repo, &[tag.to_string()], now).await?;
+        let delete_id = Self::new_delete(tx, Some(repo_id), "tag", tag.as_str(), actor, None, now).await?;
+        Self::record_tag_move(tx, repo_id, tag.as_str(), Some(&old), None, actor, now, "delete", Some(delete_id))
+            .await?;
+        sqlx::query("DELETE FROM tags WHERE repository_id = $1 AND name = $2")
+            .bind(repo_id)
+            .bind(tag.as_str())
+            .execute(&mut *tx)
+            .await?;
+        if let Some(id) = manifest_id {
+            Self::enqueue(tx, Review::Manifest(id), ctx.untagged_review_at).await?;
+        }
+        Ok(old)
     }
 
     /// Unlinks blob `digest` from `repo`. Refused while a live manifest of the repository
@@ -440,8 +517,11 @@ impl MetaStore {
     ) -> DeleteResult<Vec<AffectedManifest>> {
         let update = self.update_lock_of("repositories");
         let window = self.windows().restore_window_ms;
+        let immutable = self.immutable.clone();
         transaction!(self, DeleteError, |tx| {
             let repo_id = Self::live_repository(tx, repo, &update).await?;
+            let tags = Self::tags_to_check(tx, &immutable, None, repo_id).await?;
+            Self::refuse_immutable(tx, &immutable, repo_id, repo, &tags, now).await?;
             let delete_id =
                 Self::new_delete(tx, Some(repo_id), "repository", repo.as_str(), actor, None, now).await?;
             let live: Vec<Target> = sqlx::query_as(
@@ -753,7 +833,7 @@ impl MetaStore {
         }
         for (m, delete_id) in &group {
             let tags = match delete_id {
-                Some(d) => Self::restore_tags(tx, repo_id, m, *d, take_tags, actor, now, tag_lock).await?,
+                Some(d) => Self::restore_tags(tx, repo, repo_id, m, *d, take_tags, actor, now, tag_lock).await?,
                 None => Vec::new(),
             };
             restored.push(AffectedManifest { repository: repo.to_string(), digest: m.digest.clone(), tags });
@@ -765,6 +845,7 @@ impl MetaStore {
     #[expect(clippy::too_many_arguments, reason = "the parts of one restore")]
     async fn restore_tags(
         tx: &mut AnyConnection,
+        repo: &RepoName,
         repo_id: i64,
         m: &Target,
         delete_id: i64,
@@ -789,6 +870,7 @@ impl MetaStore {
             let condition = if take_tags { TagCondition::Always } else { TagCondition::IfAbsent };
             let write = TagWrite {
                 repo_id,
+                repo: repo.as_str(),
                 tag: &tag,
                 manifest_id: m.id,
                 digest: &digest,
@@ -799,6 +881,7 @@ impl MetaStore {
             };
             match Self::set_tag(tx, &write, tag_lock).await? {
                 TagOutcome::Set | TagOutcome::Unchanged => restored.push(name),
+                TagOutcome::Immutable(refusal) => return refuse(Refusal::Immutable(refusal)),
                 TagOutcome::Precondition { current } => {
                     return refuse(Refusal::Conflict(format!(
                         "tag {name} was pushed again since the delete and now points at {}; restore with take_tags to move it back",
@@ -950,14 +1033,16 @@ impl MetaStore {
             .await?;
         }
         let parsed = stored_digest(digest)?;
-        let write = TagWrite { repo_id, tag, manifest_id, digest: &parsed, actor, now, kind, condition };
-        if let TagOutcome::Precondition { current } = Self::set_tag(tx, &write, tag_lock).await? {
-            return refuse(Refusal::Conflict(format!(
+        let write =
+            TagWrite { repo_id, repo: repo.as_str(), tag, manifest_id, digest: &parsed, actor, now, kind, condition };
+        match Self::set_tag(tx, &write, tag_lock).await? {
+            TagOutcome::Precondition { current } => refuse(Refusal::Conflict(format!(
                 "tag {tag} exists and points at {}; use take_tags to move it",
                 current.unwrap_or_default()
-            )));
+            ))),
+            TagOutcome::Immutable(refusal) => refuse(Refusal::Immutable(refusal)),
+            TagOutcome::Set | TagOutcome::Unchanged => Ok(()),
         }
-        Ok(())
     }
 }
 

@@ -48,6 +48,9 @@ pub enum PutManifestError {
         /// Where it points now.
         current: Option<String>,
     },
+    /// A tag it would move is immutable; nothing was stored. The message names the rule.
+    #[error("{0}")]
+    Immutable(String),
     /// The store failed.
     #[error(transparent)]
     Meta(#[from] Error),
@@ -119,6 +122,7 @@ impl MetaStore {
             for tag in tags {
                 let write = TagWrite {
                     repo_id,
+                    repo: repo.as_str(),
                     tag,
                     manifest_id,
                     digest: manifest.digest,
@@ -127,8 +131,12 @@ impl MetaStore {
                     kind: "push",
                     condition,
                 };
-                if let TagOutcome::Precondition { current } = Self::set_tag(tx, &write, &tag_ctx).await? {
-                    return Err(PutManifestError::Precondition { tag: tag.to_string(), current });
+                match Self::set_tag(tx, &write, &tag_ctx).await? {
+                    TagOutcome::Precondition { current } => {
+                        return Err(PutManifestError::Precondition { tag: tag.to_string(), current });
+                    }
+                    TagOutcome::Immutable(refusal) => return Err(PutManifestError::Immutable(refusal)),
+                    TagOutcome::Set | TagOutcome::Unchanged => {}
                 }
             }
             Ok(())

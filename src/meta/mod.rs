@@ -20,6 +20,7 @@ mod gc;
 mod manifests;
 mod reports;
 mod repos;
+mod retention;
 mod rows;
 mod space;
 mod status;
@@ -40,6 +41,7 @@ pub use explain::{Explanation, Hold, LinkState};
 pub use gc::{Collected, Review, ReviewOutcome, WouldCollect};
 pub use manifests::{NewManifest, PutManifestError};
 pub use reports::{Preview, RepositorySummary, TombstoneRow};
+pub use retention::{RunRecord, Untag, UntagOutcome, UntaggedManifest};
 pub use rows::{BlobRow, ManifestHead, ManifestRow, ReferrerRow, TagMove, UploadRow};
 pub use space::Space;
 pub use status::{GcStatus, PassRecord};
@@ -221,6 +223,8 @@ pub struct MetaStore {
     write: AnyPool,
     dialect: Dialect,
     windows: Windows,
+    /// Tags no client may move or delete; checked inside the transactions that change tags.
+    immutable: std::sync::Arc<crate::retention::ImmutableTags>,
 }
 
 /// The migrations of `dialect`. Migrations applied by a newer Berth that this one does not know
@@ -270,6 +274,7 @@ impl MetaStore {
                 write: pg,
                 dialect: Dialect::Postgres,
                 windows: Windows::default(),
+                immutable: Default::default(),
             })
         } else {
             Err(Error::UnsupportedUrl(url.to_string()))
@@ -294,7 +299,13 @@ impl MetaStore {
             .after_connect(|c, _| sqlite_pragmas(c))
             .connect_with(opts)
             .await?;
-        Ok(MetaStore { read, write, dialect: Dialect::Sqlite, windows: Windows::default() })
+        Ok(MetaStore {
+            read,
+            write,
+            dialect: Dialect::Sqlite,
+            windows: Windows::default(),
+            immutable: Default::default(),
+        })
     }
 
     /// The same store with the collector's `windows`.
@@ -302,6 +313,18 @@ impl MetaStore {
     pub fn with_windows(mut self, windows: Windows) -> Self {
         self.windows = windows;
         self
+    }
+
+    /// The same store refusing changes to the tags `immutable` covers.
+    #[must_use]
+    pub fn with_immutable(mut self, immutable: crate::retention::ImmutableTags) -> Self {
+        self.immutable = std::sync::Arc::new(immutable);
+        self
+    }
+
+    /// The immutability rules this store enforces.
+    pub fn immutable(&self) -> &crate::retention::ImmutableTags {
+        &self.immutable
     }
 
     /// The dialect in use.

@@ -88,6 +88,10 @@ pub struct TagMove {
     pub actor: Option<String>,
     /// When (Unix ms).
     pub at: i64,
-    /// What moved it: `push`, `delete`, `restore` or `revert`.
+    /// What moved it: `push`, `delete`, `restore`, `revert`, or `unlock` (immutability lifted).
     pub kind: String,
+    /// Why, when the move says more than who did it (an unlock's reason, the retention rule's
+    /// condition).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }

@@ -5,6 +5,7 @@ use sqlx::AnyConnection;
 use super::{Dialect, MetaStore, Result};
 use crate::meta::TagMove;
 use crate::oci::{Digest, RepoName, Tag};
+use crate::retention::ImmutableTags;
 
 /// A condition on a tag write, from `If-Match` / `If-None-Match`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +41,8 @@ pub(super) enum TagOutcome {
         /// The digest the tag points at, if it exists.
         current: Option<String>,
     },
+    /// The tag is immutable; nothing changed. The refusal names the rule.
+    Immutable(String),
 }
 
 /// The per-transaction context of tag writes: the row lock clause for the tag row `t`, and when
@@ -48,11 +51,13 @@ pub(super) enum TagOutcome {
 pub(super) struct TagCtx {
     pub lock: String,
     pub untagged_review_at: i64,
+    pub immutable: std::sync::Arc<ImmutableTags>,
 }
 
 /// One tag write: point `tag` of repository `repo_id` at a manifest.
 pub(super) struct TagWrite<'a> {
     pub repo_id: i64,
+    pub repo: &'a str,
     pub tag: &'a Tag,
     pub manifest_id: i64,
     pub digest: &'a Digest,
@@ -69,7 +74,35 @@ impl MetaStore {
         TagCtx {
             lock: self.update_lock_of("t"),
             untagged_review_at: now.saturating_add(self.windows().untagged_grace_ms),
+            immutable: self.immutable.clone(),
         }
+    }
+
+    /// Why tag `tag` of repository `repo` may not be moved or deleted now: `None` when no
+    /// immutability rule covers it, or when an administrator lifted it — the lift is used up by
+    /// this change (undone with the transaction if the change does not happen).
+    pub(super) async fn immutable_refusal(
+        tx: &mut AnyConnection,
+        immutable: &ImmutableTags,
+        repo_id: i64,
+        repo: &str,
+        tag: &str,
+        now: i64,
+    ) -> Result<Option<String>, sqlx::Error> {
+        let Some(rule) = immutable.rule_for(repo, tag) else { return Ok(None) };
+        let lifted = sqlx::query("DELETE FROM tag_unlocks WHERE repository_id = $1 AND tag = $2 AND until >= $3")
+            .bind(repo_id)
+            .bind(tag)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        if lifted.rows_affected() == 1 {
+            return Ok(None);
+        }
+        Ok(Some(format!(
+            "tag {tag} in repository {repo} is immutable (rule `{rule}`); an administrator can lift that \
+             for one change through the admin API"
+        )))
     }
 
     /// Points a tag at a manifest and records the move in the tag history (nothing when it
@@ -121,7 +154,21 @@ impl MetaStore {
             // Gone between the two statements (a concurrent tag delete): create it again.
             let Some((current_id, current_digest)) = current else { continue };
             if current_id == w.manifest_id {
+                if w.kind == "push" {
+                    // Pushed again: retention counts the tag as pushed now.
+                    sqlx::query("UPDATE tags SET updated_at = $1 WHERE repository_id = $2 AND name = $3")
+                        .bind(w.now)
+                        .bind(w.repo_id)
+                        .bind(w.tag.as_str())
+                        .execute(&mut *tx)
+                        .await?;
+                }
                 return Ok(TagOutcome::Unchanged);
+            }
+            if let Some(refusal) =
+                Self::immutable_refusal(tx, &ctx.immutable, w.repo_id, w.repo, w.tag.as_str(), w.now).await?
+            {
+                return Ok(TagOutcome::Immutable(refusal));
             }
             sqlx::query(
                 "UPDATE tags SET manifest_id = $1, updated_at = $2 WHERE repository_id = $3 AND name = $4",
@@ -183,6 +230,67 @@ impl MetaStore {
         Ok(())
     }
 
+    /// Lifts the immutability of tag `tag` of `repo` for one change (a move or a delete) until
+    /// `until`, recording the lift in the tag history (kind `unlock`, the reason after the
+    /// actor). Returns the digest the tag points at.
+    ///
+    /// # Errors
+    /// [`Refusal::NotFound`] for a tag that does not exist, [`Refusal::Conflict`] for one no
+    /// rule makes immutable; [`super::DeleteError::Meta`].
+    pub async fn lift_immutability(
+        &self,
+        repo: &RepoName,
+        tag: &Tag,
+        until: i64,
+        actor: Option<&str>,
+        reason: &str,
+        now: i64,
+    ) -> std::result::Result<String, super::DeleteError> {
+        use super::Refusal;
+        let Some(rule) = self.immutable.rule_for(repo.as_str(), tag.as_str()).map(str::to_string) else {
+            return Err(Refusal::Conflict(format!("tag {tag} in repository {repo} is not immutable")).into());
+        };
+        let current_sql = format!(
+            "SELECT t.repository_id, m.digest FROM tags t JOIN manifests m ON m.id = t.manifest_id \
+             JOIN repositories r ON r.id = t.repository_id \
+             WHERE r.name = $1 AND r.deleted_at IS NULL AND t.name = $2{}",
+            self.update_lock_of("t")
+        );
+        super::transaction!(self, super::DeleteError, |tx| {
+            let current: Option<(i64, String)> =
+                sqlx::query_as(&current_sql).bind(repo.as_str()).bind(tag.as_str()).fetch_optional(&mut *tx).await?;
+            let Some((repo_id, digest)) = current else {
+                return Err(Refusal::NotFound(format!("tag {tag} not in repository {repo}")).into());
+            };
+            sqlx::query(
+                "INSERT INTO tag_unlocks (repository_id, tag, until, actor, reason) VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (repository_id, tag) DO UPDATE SET until = excluded.until, actor = excluded.actor, \
+                 reason = excluded.reason",
+            )
+            .bind(repo_id)
+            .bind(tag.as_str())
+            .bind(until)
+            .bind(actor)
+            .bind(reason)
+            .execute(&mut *tx)
+            .await?;
+            let note = format!("rule `{rule}` lifted for one change until {}: {reason}", crate::time::utc(until));
+            sqlx::query(
+                "INSERT INTO tag_history (repository_id, tag, old_digest, new_digest, actor, at, kind, note) \
+                 VALUES ($1, $2, $3, $3, $4, $5, 'unlock', $6)",
+            )
+            .bind(repo_id)
+            .bind(tag.as_str())
+            .bind(&digest)
+            .bind(actor)
+            .bind(now)
+            .bind(&note)
+            .execute(&mut *tx)
+            .await?;
+            Ok(digest)
+        })
+    }
+
     /// Every move of `tag` in `repo`, oldest first.
     ///
     /// # Errors
@@ -197,7 +305,7 @@ impl MetaStore {
     /// [`super::Error::Database`].
     pub async fn history(&self, repo: &RepoName, tag: Option<&Tag>) -> Result<Vec<TagMove>> {
         Ok(sqlx::query_as(
-            "SELECT h.tag, h.old_digest, h.new_digest, h.actor, h.at, COALESCE(h.kind, 'push') AS kind \
+            "SELECT h.tag, h.old_digest, h.new_digest, h.actor, h.at, COALESCE(h.kind, 'push') AS kind, h.note \
              FROM tag_history h JOIN repositories r ON r.id = h.repository_id \
              WHERE r.name = $1 AND ($2 IS NULL OR h.tag = $2) ORDER BY h.id",
         )

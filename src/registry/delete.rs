@@ -12,6 +12,7 @@ fn refusal(e: DeleteError, not_found: fn(String) -> Error) -> Error {
         DeleteError::Refused(Refusal::Held(m)) => Error::DeleteRefused(m),
         DeleteError::Refused(Refusal::Precondition(m)) => Error::PreconditionFailed(m),
         DeleteError::Refused(Refusal::Conflict(m)) => Error::Conflict(m),
+        DeleteError::Refused(Refusal::Immutable(m)) => Error::Immutable(m),
         DeleteError::Meta(e) => e.into(),
     }
 }
@@ -41,7 +42,7 @@ pub struct PurgeReport {
 }
 
 /// Writes an audit event (target `berth::audit`): who did what to which manifests.
-fn audit(action: &str, actor: Option<&str>, subject: &str, affected: &[AffectedManifest]) {
+pub(super) fn audit(action: &str, actor: Option<&str>, subject: &str, affected: &[AffectedManifest]) {
     let manifests: Vec<String> = affected.iter().map(|m| format!("{}@{}", m.repository, m.digest)).collect();
     let tags: Vec<String> =
         affected.iter().flat_map(|m| m.tags.iter().map(|t| format!("{}:{t}", m.repository))).collect();
@@ -57,7 +58,7 @@ fn audit(action: &str, actor: Option<&str>, subject: &str, affected: &[AffectedM
 }
 
 /// [`audit`] for a change of one tag.
-fn audit_tag(action: &str, actor: Option<&str>, repo: &RepoName, tag: &Tag, digest: &str) {
+pub(super) fn audit_tag(action: &str, actor: Option<&str>, repo: &RepoName, tag: &Tag, digest: &str) {
     let affected = [AffectedManifest {
         repository: repo.to_string(),
         digest: digest.to_string(),
@@ -81,7 +82,7 @@ impl Registry {
         let now = self.clock.now_ms();
         let deleted = self
             .meta
-            .delete_manifest(repo, digest, actor, now)
+            .delete_manifest(repo, digest, false, actor, now)
             .await
             .map_err(|e| refusal(e, manifest_unknown))?;
         audit("delete-manifest", actor, &format!("{repo}@{digest}"), &deleted);

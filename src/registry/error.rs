@@ -59,6 +59,10 @@ pub enum Error {
     /// item.
     #[error("{0}")]
     DeleteRefused(String),
+    /// The change would move or remove an immutable tag (403 `DENIED`); the message names the
+    /// tag and the rule.
+    #[error("{0}")]
+    Immutable(String),
     /// An `If-Match` / `If-None-Match` condition did not hold; nothing changed (412).
     #[error("{0}")]
     PreconditionFailed(String),

@@ -15,6 +15,7 @@ mod fsck;
 mod gc;
 mod pull;
 mod push;
+mod retention;
 mod sweep;
 
 use std::collections::HashMap;
@@ -29,6 +30,7 @@ pub use fsck::FsckReport;
 pub use gc::{DryRun, ExplainTarget, GcReport};
 pub use pull::{BlobHandle, Referrer};
 pub use push::{ChunkRange, PushedManifest, UploadStatus};
+pub use retention::{ManifestRemoval, RetentionReport, RetentionStatus, TagRemoval};
 pub use sweep::{RepairReport, ScrubReport, SweepReport};
 
 use crate::blob::BlobStore;
@@ -67,6 +69,10 @@ pub struct Policy {
     pub upload_expire_after_ms: i64,
     /// The scrub re-hashes every stored blob once in this long, in milliseconds (`None`: off).
     pub scrub_period_ms: Option<i64>,
+    /// The retention rules, in order.
+    pub retention_rules: Vec<crate::retention::RetentionRule>,
+    /// How often the schedule runs them, in milliseconds (0: only on demand).
+    pub retention_interval_ms: i64,
 }
 
 impl Default for Policy {
@@ -77,6 +83,8 @@ impl Default for Policy {
             sparse_index_repositories: Vec::new(),
             upload_expire_after_ms: DAY,
             scrub_period_ms: Some(7 * DAY),
+            retention_rules: Vec::new(),
+            retention_interval_ms: 0,
         }
     }
 }

@@ -406,6 +406,7 @@ impl Registry {
             Err(PutManifestError::MissingBlobs(d) | PutManifestError::MissingManifests(d)) => {
                 Err(Error::ManifestBlobUnknown(d))
             }
+            Err(PutManifestError::Immutable(refusal)) => Err(Error::Immutable(refusal)),
             Err(PutManifestError::Meta(e)) => Err(e.into()),
         }
     }
