@@ -62,6 +62,26 @@ pub enum AdminRequest {
     GcStatus,
     /// Where the space goes: a repository's, or (needing admin on every repository) all.
     Space(Option<RepoName>),
+    /// Apply the retention rules now (to the repositories matching `only`, if given).
+    RetentionRun {
+        /// Change nothing; say what would go and what it would free.
+        dry_run: bool,
+        /// A repository pattern limiting the run.
+        only: Option<crate::auth::Pattern>,
+    },
+    /// The retention rules, the schedule and the last runs.
+    RetentionStatus,
+    /// Lift a tag's immutability for one change.
+    Unlock {
+        /// The repository.
+        repo: RepoName,
+        /// The tag.
+        tag: Tag,
+        /// How long the lift lasts (milliseconds) if unused.
+        for_ms: i64,
+        /// Why (recorded in the tag history).
+        reason: String,
+    },
     /// Emergency purge of a blob everywhere.
     Purge {
         /// The blob.
@@ -118,6 +138,16 @@ impl AdminRequest {
             AdminRequest::Purge { digest, reason } => {
                 ("POST", "purge".to_string(), Some(json!({ "digest": digest.as_str(), "reason": reason })))
             }
+            AdminRequest::RetentionRun { dry_run, only } => {
+                let only = only.as_ref().map(|p| format!("&repo={}", p.as_str())).unwrap_or_default();
+                ("POST", format!("retention/run?dry_run={dry_run}{only}"), None)
+            }
+            AdminRequest::RetentionStatus => ("GET", "retention/status".to_string(), None),
+            AdminRequest::Unlock { repo, tag, for_ms, reason } => (
+                "POST",
+                format!("unlock/{repo}:{tag}"),
+                Some(json!({ "reason": reason, "for": format!("{for_ms}ms") })),
+            ),
         };
         HttpForm { method, path, body }
     }
@@ -182,13 +212,28 @@ impl AdminRequest {
             AdminRequest::Purge { digest, reason } => {
                 to_value(&registry.purge_blob(digest, reason, actor).await?)
             }
+            AdminRequest::RetentionRun { dry_run, only } => {
+                let started_by = actor.unwrap_or("anonymous");
+                to_value(&registry.retention_run(only.as_ref(), *dry_run, started_by).await?)
+            }
+            AdminRequest::RetentionStatus => to_value(&registry.retention_status().await?),
+            AdminRequest::Unlock { repo, tag, for_ms, reason } => {
+                let digest = registry.lift_immutability(repo, tag, *for_ms, reason, actor).await?;
+                json!({ "repository": repo.as_str(), "tag": tag.as_str(), "digest": digest, "for_ms": for_ms })
+            }
         })
     }
 
     /// Whether the request is about the whole registry rather than repositories: it needs
     /// `admin` on every repository (a rule for `**`).
     pub fn whole_registry(&self) -> bool {
-        matches!(self, AdminRequest::GcStatus | AdminRequest::Space(None))
+        matches!(
+            self,
+            AdminRequest::GcStatus
+                | AdminRequest::Space(None)
+                | AdminRequest::RetentionRun { .. }
+                | AdminRequest::RetentionStatus
+        )
     }
 
     /// The repositories whose `admin` permission the request needs (a purge: every repository
@@ -199,9 +244,12 @@ impl AdminRequest {
     /// [`Error::Internal`] when the holders of a purged blob cannot be read.
     pub async fn repositories(&self, registry: &Registry) -> Result<Vec<String>, Error> {
         Ok(match self {
-            AdminRequest::Repositories { .. } | AdminRequest::GcStatus | AdminRequest::Space(None) => {
-                Vec::new()
-            }
+            AdminRequest::Repositories { .. }
+            | AdminRequest::GcStatus
+            | AdminRequest::Space(None)
+            | AdminRequest::RetentionRun { .. }
+            | AdminRequest::RetentionStatus => Vec::new(),
+            AdminRequest::Unlock { repo, .. } => vec![repo.to_string()],
             AdminRequest::Space(Some(r)) => vec![r.to_string()],
             AdminRequest::Repository(r) | AdminRequest::Tombstones(r) | AdminRequest::History(r, _) => {
                 vec![r.to_string()]
@@ -265,6 +313,14 @@ fn query_value<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
 struct PurgeBody {
     digest: String,
     reason: String,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UnlockBody {
+    reason: String,
+    #[serde(rename = "for")]
+    for_: Option<String>,
 }
 
 #[derive(serde::Deserialize)]
@@ -356,6 +412,30 @@ impl AdminRequest {
                     return Err(ParseError::Invalid("a purge needs a reason".into()));
                 }
                 AdminRequest::Purge { digest: parse_digest(&body.digest)?, reason }
+            }
+            ("POST", "retention", "run") => AdminRequest::RetentionRun {
+                dry_run: matches!(query_value(query, "dry_run"), Some("true" | "1")),
+                only: query_value(query, "repo")
+                    .map(|p| crate::auth::Pattern::parse(p).map_err(|e| ParseError::Invalid(format!("repo: {e}"))))
+                    .transpose()?,
+            },
+            ("GET", "retention", "status") => AdminRequest::RetentionStatus,
+            ("POST", "unlock", text) => {
+                let DeleteTarget::Tag(repo, tag) = parse_target(text)? else {
+                    return Err(ParseError::Invalid("unlock takes REPO:TAG".into()));
+                };
+                let body: UnlockBody = body_of(body)?;
+                let reason = body.reason.trim().to_string();
+                if reason.is_empty() {
+                    return Err(ParseError::Invalid("lifting immutability needs a reason".into()));
+                }
+                let period = body.for_.as_deref().unwrap_or("1h");
+                let period = crate::config::parse_duration(period).map_err(|e| ParseError::Invalid(format!("for: {e}")))?;
+                let for_ms = i64::try_from(period.as_millis()).unwrap_or(i64::MAX);
+                if for_ms == 0 {
+                    return Err(ParseError::Invalid("for: must be more than zero".into()));
+                }
+                AdminRequest::Unlock { repo, tag, for_ms, reason }
             }
             _ => return Err(ParseError::NoRoute),
         })

@@ -54,7 +54,10 @@ pub async fn serve(
         for _ in 0..app.config.gc.workers {
             background.push(tokio::spawn(collect_periodically(app.clone(), stop_rx.clone())));
         }
-        background.push(tokio::spawn(sweep_periodically(app.clone(), stop_rx)));
+        background.push(tokio::spawn(sweep_periodically(app.clone(), stop_rx.clone())));
+    }
+    if !app.config.retention.interval.is_zero() && !app.config.retention.rules.is_empty() {
+        background.push(tokio::spawn(retain_periodically(app.clone(), stop_rx)));
     }
     let handle = axum_server::Handle::new();
     let stopper = handle.clone();
@@ -201,6 +204,21 @@ async fn sweep_periodically(app: App, mut stop: tokio::sync::watch::Receiver<boo
         }
     }
     let _ = app.registry.meta().release_lease("sweep", &holder).await;
+}
+
+/// Looks every minute (or every `retention.interval`, if shorter) whether a scheduled retention
+/// run is due; the run happens on whichever replica holds the retention lease.
+async fn retain_periodically(app: App, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let every = app.config.retention.interval.min(std::time::Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            () = tokio::time::sleep(every) => {}
+        }
+        if let Err(e) = app.registry.scheduled_retention().await {
+            tracing::warn!(error = %e, "scheduled retention run failed; retried next time");
+        }
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

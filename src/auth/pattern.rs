@@ -26,6 +26,11 @@ impl Pattern {
         self.0.split('/').all(|part| part.chars().all(|c| c == '*')) && self.0.starts_with("**")
     }
 
+    /// The pattern as written.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
     /// Whether `name` matches.
     pub fn matches(&self, name: &str) -> bool {
         glob(self.0.as_bytes(), name.as_bytes())

@@ -425,6 +425,81 @@ pub fn render(request: &AdminRequest, v: &Value) -> String {
                 ));
             }
         }
+        AdminRequest::RetentionRun { .. } => retention_report(&mut out, v),
+        AdminRequest::RetentionStatus => {
+            out.push_str(&format!("rules: {}\n", list(items(v, "rules"))));
+            out.push_str(&format!("immutable: {}\n", list(items(v, "immutable"))));
+            match n(v, "interval_ms") {
+                0 => out.push_str("schedule: off (runs only on demand)\n"),
+                ms => out.push_str(&format!("schedule: every {} s\n", ms / 1000)),
+            }
+            for r in items(v, "last_runs") {
+                out.push_str(&format!(
+                    "{}  by {:<16} {} tags, {} manifests removed, {} skipped, {} errors  {}\n",
+                    utc(n(r, "started_at")),
+                    s(r, "started_by"),
+                    n(r, "tags_removed"),
+                    n(r, "manifests_removed"),
+                    n(r, "skipped"),
+                    n(r, "errors"),
+                    s(r, "by_rule")
+                ));
+            }
+        }
+        AdminRequest::Unlock { .. } => out.push_str(&format!(
+            "{}:{} (at {}) may be moved or deleted once in the next {} s\n",
+            s(v, "repository"),
+            s(v, "tag"),
+            s(v, "digest"),
+            n(v, "for_ms") / 1000
+        )),
     }
     out
+}
+
+fn retention_report(out: &mut String, v: &Value) {
+    let dry = v["dry_run"].as_bool() == Some(true);
+    let (tags, manifests) = (items(v, "tags"), items(v, "manifests"));
+    if dry {
+        out.push_str(&format!(
+            "would remove {} tag(s) and {} untagged manifest(s) in {} repositories ({} tags considered), \
+             freeing {} once the collector has run\n",
+            tags.len(),
+            manifests.len(),
+            n(v, "repositories"),
+            n(v, "tags_considered"),
+            bytes(n(v, "bytes_freed"))
+        ));
+    } else {
+        out.push_str(&format!(
+            "{} repositories, {} tags considered; {} removals skipped (changed since evaluated)\n",
+            n(v, "repositories"),
+            n(v, "tags_considered"),
+            n(v, "skipped")
+        ));
+    }
+    for t in tags {
+        out.push_str(&format!(
+            "  {}:{}  ({})  rule {}  pushed {}{}\n",
+            s(t, "repository"),
+            s(t, "tag"),
+            s(t, "digest"),
+            s(t, "rule"),
+            utc(n(t, "pushed_at")),
+            t["outcome"].as_str().map(|o| format!("  {o}")).unwrap_or_default()
+        ));
+    }
+    for m in manifests {
+        out.push_str(&format!(
+            "  {}@{}  rule {}  untagged, last used {}{}\n",
+            s(m, "repository"),
+            s(m, "digest"),
+            s(m, "rule"),
+            utc(n(m, "last_used")),
+            m["outcome"].as_str().map(|o| format!("  {o}")).unwrap_or_default()
+        ));
+    }
+    for e in items(v, "errors") {
+        out.push_str(&format!("  error: {}\n", e.as_str().unwrap_or_default()));
+    }
 }

@@ -89,6 +89,12 @@ pub enum Command {
     ///
     /// Example: `berth fsck --config berth.toml --rehash`
     Fsck(FsckArgs),
+    /// Retention rules: `berth retention run [--dry-run] [--repo PATTERN]` applies them now
+    /// (serving replicas also do every `retention.interval`); `berth retention status` shows
+    /// the rules and the last runs.
+    ///
+    /// Example: `berth retention run --dry-run --repo 'team/**'`
+    Retention(RetentionArgs),
     /// Emergency purge of a blob everywhere: every manifest referencing it is deleted for
     /// good and the bytes are removed now.
     ///
@@ -204,6 +210,58 @@ pub enum TagsAction {
     /// Put a tag back where it pointed: at a digest, at a time, or one step back — while that
     /// manifest is still held.
     Revert(RevertArgs),
+    /// Lift an immutable tag's protection for one move or delete (recorded in its history with
+    /// the reason); it lapses unused after --for.
+    Unlock(UnlockArgs),
+}
+
+/// `berth tags unlock`.
+#[derive(Debug, clap::Args)]
+pub struct UnlockArgs {
+    /// REPO:TAG.
+    pub target: String,
+    /// Why (recorded in the tag history).
+    #[arg(long)]
+    pub reason: String,
+    /// How long the lift lasts if unused.
+    #[arg(long = "for", default_value = "1h")]
+    pub for_: String,
+    /// How to reach Berth.
+    #[command(flatten)]
+    pub conn: admin::Connection,
+}
+
+/// `berth retention`.
+#[derive(Debug, clap::Args)]
+pub struct RetentionArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub action: RetentionAction,
+}
+
+/// `berth retention …`.
+#[derive(Debug, Subcommand)]
+pub enum RetentionAction {
+    /// Apply the retention rules now: remove the tags (and old untagged manifests) they select,
+    /// each a restorable delete credited to `retention:<rule>`.
+    Run(RetentionRunArgs),
+    /// The rules, the schedule and the last runs.
+    Status(StatusArgs),
+}
+
+/// `berth retention run`.
+#[derive(Debug, clap::Args)]
+pub struct RetentionRunArgs {
+    /// Change nothing: list what would go, by which rule, and the bytes it would free once the
+    /// collector has run.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Only repositories matching this pattern (`*` within a path segment, `**` across).
+    #[arg(long)]
+    pub repo: Option<String>,
+    /// How to reach Berth.
+    #[command(flatten)]
+    pub conn: admin::Connection,
 }
 
 /// `berth tags revert`.
@@ -245,7 +303,7 @@ pub enum GcAction {
     Explain(GcExplainArgs),
     /// The collector's state: queue depth by kind, overdue reviews, the outbox, the last passes,
     /// the sweep's and the scrub's progress, and what the scrub found.
-    Status(GcStatusArgs),
+    Status(StatusArgs),
     /// Where the space goes: bytes live, held by tombstones, in grace, due for reclaim, and when
     /// the rest becomes reclaimable — for a repository (with what it alone holds) or all.
     ///
@@ -263,9 +321,9 @@ pub struct GcSpaceArgs {
     pub conn: admin::Connection,
 }
 
-/// `berth gc status`.
+/// `berth gc status`, `berth retention status`.
 #[derive(Debug, clap::Args)]
-pub struct GcStatusArgs {
+pub struct StatusArgs {
     /// How to reach Berth.
     #[command(flatten)]
     pub conn: admin::Connection,
@@ -426,6 +484,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 crate::registry::ExplainTarget::parse(&a.target).map_err(|m| anyhow::anyhow!("{m}"))?;
             (a.conn, Req::Explain(target))
         }
+        Command::Tags(TagsArgs { action: TagsAction::Unlock(a) }) => {
+            let DeleteTarget::Tag(repo, tag) = admin::target(&a.target)? else {
+                anyhow::bail!("`{}`: give REPO:TAG", a.target);
+            };
+            let period = crate::config::parse_duration(&a.for_).map_err(|e| anyhow::anyhow!("--for: {e}"))?;
+            let for_ms = i64::try_from(period.as_millis()).unwrap_or(i64::MAX);
+            (a.conn, Req::Unlock { repo, tag, for_ms, reason: a.reason })
+        }
+        Command::Retention(RetentionArgs { action: RetentionAction::Run(a) }) => {
+            let only = a
+                .repo
+                .as_deref()
+                .map(|p| crate::auth::Pattern::parse(p).map_err(|e| anyhow::anyhow!("--repo `{p}`: {e}")))
+                .transpose()?;
+            (a.conn, Req::RetentionRun { dry_run: a.dry_run, only })
+        }
+        Command::Retention(RetentionArgs { action: RetentionAction::Status(a) }) => (a.conn, Req::RetentionStatus),
         Command::Purge(a) => {
             let digest =
                 crate::oci::Digest::parse(&a.digest).map_err(|e| anyhow::anyhow!("`{}`: {e}", a.digest))?;
