@@ -416,7 +416,9 @@ impl AdminRequest {
             ("POST", "retention", "run") => AdminRequest::RetentionRun {
                 dry_run: matches!(query_value(query, "dry_run"), Some("true" | "1")),
                 only: query_value(query, "repo")
-                    .map(|p| crate::auth::Pattern::parse(p).map_err(|e| ParseError::Invalid(format!("repo: {e}"))))
+                    .map(|p| {
+                        crate::auth::Pattern::parse(p).map_err(|e| ParseError::Invalid(format!("repo: {e}")))
+                    })
                     .transpose()?,
             },
             ("GET", "retention", "status") => AdminRequest::RetentionStatus,
@@ -430,7 +432,8 @@ impl AdminRequest {
                     return Err(ParseError::Invalid("lifting immutability needs a reason".into()));
                 }
                 let period = body.for_.as_deref().unwrap_or("1h");
-                let period = crate::config::parse_duration(period).map_err(|e| ParseError::Invalid(format!("for: {e}")))?;
+                let period = crate::config::parse_duration(period)
+                    .map_err(|e| ParseError::Invalid(format!("for: {e}")))?;
                 let for_ms = i64::try_from(period.as_millis()).unwrap_or(i64::MAX);
                 if for_ms == 0 {
                     return Err(ParseError::Invalid("for: must be more than zero".into()));

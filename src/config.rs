@@ -605,10 +605,16 @@ fn rule_name(kind: &str, name: &str, seen: &mut Vec<String>) -> Result<String, C
 
 fn rule_repositories(kind: &str, name: &str, p: Option<&str>) -> Result<crate::auth::Pattern, ConfigError> {
     let p = p.unwrap_or("**");
-    crate::auth::Pattern::parse(p).map_err(|e| ConfigError(format!("{kind} `{name}`: repositories `{p}`: {e}")))
+    crate::auth::Pattern::parse(p)
+        .map_err(|e| ConfigError(format!("{kind} `{name}`: repositories `{p}`: {e}")))
 }
 
-fn rule_tags(kind: &str, name: &str, field: &str, p: &str) -> Result<crate::retention::TagPattern, ConfigError> {
+fn rule_tags(
+    kind: &str,
+    name: &str,
+    field: &str,
+    p: &str,
+) -> Result<crate::retention::TagPattern, ConfigError> {
     crate::retention::TagPattern::parse(p).map_err(|e| ConfigError(format!("{kind} `{name}`: {field}: {e}")))
 }
 
@@ -620,7 +626,8 @@ fn retention_rules(sections: Vec<RuleSection>) -> Result<Vec<crate::retention::R
         let name = rule_name(kind, &r.name, &mut seen)?;
         let ms = |field: &str, v: Option<String>| -> Result<Option<i64>, ConfigError> {
             v.map(|v| {
-                let d = parse_duration(&v).map_err(|e| ConfigError(format!("{kind} `{name}`: {field}: {e}")))?;
+                let d =
+                    parse_duration(&v).map_err(|e| ConfigError(format!("{kind} `{name}`: {field}: {e}")))?;
                 if d.is_zero() {
                     return Err(ConfigError(format!("{kind} `{name}`: {field} must be more than zero")));
                 }

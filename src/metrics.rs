@@ -166,7 +166,12 @@ impl Default for BerthMetrics {
                 "Problems the scrub found and has not seen mended (missing or damaged bytes, broken references)",
                 Gauge::default(),
             ),
-            retention_runs: registered(r, "retention_runs", "Real retention runs finished", Counter::default()),
+            retention_runs: registered(
+                r,
+                "retention_runs",
+                "Real retention runs finished",
+                Counter::default(),
+            ),
             retention_removed: registered(
                 r,
                 "retention_removed",
@@ -233,7 +238,9 @@ impl BerthMetrics {
             self.retention_removed.get_or_create(&RuleLabels { rule: t.rule.clone(), kind: "tag" }).inc();
         }
         for m in report.manifests.iter().filter(|m| m.outcome.as_deref() == Some("removed")) {
-            self.retention_removed.get_or_create(&RuleLabels { rule: m.rule.clone(), kind: "manifest" }).inc();
+            self.retention_removed
+                .get_or_create(&RuleLabels { rule: m.rule.clone(), kind: "manifest" })
+                .inc();
         }
         self.retention_skipped.inc_by(report.skipped);
         self.retention_last_run.set(report.finished_at / 1000);

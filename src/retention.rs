@@ -68,10 +68,7 @@ pub struct ImmutableTags(pub Vec<ImmutableRule>);
 impl ImmutableTags {
     /// The first rule that makes `tag` of `repo` immutable.
     pub fn rule_for(&self, repo: &str, tag: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|r| r.repositories.matches(repo) && r.tags.matches(tag))
-            .map(|r| r.name.as_str())
+        self.0.iter().find(|r| r.repositories.matches(repo) && r.tags.matches(tag)).map(|r| r.name.as_str())
     }
 
     /// Whether no rule is configured.
@@ -177,8 +174,10 @@ pub fn removals(
             if !rule.removes_tags() {
                 continue;
             }
-            let stale_push = rule.remove_not_pushed_within_ms.is_none_or(|d| tag.pushed_at < now.saturating_sub(d));
-            let stale_pull = rule.remove_not_pulled_within_ms.is_none_or(|d| tag.last_used() < now.saturating_sub(d));
+            let stale_push =
+                rule.remove_not_pushed_within_ms.is_none_or(|d| tag.pushed_at < now.saturating_sub(d));
+            let stale_pull =
+                rule.remove_not_pulled_within_ms.is_none_or(|d| tag.last_used() < now.saturating_sub(d));
             if stale_push && stale_pull && marked[i].is_none() {
                 marked[i] = Some(r);
             }
@@ -220,10 +219,11 @@ mod tests {
     }
 
     fn removed(rules: &[RetentionRule], tags: &[TagState]) -> Vec<(String, String)> {
-        let mut out: Vec<(String, String)> = removals(rules, "team/app", tags, &ImmutableTags::default(), NOW)
-            .into_iter()
-            .map(|r| (tags[r.tag].name.clone(), rules[r.rule].name.clone()))
-            .collect();
+        let mut out: Vec<(String, String)> =
+            removals(rules, "team/app", tags, &ImmutableTags::default(), NOW)
+                .into_iter()
+                .map(|r| (tags[r.tag].name.clone(), rules[r.rule].name.clone()))
+                .collect();
         out.sort();
         out
     }

@@ -500,7 +500,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .transpose()?;
             (a.conn, Req::RetentionRun { dry_run: a.dry_run, only })
         }
-        Command::Retention(RetentionArgs { action: RetentionAction::Status(a) }) => (a.conn, Req::RetentionStatus),
+        Command::Retention(RetentionArgs { action: RetentionAction::Status(a) }) => {
+            (a.conn, Req::RetentionStatus)
+        }
         Command::Purge(a) => {
             let digest =
                 crate::oci::Digest::parse(&a.digest).map_err(|e| anyhow::anyhow!("`{}`: {e}", a.digest))?;

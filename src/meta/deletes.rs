@@ -112,7 +112,11 @@ struct Target {
 
 impl MetaStore {
     /// The id of live repository `repo`, locked with `lock`.
-    pub(super) async fn live_repository(tx: &mut AnyConnection, repo: &RepoName, lock: &str) -> DeleteResult<i64> {
+    pub(super) async fn live_repository(
+        tx: &mut AnyConnection,
+        repo: &RepoName,
+        lock: &str,
+    ) -> DeleteResult<i64> {
         let sql = format!("SELECT id FROM repositories WHERE name = $1 AND deleted_at IS NULL{lock}");
         let row: Option<(i64,)> = sqlx::query_as(&sql).bind(repo.as_str()).fetch_optional(&mut *tx).await?;
         match row {
@@ -132,7 +136,9 @@ impl MetaStore {
         now: i64,
     ) -> DeleteResult<()> {
         for tag in tags {
-            if let Some(refusal) = Self::immutable_refusal(tx, immutable, repo_id, repo.as_str(), tag, now).await? {
+            if let Some(refusal) =
+                Self::immutable_refusal(tx, immutable, repo_id, repo.as_str(), tag, now).await?
+            {
                 return refuse(Refusal::Immutable(refusal));
             }
         }
@@ -151,9 +157,17 @@ impl MetaStore {
             return Ok(Vec::new());
         }
         let rows: Vec<(String,)> = match manifest_id {
-            Some(id) => sqlx::query_as("SELECT name FROM tags WHERE manifest_id = $1").bind(id).fetch_all(&mut *tx).await?,
+            Some(id) => {
+                sqlx::query_as("SELECT name FROM tags WHERE manifest_id = $1")
+                    .bind(id)
+                    .fetch_all(&mut *tx)
+                    .await?
+            }
             None => {
-                sqlx::query_as("SELECT name FROM tags WHERE repository_id = $1").bind(repo_id).fetch_all(&mut *tx).await?
+                sqlx::query_as("SELECT name FROM tags WHERE repository_id = $1")
+                    .bind(repo_id)
+                    .fetch_all(&mut *tx)
+                    .await?
             }
         };
         Ok(rows.into_iter().map(|(n,)| n).collect())
@@ -314,10 +328,11 @@ impl MetaStore {
                 return refuse(Refusal::NotFound(format!("manifest {digest} not in repository {repo}")));
             };
             if only_untagged {
-                let tagged: Option<(String,)> = sqlx::query_as("SELECT name FROM tags WHERE manifest_id = $1 LIMIT 1")
-                    .bind(target.id)
-                    .fetch_optional(&mut *tx)
-                    .await?;
+                let tagged: Option<(String,)> =
+                    sqlx::query_as("SELECT name FROM tags WHERE manifest_id = $1 LIMIT 1")
+                        .bind(target.id)
+                        .fetch_optional(&mut *tx)
+                        .await?;
                 if let Some((tag,)) = tagged {
                     return refuse(Refusal::Precondition(format!("manifest {digest} is tagged {tag} now")));
                 }
@@ -407,8 +422,11 @@ impl MetaStore {
         actor: Option<&str>,
         now: i64,
     ) -> DeleteResult<String> {
-        let current: Option<(String, i64)> =
-            sqlx::query_as(&ctx.current_sql).bind(repo_id).bind(tag.as_str()).fetch_optional(&mut *tx).await?;
+        let current: Option<(String, i64)> = sqlx::query_as(&ctx.current_sql)
+            .bind(repo_id)
+            .bind(tag.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
         let manifest_id = current.as_ref().map(|(_, id)| *id);
         let current = current.map(|(d, _)| d);
         if !condition.holds(current.as_deref()) {
@@ -422,8 +440,18 @@ impl MetaStore {
         };
         Self::refuse_immutable(tx, &ctx.immutable, repo_id, repo, &[tag.to_string()], now).await?;
         let delete_id = Self::new_delete(tx, Some(repo_id), "tag", tag.as_str(), actor, None, now).await?;
-        Self::record_tag_move(tx, repo_id, tag.as_str(), Some(&old), None, actor, now, "delete", Some(delete_id))
-            .await?;
+        Self::record_tag_move(
+            tx,
+            repo_id,
+            tag.as_str(),
+            Some(&old),
+            None,
+            actor,
+            now,
+            "delete",
+            Some(delete_id),
+        )
+        .await?;
         sqlx::query("DELETE FROM tags WHERE repository_id = $1 AND name = $2")
             .bind(repo_id)
             .bind(tag.as_str())
@@ -833,7 +861,9 @@ impl MetaStore {
         }
         for (m, delete_id) in &group {
             let tags = match delete_id {
-                Some(d) => Self::restore_tags(tx, repo, repo_id, m, *d, take_tags, actor, now, tag_lock).await?,
+                Some(d) => {
+                    Self::restore_tags(tx, repo, repo_id, m, *d, take_tags, actor, now, tag_lock).await?
+                }
                 None => Vec::new(),
             };
             restored.push(AffectedManifest { repository: repo.to_string(), digest: m.digest.clone(), tags });
@@ -1033,8 +1063,17 @@ impl MetaStore {
             .await?;
         }
         let parsed = stored_digest(digest)?;
-        let write =
-            TagWrite { repo_id, repo: repo.as_str(), tag, manifest_id, digest: &parsed, actor, now, kind, condition };
+        let write = TagWrite {
+            repo_id,
+            repo: repo.as_str(),
+            tag,
+            manifest_id,
+            digest: &parsed,
+            actor,
+            now,
+            kind,
+            condition,
+        };
         match Self::set_tag(tx, &write, tag_lock).await? {
             TagOutcome::Precondition { current } => refuse(Refusal::Conflict(format!(
                 "tag {tag} exists and points at {}; use take_tags to move it",

@@ -278,7 +278,12 @@ impl MetaStore {
     }
 
     /// The manifest and its live referrers, transitively.
-    pub(super) async fn with_referrers(&self, repo_id: i64, id: i64, digest: &str) -> Result<Vec<(i64, String)>> {
+    pub(super) async fn with_referrers(
+        &self,
+        repo_id: i64,
+        id: i64,
+        digest: &str,
+    ) -> Result<Vec<(i64, String)>> {
         let mut group = vec![(id, digest.to_string())];
         let mut i = 0;
         while i < group.len() {
@@ -302,7 +307,12 @@ impl MetaStore {
     }
 
     /// Tags and freed bytes of a delete that takes `taken`.
-    pub(super) async fn preview(&self, repo_id: i64, manifests: &[(i64, String)], taken: Taken) -> Result<Preview> {
+    pub(super) async fn preview(
+        &self,
+        repo_id: i64,
+        manifests: &[(i64, String)],
+        taken: Taken,
+    ) -> Result<Preview> {
         let (taken_sql, outside) = match &taken {
             Taken::Ids(ids) => {
                 // Ids come from the database: integers, safe to inline.

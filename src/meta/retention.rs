@@ -1,7 +1,7 @@
 //! What retention reads (repositories, their tags with push and pull times, untagged manifests)
 //! and writes (conditional untags in batches, the record of each run).
 
-use super::deletes::{DeleteError, Refusal};
+use super::deletes::DeleteError;
 use super::reports::Taken;
 use super::tags::TagCondition;
 use super::{Error, MetaStore, Result, transaction};
@@ -18,6 +18,8 @@ pub struct Untag {
     pub tag: Tag,
     /// The manifest the rule evaluated it at.
     pub digest: Digest,
+    /// The push time the rule evaluated (a push of the same manifest again refreshes it).
+    pub pushed_at: i64,
     /// Who is credited (`retention:<rule>`).
     pub actor: String,
 }
@@ -122,7 +124,8 @@ impl MetaStore {
     }
 
     /// Removes `untags` from repository `repo` in one transaction, each only if the tag still
-    /// points where it was evaluated and is not immutable — so a push racing retention wins.
+    /// points where it was evaluated, was not pushed again since, and is not immutable — so a
+    /// push racing retention wins.
     /// Each removal is a delete of its own (restorable, in the history with its actor).
     ///
     /// # Errors
@@ -130,6 +133,11 @@ impl MetaStore {
     pub async fn untag_many(&self, repo: &RepoName, untags: &[Untag], now: i64) -> Result<Vec<UntagOutcome>> {
         let share = self.share_lock();
         let ctx = self.untag_ctx(now);
+        let current_sql = format!(
+            "SELECT m.digest, t.updated_at FROM tags t JOIN manifests m ON m.id = t.manifest_id \
+             WHERE t.repository_id = $1 AND t.name = $2{}",
+            self.update_lock_of("t")
+        );
         transaction!(self, Error, |tx| {
             let mut outcomes = Vec::with_capacity(untags.len());
             let repo_id = match Self::live_repository(tx, repo, share).await {
@@ -141,13 +149,30 @@ impl MetaStore {
                 Err(DeleteError::Meta(e)) => return Err(e),
             };
             for u in untags {
+                let current: Option<(String, i64)> = sqlx::query_as(&current_sql)
+                    .bind(repo_id)
+                    .bind(u.tag.as_str())
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                let skipped = match current {
+                    None => Some("gone since it was evaluated".to_string()),
+                    Some((digest, _)) if digest != u.digest.as_str() => {
+                        Some(format!("moved since: now at {digest}"))
+                    }
+                    Some((_, pushed_at)) if pushed_at != u.pushed_at => {
+                        Some("pushed again since".to_string())
+                    }
+                    Some(_) => None,
+                };
+                if let Some(why) = skipped {
+                    outcomes.push(UntagOutcome::Skipped(why));
+                    continue;
+                }
+                // The tag row is locked now: only immutability can still refuse.
                 let condition = TagCondition::IfPointsAt(&u.digest);
                 match Self::untag(tx, &ctx, repo_id, repo, &u.tag, condition, Some(&u.actor), now).await {
                     Ok(_) => outcomes.push(UntagOutcome::Removed),
-                    Err(DeleteError::Refused(r)) => outcomes.push(UntagOutcome::Skipped(match r {
-                        Refusal::Precondition(m) => format!("moved since: {m}"),
-                        other => other.to_string(),
-                    })),
+                    Err(DeleteError::Refused(r)) => outcomes.push(UntagOutcome::Skipped(r.to_string())),
                     Err(DeleteError::Meta(e)) => return Err(e),
                 }
             }

@@ -90,12 +90,13 @@ impl MetaStore {
         now: i64,
     ) -> Result<Option<String>, sqlx::Error> {
         let Some(rule) = immutable.rule_for(repo, tag) else { return Ok(None) };
-        let lifted = sqlx::query("DELETE FROM tag_unlocks WHERE repository_id = $1 AND tag = $2 AND until >= $3")
-            .bind(repo_id)
-            .bind(tag)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+        let lifted =
+            sqlx::query("DELETE FROM tag_unlocks WHERE repository_id = $1 AND tag = $2 AND until >= $3")
+                .bind(repo_id)
+                .bind(tag)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
         if lifted.rows_affected() == 1 {
             return Ok(None);
         }
@@ -121,6 +122,22 @@ impl MetaStore {
             "SELECT t.manifest_id, m.digest FROM tags t JOIN manifests m ON m.id = t.manifest_id \
              WHERE t.repository_id = $1 AND t.name = $2{lock}"
         );
+        // `updated_at` is the tag's push time, which retention goes by: a restore puts back the
+        // time of the push it restores, so restoring a tag does not make it the newest.
+        let pushed_at = if w.kind == "restore" {
+            let (last,): (Option<i64>,) = sqlx::query_as(
+                "SELECT MAX(at) FROM tag_history WHERE repository_id = $1 AND tag = $2 AND new_digest = $3 \
+                 AND COALESCE(kind, 'push') = 'push'",
+            )
+            .bind(w.repo_id)
+            .bind(w.tag.as_str())
+            .bind(w.digest.as_str())
+            .fetch_one(&mut *tx)
+            .await?;
+            last.unwrap_or(w.now)
+        } else {
+            w.now
+        };
         let mut moved_from = None;
         let mut attempts = 0;
         loop {
@@ -136,7 +153,7 @@ impl MetaStore {
                 .bind(w.repo_id)
                 .bind(w.tag.as_str())
                 .bind(w.manifest_id)
-                .bind(w.now)
+                .bind(pushed_at)
                 .fetch_optional(&mut *tx)
                 .await?;
                 if created.is_some() {
@@ -174,7 +191,7 @@ impl MetaStore {
                 "UPDATE tags SET manifest_id = $1, updated_at = $2 WHERE repository_id = $3 AND name = $4",
             )
             .bind(w.manifest_id)
-            .bind(w.now)
+            .bind(pushed_at)
             .bind(w.repo_id)
             .bind(w.tag.as_str())
             .execute(&mut *tx)
@@ -257,8 +274,11 @@ impl MetaStore {
             self.update_lock_of("t")
         );
         super::transaction!(self, super::DeleteError, |tx| {
-            let current: Option<(i64, String)> =
-                sqlx::query_as(&current_sql).bind(repo.as_str()).bind(tag.as_str()).fetch_optional(&mut *tx).await?;
+            let current: Option<(i64, String)> = sqlx::query_as(&current_sql)
+                .bind(repo.as_str())
+                .bind(tag.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
             let Some((repo_id, digest)) = current else {
                 return Err(Refusal::NotFound(format!("tag {tag} not in repository {repo}")).into());
             };
@@ -274,7 +294,8 @@ impl MetaStore {
             .bind(reason)
             .execute(&mut *tx)
             .await?;
-            let note = format!("rule `{rule}` lifted for one change until {}: {reason}", crate::time::utc(until));
+            let note =
+                format!("rule `{rule}` lifted for one change until {}: {reason}", crate::time::utc(until));
             sqlx::query(
                 "INSERT INTO tag_history (repository_id, tag, old_digest, new_digest, actor, at, kind, note) \
                  VALUES ($1, $2, $3, $3, $4, $5, 'unlock', $6)",

@@ -252,7 +252,9 @@ impl Registry {
             // Gone already when the recording committed after all (its reply lost).
             match self.cancel_upload(repo, &session.id).await {
                 Ok(()) | Err(Error::BlobUploadUnknown) => {}
-                Err(e) => tracing::warn!(upload = %session.id, error = %e, "could not cancel a failed upload"),
+                Err(e) => {
+                    tracing::warn!(upload = %session.id, error = %e, "could not cancel a failed upload")
+                }
             }
         }
         completed

@@ -136,7 +136,8 @@ impl Registry {
             report.bytes_freed = Some(0);
         }
         for (repo_id, name) in self.meta.live_repositories().await? {
-            if only.is_some_and(|p| !p.matches(&name)) || !rules.iter().any(|r| r.repositories.matches(&name)) {
+            if only.is_some_and(|p| !p.matches(&name)) || !rules.iter().any(|r| r.repositories.matches(&name))
+            {
                 continue;
             }
             report.repositories += 1;
@@ -254,6 +255,7 @@ impl Registry {
                     Some(Untag {
                         tag: Tag::parse(&t.tag).ok()?,
                         digest: Digest::parse(&t.digest).ok()?,
+                        pushed_at: t.pushed_at,
                         actor: format!("retention:{}", t.rule),
                     })
                 })
@@ -356,7 +358,8 @@ impl Registry {
             return Ok(None);
         }
         let last = self.meta.retention_runs(20).await?;
-        let due = last.iter().find(|r| r.started_by == "schedule").is_none_or(|r| r.started_at + interval <= now);
+        let due =
+            last.iter().find(|r| r.started_by == "schedule").is_none_or(|r| r.started_at + interval <= now);
         let report = if due { Some(self.retention_run(None, false, "schedule").await?) } else { None };
         self.meta.release_lease("retention", self.instance()).await?;
         Ok(report)

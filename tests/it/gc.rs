@@ -18,7 +18,7 @@ impl TestRegistry {
         self.app.registry.collect(100_000).await.unwrap()
     }
 
-    fn advance(&self, ms: i64) {
+    pub fn advance(&self, ms: i64) {
         self.app.registry.clock().advance_ms(ms);
     }
 }

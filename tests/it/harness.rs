@@ -345,6 +345,7 @@ impl Drop for TestRegistry {
     }
 }
 
+#[derive(Clone)]
 pub struct PushedImage {
     pub digest: Digest,
     pub manifest: Vec<u8>,

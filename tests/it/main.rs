@@ -19,6 +19,7 @@ mod limits;
 mod manifests;
 mod metrics;
 mod replicas;
+mod retention;
 mod sweep;
 mod tags;
 mod tls;

@@ -200,14 +200,22 @@ async fn a_publication_slower_than_blob_grace_loses_to_the_sweep_and_fails_loudl
     let blobs = reg.app.registry.blobs();
     let body = futures_util::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(data.clone()))]);
     let (mut chunks, mut hasher) = (Vec::new(), berth::oci::UploadHasher::default());
-    let size = blobs.write_upload(&key, &mut chunks, 0, body, &mut hasher, None, std::sync::Arc::new(())).await.unwrap();
+    let size = blobs
+        .write_upload(&key, &mut chunks, 0, body, &mut hasher, None, std::sync::Arc::new(()))
+        .await
+        .unwrap();
     let published = blobs.commit_upload(&key, &chunks, &digest, size).await.unwrap();
     assert!(!published.starts_with(&key), "published outside the session: {published}");
 
     reg.app.registry.clock().advance_ms(DAY_MS + 1000);
     assert_eq!(sweep_pass(&reg).await.orphans, 1);
     let now = reg.app.registry.clock().now_ms();
-    let late = reg.app.registry.meta().complete_upload(&session.id, 0, &repo, &digest, size as i64, &published, now).await;
+    let late = reg
+        .app
+        .registry
+        .meta()
+        .complete_upload(&session.id, 0, &repo, &digest, size as i64, &published, now)
+        .await;
     assert!(matches!(late, Err(berth::meta::Error::Busy(_))), "{late:?}");
     // Nothing names the reclaimed bytes: the blob is simply not there, and the store is sound.
     assert_eq!(reg.get(&format!("/v2/sweep/slow/blobs/{digest}")).await.status(), 404);
