@@ -19,7 +19,7 @@ mod limits;
 mod manifests;
 mod metrics;
 mod replicas;
-mod retention;
+pub mod retention;
 mod sweep;
 mod tags;
 mod tls;

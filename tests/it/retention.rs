@@ -14,7 +14,7 @@ const HOUR: i64 = 3600 * 1000;
 const DAY: i64 = 24 * HOUR;
 
 /// The rules of the tests: the worked examples of docs/retention.md, limited to `ret/…`.
-const RULES: &str = r#"
+pub(crate) const RULES: &str = r#"
 [retention]
 interval = "0s"
 
@@ -48,7 +48,7 @@ tags = "release-.*"
 "#;
 
 /// A registry on `backend` with `rules` (TOML, parsed as `berth serve` parses its file).
-async fn with_rules(backend: Backend, rules: &str) -> Option<TestRegistry> {
+pub(crate) async fn with_rules(backend: Backend, rules: &str) -> Option<TestRegistry> {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("rules.toml");
     std::fs::write(&file, rules).unwrap();

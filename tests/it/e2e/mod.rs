@@ -9,6 +9,7 @@ mod deletes;
 pub mod layout;
 mod oci_client;
 mod quickstart;
+mod retention;
 mod skopeo;
 
 use std::process::Output;
