@@ -853,4 +853,62 @@ mod tests {
         let s3 = c.storage_s3.unwrap();
         assert!(s3.path_style && s3.part_size_mib == 8 && s3.redirect_ttl_secs == 300);
     }
+
+    #[test]
+    fn retention_rules_and_immutable_tags() {
+        let toml = r#"
+[retention]
+interval = "30m"
+[[retention.rules]]
+name = "ci"
+repositories = "team/**"
+tags = "ci-.*"
+keep_last = 5
+remove_not_pushed_within = "14d"
+remove_not_pulled_within = "7d"
+[[retention.rules]]
+name = "releases"
+keep_tags = 'v\d+\.\d+\.\d+'
+[[immutable]]
+name = "releases"
+tags = "release-.*"
+"#;
+        let c = load(toml, &[], &Overrides::default()).unwrap();
+        assert_eq!(c.retention.interval, Duration::from_secs(1800));
+        let ci = &c.retention.rules[0];
+        assert_eq!((ci.name.as_str(), ci.keep_last), ("ci", Some(5)));
+        assert_eq!(ci.remove_not_pushed_within_ms, Some(14 * 86_400_000));
+        assert!(ci.repositories.matches("team/a/b") && !ci.repositories.matches("other"));
+        assert!(c.retention.rules[1].repositories.matches_everything());
+        assert!(c.retention.rules[1].keep_tags.as_ref().unwrap().matches("v1.22.3"));
+        assert_eq!(c.immutable.rule_for("any/repo", "release-7"), Some("releases"));
+        assert_eq!(c.immutable.rule_for("any/repo", "latest"), None);
+        let c = load("", &[("BERTH_RETENTION_INTERVAL", "0s")], &Overrides::default()).unwrap();
+        assert!(c.retention.interval.is_zero() && c.retention.rules.is_empty());
+
+        let err = |toml: &str| load(toml, &[], &Overrides::default()).unwrap_err().to_string();
+        assert!(
+            err("[[retention.rules]]\nname = \"x\"\ntags = \"(\"\nkeep_last = 1\n")
+                .contains("retention rule `x`: tags")
+        );
+        assert!(err("[[retention.rules]]\nname = \"x\"\n").contains("does nothing"));
+        assert!(
+            err("[[retention.rules]]\nname = \"x\"\nkeep_last = 0\n")
+                .contains("keep_last must be at least 1")
+        );
+        assert!(
+            err("[[retention.rules]]\nname = \"x\"\nremove_not_pushed_within = \"soon\"\n")
+                .contains("remove_not_pushed_within")
+        );
+        assert!(
+            err("[[retention.rules]]\nname = \"x\"\nkeep_last = 1\n[[retention.rules]]\nname = \"x\"\nkeep_last = 2\n")
+                .contains("defined twice")
+        );
+        assert!(err("[[retention.rules]]\nname = \"Bad Name\"\nkeep_last = 1\n").contains("a rule's name"));
+        assert!(
+            err("[[immutable]]\nname = \"x\"\nrepositories = \"UPPER\"\ntags = \"a\"\n")
+                .contains("immutable rule `x`")
+        );
+        assert!(err("[[retention.rules]]\nname = \"x\"\nkeep_last = 1\nfoo = 1\n").contains("unknown field"));
+    }
 }
