@@ -154,6 +154,21 @@ impl Registry {
     /// # Errors
     /// [`Error::ManifestUnknown`], [`Error::TagUnknown`], [`Error::NameUnknown`].
     pub async fn delete_preview(&self, target: &DeleteTarget) -> Result<Preview> {
+        let mut preview = self.delete_preview_ignoring_immutability(target).await?;
+        // The tags the delete would remove, checked against the immutability rules as the
+        // delete itself checks them (a lift an administrator granted is not counted here).
+        if preview.refused.is_none() {
+            let repo = target.repository().as_str();
+            preview.refused = preview.tags.iter().find_map(|tag| {
+                self.meta.immutable().rule_for(repo, tag).map(|rule| {
+                    format!("tag {tag} in repository {repo} is immutable (rule `{rule}`)")
+                })
+            });
+        }
+        Ok(preview)
+    }
+
+    async fn delete_preview_ignoring_immutability(&self, target: &DeleteTarget) -> Result<Preview> {
         match target {
             DeleteTarget::Manifest(repo, digest) => {
                 self.meta.preview_manifest_delete(repo, digest).await?.ok_or(Error::ManifestUnknown)

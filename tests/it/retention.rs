@@ -233,6 +233,12 @@ retention_test!(immutable_tags_can_be_neither_moved_nor_deleted_until_an_admin_l
     let (status, v) = reg.admin(Method::DELETE, "repositories/ret/frozen", None).await;
     assert_eq!((status, v["errors"][0]["code"].as_str()), (403, Some("DENIED")));
     denied("repository delete", v);
+    // The delete preview says so too.
+    for target in ["ret/frozen:release-1".to_string(), format!("ret/frozen@{}", one.digest), "ret/frozen".into()] {
+        let (status, v) = reg.admin(Method::GET, &format!("preview/{target}"), None).await;
+        assert_eq!(status, 200);
+        assert!(v["refused"].as_str().unwrap_or_default().contains("rule `frozen`"), "{target}: {v}");
+    }
     // Unlinking a layer it uses is refused as for any live manifest.
     let layer = Digest::sha256_of(&one.layers[0]);
     let res = reg.req(Method::DELETE, &format!("/v2/ret/frozen/blobs/{layer}")).send().await.unwrap();
