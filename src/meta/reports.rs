@@ -278,12 +278,7 @@ impl MetaStore {
     }
 
     /// The manifest and its live referrers, transitively.
-    pub(super) async fn with_referrers(
-        &self,
-        repo_id: i64,
-        id: i64,
-        digest: &str,
-    ) -> Result<Vec<(i64, String)>> {
+    async fn with_referrers(&self, repo_id: i64, id: i64, digest: &str) -> Result<Vec<(i64, String)>> {
         let mut group = vec![(id, digest.to_string())];
         let mut i = 0;
         while i < group.len() {

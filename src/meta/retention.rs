@@ -182,104 +182,89 @@ impl MetaStore {
 
     /// What removing `tags` and deleting the untagged `manifests` of repository `repo_id` would
     /// free once the collector has run: the manifests left with no tag and no live index above
-    /// them (and their referrers), and the blobs nothing outside them holds.
+    /// them (and their referrers, and the children only they list), and the blobs nothing
+    /// outside them holds. Reads the repository's tags, index edges and live manifests once and
+    /// works the rest out in memory.
     ///
     /// # Errors
     /// [`Error::Database`].
     pub async fn retention_frees(&self, repo_id: i64, tags: &[String], manifests: &[String]) -> Result<i64> {
-        let mut freed: Vec<(i64, String)> = Vec::new();
-        for tag in tags {
-            let row: Option<(i64, String)> = sqlx::query_as(
-                "SELECT m.id, m.digest FROM tags t JOIN manifests m ON m.id = t.manifest_id \
-                 WHERE t.repository_id = $1 AND t.name = $2",
-            )
-            .bind(repo_id)
-            .bind(tag)
-            .fetch_optional(&self.read)
-            .await?;
-            if let Some(m) = row
-                && !freed.contains(&m)
-            {
-                freed.push(m);
-            }
-        }
-        for digest in manifests {
-            let row: Option<(i64,)> = sqlx::query_as(
-                "SELECT id FROM manifests WHERE repository_id = $1 AND digest = $2 AND deleted_at IS NULL",
-            )
-            .bind(repo_id)
-            .bind(digest)
-            .fetch_optional(&self.read)
-            .await?;
-            if let Some((id,)) = row {
-                freed.push((id, digest.clone()));
-            }
-        }
-        // Keep only the manifests nothing else will hold: a tag not removed, or a live index
-        // that stays. Repeated until nothing changes, since dropping one may keep its children.
-        loop {
-            let before = freed.len();
-            let ids: Vec<i64> = freed.iter().map(|(id, _)| *id).collect();
-            let mut kept = Vec::with_capacity(freed.len());
-            for (id, digest) in freed {
-                let tags_of: Vec<(String,)> = sqlx::query_as("SELECT name FROM tags WHERE manifest_id = $1")
-                    .bind(id)
-                    .fetch_all(&self.read)
-                    .await?;
-                let parents: Vec<(i64,)> = sqlx::query_as(
-                    "SELECT p.id FROM manifest_children c JOIN manifests p ON p.id = c.parent_id \
-                     WHERE c.child_id = $1 AND p.deleted_at IS NULL",
-                )
-                .bind(id)
+        use std::collections::{HashMap, HashSet};
+        let tag_rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT name, manifest_id FROM tags WHERE repository_id = $1")
+                .bind(repo_id)
                 .fetch_all(&self.read)
                 .await?;
-                let tag_stays = tags_of.iter().any(|(t,)| !tags.contains(t));
-                let index_stays = parents.iter().any(|(p,)| !ids.contains(p));
-                if !(tag_stays || index_stays) {
-                    kept.push((id, digest));
-                }
+        let live: Vec<(i64, String, Option<String>)> = sqlx::query_as(
+            "SELECT id, digest, subject_digest FROM manifests WHERE repository_id = $1 AND deleted_at IS NULL",
+        )
+        .bind(repo_id)
+        .fetch_all(&self.read)
+        .await?;
+        // (child, parent) for every live parent in the repository.
+        let edges: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT c.child_id, c.parent_id FROM manifest_children c JOIN manifests p ON p.id = c.parent_id \
+             WHERE p.repository_id = $1 AND p.deleted_at IS NULL",
+        )
+        .bind(repo_id)
+        .fetch_all(&self.read)
+        .await?;
+        let removed: HashSet<&str> = tags.iter().map(String::as_str).collect();
+        let mut kept_tags: HashMap<i64, usize> = HashMap::new();
+        let mut candidates: HashSet<i64> = HashSet::new();
+        for (name, manifest) in &tag_rows {
+            if removed.contains(name.as_str()) {
+                candidates.insert(*manifest);
+            } else {
+                *kept_tags.entry(*manifest).or_default() += 1;
             }
-            freed = kept;
-            if freed.len() == before {
+        }
+        let by_digest: HashMap<&str, i64> = live.iter().map(|(id, d, _)| (d.as_str(), *id)).collect();
+        candidates.extend(manifests.iter().filter_map(|d| by_digest.get(d.as_str()).copied()));
+        let mut parents: HashMap<i64, Vec<i64>> = HashMap::new();
+        let mut children: HashMap<i64, Vec<i64>> = HashMap::new();
+        for (child, parent) in &edges {
+            parents.entry(*child).or_default().push(*parent);
+            children.entry(*parent).or_default().push(*child);
+        }
+        // Freed: a candidate with no tag left, every live index above it freed too; then the
+        // untagged children only freed indexes list. Repeated until nothing changes.
+        let mut freed: HashSet<i64> =
+            candidates.iter().copied().filter(|m| !kept_tags.contains_key(m)).collect();
+        // Bounded, though each round only settles what the previous one changed.
+        for _ in 0..64 {
+            let before = freed.clone();
+            freed.retain(|m| parents.get(m).is_none_or(|ps| ps.iter().all(|p| before.contains(p))));
+            let orphaned: Vec<i64> = freed
+                .iter()
+                .flat_map(|p| children.get(p).into_iter().flatten().copied())
+                .filter(|c| {
+                    !kept_tags.contains_key(c)
+                        && parents.get(c).is_some_and(|ps| ps.iter().all(|p| freed.contains(p)))
+                })
+                .collect();
+            freed.extend(orphaned);
+            if freed == before {
                 break;
             }
         }
-        // The children of a freed index go with it when nothing else holds them.
-        let mut i = 0;
-        while i < freed.len() {
-            let children: Vec<(i64, String)> = sqlx::query_as(
-                "SELECT c.id, c.digest FROM manifest_children mc JOIN manifests c ON c.id = mc.child_id \
-                 WHERE mc.parent_id = $1 AND c.deleted_at IS NULL \
-                 AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.manifest_id = c.id)",
-            )
-            .bind(freed[i].0)
-            .fetch_all(&self.read)
-            .await?;
-            for child in children {
-                let others: Vec<(i64,)> = sqlx::query_as(
-                    "SELECT p.id FROM manifest_children c JOIN manifests p ON p.id = c.parent_id \
-                     WHERE c.child_id = $1 AND p.deleted_at IS NULL",
-                )
-                .bind(child.0)
-                .fetch_all(&self.read)
-                .await?;
-                if others.iter().all(|(p,)| freed.iter().any(|(f, _)| f == p)) && !freed.contains(&child) {
-                    freed.push(child);
-                }
-            }
-            i += 1;
-        }
+        // Their referrers go with them, transitively.
         let mut group: Vec<(i64, String)> = Vec::new();
-        for (id, digest) in &freed {
-            for member in self.with_referrers(repo_id, *id, digest).await? {
-                if !group.contains(&member) {
-                    group.push(member);
-                }
+        let digest_of: HashMap<i64, &str> = live.iter().map(|(id, d, _)| (*id, d.as_str())).collect();
+        let mut queue: Vec<i64> = freed.iter().copied().collect();
+        let mut seen: HashSet<i64> = HashSet::new();
+        while let Some(id) = queue.pop() {
+            if !seen.insert(id) {
+                continue;
             }
+            let Some(digest) = digest_of.get(&id) else { continue };
+            group.push((id, digest.to_string()));
+            queue.extend(live.iter().filter(|(_, _, s)| s.as_deref() == Some(*digest)).map(|(r, _, _)| *r));
         }
         if group.is_empty() {
             return Ok(0);
         }
+        group.sort();
         let ids = group.iter().map(|(id, _)| *id).collect();
         Ok(self.preview(repo_id, &group, Taken::Ids(ids)).await?.bytes_freed)
     }

@@ -160,9 +160,10 @@ impl Registry {
         if preview.refused.is_none() {
             let repo = target.repository().as_str();
             preview.refused = preview.tags.iter().find_map(|tag| {
-                self.meta.immutable().rule_for(repo, tag).map(|rule| {
-                    format!("tag {tag} in repository {repo} is immutable (rule `{rule}`)")
-                })
+                self.meta
+                    .immutable()
+                    .rule_for(repo, tag)
+                    .map(|rule| format!("tag {tag} in repository {repo} is immutable (rule `{rule}`)"))
             });
         }
         Ok(preview)

@@ -148,6 +148,13 @@ retention_test!(rules_remove_exactly_what_the_dry_run_listed_and_it_is_restorabl
         202
     );
     let referrer = crate::gc::push_referrer(&reg, "ret/app", &v1, 160).await;
+    // An index only a CI tag holds: its untagged child goes with it.
+    let child2 = reg.push_image("ret/app", "child2-tmp", 165).await;
+    reg.push_index("ret/app", "ci-index", &[&child2]).await;
+    assert_eq!(
+        reg.req(Method::DELETE, "/v2/ret/app/manifests/child2-tmp").send().await.unwrap().status(),
+        202
+    );
     // Another repository the rules cover, and one they do not.
     reg.push_image("ret/other", "ci-stale", 190).await;
     reg.push_image("elsewhere/app", "ci-stale", 191).await;
@@ -164,6 +171,7 @@ retention_test!(rules_remove_exactly_what_the_dry_run_listed_and_it_is_restorabl
 
     let dry = reg.retention(true).await;
     let expected = [
+        ("ret/app:ci-index", "ci"),
         ("ret/app:ci-old", "ci"),
         ("ret/app:main-1", "last-2"),
         ("ret/app:main-2", "last-2"),
@@ -208,7 +216,7 @@ retention_test!(rules_remove_exactly_what_the_dry_run_listed_and_it_is_restorabl
 
     // Once the collector has run, storage shrank by what the dry run said.
     let (_, status) = reg.admin(Method::GET, "retention/status", None).await;
-    assert_eq!(status["last_runs"][1]["tags_removed"], 4, "{status:#}");
+    assert_eq!(status["last_runs"][1]["tags_removed"], 5, "{status:#}");
     assert_eq!(status["last_runs"][1]["manifests_removed"], 1);
     assert_eq!(status["rules"], json!(["releases", "last-2", "ci", "untagged"]));
     reg.advance(30 * DAY);
@@ -234,7 +242,9 @@ retention_test!(immutable_tags_can_be_neither_moved_nor_deleted_until_an_admin_l
     assert_eq!((status, v["errors"][0]["code"].as_str()), (403, Some("DENIED")));
     denied("repository delete", v);
     // The delete preview says so too.
-    for target in ["ret/frozen:release-1".to_string(), format!("ret/frozen@{}", one.digest), "ret/frozen".into()] {
+    for target in
+        ["ret/frozen:release-1".to_string(), format!("ret/frozen@{}", one.digest), "ret/frozen".into()]
+    {
         let (status, v) = reg.admin(Method::GET, &format!("preview/{target}"), None).await;
         assert_eq!(status, 200);
         assert!(v["refused"].as_str().unwrap_or_default().contains("rule `frozen`"), "{target}: {v}");
