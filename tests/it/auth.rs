@@ -287,6 +287,21 @@ backend_test!(admin_api_needs_the_admin_permission, |reg| {
     let res = authed(&reg, Method::GET, "/admin/v1/space", "robot").send().await.unwrap();
     assert_oci_error(res, 403, "DENIED").await;
     assert_eq!(authed(&reg, Method::GET, "/admin/v1/space", "alice").send().await.unwrap().status(), 200);
+    // Retention concerns every repository too; lifting a tag's immutability needs admin on its
+    // repository (here no rule makes it immutable, so alice gets past access control to a 409).
+    for (method, path) in
+        [(Method::POST, "/admin/v1/retention/run?dry_run=true"), (Method::GET, "/admin/v1/retention/status")]
+    {
+        let res = authed(&reg, method.clone(), path, "robot").send().await.unwrap();
+        assert_oci_error(res, 403, "DENIED").await;
+        assert_eq!(authed(&reg, method, path, "alice").send().await.unwrap().status(), 200, "{path}");
+    }
+    let unlock = |user| {
+        authed(&reg, Method::POST, "/admin/v1/unlock/team/app:v1", user)
+            .json(&serde_json::json!({"reason": "x"}))
+    };
+    assert_oci_error(unlock("robot").send().await.unwrap(), 403, "DENIED").await;
+    assert_eq!(unlock("alice").send().await.unwrap().status(), 409);
     // So are the metrics on the main listener.
     assert_oci_error(reg.get("/metrics").await, 401, "UNAUTHORIZED").await;
     let res = authed(&reg, Method::GET, "/metrics", "robot").send().await.unwrap();

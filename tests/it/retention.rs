@@ -453,3 +453,20 @@ async fn retention_runs_from_the_cli_and_counts_in_the_metrics() {
         "{text}"
     );
 }
+
+// `berth serve` runs the rules on its schedule without anyone asking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_runs_the_rules_on_their_schedule() {
+    let scheduled = RULES.replace("interval = \"0s\"", "interval = \"200ms\"");
+    let reg = with_rules(Backend::Sqlite, &scheduled).await.unwrap();
+    reg.push_image("ret/sched", "ci-1", 700).await;
+    reg.advance(20 * DAY);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while reg.tag_set("ret/sched").await.contains("ci-1") {
+        assert!(std::time::Instant::now() < deadline, "the scheduled run never came");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (_, status) = reg.admin(Method::GET, "retention/status", None).await;
+    assert_eq!(status["last_runs"][0]["started_by"], "schedule", "{status}");
+    assert_eq!(status["interval_ms"], 200);
+}
