@@ -94,7 +94,7 @@ pub struct Purged {
 }
 
 /// What removing tags in a transaction needs, prepared once.
-pub(super) struct UntagCtx {
+struct UntagCtx {
     current_sql: String,
     untagged_review_at: i64,
     immutable: std::sync::Arc<ImmutableTags>,
@@ -396,7 +396,7 @@ impl MetaStore {
     }
 
     /// The parts of a transaction that removes tags, prepared at `now`.
-    pub(super) fn untag_ctx(&self, now: i64) -> UntagCtx {
+    fn untag_ctx(&self, now: i64) -> UntagCtx {
         UntagCtx {
             current_sql: format!(
                 "SELECT m.digest, m.id FROM tags t JOIN manifests m ON m.id = t.manifest_id \
@@ -412,7 +412,7 @@ impl MetaStore {
     /// as a delete of its own (restorable) recorded in the history. Returns the digest it
     /// pointed at. A refusal writes nothing, so the transaction may go on.
     #[expect(clippy::too_many_arguments, reason = "the parts of one tag delete")]
-    pub(super) async fn untag(
+    async fn untag(
         tx: &mut AnyConnection,
         ctx: &UntagCtx,
         repo_id: i64,

@@ -1,9 +1,11 @@
 //! What retention reads (repositories, their tags with push and pull times, untagged manifests)
 //! and writes (conditional untags in batches, the record of each run).
 
+use std::collections::HashMap;
+
 use super::deletes::DeleteError;
+use super::gc::Review;
 use super::reports::Taken;
-use super::tags::TagCondition;
 use super::{Error, MetaStore, Result, transaction};
 use crate::oci::{Digest, RepoName, Tag};
 use crate::retention::TagState;
@@ -123,59 +125,126 @@ impl MetaStore {
         .await?)
     }
 
-    /// Removes `untags` from repository `repo` in one transaction, each only if the tag still
-    /// points where it was evaluated, was not pushed again since, and is not immutable — so a
-    /// push racing retention wins.
-    /// Each removal is a delete of its own (restorable, in the history with its actor).
+    /// Removes `untags` (at most a few hundred: the statements bind a handful of values per tag)
+    /// from repository `repo` in one transaction, each only if the tag still points where it was
+    /// evaluated, was not pushed again since, and is not immutable — so a push racing retention
+    /// wins. Each removal is a delete of its own (restorable, in the history with its actor),
+    /// written as `MetaStore::untag` writes one, but set-based: a few statements for the batch.
     ///
     /// # Errors
     /// [`Error::Database`].
     pub async fn untag_many(&self, repo: &RepoName, untags: &[Untag], now: i64) -> Result<Vec<UntagOutcome>> {
         let share = self.share_lock();
-        let ctx = self.untag_ctx(now);
+        let untagged_review_at = now.saturating_add(self.windows().untagged_grace_ms);
+        let immutable = self.immutable.clone();
+        // Locked in name order, so two batches (or a batch and a multi-tag push) cannot deadlock.
         let current_sql = format!(
-            "SELECT m.digest, t.updated_at FROM tags t JOIN manifests m ON m.id = t.manifest_id \
-             WHERE t.repository_id = $1 AND t.name = $2{}",
+            "SELECT t.name, m.digest, t.updated_at, t.manifest_id FROM tags t JOIN manifests m ON m.id = t.manifest_id \
+             WHERE t.repository_id = $1 AND t.name IN ({}) ORDER BY t.name{}",
+            numbered(2, untags.len()),
             self.update_lock_of("t")
         );
         transaction!(self, Error, |tx| {
-            let mut outcomes = Vec::with_capacity(untags.len());
             let repo_id = match Self::live_repository(tx, repo, share).await {
                 Ok(id) => id,
                 Err(DeleteError::Refused(r)) => {
-                    outcomes.resize(untags.len(), UntagOutcome::Skipped(r.to_string()));
-                    return Ok(outcomes);
+                    return Ok(vec![UntagOutcome::Skipped(r.to_string()); untags.len()]);
                 }
                 Err(DeleteError::Meta(e)) => return Err(e),
             };
+            if untags.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut query = sqlx::query_as::<_, (String, String, i64, i64)>(&current_sql).bind(repo_id);
             for u in untags {
-                let current: Option<(String, i64)> = sqlx::query_as(&current_sql)
+                query = query.bind(u.tag.as_str());
+            }
+            let current: HashMap<String, (String, i64, i64)> =
+                query.fetch_all(&mut *tx).await?.into_iter().map(|(n, d, at, m)| (n, (d, at, m))).collect();
+            let mut outcomes = Vec::with_capacity(untags.len());
+            let mut removals: Vec<(&Untag, i64)> = Vec::new();
+            for u in untags {
+                let outcome = match current.get(u.tag.as_str()) {
+                    None => UntagOutcome::Skipped("gone since it was evaluated".into()),
+                    Some((digest, _, _)) if digest != u.digest.as_str() => {
+                        UntagOutcome::Skipped(format!("moved since: now at {digest}"))
+                    }
+                    Some((_, pushed_at, _)) if *pushed_at != u.pushed_at => {
+                        UntagOutcome::Skipped("pushed again since".into())
+                    }
+                    Some(_) if let Some(rule) = immutable.rule_for(repo.as_str(), u.tag.as_str()) => {
+                        UntagOutcome::Skipped(format!("immutable (rule `{rule}`)"))
+                    }
+                    Some((_, _, manifest_id)) => {
+                        removals.push((u, *manifest_id));
+                        UntagOutcome::Removed
+                    }
+                };
+                outcomes.push(outcome);
+            }
+            if removals.is_empty() {
+                return Ok(outcomes);
+            }
+            // One delete per tag, so each restores alone.
+            let sql = format!(
+                "INSERT INTO deletes (repository_id, kind, target, actor, reason, at) VALUES {} RETURNING id, target",
+                rows(removals.len(), 6)
+            );
+            let mut query = sqlx::query_as::<_, (i64, String)>(&sql);
+            for (u, _) in &removals {
+                query = query
+                    .bind(repo_id)
+                    .bind("tag")
+                    .bind(u.tag.as_str())
+                    .bind(&u.actor)
+                    .bind(None::<String>)
+                    .bind(now);
+            }
+            let delete_ids: HashMap<String, i64> =
+                query.fetch_all(&mut *tx).await?.into_iter().map(|(id, t)| (t, id)).collect();
+            let sql = format!(
+                "INSERT INTO tag_history (repository_id, tag, old_digest, new_digest, actor, at, kind, delete_id) VALUES {}",
+                rows(removals.len(), 8)
+            );
+            let mut query = sqlx::query(&sql);
+            for (u, _) in &removals {
+                query = query
                     .bind(repo_id)
                     .bind(u.tag.as_str())
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                let skipped = match current {
-                    None => Some("gone since it was evaluated".to_string()),
-                    Some((digest, _)) if digest != u.digest.as_str() => {
-                        Some(format!("moved since: now at {digest}"))
-                    }
-                    Some((_, pushed_at)) if pushed_at != u.pushed_at => {
-                        Some("pushed again since".to_string())
-                    }
-                    Some(_) => None,
-                };
-                if let Some(why) = skipped {
-                    outcomes.push(UntagOutcome::Skipped(why));
-                    continue;
-                }
-                // The tag row is locked now: only immutability can still refuse.
-                let condition = TagCondition::IfPointsAt(&u.digest);
-                match Self::untag(tx, &ctx, repo_id, repo, &u.tag, condition, Some(&u.actor), now).await {
-                    Ok(_) => outcomes.push(UntagOutcome::Removed),
-                    Err(DeleteError::Refused(r)) => outcomes.push(UntagOutcome::Skipped(r.to_string())),
-                    Err(DeleteError::Meta(e)) => return Err(e),
-                }
+                    .bind(u.digest.as_str())
+                    .bind(None::<String>)
+                    .bind(&u.actor)
+                    .bind(now)
+                    .bind("delete")
+                    .bind(delete_ids.get(u.tag.as_str()).copied());
             }
+            query.execute(&mut *tx).await?;
+            let sql = format!(
+                "DELETE FROM tags WHERE repository_id = $1 AND name IN ({})",
+                numbered(2, removals.len())
+            );
+            let mut query = sqlx::query(&sql).bind(repo_id);
+            for (u, _) in &removals {
+                query = query.bind(u.tag.as_str());
+            }
+            query.execute(&mut *tx).await?;
+            // The manifests left behind may be garbage once their grace has passed (the same
+            // upsert as `MetaStore::enqueue`, which keeps the earlier of two times).
+            let mut manifests: Vec<i64> = removals.iter().map(|(_, m)| *m).collect();
+            manifests.sort_unstable();
+            manifests.dedup();
+            let sql = format!(
+                "INSERT INTO gc_reviews (kind, item_id, review_after) VALUES {} \
+                 ON CONFLICT (kind, item_id) DO UPDATE SET review_after = CASE \
+                 WHEN excluded.review_after < gc_reviews.review_after THEN excluded.review_after \
+                 ELSE gc_reviews.review_after END",
+                rows(manifests.len(), 3)
+            );
+            let mut query = sqlx::query(&sql);
+            for m in &manifests {
+                query = query.bind(Review::Manifest(*m).kind()).bind(*m).bind(untagged_review_at);
+            }
+            query.execute(&mut *tx).await?;
             Ok(outcomes)
         })
     }
@@ -315,4 +384,14 @@ impl MetaStore {
         .fetch_all(&self.read)
         .await?)
     }
+}
+
+/// `$first, $first+1, …` for `n` values.
+fn numbered(first: usize, n: usize) -> String {
+    (first..first + n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
+}
+
+/// `($1, …, $cols), ($cols+1, …), …` for `n` rows of `cols` values.
+fn rows(n: usize, cols: usize) -> String {
+    (0..n).map(|r| format!("({})", numbered(r * cols + 1, cols))).collect::<Vec<_>>().join(", ")
 }
