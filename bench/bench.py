@@ -341,7 +341,8 @@ def main():
     results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(), "servers": {}}
     try:
         results["sha256_MBps"] = sha256_speed()
-        print(f"single-core SHA-256 (OpenSSL via hashlib): {results['sha256_MBps']:.0f} MB/s", flush=True)
+        results["berth_hash"] = berth_hash_speed(a.berth)
+        print(hash_line(results), flush=True)
         big_path = os.path.join(files, "big.bin")
         small_path = os.path.join(files, "small.bin")
         big_digest = make_file(big_path, big)
@@ -482,13 +483,27 @@ http {{ access_log off; sendfile on; tcp_nopush on;
 
 
 def machine():
-    cpu = "?"
+    cpu, sha_ni = "?", False
     with open("/proc/cpuinfo") as f:
         for line in f:
-            if line.startswith("model name"):
+            if line.startswith("model name") and cpu == "?":
                 cpu = line.split(":", 1)[1].strip()
-                break
-    return f"{os.cpu_count()} cores, {cpu}"
+            if line.startswith("flags"):
+                sha_ni = sha_ni or " sha_ni" in line
+    return f"{os.cpu_count()} cores, {cpu}, {'with' if sha_ni else 'without'} SHA-NI"
+
+
+def berth_hash_speed(binary):
+    """One core's SHA-256 MB/s of the implementation Berth hashes with, and of the sha2 crate."""
+    out = subprocess.run([binary, "hash-speed"], check=True, capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+def hash_line(results):
+    """The hashing speeds a results dict recorded, as one line."""
+    b = results.get("berth_hash", {})
+    return (f"SHA-256 on one core: OpenSSL {results.get('sha256_MBps', 0):.0f} MB/s, "
+            f"Berth {b.get('berth_sha256_MBps', 0):.0f} MB/s (sha2 crate {b.get('sha2_crate_MBps', 0):.0f} MB/s)")
 
 
 def fmt(v):
@@ -525,8 +540,7 @@ ROWS += [("tags/list, whole", "tags_list", "whole_ms", "ms", False),
 
 def table(results):
     names = list(results["servers"])
-    out = [f"Run {results['date']} on {results['machine']}; single-core SHA-256 "
-           f"{results.get('sha256_MBps', 0):.0f} MB/s", ""]
+    out = [f"Run {results['date']} on {results['machine']}; {hash_line(results)}", ""]
     out.append("| measure | unit | " + " | ".join(names) + " | berth / reference |")
     out.append("|---|---|" + "---|" * len(names) + "---|")
     for label, key, field, unit, _ in ROWS:

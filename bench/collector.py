@@ -234,7 +234,8 @@ def main():
     layer = 64 * 1024
     load_secs = 3 if args.quick else 8
     fs = "[storage]\nfsync = false\n"
-    results = {"machine": bench.machine(), "sha256_MBps": bench.sha256_speed(), "layer_bytes": layer}
+    results = {"machine": bench.machine(), "sha256_MBps": bench.sha256_speed(),
+               "berth_hash": bench.berth_hash_speed(args.berth), "layer_bytes": layer}
     if not args.bookkeeping_only:
         results["collections"] = [
             collection(args.berth, args.work, "berth-small", small, victims, layer, fs, load_secs),
@@ -255,7 +256,7 @@ def main():
 
 
 def table(r):
-    lines = [f"Machine: {r['machine']}; SHA-256 {r['sha256_MBps']:.0f} MB/s on one core.", ""]
+    lines = [f"Machine: {r['machine']}; {bench.hash_line(r)}.", ""]
     if "collections" in r:
         lines += collection_table(r)
     lines += bookkeeping_table(r)

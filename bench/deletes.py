@@ -113,6 +113,7 @@ def main():
     berth = bench.start_berth(args.berth, args.work, "berth")
     reference = bench.start_reference(args.work)
     results = {"machine": bench.machine(), "sha256_MBps": bench.sha256_speed(),
+               "berth_hash": bench.berth_hash_speed(args.berth),
                "tombstones": tombstones, "tags": manifests_with_tags * tags_each, "tags_each": tags_each,
                "preview_size": preview_size}
     try:
@@ -184,7 +185,7 @@ def main():
 
 
 def table(r):
-    lines = [f"Machine: {r['machine']}; SHA-256 {r['sha256_MBps']:.0f} MB/s on one core.", "",
+    lines = [f"Machine: {r['machine']}; {bench.hash_line(r)}.", "",
              f"Manifest reads at 64 connections; Berth's repository holds {r['tombstones']} tombstones "
              f"(the reference: the same manifests deleted).", "",
              "| read | Berth, tombstones | Berth, none | reference | Berth ÷ reference |",

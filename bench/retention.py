@@ -132,7 +132,8 @@ def main():
     args = ap.parse_args()
     os.makedirs(args.work, exist_ok=True)
     repos, tags = (100, 100) if args.quick else (1000, 100)
-    results = {"machine": bench.machine(), "runs": [
+    results = {"machine": bench.machine(), "sha256_MBps": bench.sha256_speed(),
+               "berth_hash": bench.berth_hash_speed(args.berth), "runs": [
         deployment(args.berth, args.work, "berth-embedded", "[storage]\nfsync = false\n", repos, tags)]}
     if args.scale_out_env:
         results["runs"].append(deployment(args.berth, args.work, "berth-scale-out",
@@ -140,7 +141,7 @@ def main():
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
-    lines = [f"Machine: {results['machine']}", "",
+    lines = [f"Machine: {results['machine']}; {bench.hash_line(results)}", "",
              "| deployment | tags / repos | removed | dry run | real run | push p50 / p99 idle | "
              "push p50 / p99 / max during the run |",
              "|---|---|---|---|---|---|---|"]

@@ -9,7 +9,7 @@ use futures_util::{Stream, StreamExt};
 
 use super::fs_write::{BufferPool, UploadWriter};
 use super::{ByteRange, Error, FsOptions, Hold, Listed, Result};
-use crate::oci::{Algorithm, Digest, UploadHasher};
+use crate::oci::{Algorithm, ContentHasher, Digest, UploadHasher};
 
 /// Files under a root directory.
 #[derive(Debug, Clone)]
@@ -222,23 +222,15 @@ impl FsStore {
         tokio::task::spawn_blocking(move || {
             let file = std::fs::File::open(&path).map_err(|e| not_found_or_io(&key, e))?;
             let mut file = file.take(len);
-            fn hash_all<H: sha2::Digest>(file: &mut impl std::io::Read, key: &str) -> Result<String> {
-                let mut h = H::new();
-                let mut buf = vec![0u8; READ_CHUNK];
-                loop {
-                    let n = file.read(&mut buf).map_err(io_err(key))?;
-                    if n == 0 {
-                        return Ok(hex::encode(h.finalize()));
-                    }
-                    h.update(&buf[..n]);
+            let mut hasher = ContentHasher::new(algorithm);
+            let mut buf = vec![0u8; READ_CHUNK];
+            loop {
+                let n = file.read(&mut buf).map_err(io_err(&key))?;
+                if n == 0 {
+                    return Ok(hasher.finish());
                 }
+                hasher.update(&buf[..n]);
             }
-            let hex = match algorithm {
-                Algorithm::Sha256 => hash_all::<sha2::Sha256>(&mut file, &key)?,
-                Algorithm::Sha512 => hash_all::<sha2::Sha512>(&mut file, &key)?,
-            };
-            Digest::parse(&format!("{}:{hex}", algorithm.as_str()))
-                .map_err(|e| Error::Io { key, source: std::io::Error::other(e) })
         })
         .await
         .map_err(|e| Error::Io { key: "digest".into(), source: std::io::Error::other(e) })?

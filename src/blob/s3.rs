@@ -18,7 +18,7 @@ use serde::Deserialize;
 use tokio::task::JoinSet;
 
 use super::{ByteRange, ByteStream, Chunk, Error, Listed, Result};
-use crate::oci::{Algorithm, Digest, UploadHasher};
+use crate::oci::{Algorithm, ContentHasher, Digest, UploadHasher};
 
 /// Connection settings for an S3-compatible bucket.
 #[derive(Debug, Clone, Deserialize)]
@@ -258,23 +258,14 @@ impl S3Store {
     }
 
     pub(super) async fn digest_of(&self, chunks: &[Chunk], algorithm: Algorithm) -> Result<Digest> {
-        use sha2::Digest as _;
-        let mut sha256 = sha2::Sha256::new();
-        let mut sha512 = sha2::Sha512::new();
+        let mut hasher = ContentHasher::new(algorithm);
         for chunk in chunks {
             let mut stream = self.store.get(&self.path(&chunk.key)).await?.into_stream();
             while let Some(bytes) = stream.try_next().await? {
-                match algorithm {
-                    Algorithm::Sha256 => sha256.update(&bytes),
-                    Algorithm::Sha512 => sha512.update(&bytes),
-                }
+                hasher.update(&bytes);
             }
         }
-        let text = match algorithm {
-            Algorithm::Sha256 => format!("sha256:{}", hex::encode(sha256.finalize())),
-            Algorithm::Sha512 => format!("sha512:{}", hex::encode(sha512.finalize())),
-        };
-        Digest::parse(&text).map_err(|e| Error::Config(e.to_string()))
+        Ok(hasher.finish())
     }
 
     /// Deletes every object under `prefix` except `keep`, first aborting the multipart uploads

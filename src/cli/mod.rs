@@ -95,6 +95,11 @@ pub enum Command {
     ///
     /// Example: `berth retention run --dry-run --repo 'team/**'`
     Retention(RetentionArgs),
+    /// One core's SHA-256 speed in MB/s: the implementation Berth hashes uploads with, and the
+    /// `sha2` crate's portable one — for benchmark records (`OPENSSL_ia32cap` masks CPU
+    /// features of the first).
+    #[command(hide = true)]
+    HashSpeed,
     /// Emergency purge of a blob everywhere: every manifest referencing it is deleted for
     /// good and the bytes are removed now.
     ///
@@ -439,6 +444,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let (conn, request) = match cli.command {
         Command::Serve(args) => return serve(args).await,
         Command::Fsck(args) => return fsck::run(args).await,
+        Command::HashSpeed => {
+            println!("{}", hash_speed());
+            return Ok(());
+        }
         Command::Gc(GcArgs { action: GcAction::Run(args) }) => return gc_run(args).await,
         Command::Repos(ReposArgs { action: None, conn }) => {
             (conn, Req::Repositories { last: None, n: 100_000 })
@@ -510,6 +519,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     };
     admin::run(&conn, request).await
+}
+
+/// MB/s of Berth's SHA-256 and of the `sha2` crate's, each over 512 MiB on this thread.
+fn hash_speed() -> serde_json::Value {
+    use sha2::Digest as _;
+    let block = vec![0x5au8; 1 << 20];
+    let rate = |hash: &mut dyn FnMut(&[u8])| {
+        let start = std::time::Instant::now();
+        for _ in 0..512 {
+            hash(&block);
+        }
+        512.0 * 1.048_576 / start.elapsed().as_secs_f64()
+    };
+    let mut berth = crate::oci::sha256::Sha256::default();
+    let berth_rate = rate(&mut |b| berth.update(b));
+    let mut crate_hasher = sha2::Sha256::new();
+    let crate_rate = rate(&mut |b| crate_hasher.update(b));
+    std::hint::black_box((berth.finish(), crate_hasher.finalize()));
+    serde_json::json!({ "berth_sha256_MBps": berth_rate.round(), "sha2_crate_MBps": crate_rate.round() })
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {

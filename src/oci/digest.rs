@@ -6,8 +6,9 @@
 use std::fmt;
 use std::str::FromStr;
 
-use sha2::digest::common::hazmat::SerializableState;
-use sha2::{Digest as _, Sha256, Sha512};
+use sha2::{Digest as _, Sha512};
+
+use super::sha256::Sha256;
 
 /// A registered digest algorithm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -152,18 +153,53 @@ impl UploadHasher {
 
     /// The digest of everything fed so far (the state is left untouched).
     pub fn digest(&self) -> Digest {
-        Digest(format!("sha256:{}", hex::encode(self.0.clone().finalize())))
+        Digest(format!("sha256:{}", hex::encode(self.0.finish())))
     }
 
     /// The opaque saved state.
     pub fn save(&self) -> Vec<u8> {
-        self.0.serialize().to_vec()
+        self.0.save()
     }
 
     /// Restores a state from [`UploadHasher::save`]; `None` if the bytes are not one.
     pub fn restore(state: &[u8]) -> Option<Self> {
-        let arr = state.try_into().ok()?;
-        Sha256::deserialize(arr).ok().map(UploadHasher)
+        Sha256::restore(state).map(UploadHasher)
+    }
+}
+
+/// A one-pass hasher of either registered algorithm, for digests computed by reading bytes back
+/// (fsck's re-hash, a composed S3 upload, sha512 uploads).
+#[derive(Clone)]
+pub enum ContentHasher {
+    /// SHA-256 at the CPU's speed.
+    Sha256(Sha256),
+    /// SHA-512 (the `sha2` crate's).
+    Sha512(Box<Sha512>),
+}
+
+impl ContentHasher {
+    /// A hasher for `algorithm`.
+    pub fn new(algorithm: Algorithm) -> Self {
+        match algorithm {
+            Algorithm::Sha256 => ContentHasher::Sha256(Sha256::default()),
+            Algorithm::Sha512 => ContentHasher::Sha512(Box::default()),
+        }
+    }
+
+    /// Feeds more bytes.
+    pub fn update(&mut self, bytes: &[u8]) {
+        match self {
+            ContentHasher::Sha256(h) => h.update(bytes),
+            ContentHasher::Sha512(h) => h.update(bytes),
+        }
+    }
+
+    /// The digest of everything fed.
+    pub fn finish(self) -> Digest {
+        match self {
+            ContentHasher::Sha256(h) => Digest(format!("sha256:{}", hex::encode(h.finish()))),
+            ContentHasher::Sha512(h) => Digest(format!("sha512:{}", hex::encode(h.finalize()))),
+        }
     }
 }
 

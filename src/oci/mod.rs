@@ -1,13 +1,14 @@
 //! Pure OCI types: digests, repository names, tags, references and manifest parsing.
 //!
-//! No I/O happens here; everything that crosses a layer boundary is one of these validated types,
+//! No I/O happens here (hashing runs AWS-LC's block function, see [`sha256`]); everything that crosses a layer boundary is one of these validated types,
 //! never a bare string.
 
 pub mod digest;
 pub mod manifest;
 pub mod name;
+pub mod sha256;
 
-pub use digest::{Algorithm, Digest, DigestError, UploadHasher};
+pub use digest::{Algorithm, ContentHasher, Digest, DigestError, UploadHasher};
 pub use name::{RepoName, Tag};
 
 /// A manifest reference: a tag or a digest.
