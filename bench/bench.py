@@ -129,7 +129,7 @@ secret_access_key = "{env['BERTH_TEST_S3_SECRET']}"
 """
 
 
-def start_reference(work):
+def start_reference(work, env_extra=None):
     port = free_port()
     root = os.path.join(work, "reference")
     os.makedirs(root, exist_ok=True)
@@ -149,7 +149,8 @@ http:
   addr: 127.0.0.1:{port}
 """)
     binary = shutil.which("docker-registry") or "/usr/bin/docker-registry"
-    proc = subprocess.Popen([binary, "serve", cfg], stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "reference.log"), "w"))
+    proc = subprocess.Popen([binary, "serve", cfg], env=dict(os.environ, **(env_extra or {})),
+                            stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "reference.log"), "w"))
     base = f"http://127.0.0.1:{port}"
     wait_http(base + "/v2/")
     return Server("reference", proc, base, root)
