@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""The object store's own ceiling against Berth's scale-out push (issue 15): the same 1 GiB file
+sent to the same bucket (1) as a direct multipart upload — curl with SigV4, 8 MiB parts, three in
+flight, as Berth's writer sends them — and (2) through Berth (PostgreSQL + Garage), monolithic
+and in 16 MiB chunks. Target: Berth at ≥ 80 % of the direct upload.
+
+Run through `bench/run s3 [--quick]`. Standard library and curl only.
+"""
+
+import argparse
+import concurrent.futures
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import uuid
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench  # noqa: E402
+
+PART = 8 * bench.MiB
+IN_FLIGHT = 3
+
+
+def s3_env(path):
+    return dict(line.strip().split("=", 1) for line in open(path) if "=" in line)
+
+
+def s3_curl(env, *args):
+    out = subprocess.run(["curl", "-sS", "--fail-with-body", "--aws-sigv4", "aws:amz:garage:s3",
+                          "--user", f"{env['BERTH_TEST_S3_KEY_ID']}:{env['BERTH_TEST_S3_SECRET']}", *args],
+                         check=True, capture_output=True)
+    return out.stdout.decode(errors="replace"), out.stderr.decode(errors="replace")
+
+
+def direct_multipart(env, path, parts_dir):
+    """Uploads `path` as one multipart upload; returns the wall seconds."""
+    base = f"{env['BERTH_TEST_S3_ENDPOINT']}/{env['BERTH_TEST_S3_BUCKET']}/ceiling-{uuid.uuid4().hex}"
+    size = os.path.getsize(path)
+    parts = []
+    with open(path, "rb") as f:
+        for n in range(1, (size + PART - 1) // PART + 1):
+            p = os.path.join(parts_dir, f"part{n}")
+            with open(p, "wb") as out:
+                out.write(f.read(PART))
+            parts.append((n, p))
+    t0 = time.perf_counter()
+    body, _ = s3_curl(env, "-X", "POST", f"{base}?uploads")
+    upload_id = re.search(r"<UploadId>([^<]+)</UploadId>", body).group(1)
+
+    def put(part):
+        n, p = part
+        _, _ = s3_curl(env, "-X", "PUT", "-T", p, "-D", p + ".headers",
+                       f"{base}?partNumber={n}&uploadId={upload_id}")
+        with open(p + ".headers") as h:
+            etag = re.search(r"(?im)^etag:\s*(\S+)", h.read()).group(1)
+        return n, etag
+
+    with concurrent.futures.ThreadPoolExecutor(IN_FLIGHT) as pool:
+        etags = list(pool.map(put, parts))
+    complete = "<CompleteMultipartUpload>" + "".join(
+        f"<Part><PartNumber>{n}</PartNumber><ETag>{e}</ETag></Part>" for n, e in etags) + "</CompleteMultipartUpload>"
+    s3_curl(env, "-X", "POST", "-H", "Content-Type: application/xml", "--data-binary", complete,
+            f"{base}?uploadId={upload_id}")
+    wall = time.perf_counter() - t0
+    s3_curl(env, "-X", "DELETE", base)
+    return wall
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--berth", required=True)
+    ap.add_argument("--work", required=True)
+    ap.add_argument("--scale-out-env", required=True)
+    ap.add_argument("--out")
+    ap.add_argument("--quick", action="store_true", help="256 MiB instead of 1 GiB")
+    args = ap.parse_args()
+    os.makedirs(args.work, exist_ok=True)
+    size = (256 if args.quick else 1024) * bench.MiB
+    path = os.path.join(args.work, "push.bin")
+    digest = bench.make_file(path, size)
+    chunks = []
+    with open(path, "rb") as f:
+        for i in range(size // (16 * bench.MiB)):
+            c = os.path.join(args.work, f"chunk{i}")
+            with open(c, "wb") as out:
+                out.write(f.read(16 * bench.MiB))
+            chunks.append(c)
+    parts_dir = os.path.join(args.work, "parts")
+    os.makedirs(parts_dir, exist_ok=True)
+    env = s3_env(args.scale_out_env)
+    server = bench.start_berth(args.berth, args.work, "berth-s3", config=bench.scale_out_toml(args.scale_out_env))
+    mb = size / 1e6
+    rows = {"direct multipart": [], "Berth monolithic": [], "Berth chunked (16 MiB)": []}
+    try:
+        # Interleaved, so the store's and the machine's drift hits every row alike.
+        for i in range(3):
+            rows["direct multipart"].append(mb / direct_multipart(env, path, parts_dir))
+            wall, _ = bench.measured(server, lambda: bench.push_monolithic(server, f"bench/mono{i}", path, digest))
+            rows["Berth monolithic"].append(mb / wall)
+            wall, _ = bench.measured(server, lambda: bench.push_chunked(server, f"bench/chunk{i}", chunks, digest))
+            rows["Berth chunked (16 MiB)"].append(mb / wall)
+        rss = bench.peak_rss_mib(server.pid)
+    finally:
+        server.stop()
+    best = {k: max(v) for k, v in rows.items()}
+    results = {"machine": bench.machine(), "bytes": size, "MBps": rows, "berth_peak_rss_mib": rss}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    ceiling = best["direct multipart"]
+    lines = [f"Machine: {results['machine']}; {size // bench.MiB} MiB to Garage, best of 3 interleaved", "",
+             "| upload | MB/s (each run) | best | ÷ direct |", "|---|---|---|---|"]
+    for k, v in rows.items():
+        lines.append(f"| {k} | {', '.join(f'{x:.0f}' for x in v)} | {best[k]:.0f} | {best[k] / ceiling:.2f} |")
+    lines += ["", f"Berth's peak RSS over the run: {rss:.0f} MiB"]
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
