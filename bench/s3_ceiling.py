@@ -96,27 +96,32 @@ def main():
     server = bench.start_berth(args.berth, args.work, "berth-s3", config=bench.scale_out_toml(args.scale_out_env))
     mb = size / 1e6
     rows = {"direct multipart": [], "Berth monolithic": [], "Berth chunked (16 MiB)": []}
+    cpu = {"Berth monolithic": [], "Berth chunked (16 MiB)": []}
     try:
         # Interleaved, so the store's and the machine's drift hits every row alike.
         for i in range(3):
             rows["direct multipart"].append(mb / direct_multipart(env, path, parts_dir))
-            wall, _ = bench.measured(server, lambda: bench.push_monolithic(server, f"bench/mono{i}", path, digest))
+            wall, used = bench.measured(server, lambda: bench.push_monolithic(server, f"bench/mono{i}", path, digest))
             rows["Berth monolithic"].append(mb / wall)
-            wall, _ = bench.measured(server, lambda: bench.push_chunked(server, f"bench/chunk{i}", chunks, digest))
+            cpu["Berth monolithic"].append(used / (size / 1e9))
+            wall, used = bench.measured(server, lambda: bench.push_chunked(server, f"bench/chunk{i}", chunks, digest))
             rows["Berth chunked (16 MiB)"].append(mb / wall)
+            cpu["Berth chunked (16 MiB)"].append(used / (size / 1e9))
         rss = bench.peak_rss_mib(server.pid)
     finally:
         server.stop()
     best = {k: max(v) for k, v in rows.items()}
-    results = {"machine": bench.machine(), "bytes": size, "MBps": rows, "berth_peak_rss_mib": rss}
+    results = {"machine": bench.machine(), "bytes": size, "MBps": rows, "cpu_s_per_GB": cpu,
+               "berth_peak_rss_mib": rss}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
     ceiling = best["direct multipart"]
     lines = [f"Machine: {results['machine']}; {size // bench.MiB} MiB to Garage, best of 3 interleaved", "",
-             "| upload | MB/s (each run) | best | ÷ direct |", "|---|---|---|---|"]
+             "| upload | MB/s (each run) | best | ÷ direct | Berth CPU-s/GB (median) |", "|---|---|---|---|---|"]
     for k, v in rows.items():
-        lines.append(f"| {k} | {', '.join(f'{x:.0f}' for x in v)} | {best[k]:.0f} | {best[k] / ceiling:.2f} |")
+        used = f"{sorted(cpu[k])[1]:.2f}" if k in cpu else ""
+        lines.append(f"| {k} | {', '.join(f'{x:.0f}' for x in v)} | {best[k]:.0f} | {best[k] / ceiling:.2f} | {used} |")
     lines += ["", f"Berth's peak RSS over the run: {rss:.0f} MiB"]
     print("\n".join(lines))
 

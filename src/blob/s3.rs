@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::{Stream, StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::multipart::{MultipartStore, PartId};
@@ -171,7 +171,9 @@ impl S3Store {
     {
         let chunk_key = format!("{key}{}", uuid::Uuid::new_v4().simple());
         let mut body = std::pin::pin!(body);
-        let mut first = BytesMut::new();
+        // The body's own buffers, kept as they arrived: a part is sent as a list of them, so no
+        // byte is copied on its way from the socket to the store.
+        let mut first = Pieces::default();
         let mut multipart: Option<PartWriter> = None;
         let mut written = 0u64;
         while let Some(piece) = body.next().await {
@@ -187,12 +189,14 @@ impl S3Store {
             hasher.update(&piece);
             written += piece.len() as u64;
             match &mut multipart {
-                Some(m) => m.write(&piece).await?,
+                Some(m) => m.write(piece).await?,
                 None => {
-                    first.extend_from_slice(&piece);
-                    if first.len() >= self.part_size {
+                    first.push(piece);
+                    if first.len >= self.part_size {
                         let mut m = self.part_writer(&chunk_key).await?;
-                        m.write(&std::mem::take(&mut first)).await?;
+                        for piece in std::mem::take(&mut first).take_all() {
+                            m.write(piece).await?;
+                        }
                         multipart = Some(m);
                     }
                 }
@@ -204,7 +208,8 @@ impl S3Store {
             }
             None if written == 0 => return Ok(0),
             None => {
-                self.store.put(&self.path(&chunk_key), PutPayload::from(first.freeze())).await?;
+                let payload: PutPayload = first.take_all().into_iter().collect();
+                self.store.put(&self.path(&chunk_key), payload).await?;
             }
         }
         chunks.push(Chunk { key: chunk_key, len: written });
@@ -238,7 +243,7 @@ impl S3Store {
                     };
                     while let Some(bytes) = stream.next().await {
                         match bytes {
-                            Ok(b) => out.write(&b).await?,
+                            Ok(b) => out.write(b).await?,
                             Err(e) => {
                                 out.abort().await;
                                 return Err(e.into());
@@ -306,7 +311,7 @@ impl S3Store {
             id,
             marker,
             part_size: self.part_size,
-            buf: BytesMut::new(),
+            buf: Pieces::default(),
             next_part: 0,
             in_flight: JoinSet::new(),
             done: Vec::new(),
@@ -444,30 +449,65 @@ struct PartWriter {
     id: MultipartId,
     marker: Path,
     part_size: usize,
-    buf: BytesMut,
+    buf: Pieces,
     next_part: usize,
     in_flight: JoinSet<object_store::Result<(usize, PartId)>>,
     done: Vec<(usize, PartId)>,
 }
 
+/// Buffers as they arrived, in order, and their total length.
+#[derive(Default)]
+struct Pieces {
+    queue: std::collections::VecDeque<Bytes>,
+    len: usize,
+}
+
+impl Pieces {
+    fn push(&mut self, piece: Bytes) {
+        self.len += piece.len();
+        self.queue.push_back(piece);
+    }
+
+    /// The first `n` bytes (at most `len`), splitting a buffer at the boundary without copying.
+    fn take(&mut self, mut n: usize) -> Vec<Bytes> {
+        let mut out = Vec::new();
+        while n > 0 {
+            let Some(mut piece) = self.queue.pop_front() else { break };
+            if piece.len() > n {
+                let rest = piece.split_off(n);
+                self.queue.push_front(rest);
+            }
+            n -= piece.len();
+            self.len -= piece.len();
+            out.push(piece);
+        }
+        out
+    }
+
+    fn take_all(mut self) -> Vec<Bytes> {
+        let len = self.len;
+        self.take(len)
+    }
+}
+
 impl PartWriter {
-    async fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        self.buf.extend_from_slice(bytes);
-        while self.buf.len() >= self.part_size {
-            let part = self.buf.split_to(self.part_size).freeze();
+    async fn write(&mut self, piece: Bytes) -> Result<()> {
+        self.buf.push(piece);
+        while self.buf.len >= self.part_size {
+            let part: PutPayload = self.buf.take(self.part_size).into_iter().collect();
             self.send(part).await?;
         }
         Ok(())
     }
 
-    async fn send(&mut self, part: Bytes) -> Result<()> {
+    async fn send(&mut self, part: PutPayload) -> Result<()> {
         while self.in_flight.len() >= UPLOAD_CONCURRENCY {
             self.join_one().await?;
         }
         let (store, path, id, idx) = (self.store.clone(), self.path.clone(), self.id.clone(), self.next_part);
         self.next_part += 1;
         self.in_flight.spawn(async move {
-            let part_id = store.put_part(&path, &id, idx, PutPayload::from(part)).await?;
+            let part_id = store.put_part(&path, &id, idx, part).await?;
             Ok((idx, part_id))
         });
         Ok(())
@@ -482,10 +522,10 @@ impl PartWriter {
     }
 
     async fn finish(mut self) -> Result<()> {
-        let rest = std::mem::take(&mut self.buf).freeze();
+        let rest = std::mem::take(&mut self.buf);
         let result = async {
-            if !rest.is_empty() || self.next_part == 0 {
-                self.send(rest).await?;
+            if rest.len > 0 || self.next_part == 0 {
+                self.send(rest.take_all().into_iter().collect()).await?;
             }
             while !self.in_flight.is_empty() {
                 self.join_one().await?;
@@ -514,5 +554,32 @@ impl PartWriter {
         if self.store.abort_multipart(&self.path, &self.id).await.is_ok() {
             let _ = self.store.delete(&self.marker).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_hand_out_exact_parts_without_losing_or_reordering_bytes() {
+        let data: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
+        let mut pieces = Pieces::default();
+        // Uneven buffers, as a request body delivers them.
+        let mut at = 0;
+        for size in [1, 7, 300, 64, 128, 500] {
+            pieces.push(Bytes::copy_from_slice(&data[at..at + size]));
+            at += size;
+        }
+        assert_eq!(pieces.len, 1000);
+        let mut out = Vec::new();
+        for part in [256, 256, 256] {
+            let taken = pieces.take(part);
+            assert_eq!(taken.iter().map(Bytes::len).sum::<usize>(), part);
+            out.extend(taken.iter().flat_map(|b| b.iter().copied()));
+        }
+        assert_eq!(pieces.len, 232);
+        out.extend(pieces.take_all().iter().flat_map(|b| b.iter().copied()));
+        assert_eq!(out, data);
     }
 }
