@@ -235,6 +235,23 @@ def drop_caches():
         return False
 
 
+def blob_args(doc, *extra):
+    """The arguments every single-file push benchmark takes, parsed; makes `push.bin` (1 GiB,
+    or 256 MiB with --quick) in the work directory. Returns (args, size, path, digest)."""
+    ap = argparse.ArgumentParser(description=doc)
+    ap.add_argument("--berth", required=True)
+    ap.add_argument("--work", required=True)
+    ap.add_argument("--out")
+    ap.add_argument("--quick", action="store_true", help="256 MiB instead of 1 GiB")
+    for flag in extra:
+        ap.add_argument(flag, required=True)
+    args = ap.parse_args()
+    os.makedirs(args.work, exist_ok=True)
+    size = (256 if args.quick else 1024) * MiB
+    path = os.path.join(args.work, "push.bin")
+    return args, size, path, make_file(path, size)
+
+
 def make_file(path, size):
     with open(path, "wb") as f:
         left = size

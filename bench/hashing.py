@@ -9,7 +9,6 @@ uses SHA-NI here and cannot be masked the same way) runs beside them for the thr
 Run through `bench/run hashing [--quick]`. Standard library only.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -29,16 +28,7 @@ def push(server, path, digest, runs):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--berth", required=True)
-    ap.add_argument("--work", required=True)
-    ap.add_argument("--out")
-    ap.add_argument("--quick", action="store_true", help="256 MiB instead of 1 GiB")
-    args = ap.parse_args()
-    os.makedirs(args.work, exist_ok=True)
-    size = (256 if args.quick else 1024) * bench.MiB
-    path = os.path.join(args.work, "push.bin")
-    digest = bench.make_file(path, size)
+    args, size, path, digest = bench.blob_args(__doc__)
     gb = size / 1e9
     results = {"machine": bench.machine(), "sha256_MBps": bench.sha256_speed(), "bytes": size, "rows": []}
     for name, mask in MASKS.items():

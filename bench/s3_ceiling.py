@@ -7,7 +7,6 @@ and in 16 MiB chunks. Target: Berth at ≥ 80 % of the direct upload.
 Run through `bench/run s3 [--quick]`. Standard library and curl only.
 """
 
-import argparse
 import concurrent.futures
 import json
 import os
@@ -72,17 +71,7 @@ def direct_multipart(env, path, parts_dir):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--berth", required=True)
-    ap.add_argument("--work", required=True)
-    ap.add_argument("--scale-out-env", required=True)
-    ap.add_argument("--out")
-    ap.add_argument("--quick", action="store_true", help="256 MiB instead of 1 GiB")
-    args = ap.parse_args()
-    os.makedirs(args.work, exist_ok=True)
-    size = (256 if args.quick else 1024) * bench.MiB
-    path = os.path.join(args.work, "push.bin")
-    digest = bench.make_file(path, size)
+    args, size, path, digest = bench.blob_args(__doc__, "--scale-out-env")
     chunks = []
     with open(path, "rb") as f:
         for i in range(size // (16 * bench.MiB)):

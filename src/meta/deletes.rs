@@ -93,13 +93,6 @@ pub struct Purged {
     pub unlinked_from: Vec<String>,
 }
 
-/// What removing tags in a transaction needs, prepared once.
-struct UntagCtx {
-    current_sql: String,
-    untagged_review_at: i64,
-    immutable: std::sync::Arc<ImmutableTags>,
-}
-
 /// id, deleted_at, delete_id, deleted_why, unrestorable.
 type TombstoneRow = (i64, Option<i64>, Option<i64>, Option<String>, Option<String>);
 
@@ -388,79 +381,56 @@ impl MetaStore {
         now: i64,
     ) -> DeleteResult<String> {
         let share = self.share_lock();
-        let ctx = self.untag_ctx(now);
+        let current_sql = format!(
+            "SELECT m.digest, m.id FROM tags t JOIN manifests m ON m.id = t.manifest_id \
+             WHERE t.repository_id = $1 AND t.name = $2{}",
+            self.update_lock_of("t")
+        );
+        let untagged_review_at = now.saturating_add(self.windows().untagged_grace_ms);
+        let immutable = self.immutable.clone();
         transaction!(self, DeleteError, |tx| {
             let repo_id = Self::live_repository(tx, repo, share).await?;
-            Self::untag(tx, &ctx, repo_id, repo, tag, condition, actor, now).await
+            let current: Option<(String, i64)> = sqlx::query_as(&current_sql)
+                .bind(repo_id)
+                .bind(tag.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+            let manifest_id = current.as_ref().map(|(_, id)| *id);
+            let current = current.map(|(d, _)| d);
+            if !condition.holds(current.as_deref()) {
+                return refuse(Refusal::Precondition(match &current {
+                    Some(d) => format!("tag {tag} points at {d}"),
+                    None => format!("tag {tag} does not exist"),
+                }));
+            }
+            let Some(old) = current else {
+                return refuse(Refusal::NotFound(format!("tag {tag} not in repository {repo}")));
+            };
+            Self::refuse_immutable(tx, &immutable, repo_id, repo, &[tag.to_string()], now).await?;
+            let delete_id =
+                Self::new_delete(tx, Some(repo_id), "tag", tag.as_str(), actor, None, now).await?;
+            Self::record_tag_move(
+                tx,
+                repo_id,
+                tag.as_str(),
+                Some(&old),
+                None,
+                actor,
+                now,
+                "delete",
+                Some(delete_id),
+            )
+            .await?;
+            sqlx::query("DELETE FROM tags WHERE repository_id = $1 AND name = $2")
+                .bind(repo_id)
+                .bind(tag.as_str())
+                .execute(&mut *tx)
+                .await?;
+            if let Some(id) = manifest_id {
+                Self::enqueue(tx, Review::Manifest(id), untagged_review_at).await?;
+            }
+            Ok(old)
         })
-    }
-
-    /// The parts of a transaction that removes tags, prepared at `now`.
-    fn untag_ctx(&self, now: i64) -> UntagCtx {
-        UntagCtx {
-            current_sql: format!(
-                "SELECT m.digest, m.id FROM tags t JOIN manifests m ON m.id = t.manifest_id \
-                 WHERE t.repository_id = $1 AND t.name = $2{}",
-                self.update_lock_of("t")
-            ),
-            untagged_review_at: now.saturating_add(self.windows().untagged_grace_ms),
-            immutable: self.immutable.clone(),
-        }
-    }
-
-    /// Removes tag `tag` of repository `repo_id` if `condition` holds and it is not immutable,
-    /// as a delete of its own (restorable) recorded in the history. Returns the digest it
-    /// pointed at. A refusal writes nothing, so the transaction may go on.
-    #[expect(clippy::too_many_arguments, reason = "the parts of one tag delete")]
-    async fn untag(
-        tx: &mut AnyConnection,
-        ctx: &UntagCtx,
-        repo_id: i64,
-        repo: &RepoName,
-        tag: &Tag,
-        condition: TagCondition<'_>,
-        actor: Option<&str>,
-        now: i64,
-    ) -> DeleteResult<String> {
-        let current: Option<(String, i64)> = sqlx::query_as(&ctx.current_sql)
-            .bind(repo_id)
-            .bind(tag.as_str())
-            .fetch_optional(&mut *tx)
-            .await?;
-        let manifest_id = current.as_ref().map(|(_, id)| *id);
-        let current = current.map(|(d, _)| d);
-        if !condition.holds(current.as_deref()) {
-            return refuse(Refusal::Precondition(match &current {
-                Some(d) => format!("tag {tag} points at {d}"),
-                None => format!("tag {tag} does not exist"),
-            }));
-        }
-        let Some(old) = current else {
-            return refuse(Refusal::NotFound(format!("tag {tag} not in repository {repo}")));
-        };
-        Self::refuse_immutable(tx, &ctx.immutable, repo_id, repo, &[tag.to_string()], now).await?;
-        let delete_id = Self::new_delete(tx, Some(repo_id), "tag", tag.as_str(), actor, None, now).await?;
-        Self::record_tag_move(
-            tx,
-            repo_id,
-            tag.as_str(),
-            Some(&old),
-            None,
-            actor,
-            now,
-            "delete",
-            Some(delete_id),
-        )
-        .await?;
-        sqlx::query("DELETE FROM tags WHERE repository_id = $1 AND name = $2")
-            .bind(repo_id)
-            .bind(tag.as_str())
-            .execute(&mut *tx)
-            .await?;
-        if let Some(id) = manifest_id {
-            Self::enqueue(tx, Review::Manifest(id), ctx.untagged_review_at).await?;
-        }
-        Ok(old)
     }
 
     /// Unlinks blob `digest` from `repo`. Refused while a live manifest of the repository

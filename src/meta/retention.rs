@@ -361,14 +361,7 @@ impl MetaStore {
         .bind(&run.by_rule)
         .execute(&self.write)
         .await?;
-        sqlx::query(
-            "DELETE FROM retention_runs WHERE id < (SELECT MIN(id) FROM \
-             (SELECT id FROM retention_runs ORDER BY id DESC LIMIT $1) AS newest)",
-        )
-        .bind(RUNS_KEPT)
-        .execute(&self.write)
-        .await?;
-        Ok(())
+        self.keep_newest("retention_runs", RUNS_KEPT).await
     }
 
     /// The newest `limit` real retention runs, newest first.

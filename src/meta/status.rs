@@ -122,11 +122,16 @@ impl MetaStore {
         .bind(pass.errors)
         .execute(&self.write)
         .await?;
-        sqlx::query(
-            "DELETE FROM gc_passes WHERE id < (SELECT MIN(id) FROM \
-             (SELECT id FROM gc_passes ORDER BY id DESC LIMIT $1) AS newest)",
-        )
-        .bind(PASSES_KEPT)
+        self.keep_newest("gc_passes", PASSES_KEPT).await
+    }
+
+    /// Forgets all but the newest `kept` rows of `table` (a record of runs, ids ascending).
+    pub(super) async fn keep_newest(&self, table: &str, kept: i64) -> Result<()> {
+        sqlx::query(&format!(
+            "DELETE FROM {table} WHERE id < (SELECT MIN(id) FROM \
+             (SELECT id FROM {table} ORDER BY id DESC LIMIT $1) AS newest)"
+        ))
+        .bind(kept)
         .execute(&self.write)
         .await?;
         Ok(())

@@ -264,15 +264,10 @@ impl Registry {
             for (t, outcome) in batch.iter_mut().zip(outcomes) {
                 t.outcome = Some(match outcome {
                     UntagOutcome::Removed => {
-                        tracing::info!(
-                            target: crate::telemetry::AUDIT,
-                            action = "delete-tag",
-                            actor = %format!("retention:{}", t.rule),
-                            subject = %format!("{repo}:{}", t.tag),
-                            manifests = %format!("{repo}@{}", t.digest),
-                            tags = %format!("{repo}:{}", t.tag),
-                            "audit"
-                        );
+                        if let Ok(tag) = Tag::parse(&t.tag) {
+                            let actor = format!("retention:{}", t.rule);
+                            super::delete::audit_tag("delete-tag", Some(&actor), repo, &tag, &t.digest);
+                        }
                         "removed".to_string()
                     }
                     UntagOutcome::Skipped(why) => {
