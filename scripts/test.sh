@@ -14,6 +14,8 @@ missing=()
 for tool in skopeo buildah podman openssl curl; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
+# The reference registry (distribution 2.8), whose storage the import tests adopt.
+command -v docker-registry >/dev/null 2>&1 || missing+=(docker-registry)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "==> installing ${missing[*]} (Debian packages)"
     as_root apt-get update -qq

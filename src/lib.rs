@@ -25,6 +25,7 @@ pub mod auth;
 pub mod blob;
 pub mod cli;
 pub mod config;
+pub mod distribution;
 pub mod fuzzing;
 pub mod meta;
 pub mod metrics;

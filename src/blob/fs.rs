@@ -157,6 +157,32 @@ impl FsStore {
     ///
     /// # Errors
     /// [`Error::Io`].
+    /// Hard-links the file at `from` as `key`: the bytes become a stored copy without being
+    /// copied, and stay whatever later happens to `from`.
+    pub(super) async fn adopt(&self, from: &Path, key: &str) -> Result<()> {
+        let to = self.file(key);
+        create_parent(&to, key).await?;
+        tokio::fs::hard_link(from, &to).await.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::CrossesDevices {
+                Error::Config(format!(
+                    "{} is on another filesystem than {}: a hard link cannot cross filesystems",
+                    from.display(),
+                    self.root.display()
+                ))
+            } else {
+                Error::Io { key: key.to_string(), source: e }
+            }
+        })
+    }
+
+    /// Whether files under `dir` can be hard-linked into this store (same filesystem).
+    pub(super) fn same_filesystem(&self, dir: &Path) -> Result<bool> {
+        use std::os::unix::fs::MetadataExt as _;
+        let here = std::fs::metadata(&self.root).map_err(io_err("."))?;
+        let there = std::fs::metadata(dir).map_err(io_err(&dir.to_string_lossy()))?;
+        Ok(here.dev() == there.dev())
+    }
+
     pub(super) async fn delete(&self, key: &str) -> Result<()> {
         match tokio::fs::remove_file(self.file(key)).await {
             Ok(()) => Ok(()),

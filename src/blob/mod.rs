@@ -127,6 +127,21 @@ pub struct Listed {
     pub modified_ms: i64,
 }
 
+/// Where the reference registry keeps a blob's bytes, for adopting them in place (`berth
+/// import`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// A file of its filesystem driver.
+    File(std::path::PathBuf),
+    /// An object of its S3 driver: the bucket and the object's whole key there.
+    Object {
+        /// The bucket.
+        bucket: String,
+        /// The key, from the bucket's root.
+        key: String,
+    },
+}
+
 /// Deletes in flight at once on the filesystem.
 const FS_DELETE_CONCURRENCY: usize = 16;
 
@@ -315,6 +330,77 @@ impl BlobStore {
                 Ok(())
             }
             Backend::S3(s) => s.delete_prefix(key, None).await,
+        }
+    }
+
+    /// Checks that blobs under `root` (the reference registry's storage) can be adopted without
+    /// copying a byte: on the filesystem, hard links need the same filesystem; on S3 the objects
+    /// must be in this bucket, under this prefix, to be named as they are.
+    ///
+    /// # Errors
+    /// [`Error::Config`] saying why not.
+    pub fn check_adoptable(&self, root: &Origin) -> Result<()> {
+        match (&self.0, root) {
+            (Backend::Filesystem(s), Origin::File(dir)) => {
+                if s.same_filesystem(dir)? {
+                    Ok(())
+                } else {
+                    Err(Error::Config(format!(
+                        "{} is on another filesystem than {}: blobs are adopted by hard links, which \
+                         cannot cross filesystems; move one of them",
+                        dir.display(),
+                        s.describe()
+                    )))
+                }
+            }
+            (Backend::S3(s), Origin::Object { bucket, key }) => match s.key_of(bucket, key) {
+                Some(_) => Ok(()),
+                None => Err(Error::Config(format!(
+                    "s3://{bucket}/{key} is outside Berth's storage ({}): blobs are adopted where they \
+                     are, so the reference registry's root must be in Berth's bucket, under its prefix",
+                    s.describe()
+                ))),
+            },
+            (Backend::Filesystem(_), Origin::Object { .. }) => Err(Error::Config(
+                "an S3 store is imported into the scale-out deployment (storage.kind = \"s3\")".into(),
+            )),
+            (Backend::S3(_), Origin::File(_)) => Err(Error::Config(
+                "a filesystem store is imported into the embedded deployment (storage.kind = \"filesystem\")"
+                    .into(),
+            )),
+        }
+    }
+
+    /// Makes the bytes at `origin` a stored copy of `digest` without copying them and returns
+    /// its key: on the filesystem a hard link under a fresh key (the collector later deletes that
+    /// link, nothing else); on S3 the object itself, named where it is (the collector later
+    /// deletes exactly that object).
+    ///
+    /// # Errors
+    /// [`Error::Config`] when `origin` cannot be adopted here; others when storage fails.
+    pub async fn adopt(&self, origin: &Origin, digest: &Digest) -> Result<String> {
+        match (&self.0, origin) {
+            (Backend::Filesystem(s), Origin::File(path)) => {
+                let copy_id = uuid::Uuid::new_v4().simple().to_string();
+                let key = BlobKey::Blob { digest, copy_id: &copy_id }.path();
+                s.adopt(path, &key).await?;
+                Ok(key)
+            }
+            (Backend::S3(s), Origin::Object { bucket, key }) if s.key_of(bucket, key).is_some() => {
+                Ok(s.key_of(bucket, key).unwrap_or_default())
+            }
+            // Not adoptable here: the check says why.
+            _ => self.check_adoptable(origin).and(Err(Error::Config(format!("cannot adopt {origin:?}")))),
+        }
+    }
+
+    /// Undoes [`BlobStore::adopt`] when the digest turned out to be stored already: removes the
+    /// hard link; an object adopted where it is stays (it was never Berth's). Best effort.
+    pub async fn discard_adopted(&self, key: &str) {
+        if let Backend::Filesystem(s) = &self.0
+            && let Err(e) = s.delete(key).await
+        {
+            tracing::warn!(storage.key = key, error = %e, "could not remove an unused hard link");
         }
     }
 

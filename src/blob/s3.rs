@@ -105,6 +105,32 @@ pub(super) fn session_prefix(id: &str) -> String {
     format!("blobs/{id}/")
 }
 
+impl S3Config {
+    /// A client for `bucket` on this endpoint with these credentials (Berth's own bucket, or the
+    /// reference registry's storage that `berth import` reads).
+    ///
+    /// # Errors
+    /// [`Error::Config`] when the settings do not make a client.
+    pub fn client(&self, bucket: &str) -> Result<object_store::aws::AmazonS3> {
+        let mut builder = AmazonS3Builder::from_env()
+            .with_bucket_name(bucket)
+            .with_virtual_hosted_style_request(!self.path_style);
+        if let Some(endpoint) = &self.endpoint {
+            builder = builder.with_endpoint(endpoint).with_allow_http(endpoint.starts_with("http://"));
+        }
+        if let Some(region) = &self.region {
+            builder = builder.with_region(region);
+        }
+        if let Some(id) = &self.access_key_id {
+            builder = builder.with_access_key_id(id);
+        }
+        if let Some(secret) = &self.secret_access_key {
+            builder = builder.with_secret_access_key(secret);
+        }
+        builder.build().map_err(|e| Error::Config(e.to_string()))
+    }
+}
+
 impl S3Store {
     pub(super) fn open(config: &S3Config) -> Result<Self> {
         if config.bucket.is_empty() {
@@ -113,22 +139,7 @@ impl S3Store {
         if config.part_size_mib < 5 {
             return Err(Error::Config("storage.s3.part_size_mib must be at least 5".into()));
         }
-        let mut builder = AmazonS3Builder::from_env()
-            .with_bucket_name(&config.bucket)
-            .with_virtual_hosted_style_request(!config.path_style);
-        if let Some(endpoint) = &config.endpoint {
-            builder = builder.with_endpoint(endpoint).with_allow_http(endpoint.starts_with("http://"));
-        }
-        if let Some(region) = &config.region {
-            builder = builder.with_region(region);
-        }
-        if let Some(id) = &config.access_key_id {
-            builder = builder.with_access_key_id(id);
-        }
-        if let Some(secret) = &config.secret_access_key {
-            builder = builder.with_secret_access_key(secret);
-        }
-        let store = builder.build().map_err(|e| Error::Config(e.to_string()))?;
+        let store = config.client(&config.bucket)?;
         let prefix = config.prefix.as_deref().unwrap_or("").trim_matches('/');
         Ok(S3Store {
             store: Arc::new(store),
@@ -316,6 +327,12 @@ impl S3Store {
             in_flight: JoinSet::new(),
             done: Vec::new(),
         })
+    }
+
+    /// The key (relative to this store's prefix) of object `full_key` in `bucket`, if this
+    /// store can address it: same bucket, under the prefix.
+    pub(super) fn key_of(&self, bucket: &str, full_key: &str) -> Option<String> {
+        (bucket == self.bucket).then(|| full_key.strip_prefix(&self.prefix).map(str::to_string)).flatten()
     }
 
     pub(super) async fn delete(&self, key: &str) -> Result<()> {

@@ -2,6 +2,7 @@
 
 pub mod admin;
 mod fsck;
+mod import;
 mod progress;
 
 use std::path::PathBuf;
@@ -44,6 +45,10 @@ Check and collect:
   berth gc explain REPO@DIGEST | DIGEST          why it is kept, and when it will go
   berth gc status                                queues, outbox, last passes, sweep, scrub findings
   berth gc space [REPO]                          bytes live, in tombstones, in grace, due; when the rest goes
+
+Move in from the reference registry (docs/migrate.md):
+  berth import --from /var/lib/registry          adopt its tags and blobs in place; again to catch up
+  berth import --from /var/lib/registry --final  the cut-over run (old registry read-only)
 
 Admin commands talk to http://127.0.0.1:5000 (--url, BERTH_URL; --user, --password) or open a
 deployment directly (--config, --data-dir). Add --json for scripts.";
@@ -89,6 +94,13 @@ pub enum Command {
     ///
     /// Example: `berth fsck --config berth.toml --rehash`
     Fsck(FsckArgs),
+    /// Adopt the reference registry's storage (distribution, `registry:2`): its tags, the
+    /// manifests they reach and their blobs — the bytes adopted in place, never copied. Run it
+    /// while the old registry serves, again (a catch-up that reads only what changed) once it is
+    /// read-only, then with --final to cut over. See docs/migrate.md.
+    ///
+    /// Example: `berth import --from /var/lib/registry --dry-run`
+    Import(ImportArgs),
     /// Retention rules: `berth retention run [--dry-run] [--repo PATTERN]` applies them now
     /// (serving replicas also do every `retention.interval`); `berth retention status` shows
     /// the rules and the last runs.
@@ -378,6 +390,36 @@ pub struct FsckArgs {
     pub common: CommonArgs,
 }
 
+/// `berth import`.
+#[derive(Debug, clap::Args)]
+pub struct ImportArgs {
+    /// The reference registry's storage: its root directory (`storage.filesystem.rootdirectory`)
+    /// or `s3://BUCKET/ROOT` (`storage.s3.rootdirectory` in that bucket, read with Berth's S3
+    /// endpoint and credentials).
+    #[arg(long, required_unless_present = "list")]
+    pub from: Option<String>,
+    /// Count what a run would do — tags, manifests, blobs and bytes — changing nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Also import manifests no tag reaches (kept as untagged manifests, under gc.untagged_grace).
+    #[arg(long)]
+    pub untagged: bool,
+    /// The cut-over run (the old registry stopped or read-only): afterwards the storage is
+    /// marked as Berth's, which stops the old registry's garbage-collect, and `berth serve`
+    /// starts without --allow-unfinished-import.
+    #[arg(long = "final", conflicts_with = "dry_run")]
+    pub cut_over: bool,
+    /// List the imports recorded and whether each cut over.
+    #[arg(long, conflicts_with_all = ["from", "dry_run", "untagged", "cut_over"])]
+    pub list: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Common settings (the deployment to import into).
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
 /// `berth purge`.
 #[derive(Debug, clap::Args)]
 pub struct PurgeArgs {
@@ -419,6 +461,10 @@ pub struct ServeArgs {
     /// Write the bound address to this file once the server accepts connections.
     #[arg(long)]
     pub ready_file: Option<PathBuf>,
+    /// Serve although an import has not cut over (the reference registry may still write to
+    /// the storage Berth adopted blobs from).
+    #[arg(long, env = "BERTH_ALLOW_UNFINISHED_IMPORT")]
+    pub allow_unfinished_import: bool,
 }
 
 impl CommonArgs {
@@ -444,6 +490,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let (conn, request) = match cli.command {
         Command::Serve(args) => return serve(args).await,
         Command::Fsck(args) => return fsck::run(args).await,
+        Command::Import(args) => return import::run(args).await,
         Command::HashSpeed => {
             println!("{}", hash_speed());
             return Ok(());
@@ -548,6 +595,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
     let app = crate::app::App::open(&config).await?;
+    if !args.allow_unfinished_import {
+        import::refuse_unfinished(&app.registry).await?;
+    }
     let addr = listener.local_addr()?;
     tracing::info!(listen = %addr, data_dir = %config.data_dir.display(), "berth is serving");
     if let Some(path) = &args.ready_file {

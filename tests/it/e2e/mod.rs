@@ -6,6 +6,7 @@
 mod auth_clients;
 mod buildah;
 mod deletes;
+mod import;
 pub mod layout;
 mod oci_client;
 mod quickstart;
