@@ -31,7 +31,6 @@ const DAY: i64 = 24 * 3600 * 1000;
 struct Reference {
     child: Child,
     addr: String,
-    config: PathBuf,
 }
 
 impl Reference {
@@ -61,7 +60,7 @@ impl Reference {
             assert!(std::time::Instant::now() < deadline, "docker-registry did not start");
             std::thread::sleep(Duration::from_millis(50));
         }
-        Reference { child, addr, config }
+        Reference { child, addr }
     }
 
     fn stop(mut self) {
