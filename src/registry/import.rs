@@ -254,6 +254,8 @@ impl Registry {
         };
         run.report(|r| r.tags_listed += listed.len() as u64);
         let mut present = HashSet::new();
+        // What the tags point at: the untagged pass leaves these to the tags (and their reports).
+        let mut targets: HashSet<String> = previous.values().map(|t| t.digest.clone()).collect();
         for link in &listed {
             present.insert(link.tag.clone());
             let before = previous.get(&link.tag);
@@ -275,6 +277,7 @@ impl Registry {
                     continue;
                 }
             };
+            targets.insert(target.to_string());
             if before.is_some_and(|b| b.digest == target.as_str()) {
                 run.report(|r| r.tags_unchanged += 1);
                 if !run.options.dry_run {
@@ -336,6 +339,9 @@ impl Registry {
         }
         if run.options.untagged && in_source {
             for digest in run.source.revisions(name).await.map_err(internal)? {
+                if targets.contains(digest.as_str()) {
+                    continue;
+                }
                 if let Err(reason) = self.import_manifest(run, &repo, &digest, None).await {
                     run.skip(format!("{name}@{digest}"), reason);
                 }

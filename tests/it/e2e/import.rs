@@ -416,3 +416,147 @@ backend_test!(import_from_the_reference_registry_pre_import_catch_up_cut_over, |
     let fsck = berth_command(&reg, work.path(), "fsck").output().unwrap();
     assert!(fsck.status.success(), "{}", String::from_utf8_lossy(&fsck.stdout));
 });
+
+/// PUTs `bytes` (an OCI manifest) to `repo:reference` of the reference registry.
+async fn put_manifest(addr: &str, repo: &str, reference: &str, bytes: &[u8]) {
+    let res = reqwest::Client::new()
+        .put(format!("http://{addr}/v2/{repo}/manifests/{reference}"))
+        .header("content-type", OCI_MANIFEST)
+        .body(bytes.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
+}
+
+/// The digest `reference` of `repo` resolves to on a registry at `addr`, if any.
+async fn resolve(addr: &str, repo: &str, reference: &str) -> Option<String> {
+    let res = reqwest::Client::new()
+        .head(format!("http://{addr}/v2/{repo}/manifests/{reference}"))
+        .header("accept", format!("{OCI_MANIFEST}, {OCI_INDEX}"))
+        .send()
+        .await
+        .unwrap();
+    (res.status() == 200).then(|| res.headers()["docker-content-digest"].to_str().unwrap().to_string())
+}
+
+backend_test!(an_interrupted_import_continues_and_bad_items_are_skipped, |reg| {
+    if !have("skopeo") || !have("docker-registry") {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().join("registry");
+    std::fs::create_dir_all(&root).unwrap();
+    let lay = work.path().join("lay");
+    let images: Vec<_> = (0..6).map(|i| layout::image(&lay, 50 + i, "amd64")).collect();
+    let missing = layout::image(&lay, 60, "amd64");
+    let corrupt = layout::image(&lay, 61, "amd64");
+    let untagged = layout::image(&lay, 62, "amd64");
+    let mut tags: Vec<(String, &layout::Written, &str)> =
+        images.iter().enumerate().map(|(i, w)| (format!("i{i}"), w, OCI_MANIFEST)).collect();
+    tags.push(("missing".into(), &missing, OCI_MANIFEST));
+    tags.push(("corrupt".into(), &corrupt, OCI_MANIFEST));
+    tags.push(("untagged".into(), &untagged, OCI_MANIFEST));
+    let refs: Vec<(&str, &layout::Written, &str)> =
+        tags.iter().map(|(t, w, m)| (t.as_str(), *w, *m)).collect();
+    layout::finish(&lay, &refs);
+    let src = |tag: &str| format!("oci:{}:{tag}", lay.display());
+
+    // Six repositories of ten tags each, two broken images, one manifest pushed by digest only.
+    let old = Reference::start(&root, false);
+    let at = |path: &str| format!("docker://{}/{path}", old.addr);
+    for (i, image) in images.iter().enumerate() {
+        skopeo_copy(&src(&format!("i{i}")), &at(&format!("many/r{i}:t0"))).await;
+        for t in 1..10 {
+            put_manifest(&old.addr, &format!("many/r{i}"), &format!("t{t}"), &image.bytes).await;
+        }
+    }
+    skopeo_copy(&src("missing"), &at("bad/missing:x")).await;
+    skopeo_copy(&src("corrupt"), &at("bad/corrupt:x")).await;
+    skopeo_copy(&src("untagged"), &at("many/r0:gone")).await;
+    run("skopeo", &["delete", "--tls-verify=false", &at(&format!("many/r0@{}", untagged.digest))], &[]).await;
+    put_manifest(&old.addr, "many/r0", untagged.digest.as_str(), &untagged.bytes).await;
+    let blob_file =
+        |d: &Digest| root.join(format!("docker/registry/v2/blobs/sha256/{}/{}/data", &d.hex()[..2], d.hex()));
+    std::fs::remove_file(blob_file(&missing.blobs[1])).unwrap();
+    std::fs::write(blob_file(&corrupt.digest), b"{\"schemaVersion\": 2}").unwrap();
+    let mut store = Store::new(&reg, root.clone());
+    store.sync().await;
+
+    // The first run is killed once it has brought some tags over.
+    let mut first = berth_command(&reg, work.path(), "import")
+        .args(["--from", &store.from()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let db = reg.sql().await;
+    let recorded = || async {
+        let (n,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM import_tags").fetch_one(&db).await.unwrap_or((0,));
+        n
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while recorded().await < 5 {
+        assert!(first.try_wait().unwrap().is_none(), "the import finished before it could be interrupted");
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let done_before = recorded().await;
+    assert!((5..60).contains(&done_before), "{done_before} tags recorded when killed");
+
+    // The next run continues: it brings over the rest, with the untagged manifest this time;
+    // the broken images are reported and the rest goes on.
+    let (out, report) = import_cli(&reg, work.path(), &["--from", &store.from(), "--untagged"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("imported 8 repositories"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = report.unwrap();
+    let new = names(&report["tags_new"]);
+    assert_eq!(new.len() as i64 + done_before, 60, "{report}");
+    let skipped: Vec<(String, String)> = report["skipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["item"].as_str().unwrap().to_string(), s["reason"].as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(skipped.len(), 2, "{skipped:?}");
+    assert_eq!(skipped[0].0, "bad/corrupt:x");
+    assert!(skipped[0].1.contains("hash to"), "{skipped:?}");
+    assert_eq!(skipped[1].0, "bad/missing:x");
+    assert!(skipped[1].1.contains("missing from the source"), "{skipped:?}");
+
+    // Every tag resolves as in the old registry; the untagged manifest is there by digest.
+    for i in 0..6 {
+        for t in 0..10 {
+            let (repo, tag) = (format!("many/r{i}"), format!("t{t}"));
+            assert_eq!(
+                resolve(&reg.addr.to_string(), &repo, &tag).await,
+                resolve(&old.addr, &repo, &tag).await
+            );
+        }
+    }
+    assert_eq!(
+        resolve(&reg.addr.to_string(), "many/r0", untagged.digest.as_str()).await.as_deref(),
+        Some(untagged.digest.as_str())
+    );
+    assert_eq!(resolve(&reg.addr.to_string(), "bad/missing", "x").await, None);
+    old.stop();
+
+    // A run with nothing changed changes nothing (and reports the broken images again).
+    let (_, again) = import_cli(&reg, work.path(), &["--from", &store.from()]);
+    let again = again.unwrap();
+    assert_eq!(again["tags_new"], serde_json::json!([]), "{again}");
+    assert_eq!(
+        (again["manifests_imported"].as_u64(), again["skipped"].as_array().unwrap().len()),
+        (Some(0), 2),
+        "{again}"
+    );
+    let fsck = berth_command(&reg, work.path(), "fsck").output().unwrap();
+    assert!(fsck.status.success(), "{}", String::from_utf8_lossy(&fsck.stdout));
+});
