@@ -66,9 +66,9 @@ impl Registry {
         let page = self.blobs.list_page(&storage.resume_after, SWEEP_PAGE).await?;
         report.objects_listed = page.len() as u64;
         (report.orphans, report.orphan_bytes) = self.send_orphans_to_outbox(&page, now).await?;
-        match page.last() {
-            Some(last) if page.len() == SWEEP_PAGE => storage.resume_after = last.key.clone(),
-            _ => {
+        match page.last().filter(|_| page.len() == SWEEP_PAGE).and_then(|last| walk_on_after(&last.key)) {
+            Some(key) => storage.resume_after = key,
+            None => {
                 storage.resume_after.clear();
                 storage.passes += 1;
                 storage.pass_started_at = now;
@@ -270,8 +270,41 @@ impl Registry {
     }
 }
 
+/// Where the walk goes on after `key`: from there if it is one of Berth's keys, else from the
+/// next of Berth's prefixes — so a tree Berth never writes (the rest of a shared bucket, the
+/// reference registry's tree an import adopted blobs from) costs one page, not a walk through
+/// it. `None`: nothing of Berth's comes after.
+fn walk_on_after(key: &str) -> Option<String> {
+    if is_berths(key) {
+        Some(key.to_string())
+    } else if key < "blobs/" {
+        Some("blobs/".into())
+    } else if key < "uploads/" {
+        Some("uploads/".into())
+    } else {
+        None
+    }
+}
+
 /// Whether `key` is under one of the prefixes Berth writes (anything else in a shared bucket is
 /// not the sweep's business).
 fn is_berths(key: &str) -> bool {
     key.starts_with("blobs/") || key.starts_with("uploads/")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::walk_on_after;
+
+    #[test]
+    fn the_walk_skips_what_berth_never_writes() {
+        assert_eq!(walk_on_after("blobs/sha256/ab/x").as_deref(), Some("blobs/sha256/ab/x"));
+        assert_eq!(walk_on_after("a-shared-file").as_deref(), Some("blobs/"));
+        assert_eq!(walk_on_after("blobs.txt").as_deref(), Some("blobs/"));
+        assert_eq!(walk_on_after("dist/docker/registry/v2/blobs/sha256/ab/x/data").as_deref(), Some("uploads/"));
+        assert_eq!(walk_on_after("uploads/u1").as_deref(), Some("uploads/u1"));
+        assert_eq!(walk_on_after("zzz/old"), None);
+        // Nothing Berth writes sorts between a skipped key and where the walk goes on.
+        assert!("blobs.txt" < "blobs/" && "blobs/\u{10ffff}" < "blobsz" && "blobsz" < "uploads/");
+    }
 }
