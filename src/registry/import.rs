@@ -111,13 +111,33 @@ struct Run<'a> {
     import: ImportRecord,
     now: i64,
     report: Mutex<ImportReport>,
-    /// Blobs counted as adopted (a dry run stores nothing, so it counts each digest once here).
-    counted: Mutex<HashSet<Digest>>,
+    /// What a dry run counted already (it stores nothing, so it remembers here what it would
+    /// have stored): `REPO@DIGEST` for manifests, `DIGEST` for blobs.
+    counted: Mutex<HashSet<String>>,
 }
 
 impl Run<'_> {
     fn report(&self, f: impl FnOnce(&mut ImportReport)) {
         f(&mut self.report.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// In a dry run: whether `key` was counted as done.
+    fn counted(&self, key: &str) -> bool {
+        self.options.dry_run && self.counted.lock().unwrap_or_else(|p| p.into_inner()).contains(key)
+    }
+
+    /// In a dry run: counts `key` as done. Returns whether it was not counted before (always
+    /// true in a real run) — one check and count, so repositories looked at concurrently count a
+    /// shared blob once.
+    fn count(&self, key: String) -> bool {
+        !self.options.dry_run || self.counted.lock().unwrap_or_else(|p| p.into_inner()).insert(key)
+    }
+
+    /// In a dry run: takes back [`Run::count`] of `key` (what it counted failed).
+    fn uncount(&self, key: &str) {
+        if self.options.dry_run {
+            self.counted.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+        }
     }
 
     fn skip(&self, item: String, reason: String) {
@@ -384,6 +404,10 @@ impl Registry {
         digest: &Digest,
         tag: Option<(&Tag, Option<&Digest>)>,
     ) -> std::result::Result<(), String> {
+        let key = format!("manifest {repo}@{digest}");
+        if run.counted(&key) {
+            return Ok(());
+        }
         let existing =
             self.meta.manifest(repo, &Reference::Digest(digest.clone())).await.map_err(|e| e.to_string())?;
         let (bytes, media_type) = match existing {
@@ -404,6 +428,7 @@ impl Registry {
             }
         };
         if run.options.dry_run {
+            run.count(key);
             return Ok(());
         }
         let (tags, condition) = match tag {
@@ -459,24 +484,33 @@ impl Registry {
         if self.meta.linked_blob(repo, digest).await.map_err(err)?.is_some() {
             return Ok(());
         }
-        let counted = || run.counted.lock().unwrap_or_else(|p| p.into_inner()).contains(digest);
-        if self.meta.blob_stored(digest).await.map_err(err)? || (run.options.dry_run && counted()) {
+        let (linked, stored) = (format!("blob {repo}@{digest}"), format!("blob {digest}"));
+        if run.counted(&linked) {
+            return Ok(());
+        }
+        if self.meta.blob_stored(digest).await.map_err(err)? || !run.count(stored.clone()) {
             if !run.options.dry_run
                 && !self.meta.link_stored_blob(repo, digest, self.clock.now_ms()).await.map_err(err)?
             {
                 return Box::pin(self.import_blob(run, repo, digest)).await; // collected meanwhile
             }
+            run.count(linked);
             run.report(|r| r.blobs_linked += 1);
             return Ok(());
         }
-        let size = run
-            .source
-            .blob_size(digest)
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or("missing from the source's blobs")?;
+        let size = match run.source.blob_size(digest).await {
+            Ok(Some(size)) => size,
+            Ok(None) => {
+                run.uncount(&stored);
+                return Err("missing from the source's blobs".into());
+            }
+            Err(e) => {
+                run.uncount(&stored);
+                return Err(e.to_string());
+            }
+        };
         if run.options.dry_run {
-            run.counted.lock().unwrap_or_else(|p| p.into_inner()).insert(digest.clone());
+            run.count(linked);
             run.report(|r| {
                 r.blobs_adopted += 1;
                 r.bytes_adopted += size;

@@ -301,7 +301,10 @@ mod tests {
         assert_eq!(walk_on_after("blobs/sha256/ab/x").as_deref(), Some("blobs/sha256/ab/x"));
         assert_eq!(walk_on_after("a-shared-file").as_deref(), Some("blobs/"));
         assert_eq!(walk_on_after("blobs.txt").as_deref(), Some("blobs/"));
-        assert_eq!(walk_on_after("dist/docker/registry/v2/blobs/sha256/ab/x/data").as_deref(), Some("uploads/"));
+        assert_eq!(
+            walk_on_after("dist/docker/registry/v2/blobs/sha256/ab/x/data").as_deref(),
+            Some("uploads/")
+        );
         assert_eq!(walk_on_after("uploads/u1").as_deref(), Some("uploads/u1"));
         assert_eq!(walk_on_after("zzz/old"), None);
         // Nothing Berth writes sorts between a skipped key and where the walk goes on.

@@ -256,6 +256,7 @@ backend_test!(import_from_the_reference_registry_pre_import_catch_up_cut_over, |
     skopeo_copy(&src("one"), &at("app/single:latest")).await;
     skopeo_copy(&src("two"), &at("app/single:latest")).await;
     skopeo_copy(&src("multi"), &at("app/multi:1.0")).await;
+    skopeo_copy(&src("multi"), &at("app/multi:latest")).await;
     skopeo_copy(&src("one"), &at("other/repo:v1")).await;
     skopeo_copy(&src("doomed"), &at("app/doomed:x")).await;
     run("skopeo", &["delete", "--tls-verify=false", &at(&format!("app/doomed@{}", doomed.digest))], &[])
@@ -273,11 +274,13 @@ backend_test!(import_from_the_reference_registry_pre_import_catch_up_cut_over, |
         .await
         .unwrap();
     let real = reg.app.registry.import(&source, ImportOptions::default(), &|_| {}).await.unwrap();
-    let expected_tags = ["app/multi:1.0", "app/single:latest", "app/single:v1", "other/repo:v1"];
+    let expected_tags =
+        ["app/multi:1.0", "app/multi:latest", "app/single:latest", "app/single:v1", "other/repo:v1"];
     for report in [&dry, &real] {
         assert_eq!(report.tags_new, expected_tags, "{report:?}");
         assert!(report.skipped.is_empty() && report.tags_moved.is_empty(), "{report:?}");
-        // one, two, amd, arm and the index; config + 2 layers each for four images.
+        // one, two, amd, arm and the index (stored once for its two tags, and counted once by
+        // the dry run too); config + 2 layers each for four images.
         assert_eq!((report.manifests_imported, report.blobs_adopted), (6, 12), "{report:?}");
     }
     assert_eq!(dry.bytes_adopted, real.bytes_adopted);
