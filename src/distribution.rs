@@ -308,3 +308,61 @@ impl Source {
             .map_err(|e| Error::Invalid(format!("{rel} does not hold a digest: {e}")))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(root: &std::path::Path, rel: &str, text: &str) {
+        let path = root.join("docker/registry/v2").join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+
+    #[tokio::test]
+    async fn reads_the_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = Digest::sha256_of(b"m");
+        let link = d.to_string();
+        write(dir.path(), "repositories/app/_manifests/tags/v1/current/link", &link);
+        write(
+            dir.path(),
+            &format!("repositories/app/_manifests/tags/v1/index/sha256/{}/link", d.hex()),
+            &link,
+        );
+        write(dir.path(), &format!("repositories/app/_manifests/revisions/sha256/{}/link", d.hex()), &link);
+        write(dir.path(), "repositories/team/a/b/_manifests/revisions/sha256/x/link", "junk");
+        write(dir.path(), "repositories/team/a/b/_layers/sha256/y/link", "junk");
+        write(dir.path(), "repositories/team/a/_uploads/u/startedat", "");
+        write(dir.path(), &format!("blobs/sha256/{}/{}/data", &d.hex()[..2], d.hex()), "m");
+        let source = Source::open(dir.path().to_str().unwrap(), None).await.unwrap();
+
+        assert_eq!(source.repositories().await.unwrap(), ["app", "team/a/b"]);
+        let tags = source.tags("app").await.unwrap();
+        assert_eq!(tags.iter().map(|t| t.tag.as_str()).collect::<Vec<_>>(), ["v1"]);
+        assert!(tags[0].modified_ms > 0);
+        assert!(source.tags("team/a/b").await.unwrap().is_empty(), "no tags directory");
+        assert_eq!(source.tag_target("app", "v1").await.unwrap(), Some(d.clone()));
+        assert_eq!(source.tag_target("app", "v2").await.unwrap(), None);
+        assert!(source.has_revision("app", &d).await.unwrap());
+        assert_eq!(source.revisions("app").await.unwrap(), [d.clone()]);
+        assert!(source.revisions("team/a/b").await.unwrap().is_empty(), "an unreadable revision is left out");
+        assert_eq!(source.blob_size(&d).await.unwrap(), Some(1));
+        assert_eq!(source.read_blob(&Digest::sha256_of(b"other")).await.unwrap(), None);
+        assert!(matches!(source.origin(&d), Origin::File(p) if p.exists()));
+
+        assert!(!source.is_marked().await.unwrap());
+        source.mark_owned().await.unwrap();
+        assert!(source.is_marked().await.unwrap());
+        assert_eq!(source.repositories().await.unwrap(), ["app", "team/a/b"], "the marker is no repository");
+    }
+
+    #[tokio::test]
+    async fn refuses_what_is_not_a_registry_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Source::open(dir.path().to_str().unwrap(), None).await.unwrap_err();
+        assert!(err.to_string().contains("no reference registry storage"), "{err}");
+        let err = Source::open("s3://bucket/root", None).await.unwrap_err();
+        assert!(err.to_string().contains("[storage.s3]"), "{err}");
+    }
+}
