@@ -345,7 +345,7 @@ mod tests {
         assert_eq!(source.tag_target("app", "v1").await.unwrap(), Some(d.clone()));
         assert_eq!(source.tag_target("app", "v2").await.unwrap(), None);
         assert!(source.has_revision("app", &d).await.unwrap());
-        assert_eq!(source.revisions("app").await.unwrap(), [d.clone()]);
+        assert_eq!(source.revisions("app").await.unwrap(), std::slice::from_ref(&d));
         assert!(source.revisions("team/a/b").await.unwrap().is_empty(), "an unreadable revision is left out");
         assert_eq!(source.blob_size(&d).await.unwrap(), Some(1));
         assert_eq!(source.read_blob(&Digest::sha256_of(b"other")).await.unwrap(), None);
