@@ -26,6 +26,8 @@ pub struct Config {
     pub metrics_enabled: bool,
     /// Also serve `/metrics` here, without authentication.
     pub metrics_listen: Option<SocketAddr>,
+    /// Serve the web console at `/ui/`.
+    pub ui_enabled: bool,
     /// Metadata store URL (`sqlite:…` or `postgres://…`).
     pub metadata_url: String,
     /// Metadata connection pool size.
@@ -200,6 +202,8 @@ struct FileConfig {
     #[serde(default)]
     metrics: MetricsSection,
     #[serde(default)]
+    ui: UiSection,
+    #[serde(default)]
     retention: RetentionSection,
     #[serde(default)]
     immutable: Vec<ImmutableSection>,
@@ -232,6 +236,12 @@ struct ImmutableSection {
     name: String,
     repositories: Option<String>,
     tags: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UiSection {
+    enabled: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -315,6 +325,7 @@ impl Config {
             log_level: "info".into(),
             log_json: false,
             metrics_enabled: true,
+            ui_enabled: true,
             metrics_listen: None,
             metadata_max_connections: 8,
             metadata_acquire_timeout_secs: 10,
@@ -399,6 +410,12 @@ impl Config {
         }
         if let Some(enabled) = parsed.metrics.enabled {
             cfg.metrics_enabled = enabled;
+        }
+        if let Some(enabled) = parsed.ui.enabled {
+            cfg.ui_enabled = enabled;
+        }
+        if let Some(v) = env("BERTH_UI_ENABLED") {
+            cfg.ui_enabled = matches!(v.as_str(), "1" | "true" | "yes");
         }
         let (listen, source) = match env("BERTH_METRICS_LISTEN") {
             Some(l) => (Some(l), "BERTH_METRICS_LISTEN"),

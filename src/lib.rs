@@ -35,3 +35,4 @@ pub mod retention;
 pub mod server;
 pub mod telemetry;
 pub mod time;
+pub mod ui;

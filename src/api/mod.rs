@@ -36,7 +36,9 @@ pub fn metrics_router(app: App) -> Router {
 /// The HTTP application over `app`.
 pub fn router(app: App) -> Router {
     let limiter = limits::RateLimiter::new(&app.config.limits).map(std::sync::Arc::new);
+    let console = if app.config.ui_enabled { crate::ui::router() } else { Router::new() };
     Router::new()
+        .merge(console)
         .route("/v2", any(v2))
         .route("/v2/", any(v2))
         .route("/v2/{*rest}", any(v2))

@@ -311,6 +311,11 @@ impl Auth {
         })
     }
 
+    /// Whether anonymous callers may pull anything at all.
+    pub fn anonymous_may_pull(&self) -> bool {
+        !self.anonymous_pull.is_empty()
+    }
+
     /// Decides a request for `action` on `repo` (or, with `repo = None`, one that only needs a
     /// known caller, like `/v2/`).
     ///

@@ -68,7 +68,7 @@ pub(super) enum Taken {
     Repository(i64),
 }
 
-const SUMMARY: &str = "SELECT r.name, r.deleted_at, \
+pub(super) const SUMMARY: &str = "SELECT r.name, r.deleted_at, \
     (SELECT COUNT(*) FROM tags t WHERE t.repository_id = r.id) AS tags, \
     (SELECT COUNT(*) FROM manifests m WHERE m.repository_id = r.id AND m.deleted_at IS NULL) AS manifests, \
     (SELECT COUNT(*) FROM manifests m WHERE m.repository_id = r.id AND m.deleted_at IS NOT NULL) AS tombstones, \

@@ -9,6 +9,7 @@
 
 mod access;
 mod admin;
+mod browse;
 mod delete;
 mod error;
 mod fsck;
@@ -25,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use admin::{DeleteTarget, Tombstone};
+pub use browse::{ManifestView, Part};
 pub use delete::PurgeReport;
 pub use error::Error;
 pub use fsck::FsckReport;

@@ -1,0 +1,440 @@
+//! The web console at `/ui/`: server-rendered pages over the same registry operations and admin
+//! requests as the API and the CLI, shipped inside the binary (no JavaScript build, works
+//! offline).
+//!
+//! Who may see and do what is the API's rule: the caller signs in with the same users (HTTP
+//! Basic, so every replica accepts the same credentials without session state); a page shows
+//! only repositories the caller may pull, offers a button only for what the caller may do, and
+//! every action is authorized again when it arrives. Actions are `POST` forms, accepted only
+//! from the console's own pages (the `Origin`, or else the `Referer`, must be this host, and a
+//! browser's `Sec-Fetch-Site` must not say otherwise): a page elsewhere cannot make a signed-in
+//! browser delete anything.
+
+mod pages;
+
+use axum::Router;
+use axum::extract::{Form, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::get;
+use serde::Deserialize;
+
+use crate::admin::AdminRequest;
+use crate::app::App;
+use crate::auth::{Action, Identity};
+use crate::oci::{Digest, RepoName, Tag};
+use crate::registry::{DeleteTarget, Error, ExplainTarget};
+
+/// Rows on a page of repositories or tags.
+const PAGE: i64 = 50;
+
+/// The console's routes (mounted at `/ui` when `ui.enabled`).
+pub fn router() -> Router<App> {
+    Router::new()
+        .route("/ui", get(|| async { Redirect::permanent("/ui/") }))
+        .route("/ui/", get(repositories))
+        .route("/ui/login", get(login))
+        .route("/ui/repo", get(repository))
+        .route("/ui/manifest", get(manifest))
+        .route("/ui/history", get(history))
+        .route("/ui/delete", get(delete_confirm).post(delete))
+        .route("/ui/trash", get(trash))
+        .route("/ui/restore", axum::routing::post(restore))
+        .route("/ui/revert", axum::routing::post(revert))
+        .route("/ui/space", get(space))
+        .route("/ui/retention", get(retention))
+        .route("/ui/style.css", get(|| async { ([(header::CONTENT_TYPE, "text/css")], pages::STYLE) }))
+}
+
+/// Why a console request is refused: shown as a page with its status, or as the sign-in
+/// challenge.
+pub(crate) struct Refusal {
+    status: StatusCode,
+    message: String,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Refusal { status, message: message.into() }
+    }
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        if self.status == StatusCode::UNAUTHORIZED {
+            return challenge();
+        }
+        pages::problem(self.status, &self.message)
+    }
+}
+
+/// The signed-in caller and what the registry's rules let them do.
+pub(crate) struct Viewer<'a> {
+    app: &'a App,
+    who: Identity,
+}
+
+impl Viewer<'_> {
+    /// Whether the caller may do `action` on `repo` (everything, when auth is off).
+    pub(crate) fn may(&self, repo: &str, action: Action) -> bool {
+        self.app.auth.as_ref().is_none_or(|a| a.allowed(&self.who, repo, action))
+    }
+
+    /// Whether the caller administers every repository (the registry-wide pages).
+    pub(crate) fn admin_everywhere(&self) -> bool {
+        self.app.auth.as_ref().is_none_or(|a| a.allowed_everywhere(&self.who, Action::Admin))
+    }
+
+    /// The user's name, if signed in.
+    pub(crate) fn name(&self) -> Option<&str> {
+        self.who.name()
+    }
+
+    fn require(&self, repo: &RepoName, action: Action) -> Result<(), Refusal> {
+        if self.may(repo.as_str(), action) {
+            Ok(())
+        } else if self.who == Identity::Anonymous {
+            Err(Refusal::new(StatusCode::UNAUTHORIZED, "sign in"))
+        } else {
+            Err(Refusal::new(StatusCode::FORBIDDEN, format!("you may not {} {repo}", action.as_str())))
+        }
+    }
+}
+
+/// Answers 401 with a Basic challenge: the browser asks for a user name and password.
+fn challenge() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Basic realm=\"Berth console\", charset=\"UTF-8\"")],
+        pages::problem(StatusCode::UNAUTHORIZED, "sign in with your registry user name and password"),
+    )
+        .into_response()
+}
+
+/// Who is calling. With auth on, anonymous callers get in only where anonymous pull is on.
+fn viewer<'a>(app: &'a App, headers: &HeaderMap) -> Result<Viewer<'a>, Refusal> {
+    let Some(auth) = &app.auth else { return Ok(Viewer { app, who: Identity::Anonymous }) };
+    let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let now = u64::try_from(app.registry.clock().now_ms() / 1000).unwrap_or(0);
+    match auth.authenticate(authorization, now) {
+        Ok(Identity::Anonymous) if !auth.anonymous_may_pull() => {
+            Err(Refusal::new(StatusCode::UNAUTHORIZED, "sign in"))
+        }
+        Ok(who) => Ok(Viewer { app, who }),
+        Err(_) => Err(Refusal::new(StatusCode::UNAUTHORIZED, "sign in")),
+    }
+}
+
+/// Refuses a `POST` that did not come from the console's own pages (CSRF).
+fn same_origin(headers: &HeaderMap) -> Result<(), Refusal> {
+    let forbidden =
+        || Refusal::new(StatusCode::FORBIDDEN, "this action must come from the console's own page");
+    let text = |name| headers.get(name).and_then(|v: &axum::http::HeaderValue| v.to_str().ok());
+    if text("sec-fetch-site").is_some_and(|s| s != "same-origin" && s != "none") {
+        return Err(forbidden());
+    }
+    let host = text(header::HOST.as_str()).ok_or_else(forbidden)?;
+    let from =
+        text(header::ORIGIN.as_str()).or_else(|| text(header::REFERER.as_str())).ok_or_else(forbidden)?;
+    let authority = from.split_once("://").map_or("", |(_, rest)| rest.split('/').next().unwrap_or(""));
+    if authority == host { Ok(()) } else { Err(forbidden()) }
+}
+
+/// What a failed operation shows.
+fn failed(e: Error) -> Refusal {
+    let status = match &e {
+        Error::NameUnknown | Error::ManifestUnknown | Error::TagUnknown(_) | Error::BlobUnknown => {
+            StatusCode::NOT_FOUND
+        }
+        Error::DeleteRefused(_) | Error::Immutable(_) | Error::Conflict(_) | Error::PreconditionFailed(_) => {
+            StatusCode::CONFLICT
+        }
+        Error::Internal(_) => {
+            tracing::error!(error = %e, "console request failed");
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
+        _ => StatusCode::BAD_REQUEST,
+    };
+    let message = if status == StatusCode::INTERNAL_SERVER_ERROR {
+        "internal error (logged)".into()
+    } else {
+        e.to_string()
+    };
+    Refusal::new(status, message)
+}
+
+fn bad(message: String) -> Refusal {
+    Refusal::new(StatusCode::BAD_REQUEST, message)
+}
+
+fn repo_name(text: &str) -> Result<RepoName, Refusal> {
+    RepoName::parse(text).map_err(|m| bad(format!("`{text}`: {m}")))
+}
+
+fn target(text: &str) -> Result<DeleteTarget, Refusal> {
+    DeleteTarget::parse(text).map_err(|m| bad(format!("`{text}`: {m}")))
+}
+
+/// The host clients reach this registry at, for the copy line.
+fn registry_host(headers: &HeaderMap) -> String {
+    headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("localhost:5000").to_string()
+}
+
+type Page = Result<Response, Refusal>;
+
+fn done(r: Page) -> Response {
+    r.unwrap_or_else(IntoResponse::into_response)
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    #[serde(default)]
+    q: String,
+    last: Option<String>,
+}
+
+async fn repositories(State(app): State<App>, headers: HeaderMap, Query(q): Query<ListQuery>) -> Response {
+    done(
+        async {
+            let v = viewer(&app, &headers)?;
+            // Filtering by permission after the query: read ahead until a page is full or the list ends.
+            let mut shown = Vec::new();
+            let mut last = q.last.clone();
+            loop {
+                let batch = app
+                    .registry
+                    .repositories_matching(q.q.trim(), last.as_deref(), PAGE)
+                    .await
+                    .map_err(failed)?;
+                let full = batch.len() as i64 == PAGE;
+                last = batch.last().map(|r| r.name.clone());
+                shown.extend(batch.into_iter().filter(|r| v.may(&r.name, Action::Pull)));
+                if shown.len() as i64 >= PAGE || !full {
+                    break;
+                }
+            }
+            shown.truncate(PAGE as usize);
+            let next = (shown.len() as i64 == PAGE).then(|| shown.last().map(|r| r.name.clone())).flatten();
+            Ok(pages::repositories(&v, &q.q, &shown, next.as_deref()))
+        }
+        .await,
+    )
+}
+
+async fn login(State(app): State<App>, headers: HeaderMap) -> Response {
+    match viewer(&app, &headers) {
+        Ok(v) if v.name().is_some() || app.auth.is_none() => Redirect::to("/ui/").into_response(),
+        _ => challenge(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct RepoQuery {
+    name: String,
+    #[serde(default)]
+    after: String,
+}
+
+async fn repository(State(app): State<App>, headers: HeaderMap, Query(q): Query<RepoQuery>) -> Response {
+    done(
+        async {
+            let v = viewer(&app, &headers)?;
+            let repo = repo_name(&q.name)?;
+            v.require(&repo, Action::Pull)?;
+            let summary = app.registry.repository(&repo).await.map_err(failed)?;
+            let tags = app.registry.tag_rows(&repo, &q.after, PAGE).await.map_err(failed)?;
+            let untagged = app.registry.untagged_rows(&repo, PAGE).await.map_err(failed)?;
+            Ok(pages::repository(&v, &repo, &summary, &tags, &untagged, &registry_host(&headers)))
+        }
+        .await,
+    )
+}
+
+#[derive(Debug, Deserialize)]
+struct ManifestQuery {
+    repo: String,
+    digest: String,
+}
+
+async fn manifest(State(app): State<App>, headers: HeaderMap, Query(q): Query<ManifestQuery>) -> Response {
+    done(
+        async {
+            let v = viewer(&app, &headers)?;
+            let repo = repo_name(&q.repo)?;
+            v.require(&repo, Action::Pull)?;
+            let digest = Digest::parse(&q.digest).map_err(|e| bad(format!("`{}`: {e}", q.digest)))?;
+            let view = app.registry.manifest_view(&repo, &digest).await.map_err(failed)?;
+            let explanation =
+                app.registry.explain(&ExplainTarget::Manifest(repo.clone(), digest)).await.map_err(failed)?;
+            Ok(pages::manifest(&v, &repo, &view, &explanation, &registry_host(&headers)))
+        }
+        .await,
+    )
+}
+
+#[derive(Debug, Deserialize)]
+struct HistoryQuery {
+    repo: String,
+    tag: String,
+}
+
+async fn history(State(app): State<App>, headers: HeaderMap, Query(q): Query<HistoryQuery>) -> Response {
+    done(
+        async {
+            let v = viewer(&app, &headers)?;
+            let repo = repo_name(&q.repo)?;
+            v.require(&repo, Action::Pull)?;
+            let tag = Tag::parse(&q.tag).map_err(|m| bad(format!("`{}`: {m}", q.tag)))?;
+            let moves = app.registry.history(&repo, Some(&tag)).await.map_err(failed)?;
+            Ok(pages::history(&v, &repo, &tag, &moves))
+        }
+        .await,
+    )
+}
+
+#[derive(Debug, Deserialize)]
+struct TargetForm {
+    target: String,
+}
+
+async fn delete_confirm(State(app): State<App>, headers: HeaderMap, Query(q): Query<TargetForm>) -> Response {
+    done(
+        async {
+            let v = viewer(&app, &headers)?;
+            let t = target(&q.target)?;
+            v.require(t.repository(), Action::Delete)?;
+            let preview = app.registry.delete_preview(&t).await.map_err(failed)?;
+            Ok(pages::delete_confirm(&v, &t, &preview))
+        }
+        .await,
+    )
+}
+
+async fn delete(State(app): State<App>, headers: HeaderMap, Form(f): Form<TargetForm>) -> Response {
+    done(
+        async {
+            same_origin(&headers)?;
+            let v = viewer(&app, &headers)?;
+            let t = target(&f.target)?;
+            v.require(t.repository(), Action::Delete)?;
+            let repo = t.repository().clone();
+            AdminRequest::Delete(t).run(&app.registry, v.name()).await.map_err(failed)?;
+            Ok(Redirect::to(&format!("/ui/trash?repo={}", urlencode(repo.as_str()))).into_response())
+        }
+        .await,
+    )
+}
+
+#[derive(Debug, Deserialize)]
+struct TrashQuery {
+    repo: String,
+}
+
+async fn trash(State(app): State<App>, headers: HeaderMap, Query(q): Query<TrashQuery>) -> Response {
+    done(
+        async {
+            let v = viewer(&app, &headers)?;
+            let repo = repo_name(&q.repo)?;
+            v.require(&repo, Action::Pull)?;
+            let summary = app.registry.repository(&repo).await.map_err(failed)?;
+            let tombstones = app.registry.tombstones(&repo).await.map_err(failed)?;
+            Ok(pages::trash(&v, &repo, &summary, &tombstones))
+        }
+        .await,
+    )
+}
+
+async fn restore(State(app): State<App>, headers: HeaderMap, Form(f): Form<TargetForm>) -> Response {
+    done(
+        async {
+            same_origin(&headers)?;
+            let v = viewer(&app, &headers)?;
+            let t = target(&f.target)?;
+            v.require(t.repository(), Action::Admin)?;
+            let repo = t.repository().clone();
+            AdminRequest::Restore { target: t, take_tags: false }
+                .run(&app.registry, v.name())
+                .await
+                .map_err(failed)?;
+            Ok(Redirect::to(&format!("/ui/repo?name={}", urlencode(repo.as_str()))).into_response())
+        }
+        .await,
+    )
+}
+
+#[derive(Debug, Deserialize)]
+struct RevertForm {
+    repo: String,
+    tag: String,
+    digest: String,
+}
+
+async fn revert(State(app): State<App>, headers: HeaderMap, Form(f): Form<RevertForm>) -> Response {
+    done(
+        async {
+            same_origin(&headers)?;
+            let v = viewer(&app, &headers)?;
+            let repo = repo_name(&f.repo)?;
+            v.require(&repo, Action::Admin)?;
+            let tag = Tag::parse(&f.tag).map_err(|m| bad(format!("`{}`: {m}", f.tag)))?;
+            let digest = Digest::parse(&f.digest).map_err(|e| bad(format!("`{}`: {e}", f.digest)))?;
+            let request = AdminRequest::Revert {
+                repo: repo.clone(),
+                tag: tag.clone(),
+                to: crate::admin::Revert::To(digest),
+            };
+            request.run(&app.registry, v.name()).await.map_err(failed)?;
+            Ok(Redirect::to(&format!("/ui/history?repo={}&tag={tag}", urlencode(repo.as_str())))
+                .into_response())
+        }
+        .await,
+    )
+}
+
+async fn space(State(app): State<App>, headers: HeaderMap) -> Response {
+    done(
+        async {
+            let v = viewer(&app, &headers)?;
+            if !v.admin_everywhere() {
+                return Err(Refusal::new(
+                    StatusCode::FORBIDDEN,
+                    "the registry's space needs admin on every repository",
+                ));
+            }
+            let space = app.registry.space(None).await.map_err(failed)?;
+            let status = app.registry.gc_status().await.map_err(failed)?;
+            Ok(pages::space(&v, &space, &status))
+        }
+        .await,
+    )
+}
+
+#[derive(Debug, Deserialize)]
+struct RetentionQuery {
+    #[serde(default)]
+    dry_run: bool,
+}
+
+async fn retention(State(app): State<App>, headers: HeaderMap, Query(q): Query<RetentionQuery>) -> Response {
+    done(
+        async {
+            let v = viewer(&app, &headers)?;
+            if !v.admin_everywhere() {
+                return Err(Refusal::new(StatusCode::FORBIDDEN, "retention needs admin on every repository"));
+            }
+            let status = app.registry.retention_status().await.map_err(failed)?;
+            let dry = if q.dry_run {
+                Some(app.registry.retention_run(None, true, "console").await.map_err(failed)?)
+            } else {
+                None
+            };
+            Ok(pages::retention(&v, &status, dry.as_ref()))
+        }
+        .await,
+    )
+}
+
+/// Percent-encodes a query value.
+pub(crate) fn urlencode(text: &str) -> String {
+    form_urlencoded::byte_serialize(text.as_bytes()).collect()
+}

@@ -1,0 +1,438 @@
+//! The console's pages: HTML built with `maud`, which escapes everything interpolated. Forms post
+//! to the console's own routes; a button appears only when the caller may use it.
+
+use axum::http::StatusCode;
+use axum::response::{Html, IntoResponse, Response};
+use maud::{DOCTYPE, Markup, html};
+
+use super::{Viewer, urlencode};
+use crate::auth::Action;
+use crate::meta::{Explanation, GcStatus, Preview, RepositorySummary, Space, TagMove, TagRow, UntaggedRow};
+use crate::oci::{RepoName, Tag};
+use crate::registry::{DeleteTarget, ManifestView, RetentionReport, RetentionStatus, Tombstone};
+
+/// The console's only stylesheet.
+pub(super) const STYLE: &str = "\
+body{font:14px/1.45 system-ui,sans-serif;margin:0;color:#1d232a;background:#f6f7f9}\
+header{background:#1d3557;color:#fff;padding:.6em 1.2em;display:flex;gap:1.5em;align-items:center}\
+header a{color:#fff;text-decoration:none}header .who{margin-left:auto;opacity:.8}\
+main{padding:1em 1.5em;max-width:1200px}h1{font-size:1.4em}h2{font-size:1.1em;margin-top:1.6em}\
+table{border-collapse:collapse;width:100%;background:#fff}th,td{text-align:left;padding:.35em .6em;border-bottom:1px solid #e3e6ea;vertical-align:top}\
+th{background:#eef1f5;font-weight:600}code,pre{font:12px ui-monospace,monospace}pre{background:#fff;padding:.8em;overflow:auto;border:1px solid #e3e6ea}\
+.num{text-align:right;white-space:nowrap}.muted{color:#6b7380}.copy{background:#fff;border:1px solid #cfd5dc;padding:.4em .6em;display:inline-block}\
+button,.button{background:#1d3557;color:#fff;border:0;padding:.35em .8em;border-radius:3px;cursor:pointer;text-decoration:none;font-size:13px}\
+button.danger,.button.danger{background:#b3261e}form.inline{display:inline}.problem{background:#fdecea;border:1px solid #f5c2bd;padding:.8em}\
+.ok{background:#e8f5e9;border:1px solid #b7dfb9;padding:.8em}.bar{background:#457b9d;height:.8em;display:inline-block}\
+input[type=search]{padding:.35em;width:20em}nav.pages{margin-top:.8em}";
+
+fn bytes(n: impl TryInto<u64>) -> String {
+    let n = n.try_into().unwrap_or(0) as f64;
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{n} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+}
+
+fn when(ms: Option<i64>) -> String {
+    ms.map_or_else(|| "—".into(), crate::time::utc)
+}
+
+fn short(digest: &str) -> String {
+    let hex = digest.split_once(':').map_or(digest, |(_, h)| h);
+    format!("{}…", &hex[..hex.len().min(12)])
+}
+
+fn repo_link(repo: &str) -> String {
+    format!("/ui/repo?name={}", urlencode(repo))
+}
+
+fn manifest_link(repo: &str, digest: &str) -> String {
+    format!("/ui/manifest?repo={}&digest={}", urlencode(repo), urlencode(digest))
+}
+
+fn page(v: &Viewer<'_>, title: &str, body: Markup) -> Response {
+    Html(
+        html! {
+            (DOCTYPE)
+            html lang="en" {
+                head {
+                    meta charset="utf-8";
+                    meta name="viewport" content="width=device-width, initial-scale=1";
+                    title { (title) " — Berth" }
+                    link rel="stylesheet" href="/ui/style.css";
+                }
+                body {
+                    header {
+                        a href="/ui/" { strong { "Berth" } }
+                        a href="/ui/" { "Repositories" }
+                        @if v.admin_everywhere() {
+                            a href="/ui/space" { "Space" }
+                            a href="/ui/retention" { "Retention" }
+                        }
+                        span.who {
+                            @match v.name() {
+                                Some(name) => { "signed in as " (name) }
+                                None => { a href="/ui/login" { "sign in" } }
+                            }
+                        }
+                    }
+                    main { (body) }
+                }
+            }
+        }
+        .into_string(),
+    )
+    .into_response()
+}
+
+/// A page saying what went wrong, with `status`.
+pub(super) fn problem(status: StatusCode, message: &str) -> Response {
+    let body = html! {
+        (DOCTYPE)
+        html lang="en" {
+            head { meta charset="utf-8"; title { "Berth" } link rel="stylesheet" href="/ui/style.css"; }
+            body { main { h1 { (status.as_u16()) " " (status.canonical_reason().unwrap_or("")) }
+                p.problem id="problem" { (message) } p { a href="/ui/" { "Repositories" } } } }
+        }
+    };
+    (status, Html(body.into_string())).into_response()
+}
+
+pub(super) fn repositories(
+    v: &Viewer<'_>,
+    q: &str,
+    list: &[RepositorySummary],
+    next: Option<&str>,
+) -> Response {
+    page(
+        v,
+        "Repositories",
+        html! {
+            h1 { "Repositories" }
+            form method="get" action="/ui/" {
+                input type="search" name="q" value=(q) placeholder="search by name";
+                " " button type="submit" { "Search" }
+            }
+            table id="repositories" {
+                thead { tr { th { "Repository" } th.num { "Tags" } th.num { "Manifests" } th.num { "Bytes referenced" }
+                    th.num { "In tombstones" } th.num { "Tombstones" } } }
+                tbody {
+                    @for r in list {
+                        tr {
+                            td { a href=(repo_link(&r.name)) { (r.name) } }
+                            td.num { (r.tags) } td.num { (r.manifests) } td.num { (bytes(r.bytes_live)) }
+                            td.num { (bytes(r.bytes_in_tombstones)) }
+                            td.num { @if r.tombstones > 0 { a href=(format!("/ui/trash?repo={}", urlencode(&r.name))) { (r.tombstones) } } @else { "0" } }
+                        }
+                    }
+                    @if list.is_empty() { tr { td colspan="6" .muted { "No repositories" @if !q.is_empty() { " matching “" (q) "”" } "." } } }
+                }
+            }
+            @if let Some(last) = next {
+                nav.pages { a.button href=(format!("/ui/?q={}&last={}", urlencode(q), urlencode(last))) { "Next page" } }
+            }
+        },
+    )
+}
+
+pub(super) fn repository(
+    v: &Viewer<'_>,
+    repo: &RepoName,
+    summary: &RepositorySummary,
+    tags: &[TagRow],
+    untagged: &[UntaggedRow],
+    host: &str,
+) -> Response {
+    let may_delete = v.may(repo.as_str(), Action::Delete);
+    page(
+        v,
+        repo.as_str(),
+        html! {
+            h1 { (repo.as_str()) }
+            p.muted { (summary.tags) " tags, " (summary.manifests) " manifests, " (bytes(summary.bytes_live)) " referenced; "
+                a href=(format!("/ui/trash?repo={}", urlencode(repo.as_str()))) { (summary.tombstones) " in the trash" }
+                " (" (bytes(summary.bytes_in_tombstones)) ")" }
+            h2 { "Tags" }
+            table id="tags" {
+                thead { tr { th { "Tag" } th { "Digest" } th { "Pushed" } th { "By" } th { "Last pulled" } th.num { "Size" } th {} } }
+                tbody {
+                    @for t in tags {
+                        tr {
+                            td { a href=(format!("/ui/history?repo={}&tag={}", urlencode(repo.as_str()), urlencode(&t.tag))) { (t.tag) } }
+                            td { a href=(manifest_link(repo.as_str(), &t.digest)) { code { (short(&t.digest)) } } }
+                            td { (when(Some(t.pushed_at))) } td { (t.pushed_by.as_deref().unwrap_or("—")) }
+                            td { (when(t.pulled_at)) } td.num { (bytes(t.size)) }
+                            td { @if may_delete {
+                                a.button.danger href=(format!("/ui/delete?target={}", urlencode(&format!("{repo}:{}", t.tag)))) { "Delete" }
+                            } }
+                        }
+                    }
+                    @if tags.is_empty() { tr { td colspan="7" .muted { "No tags." } } }
+                }
+            }
+            @if let Some(last) = tags.last().filter(|_| tags.len() as i64 == super::PAGE) {
+                nav.pages { a.button href=(format!("{}&after={}", repo_link(repo.as_str()), urlencode(&last.tag))) { "More tags" } }
+            }
+            @if let Some(first) = tags.first() {
+                p { "Pull: " span.copy { code { "podman pull " (host) "/" (repo.as_str()) "@" (first.digest) } } }
+            }
+            h2 { "Untagged manifests" }
+            table id="untagged" {
+                thead { tr { th { "Digest" } th { "Type" } th { "Refers to" } th { "Pushed" } th { "Last pulled" } th {} } }
+                tbody {
+                    @for m in untagged {
+                        tr {
+                            td { a href=(manifest_link(repo.as_str(), &m.digest)) { code { (short(&m.digest)) } } }
+                            td { (m.media_type) }
+                            td { @if let Some(s) = &m.subject_digest { a href=(manifest_link(repo.as_str(), s)) { code { (short(s)) } } } }
+                            td { (when(Some(m.pushed_at))) } td { (when(m.pulled_at)) }
+                            td { @if may_delete {
+                                a.button.danger href=(format!("/ui/delete?target={}", urlencode(&format!("{repo}@{}", m.digest)))) { "Delete" }
+                            } }
+                        }
+                    }
+                    @if untagged.is_empty() { tr { td colspan="6" .muted { "None." } } }
+                }
+            }
+            @if may_delete {
+                p { a.button.danger href=(format!("/ui/delete?target={}", urlencode(repo.as_str()))) { "Delete the repository…" } }
+            }
+        },
+    )
+}
+
+fn parts_table(id: &str, repo: &RepoName, parts: &[crate::registry::Part], children: bool) -> Markup {
+    html! {
+        table id=(id) {
+            thead { tr { th { "Digest" } th { "Type" } @if children { th { "Platform" } } th.num { "Size" } } }
+            tbody { @for p in parts { tr {
+                td { @if children { a href=(manifest_link(repo.as_str(), &p.digest)) { code { (p.digest) } } } @else { code { (p.digest) } } }
+                td { (p.media_type) }
+                @if children { td { (p.platform.as_deref().unwrap_or("—")) } }
+                td.num { (bytes(p.size)) }
+            } } }
+        }
+    }
+}
+
+pub(super) fn manifest(
+    v: &Viewer<'_>,
+    repo: &RepoName,
+    m: &ManifestView,
+    why: &Explanation,
+    host: &str,
+) -> Response {
+    page(
+        v,
+        &format!("{repo}@{}", short(&m.digest)),
+        html! {
+            h1 { a href=(repo_link(repo.as_str())) { (repo.as_str()) } " @ " code { (short(&m.digest)) } }
+            p { code { (m.digest) } br; span.muted { (m.media_type) } }
+            p { "Pull: " span.copy { code { "podman pull " (host) "/" (repo.as_str()) "@" (m.digest) } } }
+            p { "Tags: " @if m.tags.is_empty() { span.muted { "none" } }
+                @for t in &m.tags { a href=(format!("/ui/history?repo={}&tag={}", urlencode(repo.as_str()), urlencode(t))) { (t) } " " } }
+            @if let Some(s) = &m.subject { p { "Refers to " a href=(manifest_link(repo.as_str(), s)) { code { (s) } } } }
+            @if let Some(c) = &m.config { h2 { "Config" } (parts_table("config", repo, std::slice::from_ref(c), false)) }
+            @if !m.layers.is_empty() { h2 { "Layers" } (parts_table("layers", repo, &m.layers, false))
+                p.muted { "Total " (bytes(m.layers.iter().map(|l| l.size).sum::<u64>())) } }
+            @if !m.children.is_empty() { h2 { "Index children" } (parts_table("children", repo, &m.children, true)) }
+            h2 { "Referrers" }
+            @if m.referrers.is_empty() { p.muted { "None." } } @else {
+                table id="referrers" { thead { tr { th { "Digest" } th { "Artifact type" } th.num { "Size" } } }
+                    tbody { @for r in &m.referrers { tr {
+                        td { a href=(manifest_link(repo.as_str(), &r.digest)) { code { (short(&r.digest)) } } }
+                        td { (r.artifact_type.as_deref().unwrap_or("—")) } td.num { (bytes(r.size)) } } } } }
+            }
+            @if !m.annotations.is_empty() {
+                h2 { "Annotations" }
+                table { tbody { @for (k, val) in &m.annotations { tr { td { code { (k) } } td { (val) } } } } }
+            }
+            h2 { "Why it is kept" }
+            div id="explain" {
+                p { "State: " strong { (why.state) } ". "
+                    @match why.collect_at {
+                        Some(at) => { "The collector takes it at " (when(Some(at))) " if nothing changes" @if why.due { " (due now)" } "." }
+                        None => { "Kept while something holds it." }
+                    } }
+                ul { @for h in &why.holds { li { strong { (h.reason) } ": " (h.detail) @if let Some(u) = h.until { " — until " (when(Some(u))) } } } }
+            }
+            @if v.may(repo.as_str(), Action::Delete) {
+                p { a.button.danger href=(format!("/ui/delete?target={}", urlencode(&format!("{repo}@{}", m.digest)))) { "Delete this manifest…" } }
+            }
+            h2 { "Manifest" }
+            pre { (m.payload) }
+        },
+    )
+}
+
+pub(super) fn history(v: &Viewer<'_>, repo: &RepoName, tag: &Tag, moves: &[TagMove]) -> Response {
+    let may_revert = v.may(repo.as_str(), Action::Admin);
+    page(
+        v,
+        &format!("{repo}:{tag} history"),
+        html! {
+            h1 { a href=(repo_link(repo.as_str())) { (repo.as_str()) } ":" (tag.as_str()) " — history" }
+            table id="history" {
+                thead { tr { th { "When" } th { "What" } th { "From" } th { "To" } th { "Who" } th {} } }
+                tbody { @for m in moves.iter().rev() { tr {
+                    td { (when(Some(m.at))) } td { (m.kind) @if let Some(n) = &m.note { br; span.muted { (n) } } }
+                    td { @if let Some(d) = &m.old_digest { code { (short(d)) } } }
+                    td { @if let Some(d) = &m.new_digest { a href=(manifest_link(repo.as_str(), d)) { code { (short(d)) } } } }
+                    td { (m.actor.as_deref().unwrap_or("—")) }
+                    td { @if let (true, Some(d)) = (may_revert, &m.new_digest) {
+                        form.inline method="post" action="/ui/revert" {
+                            input type="hidden" name="repo" value=(repo.as_str());
+                            input type="hidden" name="tag" value=(tag.as_str());
+                            input type="hidden" name="digest" value=(d);
+                            button type="submit" { "Revert to here" }
+                        }
+                    } }
+                } } }
+            }
+        },
+    )
+}
+
+pub(super) fn delete_confirm(v: &Viewer<'_>, target: &DeleteTarget, p: &Preview) -> Response {
+    let what = match target {
+        DeleteTarget::Manifest(..) => "manifest",
+        DeleteTarget::Tag(..) => "tag",
+        DeleteTarget::Repository(_) => "repository",
+    };
+    page(
+        v,
+        "Delete",
+        html! {
+            h1 { "Delete " (what) " " code { (target.to_string()) } "?" }
+            @if let Some(why) = &p.refused {
+                p.problem id="refused" { "This delete would be refused: " (why) }
+            } @else {
+                div.ok id="preview" {
+                    p { "It would take " (p.manifests.len()) " manifest(s) and " (p.tags.len()) " tag(s) into the trash, "
+                        "and free " strong { (bytes(p.bytes_freed)) } " (" (p.blobs_freed) " blobs) once the restore window has passed." }
+                    @if !p.tags.is_empty() { p { "Tags: " (p.tags.join(", ")) } }
+                    p.muted { "Everything deleted stays restorable from the trash until then." }
+                }
+                form method="post" action="/ui/delete" {
+                    input type="hidden" name="target" value=(target.to_string());
+                    button.danger type="submit" id="confirm" { "Delete" }
+                    " " a href=(repo_link(target.repository().as_str())) { "Cancel" }
+                }
+            }
+        },
+    )
+}
+
+pub(super) fn trash(
+    v: &Viewer<'_>,
+    repo: &RepoName,
+    summary: &RepositorySummary,
+    list: &[Tombstone],
+) -> Response {
+    let may_restore = v.may(repo.as_str(), Action::Admin);
+    page(
+        v,
+        &format!("{repo} trash"),
+        html! {
+            h1 { a href=(repo_link(repo.as_str())) { (repo.as_str()) } " — trash" }
+            @if let Some(at) = summary.deleted_at {
+                p.problem { "The repository was deleted at " (when(Some(at))) "." }
+                @if may_restore {
+                    form method="post" action="/ui/restore" {
+                        input type="hidden" name="target" value=(repo.as_str());
+                        button type="submit" id="restore-repository" { "Restore the repository" }
+                    }
+                }
+            }
+            table id="trash" {
+                thead { tr { th { "Digest" } th { "Tags it had" } th { "Deleted" } th { "By" } th { "Why" } th { "Purged after" } th.num { "Size" } th {} } }
+                tbody { @for t in list { tr {
+                    td { code { (short(&t.digest)) } } td { (t.tags.join(", ")) }
+                    td { (when(Some(t.deleted_at))) } td { (t.deleted_by.as_deref().unwrap_or("—")) } td { (t.deleted_why) }
+                    td { (when(Some(t.purge_after))) } td.num { (bytes(t.size)) }
+                    td { @if t.restorable && may_restore {
+                        form.inline method="post" action="/ui/restore" {
+                            input type="hidden" name="target" value=(format!("{repo}@{}", t.digest));
+                            button type="submit" { "Restore" }
+                        }
+                    } @else if !t.restorable { span.muted { (t.unrestorable_reason.as_deref().unwrap_or("not restorable")) } } }
+                } }
+                @if list.is_empty() { tr { td colspan="8" .muted { "The trash is empty." } } } }
+            }
+        },
+    )
+}
+
+pub(super) fn space(v: &Viewer<'_>, s: &Space, status: &GcStatus) -> Response {
+    let widest = s.reclaim_schedule.iter().map(|(_, b)| *b).max().unwrap_or(1).max(1);
+    page(
+        v,
+        "Space",
+        html! {
+            h1 { "Where the space goes" }
+            table id="space" { tbody {
+                tr { th { "Stored" } td.num { (bytes(s.bytes_stored)) } td.muted { (s.blobs) " blobs" } }
+                tr { th { "Live" } td.num { (bytes(s.bytes_live)) } td.muted { "referenced by live manifests" } }
+                tr { th { "In tombstones" } td.num { (bytes(s.bytes_in_tombstones)) } td.muted { "restorable; freed when the restore window passes" } }
+                tr { th { "In grace" } td.num { (bytes(s.bytes_in_grace)) } td.muted { "unreferenced, within a grace window" } }
+                tr { th { "Pending reclaim" } td.num { (bytes(s.bytes_pending_reclaim)) } td.muted { "due: the next collection takes it" } }
+            } }
+            h2 { "When the held bytes become reclaimable" }
+            table id="schedule" { tbody { @for (at, b) in &s.reclaim_schedule { tr {
+                td { (when(Some(*at))) } td.num { (bytes(*b)) }
+                td { span.bar style=(format!("width:{}px", (*b as f64 / widest as f64 * 300.0).ceil())) {} }
+            } } } }
+            h2 { "Collector" }
+            table id="queues" {
+                thead { tr { th { "Queue" } th.num { "Queued" } th.num { "Due" } th.num { "Overdue" } th { "Oldest due" } } }
+                tbody { @for q in &status.queue { tr { td { (q.kind) } td.num { (q.queued) } td.num { (q.due) } td.num { (q.overdue) }
+                    td { (q.oldest_due_ms.map_or("—".to_string(), |ms| format!("{:.0} s ago", ms as f64 / 1000.0))) } } } }
+            }
+            p { "Outbox: " (status.outbox.keys) " keys (" (status.outbox.failing) " failing). Abandoned uploads expiring: " (status.uploads_expiring) "." }
+            h2 { "Last passes" }
+            table id="passes" {
+                thead { tr { th { "Finished" } th { "Replica" } th.num { "Reviews" } th.num { "Manifests" } th.num { "Blobs" } th.num { "Freed" } } }
+                tbody { @for p in &status.passes { tr { td { (when(Some(p.finished_at))) } td { (p.replica) } td.num { (p.reviews) }
+                    td.num { (p.manifests) } td.num { (p.blobs) } td.num { (bytes(p.bytes)) } } } }
+            }
+        },
+    )
+}
+
+pub(super) fn retention(v: &Viewer<'_>, status: &RetentionStatus, dry: Option<&RetentionReport>) -> Response {
+    page(
+        v,
+        "Retention",
+        html! {
+            h1 { "Retention" }
+            h2 { "Rules" }
+            @if status.rules.is_empty() { p.muted { "No retention rules are configured." } }
+            ul { @for r in &status.rules { li { code { (r) } } } }
+            @if !status.immutable.is_empty() { h2 { "Immutable tags" } ul { @for r in &status.immutable { li { code { (r) } } } } }
+            h2 { "Last runs" }
+            table id="runs" {
+                thead { tr { th { "Started" } th { "By" } th.num { "Tags considered" } th.num { "Tags removed" } th.num { "Manifests removed" } th.num { "Errors" } } }
+                tbody { @for r in &status.last_runs { tr { td { (when(Some(r.started_at))) } td { (r.started_by) } td.num { (r.tags_considered) }
+                    td.num { (r.tags_removed) } td.num { (r.manifests_removed) } td.num { (r.errors) } } } }
+            }
+            h2 { "Dry run" }
+            @match dry {
+                None => { p { a.button href="/ui/retention?dry_run=true" id="dry-run" { "What would a run remove now?" } } }
+                Some(d) => {
+                    p { "A run now would remove " (d.tags.len()) " tags and " (d.manifests.len()) " untagged manifests"
+                        @if let Some(b) = d.bytes_freed { ", freeing " (bytes(b)) " once the windows have passed" } "." }
+                    table id="dry-run-tags" {
+                        thead { tr { th { "Tag" } th { "Digest" } th { "Rule" } th { "Pushed" } th { "Last pulled" } } }
+                        tbody { @for t in &d.tags { tr {
+                            td { a href=(repo_link(&t.repository)) { (t.repository) } ":" (t.tag) }
+                            td { code { (short(&t.digest)) } } td { (t.rule) } td { (when(Some(t.pushed_at))) } td { (when(t.pulled_at)) } } } }
+                    }
+                }
+            }
+        },
+    )
+}
