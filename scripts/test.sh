@@ -16,6 +16,9 @@ for tool in skopeo buildah podman openssl curl; do
 done
 # The reference registry (distribution 2.8), whose storage the import tests adopt.
 command -v docker-registry >/dev/null 2>&1 || missing+=(docker-registry)
+# A real browser for the web console's tests: Debian's Chromium and its WebDriver.
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "==> installing ${missing[*]} (Debian packages)"
     as_root apt-get update -qq

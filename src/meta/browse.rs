@@ -41,7 +41,40 @@ pub struct UntaggedRow {
     pub pulled_at: Option<i64>,
 }
 
+/// A tag whose last change was a delete.
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
+pub struct DeletedTag {
+    /// The tag.
+    pub tag: String,
+    /// Where it pointed.
+    pub digest: String,
+    /// Who deleted it.
+    pub actor: Option<String>,
+    /// When (ms).
+    pub at: i64,
+}
+
 impl MetaStore {
+    /// Up to `limit` tags of `repo` whose last change was a delete (and that were not pushed
+    /// again), newest first.
+    ///
+    /// # Errors
+    /// [`super::Error::Database`].
+    pub async fn deleted_tags(&self, repo: &RepoName, limit: i64) -> Result<Vec<DeletedTag>> {
+        Ok(sqlx::query_as(
+            "SELECT h.tag, h.old_digest AS digest, h.actor, h.at FROM tag_history h \
+             JOIN repositories r ON r.id = h.repository_id \
+             WHERE r.name = $1 AND h.kind = 'delete' AND h.old_digest IS NOT NULL \
+             AND h.id = (SELECT MAX(x.id) FROM tag_history x WHERE x.repository_id = h.repository_id AND x.tag = h.tag) \
+             AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.repository_id = h.repository_id AND t.name = h.tag) \
+             ORDER BY h.at DESC, h.id DESC LIMIT $2",
+        )
+        .bind(repo.as_str())
+        .bind(limit)
+        .fetch_all(&self.read)
+        .await?)
+    }
+
     /// Up to `limit` tags of `repo` after `after`, by name.
     ///
     /// # Errors

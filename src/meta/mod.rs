@@ -37,7 +37,7 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyConnection, AnyPool, Connection as _, Executor as _};
 
 pub use blobs::CompletedUpload;
-pub use browse::{TagRow, UntaggedRow};
+pub use browse::{DeletedTag, TagRow, UntaggedRow};
 pub use consistency::{BLOB_FINDINGS, Finding, StoredBlob, reference_kinds};
 pub use deletes::{AffectedManifest, DeleteError, Purged, Refusal, RevertTarget};
 pub use explain::{Explanation, Hold, LinkState};

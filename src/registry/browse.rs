@@ -4,7 +4,7 @@
 use serde_json::Value;
 
 use super::{Error, Referrer, Registry, Result};
-use crate::meta::{RepositorySummary, TagRow, UntaggedRow};
+use crate::meta::{DeletedTag, RepositorySummary, TagRow, UntaggedRow};
 use crate::oci::{Digest, Reference, RepoName};
 
 /// A descriptor as a manifest lists it.
@@ -65,6 +65,14 @@ impl Registry {
     /// [`Error::Internal`].
     pub async fn tag_rows(&self, repo: &RepoName, after: &str, limit: i64) -> Result<Vec<TagRow>> {
         Ok(self.meta.tag_rows(repo, after, limit).await?)
+    }
+
+    /// Up to `limit` deleted tags of `repo` (not pushed again since), newest first.
+    ///
+    /// # Errors
+    /// [`Error::Internal`].
+    pub async fn deleted_tags(&self, repo: &RepoName, limit: i64) -> Result<Vec<DeletedTag>> {
+        Ok(self.meta.deleted_tags(repo, limit).await?)
     }
 
     /// Up to `limit` live manifests of `repo` no tag points at, newest first.

@@ -111,12 +111,24 @@ fn challenge() -> Response {
         .into_response()
 }
 
-/// Who is calling. With auth on, anonymous callers get in only where anonymous pull is on.
+/// The cookie a browser gets once it has signed in. It proves nothing (credentials do): it only
+/// says "challenge me" so the browser sends the credentials it keeps for the console on every
+/// page, where it would otherwise be shown the anonymous view.
+const SIGNED_IN: &str = "berth_console=signed-in";
+
+/// Who is calling. With auth on, anonymous callers get in only where anonymous pull is on (and
+/// a browser that has signed in is asked for its credentials again).
 fn viewer<'a>(app: &'a App, headers: &HeaderMap) -> Result<Viewer<'a>, Refusal> {
     let Some(auth) = &app.auth else { return Ok(Viewer { app, who: Identity::Anonymous }) };
     let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     let now = u64::try_from(app.registry.clock().now_ms() / 1000).unwrap_or(0);
+    let signed_in = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|c| c.split(';').any(|kv| kv.trim() == SIGNED_IN));
     match auth.authenticate(authorization, now) {
+        Ok(Identity::Anonymous) if signed_in => Err(Refusal::new(StatusCode::UNAUTHORIZED, "sign in")),
         Ok(Identity::Anonymous) if !auth.anonymous_may_pull() => {
             Err(Refusal::new(StatusCode::UNAUTHORIZED, "sign in"))
         }
@@ -223,7 +235,12 @@ async fn repositories(State(app): State<App>, headers: HeaderMap, Query(q): Quer
 
 async fn login(State(app): State<App>, headers: HeaderMap) -> Response {
     match viewer(&app, &headers) {
-        Ok(v) if v.name().is_some() || app.auth.is_none() => Redirect::to("/ui/").into_response(),
+        Ok(v) if v.name().is_some() => (
+            [(header::SET_COOKIE, format!("{SIGNED_IN}; Path=/ui; HttpOnly; SameSite=Strict"))],
+            Redirect::to("/ui/"),
+        )
+            .into_response(),
+        Ok(_) if app.auth.is_none() => Redirect::to("/ui/").into_response(),
         _ => challenge(),
     }
 }
@@ -338,7 +355,9 @@ async fn trash(State(app): State<App>, headers: HeaderMap, Query(q): Query<Trash
             v.require(&repo, Action::Pull)?;
             let summary = app.registry.repository(&repo).await.map_err(failed)?;
             let tombstones = app.registry.tombstones(&repo).await.map_err(failed)?;
-            Ok(pages::trash(&v, &repo, &summary, &tombstones))
+            let tags = app.registry.deleted_tags(&repo, PAGE).await.map_err(failed)?;
+            let window = app.registry.policy().restore_window_ms;
+            Ok(pages::trash(&v, &repo, &summary, &tags, &tombstones, window))
         }
         .await,
     )
@@ -434,7 +453,7 @@ async fn retention(State(app): State<App>, headers: HeaderMap, Query(q): Query<R
     )
 }
 
-/// Percent-encodes a query value.
-pub(crate) fn urlencode(text: &str) -> String {
+/// Percent-encodes a query or form value.
+pub fn urlencode(text: &str) -> String {
     form_urlencoded::byte_serialize(text.as_bytes()).collect()
 }

@@ -7,7 +7,9 @@ use maud::{DOCTYPE, Markup, html};
 
 use super::{Viewer, urlencode};
 use crate::auth::Action;
-use crate::meta::{Explanation, GcStatus, Preview, RepositorySummary, Space, TagMove, TagRow, UntaggedRow};
+use crate::meta::{
+    DeletedTag, Explanation, GcStatus, Preview, RepositorySummary, Space, TagMove, TagRow, UntaggedRow,
+};
 use crate::oci::{RepoName, Tag};
 use crate::registry::{DeleteTarget, ManifestView, RetentionReport, RetentionStatus, Tombstone};
 
@@ -331,7 +333,9 @@ pub(super) fn trash(
     v: &Viewer<'_>,
     repo: &RepoName,
     summary: &RepositorySummary,
+    tags: &[DeletedTag],
     list: &[Tombstone],
+    restore_window_ms: i64,
 ) -> Response {
     let may_restore = v.may(repo.as_str(), Action::Admin);
     page(
@@ -348,6 +352,23 @@ pub(super) fn trash(
                     }
                 }
             }
+            h2 { "Deleted tags" }
+            table id="deleted-tags" {
+                thead { tr { th { "Tag" } th { "Pointed at" } th { "Deleted" } th { "By" } th { "Restorable until" } th {} } }
+                tbody { @for t in tags { tr {
+                    td { (t.tag) } td { a href=(manifest_link(repo.as_str(), &t.digest)) { code { (short(&t.digest)) } } }
+                    td { (when(Some(t.at))) } td { (t.actor.as_deref().unwrap_or("—")) }
+                    td { (when(Some(t.at.saturating_add(restore_window_ms)))) }
+                    td { @if may_restore {
+                        form.inline method="post" action="/ui/restore" {
+                            input type="hidden" name="target" value=(format!("{repo}:{}", t.tag));
+                            button type="submit" { "Restore" }
+                        }
+                    } }
+                } }
+                @if tags.is_empty() { tr { td colspan="6" .muted { "None." } } } }
+            }
+            h2 { "Deleted manifests" }
             table id="trash" {
                 thead { tr { th { "Digest" } th { "Tags it had" } th { "Deleted" } th { "By" } th { "Why" } th { "Purged after" } th.num { "Size" } th {} } }
                 tbody { @for t in list { tr {

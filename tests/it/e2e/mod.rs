@@ -5,6 +5,7 @@
 
 mod auth_clients;
 mod buildah;
+mod console;
 mod deletes;
 mod import;
 pub mod layout;
