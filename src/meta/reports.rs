@@ -21,6 +21,8 @@ pub struct RepositorySummary {
     pub bytes_live: i64,
     /// Bytes held only by tombstones: their own and the blobs no live manifest here references.
     pub bytes_in_tombstones: i64,
+    /// The newest push or tag move (Unix ms), if any.
+    pub last_push_at: Option<i64>,
 }
 
 /// A tombstone as the store records it.
@@ -81,7 +83,9 @@ pub(super) const SUMMARY: &str = "SELECT r.name, r.deleted_at, \
           JOIN manifests m ON m.id = mb.manifest_id WHERE m.repository_id = r.id AND m.deleted_at IS NOT NULL) \
           AND b.id NOT IN (SELECT mb.blob_id FROM manifest_blobs mb JOIN manifests m ON m.id = mb.manifest_id \
           WHERE m.repository_id = r.id AND m.deleted_at IS NULL)) \
-       AS BIGINT) AS bytes_in_tombstones \
+       AS BIGINT) AS bytes_in_tombstones, \
+    CAST((SELECT MAX(x.at) FROM (SELECT MAX(m.pushed_at) AS at FROM manifests m WHERE m.repository_id = r.id \
+       UNION ALL SELECT MAX(t.updated_at) AS at FROM tags t WHERE t.repository_id = r.id) x) AS BIGINT) AS last_push_at \
     FROM repositories r";
 
 impl MetaStore {

@@ -227,7 +227,16 @@ async fn repositories(State(app): State<App>, headers: HeaderMap, Query(q): Quer
             }
             shown.truncate(PAGE as usize);
             let next = (shown.len() as i64 == PAGE).then(|| shown.last().map(|r| r.name.clone())).flatten();
-            Ok(pages::repositories(&v, &q.q, &shown, next.as_deref()))
+            // What each alone holds and what is due.
+            let mut spaces = Vec::with_capacity(shown.len());
+            for r in &shown {
+                let space = match RepoName::parse(&r.name) {
+                    Ok(repo) => app.registry.space(Some(&repo)).await.ok(),
+                    Err(_) => None,
+                };
+                spaces.push(space);
+            }
+            Ok(pages::repositories(&v, &q.q, &shown, &spaces, next.as_deref()))
         }
         .await,
     )

@@ -108,6 +108,7 @@ pub(super) fn repositories(
     v: &Viewer<'_>,
     q: &str,
     list: &[RepositorySummary],
+    spaces: &[Option<Space>],
     next: Option<&str>,
 ) -> Response {
     page(
@@ -121,17 +122,19 @@ pub(super) fn repositories(
             }
             table id="repositories" {
                 thead { tr { th { "Repository" } th.num { "Tags" } th.num { "Manifests" } th.num { "Bytes referenced" }
-                    th.num { "In tombstones" } th.num { "Tombstones" } } }
+                    th.num { "Only here" } th.num { "In tombstones" } th.num { "Pending reclaim" } th { "Last push" } } }
                 tbody {
-                    @for r in list {
+                    @for (r, space) in list.iter().zip(spaces) {
                         tr {
                             td { a href=(repo_link(&r.name)) { (r.name) } }
                             td.num { (r.tags) } td.num { (r.manifests) } td.num { (bytes(r.bytes_live)) }
-                            td.num { (bytes(r.bytes_in_tombstones)) }
-                            td.num { @if r.tombstones > 0 { a href=(format!("/ui/trash?repo={}", urlencode(&r.name))) { (r.tombstones) } } @else { "0" } }
+                            td.num { (space.as_ref().map_or("—".into(), |s| bytes(s.bytes_exclusive))) }
+                            td.num { a href=(format!("/ui/trash?repo={}", urlencode(&r.name))) { (bytes(r.bytes_in_tombstones)) } }
+                            td.num { (space.as_ref().map_or("—".into(), |s| bytes(s.bytes_pending_reclaim))) }
+                            td { (when(r.last_push_at)) }
                         }
                     }
-                    @if list.is_empty() { tr { td colspan="6" .muted { "No repositories" @if !q.is_empty() { " matching “" (q) "”" } "." } } }
+                    @if list.is_empty() { tr { td colspan="8" .muted { "No repositories" @if !q.is_empty() { " matching “" (q) "”" } "." } } }
                 }
             }
             @if let Some(last) = next {
