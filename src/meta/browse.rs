@@ -14,8 +14,11 @@ pub struct TagRow {
     pub digest: String,
     /// Its media type.
     pub media_type: String,
-    /// The manifest's own size.
+    /// The image's bytes: the manifest, its blobs, and for an index its children and theirs
+    /// (each blob once).
     pub size: i64,
+    /// For an index: how many manifests it lists.
+    pub children: i64,
     /// When the tag was last pushed (ms).
     pub pushed_at: i64,
     /// Who pushed it last, if known.
@@ -81,7 +84,14 @@ impl MetaStore {
     /// [`super::Error::Database`].
     pub async fn tag_rows(&self, repo: &RepoName, after: &str, limit: i64) -> Result<Vec<TagRow>> {
         Ok(sqlx::query_as(
-            "SELECT t.name AS tag, m.digest, m.media_type, m.size, t.updated_at AS pushed_at, \
+            "SELECT t.name AS tag, m.digest, m.media_type, t.updated_at AS pushed_at, \
+             CAST(m.size + (SELECT COALESCE(SUM(c.size), 0) FROM manifests c \
+                 JOIN manifest_children mc ON mc.child_id = c.id WHERE mc.parent_id = m.id) \
+               + (SELECT COALESCE(SUM(b.size), 0) FROM blobs b WHERE b.id IN (SELECT mb.blob_id FROM manifest_blobs mb \
+                 WHERE mb.manifest_id = m.id \
+                 OR mb.manifest_id IN (SELECT mc.child_id FROM manifest_children mc WHERE mc.parent_id = m.id))) \
+               AS BIGINT) AS size, \
+             CAST((SELECT COUNT(*) FROM manifest_children mc WHERE mc.parent_id = m.id) AS BIGINT) AS children, \
              (SELECT h.actor FROM tag_history h WHERE h.repository_id = t.repository_id AND h.tag = t.name \
               AND h.new_digest = m.digest ORDER BY h.id DESC LIMIT 1) AS pushed_by, m.pulled_at \
              FROM tags t JOIN manifests m ON m.id = t.manifest_id JOIN repositories r ON r.id = t.repository_id \

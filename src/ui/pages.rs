@@ -170,7 +170,8 @@ pub(super) fn repository(
                             td { a href=(format!("/ui/history?repo={}&tag={}", urlencode(repo.as_str()), urlencode(&t.tag))) { (t.tag) } }
                             td { a href=(manifest_link(repo.as_str(), &t.digest)) { code { (short(&t.digest)) } } }
                             td { (when(Some(t.pushed_at))) } td { (t.pushed_by.as_deref().unwrap_or("—")) }
-                            td { (when(t.pulled_at)) } td.num { (bytes(t.size)) }
+                            td { (when(t.pulled_at)) }
+                                td.num { (bytes(t.size)) @if t.children > 0 { br; span.muted { "index of " (t.children) } } }
                             td { @if may_delete {
                                 a.button.danger href=(format!("/ui/delete?target={}", urlencode(&format!("{repo}:{}", t.tag)))) { "Delete" }
                             } }
