@@ -202,6 +202,9 @@ async fn sweep_periodically(app: App, mut stop: tokio::sync::watch::Receiver<boo
         {
             tracing::warn!(error = %e, "scrub step failed; retried next time");
         }
+        if let Err(e) = app.registry.sample_space(crate::registry::SPACE_SAMPLE_EVERY_MS).await {
+            tracing::warn!(error = %e, "could not sample where the space is");
+        }
     }
     let _ = app.registry.meta().release_lease("sweep", &holder).await;
 }

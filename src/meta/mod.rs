@@ -47,7 +47,7 @@ pub use manifests::{NewManifest, PutManifestError};
 pub use reports::{Preview, RepositorySummary, TombstoneRow};
 pub use retention::{RunRecord, Untag, UntagOutcome, UntaggedManifest};
 pub use rows::{BlobRow, ManifestHead, ManifestRow, ReferrerRow, TagMove, UploadRow};
-pub use space::Space;
+pub use space::{Space, SpaceSample};
 pub use status::{GcStatus, PassRecord};
 pub use sweep::{Progress, RowSweep};
 pub use tags::TagCondition;

@@ -168,3 +168,66 @@ impl MetaStore {
         Ok(space)
     }
 }
+
+/// One sample of where the space went (bytes), for the console's storage-over-time chart.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, serde::Serialize)]
+pub struct SpaceSample {
+    /// When (Unix ms).
+    pub at: i64,
+    /// Bytes stored.
+    pub stored: i64,
+    /// Bytes live.
+    pub live: i64,
+    /// Bytes held only by tombstones.
+    pub tombstones: i64,
+    /// Bytes within a grace window.
+    pub grace: i64,
+    /// Bytes due for collection.
+    pub pending: i64,
+}
+
+impl MetaStore {
+    /// When the newest space sample was taken.
+    ///
+    /// # Errors
+    /// [`super::Error::Database`].
+    pub async fn last_space_sample_at(&self) -> Result<Option<i64>> {
+        let row: (Option<i64>,) =
+            sqlx::query_as("SELECT CAST(MAX(at) AS BIGINT) FROM space_samples").fetch_one(&self.read).await?;
+        Ok(row.0)
+    }
+
+    /// Records `sample` and forgets samples taken before `keep_after`.
+    ///
+    /// # Errors
+    /// [`super::Error::Database`].
+    pub async fn record_space_sample(&self, sample: &SpaceSample, keep_after: i64) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO space_samples (at, stored, live, tombstones, grace, pending) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (at) DO NOTHING",
+        )
+        .bind(sample.at)
+        .bind(sample.stored)
+        .bind(sample.live)
+        .bind(sample.tombstones)
+        .bind(sample.grace)
+        .bind(sample.pending)
+        .execute(&self.write)
+        .await?;
+        sqlx::query("DELETE FROM space_samples WHERE at < $1").bind(keep_after).execute(&self.write).await?;
+        Ok(())
+    }
+
+    /// The samples taken since `since`, oldest first.
+    ///
+    /// # Errors
+    /// [`super::Error::Database`].
+    pub async fn space_samples(&self, since: i64) -> Result<Vec<SpaceSample>> {
+        Ok(sqlx::query_as(
+            "SELECT at, stored, live, tombstones, grace, pending FROM space_samples WHERE at >= $1 ORDER BY at",
+        )
+        .bind(since)
+        .fetch_all(&self.read)
+        .await?)
+    }
+}

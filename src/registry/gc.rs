@@ -117,6 +117,39 @@ impl Registry {
         Ok(self.meta.space(repo, self.clock.now_ms()).await?)
     }
 
+    /// Records where the space is now unless a sample is younger than `every_ms` (the replica
+    /// running the storage sweep calls this; the console charts the samples). Returns whether
+    /// it took one.
+    ///
+    /// # Errors
+    /// [`super::Error::Internal`] when the metadata store fails.
+    pub async fn sample_space(&self, every_ms: i64) -> Result<bool> {
+        let now = self.clock.now_ms();
+        if self.meta.last_space_sample_at().await?.is_some_and(|at| at > now - every_ms) {
+            return Ok(false);
+        }
+        let s = self.meta.space(None, now).await?;
+        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let sample = crate::meta::SpaceSample {
+            at: now,
+            stored: n(s.bytes_stored),
+            live: n(s.bytes_live),
+            tombstones: n(s.bytes_in_tombstones),
+            grace: n(s.bytes_in_grace),
+            pending: n(s.bytes_pending_reclaim),
+        };
+        self.meta.record_space_sample(&sample, now - SPACE_SAMPLES_KEPT_MS).await?;
+        Ok(true)
+    }
+
+    /// The space samples of the last `period_ms`, oldest first.
+    ///
+    /// # Errors
+    /// [`super::Error::Internal`] when the metadata store fails.
+    pub async fn space_history(&self, period_ms: i64) -> Result<Vec<crate::meta::SpaceSample>> {
+        Ok(self.meta.space_samples(self.clock.now_ms() - period_ms).await?)
+    }
+
     /// The collector's state: queues, outbox, the last passes, the sweep's and the scrub's
     /// progress and findings. A review due for longer than an hour counts as overdue.
     ///
@@ -238,3 +271,9 @@ impl Registry {
         }
     }
 }
+
+/// How long space samples are kept.
+const SPACE_SAMPLES_KEPT_MS: i64 = 90 * 24 * 3600 * 1000;
+
+/// How often the replica running the sweep samples where the space is.
+pub const SPACE_SAMPLE_EVERY_MS: i64 = 3600 * 1000;

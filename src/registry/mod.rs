@@ -30,7 +30,7 @@ pub use browse::{ManifestView, Part};
 pub use delete::PurgeReport;
 pub use error::Error;
 pub use fsck::FsckReport;
-pub use gc::{DryRun, ExplainTarget, GcReport};
+pub use gc::{DryRun, ExplainTarget, GcReport, SPACE_SAMPLE_EVERY_MS};
 pub use import::{ImportOptions, ImportProgress, ImportReport, Skipped};
 pub use pull::{BlobHandle, Referrer};
 pub use push::{ChunkRange, PushedManifest, UploadStatus};

@@ -28,6 +28,9 @@ use crate::registry::{DeleteTarget, Error, ExplainTarget};
 /// Rows on a page of repositories or tags.
 const PAGE: i64 = 50;
 
+/// How far back the storage chart goes.
+const HISTORY_MS: i64 = 30 * 24 * 3600 * 1000;
+
 /// The console's routes (mounted at `/ui` when `ui.enabled`).
 pub fn router() -> Router<App> {
     Router::new()
@@ -431,7 +434,8 @@ async fn space(State(app): State<App>, headers: HeaderMap) -> Response {
             }
             let space = app.registry.space(None).await.map_err(failed)?;
             let status = app.registry.gc_status().await.map_err(failed)?;
-            Ok(pages::space(&v, &space, &status))
+            let history = app.registry.space_history(HISTORY_MS).await.map_err(failed)?;
+            Ok(pages::space(&v, &space, &status, &history))
         }
         .await,
     )

@@ -8,7 +8,8 @@ use maud::{DOCTYPE, Markup, html};
 use super::{Viewer, urlencode};
 use crate::auth::Action;
 use crate::meta::{
-    DeletedTag, Explanation, GcStatus, Preview, RepositorySummary, Space, TagMove, TagRow, UntaggedRow,
+    DeletedTag, Explanation, GcStatus, Preview, RepositorySummary, Space, SpaceSample, TagMove, TagRow,
+    UntaggedRow,
 };
 use crate::oci::{RepoName, Tag};
 use crate::registry::{DeleteTarget, ManifestView, RetentionReport, RetentionStatus, Tombstone};
@@ -392,7 +393,50 @@ pub(super) fn trash(
     )
 }
 
-pub(super) fn space(v: &Viewer<'_>, s: &Space, status: &GcStatus) -> Response {
+/// Storage over time as an SVG line chart (no script): stored, live, in tombstones, in grace.
+fn storage_chart(samples: &[SpaceSample]) -> Markup {
+    const W: f64 = 720.0;
+    const H: f64 = 200.0;
+    let (Some(first), Some(last)) = (samples.first(), samples.last()) else {
+        return html! { p.muted id="storage-chart" { "No samples yet: the replica running the sweep takes one an hour." } };
+    };
+    let span = (last.at - first.at).max(1) as f64;
+    let top = samples.iter().map(|x| x.stored).max().unwrap_or(1).max(1) as f64;
+    let line = |value: fn(&SpaceSample) -> i64| -> String {
+        samples
+            .iter()
+            .map(|x| {
+                let px = (x.at - first.at) as f64 / span * W;
+                let py = H - value(x) as f64 / top * H;
+                format!("{px:.1},{py:.1}")
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let series: [(&str, &str, fn(&SpaceSample) -> i64); 4] = [
+        ("stored", "#1d3557", |x| x.stored),
+        ("live", "#2a9d8f", |x| x.live),
+        ("in tombstones", "#e76f51", |x| x.tombstones),
+        ("in grace", "#e9c46a", |x| x.grace),
+    ];
+    html! {
+        figure id="storage-chart" {
+            svg width=(W) height=(H + 4.0) viewBox=(format!("0 -2 {W} {}", H + 4.0)) role="img" {
+                title { "Storage over time" }
+                rect x="0" y="0" width=(W) height=(H) fill="#fff" stroke="#e3e6ea" {}
+                @for (_, color, value) in &series {
+                    polyline points=(line(*value)) fill="none" stroke=(color) stroke-width="2" {}
+                }
+            }
+            figcaption {
+                (when(Some(first.at))) " to " (when(Some(last.at))) ", up to " (bytes(top as u64)) ": "
+                @for (name, color, _) in &series { span style=(format!("color:{color}")) { "■ " } (name) " " }
+            }
+        }
+    }
+}
+
+pub(super) fn space(v: &Viewer<'_>, s: &Space, status: &GcStatus, history: &[SpaceSample]) -> Response {
     let widest = s.reclaim_schedule.iter().map(|(_, b)| *b).max().unwrap_or(1).max(1);
     page(
         v,
@@ -406,7 +450,10 @@ pub(super) fn space(v: &Viewer<'_>, s: &Space, status: &GcStatus) -> Response {
                 tr { th { "In grace" } td.num { (bytes(s.bytes_in_grace)) } td.muted { "unreferenced, within a grace window" } }
                 tr { th { "Pending reclaim" } td.num { (bytes(s.bytes_pending_reclaim)) } td.muted { "due: the next collection takes it" } }
             } }
-            h2 { "When the held bytes become reclaimable" }
+                h2 { "Storage over time" }
+            (storage_chart(history))
+        h2 { "When the held bytes become reclaimable" }
+            @if s.reclaim_schedule.is_empty() { p.muted { "Nothing is held by a window." } }
             table id="schedule" { tbody { @for (at, b) in &s.reclaim_schedule { tr {
                 td { (when(Some(*at))) } td.num { (bytes(*b)) }
                 td { span.bar style=(format!("width:{}px", (*b as f64 / widest as f64 * 300.0).ceil())) {} }

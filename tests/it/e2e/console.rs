@@ -205,6 +205,12 @@ backend_test!(console_delete_trash_restore_in_a_real_browser, |reg| {
     assert!(browser.text("#explain").await.contains("tag"));
     browser.screenshot(&shots, "manifest").await;
 
+    // Hourly samples of where the space is (the replica running the sweep takes them) before the
+    // delete, after it, and after the restore, for the storage chart.
+    let hour = berth::registry::SPACE_SAMPLE_EVERY_MS;
+    assert!(reg.app.registry.sample_space(hour).await.unwrap());
+    assert!(!reg.app.registry.sample_space(hour).await.unwrap(), "one an hour");
+
     // Delete the tag through the confirmation, which shows the preview.
     browser.goto(&format!("http://{host}/ui/repo?name=team%2Fapp")).await;
     browser.click("#tags a.danger[href*='v1']").await;
@@ -214,6 +220,8 @@ backend_test!(console_delete_trash_restore_in_a_real_browser, |reg| {
     browser.wait_for("/ui/trash").await;
     assert!(browser.text("#deleted-tags").await.contains("v1"));
     browser.screenshot(&shots, "trash").await;
+    reg.app.registry.clock().advance_ms(hour);
+    assert!(reg.app.registry.sample_space(hour).await.unwrap());
     assert_eq!(
         reg.get("/v2/team/app/manifests/v1").await.status(),
         401,
@@ -231,6 +239,8 @@ backend_test!(console_delete_trash_restore_in_a_real_browser, |reg| {
     browser.click("#deleted-tags button").await;
     browser.wait_for("/ui/repo").await;
     assert!(browser.text("#tags").await.contains("v1"));
+    reg.app.registry.clock().advance_ms(hour);
+    assert!(reg.app.registry.sample_space(hour).await.unwrap());
 
     // History, space and retention pages.
     browser.goto(&format!("http://{host}/ui/history?repo=team%2Fapp&tag=v1")).await;
@@ -242,6 +252,7 @@ backend_test!(console_delete_trash_restore_in_a_real_browser, |reg| {
     browser.screenshot(&shots, "history").await;
     browser.goto(&format!("http://{host}/ui/space")).await;
     assert!(browser.text("#space").await.contains("Stored"));
+    assert_eq!(browser.elements("#storage-chart polyline").await.len(), 4);
     browser.screenshot(&shots, "space").await;
     browser.goto(&format!("http://{host}/ui/retention?dry_run=true")).await;
     assert!(browser.text("main").await.contains("A run now would remove 0 tags"));
