@@ -393,6 +393,9 @@ pub(super) fn trash(
     )
 }
 
+/// A line of the storage chart: its name, its colour, and the figure it draws.
+type Series = (&'static str, &'static str, fn(&SpaceSample) -> i64);
+
 /// Storage over time as an SVG line chart (no script): stored, live, in tombstones, in grace.
 fn storage_chart(samples: &[SpaceSample]) -> Markup {
     const W: f64 = 720.0;
@@ -413,7 +416,7 @@ fn storage_chart(samples: &[SpaceSample]) -> Markup {
             .collect::<Vec<_>>()
             .join(" ")
     };
-    let series: [(&str, &str, fn(&SpaceSample) -> i64); 4] = [
+    let series: [Series; 4] = [
         ("stored", "#1d3557", |x| x.stored),
         ("live", "#2a9d8f", |x| x.live),
         ("in tombstones", "#e76f51", |x| x.tombstones),
