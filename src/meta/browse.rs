@@ -138,6 +138,18 @@ impl MetaStore {
         Ok(rows.into_iter().map(|(t,)| t).collect())
     }
 
+    /// Up to `limit` deleted repositories, most recently deleted first, with counts and sizes.
+    ///
+    /// # Errors
+    /// [`super::Error::Database`].
+    pub async fn deleted_repositories(&self, limit: i64) -> Result<Vec<RepositorySummary>> {
+        let sql = format!(
+            "{} WHERE r.deleted_at IS NOT NULL ORDER BY r.deleted_at DESC, r.name LIMIT $1",
+            super::reports::SUMMARY
+        );
+        Ok(sqlx::query_as(&sql).bind(limit).fetch_all(&self.read).await?)
+    }
+
     /// Live repositories whose name contains `text`, after `last`, at most `limit`, with counts
     /// and sizes.
     ///

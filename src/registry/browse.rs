@@ -59,6 +59,14 @@ impl Registry {
         Ok(self.meta.repositories_matching(text, last, limit).await?)
     }
 
+    /// Up to `limit` deleted repositories, most recently deleted first.
+    ///
+    /// # Errors
+    /// [`Error::Internal`].
+    pub async fn deleted_repositories(&self, limit: i64) -> Result<Vec<RepositorySummary>> {
+        Ok(self.meta.deleted_repositories(limit).await?)
+    }
+
     /// Up to `limit` tags of `repo` after `after`, with what each points at.
     ///
     /// # Errors

@@ -239,7 +239,10 @@ async fn repositories(State(app): State<App>, headers: HeaderMap, Query(q): Quer
                 };
                 spaces.push(space);
             }
-            Ok(pages::repositories(&v, &q.q, &shown, &spaces, next.as_deref()))
+            // Deleted repositories, for those who may restore them (from their trash).
+            let mut deleted = app.registry.deleted_repositories(PAGE).await.map_err(failed)?;
+            deleted.retain(|r| v.may(&r.name, Action::Admin));
+            Ok(pages::repositories(&v, &q.q, &shown, &spaces, next.as_deref(), &deleted))
         }
         .await,
     )
@@ -273,7 +276,19 @@ async fn repository(State(app): State<App>, headers: HeaderMap, Query(q): Query<
             let summary = app.registry.repository(&repo).await.map_err(failed)?;
             let tags = app.registry.tag_rows(&repo, &q.after, PAGE).await.map_err(failed)?;
             let untagged = app.registry.untagged_rows(&repo, PAGE).await.map_err(failed)?;
-            Ok(pages::repository(&v, &repo, &summary, &tags, &untagged, &registry_host(&headers)))
+            // An index's platforms, read from the index itself.
+            let mut platforms = std::collections::HashMap::new();
+            for t in tags.iter().filter(|t| t.children > 0) {
+                if platforms.contains_key(&t.digest) {
+                    continue;
+                }
+                let Ok(digest) = Digest::parse(&t.digest) else { continue };
+                let view = app.registry.manifest_view(&repo, &digest).await.map_err(failed)?;
+                let list: Vec<String> = view.children.into_iter().filter_map(|c| c.platform).collect();
+                platforms.insert(t.digest.clone(), list);
+            }
+            let host = registry_host(&headers);
+            Ok(pages::repository(&v, &repo, &summary, &tags, &platforms, &untagged, &host))
         }
         .await,
     )

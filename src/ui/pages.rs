@@ -111,6 +111,7 @@ pub(super) fn repositories(
     list: &[RepositorySummary],
     spaces: &[Option<Space>],
     next: Option<&str>,
+    deleted: &[RepositorySummary],
 ) -> Response {
     page(
         v,
@@ -141,6 +142,16 @@ pub(super) fn repositories(
             @if let Some(last) = next {
                 nav.pages { a.button href=(format!("/ui/?q={}&last={}", urlencode(q), urlencode(last))) { "Next page" } }
             }
+            @if !deleted.is_empty() {
+                h2 { "Deleted repositories" }
+                table id="deleted-repositories" {
+                    thead { tr { th { "Repository" } th { "Deleted" } th.num { "Manifests in the trash" } th.num { "Bytes" } } }
+                    tbody { @for r in deleted { tr {
+                        td { a href=(format!("/ui/trash?repo={}", urlencode(&r.name))) { (r.name) } }
+                        td { (when(r.deleted_at)) } td.num { (r.tombstones) } td.num { (bytes(r.bytes_in_tombstones)) }
+                    } } }
+                }
+            }
         },
     )
 }
@@ -150,6 +161,7 @@ pub(super) fn repository(
     repo: &RepoName,
     summary: &RepositorySummary,
     tags: &[TagRow],
+    platforms: &std::collections::HashMap<String, Vec<String>>,
     untagged: &[UntaggedRow],
     host: &str,
 ) -> Response {
@@ -172,7 +184,10 @@ pub(super) fn repository(
                             td { a href=(manifest_link(repo.as_str(), &t.digest)) { code { (short(&t.digest)) } } }
                             td { (when(Some(t.pushed_at))) } td { (t.pushed_by.as_deref().unwrap_or("—")) }
                             td { (when(t.pulled_at)) }
-                                td.num { (bytes(t.size)) @if t.children > 0 { br; span.muted { "index of " (t.children) } } }
+                                td.num { (bytes(t.size)) @if t.children > 0 { br; span.muted {
+                                    "index of " (t.children)
+                                    @if let Some(p) = platforms.get(&t.digest).filter(|p| !p.is_empty()) { ": " (p.join(", ")) }
+                                } } }
                             td { @if may_delete {
                                 a.button.danger href=(format!("/ui/delete?target={}", urlencode(&format!("{repo}:{}", t.tag)))) { "Delete" }
                             } }
@@ -416,11 +431,12 @@ fn storage_chart(samples: &[SpaceSample]) -> Markup {
             .collect::<Vec<_>>()
             .join(" ")
     };
-    let series: [Series; 4] = [
+    let series: [Series; 5] = [
         ("stored", "#1d3557", |x| x.stored),
         ("live", "#2a9d8f", |x| x.live),
         ("in tombstones", "#e76f51", |x| x.tombstones),
         ("in grace", "#e9c46a", |x| x.grace),
+        ("pending reclaim", "#9b2226", |x| x.pending),
     ];
     html! {
         figure id="storage-chart" {

@@ -168,7 +168,12 @@ backend_test!(console_delete_trash_restore_in_a_real_browser, |reg| {
     let shots = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("../ui-screenshots").join(deployment);
     let lay = tempfile::tempdir().unwrap();
     let img = crate::e2e::layout::image(lay.path(), 7101, "amd64");
-    crate::e2e::layout::finish(lay.path(), &[("v1", &img, crate::harness::OCI_MANIFEST)]);
+    let arm = crate::e2e::layout::image(lay.path(), 7104, "arm64");
+    let multi = crate::e2e::layout::index(lay.path(), &[(&img, "amd64"), (&arm, "arm64")]);
+    crate::e2e::layout::finish(
+        lay.path(),
+        &[("v1", &img, crate::harness::OCI_MANIFEST), ("multi", &multi, crate::harness::OCI_INDEX)],
+    );
     run(
         "skopeo",
         &[
@@ -181,7 +186,21 @@ backend_test!(console_delete_trash_restore_in_a_real_browser, |reg| {
         &[],
     )
     .await;
+    run(
+        "skopeo",
+        &[
+            "copy",
+            "--quiet",
+            "--all",
+            "--dest-tls-verify=false",
+            &format!("oci:{}:multi", lay.path().display()),
+            &format!("docker://{}/team/app:multi", reg.addr),
+        ],
+        &[],
+    )
+    .await;
     reg.push_image("team/app", "v2", 7102).await;
+    reg.push_image("team/old", "v1", 7105).await;
     reg.push_image("public/base", "latest", 7103).await;
     let reg = with_auth(reg, false).await;
     let host = reg.addr.to_string();
@@ -196,7 +215,8 @@ backend_test!(console_delete_trash_restore_in_a_real_browser, |reg| {
 
     // Browse to the tag's manifest.
     browser.click("#repositories a[href='/ui/repo?name=team%2Fapp']").await;
-    assert!(browser.text("#tags").await.contains("v1"));
+    let tags = browser.text("#tags").await;
+    assert!(tags.contains("v1") && tags.contains("index of 2: linux/amd64, linux/arm64"), "{tags}");
     browser.screenshot(&shots, "repository").await;
     let digest = img.digest.to_string();
     browser.click(&format!("#tags a[href*='{}']", digest.replace(':', "%3A"))).await;
@@ -204,6 +224,18 @@ backend_test!(console_delete_trash_restore_in_a_real_browser, |reg| {
     assert!(browser.text("#layers").await.contains(img.blobs[1].as_str()));
     assert!(browser.text("#explain").await.contains("tag"));
     browser.screenshot(&shots, "manifest").await;
+
+    // A deleted repository is listed for its administrators, and restored from its trash.
+    let status =
+        post_as(&reg, "alice", "/ui/delete", &[("target", "team/old")], Some(&format!("http://{host}")))
+            .await;
+    assert_eq!(status, 303);
+    browser.goto(&format!("http://{host}/ui/")).await;
+    assert!(browser.text("#deleted-repositories").await.contains("team/old"));
+    browser.click("#deleted-repositories a").await;
+    browser.click("#restore-repository").await;
+    browser.wait_for("/ui/repo").await;
+    assert!(browser.text("#tags").await.contains("v1"));
 
     // Hourly samples of where the space is (the replica running the sweep takes them) before the
     // delete, after it, and after the restore, for the storage chart.
@@ -252,7 +284,7 @@ backend_test!(console_delete_trash_restore_in_a_real_browser, |reg| {
     browser.screenshot(&shots, "history").await;
     browser.goto(&format!("http://{host}/ui/space")).await;
     assert!(browser.text("#space").await.contains("Stored"));
-    assert_eq!(browser.elements("#storage-chart polyline").await.len(), 4);
+    assert_eq!(browser.elements("#storage-chart polyline").await.len(), 5);
     browser.screenshot(&shots, "space").await;
     browser.goto(&format!("http://{host}/ui/retention?dry_run=true")).await;
     assert!(browser.text("main").await.contains("A run now would remove 0 tags"));
