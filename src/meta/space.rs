@@ -34,15 +34,44 @@ pub struct Space {
     pub reclaim_schedule: Vec<(i64, u64)>,
 }
 
-struct Held {
+/// What decides one held blob's state, read in one row: each figure an indexed probe that stops
+/// at its first match where it can, so a layer every repository shares costs about what a layer
+/// used once does.
+#[derive(sqlx::FromRow)]
+struct BlobState {
     size: i64,
     created_at: i64,
     seen_at: i64,
-    /// (repository, deleted_at, unrestorable) of every manifest referencing it.
-    references: Vec<(i64, Option<i64>, bool)>,
-    /// (repository, linked_at) of every link.
-    links: Vec<(i64, i64)>,
+    /// A live manifest of the repository in question (of any, for the whole registry) uses it.
+    live_here: i64,
+    /// A live manifest of any repository uses it.
+    live_anywhere: i64,
+    /// Another repository holds it (a manifest, live or not, or a link).
+    elsewhere: i64,
+    /// The newest delete of a restorable tombstone referencing it (only when nothing live does).
+    last_restorable_delete: Option<i64>,
+    /// The newest link into a repository.
+    last_link: Option<i64>,
 }
+
+/// The per-blob figures, for the blobs chosen by `{held}`, over `$1` (the repository; -1: all).
+const STATE: &str = "SELECT b.size, b.created_at, CAST(COALESCE(b.seen_at, 0) AS BIGINT) AS seen_at, \
+    CASE WHEN EXISTS (SELECT 1 FROM manifests m JOIN manifest_blobs mb ON mb.manifest_id = m.id \
+        WHERE mb.blob_id = b.id AND m.deleted_at IS NULL AND ($1 < 0 OR m.repository_id = $1)) \
+        THEN CAST(1 AS BIGINT) ELSE CAST(0 AS BIGINT) END AS live_here, \
+    CASE WHEN EXISTS (SELECT 1 FROM manifest_blobs mb JOIN manifests m ON m.id = mb.manifest_id \
+        WHERE mb.blob_id = b.id AND m.deleted_at IS NULL) THEN CAST(1 AS BIGINT) ELSE CAST(0 AS BIGINT) END AS live_anywhere, \
+    CASE WHEN $1 >= 0 AND (EXISTS (SELECT 1 FROM manifest_blobs mb JOIN manifests m ON m.id = mb.manifest_id \
+            WHERE mb.blob_id = b.id AND m.repository_id <> $1) \
+        OR EXISTS (SELECT 1 FROM repository_blobs rb WHERE rb.blob_id = b.id AND rb.repository_id <> $1)) \
+        THEN CAST(1 AS BIGINT) ELSE CAST(0 AS BIGINT) END AS elsewhere, \
+    CASE WHEN EXISTS (SELECT 1 FROM manifest_blobs mb JOIN manifests m ON m.id = mb.manifest_id \
+            WHERE mb.blob_id = b.id AND m.deleted_at IS NULL) THEN NULL \
+        ELSE (SELECT MAX(m.deleted_at) FROM manifest_blobs mb JOIN manifests m ON m.id = mb.manifest_id \
+            WHERE mb.blob_id = b.id AND m.deleted_at IS NOT NULL AND m.unrestorable IS NULL) END \
+        AS last_restorable_delete, \
+    (SELECT MAX(rb.linked_at) FROM repository_blobs rb WHERE rb.blob_id = b.id) AS last_link \
+    FROM blobs b";
 
 impl MetaStore {
     /// The space `repo` holds (every blob linked in it or referenced by one of its manifests,
@@ -65,91 +94,39 @@ impl MetaStore {
                 }
             }
         };
-        // The blobs in question, as a subquery over $1 (the repository; -1: all of them).
-        let held = "SELECT b.id FROM blobs b WHERE $1 < 0 \
-             OR b.id IN (SELECT blob_id FROM repository_blobs WHERE repository_id = $1) \
-             OR b.id IN (SELECT mb.blob_id FROM manifest_blobs mb JOIN manifests m ON m.id = mb.manifest_id \
-                 WHERE m.repository_id = $1)";
-        let key = repo_id.unwrap_or(-1);
-        let rows: Vec<(i64, i64, i64, Option<i64>)> =
-            sqlx::query_as(&format!("SELECT id, size, created_at, seen_at FROM blobs WHERE id IN ({held})"))
-                .bind(key)
-                .fetch_all(&self.read)
-                .await?;
-        let mut blobs: HashMap<i64, Held> = rows
-            .into_iter()
-            .map(|(id, size, created_at, seen_at)| {
-                (
-                    id,
-                    Held {
-                        size,
-                        created_at,
-                        seen_at: seen_at.unwrap_or(0),
-                        references: Vec::new(),
-                        links: Vec::new(),
-                    },
-                )
-            })
-            .collect();
-        let references: Vec<(i64, i64, Option<i64>, Option<String>)> = sqlx::query_as(&format!(
-            "SELECT mb.blob_id, m.repository_id, m.deleted_at, m.unrestorable FROM manifest_blobs mb \
-             JOIN manifests m ON m.id = mb.manifest_id WHERE mb.blob_id IN ({held})"
-        ))
-        .bind(key)
-        .fetch_all(&self.read)
-        .await?;
-        for (blob, repository, deleted_at, unrestorable) in references {
-            if let Some(b) = blobs.get_mut(&blob) {
-                b.references.push((repository, deleted_at, unrestorable.is_some()));
-            }
-        }
-        let links: Vec<(i64, i64, i64)> = sqlx::query_as(&format!(
-            "SELECT blob_id, repository_id, linked_at FROM repository_blobs WHERE blob_id IN ({held})"
-        ))
-        .bind(key)
-        .fetch_all(&self.read)
-        .await?;
-        for (blob, repository, linked_at) in links {
-            if let Some(b) = blobs.get_mut(&blob) {
-                b.links.push((repository, linked_at));
-            }
-        }
+        let sql = match repo_id {
+            None => STATE.to_string(),
+            Some(_) => format!(
+                "{STATE} WHERE b.id IN (SELECT blob_id FROM repository_blobs WHERE repository_id = $1 \
+                 UNION SELECT mb.blob_id FROM manifests m JOIN manifest_blobs mb ON mb.manifest_id = m.id \
+                 WHERE m.repository_id = $1)"
+            ),
+        };
+        let rows: Vec<BlobState> =
+            sqlx::query_as(&sql).bind(repo_id.unwrap_or(-1)).fetch_all(&self.read).await?;
 
         let mut space = Space::default();
         let mut schedule: HashMap<i64, u64> = HashMap::new();
-        for b in blobs.values() {
+        for b in rows {
             let size = b.size.max(0) as u64;
             space.blobs += 1;
             space.bytes_stored += size;
-            let live_here =
-                b.references.iter().any(|&(r, d, _)| d.is_none() && repo_id.is_none_or(|id| id == r));
-            let live_anywhere = b.references.iter().any(|&(_, d, _)| d.is_none());
-            if let Some(id) = repo_id {
-                let elsewhere =
-                    b.references.iter().any(|&(r, _, _)| r != id) || b.links.iter().any(|&(r, _)| r != id);
-                if !elsewhere {
-                    space.bytes_exclusive += size;
-                }
+            if repo_id.is_some() && b.elsewhere == 0 {
+                space.bytes_exclusive += size;
             }
-            if live_here {
+            if b.live_here != 0 {
                 space.bytes_live += size;
                 continue;
             }
-            if live_anywhere {
+            if b.live_anywhere != 0 {
                 space.bytes_live_elsewhere += size;
                 continue;
             }
             // Held by windows only: the tombstones' restore windows, then the blob's own grace
             // (the same deadlines the reviews use).
-            let tombstones_end = b
-                .references
-                .iter()
-                .filter_map(|&(_, d, unrestorable)| {
-                    d.and_then(|d| restore_window_end(d, unrestorable, w.restore_window_ms))
-                })
-                .max();
-            let last_link = b.links.iter().map(|&(_, at)| at).max();
-            let grace_end = blob_grace_end(b.created_at, last_link, b.seen_at, w.blob_grace_ms);
+            let tombstones_end =
+                b.last_restorable_delete.and_then(|d| restore_window_end(d, false, w.restore_window_ms));
+            let grace_end = blob_grace_end(b.created_at, b.last_link, b.seen_at, w.blob_grace_ms);
             match tombstones_end {
                 Some(end) if end > now => {
                     space.bytes_in_tombstones += size;
