@@ -19,6 +19,8 @@ pub struct TagRow {
     pub size: i64,
     /// For an index: how many manifests it lists.
     pub children: i64,
+    /// Live manifests referring to it (signatures, SBOMs…).
+    pub referrers: i64,
     /// When the tag was last pushed (ms).
     pub pushed_at: i64,
     /// Who pushed it last, if known.
@@ -92,6 +94,8 @@ impl MetaStore {
                  OR mb.manifest_id IN (SELECT mc.child_id FROM manifest_children mc WHERE mc.parent_id = m.id))) \
                AS BIGINT) AS size, \
              CAST((SELECT COUNT(*) FROM manifest_children mc WHERE mc.parent_id = m.id) AS BIGINT) AS children, \
+             CAST((SELECT COUNT(*) FROM manifests x WHERE x.repository_id = m.repository_id \
+                 AND x.subject_digest = m.digest AND x.deleted_at IS NULL) AS BIGINT) AS referrers, \
              (SELECT h.actor FROM tag_history h WHERE h.repository_id = t.repository_id AND h.tag = t.name \
               AND h.new_digest = m.digest ORDER BY h.id DESC LIMIT 1) AS pushed_by, m.pulled_at \
              FROM tags t JOIN manifests m ON m.id = t.manifest_id JOIN repositories r ON r.id = t.repository_id \

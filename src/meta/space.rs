@@ -54,19 +54,25 @@ struct BlobState {
     last_link: Option<i64>,
 }
 
-/// The per-blob figures, for the blobs chosen by `{held}`, over `$1` (the repository; -1: all).
+/// Whether a live manifest of repository `$1` uses blob `b`: from the repository's few manifests
+/// to the blob (`CROSS JOIN` keeps SQLite from starting at the blob, whose references may be
+/// every repository's).
+const LIVE_IN_REPOSITORY: &str = "EXISTS (SELECT 1 FROM manifests m CROSS JOIN manifest_blobs mb \
+    WHERE m.repository_id = $1 AND m.deleted_at IS NULL AND mb.manifest_id = m.id AND mb.blob_id = b.id)";
+
+/// Whether any live manifest uses blob `b`.
+const LIVE_ANYWHERE: &str = "EXISTS (SELECT 1 FROM manifest_blobs mb JOIN manifests m ON m.id = mb.manifest_id \
+    WHERE mb.blob_id = b.id AND m.deleted_at IS NULL)";
+
+/// The per-blob figures over `$1` (the repository; -1: all); `{live_here}` is filled in.
 const STATE: &str = "SELECT b.size, b.created_at, CAST(COALESCE(b.seen_at, 0) AS BIGINT) AS seen_at, \
-    CASE WHEN EXISTS (SELECT 1 FROM manifests m JOIN manifest_blobs mb ON mb.manifest_id = m.id \
-        WHERE mb.blob_id = b.id AND m.deleted_at IS NULL AND ($1 < 0 OR m.repository_id = $1)) \
-        THEN CAST(1 AS BIGINT) ELSE CAST(0 AS BIGINT) END AS live_here, \
-    CASE WHEN EXISTS (SELECT 1 FROM manifest_blobs mb JOIN manifests m ON m.id = mb.manifest_id \
-        WHERE mb.blob_id = b.id AND m.deleted_at IS NULL) THEN CAST(1 AS BIGINT) ELSE CAST(0 AS BIGINT) END AS live_anywhere, \
+    CASE WHEN {live_here} THEN CAST(1 AS BIGINT) ELSE CAST(0 AS BIGINT) END AS live_here, \
+    CASE WHEN {live_anywhere} THEN CAST(1 AS BIGINT) ELSE CAST(0 AS BIGINT) END AS live_anywhere, \
     CASE WHEN $1 >= 0 AND (EXISTS (SELECT 1 FROM manifest_blobs mb JOIN manifests m ON m.id = mb.manifest_id \
             WHERE mb.blob_id = b.id AND m.repository_id <> $1) \
         OR EXISTS (SELECT 1 FROM repository_blobs rb WHERE rb.blob_id = b.id AND rb.repository_id <> $1)) \
         THEN CAST(1 AS BIGINT) ELSE CAST(0 AS BIGINT) END AS elsewhere, \
-    CASE WHEN EXISTS (SELECT 1 FROM manifest_blobs mb JOIN manifests m ON m.id = mb.manifest_id \
-            WHERE mb.blob_id = b.id AND m.deleted_at IS NULL) THEN NULL \
+    CASE WHEN {live_anywhere} THEN NULL \
         ELSE (SELECT MAX(m.deleted_at) FROM manifest_blobs mb JOIN manifests m ON m.id = mb.manifest_id \
             WHERE mb.blob_id = b.id AND m.deleted_at IS NOT NULL AND m.unrestorable IS NULL) END \
         AS last_restorable_delete, \
@@ -94,12 +100,16 @@ impl MetaStore {
                 }
             }
         };
+        let state = |live_here: &str| {
+            STATE.replace("{live_here}", live_here).replace("{live_anywhere}", LIVE_ANYWHERE)
+        };
         let sql = match repo_id {
-            None => STATE.to_string(),
+            None => state(LIVE_ANYWHERE),
             Some(_) => format!(
-                "{STATE} WHERE b.id IN (SELECT blob_id FROM repository_blobs WHERE repository_id = $1 \
+                "{} WHERE b.id IN (SELECT blob_id FROM repository_blobs WHERE repository_id = $1 \
                  UNION SELECT mb.blob_id FROM manifests m JOIN manifest_blobs mb ON mb.manifest_id = m.id \
-                 WHERE m.repository_id = $1)"
+                 WHERE m.repository_id = $1)",
+                state(LIVE_IN_REPOSITORY)
             ),
         };
         let rows: Vec<BlobState> =

@@ -176,7 +176,7 @@ pub(super) fn repository(
                 " (" (bytes(summary.bytes_in_tombstones)) ")" }
             h2 { "Tags" }
             table id="tags" {
-                thead { tr { th { "Tag" } th { "Digest" } th { "Pushed" } th { "By" } th { "Last pulled" } th.num { "Size" } th {} } }
+                thead { tr { th { "Tag" } th { "Digest" } th { "Pushed" } th { "By" } th { "Last pulled" } th.num { "Size" } th.num { "Referrers" } th {} } }
                 tbody {
                     @for t in tags {
                         tr {
@@ -188,12 +188,13 @@ pub(super) fn repository(
                                     "index of " (t.children)
                                     @if let Some(p) = platforms.get(&t.digest).filter(|p| !p.is_empty()) { ": " (p.join(", ")) }
                                 } } }
+                            td.num { @if t.referrers > 0 { a href=(manifest_link(repo.as_str(), &t.digest)) { (t.referrers) } } @else { "0" } }
                             td { @if may_delete {
                                 a.button.danger href=(format!("/ui/delete?target={}", urlencode(&format!("{repo}:{}", t.tag)))) { "Delete" }
                             } }
                         }
                     }
-                    @if tags.is_empty() { tr { td colspan="7" .muted { "No tags." } } }
+                    @if tags.is_empty() { tr { td colspan="8" .muted { "No tags." } } }
                 }
             }
             @if let Some(last) = tags.last().filter(|_| tags.len() as i64 == super::PAGE) {

@@ -133,6 +133,11 @@ impl Drop for Browser {
     }
 }
 
+/// How the console shortens a digest.
+fn short_hex(d: &berth::oci::Digest) -> String {
+    d.hex()[..12].to_string()
+}
+
 /// A console `POST` as `user` from `origin`; its status.
 async fn post_as(
     reg: &TestRegistry,
@@ -199,6 +204,18 @@ backend_test!(console_delete_trash_restore_in_a_real_browser, |reg| {
         &[],
     )
     .await;
+    // An SBOM referring to v1, pushed as the referrers API has it (untagged, with a subject).
+    let empty = reg.upload_blob("team/app", b"{}").await;
+    let sbom = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": crate::harness::OCI_MANIFEST, "artifactType": "application/spdx+json",
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty.as_str(), "size": 2},
+        "layers": [{"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty.as_str(), "size": 2}],
+        "subject": {"mediaType": crate::harness::OCI_MANIFEST, "digest": img.digest.as_str(), "size": img.bytes.len()},
+    }))
+    .unwrap();
+    let sbom_digest = berth::oci::Digest::sha256_of(&sbom);
+    let res = reg.put_manifest("team/app", sbom_digest.as_str(), crate::harness::OCI_MANIFEST, &sbom).await;
+    assert_eq!(res.status(), 201);
     reg.push_image("team/app", "v2", 7102).await;
     reg.push_image("team/old", "v1", 7105).await;
     reg.push_image("public/base", "latest", 7103).await;
@@ -217,12 +234,14 @@ backend_test!(console_delete_trash_restore_in_a_real_browser, |reg| {
     browser.click("#repositories a[href='/ui/repo?name=team%2Fapp']").await;
     let tags = browser.text("#tags").await;
     assert!(tags.contains("v1") && tags.contains("index of 2: linux/amd64, linux/arm64"), "{tags}");
+    assert!(browser.text("#untagged").await.contains(&short_hex(&img.digest)), "the SBOM refers to v1");
     browser.screenshot(&shots, "repository").await;
     let digest = img.digest.to_string();
     browser.click(&format!("#tags a[href*='{}']", digest.replace(':', "%3A"))).await;
     assert!(browser.text("h1").await.contains("team/app"));
     assert!(browser.text("#layers").await.contains(img.blobs[1].as_str()));
     assert!(browser.text("#explain").await.contains("tag"));
+    assert!(browser.text("#referrers").await.contains("application/spdx+json"));
     browser.screenshot(&shots, "manifest").await;
 
     // A deleted repository is listed for its administrators, and restored from its trash.
