@@ -291,6 +291,8 @@ pub fn route_of(path: &str) -> &'static str {
         }
     } else if path.starts_with("/admin/") {
         "admin"
+    } else if path == "/ui" || path.starts_with("/ui/") {
+        "ui"
     } else {
         match path {
             "/auth/token" => "token",
@@ -330,5 +332,6 @@ mod tests {
         assert_eq!(route_of("/v2/_catalog"), "catalog");
         assert_eq!(route_of("/admin/v1/gc/status"), "admin");
         assert_eq!(route_of("/elsewhere"), "other");
+        assert_eq!(route_of("/ui/repo"), "ui");
     }
 }

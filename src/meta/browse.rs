@@ -90,8 +90,8 @@ impl MetaStore {
              CAST(m.size + (SELECT COALESCE(SUM(c.size), 0) FROM manifests c \
                  JOIN manifest_children mc ON mc.child_id = c.id WHERE mc.parent_id = m.id) \
                + (SELECT COALESCE(SUM(b.size), 0) FROM blobs b WHERE b.id IN (SELECT mb.blob_id FROM manifest_blobs mb \
-                 WHERE mb.manifest_id = m.id \
-                 OR mb.manifest_id IN (SELECT mc.child_id FROM manifest_children mc WHERE mc.parent_id = m.id))) \
+                 WHERE mb.manifest_id = m.id UNION SELECT mb.blob_id FROM manifest_children mc \
+                 JOIN manifest_blobs mb ON mb.manifest_id = mc.child_id WHERE mc.parent_id = m.id)) \
                AS BIGINT) AS size, \
              CAST((SELECT COUNT(*) FROM manifest_children mc WHERE mc.parent_id = m.id) AS BIGINT) AS children, \
              CAST((SELECT COUNT(*) FROM manifests x WHERE x.repository_id = m.repository_id \
