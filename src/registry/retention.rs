@@ -352,9 +352,7 @@ impl Registry {
         if !self.meta.take_lease("retention", self.instance(), now, LEASE_MS).await? {
             return Ok(None);
         }
-        let last = self.meta.retention_runs(20).await?;
-        let due =
-            last.iter().find(|r| r.started_by == "schedule").is_none_or(|r| r.started_at + interval <= now);
+        let due = self.meta.last_retention_run_by("schedule").await?.is_none_or(|at| at + interval <= now);
         let report = if due { Some(self.retention_run(None, false, "schedule").await?) } else { None };
         self.meta.release_lease("retention", self.instance()).await?;
         Ok(report)
