@@ -176,6 +176,18 @@ impl MetaStore {
                 return Ok(None);
             }
             let (blob_id, outcome) = Self::store_blob(tx, digest, size, storage_key, now, dialect).await?;
+            if let CompletedUpload::AlreadyStored { discard_key } = &outcome {
+                // The redundant copy is deleted right after commit; the outbox makes sure of it
+                // even if this process dies first (no row will ever name this fresh key).
+                sqlx::query(
+                    "INSERT INTO gc_outbox (storage_key, enqueued_at, next_attempt) VALUES ($1, $2, $2) \
+                     ON CONFLICT (storage_key) DO NOTHING",
+                )
+                .bind(discard_key)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            }
             let repo_id = Self::ensure_repository(tx, repo, now, lock).await?;
             Self::link(tx, repo_id, blob_id, now, now.saturating_add(grace)).await?;
             Ok(Some(outcome))

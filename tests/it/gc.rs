@@ -713,3 +713,28 @@ backend_test!(a_dry_run_lists_exactly_what_the_pass_then_collects, |reg| {
     assert_eq!(reg.get("/v2/gc/dry/manifests/b").await.bytes().await.unwrap(), kept.manifest);
     assert_eq!(reg.app.registry.dry_run(u64::MAX).await.unwrap().manifests.len(), 0);
 });
+
+// A blob uploaded again (a client that did not ask first) leaves a redundant copy: the
+// completion deletes it right after its commit, and puts its key in the outbox in the commit
+// itself, so even a crash in between cannot leave it behind.
+backend_test!(a_duplicate_uploads_copy_goes_through_the_outbox, |reg| {
+    let bytes = random_bytes(1290, 4000);
+    let digest = reg.upload_blob("gc/dup", &bytes).await;
+    let key = reg.storage_key(&digest).await;
+    assert_eq!(reg.upload_blob("gc/dup", &bytes).await, digest);
+    let db = reg.sql().await;
+    let outbox: Vec<(String,)> =
+        sqlx::query_as("SELECT storage_key FROM gc_outbox").fetch_all(&db).await.unwrap();
+    assert_eq!(outbox.len(), 1, "{outbox:?}");
+    assert_ne!(outbox[0].0, key, "never the stored copy");
+    let stored = reg.app.registry.blobs().list("").await.unwrap();
+    assert!(!stored.contains(&outbox[0].0), "deleted right after the commit");
+    // The collector settles it (deleting a missing object succeeds); the blob is intact.
+    let report = reg.collect().await;
+    assert_eq!(report.objects_deleted, 1, "{report:?}");
+    let left: (i64,) = sqlx::query_as("SELECT COUNT(*) FROM gc_outbox").fetch_one(&db).await.unwrap();
+    assert_eq!(left.0, 0);
+    assert_eq!(reg.get(&format!("/v2/gc/dup/blobs/{digest}")).await.bytes().await.unwrap(), bytes);
+    let fsck = reg.app.registry.fsck(true, &|_, _| {}).await.unwrap();
+    assert!(fsck.clean() && fsck.orphans.is_empty(), "{fsck:?}");
+});
