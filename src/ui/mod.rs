@@ -251,7 +251,13 @@ async fn repositories(State(app): State<App>, headers: HeaderMap, Query(q): Quer
 async fn login(State(app): State<App>, headers: HeaderMap) -> Response {
     match viewer(&app, &headers) {
         Ok(v) if v.name().is_some() => (
-            [(header::SET_COOKIE, format!("{SIGNED_IN}; Path=/ui; HttpOnly; SameSite=Strict"))],
+            [(
+                header::SET_COOKIE,
+                format!(
+                    "{SIGNED_IN}; Path=/ui; HttpOnly; SameSite=Strict{}",
+                    if app.config.tls.is_some() { "; Secure" } else { "" }
+                ),
+            )],
             Redirect::to("/ui/"),
         )
             .into_response(),
