@@ -769,6 +769,16 @@ mod tests {
     }
 
     #[test]
+    fn the_console_is_on_unless_switched_off() {
+        assert!(load("", &[], &Overrides::default()).unwrap().ui_enabled);
+        assert!(!load("[ui]\nenabled = false\n", &[], &Overrides::default()).unwrap().ui_enabled);
+        let c =
+            load("[ui]\nenabled = false\n", &[("BERTH_UI_ENABLED", "true")], &Overrides::default()).unwrap();
+        assert!(c.ui_enabled, "the environment wins over the file");
+        assert!(load("[ui]\nlisten = \"x\"\n", &[], &Overrides::default()).is_err(), "unknown keys refused");
+    }
+
+    #[test]
     fn durations_and_the_gc_section() {
         assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(7 * 86_400));
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));

@@ -356,3 +356,13 @@ backend_test!(console_delete_trash_restore_in_a_real_browser, |reg| {
     let page = res.text().await.unwrap();
     assert!(page.contains("public/base") && !page.contains("team/app"), "{page}");
 });
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_switched_off_is_not_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = berth::config::Config::embedded(dir.path());
+    config.ui_enabled = false;
+    let reg = TestRegistry::start_with(config, dir).await;
+    assert_eq!(reg.get("/ui/").await.status(), 404);
+    assert_eq!(reg.get("/v2/").await.status(), 200);
+}
