@@ -130,27 +130,44 @@ async fn list(registry: &Registry, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Refuses to serve while an import has not cut over: the reference registry may still write to
-/// (and its collector delete from) the storage Berth adopted blobs from.
+/// Refuses to serve while the reference registry may still write to, or collect from, storage
+/// Berth adopted blobs from: an import that has not cut over, or a cut-over source whose marker
+/// is gone (a source that is gone altogether — an old root deleted after the move — is retired).
 ///
 /// # Errors
-/// Naming the unfinished imports and the ways on.
-pub(super) async fn refuse_unfinished(registry: &Registry) -> anyhow::Result<()> {
-    let unfinished: Vec<String> = registry
-        .imports()
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-        .into_iter()
-        .filter(|i| i.cut_over_at.is_none())
-        .map(|i| i.source)
-        .collect();
-    if unfinished.is_empty() {
-        return Ok(());
+/// Naming the sources and the ways on.
+pub(super) async fn refuse_live_sources(
+    registry: &Registry,
+    config: &crate::config::Config,
+) -> anyhow::Result<()> {
+    let imports = registry.imports().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let unfinished: Vec<&str> =
+        imports.iter().filter(|i| i.cut_over_at.is_none()).map(|i| i.source.as_str()).collect();
+    if !unfinished.is_empty() {
+        anyhow::bail!(
+            "an import has not cut over from {}: the reference registry may still write there. Finish it with \
+             `berth import --from <source> --final` once the old registry is read-only, or serve anyway with \
+             --allow-unfinished-import (BERTH_ALLOW_UNFINISHED_IMPORT=true)",
+            unfinished.join(", ")
+        );
     }
-    anyhow::bail!(
-        "an import has not cut over from {}: the reference registry may still write there. Finish it with \
-         `berth import --from <source> --final` once the old registry is read-only, or serve anyway with \
-         --allow-unfinished-import (BERTH_ALLOW_UNFINISHED_IMPORT=true)",
-        unfinished.join(", ")
-    )
+    for import in imports {
+        let Ok(source) = crate::distribution::Source::open(&import.source, config.storage_s3.as_ref()).await
+        else {
+            continue;
+        };
+        match source.is_marked().await {
+            Ok(true) => {}
+            Ok(false) => anyhow::bail!(
+                "the marker that stops the reference registry's garbage-collect is gone from {0} ({1}): put it \
+                 back with `berth import --from {0} --final`, or serve anyway with --allow-unfinished-import",
+                import.source,
+                crate::distribution::OWNED_MARKER
+            ),
+            Err(e) => {
+                tracing::warn!(source = %import.source, error = %e, "could not check an import source's marker")
+            }
+        }
+    }
+    Ok(())
 }

@@ -461,8 +461,9 @@ pub struct ServeArgs {
     /// Write the bound address to this file once the server accepts connections.
     #[arg(long)]
     pub ready_file: Option<PathBuf>,
-    /// Serve although an import has not cut over (the reference registry may still write to
-    /// the storage Berth adopted blobs from).
+    /// Serve although an import has not cut over, or its source lost the marker that stops the
+    /// reference registry's garbage-collect (it may still write to, or collect from, the storage
+    /// Berth adopted blobs from).
     #[arg(long, env = "BERTH_ALLOW_UNFINISHED_IMPORT")]
     pub allow_unfinished_import: bool,
 }
@@ -596,7 +597,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
     let app = crate::app::App::open(&config).await?;
     if !args.allow_unfinished_import {
-        import::refuse_unfinished(&app.registry).await?;
+        import::refuse_live_sources(&app.registry, &config).await?;
     }
     let addr = listener.local_addr()?;
     tracing::info!(listen = %addr, data_dir = %config.data_dir.display(), "berth is serving");

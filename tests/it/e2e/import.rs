@@ -182,6 +182,15 @@ impl Store {
         file
     }
 
+    /// Deletes the marker `berth import --final` placed.
+    async fn remove_marker(&self) {
+        let rel = format!("docker/registry/v2/{}", berth::distribution::OWNED_MARKER);
+        match &self.s3 {
+            Some((client, _, root_key)) => client.delete(&format!("{root_key}/{rel}").into()).await.unwrap(),
+            None => std::fs::remove_file(self.root.join(rel)).unwrap(),
+        }
+    }
+
     /// Whether the source still has blob `digest`'s bytes.
     async fn has_blob(&self, digest: &Digest) -> bool {
         let rel = format!("docker/registry/v2/blobs/sha256/{}/{}/data", &digest.hex()[..2], digest.hex());
@@ -370,6 +379,20 @@ backend_test!(import_from_the_reference_registry_pre_import_catch_up_cut_over, |
     }
     let _ = serve.kill();
     let _ = serve.wait();
+
+    // Without the marker, serving is refused again; the final run puts it back.
+    store.remove_marker().await;
+    let out = berth_command(&reg, work.path(), "serve").args(["--listen", "127.0.0.1:0"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("marker"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (out, _) = import_cli(&reg, work.path(), &["--from", &store.from(), "--final"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let source = Source::open(&store.from(), reg.app.config.storage_s3.as_ref()).await.unwrap();
+    assert!(source.is_marked().await.unwrap());
 
     // The collector deletes exactly the adopted bytes it no longer needs — `later`'s, once its
     // only tag is deleted, and `one`'s, untagged since the catch-up — when the windows have
