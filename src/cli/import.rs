@@ -32,7 +32,7 @@ async fn import(
     shown.waiting(format!("listing {}", source.name()));
     let started = std::time::Instant::now();
     let progress = |p: ImportProgress| {
-        shown.update(|| {
+        shown.update_counted(p.repositories_done, p.repositories, || {
             let secs = started.elapsed().as_secs_f64().max(0.001);
             let rate = p.repositories_done as f64 / secs;
             let eta = (p.repositories - p.repositories_done) as f64 / rate.max(f64::MIN_POSITIVE);

@@ -44,6 +44,24 @@ impl Progress {
         }
     }
 
+    /// Says where a job with a known amount of work stands: on a terminal a bar of `done` out of
+    /// `total` with `message` beside it; otherwise as [`Progress::update`].
+    pub(super) fn update_counted(&self, done: u64, total: u64, message: impl FnOnce() -> String) {
+        match &self.bar {
+            Some(bar) => {
+                if bar.length() != Some(total) {
+                    bar.set_length(total);
+                    if let Ok(style) = indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}") {
+                        bar.set_style(style);
+                    }
+                }
+                bar.set_position(done);
+                bar.set_message(message());
+            }
+            None => self.update(message),
+        }
+    }
+
     /// Shows `message` while one long step runs (the spinner turns by itself).
     pub(super) fn waiting(&self, message: String) {
         if let Some(bar) = &self.bar {
