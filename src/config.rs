@@ -567,6 +567,9 @@ impl Config {
                         *field = Some(v);
                     }
                 }
+                if let Some(v) = env("BERTH_S3_SIGN_PAYLOAD") {
+                    s3.sign_payload = Some(matches!(v.as_str(), "1" | "true" | "yes"));
+                }
                 if let Some(bucket) = env("BERTH_S3_BUCKET") {
                     s3.bucket = bucket;
                 }
@@ -879,6 +882,19 @@ mod tests {
             .unwrap();
         let s3 = c.storage_s3.unwrap();
         assert!(s3.path_style && s3.part_size_mib == 8 && s3.redirect_ttl_secs == 300);
+        assert_eq!(s3.sign_payload, None, "decided by the endpoint's scheme");
+        let c = load(
+            "[storage]\nkind = \"s3\"\n[storage.s3]\nbucket = \"b\"\nsign_payload = false\n",
+            &[],
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.storage_s3.unwrap().sign_payload, Some(false));
+        let env = [("BERTH_STORAGE_KIND", "s3"), ("BERTH_S3_BUCKET", "b"), ("BERTH_S3_SIGN_PAYLOAD", "true")];
+        assert_eq!(
+            load("", &env, &Overrides::default()).unwrap().storage_s3.unwrap().sign_payload,
+            Some(true)
+        );
     }
 
     #[test]

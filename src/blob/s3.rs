@@ -53,6 +53,10 @@ pub struct S3Config {
     /// Size of the parts large writes are sent in, in MiB (at least 5, S3's minimum).
     #[serde(default = "default_part_size")]
     pub part_size_mib: usize,
+    /// Sign request bodies (SigV4's payload hash: one more SHA-256 of every byte sent). Unset:
+    /// signed over `http://`, not over `https://` (AWS included), where TLS protects the body.
+    #[serde(default)]
+    pub sign_payload: Option<bool>,
 }
 
 impl Default for S3Config {
@@ -69,6 +73,7 @@ impl Default for S3Config {
             redirect: false,
             redirect_ttl_secs: default_redirect_ttl(),
             part_size_mib: default_part_size(),
+            sign_payload: None,
         }
     }
 }
@@ -127,6 +132,8 @@ impl S3Config {
         if let Some(secret) = &self.secret_access_key {
             builder = builder.with_secret_access_key(secret);
         }
+        let plain_http = self.endpoint.as_deref().is_some_and(|e| e.starts_with("http://"));
+        builder = builder.with_unsigned_payload(!self.sign_payload.unwrap_or(plain_http));
         builder.build().map_err(|e| Error::Config(e.to_string()))
     }
 }

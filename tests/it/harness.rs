@@ -49,6 +49,7 @@ pub fn s3_config() -> Option<berth::config::S3Config> {
         redirect: false,
         redirect_ttl_secs: 60,
         part_size_mib: 5,
+        sign_payload: None,
     })
 }
 
