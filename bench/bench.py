@@ -235,6 +235,28 @@ def drop_caches():
         return False
 
 
+def deployment_args(quick_help):
+    """The arguments of the benchmarks that run on both deployments; makes the work directory."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--berth", required=True)
+    ap.add_argument("--work", required=True)
+    ap.add_argument("--scale-out-env")
+    ap.add_argument("--out")
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    args = ap.parse_args()
+    os.makedirs(args.work, exist_ok=True)
+    return args
+
+
+def on_each_deployment(args, run):
+    """`run(name, storage_config)` on the embedded deployment and, when its services are given,
+    on the scale-out one; the list of their results."""
+    runs = [run("berth-embedded", "[storage]\nfsync = false\n")]
+    if args.scale_out_env:
+        runs.append(run("berth-scale-out", scale_out_toml(args.scale_out_env)))
+    return runs
+
+
 def blob_args(doc, *extra):
     """The arguments every single-file push benchmark takes, parsed; makes `push.bin` (1 GiB,
     or 256 MiB with --quick) in the work directory. Returns (args, size, path, digest)."""

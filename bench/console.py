@@ -10,7 +10,6 @@ manifest, a tag's history, and the trash. Both deployments.
 Run through `bench/run console [--quick]`. Standard library only.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -64,20 +63,10 @@ def deployment(binary, work, name, storage, repos, tags):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--berth", required=True)
-    ap.add_argument("--work", required=True)
-    ap.add_argument("--scale-out-env")
-    ap.add_argument("--out")
-    ap.add_argument("--quick", action="store_true", help="1,000 repositories instead of 10,000")
-    args = ap.parse_args()
-    os.makedirs(args.work, exist_ok=True)
+    args = bench.deployment_args("1,000 repositories instead of 10,000")
     repos, tags = (1000, 10) if args.quick else (10000, 10)
-    results = {"machine": bench.machine(), "runs": [
-        deployment(args.berth, args.work, "berth-embedded", "[storage]\nfsync = false\n", repos, tags)]}
-    if args.scale_out_env:
-        results["runs"].append(deployment(args.berth, args.work, "berth-scale-out",
-                                          bench.scale_out_toml(args.scale_out_env), repos, tags))
+    results = {"machine": bench.machine(), "runs": bench.on_each_deployment(
+        args, lambda name, storage: deployment(args.berth, args.work, name, storage, repos, tags))}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)

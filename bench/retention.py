@@ -11,7 +11,6 @@ embedded (SQLite + filesystem) and scale-out (PostgreSQL + Garage).
 Run through `bench/run retention [--quick]`. Standard library only.
 """
 
-import argparse
 import json
 import os
 import statistics
@@ -123,21 +122,11 @@ def deployment(binary, work, name, storage, repos, tags):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--berth", required=True)
-    ap.add_argument("--work", required=True)
-    ap.add_argument("--scale-out-env")
-    ap.add_argument("--out")
-    ap.add_argument("--quick", action="store_true", help="100 repositories instead of 1,000")
-    args = ap.parse_args()
-    os.makedirs(args.work, exist_ok=True)
+    args = bench.deployment_args("100 repositories instead of 1,000")
     repos, tags = (100, 100) if args.quick else (1000, 100)
     results = {"machine": bench.machine(), "sha256_MBps": bench.sha256_speed(),
-               "berth_hash": bench.berth_hash_speed(args.berth), "runs": [
-        deployment(args.berth, args.work, "berth-embedded", "[storage]\nfsync = false\n", repos, tags)]}
-    if args.scale_out_env:
-        results["runs"].append(deployment(args.berth, args.work, "berth-scale-out",
-                                          bench.scale_out_toml(args.scale_out_env), repos, tags))
+               "berth_hash": bench.berth_hash_speed(args.berth), "runs": bench.on_each_deployment(
+        args, lambda name, storage: deployment(args.berth, args.work, name, storage, repos, tags))}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

@@ -174,17 +174,13 @@ impl Source {
     /// # Errors
     /// When the store cannot be listed.
     pub async fn tags(&self, repo: &str) -> Result<Vec<TagLink>> {
-        let dir = self.path(&format!("repositories/{repo}/_manifests/tags"));
-        let objects: Vec<_> = self.store.list(Some(&dir)).try_collect().await?;
-        let mut tags: Vec<TagLink> = objects
+        let mut tags: Vec<TagLink> = self
+            .files_under(&format!("repositories/{repo}/_manifests/tags"))
+            .await?
             .into_iter()
-            .filter_map(|o| {
-                let rel = o.location.as_ref().strip_prefix(dir.as_ref())?.trim_start_matches('/');
+            .filter_map(|(rel, modified_ms)| {
                 let tag = rel.strip_suffix("/current/link")?;
-                (!tag.contains('/')).then(|| TagLink {
-                    tag: tag.to_string(),
-                    modified_ms: o.last_modified.timestamp_millis(),
-                })
+                (!tag.contains('/')).then(|| TagLink { tag: tag.to_string(), modified_ms })
             })
             .collect();
         tags.sort_by(|a, b| a.tag.cmp(&b.tag));
@@ -218,12 +214,11 @@ impl Source {
     /// # Errors
     /// When the store cannot be listed.
     pub async fn revisions(&self, repo: &str) -> Result<Vec<Digest>> {
-        let dir = self.path(&format!("repositories/{repo}/_manifests/revisions"));
-        let objects: Vec<_> = self.store.list(Some(&dir)).try_collect().await?;
-        let mut out: Vec<Digest> = objects
+        let mut out: Vec<Digest> = self
+            .files_under(&format!("repositories/{repo}/_manifests/revisions"))
+            .await?
             .into_iter()
-            .filter_map(|o| {
-                let rel = o.location.as_ref().strip_prefix(dir.as_ref())?.trim_start_matches('/');
+            .filter_map(|(rel, _)| {
                 let (algorithm, rest) = rel.split_once('/')?;
                 let hex = rest.strip_suffix("/link")?;
                 Digest::parse(&format!("{algorithm}:{hex}")).ok()
@@ -231,6 +226,19 @@ impl Source {
             .collect();
         out.sort();
         Ok(out)
+    }
+
+    /// Every file under `rel`, as its path below `rel` and when it was last written (ms).
+    async fn files_under(&self, rel: &str) -> Result<Vec<(String, i64)>> {
+        let dir = self.path(rel);
+        let objects: Vec<_> = self.store.list(Some(&dir)).try_collect().await?;
+        Ok(objects
+            .into_iter()
+            .filter_map(|o| {
+                let below = o.location.as_ref().strip_prefix(dir.as_ref())?.trim_start_matches('/');
+                Some((below.to_string(), o.last_modified.timestamp_millis()))
+            })
+            .collect())
     }
 
     fn blob_rel(digest: &Digest) -> String {

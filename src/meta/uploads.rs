@@ -179,14 +179,7 @@ impl MetaStore {
             if let CompletedUpload::AlreadyStored { discard_key } = &outcome {
                 // The redundant copy is deleted right after commit; the outbox makes sure of it
                 // even if this process dies first (no row will ever name this fresh key).
-                sqlx::query(
-                    "INSERT INTO gc_outbox (storage_key, enqueued_at, next_attempt) VALUES ($1, $2, $2) \
-                     ON CONFLICT (storage_key) DO NOTHING",
-                )
-                .bind(discard_key)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
+                Self::to_outbox(tx, discard_key, now).await?;
             }
             let repo_id = Self::ensure_repository(tx, repo, now, lock).await?;
             Self::link(tx, repo_id, blob_id, now, now.saturating_add(grace)).await?;

@@ -300,39 +300,22 @@ impl Registry {
             targets.insert(target.to_string());
             if before.is_some_and(|b| b.digest == target.as_str()) {
                 run.report(|r| r.tags_unchanged += 1);
-                if !run.options.dry_run {
-                    self.meta
-                        .record_imported_tag(
-                            run.import.id,
-                            name,
-                            &link.tag,
-                            Some(target.as_str()),
-                            link.modified_ms,
-                        )
-                        .await?;
+            } else {
+                // Moved only if nothing else moved it since the previous run.
+                let expected = before.and_then(|b| Digest::parse(&b.digest).ok());
+                if let Err(reason) = self.import_tag(run, &repo, &tag, &target, expected.as_ref()).await {
+                    run.skip(item, reason);
+                    continue;
                 }
-                continue;
+                run.report(
+                    |r| if before.is_some() { r.tags_moved.push(item) } else { r.tags_new.push(item) },
+                );
             }
-            // Moved only if nothing else moved it since the previous run.
-            let expected = before.and_then(|b| Digest::parse(&b.digest).ok());
-            match self.import_tag(run, &repo, &tag, &target, expected.as_ref()).await {
-                Ok(()) => {
-                    if !run.options.dry_run {
-                        self.meta
-                            .record_imported_tag(
-                                run.import.id,
-                                name,
-                                &link.tag,
-                                Some(target.as_str()),
-                                link.modified_ms,
-                            )
-                            .await?;
-                    }
-                    run.report(|r| {
-                        if before.is_some() { r.tags_moved.push(item) } else { r.tags_new.push(item) }
-                    });
-                }
-                Err(reason) => run.skip(item, reason),
+            if !run.options.dry_run {
+                let at = link.modified_ms;
+                self.meta
+                    .record_imported_tag(run.import.id, name, &link.tag, Some(target.as_str()), at)
+                    .await?;
             }
         }
         for (tag_name, before) in previous.iter().filter(|(t, _)| !present.contains(*t)) {

@@ -155,6 +155,12 @@ fn same_origin(headers: &HeaderMap) -> Result<(), Refusal> {
     if authority == host { Ok(()) } else { Err(forbidden()) }
 }
 
+impl From<Error> for Refusal {
+    fn from(e: Error) -> Self {
+        failed(e)
+    }
+}
+
 /// What a failed operation shows.
 fn failed(e: Error) -> Refusal {
     let status = match &e {
@@ -195,11 +201,8 @@ fn registry_host(headers: &HeaderMap) -> String {
     headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("localhost:5000").to_string()
 }
 
+/// What a console handler answers: a page, or the refusal shown instead.
 type Page = Result<Response, Refusal>;
-
-fn done(r: Page) -> Response {
-    r.unwrap_or_else(IntoResponse::into_response)
-}
 
 #[derive(Debug, Deserialize)]
 struct ListQuery {
@@ -208,44 +211,35 @@ struct ListQuery {
     last: Option<String>,
 }
 
-async fn repositories(State(app): State<App>, headers: HeaderMap, Query(q): Query<ListQuery>) -> Response {
-    done(
-        async {
-            let v = viewer(&app, &headers)?;
-            // Filtering by permission after the query: read ahead until a page is full or the list ends.
-            let mut shown = Vec::new();
-            let mut last = q.last.clone();
-            loop {
-                let batch = app
-                    .registry
-                    .repositories_matching(q.q.trim(), last.as_deref(), PAGE)
-                    .await
-                    .map_err(failed)?;
-                let full = batch.len() as i64 == PAGE;
-                last = batch.last().map(|r| r.name.clone());
-                shown.extend(batch.into_iter().filter(|r| v.may(&r.name, Action::Pull)));
-                if shown.len() as i64 >= PAGE || !full {
-                    break;
-                }
-            }
-            shown.truncate(PAGE as usize);
-            let next = (shown.len() as i64 == PAGE).then(|| shown.last().map(|r| r.name.clone())).flatten();
-            // What each alone holds and what is due.
-            let mut spaces = Vec::with_capacity(shown.len());
-            for r in &shown {
-                let space = match RepoName::parse(&r.name) {
-                    Ok(repo) => app.registry.space(Some(&repo)).await.ok(),
-                    Err(_) => None,
-                };
-                spaces.push(space);
-            }
-            // Deleted repositories, for those who may restore them (from their trash).
-            let mut deleted = app.registry.deleted_repositories(PAGE).await.map_err(failed)?;
-            deleted.retain(|r| v.may(&r.name, Action::Admin));
-            Ok(pages::repositories(&v, &q.q, &shown, &spaces, next.as_deref(), &deleted))
+async fn repositories(State(app): State<App>, headers: HeaderMap, Query(q): Query<ListQuery>) -> Page {
+    let v = viewer(&app, &headers)?;
+    // Filtering by permission after the query: read ahead until a page is full or the list ends.
+    let mut shown = Vec::new();
+    let mut last = q.last.clone();
+    loop {
+        let batch = app.registry.repositories_matching(q.q.trim(), last.as_deref(), PAGE).await?;
+        let full = batch.len() as i64 == PAGE;
+        last = batch.last().map(|r| r.name.clone());
+        shown.extend(batch.into_iter().filter(|r| v.may(&r.name, Action::Pull)));
+        if shown.len() as i64 >= PAGE || !full {
+            break;
         }
-        .await,
-    )
+    }
+    shown.truncate(PAGE as usize);
+    let next = (shown.len() as i64 == PAGE).then(|| shown.last().map(|r| r.name.clone())).flatten();
+    // What each alone holds and what is due.
+    let mut spaces = Vec::with_capacity(shown.len());
+    for r in &shown {
+        let space = match RepoName::parse(&r.name) {
+            Ok(repo) => app.registry.space(Some(&repo)).await.ok(),
+            Err(_) => None,
+        };
+        spaces.push(space);
+    }
+    // Deleted repositories, for those who may restore them (from their trash).
+    let mut deleted = app.registry.deleted_repositories(PAGE).await?;
+    deleted.retain(|r| v.may(&r.name, Action::Admin));
+    Ok(pages::repositories(&v, &q.q, &shown, &spaces, next.as_deref(), &deleted))
 }
 
 async fn login(State(app): State<App>, headers: HeaderMap) -> Response {
@@ -273,31 +267,26 @@ struct RepoQuery {
     after: String,
 }
 
-async fn repository(State(app): State<App>, headers: HeaderMap, Query(q): Query<RepoQuery>) -> Response {
-    done(
-        async {
-            let v = viewer(&app, &headers)?;
-            let repo = repo_name(&q.name)?;
-            v.require(&repo, Action::Pull)?;
-            let summary = app.registry.repository(&repo).await.map_err(failed)?;
-            let tags = app.registry.tag_rows(&repo, &q.after, PAGE).await.map_err(failed)?;
-            let untagged = app.registry.untagged_rows(&repo, PAGE).await.map_err(failed)?;
-            // An index's platforms, read from the index itself.
-            let mut platforms = std::collections::HashMap::new();
-            for t in tags.iter().filter(|t| t.children > 0) {
-                if platforms.contains_key(&t.digest) {
-                    continue;
-                }
-                let Ok(digest) = Digest::parse(&t.digest) else { continue };
-                let view = app.registry.manifest_view(&repo, &digest).await.map_err(failed)?;
-                let list: Vec<String> = view.children.into_iter().filter_map(|c| c.platform).collect();
-                platforms.insert(t.digest.clone(), list);
-            }
-            let host = registry_host(&headers);
-            Ok(pages::repository(&v, &repo, &summary, &tags, &platforms, &untagged, &host))
+async fn repository(State(app): State<App>, headers: HeaderMap, Query(q): Query<RepoQuery>) -> Page {
+    let v = viewer(&app, &headers)?;
+    let repo = repo_name(&q.name)?;
+    v.require(&repo, Action::Pull)?;
+    let summary = app.registry.repository(&repo).await?;
+    let tags = app.registry.tag_rows(&repo, &q.after, PAGE).await?;
+    let untagged = app.registry.untagged_rows(&repo, PAGE).await?;
+    // An index's platforms, read from the index itself.
+    let mut platforms = std::collections::HashMap::new();
+    for t in tags.iter().filter(|t| t.children > 0) {
+        if platforms.contains_key(&t.digest) {
+            continue;
         }
-        .await,
-    )
+        let Ok(digest) = Digest::parse(&t.digest) else { continue };
+        let view = app.registry.manifest_view(&repo, &digest).await?;
+        let list: Vec<String> = view.children.into_iter().filter_map(|c| c.platform).collect();
+        platforms.insert(t.digest.clone(), list);
+    }
+    let host = registry_host(&headers);
+    Ok(pages::repository(&v, &repo, &summary, &tags, &platforms, &untagged, &host))
 }
 
 #[derive(Debug, Deserialize)]
@@ -306,20 +295,14 @@ struct ManifestQuery {
     digest: String,
 }
 
-async fn manifest(State(app): State<App>, headers: HeaderMap, Query(q): Query<ManifestQuery>) -> Response {
-    done(
-        async {
-            let v = viewer(&app, &headers)?;
-            let repo = repo_name(&q.repo)?;
-            v.require(&repo, Action::Pull)?;
-            let digest = Digest::parse(&q.digest).map_err(|e| bad(format!("`{}`: {e}", q.digest)))?;
-            let view = app.registry.manifest_view(&repo, &digest).await.map_err(failed)?;
-            let explanation =
-                app.registry.explain(&ExplainTarget::Manifest(repo.clone(), digest)).await.map_err(failed)?;
-            Ok(pages::manifest(&v, &repo, &view, &explanation, &registry_host(&headers)))
-        }
-        .await,
-    )
+async fn manifest(State(app): State<App>, headers: HeaderMap, Query(q): Query<ManifestQuery>) -> Page {
+    let v = viewer(&app, &headers)?;
+    let repo = repo_name(&q.repo)?;
+    v.require(&repo, Action::Pull)?;
+    let digest = Digest::parse(&q.digest).map_err(|e| bad(format!("`{}`: {e}", q.digest)))?;
+    let view = app.registry.manifest_view(&repo, &digest).await?;
+    let explanation = app.registry.explain(&ExplainTarget::Manifest(repo.clone(), digest)).await?;
+    Ok(pages::manifest(&v, &repo, &view, &explanation, &registry_host(&headers)))
 }
 
 #[derive(Debug, Deserialize)]
@@ -328,18 +311,13 @@ struct HistoryQuery {
     tag: String,
 }
 
-async fn history(State(app): State<App>, headers: HeaderMap, Query(q): Query<HistoryQuery>) -> Response {
-    done(
-        async {
-            let v = viewer(&app, &headers)?;
-            let repo = repo_name(&q.repo)?;
-            v.require(&repo, Action::Pull)?;
-            let tag = Tag::parse(&q.tag).map_err(|m| bad(format!("`{}`: {m}", q.tag)))?;
-            let moves = app.registry.history(&repo, Some(&tag)).await.map_err(failed)?;
-            Ok(pages::history(&v, &repo, &tag, &moves))
-        }
-        .await,
-    )
+async fn history(State(app): State<App>, headers: HeaderMap, Query(q): Query<HistoryQuery>) -> Page {
+    let v = viewer(&app, &headers)?;
+    let repo = repo_name(&q.repo)?;
+    v.require(&repo, Action::Pull)?;
+    let tag = Tag::parse(&q.tag).map_err(|m| bad(format!("`{}`: {m}", q.tag)))?;
+    let moves = app.registry.history(&repo, Some(&tag)).await?;
+    Ok(pages::history(&v, &repo, &tag, &moves))
 }
 
 #[derive(Debug, Deserialize)]
@@ -347,32 +325,22 @@ struct TargetForm {
     target: String,
 }
 
-async fn delete_confirm(State(app): State<App>, headers: HeaderMap, Query(q): Query<TargetForm>) -> Response {
-    done(
-        async {
-            let v = viewer(&app, &headers)?;
-            let t = target(&q.target)?;
-            v.require(t.repository(), Action::Delete)?;
-            let preview = app.registry.delete_preview(&t).await.map_err(failed)?;
-            Ok(pages::delete_confirm(&v, &t, &preview))
-        }
-        .await,
-    )
+async fn delete_confirm(State(app): State<App>, headers: HeaderMap, Query(q): Query<TargetForm>) -> Page {
+    let v = viewer(&app, &headers)?;
+    let t = target(&q.target)?;
+    v.require(t.repository(), Action::Delete)?;
+    let preview = app.registry.delete_preview(&t).await?;
+    Ok(pages::delete_confirm(&v, &t, &preview))
 }
 
-async fn delete(State(app): State<App>, headers: HeaderMap, Form(f): Form<TargetForm>) -> Response {
-    done(
-        async {
-            same_origin(&headers)?;
-            let v = viewer(&app, &headers)?;
-            let t = target(&f.target)?;
-            v.require(t.repository(), Action::Delete)?;
-            let repo = t.repository().clone();
-            AdminRequest::Delete(t).run(&app.registry, v.name()).await.map_err(failed)?;
-            Ok(Redirect::to(&format!("/ui/trash?repo={}", urlencode(repo.as_str()))).into_response())
-        }
-        .await,
-    )
+async fn delete(State(app): State<App>, headers: HeaderMap, Form(f): Form<TargetForm>) -> Page {
+    same_origin(&headers)?;
+    let v = viewer(&app, &headers)?;
+    let t = target(&f.target)?;
+    v.require(t.repository(), Action::Delete)?;
+    let repo = t.repository().clone();
+    AdminRequest::Delete(t).run(&app.registry, v.name()).await?;
+    Ok(Redirect::to(&format!("/ui/trash?repo={}", urlencode(repo.as_str()))).into_response())
 }
 
 #[derive(Debug, Deserialize)]
@@ -380,38 +348,25 @@ struct TrashQuery {
     repo: String,
 }
 
-async fn trash(State(app): State<App>, headers: HeaderMap, Query(q): Query<TrashQuery>) -> Response {
-    done(
-        async {
-            let v = viewer(&app, &headers)?;
-            let repo = repo_name(&q.repo)?;
-            v.require(&repo, Action::Pull)?;
-            let summary = app.registry.repository(&repo).await.map_err(failed)?;
-            let tombstones = app.registry.tombstones(&repo).await.map_err(failed)?;
-            let tags = app.registry.deleted_tags(&repo, PAGE).await.map_err(failed)?;
-            let window = app.registry.policy().restore_window_ms;
-            Ok(pages::trash(&v, &repo, &summary, &tags, &tombstones, window))
-        }
-        .await,
-    )
+async fn trash(State(app): State<App>, headers: HeaderMap, Query(q): Query<TrashQuery>) -> Page {
+    let v = viewer(&app, &headers)?;
+    let repo = repo_name(&q.repo)?;
+    v.require(&repo, Action::Pull)?;
+    let summary = app.registry.repository(&repo).await?;
+    let tombstones = app.registry.tombstones(&repo).await?;
+    let tags = app.registry.deleted_tags(&repo, PAGE).await?;
+    let window = app.registry.policy().restore_window_ms;
+    Ok(pages::trash(&v, &repo, &summary, &tags, &tombstones, window))
 }
 
-async fn restore(State(app): State<App>, headers: HeaderMap, Form(f): Form<TargetForm>) -> Response {
-    done(
-        async {
-            same_origin(&headers)?;
-            let v = viewer(&app, &headers)?;
-            let t = target(&f.target)?;
-            v.require(t.repository(), Action::Admin)?;
-            let repo = t.repository().clone();
-            AdminRequest::Restore { target: t, take_tags: false }
-                .run(&app.registry, v.name())
-                .await
-                .map_err(failed)?;
-            Ok(Redirect::to(&format!("/ui/repo?name={}", urlencode(repo.as_str()))).into_response())
-        }
-        .await,
-    )
+async fn restore(State(app): State<App>, headers: HeaderMap, Form(f): Form<TargetForm>) -> Page {
+    same_origin(&headers)?;
+    let v = viewer(&app, &headers)?;
+    let t = target(&f.target)?;
+    v.require(t.repository(), Action::Admin)?;
+    let repo = t.repository().clone();
+    AdminRequest::Restore { target: t, take_tags: false }.run(&app.registry, v.name()).await?;
+    Ok(Redirect::to(&format!("/ui/repo?name={}", urlencode(repo.as_str()))).into_response())
 }
 
 #[derive(Debug, Deserialize)]
@@ -421,45 +376,31 @@ struct RevertForm {
     digest: String,
 }
 
-async fn revert(State(app): State<App>, headers: HeaderMap, Form(f): Form<RevertForm>) -> Response {
-    done(
-        async {
-            same_origin(&headers)?;
-            let v = viewer(&app, &headers)?;
-            let repo = repo_name(&f.repo)?;
-            v.require(&repo, Action::Admin)?;
-            let tag = Tag::parse(&f.tag).map_err(|m| bad(format!("`{}`: {m}", f.tag)))?;
-            let digest = Digest::parse(&f.digest).map_err(|e| bad(format!("`{}`: {e}", f.digest)))?;
-            let request = AdminRequest::Revert {
-                repo: repo.clone(),
-                tag: tag.clone(),
-                to: crate::admin::Revert::To(digest),
-            };
-            request.run(&app.registry, v.name()).await.map_err(failed)?;
-            Ok(Redirect::to(&format!("/ui/history?repo={}&tag={tag}", urlencode(repo.as_str())))
-                .into_response())
-        }
-        .await,
-    )
+async fn revert(State(app): State<App>, headers: HeaderMap, Form(f): Form<RevertForm>) -> Page {
+    same_origin(&headers)?;
+    let v = viewer(&app, &headers)?;
+    let repo = repo_name(&f.repo)?;
+    v.require(&repo, Action::Admin)?;
+    let tag = Tag::parse(&f.tag).map_err(|m| bad(format!("`{}`: {m}", f.tag)))?;
+    let digest = Digest::parse(&f.digest).map_err(|e| bad(format!("`{}`: {e}", f.digest)))?;
+    let request =
+        AdminRequest::Revert { repo: repo.clone(), tag: tag.clone(), to: crate::admin::Revert::To(digest) };
+    request.run(&app.registry, v.name()).await?;
+    Ok(Redirect::to(&format!("/ui/history?repo={}&tag={tag}", urlencode(repo.as_str()))).into_response())
 }
 
-async fn space(State(app): State<App>, headers: HeaderMap) -> Response {
-    done(
-        async {
-            let v = viewer(&app, &headers)?;
-            if !v.admin_everywhere() {
-                return Err(Refusal::new(
-                    StatusCode::FORBIDDEN,
-                    "the registry's space needs admin on every repository",
-                ));
-            }
-            let space = app.registry.space(None).await.map_err(failed)?;
-            let status = app.registry.gc_status().await.map_err(failed)?;
-            let history = app.registry.space_history(HISTORY_MS).await.map_err(failed)?;
-            Ok(pages::space(&v, &space, &status, &history))
-        }
-        .await,
-    )
+async fn space(State(app): State<App>, headers: HeaderMap) -> Page {
+    let v = viewer(&app, &headers)?;
+    if !v.admin_everywhere() {
+        return Err(Refusal::new(
+            StatusCode::FORBIDDEN,
+            "the registry's space needs admin on every repository",
+        ));
+    }
+    let space = app.registry.space(None).await?;
+    let status = app.registry.gc_status().await?;
+    let history = app.registry.space_history(HISTORY_MS).await?;
+    Ok(pages::space(&v, &space, &status, &history))
 }
 
 #[derive(Debug, Deserialize)]
@@ -468,23 +409,14 @@ struct RetentionQuery {
     dry_run: bool,
 }
 
-async fn retention(State(app): State<App>, headers: HeaderMap, Query(q): Query<RetentionQuery>) -> Response {
-    done(
-        async {
-            let v = viewer(&app, &headers)?;
-            if !v.admin_everywhere() {
-                return Err(Refusal::new(StatusCode::FORBIDDEN, "retention needs admin on every repository"));
-            }
-            let status = app.registry.retention_status().await.map_err(failed)?;
-            let dry = if q.dry_run {
-                Some(app.registry.retention_run(None, true, "console").await.map_err(failed)?)
-            } else {
-                None
-            };
-            Ok(pages::retention(&v, &status, dry.as_ref()))
-        }
-        .await,
-    )
+async fn retention(State(app): State<App>, headers: HeaderMap, Query(q): Query<RetentionQuery>) -> Page {
+    let v = viewer(&app, &headers)?;
+    if !v.admin_everywhere() {
+        return Err(Refusal::new(StatusCode::FORBIDDEN, "retention needs admin on every repository"));
+    }
+    let status = app.registry.retention_status().await?;
+    let dry = if q.dry_run { Some(app.registry.retention_run(None, true, "console").await?) } else { None };
+    Ok(pages::retention(&v, &status, dry.as_ref()))
 }
 
 /// Percent-encodes a query or form value.

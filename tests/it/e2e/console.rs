@@ -11,7 +11,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use serde_json::{Value, json};
 
-use super::{have, run};
+use super::{have, run, skopeo_copy};
 use crate::auth::{PASSWORD, with_auth};
 use crate::backend_test;
 use crate::harness::TestRegistry;
@@ -179,31 +179,9 @@ backend_test!(console_delete_trash_restore_in_a_real_browser, |reg| {
         lay.path(),
         &[("v1", &img, crate::harness::OCI_MANIFEST), ("multi", &multi, crate::harness::OCI_INDEX)],
     );
-    run(
-        "skopeo",
-        &[
-            "copy",
-            "--quiet",
-            "--dest-tls-verify=false",
-            &format!("oci:{}:v1", lay.path().display()),
-            &format!("docker://{}/team/app:v1", reg.addr),
-        ],
-        &[],
-    )
-    .await;
-    run(
-        "skopeo",
-        &[
-            "copy",
-            "--quiet",
-            "--all",
-            "--dest-tls-verify=false",
-            &format!("oci:{}:multi", lay.path().display()),
-            &format!("docker://{}/team/app:multi", reg.addr),
-        ],
-        &[],
-    )
-    .await;
+    let lay_ref = |tag: &str| format!("oci:{}:{tag}", lay.path().display());
+    skopeo_copy(&lay_ref("v1"), &format!("docker://{}/team/app:v1", reg.addr)).await;
+    skopeo_copy(&lay_ref("multi"), &format!("docker://{}/team/app:multi", reg.addr)).await;
     // An SBOM referring to v1, pushed as the referrers API has it (untagged, with a subject).
     let empty = reg.upload_blob("team/app", b"{}").await;
     let sbom = serde_json::to_vec(&json!({

@@ -21,7 +21,7 @@ use berth::oci::Digest;
 use berth::registry::ImportOptions;
 use object_store::{ObjectStore, ObjectStoreExt as _, PutPayload};
 
-use super::{have, layout, run};
+use super::{have, layout, run, skopeo_copy};
 use crate::backend_test;
 use crate::harness::{OCI_INDEX, OCI_MANIFEST, TestRegistry};
 
@@ -67,15 +67,6 @@ impl Reference {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-async fn skopeo_copy(from: &str, to: &str) {
-    run(
-        "skopeo",
-        &["copy", "--quiet", "--all", "--src-tls-verify=false", "--dest-tls-verify=false", from, to],
-        &[],
-    )
-    .await;
 }
 
 async fn raw_manifest(reference: &str) -> String {
@@ -227,6 +218,15 @@ fn berth_command(reg: &TestRegistry, work: &Path, subcommand: &str) -> Command {
     cmd
 }
 
+/// A work directory with the reference registry's root and the OCI layout pushed from.
+fn work_dirs() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().join("registry");
+    std::fs::create_dir_all(&root).unwrap();
+    let lay = work.path().join("lay");
+    (work, root, lay)
+}
+
 fn names(list: &serde_json::Value) -> Vec<String> {
     list.as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect()
 }
@@ -235,10 +235,7 @@ backend_test!(import_from_the_reference_registry_pre_import_catch_up_cut_over, |
     if !have("skopeo") || !have("docker-registry") {
         return;
     }
-    let work = tempfile::tempdir().unwrap();
-    let root = work.path().join("registry");
-    std::fs::create_dir_all(&root).unwrap();
-    let lay = work.path().join("lay");
+    let (work, root, lay) = work_dirs();
     let one = layout::image(&lay, 31, "amd64");
     let two = layout::image(&lay, 32, "amd64");
     let arm = layout::image(&lay, 33, "arm64");
@@ -470,10 +467,7 @@ backend_test!(an_interrupted_import_continues_and_bad_items_are_skipped, |reg| {
     if !have("skopeo") || !have("docker-registry") {
         return;
     }
-    let work = tempfile::tempdir().unwrap();
-    let root = work.path().join("registry");
-    std::fs::create_dir_all(&root).unwrap();
-    let lay = work.path().join("lay");
+    let (work, root, lay) = work_dirs();
     let images: Vec<_> = (0..6).map(|i| layout::image(&lay, 50 + i, "amd64")).collect();
     let missing = layout::image(&lay, 60, "amd64");
     let corrupt = layout::image(&lay, 61, "amd64");

@@ -51,3 +51,13 @@ pub async fn run_raw(program: &str, args: &[&str], envs: &[(&str, &str)]) -> Out
     }
     cmd.output().await.unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
 }
+
+/// `skopeo copy --all` between two references, over plain HTTP.
+pub async fn skopeo_copy(from: &str, to: &str) {
+    run(
+        "skopeo",
+        &["copy", "--quiet", "--all", "--src-tls-verify=false", "--dest-tls-verify=false", from, to],
+        &[],
+    )
+    .await;
+}
