@@ -4,7 +4,7 @@
 use serde_json::Value;
 
 use super::{Error, Referrer, Registry, Result};
-use crate::meta::{DeletedTag, RepositorySummary, TagRow, UntaggedRow};
+use crate::meta::{DeletedTag, ManifestRow, RepositorySummary, TagRow, UntaggedRow};
 use crate::oci::{Digest, Reference, RepoName};
 
 /// A descriptor as a manifest lists it.
@@ -97,30 +97,8 @@ impl Registry {
     /// # Errors
     /// [`Error::ManifestUnknown`].
     pub async fn manifest_view(&self, repo: &RepoName, digest: &Digest) -> Result<ManifestView> {
-        let row = self
-            .meta
-            .manifest(repo, &Reference::Digest(digest.clone()))
-            .await?
-            .ok_or(Error::ManifestUnknown)?;
-        let json: Value = serde_json::from_slice(&row.payload).unwrap_or(Value::Null);
-        let part = |v: &Value| Part {
-            media_type: v["mediaType"].as_str().unwrap_or_default().to_string(),
-            digest: v["digest"].as_str().unwrap_or_default().to_string(),
-            size: v["size"].as_u64().unwrap_or(0),
-            platform: v.get("platform").map(|p| {
-                let mut text = format!(
-                    "{}/{}",
-                    p["os"].as_str().unwrap_or("?"),
-                    p["architecture"].as_str().unwrap_or("?")
-                );
-                if let Some(variant) = p["variant"].as_str() {
-                    text.push('/');
-                    text.push_str(variant);
-                }
-                text
-            }),
-        };
-        let list = |key: &str| json[key].as_array().map(|a| a.iter().map(part).collect()).unwrap_or_default();
+        let (row, json) = self.manifest_json(repo, digest).await?;
+        let list = |key: &str| parts(&json, key);
         let annotations = json["annotations"]
             .as_object()
             .map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string())).collect())
@@ -139,5 +117,47 @@ impl Registry {
             media_type: row.media_type,
             payload,
         })
+    }
+
+    /// The platforms an index lists, read from the index alone.
+    ///
+    /// # Errors
+    /// [`Error::ManifestUnknown`].
+    pub async fn index_platforms(&self, repo: &RepoName, digest: &Digest) -> Result<Vec<String>> {
+        let (_, json) = self.manifest_json(repo, digest).await?;
+        Ok(parts(&json, "manifests").into_iter().filter_map(|p| p.platform).collect())
+    }
+
+    async fn manifest_json(&self, repo: &RepoName, digest: &Digest) -> Result<(ManifestRow, Value)> {
+        let row = self
+            .meta
+            .manifest(repo, &Reference::Digest(digest.clone()))
+            .await?
+            .ok_or(Error::ManifestUnknown)?;
+        let json = serde_json::from_slice(&row.payload).unwrap_or(Value::Null);
+        Ok((row, json))
+    }
+}
+
+/// The descriptors a manifest lists under `key` (`layers`, `manifests`).
+fn parts(json: &Value, key: &str) -> Vec<Part> {
+    json[key].as_array().map(|a| a.iter().map(part).collect()).unwrap_or_default()
+}
+
+/// A descriptor, read leniently (the manifest was validated when it was pushed).
+fn part(v: &Value) -> Part {
+    Part {
+        media_type: v["mediaType"].as_str().unwrap_or_default().to_string(),
+        digest: v["digest"].as_str().unwrap_or_default().to_string(),
+        size: v["size"].as_u64().unwrap_or(0),
+        platform: v.get("platform").map(|p| {
+            let mut text =
+                format!("{}/{}", p["os"].as_str().unwrap_or("?"), p["architecture"].as_str().unwrap_or("?"));
+            if let Some(variant) = p["variant"].as_str() {
+                text.push('/');
+                text.push_str(variant);
+            }
+            text
+        }),
     }
 }

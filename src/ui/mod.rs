@@ -93,6 +93,14 @@ impl Viewer<'_> {
         self.who.name()
     }
 
+    fn require_admin_everywhere(&self, what: &str) -> Result<(), Refusal> {
+        if self.admin_everywhere() {
+            Ok(())
+        } else {
+            Err(Refusal::new(StatusCode::FORBIDDEN, format!("{what} needs admin on every repository")))
+        }
+    }
+
     fn require(&self, repo: &RepoName, action: Action) -> Result<(), Refusal> {
         if self.may(repo.as_str(), action) {
             Ok(())
@@ -155,33 +163,30 @@ fn same_origin(headers: &HeaderMap) -> Result<(), Refusal> {
     if authority == host { Ok(()) } else { Err(forbidden()) }
 }
 
+/// What a failed operation shows.
 impl From<Error> for Refusal {
     fn from(e: Error) -> Self {
-        failed(e)
+        let status = match &e {
+            Error::NameUnknown | Error::ManifestUnknown | Error::TagUnknown(_) | Error::BlobUnknown => {
+                StatusCode::NOT_FOUND
+            }
+            Error::DeleteRefused(_)
+            | Error::Immutable(_)
+            | Error::Conflict(_)
+            | Error::PreconditionFailed(_) => StatusCode::CONFLICT,
+            Error::Internal(_) => {
+                tracing::error!(error = %e, "console request failed");
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+            _ => StatusCode::BAD_REQUEST,
+        };
+        let message = if status == StatusCode::INTERNAL_SERVER_ERROR {
+            "internal error (logged)".into()
+        } else {
+            e.to_string()
+        };
+        Refusal::new(status, message)
     }
-}
-
-/// What a failed operation shows.
-fn failed(e: Error) -> Refusal {
-    let status = match &e {
-        Error::NameUnknown | Error::ManifestUnknown | Error::TagUnknown(_) | Error::BlobUnknown => {
-            StatusCode::NOT_FOUND
-        }
-        Error::DeleteRefused(_) | Error::Immutable(_) | Error::Conflict(_) | Error::PreconditionFailed(_) => {
-            StatusCode::CONFLICT
-        }
-        Error::Internal(_) => {
-            tracing::error!(error = %e, "console request failed");
-            StatusCode::INTERNAL_SERVER_ERROR
-        }
-        _ => StatusCode::BAD_REQUEST,
-    };
-    let message = if status == StatusCode::INTERNAL_SERVER_ERROR {
-        "internal error (logged)".into()
-    } else {
-        e.to_string()
-    };
-    Refusal::new(status, message)
 }
 
 fn bad(message: String) -> Refusal {
@@ -281,9 +286,7 @@ async fn repository(State(app): State<App>, headers: HeaderMap, Query(q): Query<
             continue;
         }
         let Ok(digest) = Digest::parse(&t.digest) else { continue };
-        let view = app.registry.manifest_view(&repo, &digest).await?;
-        let list: Vec<String> = view.children.into_iter().filter_map(|c| c.platform).collect();
-        platforms.insert(t.digest.clone(), list);
+        platforms.insert(t.digest.clone(), app.registry.index_platforms(&repo, &digest).await?);
     }
     let host = registry_host(&headers);
     Ok(pages::repository(&v, &repo, &summary, &tags, &platforms, &untagged, &host))
@@ -391,12 +394,7 @@ async fn revert(State(app): State<App>, headers: HeaderMap, Form(f): Form<Revert
 
 async fn space(State(app): State<App>, headers: HeaderMap) -> Page {
     let v = viewer(&app, &headers)?;
-    if !v.admin_everywhere() {
-        return Err(Refusal::new(
-            StatusCode::FORBIDDEN,
-            "the registry's space needs admin on every repository",
-        ));
-    }
+    v.require_admin_everywhere("the registry's space")?;
     let space = app.registry.space(None).await?;
     let status = app.registry.gc_status().await?;
     let history = app.registry.space_history(HISTORY_MS).await?;
@@ -411,9 +409,7 @@ struct RetentionQuery {
 
 async fn retention(State(app): State<App>, headers: HeaderMap, Query(q): Query<RetentionQuery>) -> Page {
     let v = viewer(&app, &headers)?;
-    if !v.admin_everywhere() {
-        return Err(Refusal::new(StatusCode::FORBIDDEN, "retention needs admin on every repository"));
-    }
+    v.require_admin_everywhere("retention")?;
     let status = app.registry.retention_status().await?;
     let dry = if q.dry_run { Some(app.registry.retention_run(None, true, "console").await?) } else { None };
     Ok(pages::retention(&v, &status, dry.as_ref()))

@@ -261,3 +261,47 @@ async fn the_sweep_aborts_multipart_uploads_a_crash_cut_off() {
     let late = store.put_part(&target, &id, 1, vec![2u8; 16].into()).await;
     assert!(late.is_err(), "the multipart upload is still open");
 }
+
+// Keys Berth never writes (the rest of a shared bucket, the tree of a registry imported in
+// place) are never taken by the sweep, and cost it one page, not a walk through them.
+backend_test!(the_sweep_skips_what_berth_never_writes, |reg| {
+    use futures_util::StreamExt as _;
+    let orphan = reg.leave_unrecorded_bytes("left-behind", 10).await;
+    let foreign: Vec<String> =
+        (0..2100).map(|i| format!("dist/docker/registry/v2/blobs/{i:05}/data")).collect();
+    let s3 =
+        reg.app.config.storage_s3.clone().map(|c| (std::sync::Arc::new(c.client(&c.bucket).unwrap()), c));
+    let root = reg.app.config.storage_path.clone();
+    let put = |key: String| {
+        let (s3, root) = (s3.clone(), root.clone());
+        async move {
+            match s3 {
+                Some((client, config)) => {
+                    use object_store::ObjectStoreExt as _;
+                    let path = format!("{}/{key}", config.prefix.as_deref().unwrap_or_default());
+                    client.put(&path.into(), bytes::Bytes::from_static(b"not berth's").into()).await.unwrap();
+                }
+                None => {
+                    let path = root.join(&key);
+                    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                    std::fs::write(path, b"not berth's").unwrap();
+                }
+            }
+        }
+    };
+    futures_util::stream::iter(foreign.iter().cloned().chain(["zzz/notes.txt".to_string()]))
+        .map(put)
+        .buffer_unordered(16)
+        .collect::<Vec<()>>()
+        .await;
+    reg.app.registry.clock().advance_ms(DAY_MS + 1000);
+    let pass = sweep_pass(&reg).await;
+    assert_eq!(pass.orphans, 1, "{pass:?}");
+    assert!(pass.objects_listed < 2000, "walked through the foreign tree: {pass:?}");
+    reg.app.registry.drain_outbox().await.unwrap();
+    let stored = reg.app.registry.blobs().list("").await.unwrap();
+    assert!(!stored.contains(&orphan));
+    for key in foreign.iter().chain([&"zzz/notes.txt".to_string()]) {
+        assert!(stored.contains(key), "{key} was taken");
+    }
+});
