@@ -876,12 +876,12 @@ mod tests {
             (s3.bucket.as_str(), s3.endpoint.as_deref(), s3.prefix.as_deref()),
             ("b", Some("http://x:1"), Some("p"))
         );
-        assert!(s3.path_style && !s3.redirect && s3.part_size_mib == 8);
+        assert!(s3.path_style && !s3.redirect && s3.part_size_mib == 5);
         // Entirely from the environment: the same defaults.
         let c = load("", &[("BERTH_STORAGE_KIND", "s3"), ("BERTH_S3_BUCKET", "b")], &Overrides::default())
             .unwrap();
         let s3 = c.storage_s3.unwrap();
-        assert!(s3.path_style && s3.part_size_mib == 8 && s3.redirect_ttl_secs == 300);
+        assert!(s3.path_style && s3.part_size_mib == 5 && s3.redirect_ttl_secs == 300);
         assert_eq!(s3.sign_payload, None, "decided by the endpoint's scheme");
         let c = load(
             "[storage]\nkind = \"s3\"\n[storage.s3]\nbucket = \"b\"\nsign_payload = false\n",

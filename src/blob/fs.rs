@@ -9,7 +9,7 @@ use futures_util::{Stream, StreamExt};
 
 use super::fs_write::{BufferPool, UploadWriter};
 use super::{ByteRange, Error, FsOptions, Hold, Listed, Result};
-use crate::oci::{Algorithm, ContentHasher, Digest, UploadHasher};
+use crate::oci::{Algorithm, ContentHasher, Digest};
 
 /// Files under a root directory.
 #[derive(Debug, Clone)]
@@ -62,17 +62,15 @@ impl FsStore {
         Ok(())
     }
 
-    /// Writes `body` into the upload object `key` starting at `offset`, feeding every byte to
-    /// `hasher`; bytes past `offset` from an earlier, failed write are discarded first. Returns
-    /// the number of bytes written. If the body fails midway, the bytes written so far stay in
-    /// the file past the recorded size and are discarded by the next write; `hasher` is only
-    /// advanced on success. See [`UploadWriter`] for how the bytes reach disk.
+    /// Writes `body` into the upload object `key` starting at `offset`; bytes past `offset` from
+    /// an earlier, failed write are discarded first. Returns the number of bytes written. If the
+    /// body fails midway, the bytes written so far stay in the file past the recorded size and
+    /// are discarded by the next write. See [`UploadWriter`] for how the bytes reach disk.
     pub(super) async fn write_upload<S, E>(
         &self,
         key: &str,
         offset: u64,
         body: S,
-        hasher: &mut UploadHasher,
         size_hint: Option<u64>,
         hold: Hold,
     ) -> Result<u64>
@@ -84,13 +82,11 @@ impl FsStore {
         let mut writer = UploadWriter::open(&path, offset, size_hint, self.options, &self.buffers, hold)
             .await
             .map_err(|e| not_found_or_io(key, e))?;
-        let mut state = hasher.clone();
         let mut body = std::pin::pin!(body);
         let mut failure = None;
         while let Some(chunk) = body.next().await {
             match chunk {
                 Ok(chunk) => {
-                    state.update(&chunk);
                     if let Err(e) = writer.write(&chunk).await {
                         failure = Some(io_err(key)(e));
                         break;
@@ -107,9 +103,7 @@ impl FsStore {
         if let Some(e) = failure {
             return Err(e);
         }
-        let written = written?;
-        *hasher = state;
-        Ok(written)
+        written
     }
 
     /// Publishes the first `size` bytes of the upload object `upload_key` as `blob_key` (an
@@ -435,18 +429,16 @@ mod tests {
         store.create_upload("uploads/u").await.unwrap();
         let chunk =
             |b: &'static [u8]| futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(b))]);
-        let mut h = UploadHasher::default();
         assert_eq!(
-            store.write_upload("uploads/u", 0, chunk(b"hello"), &mut h, Some(1 << 20), hold()).await.unwrap(),
+            store.write_upload("uploads/u", 0, chunk(b"hello"), Some(1 << 20), hold()).await.unwrap(),
             5
         );
         // A body shorter than its hint leaves no reserved space behind.
         assert_eq!(std::fs::metadata(dir.path().join("uploads/u")).unwrap().len(), 5);
         // A failed write left garbage past offset 5; the next write at 5 replaces it.
-        let mut junk = h.clone();
-        store.write_upload("uploads/u", 5, chunk(b"GARBAGE!"), &mut junk, None, hold()).await.unwrap();
-        store.write_upload("uploads/u", 5, chunk(b" world"), &mut h, None, hold()).await.unwrap();
-        assert_eq!(h.digest(), Digest::sha256_of(b"hello world"));
+        store.write_upload("uploads/u", 5, chunk(b"GARBAGE!"), None, hold()).await.unwrap();
+        store.write_upload("uploads/u", 5, chunk(b" world"), None, hold()).await.unwrap();
+        assert_eq!(std::fs::read(dir.path().join("uploads/u")).unwrap(), b"hello world");
         store.commit_upload("uploads/u", "blobs/x", 11).await.unwrap();
         assert_eq!(store.size("blobs/x").await.unwrap(), 11);
         let body: Vec<_> =
@@ -466,7 +458,6 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let store = FsStore::open(dir.path(), options).await.unwrap();
             store.create_upload("uploads/big").await.unwrap();
-            let mut h = UploadHasher::default();
             let mut offset = 0usize;
             for end in [4_097, 5_000_001, 5_000_002, data.len()] {
                 let pieces: Vec<_> = data[offset..end]
@@ -478,7 +469,6 @@ mod tests {
                         "uploads/big",
                         offset as u64,
                         futures_util::stream::iter(pieces),
-                        &mut h,
                         None,
                         hold(),
                     )
@@ -487,7 +477,6 @@ mod tests {
                 assert_eq!(n as usize, end - offset);
                 offset = end;
             }
-            assert_eq!(h.digest(), Digest::sha256_of(&data));
             assert_eq!(std::fs::read(dir.path().join("uploads/big")).unwrap(), data, "{options:?}");
         }
     }
@@ -500,8 +489,7 @@ mod tests {
         store.create_upload("uploads/b").await.unwrap();
         let data = Bytes::from(vec![7u8; 9 << 20]);
         let body = futures_util::stream::iter([Ok::<_, std::io::Error>(data)]);
-        let mut h = UploadHasher::default();
-        store.write_upload("uploads/b", 0, body, &mut h, None, hold()).await.unwrap();
+        store.write_upload("uploads/b", 0, body, None, hold()).await.unwrap();
         assert!(store.buffers.pooled() > 0);
         tokio::time::sleep(std::time::Duration::from_secs(3)).await;
         assert_eq!(store.buffers.pooled(), 0);

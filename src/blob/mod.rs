@@ -8,12 +8,14 @@
 //! Two backends:
 //! * **filesystem** (embedded): an upload is one append-only file that becomes the blob by an
 //!   atomic rename — no copy, no re-read;
-//! * **S3-compatible object storage** (scale-out, through `object_store`): each write to an
-//!   upload session becomes a new object under the session's prefix, listed in the session's
-//!   metadata. Objects are never overwritten, so replicas writing one session cannot destroy each
-//!   other's bytes, and a replica dying mid-write loses nothing that was recorded. A session of one
-//!   chunk (the usual case) publishes that object as the blob; several chunks are composed into one
-//!   object by a multipart upload.
+//! * **S3-compatible object storage** (scale-out, through `object_store`): a session's bytes are
+//!   objects under the session's prefix and parts of one multipart upload the session keeps
+//!   open, all listed in the session's metadata. A write that may fill a part first holds the
+//!   session (one writer at a time adds parts); a write shorter than a part becomes an object of
+//!   its own, folded into the next part. Objects are never overwritten, so replicas writing one
+//!   session cannot destroy each other's bytes, and a replica dying mid-write loses nothing that
+//!   was recorded. Completing the session completes the multipart upload: the blob is that
+//!   object, with no byte copied (a session of one small object publishes that object).
 
 mod fs;
 mod fs_write;
@@ -26,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 pub use s3::S3Config;
 
-use crate::oci::{Algorithm, Digest, UploadHasher};
+use crate::oci::{Algorithm, Digest};
 
 /// Errors of blob storage.
 #[derive(Debug, thiserror::Error)]
@@ -107,13 +109,35 @@ pub struct ByteRange {
     pub end: u64,
 }
 
-/// One recorded write of an upload session on object storage.
+/// One recorded piece of an upload session on object storage: an object, or the session's open
+/// multipart upload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Chunk {
-    /// The object holding the bytes.
+    /// The object holding the bytes (for an open multipart upload: the object it will become).
     pub key: String,
     /// How many bytes.
     pub len: u64,
+    /// The multipart upload still open on `key`, whose recorded parts hold the bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multipart: Option<OpenMultipart>,
+}
+
+impl Chunk {
+    /// An object of `len` bytes.
+    pub fn object(key: impl Into<String>, len: u64) -> Self {
+        Chunk { key: key.into(), len, multipart: None }
+    }
+}
+
+/// A multipart upload a session keeps open across its writes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenMultipart {
+    /// The store's upload id.
+    pub id: String,
+    /// The marker object naming it (deleting the marker aborts the upload).
+    pub marker: String,
+    /// The recorded parts' ids (ETags), in order: part `i + 1` is `parts[i]`.
+    pub parts: Vec<String>,
 }
 
 /// An object found by [`BlobStore::list_page`].
@@ -211,11 +235,24 @@ impl BlobStore {
         }
     }
 
-    /// Stores `body` as the bytes of session `key` from `offset` on, feeding them to `hasher`;
-    /// on object storage the new object is appended to `chunks`. Returns the bytes written.
-    /// Nothing becomes part of the session until the caller records the new size (and chunks).
-    /// `size_hint` is the length the client announced, used to reserve space up front; `hold`
-    /// stays held until the last byte has reached storage, even if this future is dropped.
+    /// Whether a write of `size_hint` bytes (`None`: not announced) to a session recorded as
+    /// `chunks` should hold the session first, to add parts to its shared multipart upload
+    /// ([`BlobStore::write_upload`]'s `shared`). Only on object storage, only for writes that may
+    /// fill a part.
+    pub fn wants_shared_write(&self, chunks: &[Chunk], size_hint: Option<u64>) -> bool {
+        match &self.0 {
+            Backend::Filesystem(_) => false,
+            Backend::S3(s) => s.wants_shared_write(chunks, size_hint),
+        }
+    }
+
+    /// Stores `body` as the bytes of session `key` from `offset` on (the caller hashes them);
+    /// on object storage `chunks` is updated to what the session then holds. Returns the bytes
+    /// written. Nothing becomes part of the session until the caller records the new size (and
+    /// chunks). `size_hint` is the length the client announced, used to reserve space up front;
+    /// `hold` stays held until the last byte has reached storage, even if this future is dropped.
+    /// `shared`: the caller holds the session, so the write may add parts to its open multipart
+    /// upload (otherwise it becomes an object of its own).
     ///
     /// # Errors
     /// [`Error::Body`] when the body fails; other errors when storage does.
@@ -226,17 +263,36 @@ impl BlobStore {
         chunks: &mut Vec<Chunk>,
         offset: u64,
         body: S,
-        hasher: &mut UploadHasher,
         size_hint: Option<u64>,
         hold: Hold,
+        shared: bool,
     ) -> Result<u64>
     where
         S: Stream<Item = Result<Bytes, E>>,
         E: std::fmt::Display,
     {
         match &self.0 {
-            Backend::Filesystem(s) => s.write_upload(key, offset, body, hasher, size_hint, hold).await,
-            Backend::S3(s) => s.write_upload(key, chunks, body, hasher).await,
+            Backend::Filesystem(s) => s.write_upload(key, offset, body, size_hint, hold).await,
+            Backend::S3(s) if shared => s.write_shared(key, chunks, body, size_hint).await,
+            Backend::S3(s) => s.write_upload(key, chunks, body, size_hint).await,
+        }
+    }
+
+    /// Whether the session recorded as `chunks` has a multipart upload to complete before its
+    /// bytes can be read or published ([`BlobStore::seal_upload`]).
+    pub fn needs_seal(chunks: &[Chunk]) -> bool {
+        chunks.iter().any(|c| c.multipart.is_some())
+    }
+
+    /// Completes the session's open multipart upload, folding the objects recorded after it into
+    /// its last part, and updates `chunks`. The caller holds the session and records the result.
+    ///
+    /// # Errors
+    /// When storage fails.
+    pub async fn seal_upload(&self, chunks: &mut Vec<Chunk>) -> Result<()> {
+        match &self.0 {
+            Backend::Filesystem(_) => Ok(()),
+            Backend::S3(s) => s.seal(chunks).await,
         }
     }
 

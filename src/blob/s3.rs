@@ -1,8 +1,11 @@
 //! The S3-compatible backend, through `object_store`.
 //!
-//! Key layout: everything of upload session `<id>` lives under `blobs/<id>/`; each write is a new
-//! object `blobs/<id>/<uuid>`, and the blob a session publishes is one of those keys (a session
-//! id is a fresh UUID, so keys are never reused). Objects are never overwritten.
+//! Key layout: everything of upload session `<id>` lives under `blobs/<id>/`: objects
+//! `blobs/<id>/<uuid>` (a write shorter than a part, or one that could not hold the session) and
+//! the session's multipart upload to `blobs/<id>/<uuid>` with its marker `….multipart`. The blob
+//! a session publishes is one of those keys (a session id is a fresh UUID, so keys are never
+//! reused). Objects are never overwritten; parts are written only by the request holding the
+//! session, at the numbers after the recorded ones.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,8 +20,8 @@ use object_store::{GetOptions, GetRange, MultipartId, ObjectStore, ObjectStoreEx
 use serde::Deserialize;
 use tokio::task::JoinSet;
 
-use super::{ByteRange, ByteStream, Chunk, Error, Listed, Result};
-use crate::oci::{Algorithm, ContentHasher, Digest, UploadHasher};
+use super::{ByteRange, ByteStream, Chunk, Error, Listed, OpenMultipart, Result};
+use crate::oci::{Algorithm, ContentHasher, Digest};
 
 /// Connection settings for an S3-compatible bucket.
 #[derive(Debug, Clone, Deserialize)]
@@ -85,12 +88,23 @@ fn default_redirect_ttl() -> u64 {
     300
 }
 fn default_part_size() -> usize {
-    8
+    5
 }
 
 /// Parts in flight per write: with the part being filled, memory per upload stays near four
 /// parts whatever the blob size.
 const UPLOAD_CONCURRENCY: usize = 3;
+
+/// The smallest part S3 accepts for every part but the last.
+const MIN_PART: usize = 5 * 1024 * 1024;
+
+/// The most parts S3 takes in one multipart upload.
+const MAX_PARTS: usize = 10_000;
+
+/// Parts of one size before the size doubles (four times at most), so that an upload of unknown
+/// length fits in [`MAX_PARTS`]: 31 × 2,000 parts' worth, 310 GiB at 5 MiB parts, with memory
+/// growing only for uploads that large.
+const PARTS_PER_SIZE: usize = 2_000;
 
 /// Suffix of the marker object that names an in-progress multipart upload.
 const MARKER_SUFFIX: &str = ".multipart";
@@ -181,7 +195,7 @@ impl S3Store {
         key: &str,
         chunks: &mut Vec<Chunk>,
         body: S,
-        hasher: &mut UploadHasher,
+        size_hint: Option<u64>,
     ) -> Result<u64>
     where
         S: Stream<Item = Result<Bytes, E>>,
@@ -204,7 +218,6 @@ impl S3Store {
                     return Err(Error::Body(e.to_string()));
                 }
             };
-            hasher.update(&piece);
             written += piece.len() as u64;
             match &mut multipart {
                 Some(m) => m.write(piece).await?,
@@ -212,6 +225,9 @@ impl S3Store {
                     first.push(piece);
                     if first.len >= self.part_size {
                         let mut m = self.part_writer(&chunk_key).await?;
+                        if let Some(total) = size_hint {
+                            m.plan(total);
+                        }
                         for piece in std::mem::take(&mut first).take_all() {
                             m.write(piece).await?;
                         }
@@ -230,8 +246,169 @@ impl S3Store {
                 self.store.put(&self.path(&chunk_key), payload).await?;
             }
         }
-        chunks.push(Chunk { key: chunk_key, len: written });
+        chunks.push(Chunk::object(chunk_key, written));
         Ok(written)
+    }
+
+    /// Whether a write of `size_hint` bytes could fill a part of the session's multipart upload
+    /// (with the objects it would fold in): then it should hold the session and add parts.
+    pub(super) fn wants_shared_write(&self, chunks: &[Chunk], size_hint: Option<u64>) -> bool {
+        let from = fold_from(chunks, self.part_size as u64);
+        let pending: u64 = chunks[from..].iter().map(|c| c.len).sum();
+        size_hint.is_none_or(|n| pending + n >= self.part_size as u64)
+    }
+
+    /// Writes `body` into the session's multipart upload (starting one if none is open), after
+    /// folding in the objects recorded after it; a write that does not fill a part becomes an
+    /// object of its own, and so does a last piece shorter than S3's smallest part. The caller
+    /// holds the session: nobody else adds parts meanwhile. Parts sent by a write that fails or
+    /// is not recorded are never listed, so the next write's parts replace them.
+    pub(super) async fn write_shared<S, E>(
+        &self,
+        key: &str,
+        chunks: &mut Vec<Chunk>,
+        body: S,
+        size_hint: Option<u64>,
+    ) -> Result<u64>
+    where
+        S: Stream<Item = Result<Bytes, E>>,
+        E: std::fmt::Display,
+    {
+        let from = fold_from(chunks, self.part_size as u64);
+        let pending: u64 = chunks[from..].iter().map(|c| c.len).sum();
+        let mut body = std::pin::pin!(body);
+        let mut first = Pieces::default();
+        let mut written = 0u64;
+        while pending + written < self.part_size as u64 {
+            let Some(piece) = body.next().await else { break };
+            let piece = piece.map_err(|e| Error::Body(e.to_string()))?;
+            written += piece.len() as u64;
+            first.push(piece);
+        }
+        if pending + written < self.part_size as u64 {
+            if written > 0 {
+                let object = format!("{key}{}", uuid::Uuid::new_v4().simple());
+                self.store.put(&self.path(&object), first.take_all().into_iter().collect()).await?;
+                chunks.push(Chunk::object(object, written));
+            }
+            return Ok(written);
+        }
+        let open = from.checked_sub(1).map(|i| &chunks[i]).and_then(|c| c.multipart.as_ref().map(|m| (c, m)));
+        let (mut writer, started) = match open {
+            Some((chunk, multipart)) => (self.resume(&chunk.key, multipart), None),
+            None => {
+                let target = format!("{key}{}", uuid::Uuid::new_v4().simple());
+                let writer = self.part_writer(&target).await?;
+                (writer, Some(target))
+            }
+        };
+        if let Some(total) = size_hint {
+            writer.plan(pending + total);
+        }
+        let sent = async {
+            self.fold_into(&mut writer, &chunks[from..]).await?;
+            for piece in first.take_all() {
+                writer.write(piece).await?;
+            }
+            while let Some(piece) = body.next().await {
+                let piece = piece.map_err(|e| Error::Body(e.to_string()))?;
+                written += piece.len() as u64;
+                writer.write(piece).await?;
+            }
+            writer.flush(MIN_PART).await
+        }
+        .await;
+        let (parts, rest) = match sent {
+            Ok(sent) => sent,
+            Err(e) => {
+                if started.is_some() {
+                    writer.abort().await;
+                } else {
+                    writer.stop().await;
+                }
+                return Err(e);
+            }
+        };
+        let into_parts = pending + written - rest.len as u64;
+        chunks.truncate(from);
+        match started {
+            Some(target) => chunks.push(Chunk {
+                key: target,
+                len: into_parts,
+                multipart: Some(OpenMultipart {
+                    id: writer.id.clone(),
+                    marker: self.key_of_path(&writer.marker),
+                    parts,
+                }),
+            }),
+            None => {
+                let chunk = chunks.last_mut().expect("the open multipart upload is recorded");
+                chunk.len += into_parts;
+                chunk.multipart.as_mut().expect("it is open").parts.extend(parts);
+            }
+        }
+        if rest.len > 0 {
+            let object = format!("{key}{}", uuid::Uuid::new_v4().simple());
+            let len = rest.len as u64;
+            self.store.put(&self.path(&object), rest.take_all().into_iter().collect()).await?;
+            chunks.push(Chunk::object(object, len));
+        }
+        Ok(written)
+    }
+
+    /// Completes the session's open multipart upload with its recorded parts, the objects
+    /// recorded after it sent as the last part; the upload becomes an object chunk. The caller
+    /// holds the session. A completion already done (its reply lost, or by a process that died
+    /// before recording it) is recognized by the object's size.
+    pub(super) async fn seal(&self, chunks: &mut Vec<Chunk>) -> Result<()> {
+        let Some(at) = chunks.iter().rposition(|c| c.multipart.is_some()) else { return Ok(()) };
+        let open = chunks[at].multipart.clone().expect("found by its multipart upload");
+        let len = chunks[at..].iter().map(|c| c.len).sum::<u64>();
+        let mut writer = self.resume(&chunks[at].key, &open);
+        let previous = open.parts.iter().map(|p| PartId { content_id: p.clone() }).collect();
+        let completed = async {
+            self.fold_into(&mut writer, &chunks[at + 1..]).await?;
+            writer.complete(previous).await
+        }
+        .await;
+        if let Err(e) = completed {
+            writer.stop().await;
+            match self.size(&chunks[at].key).await {
+                Ok(n) if n == len => {}
+                _ => return Err(e),
+            }
+        }
+        if let Err(e) = self.delete(&open.marker).await {
+            tracing::warn!(storage.key = %open.marker, error = %e, "could not delete a completed upload's marker");
+        }
+        let key = chunks[at].key.clone();
+        chunks.truncate(at);
+        chunks.push(Chunk::object(key, len));
+        Ok(())
+    }
+
+    /// Streams the objects `chunks` into `writer`, in order.
+    async fn fold_into(&self, writer: &mut PartWriter, chunks: &[Chunk]) -> Result<()> {
+        for chunk in chunks {
+            let mut stream = self.store.get(&self.path(&chunk.key)).await?.into_stream();
+            while let Some(bytes) = stream.try_next().await? {
+                writer.write(bytes).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A writer adding parts to the open multipart upload `multipart` on `key`, after its
+    /// recorded parts.
+    fn resume(&self, key: &str, multipart: &OpenMultipart) -> PartWriter {
+        PartWriter::new(
+            self.store.clone(),
+            self.path(key),
+            multipart.id.clone(),
+            self.path(&multipart.marker),
+            self.part_size,
+            multipart.parts.len(),
+        )
     }
 
     /// Publishes a session: its only chunk as it is, an empty object for an empty blob, or
@@ -240,6 +417,9 @@ impl S3Store {
         let total: u64 = chunks.iter().map(|c| c.len).sum();
         if total != size {
             return Err(Error::Config(format!("session {key} records {total} bytes, expected {size}")));
+        }
+        if super::BlobStore::needs_seal(chunks) {
+            return Err(Error::Config(format!("session {key} has a multipart upload still open")));
         }
         match chunks {
             [only] => Ok(only.key.clone()),
@@ -251,23 +431,9 @@ impl S3Store {
             many => {
                 let blob_key = format!("{key}{}", uuid::Uuid::new_v4().simple());
                 let mut out = self.part_writer(&blob_key).await?;
-                for chunk in many {
-                    let mut stream = match self.store.get(&self.path(&chunk.key)).await {
-                        Ok(r) => r.into_stream(),
-                        Err(e) => {
-                            out.abort().await;
-                            return Err(e.into());
-                        }
-                    };
-                    while let Some(bytes) = stream.next().await {
-                        match bytes {
-                            Ok(b) => out.write(b).await?,
-                            Err(e) => {
-                                out.abort().await;
-                                return Err(e.into());
-                            }
-                        }
-                    }
+                if let Err(e) = self.fold_into(&mut out, many).await {
+                    out.abort().await;
+                    return Err(e);
                 }
                 out.finish().await?;
                 Ok(blob_key)
@@ -281,6 +447,11 @@ impl S3Store {
     }
 
     pub(super) async fn digest_of(&self, chunks: &[Chunk], algorithm: Algorithm) -> Result<Digest> {
+        if super::BlobStore::needs_seal(chunks) {
+            return Err(Error::Config(
+                "a session's multipart upload must be completed before it is read".into(),
+            ));
+        }
         let mut hasher = ContentHasher::new(algorithm);
         for chunk in chunks {
             let mut stream = self.store.get(&self.path(&chunk.key)).await?.into_stream();
@@ -323,17 +494,12 @@ impl S3Store {
         let id = self.store.create_multipart(&path).await?;
         let marker = self.path(&format!("{key}{MARKER_SUFFIX}"));
         self.store.put(&marker, PutPayload::from(id.clone().into_bytes())).await?;
-        Ok(PartWriter {
-            store: self.store.clone(),
-            path,
-            id,
-            marker,
-            part_size: self.part_size,
-            buf: Pieces::default(),
-            next_part: 0,
-            in_flight: JoinSet::new(),
-            done: Vec::new(),
-        })
+        Ok(PartWriter::new(self.store.clone(), path, id, marker, self.part_size, 0))
+    }
+
+    /// The key (relative to the prefix) of a path of this store.
+    fn key_of_path(&self, path: &Path) -> String {
+        path.as_ref().strip_prefix(&self.prefix).unwrap_or(path.as_ref()).to_string()
     }
 
     /// The key (relative to this store's prefix) of object `full_key` in `bucket`, if this
@@ -466,17 +632,73 @@ impl S3Store {
     }
 }
 
+/// From which index on a shared write folds the session's recorded objects into parts: the ones
+/// after the open multipart upload, or — with none open — all of them if together they are
+/// shorter than a part (a longer run, left by a session of an older Berth or by writes that
+/// could not hold it, stays as it is and is composed at completion).
+fn fold_from(chunks: &[Chunk], part_size: u64) -> usize {
+    match chunks.iter().rposition(|c| c.multipart.is_some()) {
+        Some(open) => open + 1,
+        None if chunks.iter().map(|c| c.len).sum::<u64>() < part_size => 0,
+        None => chunks.len(),
+    }
+}
+
 /// Streams bytes into a multipart upload in fixed-size parts, a few in flight at once.
 struct PartWriter {
     store: Arc<AmazonS3>,
     path: Path,
     id: MultipartId,
     marker: Path,
-    part_size: usize,
+    sizes: PartSizes,
     buf: Pieces,
     next_part: usize,
     in_flight: JoinSet<object_store::Result<(usize, PartId)>>,
     done: Vec<(usize, PartId)>,
+}
+
+/// How long a writer's parts are: `part_size` each, or — for a write whose length is known — that
+/// length spread evenly over enough parts to keep [`UPLOAD_CONCURRENCY`] of them in flight (each
+/// at least S3's minimum), so a 16 MiB chunk goes as three parts at once rather than two.
+#[derive(Debug, Clone, Copy)]
+struct PartSizes {
+    part_size: usize,
+    /// Parts of the plan still to send, and how many of them are one byte longer than `base`.
+    planned: usize,
+    longer: usize,
+    base: usize,
+}
+
+impl PartSizes {
+    fn fixed(part_size: usize) -> Self {
+        PartSizes { part_size, planned: 0, longer: 0, base: part_size }
+    }
+
+    /// A plan for `total` bytes whose first part is number `first + 1`.
+    fn for_total(part_size: usize, total: u64, first: usize) -> Self {
+        let total = usize::try_from(total).unwrap_or(usize::MAX);
+        let n = total
+            .div_ceil(part_size)
+            .max(UPLOAD_CONCURRENCY)
+            .min(total / MIN_PART)
+            .min(MAX_PARTS.saturating_sub(first))
+            .max(1);
+        PartSizes { part_size, planned: n, longer: total % n, base: total / n }
+    }
+
+    /// The length of part number `index + 1`.
+    fn next(&self, index: usize) -> usize {
+        match self.planned {
+            0 => self.part_size << (index / PARTS_PER_SIZE).min(4),
+            _ if self.longer > 0 => self.base + 1,
+            _ => self.base,
+        }
+    }
+
+    fn advance(&mut self) {
+        self.planned = self.planned.saturating_sub(1);
+        self.longer = self.longer.saturating_sub(1);
+    }
 }
 
 /// Buffers as they arrived, in order, and their total length.
@@ -515,10 +737,38 @@ impl Pieces {
 }
 
 impl PartWriter {
+    /// A writer whose first part is number `first_part + 1`.
+    fn new(
+        store: Arc<AmazonS3>,
+        path: Path,
+        id: MultipartId,
+        marker: Path,
+        part_size: usize,
+        first_part: usize,
+    ) -> Self {
+        PartWriter {
+            store,
+            path,
+            id,
+            marker,
+            sizes: PartSizes::fixed(part_size),
+            buf: Pieces::default(),
+            next_part: first_part,
+            in_flight: JoinSet::new(),
+            done: Vec::new(),
+        }
+    }
+
+    /// Sizes the next parts for `total` bytes still to come (see [`PartSizes`]).
+    fn plan(&mut self, total: u64) {
+        self.sizes = PartSizes::for_total(self.sizes.part_size, total, self.next_part);
+    }
+
     async fn write(&mut self, piece: Bytes) -> Result<()> {
         self.buf.push(piece);
-        while self.buf.len >= self.part_size {
-            let part: PutPayload = self.buf.take(self.part_size).into_iter().collect();
+        while self.buf.len >= self.sizes.next(self.next_part) {
+            let part: PutPayload = self.buf.take(self.sizes.next(self.next_part)).into_iter().collect();
+            self.sizes.advance();
             self.send(part).await?;
         }
         Ok(())
@@ -545,22 +795,34 @@ impl PartWriter {
         Ok(())
     }
 
-    async fn finish(mut self) -> Result<()> {
-        let rest = std::mem::take(&mut self.buf);
-        let result = async {
-            if rest.len > 0 || self.next_part == 0 {
-                self.send(rest.take_all().into_iter().collect()).await?;
-            }
-            while !self.in_flight.is_empty() {
-                self.join_one().await?;
-            }
-            self.done.sort_by_key(|(idx, _)| *idx);
-            let parts = self.done.iter().map(|(_, p)| p.clone()).collect();
-            self.store.complete_multipart(&self.path, &self.id, parts).await?;
-            Ok::<_, Error>(())
+    /// Sends what is buffered as a part if it is at least `min` bytes and waits for every part
+    /// in flight. Returns the ids of the parts sent, in order, and what was too short to send.
+    async fn flush(&mut self, min: usize) -> Result<(Vec<String>, Pieces)> {
+        if self.buf.len > 0 && self.buf.len >= min {
+            let part = std::mem::take(&mut self.buf).take_all().into_iter().collect();
+            self.send(part).await?;
         }
-        .await;
-        match result {
+        while !self.in_flight.is_empty() {
+            self.join_one().await?;
+        }
+        self.done.sort_by_key(|(idx, _)| *idx);
+        let parts = self.done.drain(..).map(|(_, p)| p.content_id).collect();
+        Ok((parts, std::mem::take(&mut self.buf)))
+    }
+
+    /// Sends the rest as the last part and completes the upload with `previous` parts followed
+    /// by the ones this writer sent.
+    /// (With no part at all, `object_store` sends an empty one.)
+    async fn complete(&mut self, mut previous: Vec<PartId>) -> Result<()> {
+        let (parts, _) = self.flush(1).await?;
+        previous.extend(parts.into_iter().map(|content_id| PartId { content_id }));
+        self.store.complete_multipart(&self.path, &self.id, previous).await?;
+        Ok(())
+    }
+
+    /// Completes an upload this writer started, deleting its marker; aborts it on failure.
+    async fn finish(mut self) -> Result<()> {
+        match self.complete(Vec::new()).await {
             Ok(()) => {
                 let _ = self.store.delete(&self.marker).await;
                 Ok(())
@@ -572,9 +834,15 @@ impl PartWriter {
         }
     }
 
-    async fn abort(mut self) {
+    /// Stops the parts in flight (the upload stays open).
+    async fn stop(&mut self) {
         self.in_flight.abort_all();
         while self.in_flight.join_next().await.is_some() {}
+    }
+
+    /// Stops, and aborts the upload and deletes its marker.
+    async fn abort(mut self) {
+        self.stop().await;
         if self.store.abort_multipart(&self.path, &self.id).await.is_ok() {
             let _ = self.store.delete(&self.marker).await;
         }
@@ -584,6 +852,46 @@ impl PartWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn planned_parts_cover_the_write_exactly_and_are_never_too_short() {
+        const MIB: u64 = 1024 * 1024;
+        let part_size = 8 * MIB as usize;
+        for total in
+            [8 * MIB, 9 * MIB, 15 * MIB + 3, 16 * MIB, 3 * MIN_PART as u64 + 1, 100 * MIB + 7, 1024 * MIB]
+        {
+            let mut sizes = PartSizes::for_total(part_size, total, 0);
+            let n = sizes.planned;
+            let parts: Vec<usize> = (0..n)
+                .map(|i| {
+                    let len = sizes.next(i);
+                    sizes.advance();
+                    len
+                })
+                .collect();
+            assert_eq!(parts.iter().sum::<usize>() as u64, total, "{total}");
+            assert!(parts.iter().all(|&p| p >= MIN_PART), "{total}: {parts:?}");
+            assert!(parts.iter().all(|&p| p <= part_size + MIN_PART), "{total}: {parts:?}");
+            assert_eq!(sizes.next(n), part_size, "past the plan, parts are part_size again");
+        }
+        // Short writes spread over the parts in flight; long ones keep the configured size.
+        assert_eq!(PartSizes::for_total(part_size, 16 * MIB, 0).planned, UPLOAD_CONCURRENCY);
+        assert_eq!(PartSizes::for_total(part_size, 1024 * MIB, 0).base, part_size);
+        // A plan never runs past S3's last part number.
+        let late = PartSizes::for_total(part_size, 1024 * MIB, MAX_PARTS - 10);
+        assert_eq!((late.planned, late.base), (10, 1024 * MIB as usize / 10));
+    }
+
+    #[test]
+    fn parts_of_unknown_length_grow_so_that_large_uploads_fit_in_s3s_part_count() {
+        let part_size = MIN_PART;
+        let sizes = PartSizes::fixed(part_size);
+        assert_eq!((sizes.next(0), sizes.next(PARTS_PER_SIZE - 1)), (part_size, part_size));
+        assert_eq!(sizes.next(PARTS_PER_SIZE), 2 * part_size);
+        assert_eq!(sizes.next(MAX_PARTS - 1), 16 * part_size);
+        let most: u64 = (0..MAX_PARTS).map(|i| sizes.next(i) as u64).sum();
+        assert!(most >= 300 << 30, "{most}");
+    }
 
     #[test]
     fn pieces_hand_out_exact_parts_without_losing_or_reordering_bytes() {

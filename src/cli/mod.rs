@@ -569,7 +569,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     admin::run(&conn, request).await
 }
 
-/// MB/s of Berth's SHA-256 and of the `sha2` crate's, each over 512 MiB on this thread.
+/// MB/s of Berth's SHA-256 and SHA-512 and of the `sha2` crate's, each over 512 MiB on this
+/// thread.
 fn hash_speed() -> serde_json::Value {
     use sha2::Digest as _;
     let block = vec![0x5au8; 1 << 20];
@@ -585,7 +586,17 @@ fn hash_speed() -> serde_json::Value {
     let mut crate_hasher = sha2::Sha256::new();
     let crate_rate = rate(&mut |b| crate_hasher.update(b));
     std::hint::black_box((berth.finish(), crate_hasher.finalize()));
-    serde_json::json!({ "berth_sha256_MBps": berth_rate.round(), "sha2_crate_MBps": crate_rate.round() })
+    let mut berth512 = crate::oci::ContentHasher::new(crate::oci::Algorithm::Sha512);
+    let berth512_rate = rate(&mut |b| berth512.update(b));
+    let mut crate512 = sha2::Sha512::new();
+    let crate512_rate = rate(&mut |b| crate512.update(b));
+    std::hint::black_box((berth512.finish(), crate512.finalize()));
+    serde_json::json!({
+        "berth_sha256_MBps": berth_rate.round(),
+        "sha2_crate_MBps": crate_rate.round(),
+        "berth_sha512_MBps": berth512_rate.round(),
+        "sha2_crate_sha512_MBps": crate512_rate.round(),
+    })
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {

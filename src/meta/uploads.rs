@@ -42,33 +42,103 @@ impl MetaStore {
     }
 
     /// Records that the session now holds `new_size` bytes with hash state `state` (in the
-    /// objects `chunks`, on object storage), provided it still holds `expected_size` — so of two
-    /// writers of one session only one can advance it. Returns whether it was advanced.
+    /// objects `chunks`, on object storage), provided it still holds `expected_size` bytes in
+    /// `expected_chunks` — so of two writers of one session only one can advance it — and, for a
+    /// write that held the session (`writer`), that it still does; the hold ends. Returns whether
+    /// it was advanced.
     ///
     /// # Errors
     /// [`super::Error::Database`].
+    #[expect(clippy::too_many_arguments, reason = "the expected and the new state of one session")]
     pub async fn advance_upload(
         &self,
         id: &str,
         expected_size: i64,
+        expected_chunks: &str,
+        writer: Option<&str>,
         new_size: i64,
         state: &[u8],
         chunks: &str,
         now: i64,
     ) -> Result<bool> {
-        let done = sqlx::query(
-            "UPDATE uploads SET size = $1, hash_state = $2, chunks = $3, updated_at = $4 \
-             WHERE id = $5 AND size = $6",
-        )
+        let held = if writer.is_some() { " AND writer = $8" } else { "" };
+        let done = sqlx::query(&format!(
+            "UPDATE uploads SET size = $1, hash_state = $2, chunks = $3, updated_at = $4, \
+             writer = CASE WHEN writer = $8 THEN NULL ELSE writer END \
+             WHERE id = $5 AND size = $6 AND chunks = $7{held}"
+        ))
         .bind(new_size)
         .bind(state)
         .bind(chunks)
         .bind(now)
         .bind(id)
         .bind(expected_size)
+        .bind(expected_chunks)
+        .bind(writer.unwrap_or(""))
         .execute(&self.write)
         .await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    /// Makes `writer` the only request that may add to session `id`'s open multipart upload
+    /// until `until`, provided the session still holds `expected_size` bytes in `expected_chunks`
+    /// and nobody else holds it (or their hold has run out). Returns whether it now holds it.
+    ///
+    /// # Errors
+    /// [`super::Error::Database`].
+    pub async fn hold_upload(
+        &self,
+        id: &str,
+        expected_size: i64,
+        expected_chunks: &str,
+        writer: &str,
+        now: i64,
+        until: i64,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE uploads SET writer = $1, writer_until = $2, updated_at = $3 \
+             WHERE id = $4 AND size = $5 AND chunks = $6 AND (writer IS NULL OR writer_until < $3)",
+        )
+        .bind(writer)
+        .bind(until)
+        .bind(now)
+        .bind(id)
+        .bind(expected_size)
+        .bind(expected_chunks)
+        .execute(&self.write)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Extends `writer`'s hold on session `id` to `until` (and notes activity at `now`). Returns
+    /// false when it no longer holds it.
+    ///
+    /// # Errors
+    /// [`super::Error::Database`].
+    pub async fn renew_upload_hold(&self, id: &str, writer: &str, now: i64, until: i64) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE uploads SET writer_until = $1, updated_at = $2 WHERE id = $3 AND writer = $4",
+        )
+        .bind(until)
+        .bind(now)
+        .bind(id)
+        .bind(writer)
+        .execute(&self.write)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Lets go of `writer`'s hold on session `id` (a write that failed).
+    ///
+    /// # Errors
+    /// [`super::Error::Database`].
+    pub async fn release_upload_hold(&self, id: &str, writer: &str) -> Result<()> {
+        sqlx::query("UPDATE uploads SET writer = NULL WHERE id = $1 AND writer = $2")
+            .bind(id)
+            .bind(writer)
+            .execute(&self.write)
+            .await?;
+        Ok(())
     }
 
     /// Notes that session `id` (still holding `expected_size` bytes) is receiving bytes at `now`.
@@ -119,13 +189,21 @@ impl MetaStore {
                 sqlx::query_as(&due).bind(idle_before).bind(limit).fetch_all(&mut *tx).await?;
             for (id, key, chunks) in &sessions {
                 sqlx::query("DELETE FROM uploads WHERE id = $1").bind(id).execute(&mut *tx).await?;
+                // An open multipart upload goes by its marker, which aborts it when deleted.
                 #[derive(serde::Deserialize)]
                 struct Recorded {
                     key: String,
+                    multipart: Option<OpenMultipart>,
+                }
+                #[derive(serde::Deserialize)]
+                struct OpenMultipart {
+                    marker: String,
                 }
                 let recorded: Vec<Recorded> = serde_json::from_str(chunks).unwrap_or_default();
-                let objects =
-                    recorded.into_iter().map(|c| c.key).chain((!key.ends_with('/')).then(|| key.clone()));
+                let objects = recorded
+                    .into_iter()
+                    .flat_map(|c| std::iter::once(c.key).chain(c.multipart.map(|m| m.marker)))
+                    .chain((!key.ends_with('/')).then(|| key.clone()));
                 for object in objects {
                     Self::to_outbox(tx, &object, now).await?;
                 }

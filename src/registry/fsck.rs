@@ -134,7 +134,7 @@ impl Registry {
                 return Ok(finding("blob-digest", format!("the row's digest `{digest}` does not parse")));
             };
             // The same read-and-hash that checks an upload's digest: one object of `size` bytes.
-            let whole = [Chunk { key: key.to_string(), len: size }];
+            let whole = [Chunk::object(key, size)];
             let actual = self.blobs.upload_digest(key, &whole, size, expected.algorithm()).await?;
             if actual != expected {
                 return Ok(finding("blob-content", format!("bytes hash to {actual} (key {key})")));

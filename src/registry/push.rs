@@ -7,7 +7,7 @@ use futures_util::Stream;
 use uuid::Uuid;
 
 use super::{Error, Registry, Result};
-use crate::blob::{Chunk, Hold};
+use crate::blob::{BlobStore, Chunk, Hold};
 use crate::meta::{CompletedUpload, NewManifest, PutManifestError, TagCondition, UploadRow};
 use crate::oci::manifest::{self, MAX_MANIFEST_BYTES};
 use crate::oci::{Algorithm, Digest, Reference, RepoName, Tag, UploadHasher};
@@ -30,6 +30,20 @@ pub struct PushedManifest {
     pub subject: Option<Digest>,
     /// The tags now pointing at it because of this push (reported in `OCI-Tag`).
     pub tags: Vec<Tag>,
+}
+
+/// How long a write holds an upload session (to add parts to its multipart upload) without
+/// renewing; it renews every third of this while bytes arrive.
+const WRITER_HOLD_MS: i64 = 120_000;
+
+/// A write received into a session, not yet recorded.
+struct Appended {
+    chunks: Vec<Chunk>,
+    hasher: UploadHasher,
+    /// The session's size with the write.
+    size: u64,
+    /// The hold the write took on the session, if it took one.
+    writer: Option<String>,
 }
 
 /// A chunk's declared position (from `Content-Range`).
@@ -85,6 +99,9 @@ impl Registry {
     /// every ten minutes), so a single long write is not taken for an abandoned session: idleness
     /// counts from the last byte (a body that stops delivering is cut off by
     /// `limits.body_idle_timeout_secs`).
+    /// A write holding the session (`writer`) renews its hold instead, at least every third of
+    /// [`WRITER_HOLD_MS`], and stops if it has lost it.
+    #[expect(clippy::too_many_arguments, reason = "the session, its state and one write")]
     async fn write_session<S, E>(
         &self,
         row: &UploadRow,
@@ -93,27 +110,160 @@ impl Registry {
         body: S,
         hint: Option<u64>,
         guard: Hold,
+        writer: Option<&str>,
     ) -> Result<u64>
     where
         S: Stream<Item = Result<Bytes, E>>,
         E: std::fmt::Display,
     {
-        let every_ms = (self.policy.upload_expire_after_ms / 4).clamp(1000, 600_000) as u64;
-        let every = std::time::Duration::from_millis(every_ms);
+        let mut every_ms = (self.policy.upload_expire_after_ms / 4).clamp(1000, 600_000);
+        if writer.is_some() {
+            every_ms = every_ms.min(WRITER_HOLD_MS / 3);
+        }
+        let every = std::time::Duration::from_millis(every_ms as u64);
+        let shared = writer.is_some();
+        let (body, hashing) = hash_alongside(body, hasher.clone());
         let write =
-            self.blobs.write_upload(&row.storage_key, chunks, row.size as u64, body, hasher, hint, guard);
+            self.blobs.write_upload(&row.storage_key, chunks, row.size as u64, body, hint, guard, shared);
         tokio::pin!(write);
         let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         loop {
             tokio::select! {
-                written = &mut write => return Ok(written?),
+                written = &mut write => {
+                    // The body (and with it the hashing queue's sender) is gone once the write
+                    // returns, so the hashing task finishes with the last piece.
+                    let hashed = hashing
+                        .await
+                        .map_err(|e| Error::Internal(format!("hashing upload {}: {e}", row.id).into()))?;
+                    let written = written?;
+                    *hasher = hashed;
+                    return Ok(written);
+                }
                 _ = beat.tick() => {
-                    if let Err(e) = self.meta.touch_upload(&row.id, row.size, self.clock.now_ms()).await {
-                        tracing::warn!(upload = %row.id, error = %e, "could not note an upload's activity");
+                    let now = self.clock.now_ms();
+                    let noted = match writer {
+                        Some(w) => self.meta.renew_upload_hold(&row.id, w, now, now + WRITER_HOLD_MS).await,
+                        None => self.meta.touch_upload(&row.id, row.size, now).await.map(|()| true),
+                    };
+                    match noted {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            return Err(Error::BlobUploadInvalid(
+                                "another request took over this upload session".into(),
+                            ));
+                        }
+                        Err(e) => {
+                            tracing::warn!(upload = %row.id, error = %e, "could not note an upload's activity");
+                        }
                     }
                 }
             }
         }
+    }
+
+    /// Writes `body` after the bytes session `row` holds and checks the chunk's declared
+    /// position and length. A write that may add parts to the session's multipart upload holds
+    /// the session first; if another request holds it, the write becomes an object of its own
+    /// (and of the two, the one recorded first wins). A failed write lets go of its hold.
+    async fn append<S, E>(
+        &self,
+        row: &UploadRow,
+        range: Option<ChunkRange>,
+        size_hint: Option<u64>,
+        body: S,
+        guard: Hold,
+    ) -> Result<Appended>
+    where
+        S: Stream<Item = Result<Bytes, E>>,
+        E: std::fmt::Display,
+    {
+        check_chunk_start(row, range)?;
+        let mut hasher = restore_hasher(row)?;
+        let mut chunks = session_chunks(row)?;
+        let hint = announced_length(range, size_hint);
+        let writer =
+            if self.blobs.wants_shared_write(&chunks, hint) { self.hold_session(row).await? } else { None };
+        let written = self
+            .write_session(row, &mut chunks, &mut hasher, body, hint, guard, writer.as_deref())
+            .await
+            .and_then(|written| check_chunk_length(range, written).map(|()| written));
+        match written {
+            Ok(written) => Ok(Appended { chunks, hasher, size: row.size as u64 + written, writer }),
+            Err(e) => {
+                self.let_go(row, writer).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Takes the hold on session `row` as it was read, unless another request has it.
+    async fn hold_session(&self, row: &UploadRow) -> Result<Option<String>> {
+        let writer = Uuid::new_v4().simple().to_string();
+        let now = self.clock.now_ms();
+        let held =
+            self.meta.hold_upload(&row.id, row.size, &row.chunks, &writer, now, now + WRITER_HOLD_MS).await?;
+        Ok(held.then_some(writer))
+    }
+
+    async fn let_go(&self, row: &UploadRow, writer: Option<String>) {
+        if let Some(writer) = writer
+            && let Err(e) = self.meta.release_upload_hold(&row.id, &writer).await
+        {
+            tracing::warn!(upload = %row.id, error = %e, "could not let go of an upload session (its hold runs out)");
+        }
+    }
+
+    /// Records `appended` as session `row`'s new state (ending its hold), provided nobody
+    /// changed the session meanwhile; returns the new row.
+    async fn record(&self, row: &UploadRow, appended: Appended) -> Result<UploadRow> {
+        let chunks = serde_json::to_string(&appended.chunks)
+            .map_err(|e| Error::Internal(format!("upload {} chunks: {e}", row.id).into()))?;
+        let state = appended.hasher.save();
+        let now = self.clock.now_ms();
+        let size = appended.size as i64;
+        let advanced = self
+            .meta
+            .advance_upload(
+                &row.id,
+                row.size,
+                &row.chunks,
+                appended.writer.as_deref(),
+                size,
+                &state,
+                &chunks,
+                now,
+            )
+            .await;
+        match advanced {
+            Ok(true) => Ok(UploadRow { size, hash_state: state, chunks, updated_at: now, ..row.clone() }),
+            Ok(false) => {
+                // Another process wrote to this session meanwhile; its bytes win.
+                self.let_go(row, appended.writer).await;
+                Err(Error::RangeInvalid { size: row.size as u64, upload_id: row.id.clone() })
+            }
+            Err(e) => {
+                self.let_go(row, appended.writer).await;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Completes session `row`'s multipart upload, if it has one open, so that its bytes can be
+    /// read and published as objects; records that and returns the new row.
+    async fn seal(&self, row: UploadRow) -> Result<UploadRow> {
+        let mut chunks = session_chunks(&row)?;
+        if !BlobStore::needs_seal(&chunks) {
+            return Ok(row);
+        }
+        let Some(writer) = self.hold_session(&row).await? else {
+            return Err(Error::BlobUploadInvalid("another request is writing to this upload session".into()));
+        };
+        if let Err(e) = self.blobs.seal_upload(&mut chunks).await {
+            self.let_go(&row, Some(writer)).await;
+            return Err(e.into());
+        }
+        let hasher = restore_hasher(&row)?;
+        self.record(&row, Appended { chunks, hasher, size: row.size as u64, writer: Some(writer) }).await
     }
 
     /// The state of upload session `id` in `repo`.
@@ -146,24 +296,9 @@ impl Registry {
     {
         let guard: Hold = Arc::new(self.upload_locks.lock(id).await);
         let row = self.session(repo, id).await?;
-        let size = row.size as u64;
-        check_chunk_start(&row, range)?;
-        let mut hasher = restore_hasher(&row)?;
-        let mut chunks = session_chunks(&row)?;
-        let hint = announced_length(range, size_hint);
-        let written = self.write_session(&row, &mut chunks, &mut hasher, body, hint, guard).await?;
-        check_chunk_length(range, written)?;
-        let new_size = size + written;
-        let chunks_json = serde_json::to_string(&chunks).unwrap_or_else(|_| "[]".into());
-        let advanced = self
-            .meta
-            .advance_upload(id, row.size, new_size as i64, &hasher.save(), &chunks_json, self.clock.now_ms())
-            .await?;
-        if !advanced {
-            // Another process wrote to this session meanwhile; its bytes win.
-            return Err(Error::RangeInvalid { size, upload_id: row.id });
-        }
-        Ok(UploadStatus { id: row.id, size: new_size })
+        let appended = self.append(&row, range, size_hint, body, guard).await?;
+        let row = self.record(&row, appended).await?;
+        Ok(UploadStatus { id: row.id, size: row.size as u64 })
     }
 
     /// Completes session `id` with an optional final chunk: checks the content against `digest`,
@@ -187,13 +322,18 @@ impl Registry {
     {
         let guard: Hold = Arc::new(self.upload_locks.lock(id).await);
         let row = self.session(repo, id).await?;
-        check_chunk_start(&row, range)?;
-        let mut hasher = restore_hasher(&row)?;
-        let mut chunks = session_chunks(&row)?;
-        let hint = announced_length(range, size_hint);
-        let written = self.write_session(&row, &mut chunks, &mut hasher, body, hint, guard.clone()).await?;
-        check_chunk_length(range, written)?;
-        let size = row.size as u64 + written;
+        let appended = self.append(&row, range, size_hint, body, guard).await?;
+        let (row, chunks, hasher, size) =
+            if appended.writer.is_some() || BlobStore::needs_seal(&appended.chunks) {
+                // Its multipart upload is completed first: what was written is recorded, then
+                // the sealed state, so that whatever fails later leaves a usable session.
+                let row = self.record(&row, appended).await?;
+                let row = self.seal(row).await?;
+                let (chunks, hasher, size) = (session_chunks(&row)?, restore_hasher(&row)?, row.size as u64);
+                (row, chunks, hasher, size)
+            } else {
+                (row, appended.chunks, appended.hasher, appended.size)
+            };
         self.check_content(&row.storage_key, &chunks, size, &hasher, digest).await?;
 
         let blob_key = self.blobs.commit_upload(&row.storage_key, &chunks, digest, size).await?;
@@ -420,6 +560,47 @@ enum AfterFailure {
     Unknown(Error),
 }
 
+/// Pieces a body may run ahead of its hashing.
+const HASH_QUEUE: usize = 16;
+
+/// Bytes hashed between yields, so a hashing task never holds its thread for long.
+const HASH_SLICE: usize = 256 * 1024;
+
+/// Hashes a body's pieces on a task of their own while the body is stored, so receiving and
+/// storing run beside hashing — on two cores — rather than after it. The pieces are shared, not
+/// copied; at most [`HASH_QUEUE`] of them wait. The hasher comes back once the body has been
+/// dropped (a failed write's is discarded by the caller).
+fn hash_alongside<S, E>(
+    body: S,
+    mut hasher: UploadHasher,
+) -> (impl Stream<Item = Result<Bytes, E>>, tokio::task::JoinHandle<UploadHasher>)
+where
+    S: Stream<Item = Result<Bytes, E>>,
+{
+    use futures_util::StreamExt as _;
+    let (queue, mut pieces) = tokio::sync::mpsc::channel::<Bytes>(HASH_QUEUE);
+    let hashing = tokio::spawn(async move {
+        while let Some(piece) = pieces.recv().await {
+            for slice in piece.chunks(HASH_SLICE) {
+                hasher.update(slice);
+                tokio::task::yield_now().await;
+            }
+        }
+        hasher
+    });
+    let body = body.then(move |piece| {
+        let queue = queue.clone();
+        async move {
+            if let Ok(bytes) = &piece {
+                // Fails only if the hashing task is gone, which its join reports.
+                let _ = queue.send(bytes.clone()).await;
+            }
+            piece
+        }
+    });
+    (body, hashing)
+}
+
 /// A chunk must start exactly where the session ends.
 fn check_chunk_start(row: &UploadRow, range: Option<ChunkRange>) -> Result<()> {
     match range {
@@ -454,4 +635,35 @@ fn restore_hasher(row: &UploadRow) -> Result<UploadHasher> {
 /// The length a chunk announces: its `Content-Range`, else its `Content-Length`.
 fn announced_length(range: Option<ChunkRange>, content_length: Option<u64>) -> Option<u64> {
     range.map(|r| r.end - r.start + 1).or(content_length)
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::StreamExt as _;
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hashing_alongside_a_body_sees_every_piece_in_order() {
+        let data: Vec<u8> = (0..3_000_017u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
+        let mut resumed = UploadHasher::default();
+        resumed.update(b"earlier chunk ");
+        let mut expected = resumed.clone();
+        expected.update(&data);
+        // Uneven pieces, some longer than a hashing slice, more than the queue holds.
+        let mut pieces = Vec::new();
+        let mut at = 0;
+        for (i, size) in [1usize, 7, 300_000, 65_521, HASH_SLICE + 3, 1_000_000].iter().cycle().enumerate() {
+            if at >= data.len() || i > 1000 {
+                break;
+            }
+            let end = (at + size).min(data.len());
+            pieces.push(Ok::<_, std::io::Error>(Bytes::copy_from_slice(&data[at..end])));
+            at = end;
+        }
+        let (body, hashing) = hash_alongside(futures_util::stream::iter(pieces), resumed);
+        let received: Vec<u8> = body.map(|p| p.unwrap().to_vec()).concat().await;
+        assert_eq!(received, data, "the body passes through unchanged");
+        assert_eq!(hashing.await.unwrap().digest(), expected.digest());
+    }
 }

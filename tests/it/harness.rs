@@ -232,9 +232,9 @@ impl TestRegistry {
         let blobs = self.app.registry.blobs();
         let key = blobs.start_upload(session).await.unwrap();
         let body = futures_util::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(vec![7u8; len]))]);
-        let (mut chunks, mut hasher) = (Vec::new(), berth::oci::UploadHasher::default());
+        let mut chunks = Vec::new();
         blobs
-            .write_upload(&key, &mut chunks, 0, body, &mut hasher, Some(len as u64), std::sync::Arc::new(()))
+            .write_upload(&key, &mut chunks, 0, body, Some(len as u64), std::sync::Arc::new(()), false)
             .await
             .unwrap();
         chunks.pop().map_or(key, |c| c.key)

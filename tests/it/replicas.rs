@@ -83,9 +83,165 @@ async fn chunks_of_one_upload_on_alternating_replicas() {
     for replica in &r {
         assert_eq!(replica.get(&format!("/v2/alt/blobs/{digest}")).await.bytes().await.unwrap(), data);
     }
-    // The session's chunk objects were composed and removed: one object remains.
+    // The session's multipart upload was completed with the small chunks as its last part, and
+    // the objects folded into it were removed: one object remains.
     let objects = r[0].app.registry.blobs().list("blobs/").await.unwrap();
     assert_eq!(objects.len(), 1, "{objects:?}");
+}
+
+/// The session's recorded pieces (its `chunks` JSON), read from the metadata.
+async fn session_chunks(replica: &TestRegistry, location: &str) -> Vec<berth::blob::Chunk> {
+    let id = location.split('?').next().unwrap().rsplit('/').next().unwrap();
+    let row = replica.app.registry.meta().upload(id).await.unwrap().expect("the session exists");
+    serde_json::from_str(&row.chunks).unwrap()
+}
+
+// Chunks of a part or more go into the session's one multipart upload as they arrive (a short
+// one, or the short end of a streamed one, waits as an object of its own and is folded into the
+// next part), on whichever replica receives them; completing the session completes that upload,
+// so the blob is the very object the parts were written to — nothing is read back and written
+// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_session_becomes_its_multipart_upload_without_a_copy() {
+    let r = replicas_or_skip!(3);
+    const MIB: usize = 1024 * 1024;
+    // With 5 MiB parts: 12 (announced) → two parts of 6; 7 streamed (length unknown) → a part of
+    // 5, 2 left as an object; 100 KB → an object (too short to hold the session for); 16
+    // (announced) → folds both in, three parts; 4 streamed → an object; the final PUT's 3 →
+    // folds the 4 in, one part of 7.
+    let sizes = [(12 * MIB, true), (7 * MIB, false), (100_000, true), (16 * MIB, true), (4 * MIB, false)];
+    let last = 3 * MIB + 17;
+    let data = random_bytes(80, sizes.iter().map(|(n, _)| n).sum::<usize>() + last);
+    let digest = Digest::sha256_of(&data);
+    let mut loc = r[0].start_upload("nocopy/app").await;
+    let mut start = 0;
+    for (i, &(size, announced)) in sizes.iter().enumerate() {
+        let replica = &r[i % 3];
+        let res = if announced {
+            replica.patch_chunk(&loc, &data, start, start + size).await
+        } else {
+            let piece = data[start..start + size].to_vec();
+            let stream = futures_util::stream::iter(
+                piece.chunks(256 * 1024).map(|c| Ok::<_, std::io::Error>(c.to_vec())).collect::<Vec<_>>(),
+            );
+            replica.req(Method::PATCH, &loc).body(reqwest::Body::wrap_stream(stream)).send().await.unwrap()
+        };
+        assert_eq!(res.status(), StatusCode::ACCEPTED, "chunk {i}");
+        start += size;
+        assert_eq!(header(&res, "range"), Some(format!("0-{}", start - 1).as_str()));
+        loc = header(&res, "location").unwrap().to_string();
+    }
+    let chunks = session_chunks(&r[0], &loc).await;
+    let open: Vec<_> = chunks.iter().filter(|c| c.multipart.is_some()).collect();
+    assert_eq!(open.len(), 1, "{chunks:?}");
+    let target = open[0].key.clone();
+    assert_eq!(open[0].multipart.as_ref().unwrap().parts.len(), 6, "{chunks:?}");
+    assert_eq!(chunks.len(), 2, "{chunks:?}");
+    assert_eq!(
+        (chunks[1].multipart.as_ref(), chunks[1].len),
+        (None, 4 * MIB as u64),
+        "the rest waits as an object"
+    );
+    assert_eq!(chunks.iter().map(|c| c.len).sum::<u64>(), start as u64);
+
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    let res = r[1]
+        .req(Method::PUT, &format!("{loc}{sep}digest={digest}"))
+        .header("content-range", format!("{start}-{}", data.len() - 1))
+        .body(data[start..].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED, "{:?}", res.text().await);
+    assert_eq!(r[2].storage_key(&digest).await, target, "the blob is the session's multipart object");
+    for replica in &r {
+        assert_eq!(replica.get(&format!("/v2/nocopy/app/blobs/{digest}")).await.bytes().await.unwrap(), data);
+    }
+    let objects = r[0].app.registry.blobs().list("blobs/").await.unwrap();
+    assert_eq!(objects, vec![target]);
+}
+
+// A request that holds a session to add parts and then dies (its replica killed) blocks nobody
+// for long: other writes still land (as objects of their own), and completing the session,
+// which must hold it to complete the multipart upload, is refused until the hold runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_holder_of_a_session_lets_go_when_its_hold_runs_out() {
+    let r = replicas_or_skip!(2);
+    let data = random_bytes(82, 14 * 1024 * 1024);
+    let digest = Digest::sha256_of(&data);
+    let loc = r[0].start_upload("hold/app").await;
+    let first = 6 * 1024 * 1024;
+    assert_eq!(r[0].patch_chunk(&loc, &data, 0, first).await.status(), 202);
+    // The hold of a writer that died (what a killed replica leaves in the row).
+    let id = loc.split('?').next().unwrap().rsplit('/').next().unwrap();
+    let meta = r[0].app.registry.meta();
+    let row = meta.upload(id).await.unwrap().unwrap();
+    let now = r[0].app.registry.clock().now_ms();
+    assert!(meta.hold_upload(id, row.size, &row.chunks, "dead-writer", now, now + 120_000).await.unwrap());
+
+    let res = r[1].patch_chunk(&loc, &data, first, data.len()).await;
+    assert_eq!(res.status(), 202, "a write does not wait for the hold");
+    let chunks = session_chunks(&r[1], &loc).await;
+    assert!(chunks.last().unwrap().multipart.is_none() && chunks.last().unwrap().len == 8 * 1024 * 1024);
+    let loc = header(&res, "location").unwrap().to_string();
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    let complete = format!("{loc}{sep}digest={digest}");
+    assert_oci_error(r[1].req(Method::PUT, &complete).send().await.unwrap(), 400, "BLOB_UPLOAD_INVALID")
+        .await;
+    r[1].app.registry.clock().advance_ms(121_000);
+    let res = r[1].req(Method::PUT, &complete).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED, "{:?}", res.text().await);
+    assert_eq!(r[0].get(&format!("/v2/hold/app/blobs/{digest}")).await.bytes().await.unwrap(), data);
+}
+
+// A session's multipart upload goes with the session: at once when it is cancelled, and through
+// the collector's outbox when it expires — the upload is aborted, so its parts are not kept (and
+// billed) by the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_and_expired_sessions_abort_their_multipart_uploads() {
+    use object_store::multipart::MultipartStore as _;
+    let dir = tempfile::tempdir().unwrap();
+    let Some(config) = scale_out_config(dir.path()).await else {
+        eprintln!("skipping: the scale-out deployment is not configured");
+        return;
+    };
+    let s3 = config.storage_s3.clone().unwrap();
+    let reg = TestRegistry::start_with(config, dir).await;
+    let data = random_bytes(81, 6 * 1024 * 1024);
+    let store = s3.client(&s3.bucket).unwrap();
+    let root = s3.prefix.clone().unwrap_or_default().trim_matches('/').to_string();
+    let mut open = Vec::new();
+    let mut locations = Vec::new();
+    for _ in 0..2 {
+        let loc = reg.start_upload("abort/app").await;
+        let res = reg.patch_chunk(&loc, &data, 0, data.len()).await;
+        assert_eq!(res.status(), 202);
+        let chunks = session_chunks(&reg, &loc).await;
+        let chunk = chunks.iter().find(|c| c.multipart.is_some()).expect("an open multipart upload").clone();
+        open.push(chunk);
+        locations.push(loc);
+    }
+    let still_open = |chunk: berth::blob::Chunk| {
+        let store = &store;
+        let path = match root.as_str() {
+            "" => object_store::path::Path::from(chunk.key.as_str()),
+            root => object_store::path::Path::from(format!("{root}/{}", chunk.key)),
+        };
+        async move {
+            let id = chunk.multipart.unwrap().id;
+            store.put_part(&path, &id, 9, object_store::PutPayload::from_static(b"x")).await.is_ok()
+        }
+    };
+    assert!(still_open(open[0].clone()).await, "a live session's upload takes parts");
+    assert_eq!(reg.req(Method::DELETE, &locations[0]).send().await.unwrap().status(), 204);
+    assert!(!still_open(open[0].clone()).await, "the cancelled session's upload was aborted");
+
+    reg.app.registry.clock().advance_ms(25 * 3600 * 1000);
+    assert_eq!(reg.app.registry.collect(100).await.unwrap().uploads_expired, 1);
+    reg.app.registry.drain_outbox().await.unwrap();
+    assert!(!still_open(open[1].clone()).await, "the expired session's upload was aborted");
+    let objects = reg.app.registry.blobs().list("blobs/").await.unwrap();
+    assert!(objects.is_empty(), "{objects:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -143,20 +299,25 @@ async fn same_content_pushed_concurrently_through_different_replicas() {
     assert_eq!(objects.len(), 2, "{objects:?}");
 }
 
+// Small chunks (each an object of its own) and chunks of more than a part (the one that holds
+// the session writes parts, the other an object of its own): either way one wins.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_racing_on_one_session_cannot_corrupt_it() {
     let r = replicas_or_skip!(2);
-    let data = random_bytes(73, 200_000);
+    for (round, size) in [100_000, 6 * 1024 * 1024 + 7].into_iter().enumerate() {
+        race_on_one_session(&r, round as u64, size).await;
+    }
+}
+
+async fn race_on_one_session(r: &[TestRegistry], round: u64, size: usize) {
+    let data = random_bytes(73 + 10 * round, size);
     let res = r[0].req(Method::POST, "/v2/race/session/blobs/uploads/").send().await.unwrap();
     let loc = header(&res, "location").unwrap().to_string();
     // Both send a different first chunk for the same range at the same time.
-    let other = random_bytes(74, 100_000);
-    let a = r[0]
-        .req(Method::PATCH, &loc)
-        .header("content-range", "0-99999")
-        .body(data[..100_000].to_vec())
-        .send();
-    let b = r[1].req(Method::PATCH, &loc).header("content-range", "0-99999").body(other.clone()).send();
+    let other = random_bytes(74 + 10 * round, size);
+    let range = format!("0-{}", size - 1);
+    let a = r[0].req(Method::PATCH, &loc).header("content-range", &range).body(data.clone()).send();
+    let b = r[1].req(Method::PATCH, &loc).header("content-range", &range).body(other.clone()).send();
     let (a, b) = tokio::join!(a, b);
     let (a, b) = (a.unwrap().status(), b.unwrap().status());
     let statuses = [a.as_u16(), b.as_u16()];
@@ -164,9 +325,9 @@ async fn two_replicas_racing_on_one_session_cannot_corrupt_it() {
     // Whichever won, the session holds exactly its bytes: completing with the winner's content
     // works, with the loser's it does not.
     let (winner, loser): (&[u8], &[u8]) = if a == 202 && b != 202 {
-        (&data[..100_000], &other)
+        (&data, &other)
     } else if b == 202 && a != 202 {
-        (&other, &data[..100_000])
+        (&other, &data)
     } else {
         // Serialised: the second saw the first's bytes and was refused as out of order... or both
         // were accepted one after the other, which the CAS forbids for the same range.

@@ -199,11 +199,9 @@ async fn a_publication_slower_than_blob_grace_loses_to_the_sweep_and_fails_loudl
     let key = reg.app.registry.meta().upload(&session.id).await.unwrap().unwrap().storage_key;
     let blobs = reg.app.registry.blobs();
     let body = futures_util::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(data.clone()))]);
-    let (mut chunks, mut hasher) = (Vec::new(), berth::oci::UploadHasher::default());
-    let size = blobs
-        .write_upload(&key, &mut chunks, 0, body, &mut hasher, None, std::sync::Arc::new(()))
-        .await
-        .unwrap();
+    let mut chunks = Vec::new();
+    let size =
+        blobs.write_upload(&key, &mut chunks, 0, body, None, std::sync::Arc::new(()), false).await.unwrap();
     let published = blobs.commit_upload(&key, &chunks, &digest, size).await.unwrap();
     assert!(!published.starts_with(&key), "published outside the session: {published}");
 
