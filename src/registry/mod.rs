@@ -14,6 +14,7 @@ mod delete;
 mod error;
 mod fsck;
 mod gc;
+mod hashing;
 mod import;
 mod pull;
 mod push;

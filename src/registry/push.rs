@@ -6,6 +6,7 @@ use bytes::Bytes;
 use futures_util::Stream;
 use uuid::Uuid;
 
+use super::hashing::hash_alongside;
 use super::{Error, Registry, Result};
 use crate::blob::{BlobStore, Chunk, Hold};
 use crate::meta::{CompletedUpload, NewManifest, PutManifestError, TagCondition, UploadRow};
@@ -122,7 +123,7 @@ impl Registry {
         }
         let every = std::time::Duration::from_millis(every_ms as u64);
         let shared = writer.is_some();
-        let (body, hashing) = hash_alongside(body, hasher.clone());
+        let (body, hashed) = hash_alongside(body, hasher.clone(), hint);
         let write =
             self.blobs.write_upload(&row.storage_key, chunks, row.size as u64, body, hint, guard, shared);
         tokio::pin!(write);
@@ -130,13 +131,11 @@ impl Registry {
         loop {
             tokio::select! {
                 written = &mut write => {
-                    // The body (and with it the hashing queue's sender) is gone once the write
-                    // returns, so the hashing task finishes with the last piece.
-                    let hashed = hashing
-                        .await
-                        .map_err(|e| Error::Internal(format!("hashing upload {}: {e}", row.id).into()))?;
                     let written = written?;
-                    *hasher = hashed;
+                    // A write that succeeded read its body to the end, so the hash follows.
+                    *hasher = hashed.await.map_err(|_| {
+                        Error::Internal(format!("upload {}: the body's hash was lost", row.id).into())
+                    })?;
                     return Ok(written);
                 }
                 _ = beat.tick() => {
@@ -560,47 +559,6 @@ enum AfterFailure {
     Unknown(Error),
 }
 
-/// Pieces a body may run ahead of its hashing.
-const HASH_QUEUE: usize = 16;
-
-/// Bytes hashed between yields, so a hashing task never holds its thread for long.
-const HASH_SLICE: usize = 256 * 1024;
-
-/// Hashes a body's pieces on a task of their own while the body is stored, so receiving and
-/// storing run beside hashing — on two cores — rather than after it. The pieces are shared, not
-/// copied; at most [`HASH_QUEUE`] of them wait. The hasher comes back once the body has been
-/// dropped (a failed write's is discarded by the caller).
-fn hash_alongside<S, E>(
-    body: S,
-    mut hasher: UploadHasher,
-) -> (impl Stream<Item = Result<Bytes, E>>, tokio::task::JoinHandle<UploadHasher>)
-where
-    S: Stream<Item = Result<Bytes, E>>,
-{
-    use futures_util::StreamExt as _;
-    let (queue, mut pieces) = tokio::sync::mpsc::channel::<Bytes>(HASH_QUEUE);
-    let hashing = tokio::spawn(async move {
-        while let Some(piece) = pieces.recv().await {
-            for slice in piece.chunks(HASH_SLICE) {
-                hasher.update(slice);
-                tokio::task::yield_now().await;
-            }
-        }
-        hasher
-    });
-    let body = body.then(move |piece| {
-        let queue = queue.clone();
-        async move {
-            if let Ok(bytes) = &piece {
-                // Fails only if the hashing task is gone, which its join reports.
-                let _ = queue.send(bytes.clone()).await;
-            }
-            piece
-        }
-    });
-    (body, hashing)
-}
-
 /// A chunk must start exactly where the session ends.
 fn check_chunk_start(row: &UploadRow, range: Option<ChunkRange>) -> Result<()> {
     match range {
@@ -635,35 +593,4 @@ fn restore_hasher(row: &UploadRow) -> Result<UploadHasher> {
 /// The length a chunk announces: its `Content-Range`, else its `Content-Length`.
 fn announced_length(range: Option<ChunkRange>, content_length: Option<u64>) -> Option<u64> {
     range.map(|r| r.end - r.start + 1).or(content_length)
-}
-
-#[cfg(test)]
-mod tests {
-    use futures_util::StreamExt as _;
-
-    use super::*;
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn hashing_alongside_a_body_sees_every_piece_in_order() {
-        let data: Vec<u8> = (0..3_000_017u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
-        let mut resumed = UploadHasher::default();
-        resumed.update(b"earlier chunk ");
-        let mut expected = resumed.clone();
-        expected.update(&data);
-        // Uneven pieces, some longer than a hashing slice, more than the queue holds.
-        let mut pieces = Vec::new();
-        let mut at = 0;
-        for (i, size) in [1usize, 7, 300_000, 65_521, HASH_SLICE + 3, 1_000_000].iter().cycle().enumerate() {
-            if at >= data.len() || i > 1000 {
-                break;
-            }
-            let end = (at + size).min(data.len());
-            pieces.push(Ok::<_, std::io::Error>(Bytes::copy_from_slice(&data[at..end])));
-            at = end;
-        }
-        let (body, hashing) = hash_alongside(futures_util::stream::iter(pieces), resumed);
-        let received: Vec<u8> = body.map(|p| p.unwrap().to_vec()).concat().await;
-        assert_eq!(received, data, "the body passes through unchanged");
-        assert_eq!(hashing.await.unwrap().digest(), expected.digest());
-    }
 }
