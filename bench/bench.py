@@ -403,12 +403,16 @@ def main():
                                           ("push_1GiB", big_path, big_digest, big)]:
             print(f"{label} ({size // MiB} MiB, monolithic PUT)", flush=True)
             for s in servers:
+                reset_peak_rss(s.pid)
                 wall, cpu = measured(s, lambda: push_monolithic(s, f"bench/{label.lower()}", path, digest))
-                record(s, label, {"MBps": size / MiB / wall, "cpu_s_per_GB": cpu / (size / 1e9)})
+                record(s, label, {"MBps": size / MiB / wall, "cpu_s_per_GB": cpu / (size / 1e9),
+                                  "peak_rss_MiB": peak_rss_mib(s.pid)})
         print(f"push_chunked ({big // MiB} MiB in 16 MiB chunks)", flush=True)
         for s in servers:
+            reset_peak_rss(s.pid)
             wall, cpu = measured(s, lambda: push_chunked(s, "bench/chunked", chunks, big_digest))
-            record(s, "push_chunked", {"MBps": big / MiB / wall, "cpu_s_per_GB": cpu / (big / 1e9)})
+            record(s, "push_chunked", {"MBps": big / MiB / wall, "cpu_s_per_GB": cpu / (big / 1e9),
+                                       "peak_rss_MiB": peak_rss_mib(s.pid)})
 
         # Pull the big blob: cold (page cache dropped, where allowed) and warm.
         for phase in ["cold", "warm"]:
@@ -559,8 +563,10 @@ ROWS = [
     ("  server CPU", "push_256MiB", "cpu_s_per_GB", "CPU-s/GB", False),
     ("push 1 GiB, monolithic", "push_1GiB", "MBps", "MB/s", True),
     ("  server CPU", "push_1GiB", "cpu_s_per_GB", "CPU-s/GB", False),
+    ("  peak RSS during push", "push_1GiB", "peak_rss_MiB", "MiB", False),
     ("push 1 GiB, 16 MiB chunks", "push_chunked", "MBps", "MB/s", True),
     ("  server CPU", "push_chunked", "cpu_s_per_GB", "CPU-s/GB", False),
+    ("  peak RSS during push", "push_chunked", "peak_rss_MiB", "MiB", False),
     ("pull 1 GiB, cold cache", "pull_cold", "MBps", "MB/s", True),
     ("  server CPU", "pull_cold", "cpu_s_per_GB", "CPU-s/GB", False),
     ("pull 1 GiB, warm cache", "pull_warm", "MBps", "MB/s", True),

@@ -27,6 +27,7 @@ pub mod cli;
 pub mod config;
 pub mod distribution;
 pub mod fuzzing;
+pub mod memory;
 pub mod meta;
 pub mod metrics;
 pub mod oci;

@@ -33,6 +33,9 @@ pub struct PushedManifest {
     pub tags: Vec<Tag>,
 }
 
+/// Writes at least this long (or of unknown length) leave freed buffers worth giving back.
+const LARGE_WRITE: u64 = 8 * 1024 * 1024;
+
 /// How long a write holds an upload session (to add parts to its multipart upload) without
 /// renewing; it renews every third of this while bytes arrive.
 const WRITER_HOLD_MS: i64 = 120_000;
@@ -131,6 +134,9 @@ impl Registry {
         loop {
             tokio::select! {
                 written = &mut write => {
+                    if hint.is_none_or(|n| n >= LARGE_WRITE) {
+                        crate::memory::release_freed();
+                    }
                     let written = written?;
                     // A write that succeeded read its body to the end, so the hash follows.
                     *hasher = hashed.await.map_err(|_| {
