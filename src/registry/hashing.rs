@@ -20,8 +20,9 @@ use tokio::sync::{mpsc, oneshot};
 use crate::oci::UploadHasher;
 
 /// Bytes handed to a hashing thread at once: one wake-up per batch, not per piece (a piece is
-/// often a few KiB, and waking another core for each cost about 0.2 CPU-s per GB).
-const BATCH: usize = 1024 * 1024;
+/// often a few KiB, and waking another core for each cost about 0.2 CPU-s per GB). Small enough
+/// that the pieces waiting to be hashed (at most `QUEUE + 1` batches) add little memory.
+const BATCH: usize = 256 * 1024;
 
 /// Batches a body may run ahead of its hashing.
 const QUEUE: usize = 4;
