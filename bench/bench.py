@@ -543,6 +543,12 @@ def berth_hash_speed(binary):
     return json.loads(out)
 
 
+def machine_facts(binary):
+    """What every results file records of the machine: CPU model and SHA-NI, and one core's
+    SHA-256 speed of OpenSSL and of the implementation Berth hashes with."""
+    return {"machine": machine(), "sha256_MBps": sha256_speed(), "berth_hash": berth_hash_speed(binary)}
+
+
 def hash_line(results):
     """The hashing speeds a results dict recorded, as one line."""
     b = results.get("berth_hash", {})

@@ -234,8 +234,7 @@ def main():
     layer = 64 * 1024
     load_secs = 3 if args.quick else 8
     fs = "[storage]\nfsync = false\n"
-    results = {"machine": bench.machine(), "sha256_MBps": bench.sha256_speed(),
-               "berth_hash": bench.berth_hash_speed(args.berth), "layer_bytes": layer}
+    results = {**bench.machine_facts(args.berth), "layer_bytes": layer}
     if not args.bookkeeping_only:
         results["collections"] = [
             collection(args.berth, args.work, "berth-small", small, victims, layer, fs, load_secs),

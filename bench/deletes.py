@@ -112,8 +112,7 @@ def main():
 
     berth = bench.start_berth(args.berth, args.work, "berth")
     reference = bench.start_reference(args.work)
-    results = {"machine": bench.machine(), "sha256_MBps": bench.sha256_speed(),
-               "berth_hash": bench.berth_hash_speed(args.berth),
+    results = {**bench.machine_facts(args.berth),
                "tombstones": tombstones, "tags": manifests_with_tags * tags_each, "tags_each": tags_each,
                "preview_size": preview_size}
     try:

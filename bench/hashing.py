@@ -32,7 +32,7 @@ def push(server, path, digest, runs):
 def main():
     args, size, path, digest = bench.blob_args(__doc__)
     gb = size / 1e9
-    results = {"machine": bench.machine(), "sha256_MBps": bench.sha256_speed(), "bytes": size, "rows": []}
+    results = {**bench.machine_facts(args.berth), "bytes": size, "rows": []}
     for name, mask in MASKS.items():
         env = {"OPENSSL_ia32cap": mask} if mask else {}
         speed = json.loads(bench.subprocess.run([args.berth, "hash-speed"], env=dict(os.environ, **env),

@@ -166,7 +166,7 @@ def main():
     if a.quick:
         a.images, a.big, a.big_mib = 200, 2, 64
     os.makedirs(a.work, exist_ok=True)
-    results = {"machine": bench.machine(), "images": a.images + a.big, "big": [a.big, a.big_mib]}
+    results = {**bench.machine_facts(a.berth), "images": a.images + a.big, "big": [a.big, a.big_mib]}
     reference = bench.start_reference(a.work)
     try:
         t = time.monotonic()
@@ -199,7 +199,7 @@ def main():
 
 def table(r):
     lines = [f"# berth import — {r['images']} images ({r['big'][0]} with a {r['big'][1]} MiB layer), "
-             f"{r['store_bytes'] / bench.MiB:.0f} MiB stored", "", f"Machine: {r['machine']}", "",
+             f"{r['store_bytes'] / bench.MiB:.0f} MiB stored", "", f"Machine: {r['machine']}; {bench.hash_line(r)}", "",
              "| deployment | step | wall s | CPU s | manifests | blobs adopted | MiB adopted | links read | images/s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for dep in ("embedded", "scale_out"):

@@ -124,8 +124,7 @@ def deployment(binary, work, name, storage, repos, tags):
 def main():
     args = bench.deployment_args("100 repositories instead of 1,000")
     repos, tags = (100, 100) if args.quick else (1000, 100)
-    results = {"machine": bench.machine(), "sha256_MBps": bench.sha256_speed(),
-               "berth_hash": bench.berth_hash_speed(args.berth), "runs": bench.on_each_deployment(
+    results = {**bench.machine_facts(args.berth), "runs": bench.on_each_deployment(
         args, lambda name, storage: deployment(args.berth, args.work, name, storage, repos, tags))}
     if args.out:
         with open(args.out, "w") as f:

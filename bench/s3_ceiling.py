@@ -129,13 +129,14 @@ def main():
         server.stop()
         unsigned.stop()
     best = {k: max(v) for k, v in rows.items()}
-    results = {"machine": bench.machine(), "bytes": size, "MBps": rows, "cpu_s_per_GB": cpu,
+    results = {**bench.machine_facts(args.berth), "bytes": size, "MBps": rows, "cpu_s_per_GB": cpu,
                "berth_peak_rss_mib": rss}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
     ceiling = best["direct multipart"]
-    lines = [f"Machine: {results['machine']}; {size // bench.MiB} MiB to Garage, best of 3 interleaved", "",
+    lines = [f"Machine: {results['machine']}; {bench.hash_line(results)}; {size // bench.MiB} MiB to Garage, "
+             "best of 3 interleaved", "",
              "| upload | MB/s (each run) | best | ÷ direct | Berth CPU-s/GB (median) |", "|---|---|---|---|---|"]
     for k, v in rows.items():
         used = f"{sorted(cpu[k])[1]:.2f}" if k in cpu else ""
