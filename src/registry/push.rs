@@ -126,6 +126,7 @@ impl Registry {
         }
         let every = std::time::Duration::from_millis(every_ms as u64);
         let shared = writer.is_some();
+        let large = hint.is_none_or(|n| n >= LARGE_WRITE).then(crate::memory::LargeWrite::start);
         let (body, hashed) = hash_alongside(body, hasher.clone(), hint);
         let write =
             self.blobs.write_upload(&row.storage_key, chunks, row.size as u64, body, hint, guard, shared);
@@ -134,9 +135,7 @@ impl Registry {
         loop {
             tokio::select! {
                 written = &mut write => {
-                    if hint.is_none_or(|n| n >= LARGE_WRITE) {
-                        crate::memory::release_freed();
-                    }
+                    drop(large);
                     let written = written?;
                     // A write that succeeded read its body to the end, so the hash follows.
                     *hasher = hashed.await.map_err(|_| {
