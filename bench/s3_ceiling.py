@@ -105,25 +105,23 @@ def main():
     unsigned = bench.start_berth(args.berth, args.work, "berth-s3-unsigned",
                                  config=bench.scale_out_toml(args.scale_out_env) + "sign_payload = false\n")
     mb = size / 1e6
-    rows = {"direct multipart": [], "Berth monolithic": [], "Berth chunked (16 MiB)": [],
-            "Berth monolithic, unsigned payload": [], "Berth chunked (16 MiB), unsigned payload": []}
-    cpu = {k: [] for k in rows if k.startswith("Berth")}
+    pushes = [("Berth monolithic", server, lambda i: bench.push_monolithic(server, f"bench/mono{i}", path, digest)),
+              ("Berth chunked (16 MiB)", server,
+               lambda i: push_chunked_one_connection(server, f"bench/chunk{i}", chunks, digest)),
+              ("Berth monolithic, unsigned payload", unsigned,
+               lambda i: bench.push_monolithic(unsigned, f"bench/unsigned{i}", path, digest)),
+              ("Berth chunked (16 MiB), unsigned payload", unsigned,
+               lambda i: push_chunked_one_connection(unsigned, f"bench/unsigned-chunk{i}", chunks, digest))]
+    rows = {"direct multipart": [], **{name: [] for name, _, _ in pushes}}
+    cpu = {name: [] for name, _, _ in pushes}
     try:
         # Interleaved, so the store's and the machine's drift hits every row alike.
         for i in range(3):
             rows["direct multipart"].append(mb / direct_multipart(env, path, parts_dir))
-            wall, used = bench.measured(server, lambda: bench.push_monolithic(server, f"bench/mono{i}", path, digest))
-            rows["Berth monolithic"].append(mb / wall)
-            cpu["Berth monolithic"].append(used / (size / 1e9))
-            wall, used = bench.measured(server, lambda: push_chunked_one_connection(server, f"bench/chunk{i}", chunks, digest))
-            rows["Berth chunked (16 MiB)"].append(mb / wall)
-            cpu["Berth chunked (16 MiB)"].append(used / (size / 1e9))
-            wall, used = bench.measured(unsigned, lambda: bench.push_monolithic(unsigned, f"bench/unsigned{i}", path, digest))
-            rows["Berth monolithic, unsigned payload"].append(mb / wall)
-            cpu["Berth monolithic, unsigned payload"].append(used / (size / 1e9))
-            wall, used = bench.measured(unsigned, lambda: push_chunked_one_connection(unsigned, f"bench/unsigned-chunk{i}", chunks, digest))
-            rows["Berth chunked (16 MiB), unsigned payload"].append(mb / wall)
-            cpu["Berth chunked (16 MiB), unsigned payload"].append(used / (size / 1e9))
+            for name, target, push in pushes:
+                wall, used = bench.measured(target, lambda: push(i))
+                rows[name].append(mb / wall)
+                cpu[name].append(used / (size / 1e9))
         rss = max(bench.peak_rss_mib(server.pid), bench.peak_rss_mib(unsigned.pid))
     finally:
         server.stop()
