@@ -119,6 +119,11 @@ pub(super) struct S3Store {
     redirect_ttl: Option<Duration>,
 }
 
+/// A new, never used key under session `key` (a prefix).
+fn fresh_key(key: &str) -> String {
+    format!("{key}{}", uuid::Uuid::new_v4().simple())
+}
+
 /// The key prefix of upload session `id`.
 pub(super) fn session_prefix(id: &str) -> String {
     format!("blobs/{id}/")
@@ -201,7 +206,7 @@ impl S3Store {
         S: Stream<Item = Result<Bytes, E>>,
         E: std::fmt::Display,
     {
-        let chunk_key = format!("{key}{}", uuid::Uuid::new_v4().simple());
+        let chunk_key = fresh_key(key);
         let mut body = std::pin::pin!(body);
         // The body's own buffers, kept as they arrived: a part is sent as a list of them, so no
         // byte is copied on its way from the socket to the store.
@@ -287,9 +292,7 @@ impl S3Store {
         }
         if pending + written < self.part_size as u64 {
             if written > 0 {
-                let object = format!("{key}{}", uuid::Uuid::new_v4().simple());
-                self.store.put(&self.path(&object), first.take_all().into_iter().collect()).await?;
-                chunks.push(Chunk::object(object, written));
+                chunks.push(self.put_pieces(key, first).await?);
             }
             return Ok(written);
         }
@@ -297,7 +300,7 @@ impl S3Store {
         let (mut writer, started) = match open {
             Some((chunk, multipart)) => (self.resume(&chunk.key, multipart), None),
             None => {
-                let target = format!("{key}{}", uuid::Uuid::new_v4().simple());
+                let target = fresh_key(key);
                 let writer = self.part_writer(&target).await?;
                 (writer, Some(target))
             }
@@ -348,10 +351,7 @@ impl S3Store {
             }
         }
         if rest.len > 0 {
-            let object = format!("{key}{}", uuid::Uuid::new_v4().simple());
-            let len = rest.len as u64;
-            self.store.put(&self.path(&object), rest.take_all().into_iter().collect()).await?;
-            chunks.push(Chunk::object(object, len));
+            chunks.push(self.put_pieces(key, rest).await?);
         }
         Ok(written)
     }
@@ -385,6 +385,14 @@ impl S3Store {
         chunks.truncate(at);
         chunks.push(Chunk::object(key, len));
         Ok(())
+    }
+
+    /// Stores `pieces` as a new object of session `key`, in one `PUT`.
+    async fn put_pieces(&self, key: &str, pieces: Pieces) -> Result<Chunk> {
+        let object = fresh_key(key);
+        let len = pieces.len as u64;
+        self.store.put(&self.path(&object), pieces.take_all().into_iter().collect()).await?;
+        Ok(Chunk::object(object, len))
     }
 
     /// Streams the objects `chunks` into `writer`, in order.
@@ -424,12 +432,12 @@ impl S3Store {
         match chunks {
             [only] => Ok(only.key.clone()),
             [] => {
-                let blob_key = format!("{key}{}", uuid::Uuid::new_v4().simple());
+                let blob_key = fresh_key(key);
                 self.store.put(&self.path(&blob_key), PutPayload::default()).await?;
                 Ok(blob_key)
             }
             many => {
-                let blob_key = format!("{key}{}", uuid::Uuid::new_v4().simple());
+                let blob_key = fresh_key(key);
                 let mut out = self.part_writer(&blob_key).await?;
                 if let Err(e) = self.fold_into(&mut out, many).await {
                     out.abort().await;
@@ -550,12 +558,7 @@ impl S3Store {
         Ok(objects
             .into_iter()
             .map(|m| Listed {
-                key: m
-                    .location
-                    .as_ref()
-                    .strip_prefix(&self.prefix)
-                    .unwrap_or(m.location.as_ref())
-                    .to_string(),
+                key: self.key_of_path(&m.location),
                 size: m.size,
                 modified_ms: m.last_modified.timestamp_millis(),
             })
@@ -623,12 +626,7 @@ impl S3Store {
 
     pub(super) async fn list(&self, prefix: &str) -> Result<Vec<String>> {
         let objects: Vec<_> = self.store.list(Some(&self.path(prefix))).try_collect().await?;
-        Ok(objects
-            .into_iter()
-            .map(|m| {
-                m.location.as_ref().strip_prefix(&self.prefix).unwrap_or(m.location.as_ref()).to_string()
-            })
-            .collect())
+        Ok(objects.into_iter().map(|m| self.key_of_path(&m.location)).collect())
     }
 }
 
