@@ -80,6 +80,8 @@ impl Drop for LargeWrite {
             return;
         };
         runtime.spawn(async {
+            // Cleared however the task ends (a runtime shut down drops it mid-sleep).
+            let _scheduled = Scheduled;
             loop {
                 tokio::time::sleep(QUIET).await;
                 let quiet_ms = now_ms() - LAST_END_MS.load(Ordering::Acquire);
@@ -87,7 +89,7 @@ impl Drop for LargeWrite {
                     break;
                 }
             }
-            SCHEDULED.store(false, Ordering::Release);
+            drop(_scheduled);
             #[cfg(all(target_os = "linux", target_env = "gnu"))]
             let _ = tokio::task::spawn_blocking(|| {
                 // SAFETY: malloc_trim only walks the allocator's own structures under its locks.
@@ -95,5 +97,14 @@ impl Drop for LargeWrite {
             })
             .await;
         });
+    }
+}
+
+/// The trim task's mark in [`SCHEDULED`], cleared when it goes.
+struct Scheduled;
+
+impl Drop for Scheduled {
+    fn drop(&mut self) {
+        SCHEDULED.store(false, Ordering::Release);
     }
 }
