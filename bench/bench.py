@@ -106,9 +106,11 @@ def start_berth(binary, work, name, env_extra=None, config=None):
     return Server(name, proc, base, os.path.join(data, "blobs"))
 
 
-def scale_out_toml(env_path):
+def scale_out_toml(env_path, sign_payload=False):
     """The [metadata] and [storage] sections for the scale-out deployment the env file names
-    (BERTH_TEST_PG_URL, BERTH_TEST_S3_*): a fresh database, and a fresh prefix in the bucket."""
+    (BERTH_TEST_PG_URL, BERTH_TEST_S3_*): a fresh database, and a fresh prefix in the bucket.
+    Request bodies go unsigned unless asked, as over https by default (Garage here speaks
+    plain http, where Berth's default is to sign them)."""
     import uuid
     env = dict(line.strip().split("=", 1) for line in open(env_path) if "=" in line)
     db = "bench_" + uuid.uuid4().hex[:12]
@@ -126,6 +128,7 @@ bucket = "{env['BERTH_TEST_S3_BUCKET']}"
 prefix = "bench-{db}"
 access_key_id = "{env['BERTH_TEST_S3_KEY_ID']}"
 secret_access_key = "{env['BERTH_TEST_S3_SECRET']}"
+sign_payload = {"true" if sign_payload else "false"}
 """
 
 

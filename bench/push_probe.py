@@ -4,7 +4,10 @@ server CPU-s/GB and the server's context switches, then the median. Not part of 
 bench/run is the side-by-side benchmark.
 
     bench/push_probe.py target/release/berth [--size-mib 1024] [--runs 5] [--chunk-mib 0]
-                                             [--config 'TOML text']
+                                             [--config 'TOML text'] [--scale-out-env FILE]
+
+With --scale-out-env (the env file of bench/run), the server is the scale-out deployment
+(request bodies unsigned unless --signed) and --config is appended to its [storage.s3] section.
 """
 
 import argparse
@@ -42,6 +45,8 @@ def main():
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--chunk-mib", type=int, default=0, help="PATCH in chunks of this size (0: monolithic)")
     p.add_argument("--config", default=None, help="Berth configuration (TOML text) for the server")
+    p.add_argument("--scale-out-env", default=None, help="env file naming PostgreSQL and S3 (as for bench/run)")
+    p.add_argument("--signed", action="store_true", help="scale-out: sign request bodies")
     p.add_argument("--work", default=None, help="directory for data (default: a temporary one under /work or /tmp)")
     args = p.parse_args()
 
@@ -58,11 +63,15 @@ def main():
                     out.write(data)
                 chunks.append(path)
                 i += 1
-    server = bench.start_berth(os.path.abspath(args.binary), work, "berth", config=args.config)
+    config = args.config
+    if args.scale_out_env:
+        config = bench.scale_out_toml(args.scale_out_env, args.signed) + (args.config or "") + "\n"
+    server = bench.start_berth(os.path.abspath(args.binary), work, "berth", config=config)
     speeds, costs = [], []
     try:
         for run in range(args.runs):
             repo = f"probe/r{run}"
+            bench.reset_peak_rss(server.pid)
             s0 = switches(server.pid)
             if chunks:
                 wall, cpu = bench.measured(server, lambda: bench.push_chunked(server, repo, chunks, digest))
@@ -73,7 +82,8 @@ def main():
             speeds.append(gb * 1000 / wall)
             costs.append(cpu / gb)
             print(f"run {run}: {speeds[-1]:7.0f} MB/s  {costs[-1]:.2f} CPU-s/GB  "
-                  f"switches {s1[0] - s0[0]} voluntary, {s1[1] - s0[1]} involuntary", flush=True)
+                  f"switches {s1[0] - s0[0]} voluntary, {s1[1] - s0[1]} involuntary, "
+                  f"peak RSS {bench.peak_rss_mib(server.pid):.1f} MiB", flush=True)
             # Keep the disk from filling with identical copies.
             for root, _, files in os.walk(os.path.join(work, "berth", "blobs")):
                 for name in files:

@@ -104,11 +104,12 @@ fn apply_limits(
 }
 
 /// The most a connection reads ahead. Large reads matter for uploads: with 64 KiB reads a push
-/// costs a third more CPU, in wake-ups (docs/benchmarks.md). Request heads larger than
+/// costs a third more CPU, in wake-ups; 512 KiB costs no more than 1 MiB and keeps less memory
+/// pinned by body pieces still queued for hashing or storage (docs/benchmarks.md). Request heads larger than
 /// `limits.max_header_bytes` but within this buffer get their 431 from `api::limits::limit_head`;
 /// beyond it the HTTP parser answers 431 itself.
 fn read_buffer_bytes(limits: &crate::config::Limits) -> usize {
-    limits.max_header_bytes.max(1 << 20)
+    limits.max_header_bytes.max(512 << 10)
 }
 
 /// Writes the noted pull and `HEAD` times every `gc.access_flush_interval`, and once more when

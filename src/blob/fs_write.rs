@@ -1,9 +1,10 @@
 //! How upload bodies reach disk on the filesystem backend.
 //!
-//! The request's task hashes each piece of the body as it arrives and copies it into a large
-//! staging buffer; full buffers are written by blocking tasks, two at a time, while the next one
-//! fills. So the only hand-offs between threads are one per buffer (one per 4 MiB), not one
-//! per network read — on a virtual machine each wake-up of another thread is expensive.
+//! The request's task copies each piece of the body as it arrives into a staging buffer (the
+//! body is hashed beside it, `registry::hashing`); full buffers are written by blocking tasks,
+//! two at a time, while the next one fills. So the only hand-offs between threads are one per
+//! buffer (one per 2 MiB), not one per network read — on a virtual machine each wake-up of
+//! another thread is expensive.
 //!
 //! Large bodies are written with `O_DIRECT`, past the page cache: a buffered write costs the
 //! kernel about as much CPU as hashing the bytes (page allocation, the copy, dirty tracking and
@@ -29,8 +30,9 @@ use super::{FsOptions, Hold};
 
 /// Alignment of buffers, lengths and offsets for direct I/O.
 const ALIGN: u64 = 4096;
-/// Size of a staging buffer: one disk write.
-const BUFFER: usize = 4 << 20;
+/// Size of a staging buffer: one disk write. 2 MiB writes push as fast as 4 MiB ones (measured,
+/// docs/benchmarks.md), and the three buffers of a push are most of its memory.
+const BUFFER: usize = 2 << 20;
 /// Disk writes in flight per upload while the next buffer fills.
 const IN_FLIGHT: usize = 2;
 /// Writes announced smaller than this go through the page cache: for them a synchronous device

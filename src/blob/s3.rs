@@ -15,9 +15,10 @@ use futures_util::{Stream, StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
-use object_store::signer::Signer;
+use object_store::signer::{SignedUrlOptions, Signer};
 use object_store::{GetOptions, GetRange, MultipartId, ObjectStore, ObjectStoreExt, PutPayload};
 use serde::Deserialize;
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use super::{ByteRange, ByteStream, Chunk, Error, Listed, OpenMultipart, Result};
@@ -117,6 +118,8 @@ pub(super) struct S3Store {
     bucket: String,
     part_size: usize,
     redirect_ttl: Option<Duration>,
+    /// Sends parts of known length as they arrive (unsigned payloads only); `None` buffers them.
+    streamer: Option<PartStreamer>,
 }
 
 /// A new, never used key under session `key` (a prefix).
@@ -151,9 +154,14 @@ impl S3Config {
         if let Some(secret) = &self.secret_access_key {
             builder = builder.with_secret_access_key(secret);
         }
-        let plain_http = self.endpoint.as_deref().is_some_and(|e| e.starts_with("http://"));
-        builder = builder.with_unsigned_payload(!self.sign_payload.unwrap_or(plain_http));
+        builder = builder.with_unsigned_payload(!self.signs_payload());
         builder.build().map_err(|e| Error::Config(e.to_string()))
+    }
+
+    /// Whether request bodies are signed: as configured, else only over plain `http://`.
+    fn signs_payload(&self) -> bool {
+        let plain_http = self.endpoint.as_deref().is_some_and(|e| e.starts_with("http://"));
+        self.sign_payload.unwrap_or(plain_http)
     }
 }
 
@@ -166,6 +174,12 @@ impl S3Store {
             return Err(Error::Config("storage.s3.part_size_mib must be at least 5".into()));
         }
         let store = config.client(&config.bucket)?;
+        let streamer = if config.signs_payload() {
+            None
+        } else {
+            let http = reqwest::Client::builder().build().map_err(|e| Error::Config(e.to_string()))?;
+            Some(PartStreamer { http })
+        };
         let prefix = config.prefix.as_deref().unwrap_or("").trim_matches('/');
         Ok(S3Store {
             store: Arc::new(store),
@@ -173,6 +187,7 @@ impl S3Store {
             bucket: config.bucket.clone(),
             part_size: config.part_size_mib * 1024 * 1024,
             redirect_ttl: config.redirect.then(|| Duration::from_secs(config.redirect_ttl_secs)),
+            streamer,
         })
     }
 
@@ -212,6 +227,12 @@ impl S3Store {
         // byte is copied on its way from the socket to the store.
         let mut first = Pieces::default();
         let mut multipart: Option<PartWriter> = None;
+        if let Some(total) = size_hint.filter(|&n| n >= self.part_size as u64) {
+            // Long enough for parts: no need to buffer the first one to find out.
+            let mut m = self.part_writer(&chunk_key).await?;
+            m.plan(total);
+            multipart = Some(m);
+        }
         let mut written = 0u64;
         while let Some(piece) = body.next().await {
             let piece = match piece {
@@ -284,13 +305,16 @@ impl S3Store {
         let mut body = std::pin::pin!(body);
         let mut first = Pieces::default();
         let mut written = 0u64;
-        while pending + written < self.part_size as u64 {
+        // An announced length says at once whether the write fills a part; otherwise the body
+        // is buffered until it does (or ends).
+        let fills_part = size_hint.is_some_and(|n| pending + n >= self.part_size as u64);
+        while !fills_part && pending + written < self.part_size as u64 {
             let Some(piece) = body.next().await else { break };
             let piece = piece.map_err(|e| Error::Body(e.to_string()))?;
             written += piece.len() as u64;
             first.push(piece);
         }
-        if pending + written < self.part_size as u64 {
+        if !fills_part && pending + written < self.part_size as u64 {
             if written > 0 {
                 chunks.push(self.put_pieces(key, first).await?);
             }
@@ -411,6 +435,7 @@ impl S3Store {
     fn resume(&self, key: &str, multipart: &OpenMultipart) -> PartWriter {
         PartWriter::new(
             self.store.clone(),
+            self.streamer.clone(),
             self.path(key),
             multipart.id.clone(),
             self.path(&multipart.marker),
@@ -502,7 +527,7 @@ impl S3Store {
         let id = self.store.create_multipart(&path).await?;
         let marker = self.path(&format!("{key}{MARKER_SUFFIX}"));
         self.store.put(&marker, PutPayload::from(id.clone().into_bytes())).await?;
-        Ok(PartWriter::new(self.store.clone(), path, id, marker, self.part_size, 0))
+        Ok(PartWriter::new(self.store.clone(), self.streamer.clone(), path, id, marker, self.part_size, 0))
     }
 
     /// The key (relative to the prefix) of a path of this store.
@@ -642,17 +667,62 @@ fn fold_from(chunks: &[Chunk], part_size: u64) -> usize {
     }
 }
 
-/// Streams bytes into a multipart upload in fixed-size parts, a few in flight at once.
+/// Streams bytes into a multipart upload, a few parts in flight at once. A part whose length is
+/// planned goes to the store as its bytes arrive when the store takes unsigned payloads (see
+/// [`PartStreamer`]); otherwise parts are buffered whole and sent by `object_store`, which
+/// retries them on transient errors.
 struct PartWriter {
     store: Arc<AmazonS3>,
+    streamer: Option<PartStreamer>,
     path: Path,
     id: MultipartId,
     marker: Path,
     sizes: PartSizes,
     buf: Pieces,
+    /// The part being streamed, and how many of its bytes are still to come.
+    streaming: Option<(mpsc::Sender<Bytes>, usize)>,
     next_part: usize,
-    in_flight: JoinSet<object_store::Result<(usize, PartId)>>,
+    in_flight: JoinSet<Result<(usize, PartId)>>,
     done: Vec<(usize, PartId)>,
+}
+
+/// Sends a part of known length as an `UploadPart` to a presigned URL, its body streamed from
+/// the client's request: memory per part is a piece or two, not the part. The payload cannot be
+/// signed (its hash is not known before it is sent), and a part that fails cannot be retried
+/// (its bytes are gone): the write fails and the client sends it again.
+#[derive(Debug, Clone)]
+struct PartStreamer {
+    http: reqwest::Client,
+}
+
+/// How long a presigned part URL stays valid (checked when the request starts).
+const PART_URL_TTL: Duration = Duration::from_secs(15 * 60);
+
+impl PartStreamer {
+    async fn put(&self, url: reqwest::Url, len: usize, pieces: mpsc::Receiver<Bytes>) -> Result<PartId> {
+        let body = futures_util::stream::unfold(pieces, |mut pieces| async move {
+            pieces.recv().await.map(|piece| (Ok::<_, std::io::Error>(piece), pieces))
+        });
+        let failed =
+            |what: String| Error::Io { key: url.path().to_string(), source: std::io::Error::other(what) };
+        let response = self
+            .http
+            .put(url.clone())
+            .header(http::header::CONTENT_LENGTH, len)
+            .body(reqwest::Body::wrap_stream(body))
+            .send()
+            .await
+            .map_err(|e| failed(format!("part upload: {e}")))?;
+        let status = response.status();
+        let etag =
+            response.headers().get(http::header::ETAG).and_then(|v| v.to_str().ok()).map(str::to_string);
+        if !status.is_success() {
+            let text = response.text().await.unwrap_or_default();
+            return Err(failed(format!("part upload answered {status}: {text}")));
+        }
+        let content_id = etag.ok_or_else(|| failed("part upload answered without an ETag".into()))?;
+        Ok(PartId { content_id })
+    }
 }
 
 /// How long a writer's parts are: `part_size` each, or — for a write whose length is known — that
@@ -738,6 +808,7 @@ impl PartWriter {
     /// A writer whose first part is number `first_part + 1`.
     fn new(
         store: Arc<AmazonS3>,
+        streamer: Option<PartStreamer>,
         path: Path,
         id: MultipartId,
         marker: Path,
@@ -746,11 +817,13 @@ impl PartWriter {
     ) -> Self {
         PartWriter {
             store,
+            streamer,
             path,
             id,
             marker,
             sizes: PartSizes::fixed(part_size),
             buf: Pieces::default(),
+            streaming: None,
             next_part: first_part,
             in_flight: JoinSet::new(),
             done: Vec::new(),
@@ -762,7 +835,31 @@ impl PartWriter {
         self.sizes = PartSizes::for_total(self.sizes.part_size, total, self.next_part);
     }
 
-    async fn write(&mut self, piece: Bytes) -> Result<()> {
+    async fn write(&mut self, mut piece: Bytes) -> Result<()> {
+        while !piece.is_empty() {
+            if self.streaming.is_none()
+                && self.buf.len == 0
+                && self.sizes.planned > 0
+                && self.streamer.is_some()
+            {
+                self.start_streamed_part().await?;
+            }
+            let Some((pieces, left)) = &mut self.streaming else { break };
+            let now = piece.split_to(piece.len().min(*left));
+            *left -= now.len();
+            let last = *left == 0;
+            let sent = pieces.send(now).await;
+            if last {
+                // Dropping the sender ends the part's body.
+                self.streaming = None;
+            }
+            if sent.is_err() {
+                return self.ended_early().await;
+            }
+        }
+        if piece.is_empty() {
+            return Ok(());
+        }
         self.buf.push(piece);
         while self.buf.len >= self.sizes.next(self.next_part) {
             let part: PutPayload = self.buf.take(self.sizes.next(self.next_part)).into_iter().collect();
@@ -770,6 +867,42 @@ impl PartWriter {
             self.send(part).await?;
         }
         Ok(())
+    }
+
+    /// Starts the next planned part as a streamed upload; `write` feeds it.
+    async fn start_streamed_part(&mut self) -> Result<()> {
+        let streamer = self.streamer.clone().expect("only called with a streamer");
+        let (idx, len) = self.next_slot().await?;
+        let query = [("partNumber", (idx + 1).to_string()), ("uploadId", self.id.clone())];
+        let options = SignedUrlOptions::default().with_query(query);
+        let url = self.store.signed_url_opts(http::Method::PUT, &self.path, PART_URL_TTL, &options).await?;
+        // One piece queued: the request body takes the client's pieces as the store reads them.
+        let (pieces, queued) = mpsc::channel(1);
+        self.in_flight.spawn(async move { Ok((idx, streamer.put(url, len, queued).await?)) });
+        self.streaming = Some((pieces, len));
+        Ok(())
+    }
+
+    /// A streamed part's request ended before its body did: its error (or one of another part).
+    async fn ended_early(&mut self) -> Result<()> {
+        self.streaming = None;
+        while !self.in_flight.is_empty() {
+            self.join_one().await?;
+        }
+        let source = std::io::Error::other("a part upload ended before its body was sent");
+        Err(Error::Io { key: self.path.to_string(), source })
+    }
+
+    /// Waits until fewer than [`UPLOAD_CONCURRENCY`] parts are in flight; then takes the next
+    /// part number and its planned length.
+    async fn next_slot(&mut self) -> Result<(usize, usize)> {
+        while self.in_flight.len() >= UPLOAD_CONCURRENCY {
+            self.join_one().await?;
+        }
+        let slot = (self.next_part, self.sizes.next(self.next_part));
+        self.sizes.advance();
+        self.next_part += 1;
+        Ok(slot)
     }
 
     async fn send(&mut self, part: PutPayload) -> Result<()> {
@@ -796,6 +929,10 @@ impl PartWriter {
     /// Sends what is buffered as a part if it is at least `min` bytes and waits for every part
     /// in flight. Returns the ids of the parts sent, in order, and what was too short to send.
     async fn flush(&mut self, min: usize) -> Result<(Vec<String>, Pieces)> {
+        if let Some((_, left)) = self.streaming.take() {
+            self.stop().await;
+            return Err(Error::Body(format!("the body ended {left} bytes before its announced length")));
+        }
         if self.buf.len > 0 && self.buf.len >= min {
             let part = std::mem::take(&mut self.buf).take_all().into_iter().collect();
             self.send(part).await?;
@@ -834,6 +971,7 @@ impl PartWriter {
 
     /// Stops the parts in flight (the upload stays open).
     async fn stop(&mut self) {
+        self.streaming = None;
         self.in_flight.abort_all();
         while self.in_flight.join_next().await.is_some() {}
     }

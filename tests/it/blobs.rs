@@ -390,21 +390,22 @@ async fn a_long_write_keeps_its_session_alive() {
     assert_oci_error(reg.get(&loc).await, 404, "BLOB_UPLOAD_UNKNOWN").await;
 }
 
-// Unsigned payloads (the default over https) against a real S3 server: a multipart write and a
-// chunked session land byte-exact.
+// Signed payloads (the default over plain http; the other scale-out tests send unsigned ones, as
+// over https) against a real S3 server: parts are buffered and sent whole, and a multipart
+// write and a chunked session land byte-exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unsigned_payloads_store_blobs_byte_exact_on_s3() {
+async fn signed_payloads_store_blobs_byte_exact_on_s3() {
     let dir = tempfile::tempdir().unwrap();
     let Some(mut config) = crate::harness::scale_out_config(dir.path()).await else {
         eprintln!("skipping: the scale-out deployment is not configured");
         return;
     };
-    config.storage_s3.as_mut().unwrap().sign_payload = Some(false);
+    config.storage_s3.as_mut().unwrap().sign_payload = Some(true);
     let reg = crate::harness::TestRegistry::start_with(config, dir).await;
     let big = random_bytes(77, 12 * 1024 * 1024 + 3);
-    let d = reg.upload_blob("s3/unsigned", &big).await;
-    assert_eq!(reg.get(&format!("/v2/s3/unsigned/blobs/{d}")).await.bytes().await.unwrap(), big);
-    let location = reg.start_upload("s3/unsigned").await;
+    let d = reg.upload_blob("s3/signed", &big).await;
+    assert_eq!(reg.get(&format!("/v2/s3/signed/blobs/{d}")).await.bytes().await.unwrap(), big);
+    let location = reg.start_upload("s3/signed").await;
     let half = big.len() / 2;
     assert_eq!(reg.patch_chunk(&location, &big, 0, half).await.status(), 202);
     let location2 = {
@@ -415,5 +416,5 @@ async fn unsigned_payloads_store_blobs_byte_exact_on_s3() {
     let sep = if location2.contains('?') { '&' } else { '?' };
     let res = reg.req(Method::PUT, &format!("{location2}{sep}digest={d}")).send().await.unwrap();
     assert_eq!(res.status(), StatusCode::CREATED);
-    assert_eq!(reg.get(&format!("/v2/s3/unsigned/blobs/{d}")).await.bytes().await.unwrap(), big);
+    assert_eq!(reg.get(&format!("/v2/s3/signed/blobs/{d}")).await.bytes().await.unwrap(), big);
 }

@@ -161,6 +161,77 @@ async fn a_chunked_session_becomes_its_multipart_upload_without_a_copy() {
     assert_eq!(objects, vec![target]);
 }
 
+// Parts of an announced write stream from the request to the store as they arrive (unsigned
+// payloads, as here). A request cut off in the middle of such a part changes nothing: the session
+// stays at its last recorded offset, the part's bytes are never listed, and the same bytes sent
+// again (through another replica) complete into the session's one multipart object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_cut_off_mid_part_leaves_the_session_as_it_was() {
+    let r = replicas_or_skip!(2);
+    const MIB: usize = 1024 * 1024;
+    let data = random_bytes(83, 18 * MIB + 5);
+    let digest = Digest::sha256_of(&data);
+    let loc = r[0].start_upload("cutoff/app").await;
+    let res = r[0].patch_chunk(&loc, &data, 0, 6 * MIB).await;
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let loc = header(&res, "location").unwrap().to_string();
+    let before = session_chunks(&r[0], &loc).await;
+    assert_eq!(before.len(), 1, "{before:?}");
+    assert!(before[0].multipart.is_some(), "6 MiB announced is a part: {before:?}");
+
+    // 12 MiB announced; the body breaks off after 7 MiB, inside the second streamed part.
+    let pieces: Vec<_> = data[6 * MIB..13 * MIB]
+        .chunks(256 * 1024)
+        .map(|c| Ok::<_, std::io::Error>(c.to_vec()))
+        .chain(std::iter::once(Err(std::io::Error::other("client gone"))))
+        .collect();
+    let pieces = futures_util::stream::iter(pieces);
+    let cut = r[0]
+        .req(Method::PATCH, &loc)
+        .header("content-range", format!("{}-{}", 6 * MIB, 18 * MIB - 1))
+        .header("content-length", 12 * MIB)
+        .body(reqwest::Body::wrap_stream(pieces))
+        .send()
+        .await;
+    assert!(cut.is_err(), "the request broke off: {cut:?}");
+    // The server notices once the connection drops; the session is as it was, its lock free.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = r[1].get(&loc).await;
+        assert_eq!(header(&status, "range"), Some(format!("0-{}", 6 * MIB - 1).as_str()));
+        if session_chunks(&r[1], &loc).await == before {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the session changed: {:?}", session_chunks(&r[1], &loc).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let res = loop {
+        let res = r[1].patch_chunk(&loc, &data, 6 * MIB, 18 * MIB).await;
+        // The cut-off request may still be letting go of the session's lock.
+        if res.status() != StatusCode::ACCEPTED && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
+        break res;
+    };
+    assert_eq!(res.status(), StatusCode::ACCEPTED, "{:?}", res.text().await);
+    let loc = header(&res, "location").unwrap().to_string();
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    let res = r[0]
+        .req(Method::PUT, &format!("{loc}{sep}digest={digest}"))
+        .header("content-range", format!("{}-{}", 18 * MIB, data.len() - 1))
+        .body(data[18 * MIB..].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED, "{:?}", res.text().await);
+    assert_eq!(r[1].storage_key(&digest).await, before[0].key, "the blob is the session's multipart object");
+    for replica in &r {
+        assert_eq!(replica.get(&format!("/v2/cutoff/app/blobs/{digest}")).await.bytes().await.unwrap(), data);
+    }
+}
+
 // A request that holds a session to add parts and then dies (its replica killed) blocks nobody
 // for long: other writes still land (as objects of their own), and completing the session,
 // which must hold it to complete the multipart upload, is refused until the hold runs out.
