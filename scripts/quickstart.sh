@@ -34,12 +34,13 @@ unshare --net bash -c '
     ip link set lo up
     export PATH="$work/bin:$PATH" CONTAINERS_STORAGE_CONF="$work/storage.conf" BUILDAH_ISOLATION=chroot
     cd "$work/run"
-    bash "$work/serve.sh" >"$work/serve.log" 2>&1 &
+    # A session of its own, so that stopping it stops berth too (not only the shell running it).
+    setsid bash "$work/serve.sh" >"$work/serve.log" 2>&1 &
     server=$!
     for _ in $(seq 100); do curl -sf http://127.0.0.1:5000/v2/ >/dev/null && break; sleep 0.1; done
     status=0
     bash -euo pipefail -x "$work/steps.sh" || status=$?
-    kill "$server"; wait "$server" || true
+    kill -- -"$server"; wait "$server" || true
     [ "$status" = 0 ] || { echo "--- berth log"; cat "$work/serve.log"; }
     exit "$status"
 ' quickstart "$work"

@@ -5,9 +5,6 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    // Before any thread starts: glibc fixes its limit on heaps when a second thread first
-    // allocates.
-    berth::memory::tune_allocator();
     let cli = berth::cli::Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

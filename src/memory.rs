@@ -11,21 +11,19 @@
 //!
 //! While writes run, the allocator should do the opposite: keep what it freed. By default glibc
 //! serves buffers of a MiB or more with fresh `mmap`s until its adaptive threshold catches up,
-//! and hands the top of a heap back as soon as 2 MiB of it are free — so hyper's read
-//! buffers (then 1 MiB) landed on freshly faulted pages (230,000 page faults per 2 GiB pushed, 7 % of the
-//! CPU). [`tune_allocator`] fixes both thresholds for `berth` (2 MiB and 4 MiB): pushes
+//! and hands the top of a heap back as soon as 2 MiB of it are free — so hyper's read buffers
+//! (then 1 MiB) landed on freshly faulted pages (230,000 page faults per 2 GiB pushed, 7 % of the
+//! CPU). [`tune_allocator`] fixes both thresholds for `berth serve` (2 MiB and 4 MiB): pushes
 //! then fault 40 % as often and cost 0.96–0.99 instead of 1.03–1.09 CPU-s per GB (embedded,
 //! four 512 MiB pushes back to back), and the process is back at 19–20 MiB once they stop
 //! (17 MiB untuned). A higher trim threshold saves more CPU (8 MiB: 0.88) but leaves that much
 //! free at the top of each busy thread's heap, which `malloc_trim` does not return for arenas
 //! other than the main one (28 MiB after the same pushes).
 //!
-//! And one heap: by default glibc gives each busy thread an arena of its own (up to eight per
-//! core), each holding its free pages and fragments apart. A push touches several threads (the
-//! request's worker, the hashing thread, disk writers, the object store's client), so its
-//! buffers were spread over as many heaps. With one arena a push peaks 4–5 MiB lower (embedded
-//! and scale-out), at the same throughput and CPU; small allocations stay in glibc's per-thread
-//! caches, which take no lock.
+//! The number of heaps is left to glibc (one per busy thread, up to eight per core). One heap
+//! (`MALLOC_ARENA_MAX=1` in the environment) lowers a push's peak by 4–6 MiB but costs a fifth
+//! of the embedded deployment's manifest request rate: the async workers and SQLite's connection
+//! threads then queue for its lock (measured; docs/benchmarks.md).
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -39,15 +37,13 @@ const MMAP_THRESHOLD: libc::c_int = 2 << 20;
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 const TRIM_THRESHOLD: libc::c_int = 4 << 20;
 
-/// Sets the allocator up for a server: one heap, freed buffers reused while busy (see the
-/// module's note). Call it before any other thread starts.
+/// Sets the allocator up for a server: reuse freed buffers while busy (see the module's note).
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets the allocator's parameters; called before the server starts.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
         libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
-        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
 

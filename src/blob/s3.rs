@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt, TryStreamExt};
-use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
 use object_store::signer::{SignedUrlOptions, Signer};
@@ -92,9 +92,13 @@ fn default_part_size() -> usize {
     5
 }
 
-/// Parts in flight per write: with the part being filled, memory per upload stays near four
-/// parts whatever the blob size.
+/// Buffered parts in flight per write: with the part being filled, memory per upload stays near
+/// four parts whatever the blob size.
 const UPLOAD_CONCURRENCY: usize = 3;
+
+/// Streamed parts in flight per write: the one being streamed and the one before, waiting for
+/// the store's answer (each is kept until then). A third adds memory, not speed (measured).
+const STREAMED_IN_FLIGHT: usize = 2;
 
 /// The smallest part S3 accepts for every part but the last.
 const MIN_PART: usize = 5 * 1024 * 1024;
@@ -174,7 +178,11 @@ impl S3Store {
             return Err(Error::Config("storage.s3.part_size_mib must be at least 5".into()));
         }
         let store = config.client(&config.bucket)?;
-        let streamer = if config.signs_payload() {
+        // Customer-provided encryption keys (SSE-C, from the environment) must go with every part,
+        // which only object_store's own requests carry.
+        let sse: AmazonS3ConfigKey = "aws_server_side_encryption".parse()?;
+        let customer_keys = AmazonS3Builder::from_env().get_config_value(&sse).as_deref() == Some("sse-c");
+        let streamer = if config.signs_payload() || customer_keys {
             None
         } else {
             let http = reqwest::Client::builder().build().map_err(|e| Error::Config(e.to_string()))?;
@@ -687,9 +695,10 @@ struct PartWriter {
 }
 
 /// Sends a part of known length as an `UploadPart` to a presigned URL, its body streamed from
-/// the client's request: memory per part is a piece or two, not the part. The payload cannot be
-/// signed (its hash is not known before it is sent), and a part that fails cannot be retried
-/// (its bytes are gone): the write fails and the client sends it again.
+/// the client's request as it arrives rather than gathered first. The payload cannot be signed
+/// (its hash is not known before it is sent). The part's pieces are kept (shared, not copied)
+/// until the store has answered: a part the store refuses or drops — object stores answer 503
+/// under load — is sent again whole by `object_store`, with its retries.
 #[derive(Debug, Clone)]
 struct PartStreamer {
     http: reqwest::Client,
@@ -698,8 +707,55 @@ struct PartStreamer {
 /// How long a presigned part URL stays valid (checked when the request starts).
 const PART_URL_TTL: Duration = Duration::from_secs(15 * 60);
 
+/// Where a streamed part goes: the upload and its part number.
+struct PartTarget {
+    store: Arc<AmazonS3>,
+    path: Path,
+    id: MultipartId,
+    idx: usize,
+}
+
 impl PartStreamer {
-    async fn put(&self, url: reqwest::Url, len: usize, pieces: mpsc::Receiver<Bytes>) -> Result<PartId> {
+    /// Streams the `len` bytes `pieces` delivers as part `target`; falls back to a buffered
+    /// `put_part` of the same pieces if the streamed request fails.
+    async fn put(
+        &self,
+        target: PartTarget,
+        url: reqwest::Url,
+        len: usize,
+        mut pieces: mpsc::Receiver<Bytes>,
+    ) -> Result<PartId> {
+        let (body, body_pieces) = mpsc::channel::<Bytes>(1);
+        let streamed = self.stream(url, len, body_pieces);
+        let feed = async move {
+            let mut kept = Vec::new();
+            let mut body = Some(body);
+            while let Some(piece) = pieces.recv().await {
+                kept.push(piece.clone());
+                // A request that failed stops taking its body; the rest is still kept.
+                if let Some(to_body) = &body
+                    && to_body.send(piece).await.is_err()
+                {
+                    body = None;
+                }
+            }
+            kept
+        };
+        let (streamed, kept) = tokio::join!(streamed, feed);
+        let error = match streamed {
+            Ok(part) => return Ok(part),
+            Err(e) => e,
+        };
+        if kept.iter().map(Bytes::len).sum::<usize>() != len {
+            // The write stopped before the part was whole: nothing to send again.
+            return Err(error);
+        }
+        tracing::info!(storage.key = %target.path, part = target.idx + 1, error = %error, "streamed part failed; sending it again");
+        let PartTarget { store, path, id, idx } = target;
+        Ok(store.put_part(&path, &id, idx, kept.into_iter().collect()).await?)
+    }
+
+    async fn stream(&self, url: reqwest::Url, len: usize, pieces: mpsc::Receiver<Bytes>) -> Result<PartId> {
         let body = futures_util::stream::unfold(pieces, |mut pieces| async move {
             pieces.recv().await.map(|piece| (Ok::<_, std::io::Error>(piece), pieces))
         });
@@ -878,12 +934,15 @@ impl PartWriter {
         let url = self.store.signed_url_opts(http::Method::PUT, &self.path, PART_URL_TTL, &options).await?;
         // One piece queued: the request body takes the client's pieces as the store reads them.
         let (pieces, queued) = mpsc::channel(1);
-        self.in_flight.spawn(async move { Ok((idx, streamer.put(url, len, queued).await?)) });
+        let target =
+            PartTarget { store: self.store.clone(), path: self.path.clone(), id: self.id.clone(), idx };
+        self.in_flight.spawn(async move { Ok((idx, streamer.put(target, url, len, queued).await?)) });
         self.streaming = Some((pieces, len));
         Ok(())
     }
 
-    /// A streamed part's request ended before its body did: its error (or one of another part).
+    /// A streamed part's task ended before its body was handed over (it was aborted or failed):
+    /// its error, or one of another part.
     async fn ended_early(&mut self) -> Result<()> {
         self.streaming = None;
         while !self.in_flight.is_empty() {
@@ -893,10 +952,10 @@ impl PartWriter {
         Err(Error::Io { key: self.path.to_string(), source })
     }
 
-    /// Waits until fewer than [`UPLOAD_CONCURRENCY`] parts are in flight; then takes the next
+    /// Waits until fewer than [`STREAMED_IN_FLIGHT`] parts are in flight; then takes the next
     /// part number and its planned length.
     async fn next_slot(&mut self) -> Result<(usize, usize)> {
-        while self.in_flight.len() >= UPLOAD_CONCURRENCY {
+        while self.in_flight.len() >= STREAMED_IN_FLIGHT {
             self.join_one().await?;
         }
         let slot = (self.next_part, self.sizes.next(self.next_part));

@@ -602,6 +602,7 @@ fn hash_speed() -> serde_json::Value {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.common.load(args.listen.clone())?;
     crate::telemetry::init(&config.log_level, config.log_json);
+    crate::memory::tune_allocator();
     // Bind first: a port in use stops Berth before it creates or opens anything.
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

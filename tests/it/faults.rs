@@ -1,7 +1,8 @@
 //! Failures injected between Berth and its database: a connection to PostgreSQL that breaks
 //! right after a `COMMIT` was sent, so the database commits but Berth never hears it (bytes
 //! that a row may name must never be deleted on the strength of such an error), or that breaks
-//! in the middle of a transaction (which must then leave nothing half-done).
+//! in the middle of a transaction (which must then leave nothing half-done). And between Berth
+//! and its object store: a streamed part whose connection breaks is sent again.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,7 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::harness::*;
 
-/// A TCP proxy in front of PostgreSQL. While armed, the first connection that sends a message
+/// A TCP proxy in front of PostgreSQL (or the S3 server). While armed, the first connection that sends a message
 /// containing the armed bytes has it delivered, and is then cut before the server's answer comes
 /// back: armed with [`COMMIT`] (the simple-query message sqlx ends a transaction with), the
 /// database commits unheard; armed with a statement's text, the transaction dies midway.
@@ -194,4 +195,31 @@ async fn a_delete_cut_off_midway_changes_nothing() {
     let res =
         reg.req(Method::DELETE, &format!("/v2/cut/delete/manifests/{}", img.digest)).send().await.unwrap();
     assert_eq!(res.status(), 202);
+}
+
+// A part streamed from the client's request to the store whose connection breaks before the
+// store answers — as when an object store answers 503 under load or drops the connection — is
+// sent again from the pieces kept for it: the push succeeds and the blob is byte-exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_part_the_store_drops_is_sent_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(mut config) = scale_out_config(dir.path()).await else {
+        eprintln!("skipping: the scale-out deployment is not configured");
+        return;
+    };
+    let s3 = config.storage_s3.as_mut().unwrap();
+    let endpoint = s3.endpoint.clone().unwrap();
+    let cutter = CommitCutter::start(endpoint.trim_start_matches("http://").parse().unwrap()).await;
+    s3.endpoint = Some(format!("http://{}", cutter.addr));
+    assert_eq!(s3.sign_payload, Some(false), "parts of announced writes are streamed");
+    let reg = TestRegistry::start_with(config, dir).await;
+    // Streamed parts go to presigned URLs, signed in the query string; object_store's own
+    // requests carry their signature in a header.
+    cutter.arm_on(b"X-Amz-Signature=");
+    let data = random_bytes(620, 12 * 1024 * 1024 + 9);
+    let digest = reg.upload_blob("cut/part", &data).await;
+    assert!(cutter.fired(), "a streamed part went through the cutter");
+    assert_eq!(reg.get(&format!("/v2/cut/part/blobs/{digest}")).await.bytes().await.unwrap(), data);
+    let objects = reg.app.registry.blobs().list("blobs/").await.unwrap();
+    assert_eq!(objects, vec![reg.storage_key(&digest).await], "one object: the multipart upload's");
 }
