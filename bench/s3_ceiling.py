@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The object store's own ceiling against Berth's scale-out push (issue 15): the same 1 GiB file
 sent to the same bucket (1) as a direct multipart upload — curl with SigV4, 8 MiB parts, three in
-flight (Berth's writer also keeps three in flight, of 5 MiB by default) — and (2) through Berth
+flight (Berth's writer keeps two streamed parts or three gathered ones in flight, of 5 MiB by
+default) — and (2) through Berth
 (PostgreSQL + Garage), monolithic and in 16 MiB chunks. The chunks go one after the other on one
 connection, each once the one before was answered, as registry clients send them (Berth's
 upload location stays the same from chunk to chunk, so one curl sends them all). Target: Berth
