@@ -707,6 +707,15 @@ struct PartStreamer {
 /// How long a presigned part URL stays valid (checked when the request starts).
 const PART_URL_TTL: Duration = Duration::from_secs(15 * 60);
 
+/// How long a streamed part's request may wait for the store to take its next bytes, or to answer
+/// once it has them all, before it counts as failed (and the part is sent again).
+const STORE_PATIENCE: Duration = Duration::from_secs(60);
+
+fn stalled(url: &reqwest::Url, what: &str) -> Error {
+    let source = std::io::Error::other(format!("the store {what} for {} s", STORE_PATIENCE.as_secs()));
+    Error::Io { key: url.path().to_string(), source }
+}
+
 /// Where a streamed part goes: the upload and its part number.
 struct PartTarget {
     store: Arc<AmazonS3>,
@@ -725,26 +734,36 @@ impl PartStreamer {
         len: usize,
         mut pieces: mpsc::Receiver<Bytes>,
     ) -> Result<PartId> {
-        let (body, body_pieces) = mpsc::channel::<Bytes>(1);
-        let streamed = self.stream(url, len, body_pieces);
-        let feed = async move {
-            let mut kept = Vec::new();
-            let mut body = Some(body);
-            while let Some(piece) = pieces.recv().await {
-                kept.push(piece.clone());
-                // A request that failed stops taking its body; the rest is still kept.
-                if let Some(to_body) = &body
-                    && to_body.send(piece).await.is_err()
-                {
-                    body = None;
-                }
+        let (to_body, body) = mpsc::channel::<Bytes>(1);
+        let mut request = std::pin::pin!(self.stream(url.clone(), len, body));
+        let mut to_body = Some(to_body);
+        let mut kept = Vec::new();
+        // The request's outcome once known before the part was handed over whole: a store may
+        // answer (503) before it has read the body, and then hold the connection without reading
+        // on, so the body must stop being fed then — not only when the connection is dropped.
+        let mut outcome = None;
+        while let Some(piece) = pieces.recv().await {
+            kept.push(piece.clone());
+            let Some(body) = to_body.as_ref().filter(|_| outcome.is_none()) else { continue };
+            tokio::select! {
+                sent = tokio::time::timeout(STORE_PATIENCE, body.send(piece)) => match sent {
+                    Ok(Ok(())) => {}
+                    // The request dropped its body: it ended, and says how below.
+                    Ok(Err(_)) => to_body = None,
+                    Err(_) => outcome = Some(Err(stalled(&url, "took no bytes"))),
+                },
+                answered = &mut request => outcome = Some(answered),
             }
-            kept
-        };
-        let (streamed, kept) = tokio::join!(streamed, feed);
-        let error = match streamed {
-            Ok(part) => return Ok(part),
-            Err(e) => e,
+        }
+        drop(to_body);
+        let error = match outcome {
+            Some(Ok(part)) => return Ok(part),
+            Some(Err(e)) => e,
+            None => match tokio::time::timeout(STORE_PATIENCE, &mut request).await {
+                Ok(Ok(part)) => return Ok(part),
+                Ok(Err(e)) => e,
+                Err(_) => stalled(&url, "did not answer"),
+            },
         };
         if kept.iter().map(Bytes::len).sum::<usize>() != len {
             // The write stopped before the part was whole: nothing to send again.

@@ -22,7 +22,12 @@ struct CommitCutter {
     addr: std::net::SocketAddr,
     armed: Arc<AtomicBool>,
     pattern: Arc<std::sync::Mutex<Vec<u8>>>,
+    answer: Answer,
 }
+
+/// What the hit connection's client gets instead of the server's answer, if anything: then the
+/// connection stays open, and nothing more is read from it.
+type Answer = Arc<std::sync::Mutex<Option<Vec<u8>>>>;
 
 /// The simple-query message `COMMIT`: 'Q', its length (4 + 7), the text with its NUL.
 const COMMIT: &[u8] = b"Q\0\0\0\x0bCOMMIT\0";
@@ -33,14 +38,22 @@ impl CommitCutter {
         let addr = listener.local_addr().unwrap();
         let armed = Arc::new(AtomicBool::new(false));
         let pattern = Arc::new(std::sync::Mutex::new(COMMIT.to_vec()));
-        let (arm, pat) = (armed.clone(), pattern.clone());
+        let answer = Answer::default();
+        let (arm, pat, ans) = (armed.clone(), pattern.clone(), answer.clone());
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let server = TcpStream::connect(upstream).await.unwrap();
-                tokio::spawn(relay(client, server, arm.clone(), pat.clone()));
+                tokio::spawn(relay(client, server, arm.clone(), pat.clone(), ans.clone()));
             }
         });
-        CommitCutter { addr, armed, pattern }
+        CommitCutter { addr, armed, pattern, answer }
+    }
+
+    /// Answers `answer` to the connection that next sends `bytes` — before the request is
+    /// read whole — and then holds that connection open without reading from it.
+    fn answer_early_on(&self, bytes: &[u8], answer: &[u8]) {
+        *self.answer.lock().unwrap() = Some(answer.to_vec());
+        self.arm_on(bytes);
     }
 
     /// Cuts the connection that next sends `COMMIT`.
@@ -64,8 +77,11 @@ async fn relay(
     server: TcpStream,
     armed: Arc<AtomicBool>,
     pattern: Arc<std::sync::Mutex<Vec<u8>>>,
+    answer: Answer,
 ) {
-    let (mut client_rx, mut client_tx) = client.into_split();
+    let (mut client_rx, client_tx) = client.into_split();
+    let client_tx = Arc::new(tokio::sync::Mutex::new(client_tx));
+    let answer_tx = client_tx.clone();
     let (mut server_rx, mut server_tx) = server.into_split();
     let cut = Arc::new(AtomicBool::new(false));
     let cut_up = cut.clone();
@@ -83,6 +99,12 @@ async fn relay(
             if hit && armed.compare_exchange(true, false, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
                 // Cut the way back first, so the answer can never get through.
                 cut_up.store(true, Ordering::SeqCst);
+                let early = answer.lock().unwrap().take();
+                if let Some(early) = early {
+                    let _ = answer_tx.lock().await.write_all(&early).await;
+                    // Hold the connection, reading nothing more.
+                    std::future::pending::<()>().await;
+                }
                 let _ = server_tx.write_all(&buf[..n]).await;
                 // Give the server time to commit before the connection goes away.
                 tokio::time::sleep(std::time::Duration::from_millis(300)).await;
@@ -100,7 +122,7 @@ async fn relay(
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
-            if cut.load(Ordering::SeqCst) || client_tx.write_all(&buf[..n]).await.is_err() {
+            if cut.load(Ordering::SeqCst) || client_tx.lock().await.write_all(&buf[..n]).await.is_err() {
                 return;
             }
         }
@@ -222,4 +244,31 @@ async fn a_streamed_part_the_store_drops_is_sent_again() {
     assert_eq!(reg.get(&format!("/v2/cut/part/blobs/{digest}")).await.bytes().await.unwrap(), data);
     let objects = reg.app.registry.blobs().list("blobs/").await.unwrap();
     assert_eq!(objects, vec![reg.storage_key(&digest).await], "one object: the multipart upload's");
+}
+
+// A store that answers a streamed part before reading it whole (Garage answers 503 so when its
+// metadata database is busy) and then holds the connection without reading on: the part is
+// sent again instead of the write waiting forever for the store to take the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_part_the_store_answers_early_is_sent_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(mut config) = scale_out_config(dir.path()).await else {
+        eprintln!("skipping: the scale-out deployment is not configured");
+        return;
+    };
+    let s3 = config.storage_s3.as_mut().unwrap();
+    let endpoint = s3.endpoint.clone().unwrap();
+    let cutter = CommitCutter::start(endpoint.trim_start_matches("http://").parse().unwrap()).await;
+    s3.endpoint = Some(format!("http://{}", cutter.addr));
+    let reg = TestRegistry::start_with(config, dir).await;
+    cutter.answer_early_on(
+        b"X-Amz-Signature=",
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/xml\r\ncontent-length: 0\r\n\r\n",
+    );
+    let data = random_bytes(621, 12 * 1024 * 1024 + 9);
+    let pushed =
+        tokio::time::timeout(std::time::Duration::from_secs(30), reg.upload_blob("cut/early", &data));
+    let digest = pushed.await.expect("the push finished instead of waiting on the held connection");
+    assert!(cutter.fired(), "a streamed part was answered early");
+    assert_eq!(reg.get(&format!("/v2/cut/early/blobs/{digest}")).await.bytes().await.unwrap(), data);
 }
