@@ -75,6 +75,13 @@ pub struct RuleLabels {
 
 impl Default for BerthMetrics {
     fn default() -> Self {
+        BerthMetrics::new(Counter::default())
+    }
+}
+
+impl BerthMetrics {
+    /// The metrics of a registry whose blob storage counts its resent parts in `parts_resent`.
+    pub fn new(parts_resent: Counter) -> Self {
         let mut registry = Metrics::with_prefix("berth");
         let r = &mut registry;
         let requests = registered(
@@ -91,6 +98,13 @@ impl Default for BerthMetrics {
             Family::<RouteLabels, Histogram>::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.000_25, 2.0, 17))
             }),
+        );
+        // Counted by the blob storage itself; registered here so it is rendered with the rest.
+        registered(
+            r,
+            "storage_parts_resent",
+            "Object-store parts streamed from a request that failed and were sent again",
+            parts_resent,
         );
         BerthMetrics {
             requests,

@@ -201,6 +201,15 @@ impl BlobStore {
         Ok(BlobStore(Backend::S3(s3::S3Store::open(config)?)))
     }
 
+    /// The count of object-store parts that were streamed, failed, and were sent again (`None`
+    /// where parts are not streamed), for the metrics.
+    pub fn parts_resent(&self) -> Option<prometheus_client::metrics::counter::Counter> {
+        match &self.0 {
+            Backend::Filesystem(_) => None,
+            Backend::S3(s) => s.parts_resent(),
+        }
+    }
+
     /// A short description for logs.
     pub fn describe(&self) -> String {
         match &self.0 {

@@ -17,6 +17,7 @@ use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
 use object_store::signer::{SignedUrlOptions, Signer};
 use object_store::{GetOptions, GetRange, MultipartId, ObjectStore, ObjectStoreExt, PutPayload};
+use prometheus_client::metrics::counter::Counter;
 use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -186,7 +187,7 @@ impl S3Store {
             None
         } else {
             let http = reqwest::Client::builder().build().map_err(|e| Error::Config(e.to_string()))?;
-            Some(PartStreamer { http })
+            Some(PartStreamer { http, resent: Counter::default() })
         };
         let prefix = config.prefix.as_deref().unwrap_or("").trim_matches('/');
         Ok(S3Store {
@@ -201,6 +202,11 @@ impl S3Store {
 
     pub(super) fn describe(&self) -> String {
         format!("s3 bucket {} prefix {:?}", self.bucket, self.prefix)
+    }
+
+    /// The count of streamed parts sent again, if parts are streamed.
+    pub(super) fn parts_resent(&self) -> Option<Counter> {
+        self.streamer.as_ref().map(|s| s.resent.clone())
     }
 
     fn path(&self, key: &str) -> Path {
@@ -702,6 +708,8 @@ struct PartWriter {
 #[derive(Debug, Clone)]
 struct PartStreamer {
     http: reqwest::Client,
+    /// Parts sent again after their streamed request failed (`berth_storage_parts_resent`).
+    resent: Counter,
 }
 
 /// How long a presigned part URL stays valid (checked when the request starts).
@@ -770,6 +778,7 @@ impl PartStreamer {
             return Err(error);
         }
         tracing::info!(storage.key = %target.path, part = target.idx + 1, error = %error, "streamed part failed; sending it again");
+        self.resent.inc();
         let PartTarget { store, path, id, idx } = target;
         Ok(store.put_part(&path, &id, idx, kept.into_iter().collect()).await?)
     }

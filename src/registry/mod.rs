@@ -110,6 +110,7 @@ pub struct Registry {
 impl Registry {
     /// A registry over `meta` and `blobs` applying `policy`.
     pub fn new(meta: MetaStore, blobs: BlobStore, clock: Clock, policy: Policy) -> Self {
+        let metrics = crate::metrics::BerthMetrics::new(blobs.parts_resent().unwrap_or_default());
         Registry {
             meta,
             blobs,
@@ -118,7 +119,7 @@ impl Registry {
             upload_locks: Arc::default(),
             access: Arc::default(),
             instance: instance_name().into(),
-            metrics: Arc::default(),
+            metrics: Arc::new(metrics),
         }
     }
 

@@ -242,6 +242,7 @@ async fn a_streamed_part_the_store_drops_is_sent_again() {
     let digest = reg.upload_blob("cut/part", &data).await;
     assert!(cutter.fired(), "a streamed part went through the cutter");
     assert_eq!(reg.get(&format!("/v2/cut/part/blobs/{digest}")).await.bytes().await.unwrap(), data);
+    assert_eq!(parts_resent(&reg).await, Some(1.0));
     let objects = reg.app.registry.blobs().list("blobs/").await.unwrap();
     assert_eq!(objects, vec![reg.storage_key(&digest).await], "one object: the multipart upload's");
 }
@@ -271,4 +272,11 @@ async fn a_streamed_part_the_store_answers_early_is_sent_again() {
     let digest = pushed.await.expect("the push finished instead of waiting on the held connection");
     assert!(cutter.fired(), "a streamed part was answered early");
     assert_eq!(reg.get(&format!("/v2/cut/early/blobs/{digest}")).await.bytes().await.unwrap(), data);
+    assert_eq!(parts_resent(&reg).await, Some(1.0));
+}
+
+/// `berth_storage_parts_resent_total` as `/metrics` reports it.
+async fn parts_resent(reg: &TestRegistry) -> Option<f64> {
+    let text = reg.get("/metrics").await.text().await.unwrap();
+    crate::metrics::sample(&text, "berth_storage_parts_resent_total", &[])
 }
