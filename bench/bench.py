@@ -132,11 +132,16 @@ sign_payload = {"true" if sign_payload else "false"}
 """
 
 
-def start_reference(work, env_extra=None):
+def start_reference(work, env_extra=None, storage=None, name="reference"):
+    """The reference registry on its filesystem driver under `work`, or on the driver the YAML
+    lines `storage` configure (indented under `storage:`)."""
     port = free_port()
-    root = os.path.join(work, "reference")
-    os.makedirs(root, exist_ok=True)
-    cfg = os.path.join(work, "reference.yml")
+    root = None
+    if storage is None:
+        root = os.path.join(work, name)
+        os.makedirs(root, exist_ok=True)
+        storage = f"  filesystem:\n    rootdirectory: {root}\n"
+    cfg = os.path.join(work, f"{name}.yml")
     with open(cfg, "w") as f:
         f.write(f"""version: 0.1
 log:
@@ -144,19 +149,18 @@ log:
   accesslog:
     disabled: true
 storage:
-  filesystem:
-    rootdirectory: {root}
-  delete:
+{storage}  delete:
     enabled: true
 http:
   addr: 127.0.0.1:{port}
 """)
     binary = shutil.which("docker-registry") or "/usr/bin/docker-registry"
-    proc = subprocess.Popen([binary, "serve", cfg], env=dict(os.environ, **(env_extra or {})),
-                            stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "reference.log"), "w"))
+    env = {k: v for k, v in dict(os.environ, **(env_extra or {})).items() if v is not None}
+    proc = subprocess.Popen([binary, "serve", cfg], env=env,
+                            stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, f"{name}.log"), "w"))
     base = f"http://127.0.0.1:{port}"
     wait_http(base + "/v2/")
-    return Server("reference", proc, base, root)
+    return Server(name, proc, base, root)
 
 
 # ----------------------------------------------------------------------------- HTTP helpers

@@ -13,7 +13,6 @@ Run through `bench/run reference-s3 [--quick]`.
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import uuid
@@ -49,16 +48,7 @@ def start_moto(work, python):
 
 
 def start_reference_s3(work, endpoint):
-    port = bench.free_port()
-    cfg = os.path.join(work, "reference-s3.yml")
-    with open(cfg, "w") as f:
-        f.write(f"""version: 0.1
-log:
-  level: error
-  accesslog:
-    disabled: true
-storage:
-  s3:
+    storage = f"""  s3:
     accesskey: bench
     secretkey: bench
     region: us-east-1
@@ -66,19 +56,11 @@ storage:
     bucket: reference
     secure: false
     v4auth: true
-  delete:
-    enabled: true
-http:
-  addr: 127.0.0.1:{port}
-""")
+"""
     # The AWS SDK in the reference refuses a custom CA bundle with its own HTTP transport.
-    env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
-    binary = shutil.which("docker-registry") or "/usr/bin/docker-registry"
-    proc = subprocess.Popen([binary, "serve", cfg], env=env, stdout=subprocess.DEVNULL,
-                            stderr=open(os.path.join(work, "reference-s3.log"), "w"))
-    base = f"http://127.0.0.1:{port}"
-    bench.wait_http(base + "/v2/")
-    return bench.Server("reference (S3 driver)", proc, base)
+    server = bench.start_reference(work, env_extra={"AWS_CA_BUNDLE": None}, storage=storage, name="reference-s3")
+    server.name = "reference (S3 driver)"
+    return server
 
 
 def berth_config(pg_server, endpoint, signed):

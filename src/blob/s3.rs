@@ -719,9 +719,13 @@ const PART_URL_TTL: Duration = Duration::from_secs(15 * 60);
 /// once it has them all, before it counts as failed (and the part is sent again).
 const STORE_PATIENCE: Duration = Duration::from_secs(60);
 
+/// A streamed part's request to `url` failed: `what` happened.
+fn part_failed(url: &reqwest::Url, what: String) -> Error {
+    Error::Io { key: url.path().to_string(), source: std::io::Error::other(what) }
+}
+
 fn stalled(url: &reqwest::Url, what: &str) -> Error {
-    let source = std::io::Error::other(format!("the store {what} for {} s", STORE_PATIENCE.as_secs()));
-    Error::Io { key: url.path().to_string(), source }
+    part_failed(url, format!("the store {what} for {} s", STORE_PATIENCE.as_secs()))
 }
 
 /// Where a streamed part goes: the upload and its part number.
@@ -787,8 +791,7 @@ impl PartStreamer {
         let body = futures_util::stream::unfold(pieces, |mut pieces| async move {
             pieces.recv().await.map(|piece| (Ok::<_, std::io::Error>(piece), pieces))
         });
-        let failed =
-            |what: String| Error::Io { key: url.path().to_string(), source: std::io::Error::other(what) };
+        let failed = |what: String| part_failed(&url, what);
         let response = self
             .http
             .put(url.clone())
@@ -983,9 +986,7 @@ impl PartWriter {
     /// Waits until fewer than [`STREAMED_IN_FLIGHT`] parts are in flight; then takes the next
     /// part number and its planned length.
     async fn next_slot(&mut self) -> Result<(usize, usize)> {
-        while self.in_flight.len() >= STREAMED_IN_FLIGHT {
-            self.join_one().await?;
-        }
+        self.make_room(STREAMED_IN_FLIGHT).await?;
         let slot = (self.next_part, self.sizes.next(self.next_part));
         self.sizes.advance();
         self.next_part += 1;
@@ -993,15 +994,21 @@ impl PartWriter {
     }
 
     async fn send(&mut self, part: PutPayload) -> Result<()> {
-        while self.in_flight.len() >= UPLOAD_CONCURRENCY {
-            self.join_one().await?;
-        }
+        self.make_room(UPLOAD_CONCURRENCY).await?;
         let (store, path, id, idx) = (self.store.clone(), self.path.clone(), self.id.clone(), self.next_part);
         self.next_part += 1;
         self.in_flight.spawn(async move {
             let part_id = store.put_part(&path, &id, idx, part).await?;
             Ok((idx, part_id))
         });
+        Ok(())
+    }
+
+    /// Waits until fewer than `limit` parts are in flight.
+    async fn make_room(&mut self, limit: usize) -> Result<()> {
+        while self.in_flight.len() >= limit {
+            self.join_one().await?;
+        }
         Ok(())
     }
 

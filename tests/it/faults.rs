@@ -219,22 +219,28 @@ async fn a_delete_cut_off_midway_changes_nothing() {
     assert_eq!(res.status(), 202);
 }
 
+/// A scale-out registry whose requests to the S3 server pass through a [`CommitCutter`]; its
+/// request bodies are unsigned (the harness's default), so parts of announced writes stream.
+async fn registry_with_s3_behind_a_cutter() -> Option<(TestRegistry, CommitCutter)> {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = scale_out_config(dir.path()).await?;
+    let s3 = config.storage_s3.as_mut().unwrap();
+    assert_eq!(s3.sign_payload, Some(false), "parts of announced writes are streamed");
+    let endpoint = s3.endpoint.clone().unwrap();
+    let cutter = CommitCutter::start(endpoint.trim_start_matches("http://").parse().unwrap()).await;
+    s3.endpoint = Some(format!("http://{}", cutter.addr));
+    Some((TestRegistry::start_with(config, dir).await, cutter))
+}
+
 // A part streamed from the client's request to the store whose connection breaks before the
 // store answers — as when an object store answers 503 under load or drops the connection — is
 // sent again from the pieces kept for it: the push succeeds and the blob is byte-exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streamed_part_the_store_drops_is_sent_again() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some(mut config) = scale_out_config(dir.path()).await else {
+    let Some((reg, cutter)) = registry_with_s3_behind_a_cutter().await else {
         eprintln!("skipping: the scale-out deployment is not configured");
         return;
     };
-    let s3 = config.storage_s3.as_mut().unwrap();
-    let endpoint = s3.endpoint.clone().unwrap();
-    let cutter = CommitCutter::start(endpoint.trim_start_matches("http://").parse().unwrap()).await;
-    s3.endpoint = Some(format!("http://{}", cutter.addr));
-    assert_eq!(s3.sign_payload, Some(false), "parts of announced writes are streamed");
-    let reg = TestRegistry::start_with(config, dir).await;
     // Streamed parts go to presigned URLs, signed in the query string; object_store's own
     // requests carry their signature in a header.
     cutter.arm_on(b"X-Amz-Signature=");
@@ -252,16 +258,10 @@ async fn a_streamed_part_the_store_drops_is_sent_again() {
 // sent again instead of the write waiting forever for the store to take the rest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streamed_part_the_store_answers_early_is_sent_again() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some(mut config) = scale_out_config(dir.path()).await else {
+    let Some((reg, cutter)) = registry_with_s3_behind_a_cutter().await else {
         eprintln!("skipping: the scale-out deployment is not configured");
         return;
     };
-    let s3 = config.storage_s3.as_mut().unwrap();
-    let endpoint = s3.endpoint.clone().unwrap();
-    let cutter = CommitCutter::start(endpoint.trim_start_matches("http://").parse().unwrap()).await;
-    s3.endpoint = Some(format!("http://{}", cutter.addr));
-    let reg = TestRegistry::start_with(config, dir).await;
     cutter.answer_early_on(
         b"X-Amz-Signature=",
         b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/xml\r\ncontent-length: 0\r\n\r\n",
