@@ -105,9 +105,9 @@ fn apply_limits(
 
 /// The most a connection reads ahead. Large reads matter for uploads: with 64 KiB reads a push
 /// costs a third more CPU, in wake-ups; 512 KiB costs no more than 1 MiB and keeps less memory
-/// pinned by body pieces still queued for hashing or storage (docs/benchmarks.md). Request heads larger than
-/// `limits.max_header_bytes` but within this buffer get their 431 from `api::limits::limit_head`;
-/// beyond it the HTTP parser answers 431 itself.
+/// pinned by body pieces still queued for hashing or storage (docs/benchmarks.md). Request
+/// heads larger than `limits.max_header_bytes` but within this buffer get their 431 from
+/// `api::limits::limit_head`; beyond it the HTTP parser answers 431 itself.
 fn read_buffer_bytes(limits: &crate::config::Limits) -> usize {
     limits.max_header_bytes.max(512 << 10)
 }
