@@ -45,6 +45,7 @@ impl App {
             blob_grace_ms: ms(config.gc.blob_grace),
             untagged_grace_ms: ms(config.gc.untagged_grace),
             restore_window_ms: ms(config.gc.restore_window),
+            margin_ms: ms(config.gc.access_flush_interval).saturating_add(ms(config.gc.clock_skew)),
         };
         let meta = MetaStore::open(&config.metadata_url, &pool)
             .await?

@@ -85,6 +85,9 @@ pub struct GcSettings {
     /// How often each replica writes the pull and `HEAD` times it noted (the collector's grace
     /// margins must exceed it).
     pub access_flush_interval: Duration,
+    /// How far apart the replicas' clocks may be; with `access_flush_interval` it makes the
+    /// collector's margin over `blob_grace`.
+    pub clock_skew: Duration,
     /// How long an uploaded, mounted, linked or `HEAD`-answered blob is kept although nothing
     /// references it (the time between a layer push and the manifest push that uses it).
     pub blob_grace: Duration,
@@ -107,6 +110,7 @@ impl Default for GcSettings {
         GcSettings {
             restore_window: Duration::from_secs(7 * 24 * 3600),
             access_flush_interval: Duration::from_secs(1),
+            clock_skew: Duration::from_secs(2),
             blob_grace: Duration::from_secs(24 * 3600),
             untagged_grace: Duration::from_secs(7 * 24 * 3600),
             enabled: true,
@@ -115,6 +119,36 @@ impl Default for GcSettings {
             sweep_interval: Duration::from_secs(60),
             scrub_period: Duration::from_secs(7 * 24 * 3600),
         }
+    }
+}
+
+impl GcSettings {
+    /// Refuses windows the collector cannot keep its promises with: a zero window (a tombstone
+    /// or blob would go in the instant it was made), and a `blob_grace` no longer than the
+    /// margin the collector keeps over the access writer and the replicas' clocks.
+    ///
+    /// # Errors
+    /// A message naming the setting.
+    pub fn check_windows(&self) -> Result<(), ConfigError> {
+        for (name, window) in [
+            ("gc.restore_window", self.restore_window),
+            ("gc.blob_grace", self.blob_grace),
+            ("gc.untagged_grace", self.untagged_grace),
+        ] {
+            if window.is_zero() {
+                return Err(ConfigError(format!("{name} must be more than zero")));
+            }
+        }
+        let margin = self.access_flush_interval + self.clock_skew;
+        if self.blob_grace <= margin {
+            return Err(ConfigError(format!(
+                "gc.blob_grace ({} ms) must exceed gc.access_flush_interval + gc.clock_skew ({} ms): \
+                 a blob answered to a HEAD on one replica must outlive that replica's unwritten note of it",
+                self.blob_grace.as_millis(),
+                margin.as_millis()
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -256,6 +290,7 @@ struct MetricsSection {
 struct GcSection {
     restore_window: Option<String>,
     access_flush_interval: Option<String>,
+    clock_skew: Option<String>,
     blob_grace: Option<String>,
     untagged_grace: Option<String>,
     enabled: Option<bool>,
@@ -490,6 +525,7 @@ impl Config {
                 "gc.untagged_grace",
                 &mut cfg.gc.untagged_grace,
             ),
+            (parsed.gc.clock_skew, "BERTH_GC_CLOCK_SKEW", "gc.clock_skew", &mut cfg.gc.clock_skew),
             (parsed.gc.interval, "BERTH_GC_INTERVAL", "gc.interval", &mut cfg.gc.interval),
             (
                 parsed.gc.sweep_interval,
@@ -536,6 +572,7 @@ impl Config {
             }
             cfg.gc.access_flush_interval = every;
         }
+        cfg.gc.check_windows()?;
         for p in &parsed.manifests.sparse_index_repositories {
             let pattern = crate::auth::Pattern::parse(p)
                 .map_err(|e| ConfigError(format!("manifests.sparse_index_repositories: `{p}`: {e}")))?;
@@ -953,5 +990,34 @@ tags = "release-.*"
                 .contains("immutable rule `x`")
         );
         assert!(err("[[retention.rules]]\nname = \"x\"\nkeep_last = 1\nfoo = 1\n").contains("unknown field"));
+    }
+
+    #[test]
+    fn windows_the_collector_cannot_keep_are_refused() {
+        for toml in [
+            "[gc]\nrestore_window = \"0s\"\n",
+            "[gc]\nblob_grace = \"0ms\"\n",
+            "[gc]\nuntagged_grace = \"0s\"\n",
+            // The default margin is 1 s of access flush + 2 s of clock skew.
+            "[gc]\nblob_grace = \"3s\"\n",
+            "[gc]\nblob_grace = \"2s\"\naccess_flush_interval = \"500ms\"\nclock_skew = \"1500ms\"\n",
+        ] {
+            let err = load(toml, &[], &Overrides::default()).expect_err(toml).to_string();
+            assert!(err.contains("gc."), "{toml}: {err}");
+        }
+        let ok = load(
+            "[gc]\nblob_grace = \"2s\"\naccess_flush_interval = \"500ms\"\nclock_skew = \"1s\"\n",
+            &[],
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(ok.gc.clock_skew, Duration::from_secs(1));
+        let env = [("BERTH_GC_CLOCK_SKEW", "10ms")];
+        let ok = load(
+            "[gc]\nblob_grace = \"100ms\"\naccess_flush_interval = \"50ms\"\n",
+            &env,
+            &Overrides::default(),
+        );
+        assert_eq!(ok.unwrap().gc.clock_skew, Duration::from_millis(10));
     }
 }

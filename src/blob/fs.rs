@@ -177,6 +177,14 @@ impl FsStore {
         Ok(here.dev() == there.dev())
     }
 
+    /// Whether `dir` lies inside one of the trees this store writes and sweeps (`blobs/`,
+    /// `uploads/`): a tree there would be taken for Berth's own objects.
+    pub(super) fn owns_tree_of(&self, dir: &Path) -> Result<bool> {
+        let dir = std::fs::canonicalize(dir).map_err(io_err(&dir.to_string_lossy()))?;
+        let root = std::fs::canonicalize(&self.root).map_err(io_err("."))?;
+        Ok(super::OWN_TREES.iter().any(|tree| dir.starts_with(root.join(tree))))
+    }
+
     pub(super) async fn delete(&self, key: &str) -> Result<()> {
         match tokio::fs::remove_file(self.file(key)).await {
             Ok(()) => Ok(()),

@@ -26,6 +26,8 @@ use futures_util::Stream;
 use futures_util::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 
+/// The trees under the store's root (or prefix) that Berth writes, sweeps and deletes from.
+pub(crate) const OWN_TREES: [&str; 2] = ["blobs", "uploads"];
 pub use s3::S3Config;
 
 use crate::oci::{Algorithm, Digest};
@@ -405,9 +407,18 @@ impl BlobStore {
     /// # Errors
     /// [`Error::Config`] saying why not.
     pub fn check_adoptable(&self, root: &Origin) -> Result<()> {
+        let inside_own_tree = || {
+            Error::Config(format!(
+                "the reference registry's root lies inside Berth's own {} tree, which Berth sweeps \
+                 and deletes from; keep it beside them",
+                OWN_TREES.join("/ or ")
+            ))
+        };
         match (&self.0, root) {
             (Backend::Filesystem(s), Origin::File(dir)) => {
-                if s.same_filesystem(dir)? {
+                if s.owns_tree_of(dir)? {
+                    Err(inside_own_tree())
+                } else if s.same_filesystem(dir)? {
                     Ok(())
                 } else {
                     Err(Error::Config(format!(
@@ -419,7 +430,13 @@ impl BlobStore {
                 }
             }
             (Backend::S3(s), Origin::Object { bucket, key }) => match s.key_of(bucket, key) {
-                Some(_) => Ok(()),
+                Some(relative) => {
+                    let relative = relative.trim_start_matches('/');
+                    let inside = OWN_TREES
+                        .iter()
+                        .any(|tree| relative == *tree || relative.starts_with(&format!("{tree}/")));
+                    if inside { Err(inside_own_tree()) } else { Ok(()) }
+                }
                 None => Err(Error::Config(format!(
                     "s3://{bucket}/{key} is outside Berth's storage ({}): blobs are adopted where they \
                      are, so the reference registry's root must be in Berth's bucket, under its prefix",

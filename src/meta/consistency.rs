@@ -30,7 +30,7 @@ pub struct Finding {
 }
 
 /// The reference checks: (kind, query returning repository, subject, detail, is an error).
-const CHECKS: [(&str, &str, bool); 5] = [
+const CHECKS: [(&str, &str, bool); 6] = [
     (
         "manifest-blob-not-linked",
         "SELECT r.name, m.digest, 'references blob ' || b.digest || ', which is not linked in the repository' \
@@ -61,6 +61,13 @@ const CHECKS: [(&str, &str, bool); 5] = [
         true,
     ),
     (
+        "live-manifest-unrestorable",
+        "SELECT r.name, m.digest, 'is live but marked unrestorable: ' || m.unrestorable \
+         FROM manifests m JOIN repositories r ON r.id = m.repository_id \
+         WHERE m.deleted_at IS NULL AND m.unrestorable IS NOT NULL",
+        true,
+    ),
+    (
         "restorable-tombstone-missing-blob",
         "SELECT r.name, m.digest, 'is marked restorable but blob ' || b.digest || ' is no longer linked' \
          FROM manifest_blobs mb JOIN manifests m ON m.id = mb.manifest_id JOIN blobs b ON b.id = mb.blob_id \
@@ -70,6 +77,29 @@ const CHECKS: [(&str, &str, bool); 5] = [
         false,
     ),
 ];
+
+/// Kinds of findings from the live manifests' own payloads (checked by `fsck`, not in SQL): a
+/// blob or child the payload names that the repository does not hold, or a payload that no
+/// longer parses.
+pub const PAYLOAD_FINDINGS: [&str; 3] =
+    ["payload-blob-missing", "payload-child-missing", "payload-unreadable"];
+
+/// A live manifest as `fsck` reads it: its payload is the truth about what it references.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct LiveManifest {
+    /// Its row id (for paging).
+    pub id: i64,
+    /// Its repository's row id.
+    pub repository_id: i64,
+    /// Its repository.
+    pub repository: String,
+    /// Its digest.
+    pub digest: String,
+    /// The media type it is served with.
+    pub media_type: String,
+    /// The bytes pushed.
+    pub payload: Vec<u8>,
+}
 
 /// Kinds of findings about stored bytes (checked by `fsck` and the scrub, not in SQL).
 pub const BLOB_FINDINGS: [&str; 4] = ["blob-missing", "blob-size", "blob-content", "blob-digest"];
@@ -89,6 +119,7 @@ pub(super) fn finding_kind(kind: &str) -> &'static str {
     BLOB_FINDINGS
         .into_iter()
         .chain(QUEUE_FINDINGS)
+        .chain(PAYLOAD_FINDINGS)
         .chain(reference_kinds())
         .find(|k| *k == kind)
         .unwrap_or("other")
@@ -107,6 +138,73 @@ impl MetaStore {
         .bind(limit)
         .fetch_all(&self.read)
         .await?)
+    }
+
+    /// Live manifests with an id above `after`, by id, at most `limit`, with their payloads.
+    ///
+    /// # Errors
+    /// [`super::Error::Database`].
+    pub async fn live_manifests_after(&self, after: i64, limit: i64) -> Result<Vec<LiveManifest>> {
+        Ok(sqlx::query_as(
+            "SELECT m.id, m.repository_id, r.name AS repository, m.digest, m.media_type, m.payload \
+             FROM manifests m JOIN repositories r ON r.id = m.repository_id \
+             WHERE m.id > $1 AND m.deleted_at IS NULL ORDER BY m.id LIMIT $2",
+        )
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.read)
+        .await?)
+    }
+
+    /// Whether manifest row `id` is still there and live.
+    ///
+    /// # Errors
+    /// [`super::Error::Database`].
+    pub async fn manifest_is_live(&self, id: i64) -> Result<bool> {
+        let row: Option<(i64,)> =
+            sqlx::query_as("SELECT id FROM manifests WHERE id = $1 AND deleted_at IS NULL")
+                .bind(id)
+                .fetch_optional(&self.read)
+                .await?;
+        Ok(row.is_some())
+    }
+
+    /// Of `blobs`, those linked into repository `repo_id` with a blob row; of `children`, those
+    /// live in it — what a manifest of that repository may reference. One snapshot each.
+    ///
+    /// # Errors
+    /// [`super::Error::Database`].
+    pub async fn held_references(
+        &self,
+        repo_id: i64,
+        blobs: &[String],
+        children: &[String],
+    ) -> Result<(Vec<String>, Vec<String>)> {
+        let mut held = (Vec::new(), Vec::new());
+        for (names, sql, out) in [
+            (
+                blobs,
+                "SELECT b.digest FROM blobs b JOIN repository_blobs rb ON rb.blob_id = b.id \
+                 WHERE rb.repository_id = $1 AND b.digest IN",
+                &mut held.0,
+            ),
+            (
+                children,
+                "SELECT digest FROM manifests WHERE repository_id = $1 AND deleted_at IS NULL AND digest IN",
+                &mut held.1,
+            ),
+        ] {
+            for chunk in names.chunks(500) {
+                let list = (0..chunk.len()).map(|i| format!("${}", i + 2)).collect::<Vec<_>>().join(", ");
+                let sql = format!("{sql} ({list})");
+                let mut q = sqlx::query_as::<_, (String,)>(&sql).bind(repo_id);
+                for name in chunk {
+                    q = q.bind(name);
+                }
+                out.extend(q.fetch_all(&self.read).await?.into_iter().map(|(d,)| d));
+            }
+        }
+        Ok(held)
     }
 
     /// The storage keys (or, on object storage, key prefixes) of the open upload sessions.

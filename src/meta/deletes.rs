@@ -9,7 +9,7 @@
 use sqlx::AnyConnection;
 
 use super::gc::Review;
-use super::tags::{TagCondition, TagCtx, TagOutcome, TagWrite};
+use super::tags::TagCondition;
 use super::{Error, MetaStore, Result, TxError, transaction};
 use crate::oci::{Digest, RepoName, Tag};
 use crate::retention::ImmutableTags;
@@ -61,9 +61,9 @@ impl TxError for DeleteError {
     }
 }
 
-type DeleteResult<T> = std::result::Result<T, DeleteError>;
+pub(super) type DeleteResult<T> = std::result::Result<T, DeleteError>;
 
-fn refuse<T>(r: Refusal) -> DeleteResult<T> {
+pub(super) fn refuse<T>(r: Refusal) -> DeleteResult<T> {
     Err(DeleteError::Refused(r))
 }
 
@@ -93,14 +93,11 @@ pub struct Purged {
     pub unlinked_from: Vec<String>,
 }
 
-/// id, deleted_at, delete_id, deleted_why, unrestorable.
-type TombstoneRow = (i64, Option<i64>, Option<i64>, Option<String>, Option<String>);
-
-/// A manifest row as the delete code needs it.
+/// A manifest row as the delete and restore code needs it.
 #[derive(Debug, Clone, sqlx::FromRow)]
-struct Target {
-    id: i64,
-    digest: String,
+pub(super) struct Target {
+    pub id: i64,
+    pub digest: String,
 }
 
 impl MetaStore {
@@ -290,8 +287,10 @@ impl MetaStore {
 
     /// Tombstones manifest `digest` of `repo` with its referrers and removes their tags, in one
     /// transaction. Refused while a live image index in the repository lists it (or one of the
-    /// referrers going with it), while a tag on them is immutable, and — with `only_untagged` —
-    /// when it has a tag (retention evaluated it untagged; a push since wins).
+    /// referrers going with it), while a tag on them is immutable, and — with
+    /// `only_if_untagged_since`, retention's condition — when it has a tag or was pushed or
+    /// pulled after that time (retention evaluated it untagged and unused; a push, tag or pull
+    /// since wins: checked under the row's lock).
     ///
     /// # Errors
     /// [`Refusal::NotFound`], [`Refusal::Held`] naming the index; [`DeleteError::Meta`].
@@ -299,7 +298,7 @@ impl MetaStore {
         &self,
         repo: &RepoName,
         digest: &Digest,
-        only_untagged: bool,
+        only_if_untagged_since: Option<i64>,
         actor: Option<&str>,
         now: i64,
     ) -> DeleteResult<Vec<AffectedManifest>> {
@@ -320,7 +319,7 @@ impl MetaStore {
             let Some(target) = target else {
                 return refuse(Refusal::NotFound(format!("manifest {digest} not in repository {repo}")));
             };
-            if only_untagged {
+            if let Some(last_used) = only_if_untagged_since {
                 let tagged: Option<(String,)> =
                     sqlx::query_as("SELECT name FROM tags WHERE manifest_id = $1 LIMIT 1")
                         .bind(target.id)
@@ -328,6 +327,16 @@ impl MetaStore {
                         .await?;
                 if let Some((tag,)) = tagged {
                     return refuse(Refusal::Precondition(format!("manifest {digest} is tagged {tag} now")));
+                }
+                let (pushed_at, pulled_at): (i64, Option<i64>) =
+                    sqlx::query_as("SELECT pushed_at, pulled_at FROM manifests WHERE id = $1")
+                        .bind(target.id)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                if pushed_at.max(pulled_at.unwrap_or(0)) > last_used {
+                    return refuse(Refusal::Precondition(format!(
+                        "manifest {digest} was pushed or pulled since retention looked at it"
+                    )));
                 }
             }
             let referrers = Self::live_referrers(tx, repo_id, &target, &update).await?;
@@ -575,6 +584,8 @@ impl MetaStore {
             "SELECT id, size, storage_key FROM blobs WHERE digest = $1{}",
             self.update_lock_of("blobs")
         );
+        let lock_manifest =
+            format!("SELECT id FROM manifests WHERE id = $1{}", self.update_lock_of("manifests"));
         transaction!(self, DeleteError, |tx| {
             let blob: Option<(i64, i64, String)> =
                 sqlx::query_as(&blob_sql).bind(digest.as_str()).fetch_optional(&mut *tx).await?;
@@ -595,9 +606,19 @@ impl MetaStore {
             .into_iter()
             .map(|(id, digest, repo)| (Target { id, digest }, repo, why.clone()))
             .collect();
+            // Lock, then check: each doomed manifest is locked before its parents are read, so
+            // an index pushed meanwhile (its push share-locks the child) is seen and doomed too,
+            // and a restore or tag write that locked it first is seen by the statements below.
             let mut i = 0;
             while i < doomed.len() {
                 let child = doomed[i].0.clone();
+                let locked: Option<(i64,)> =
+                    sqlx::query_as(&lock_manifest).bind(child.id).fetch_optional(&mut *tx).await?;
+                if locked.is_none() {
+                    // Collected meanwhile: nothing left to tombstone.
+                    doomed.remove(i);
+                    continue;
+                }
                 let parents: Vec<(i64, String, String)> = sqlx::query_as(
                     "SELECT p.id, p.digest, r.name FROM manifest_children c JOIN manifests p ON p.id = c.parent_id \
                      JOIN repositories r ON r.id = p.repository_id WHERE c.child_id = $1",
@@ -656,417 +677,4 @@ impl MetaStore {
             })
         })
     }
-
-    /// Restores tombstone `digest` of `repo` with the tags its delete removed, the referrers
-    /// deleted with it, and any deleted child it lists. A tag pushed again since is a conflict
-    /// unless `take_tags`, which moves it back.
-    ///
-    /// # Errors
-    /// [`Refusal::NotFound`] (no such manifest, or it is not deleted), [`Refusal::Conflict`]
-    /// (it cannot be restored, or a tag moved since); [`DeleteError::Meta`].
-    pub async fn restore_manifest(
-        &self,
-        repo: &RepoName,
-        digest: &Digest,
-        take_tags: bool,
-        actor: Option<&str>,
-        now: i64,
-    ) -> DeleteResult<Vec<AffectedManifest>> {
-        let repo_sql =
-            format!("SELECT id FROM repositories WHERE name = $1{}", self.update_lock_of("repositories"));
-        let tag_lock = self.tag_ctx(now);
-        transaction!(self, DeleteError, |tx| {
-            let repo_id: Option<(i64,)> =
-                sqlx::query_as(&repo_sql).bind(repo.as_str()).fetch_optional(&mut *tx).await?;
-            let Some((repo_id,)) = repo_id else {
-                return refuse(Refusal::NotFound(format!("repository {repo} not known to registry")));
-            };
-            let restored =
-                Self::restore_group(tx, repo, repo_id, digest.as_str(), take_tags, actor, now, &tag_lock)
-                    .await?;
-            Self::undelete_repository(tx, repo_id).await?;
-            Ok(restored)
-        })
-    }
-
-    /// Restores repository `repo` as its delete left it: every tombstone that delete made, with
-    /// its tags. Tags pushed again since are conflicts unless `take_tags`.
-    ///
-    /// # Errors
-    /// [`Refusal::NotFound`] (no such deleted repository), [`Refusal::Conflict`];
-    /// [`DeleteError::Meta`].
-    pub async fn restore_repository(
-        &self,
-        repo: &RepoName,
-        take_tags: bool,
-        actor: Option<&str>,
-        now: i64,
-    ) -> DeleteResult<Vec<AffectedManifest>> {
-        let repo_sql = format!(
-            "SELECT r.id, d.id FROM repositories r JOIN deletes d ON d.repository_id = r.id \
-             WHERE r.name = $1 AND d.kind = 'repository' ORDER BY d.id DESC LIMIT 1{}",
-            self.update_lock_of("r")
-        );
-        let tag_lock = self.tag_ctx(now);
-        transaction!(self, DeleteError, |tx| {
-            let found: Option<(i64, i64)> =
-                sqlx::query_as(&repo_sql).bind(repo.as_str()).fetch_optional(&mut *tx).await?;
-            let Some((repo_id, delete_id)) = found else {
-                return refuse(Refusal::NotFound(format!("repository {repo} was never deleted")));
-            };
-            let members: Vec<(String,)> = sqlx::query_as(
-                "SELECT digest FROM manifests WHERE delete_id = $1 AND deleted_at IS NOT NULL ORDER BY digest",
-            )
-            .bind(delete_id)
-            .fetch_all(&mut *tx)
-            .await?;
-            let mut restored = Vec::new();
-            for (digest,) in members {
-                // A member an earlier step of this loop already restored (as a child) is skipped.
-                if restored.iter().any(|a: &AffectedManifest| a.digest == digest) {
-                    continue;
-                }
-                let mut group =
-                    Self::restore_group(tx, repo, repo_id, &digest, take_tags, actor, now, &tag_lock).await?;
-                restored.append(&mut group);
-            }
-            Self::undelete_repository(tx, repo_id).await?;
-            Ok(restored)
-        })
-    }
-
-    async fn undelete_repository(tx: &mut AnyConnection, repo_id: i64) -> Result<(), sqlx::Error> {
-        sqlx::query("UPDATE repositories SET deleted_at = NULL, delete_id = NULL WHERE id = $1 AND deleted_at IS NOT NULL")
-            .bind(repo_id)
-            .execute(&mut *tx)
-            .await?;
-        Ok(())
-    }
-
-    /// Restores one tombstone: checks it can be, brings back deleted children it lists and the
-    /// referrers deleted with it, then its tags.
-    #[expect(clippy::too_many_arguments, reason = "the parts of one restore")]
-    async fn restore_group(
-        tx: &mut AnyConnection,
-        repo: &RepoName,
-        repo_id: i64,
-        digest: &str,
-        take_tags: bool,
-        actor: Option<&str>,
-        now: i64,
-        tag_lock: &TagCtx,
-    ) -> DeleteResult<Vec<AffectedManifest>> {
-        let row: Option<TombstoneRow> = sqlx::query_as(
-            "SELECT id, deleted_at, delete_id, deleted_why, unrestorable FROM manifests \
-             WHERE repository_id = $1 AND digest = $2",
-        )
-        .bind(repo_id)
-        .bind(digest)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some((id, deleted_at, delete_id, why, unrestorable)) = row else {
-            return refuse(Refusal::NotFound(format!("manifest {digest} not in repository {repo}")));
-        };
-        if deleted_at.is_none() {
-            return refuse(Refusal::NotFound(format!("manifest {digest} in {repo} is not deleted")));
-        }
-        if let Some(reason) = unrestorable {
-            return refuse(Refusal::Conflict(format!(
-                "manifest {digest} in {repo} cannot be restored: {reason}"
-            )));
-        }
-        let missing: Option<(String,)> = sqlx::query_as(
-            "SELECT b.digest FROM manifest_blobs mb JOIN blobs b ON b.id = mb.blob_id WHERE mb.manifest_id = $1 \
-             AND NOT EXISTS (SELECT 1 FROM repository_blobs rb WHERE rb.repository_id = $2 AND rb.blob_id = mb.blob_id) \
-             LIMIT 1",
-        )
-        .bind(id)
-        .bind(repo_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some((blob,)) = missing {
-            return refuse(Refusal::Conflict(format!(
-                "manifest {digest} in {repo} cannot be restored: blob {blob} is no longer in the repository"
-            )));
-        }
-        let mut group = vec![(Target { id, digest: digest.to_string() }, delete_id)];
-        // Referrers deleted together with this manifest come back with it.
-        if why.as_deref() == Some("deleted")
-            && let Some(d) = delete_id
-        {
-            let referrers: Vec<(i64, String)> = sqlx::query_as(
-                "SELECT id, digest FROM manifests WHERE delete_id = $1 AND deleted_why = 'subject' \
-                 AND deleted_at IS NOT NULL AND unrestorable IS NULL ORDER BY digest",
-            )
-            .bind(d)
-            .fetch_all(&mut *tx)
-            .await?;
-            group.extend(referrers.into_iter().map(|(id, digest)| (Target { id, digest }, Some(d))));
-        }
-        // Mark the group live first, so children restored below see their parent as it will be.
-        for (m, _) in &group {
-            sqlx::query(
-                "UPDATE manifests SET deleted_at = NULL, delete_id = NULL, deleted_why = NULL WHERE id = $1",
-            )
-            .bind(m.id)
-            .execute(&mut *tx)
-            .await?;
-        }
-        let mut restored = Vec::new();
-        // An index needs its children: deleted ones come back too, or the restore is refused.
-        let children: Vec<(String, Option<i64>)> = sqlx::query_as(
-            "SELECT c.digest, c.deleted_at FROM manifest_children mc JOIN manifests c ON c.id = mc.child_id \
-             WHERE mc.parent_id = $1 ORDER BY c.digest",
-        )
-        .bind(id)
-        .fetch_all(&mut *tx)
-        .await?;
-        for (child, child_deleted) in children {
-            if child_deleted.is_some() {
-                let mut more =
-                    Box::pin(Self::restore_group(tx, repo, repo_id, &child, take_tags, actor, now, tag_lock))
-                        .await?;
-                restored.append(&mut more);
-            }
-        }
-        for (m, delete_id) in &group {
-            let tags = match delete_id {
-                Some(d) => {
-                    Self::restore_tags(tx, repo, repo_id, m, *d, take_tags, actor, now, tag_lock).await?
-                }
-                None => Vec::new(),
-            };
-            restored.push(AffectedManifest { repository: repo.to_string(), digest: m.digest.clone(), tags });
-        }
-        Ok(restored)
-    }
-
-    /// Puts back the tags delete `delete_id` took from manifest `m`.
-    #[expect(clippy::too_many_arguments, reason = "the parts of one restore")]
-    async fn restore_tags(
-        tx: &mut AnyConnection,
-        repo: &RepoName,
-        repo_id: i64,
-        m: &Target,
-        delete_id: i64,
-        take_tags: bool,
-        actor: Option<&str>,
-        now: i64,
-        tag_lock: &TagCtx,
-    ) -> DeleteResult<Vec<String>> {
-        let names: Vec<(String,)> = sqlx::query_as(
-            "SELECT DISTINCT tag FROM tag_history WHERE delete_id = $1 AND old_digest = $2 AND kind = 'delete' \
-             AND repository_id = $3 ORDER BY tag",
-        )
-        .bind(delete_id)
-        .bind(&m.digest)
-        .bind(repo_id)
-        .fetch_all(&mut *tx)
-        .await?;
-        let digest = stored_digest(&m.digest)?;
-        let mut restored = Vec::new();
-        for (name,) in names {
-            let Ok(tag) = Tag::parse(&name) else { continue };
-            let condition = if take_tags { TagCondition::Always } else { TagCondition::IfAbsent };
-            let write = TagWrite {
-                repo_id,
-                repo: repo.as_str(),
-                tag: &tag,
-                manifest_id: m.id,
-                digest: &digest,
-                actor,
-                now,
-                kind: "restore",
-                condition,
-            };
-            match Self::set_tag(tx, &write, tag_lock).await? {
-                TagOutcome::Set | TagOutcome::Unchanged => restored.push(name),
-                TagOutcome::Immutable(refusal) => return refuse(Refusal::Immutable(refusal)),
-                TagOutcome::Precondition { current } => {
-                    return refuse(Refusal::Conflict(format!(
-                        "tag {name} was pushed again since the delete and now points at {}; restore with take_tags to move it back",
-                        current.unwrap_or_default()
-                    )));
-                }
-            }
-        }
-        Ok(restored)
-    }
-
-    /// Puts tag `tag` of `repo` back where a tag delete left it (the latest delete of that
-    /// tag). The manifest must still be held: live, or a restorable tombstone (restored alone).
-    ///
-    /// # Errors
-    /// [`Refusal::NotFound`], [`Refusal::Conflict`]; [`DeleteError::Meta`].
-    pub async fn restore_tag(
-        &self,
-        repo: &RepoName,
-        tag: &Tag,
-        take_tags: bool,
-        actor: Option<&str>,
-        now: i64,
-    ) -> DeleteResult<String> {
-        let share = self.share_lock();
-        let tag_lock = self.tag_ctx(now);
-        transaction!(self, DeleteError, |tx| {
-            let repo_id = Self::live_repository(tx, repo, share).await?;
-            let last: Option<(Option<String>,)> = sqlx::query_as(
-                "SELECT old_digest FROM tag_history WHERE repository_id = $1 AND tag = $2 AND kind = 'delete' \
-                 ORDER BY id DESC LIMIT 1",
-            )
-            .bind(repo_id)
-            .bind(tag.as_str())
-            .fetch_optional(&mut *tx)
-            .await?;
-            let Some((Some(digest),)) = last else {
-                return refuse(Refusal::NotFound(format!("tag {tag} of {repo} was never deleted")));
-            };
-            let condition = if take_tags { TagCondition::Always } else { TagCondition::IfAbsent };
-            Self::point_tag(tx, repo, repo_id, tag, &digest, condition, "restore", actor, now, &tag_lock)
-                .await?;
-            Ok(digest)
-        })
-    }
-
-    /// The time machine: points `tag` of `repo` at `target` — a digest, the digest the tag
-    /// pointed at a moment `at` (Unix ms), or one step back in its history — provided that
-    /// manifest is still held (live, or a restorable tombstone, which is restored alone).
-    /// Returns the digest the tag now points at.
-    ///
-    /// # Errors
-    /// [`Refusal::NotFound`] (no such point in the history), [`Refusal::Conflict`];
-    /// [`DeleteError::Meta`].
-    pub async fn revert_tag(
-        &self,
-        repo: &RepoName,
-        tag: &Tag,
-        target: RevertTarget<'_>,
-        actor: Option<&str>,
-        now: i64,
-    ) -> DeleteResult<String> {
-        let share = self.share_lock();
-        let tag_lock = self.tag_ctx(now);
-        transaction!(self, DeleteError, |tx| {
-            let repo_id = Self::live_repository(tx, repo, share).await?;
-            let digest = match target {
-                RevertTarget::Digest(d) => Some(d.to_string()),
-                RevertTarget::At(at) => {
-                    let row: Option<(Option<String>,)> = sqlx::query_as(
-                        "SELECT new_digest FROM tag_history WHERE repository_id = $1 AND tag = $2 AND at <= $3 \
-                         ORDER BY id DESC LIMIT 1",
-                    )
-                    .bind(repo_id)
-                    .bind(tag.as_str())
-                    .bind(at)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                    row.and_then(|(d,)| d)
-                }
-                RevertTarget::Previous => {
-                    let row: Option<(Option<String>,)> = sqlx::query_as(
-                        "SELECT old_digest FROM tag_history WHERE repository_id = $1 AND tag = $2 \
-                         ORDER BY id DESC LIMIT 1",
-                    )
-                    .bind(repo_id)
-                    .bind(tag.as_str())
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                    row.and_then(|(d,)| d)
-                }
-            };
-            let Some(digest) = digest else {
-                return refuse(Refusal::NotFound(format!("tag {tag} of {repo} pointed at nothing then")));
-            };
-            Self::point_tag(
-                tx,
-                repo,
-                repo_id,
-                tag,
-                &digest,
-                TagCondition::Always,
-                "revert",
-                actor,
-                now,
-                &tag_lock,
-            )
-            .await?;
-            Ok(digest)
-        })
-    }
-
-    /// Points `tag` at manifest `digest` of the repository if it is still held, restoring it
-    /// alone if it is a restorable tombstone.
-    #[expect(clippy::too_many_arguments, reason = "the parts of one tag write")]
-    async fn point_tag(
-        tx: &mut AnyConnection,
-        repo: &RepoName,
-        repo_id: i64,
-        tag: &Tag,
-        digest: &str,
-        condition: TagCondition<'_>,
-        kind: &str,
-        actor: Option<&str>,
-        now: i64,
-        tag_lock: &TagCtx,
-    ) -> DeleteResult<()> {
-        let row: Option<(i64, Option<i64>, Option<String>)> = sqlx::query_as(
-            "SELECT id, deleted_at, unrestorable FROM manifests WHERE repository_id = $1 AND digest = $2",
-        )
-        .bind(repo_id)
-        .bind(digest)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some((manifest_id, deleted_at, unrestorable)) = row else {
-            return refuse(Refusal::Conflict(format!("manifest {digest} is no longer held in {repo}")));
-        };
-        if deleted_at.is_some() {
-            if let Some(reason) = unrestorable {
-                return refuse(Refusal::Conflict(format!(
-                    "manifest {digest} in {repo} cannot be restored: {reason}"
-                )));
-            }
-            sqlx::query(
-                "UPDATE manifests SET deleted_at = NULL, delete_id = NULL, deleted_why = NULL WHERE id = $1",
-            )
-            .bind(manifest_id)
-            .execute(&mut *tx)
-            .await?;
-        }
-        let parsed = stored_digest(digest)?;
-        let write = TagWrite {
-            repo_id,
-            repo: repo.as_str(),
-            tag,
-            manifest_id,
-            digest: &parsed,
-            actor,
-            now,
-            kind,
-            condition,
-        };
-        match Self::set_tag(tx, &write, tag_lock).await? {
-            TagOutcome::Precondition { current } => refuse(Refusal::Conflict(format!(
-                "tag {tag} exists and points at {}; use take_tags to move it",
-                current.unwrap_or_default()
-            ))),
-            TagOutcome::Immutable(refusal) => refuse(Refusal::Immutable(refusal)),
-            TagOutcome::Set | TagOutcome::Unchanged => Ok(()),
-        }
-    }
-}
-
-/// A digest read back from the store (it was validated on the way in).
-fn stored_digest(text: &str) -> Result<Digest, Error> {
-    Digest::parse(text).map_err(|e| Error::Database(sqlx::Error::Decode(e.to_string().into())))
-}
-
-/// Where the time machine puts a tag.
-#[derive(Debug, Clone, Copy)]
-pub enum RevertTarget<'a> {
-    /// This manifest.
-    Digest(&'a Digest),
-    /// Where the tag pointed at this moment (Unix ms).
-    At(i64),
-    /// Where the tag pointed before its latest move.
-    Previous,
 }

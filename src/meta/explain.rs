@@ -262,10 +262,10 @@ impl MetaStore {
         let last_link = links.iter().map(|(_, at)| *at).max();
         for (repository, linked_at) in links {
             let referenced = e.holds_not_listed > 0 || referencing_repos.contains(&repository);
-            let until = (!referenced).then(|| linked_at.max(seen_at).saturating_add(w.blob_grace_ms));
+            let until = (!referenced).then(|| linked_at.max(seen_at).saturating_add(w.blob_hold_ms()));
             e.links.push(LinkState { repository, referenced, until });
         }
-        let grace_end = blob_grace_end(created_at, last_link, seen_at, w.blob_grace_ms);
+        let grace_end = blob_grace_end(created_at, last_link, seen_at, w.blob_hold_ms());
         if grace_end > now {
             let since = created_at.max(last_link.unwrap_or(0)).max(seen_at);
             e.holds.push(Hold {

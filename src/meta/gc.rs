@@ -89,6 +89,9 @@ enum Verdict {
     Collected(Collected),
 }
 
+/// How often an unreferenced blob whose bytes an unfinished import adopted is looked at again.
+const IMPORT_RECHECK_MS: i64 = 3600 * 1000;
+
 /// When an unreferenced blob's grace ends: its upload, its last link (upload, mount) or its last
 /// `HEAD`, plus `blob_grace`.
 pub(super) fn blob_grace_end(created_at: i64, last_link: Option<i64>, seen_at: i64, grace: i64) -> i64 {
@@ -201,7 +204,7 @@ impl MetaStore {
         lock: &str,
     ) -> Result<Collected, sqlx::Error> {
         let verdict = match item {
-            Review::Blob(id) => Self::review_blob(tx, id, now, w.blob_grace_ms, lock).await?,
+            Review::Blob(id) => Self::review_blob(tx, id, now, w.blob_hold_ms(), lock).await?,
             Review::Manifest(id) => Self::review_manifest(tx, id, now, w, lock).await?,
         };
         Ok(match verdict {
@@ -346,6 +349,18 @@ impl MetaStore {
         if grace_end > now {
             return Ok(Verdict::Until(grace_end));
         }
+        // Bytes adopted in place by an import that has not cut over are still the source
+        // registry's own (on S3 the key is its object): they wait for the cut-over.
+        let adopted_live: Option<(i64,)> = sqlx::query_as(
+            "SELECT a.import_id FROM adopted_keys a JOIN imports i ON i.id = a.import_id \
+             WHERE a.storage_key = $1 AND i.cut_over_at IS NULL",
+        )
+        .bind(&key)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if adopted_live.is_some() {
+            return Ok(Verdict::Until(now.saturating_add(IMPORT_RECHECK_MS)));
+        }
         sqlx::query("DELETE FROM repository_blobs WHERE blob_id = $1").bind(id).execute(&mut *tx).await?;
         Self::to_outbox(tx, &key, now).await?;
         sqlx::query("DELETE FROM blobs WHERE id = $1").bind(id).execute(&mut *tx).await?;
@@ -369,6 +384,20 @@ impl MetaStore {
             return Ok(Verdict::Drop);
         };
         if let Some(deleted_at) = deleted_at {
+            // A tombstone a live index lists is never collected, whatever its window: the index
+            // would point at nothing. (No correct path leaves that state — fsck reports it — but
+            // the collector must not turn it into lost data.) Its own collection enqueues this
+            // one again.
+            let live_parent: Option<(i64,)> = sqlx::query_as(
+                "SELECT p.id FROM manifest_children c JOIN manifests p ON p.id = c.parent_id \
+                 WHERE c.child_id = $1 AND p.deleted_at IS NULL LIMIT 1",
+            )
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if live_parent.is_some() {
+                return Ok(Verdict::Drop);
+            }
             if let Some(window_end) =
                 restore_window_end(deleted_at, unrestorable.is_some(), w.restore_window_ms)
                 && window_end > now
@@ -423,7 +452,8 @@ impl MetaStore {
     }
 
     /// Removes a manifest row and its references; what it referenced, and its referrers, are
-    /// reviewed next. A tombstoned index that listed it can no longer be restored.
+    /// reviewed next. A tombstoned index that listed it can no longer be restored (a live one
+    /// never lists it: the reviews keep such a manifest).
     async fn collect_manifest(
         tx: &mut AnyConnection,
         id: i64,
@@ -449,7 +479,7 @@ impl MetaStore {
         .fetch_all(&mut *tx)
         .await?;
         sqlx::query(
-            "UPDATE manifests SET unrestorable = $1 WHERE unrestorable IS NULL \
+            "UPDATE manifests SET unrestorable = $1 WHERE unrestorable IS NULL AND deleted_at IS NOT NULL \
              AND id IN (SELECT parent_id FROM manifest_children WHERE child_id = $2)",
         )
         .bind(format!("its child {digest} was collected"))

@@ -3,7 +3,7 @@
 //!
 //! Split along the data: [`repos`] (repositories), [`blobs`] (blob rows and their links),
 //! [`uploads`] (upload sessions), [`manifests`] (manifests and what they reference) and [`tags`]
-//! (tags and their history). Every public method is one transaction that keeps one invariant;
+//! (tags and their history), [`deletes`] and [`restores`] (tombstones made and brought back). Every public method is one transaction that keeps one invariant;
 //! callers never hold a transaction across storage I/O. Write transactions go through
 //! [`transaction!`], which retries the whole transaction when the database reports a
 //! transient conflict. SQL text is shared between the dialects (`$N` placeholders, `ON CONFLICT`,
@@ -22,6 +22,7 @@ mod imports;
 mod manifests;
 mod reports;
 mod repos;
+mod restores;
 mod retention;
 mod rows;
 mod space;
@@ -38,13 +39,14 @@ use sqlx::{AnyConnection, AnyPool, Connection as _, Executor as _};
 
 pub use blobs::CompletedUpload;
 pub use browse::{DeletedTag, TagRow, UntaggedRow};
-pub use consistency::{BLOB_FINDINGS, Finding, StoredBlob, reference_kinds};
-pub use deletes::{AffectedManifest, DeleteError, Purged, Refusal, RevertTarget};
+pub use consistency::{BLOB_FINDINGS, Finding, LiveManifest, PAYLOAD_FINDINGS, StoredBlob, reference_kinds};
+pub use deletes::{AffectedManifest, DeleteError, Purged, Refusal};
 pub use explain::{Explanation, Hold, LinkState};
 pub use gc::{Collected, Review, ReviewOutcome, WouldCollect};
 pub use imports::{Adoption, ImportRecord, ImportedTag};
 pub use manifests::{NewManifest, PutManifestError};
 pub use reports::{Preview, RepositorySummary, TombstoneRow};
+pub use restores::RevertTarget;
 pub use retention::{RunRecord, Untag, UntagOutcome, UntaggedManifest};
 pub use rows::{BlobRow, ManifestHead, ManifestRow, ReferrerRow, TagMove, UploadRow};
 pub use space::{Space, SpaceSample};
@@ -211,12 +213,30 @@ pub struct Windows {
     pub untagged_grace_ms: i64,
     /// How long a tombstone stays restorable.
     pub restore_window_ms: i64,
+    /// What the collector adds to `blob_grace` before it takes a blob or link: a replica notes a
+    /// `HEAD` in memory and writes it up to one access flush interval later, and replicas' clocks
+    /// differ — so an event still in a replica's memory, or stamped by a slower clock, is never
+    /// outrun (`gc.access_flush_interval` + `gc.clock_skew`).
+    pub margin_ms: i64,
+}
+
+impl Windows {
+    /// How long after its last upload, link or `HEAD` an unreferenced blob (or link) is kept:
+    /// `blob_grace` plus the margin.
+    pub fn blob_hold_ms(&self) -> i64 {
+        self.blob_grace_ms.saturating_add(self.margin_ms)
+    }
 }
 
 impl Default for Windows {
     fn default() -> Self {
         const DAY: i64 = 24 * 3600 * 1000;
-        Windows { blob_grace_ms: DAY, untagged_grace_ms: 7 * DAY, restore_window_ms: 7 * DAY }
+        Windows {
+            blob_grace_ms: DAY,
+            untagged_grace_ms: 7 * DAY,
+            restore_window_ms: 7 * DAY,
+            margin_ms: 3000,
+        }
     }
 }
 

@@ -136,7 +136,7 @@ impl MetaStore {
             // (the same deadlines the reviews use).
             let tombstones_end =
                 b.last_restorable_delete.and_then(|d| restore_window_end(d, false, w.restore_window_ms));
-            let grace_end = blob_grace_end(b.created_at, b.last_link, b.seen_at, w.blob_grace_ms);
+            let grace_end = blob_grace_end(b.created_at, b.last_link, b.seen_at, w.blob_hold_ms());
             match tombstones_end {
                 Some(end) if end > now => {
                     space.bytes_in_tombstones += size;

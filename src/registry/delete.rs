@@ -82,7 +82,7 @@ impl Registry {
         let now = self.clock.now_ms();
         let deleted = self
             .meta
-            .delete_manifest(repo, digest, false, actor, now)
+            .delete_manifest(repo, digest, None, actor, now)
             .await
             .map_err(|e| refusal(e, manifest_unknown))?;
         audit("delete-manifest", actor, &format!("{repo}@{digest}"), &deleted);
@@ -162,8 +162,8 @@ impl Registry {
     /// Restores tombstone `digest` of `repo` with its tags and the referrers deleted with it.
     ///
     /// # Errors
-    /// [`Error::ManifestUnknown`] (also when it is not deleted), [`Error::Conflict`] with the
-    /// reason it cannot be restored.
+    /// [`Error::ManifestUnknown`] (no such manifest in the repository), [`Error::Conflict`] with
+    /// the reason it cannot be restored (also when it is not deleted).
     pub async fn restore_manifest(
         &self,
         repo: &RepoName,
@@ -176,7 +176,7 @@ impl Registry {
             .meta
             .restore_manifest(repo, digest, take_tags, actor, now)
             .await
-            .map_err(|e| refusal(e, Error::Conflict))?;
+            .map_err(|e| refusal(e, manifest_unknown))?;
         audit("restore-manifest", actor, &format!("{repo}@{digest}"), &restored);
         Ok(restored)
     }

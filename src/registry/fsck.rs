@@ -93,11 +93,72 @@ impl Registry {
         report.orphans.sort();
         let (problems, warnings) = self.meta.reference_findings().await?;
         report.problems.extend(problems);
+        report.problems.extend(self.payload_findings().await?);
         report.warnings.extend(warnings);
         let (problems, warnings) = self.meta.queue_findings(self.clock.now_ms(), OVERDUE_MS).await?;
         report.problems.extend(problems);
         report.warnings.extend(warnings);
         Ok(report)
+    }
+
+    /// Checks every live manifest against its own payload, independently of the reference rows
+    /// (which a wrong path could have removed with what they named): each blob it names must be
+    /// linked in its repository (whose bytes the blob pass checks), each manifest an index lists
+    /// must be live there (unless the repository takes sparse indexes). Pages through the
+    /// manifests by id; a manifest deleted while it was being checked is passed over.
+    async fn payload_findings(&self) -> Result<Vec<Finding>> {
+        let mut findings = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = self.meta.live_manifests_after(after, PAGE).await?;
+            let Some(last) = page.last() else { break };
+            after = last.id;
+            for m in page {
+                let finding = |kind, detail: String| Finding {
+                    kind,
+                    repository: Some(m.repository.clone()),
+                    subject: m.digest.clone(),
+                    detail,
+                };
+                let parsed = match crate::oci::manifest::parse(&m.payload, Some(&m.media_type)) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        findings.push(finding(
+                            "payload-unreadable",
+                            format!("its stored payload does not parse: {e}"),
+                        ));
+                        continue;
+                    }
+                };
+                let blobs: Vec<String> = parsed.blobs.iter().map(|d| d.to_string()).collect();
+                let sparse = self.policy.sparse_index_repositories.iter().any(|p| p.matches(&m.repository));
+                let children: Vec<String> =
+                    if sparse { Vec::new() } else { parsed.children.iter().map(|d| d.to_string()).collect() };
+                let (held_blobs, held_children) =
+                    self.meta.held_references(m.repository_id, &blobs, &children).await?;
+                let missing_blobs: Vec<&String> = blobs.iter().filter(|b| !held_blobs.contains(b)).collect();
+                let missing_children: Vec<&String> =
+                    children.iter().filter(|c| !held_children.contains(c)).collect();
+                if (missing_blobs.is_empty() && missing_children.is_empty())
+                    || !self.meta.manifest_is_live(m.id).await?
+                {
+                    continue;
+                }
+                for b in missing_blobs {
+                    findings.push(finding(
+                        "payload-blob-missing",
+                        format!("is live and its payload names blob {b}, which the repository does not hold"),
+                    ));
+                }
+                for c in missing_children {
+                    findings.push(finding(
+                        "payload-child-missing",
+                        format!("is live and lists manifest {c}, which is not live in the repository"),
+                    ));
+                }
+            }
+        }
+        Ok(findings)
     }
 
     /// Checks one blob's bytes: present, of the recorded size, and (with `rehash`) hashing to

@@ -280,11 +280,16 @@ impl Registry {
         Ok(())
     }
 
-    /// Deletes untagged manifest `m` unless it was tagged (or listed by an index) since.
+    /// Deletes untagged manifest `m` unless it was tagged, pushed, pulled (or listed by an index)
+    /// since it was evaluated.
     async fn delete_untagged(&self, repo: &RepoName, m: &ManifestRemoval) -> Result<String> {
         let Ok(digest) = Digest::parse(&m.digest) else { return Ok("skipped: bad digest".into()) };
         let actor = format!("retention:{}", m.rule);
-        match self.meta.delete_manifest(repo, &digest, true, Some(&actor), self.clock.now_ms()).await {
+        match self
+            .meta
+            .delete_manifest(repo, &digest, Some(m.last_used), Some(&actor), self.clock.now_ms())
+            .await
+        {
             Ok(affected) => {
                 super::delete::audit("delete-manifest", Some(&actor), &format!("{repo}@{digest}"), &affected);
                 Ok("removed".into())

@@ -248,7 +248,7 @@ impl Registry {
     async fn send_orphans_to_outbox(&self, page: &[Listed], now: i64) -> Result<(u64, u64)> {
         // Age is judged by the store's own clock, against `blob_grace`: far longer than any write
         // takes to be recorded (a filesystem blob's time is its publication, see `blob::fs`).
-        let grace = self.meta.windows().blob_grace_ms;
+        let grace = self.meta.windows().blob_hold_ms();
         let old: Vec<&Listed> =
             page.iter().filter(|o| is_berths(&o.key) && o.modified_ms.saturating_add(grace) <= now).collect();
         let keys: Vec<String> = old.iter().map(|o| o.key.clone()).collect();

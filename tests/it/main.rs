@@ -20,6 +20,7 @@ mod manifests;
 mod metrics;
 mod replicas;
 pub mod retention;
+mod revive;
 mod sweep;
 mod tags;
 mod tls;

@@ -1,0 +1,567 @@
+//! Restores: everything that makes a tombstone live again — a restore by digest, of a tag, of a
+//! whole repository, and the time machine's revert.
+//!
+//! The revive rule has one home, [`MetaStore::revive`], and every restore goes through it. Lock,
+//! then check, like a push: the manifest rows it may bring back are locked `FOR UPDATE` (an
+//! index's children before the index, the order pushes and the collector take them in), their
+//! state is read in later statements (which see whatever a purge, delete or collection committed
+//! while this transaction waited), and the blob links each revived manifest relies on are
+//! share-locked before they are counted, so no unlink or purge can remove them before commit.
+//! A manifest comes back only with everything it references: its deleted children come back with
+//! it (each checked the same way), and anything that cannot come back refuses the whole restore,
+//! naming it.
+
+use sqlx::AnyConnection;
+
+use super::deletes::{AffectedManifest, DeleteError, DeleteResult, Refusal, Target, refuse};
+use super::tags::{TagCondition, TagCtx, TagOutcome, TagWrite};
+use super::{Error, MetaStore, transaction};
+use crate::oci::{Digest, RepoName, Tag};
+
+/// How deep an index may nest indexes before a restore gives up (content addressing makes a
+/// cycle impossible; this bounds a corrupt database).
+const MAX_DEPTH: usize = 16;
+
+/// The statements and tag context of one restore transaction (they differ by dialect).
+struct Revive {
+    /// Locks one manifest row by id for update.
+    lock_manifest: String,
+    /// Share-locks the links into a repository of the blobs a manifest references.
+    lock_links: String,
+    tag: TagCtx,
+}
+
+/// Which tags a revived manifest gets back.
+#[derive(Debug, Clone, Copy)]
+enum TagsBack {
+    /// The tags its delete removed (a restore by digest or of a repository).
+    Deleted {
+        /// Move a tag pushed again since back (else that is a conflict).
+        take_tags: bool,
+    },
+    /// None of its own: the caller points one tag at it (a tag restore or revert). Children
+    /// brought back with it still get theirs.
+    Named,
+}
+
+/// The state of a locked manifest row: deleted_at, delete_id, deleted_why, unrestorable.
+type RowState = (Option<i64>, Option<i64>, Option<String>, Option<String>);
+
+impl MetaStore {
+    fn revive_ctx(&self, now: i64) -> Revive {
+        Revive {
+            lock_manifest: format!(
+                "SELECT id FROM manifests WHERE id = $1{}",
+                self.update_lock_of("manifests")
+            ),
+            lock_links: format!(
+                "SELECT rb.blob_id FROM repository_blobs rb JOIN manifest_blobs mb ON mb.blob_id = rb.blob_id \
+                 WHERE mb.manifest_id = $1 AND rb.repository_id = $2 ORDER BY rb.blob_id{}",
+                match self.dialect {
+                    super::Dialect::Sqlite => "",
+                    super::Dialect::Postgres => " FOR SHARE OF rb",
+                }
+            ),
+            tag: self.tag_ctx(now),
+        }
+    }
+
+    /// Restores tombstone `digest` of `repo` with the tags its delete removed, the referrers
+    /// deleted with it, and every deleted child it lists. A tag pushed again since is a conflict
+    /// unless `take_tags`, which moves it back.
+    ///
+    /// # Errors
+    /// [`Refusal::NotFound`] (no such manifest), [`Refusal::Conflict`] (it is not deleted, it or
+    /// a child cannot be restored, or a tag moved since); [`DeleteError::Meta`].
+    pub async fn restore_manifest(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        take_tags: bool,
+        actor: Option<&str>,
+        now: i64,
+    ) -> DeleteResult<Vec<AffectedManifest>> {
+        let repo_sql =
+            format!("SELECT id FROM repositories WHERE name = $1{}", self.update_lock_of("repositories"));
+        let c = self.revive_ctx(now);
+        transaction!(self, DeleteError, |tx| {
+            let repo_id: Option<(i64,)> =
+                sqlx::query_as(&repo_sql).bind(repo.as_str()).fetch_optional(&mut *tx).await?;
+            let Some((repo_id,)) = repo_id else {
+                return refuse(Refusal::NotFound(format!("manifest {digest} not in repository {repo}")));
+            };
+            let Some(m) = Self::lock_for_revive(tx, &c, repo_id, digest.as_str()).await? else {
+                return refuse(Refusal::NotFound(format!("manifest {digest} not in repository {repo}")));
+            };
+            let mut restored = Vec::new();
+            let tags = TagsBack::Deleted { take_tags };
+            if !Self::revive(tx, &c, repo, repo_id, &m, tags, actor, now, 0, &mut restored).await? {
+                return refuse(Refusal::Conflict(format!(
+                    "manifest {digest} in {repo} is not deleted: there is nothing to restore"
+                )));
+            }
+            Self::undelete_repository(tx, repo_id).await?;
+            Ok(restored)
+        })
+    }
+
+    /// Restores repository `repo` as its delete left it: every tombstone that delete made, with
+    /// its tags. Tags pushed again since are conflicts unless `take_tags`.
+    ///
+    /// # Errors
+    /// [`Refusal::NotFound`] (no such repository), [`Refusal::Conflict`] (it is not deleted, or
+    /// a member cannot be restored); [`DeleteError::Meta`].
+    pub async fn restore_repository(
+        &self,
+        repo: &RepoName,
+        take_tags: bool,
+        actor: Option<&str>,
+        now: i64,
+    ) -> DeleteResult<Vec<AffectedManifest>> {
+        let repo_sql = format!(
+            "SELECT id, deleted_at FROM repositories WHERE name = $1{}",
+            self.update_lock_of("repositories")
+        );
+        let c = self.revive_ctx(now);
+        transaction!(self, DeleteError, |tx| {
+            let found: Option<(i64, Option<i64>)> =
+                sqlx::query_as(&repo_sql).bind(repo.as_str()).fetch_optional(&mut *tx).await?;
+            let Some((repo_id, deleted_at)) = found else {
+                return refuse(Refusal::NotFound(format!("repository {repo} not known to registry")));
+            };
+            if deleted_at.is_none() {
+                return refuse(Refusal::Conflict(format!(
+                    "repository {repo} is not deleted: there is nothing to restore"
+                )));
+            }
+            let (delete_id,): (Option<i64>,) = sqlx::query_as(
+                "SELECT MAX(id) FROM deletes WHERE repository_id = $1 AND kind = 'repository'",
+            )
+            .bind(repo_id)
+            .fetch_one(&mut *tx)
+            .await?;
+            let members: Vec<(String,)> = sqlx::query_as(
+                "SELECT digest FROM manifests WHERE delete_id = $1 AND deleted_at IS NOT NULL ORDER BY digest",
+            )
+            .bind(delete_id.unwrap_or(-1))
+            .fetch_all(&mut *tx)
+            .await?;
+            let mut restored = Vec::new();
+            for (digest,) in members {
+                // A member an earlier step brought back (as a child) is live now: revive skips it.
+                let Some(m) = Self::lock_for_revive(tx, &c, repo_id, &digest).await? else {
+                    return refuse(Refusal::Conflict(format!(
+                        "manifest {digest} of {repo} was collected; the repository cannot be restored whole"
+                    )));
+                };
+                let tags = TagsBack::Deleted { take_tags };
+                Self::revive(tx, &c, repo, repo_id, &m, tags, actor, now, 0, &mut restored).await?;
+            }
+            Self::undelete_repository(tx, repo_id).await?;
+            Ok(restored)
+        })
+    }
+
+    async fn undelete_repository(tx: &mut AnyConnection, repo_id: i64) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE repositories SET deleted_at = NULL, delete_id = NULL WHERE id = $1 AND deleted_at IS NOT NULL")
+            .bind(repo_id)
+            .execute(&mut *tx)
+            .await?;
+        Ok(())
+    }
+
+    /// Finds manifest `digest` of repository `repo_id` and locks it with everything a revive of
+    /// it could bring back: its children (recursively) before it, as a push and the collector
+    /// lock them. `None` when there is no such row.
+    async fn lock_for_revive(
+        tx: &mut AnyConnection,
+        c: &Revive,
+        repo_id: i64,
+        digest: &str,
+    ) -> DeleteResult<Option<Target>> {
+        let found: Option<(i64,)> =
+            sqlx::query_as("SELECT id FROM manifests WHERE repository_id = $1 AND digest = $2")
+                .bind(repo_id)
+                .bind(digest)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some((id,)) = found else { return Ok(None) };
+        if !Self::lock_tree(tx, c, id, 0).await? {
+            return Ok(None);
+        }
+        Ok(Some(Target { id, digest: digest.to_string() }))
+    }
+
+    /// Locks manifest `id` after its children, recursively. False when its row is gone.
+    async fn lock_tree(tx: &mut AnyConnection, c: &Revive, id: i64, depth: usize) -> DeleteResult<bool> {
+        if depth > MAX_DEPTH {
+            return refuse(Refusal::Conflict(format!(
+                "manifest row {id}: indexes nested too deep to restore"
+            )));
+        }
+        let children: Vec<(i64,)> =
+            sqlx::query_as("SELECT child_id FROM manifest_children WHERE parent_id = $1 ORDER BY child_id")
+                .bind(id)
+                .fetch_all(&mut *tx)
+                .await?;
+        for (child,) in children {
+            Box::pin(Self::lock_tree(tx, c, child, depth + 1)).await?;
+        }
+        let locked: Option<(i64,)> =
+            sqlx::query_as(&c.lock_manifest).bind(id).fetch_optional(&mut *tx).await?;
+        Ok(locked.is_some())
+    }
+
+    /// Brings locked manifest `m` back to life with everything it needs, or refuses naming what
+    /// cannot come back. Returns false (and changes nothing) when it is live already. The
+    /// manifests brought back, with the tags they got back, are appended to `restored`.
+    #[expect(clippy::too_many_arguments, reason = "the parts of one restore")]
+    async fn revive(
+        tx: &mut AnyConnection,
+        c: &Revive,
+        repo: &RepoName,
+        repo_id: i64,
+        m: &Target,
+        tags: TagsBack,
+        actor: Option<&str>,
+        now: i64,
+        depth: usize,
+        restored: &mut Vec<AffectedManifest>,
+    ) -> DeleteResult<bool> {
+        let digest = &m.digest;
+        // Read after the lock: a purge, delete or collection that committed while this
+        // transaction waited is seen here.
+        let state: Option<RowState> = sqlx::query_as(
+            "SELECT deleted_at, delete_id, deleted_why, unrestorable FROM manifests WHERE id = $1",
+        )
+        .bind(m.id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((deleted_at, delete_id, why, unrestorable)) = state else {
+            return refuse(Refusal::Conflict(format!("manifest {digest} of {repo} was collected")));
+        };
+        if deleted_at.is_none() {
+            return Ok(false);
+        }
+        if let Some(reason) = unrestorable {
+            return refuse(Refusal::Conflict(format!(
+                "manifest {digest} in {repo} cannot be restored: {reason}"
+            )));
+        }
+        Self::check_links(tx, c, repo, repo_id, m).await?;
+        // An index needs its children: each deleted one comes back too (checked the same way),
+        // or the whole restore is refused. They were locked with it.
+        let children: Vec<(i64, String)> = sqlx::query_as(
+            "SELECT c.id, c.digest FROM manifest_children mc JOIN manifests c ON c.id = mc.child_id \
+             WHERE mc.parent_id = $1 ORDER BY c.digest",
+        )
+        .bind(m.id)
+        .fetch_all(&mut *tx)
+        .await?;
+        let (listed,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM manifest_children WHERE parent_id = $1")
+            .bind(m.id)
+            .fetch_one(&mut *tx)
+            .await?;
+        if listed != children.len() as i64 {
+            return refuse(Refusal::Conflict(format!(
+                "manifest {digest} in {repo} cannot be restored: a manifest it lists was collected"
+            )));
+        }
+        if depth > MAX_DEPTH {
+            return refuse(Refusal::Conflict(format!(
+                "manifest {digest} in {repo}: indexes nested too deep"
+            )));
+        }
+        for (id, child) in children {
+            let child = Target { id, digest: child };
+            let back = TagsBack::Deleted { take_tags: matches!(tags, TagsBack::Deleted { take_tags: true }) };
+            Box::pin(Self::revive(tx, c, repo, repo_id, &child, back, actor, now, depth + 1, restored))
+                .await?;
+        }
+        let revived = sqlx::query(
+            "UPDATE manifests SET deleted_at = NULL, delete_id = NULL, deleted_why = NULL \
+             WHERE id = $1 AND deleted_at IS NOT NULL AND unrestorable IS NULL",
+        )
+        .bind(m.id)
+        .execute(&mut *tx)
+        .await?;
+        if revived.rows_affected() != 1 {
+            // Cannot happen under the lock; refuse rather than report a restore that did not happen.
+            return refuse(Refusal::Conflict(format!(
+                "manifest {digest} of {repo} changed during the restore"
+            )));
+        }
+        let mut back = Vec::new();
+        if let (TagsBack::Deleted { take_tags }, Some(d)) = (tags, delete_id) {
+            back = Self::restore_tags(tx, repo, repo_id, m, d, take_tags, actor, now, &c.tag).await?;
+        }
+        restored.push(AffectedManifest { repository: repo.to_string(), digest: digest.clone(), tags: back });
+        // Referrers deleted together with it come back with it (a signature with its image).
+        if why.as_deref() == Some("deleted")
+            && let Some(d) = delete_id
+        {
+            let referrers: Vec<(String,)> = sqlx::query_as(
+                "SELECT digest FROM manifests WHERE delete_id = $1 AND deleted_why = 'subject' \
+                 AND deleted_at IS NOT NULL AND repository_id = $2 ORDER BY digest",
+            )
+            .bind(d)
+            .bind(repo_id)
+            .fetch_all(&mut *tx)
+            .await?;
+            for (referrer,) in referrers {
+                if let Some(r) = Self::lock_for_revive(tx, c, repo_id, &referrer).await? {
+                    let back = TagsBack::Deleted {
+                        take_tags: matches!(tags, TagsBack::Deleted { take_tags: true }),
+                    };
+                    Box::pin(Self::revive(tx, c, repo, repo_id, &r, back, actor, now, depth + 1, restored))
+                        .await?;
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Refuses unless every blob manifest `m` references is still linked in the repository; the
+    /// links are share-locked first, so an unlink or purge waits for this transaction, and one
+    /// that committed first is seen by the count.
+    async fn check_links(
+        tx: &mut AnyConnection,
+        c: &Revive,
+        repo: &RepoName,
+        repo_id: i64,
+        m: &Target,
+    ) -> DeleteResult<()> {
+        let _locked: Vec<(i64,)> =
+            sqlx::query_as(&c.lock_links).bind(m.id).bind(repo_id).fetch_all(&mut *tx).await?;
+        let missing: Option<(String,)> = sqlx::query_as(
+            "SELECT b.digest FROM manifest_blobs mb JOIN blobs b ON b.id = mb.blob_id WHERE mb.manifest_id = $1 \
+             AND NOT EXISTS (SELECT 1 FROM repository_blobs rb WHERE rb.repository_id = $2 AND rb.blob_id = mb.blob_id) \
+             LIMIT 1",
+        )
+        .bind(m.id)
+        .bind(repo_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some((blob,)) = missing {
+            return refuse(Refusal::Conflict(format!(
+                "manifest {} in {repo} cannot be restored: blob {blob} is no longer in the repository",
+                m.digest
+            )));
+        }
+        Ok(())
+    }
+
+    /// Puts back the tags delete `delete_id` took from manifest `m`.
+    #[expect(clippy::too_many_arguments, reason = "the parts of one restore")]
+    async fn restore_tags(
+        tx: &mut AnyConnection,
+        repo: &RepoName,
+        repo_id: i64,
+        m: &Target,
+        delete_id: i64,
+        take_tags: bool,
+        actor: Option<&str>,
+        now: i64,
+        tag_lock: &TagCtx,
+    ) -> DeleteResult<Vec<String>> {
+        let names: Vec<(String,)> = sqlx::query_as(
+            "SELECT DISTINCT tag FROM tag_history WHERE delete_id = $1 AND old_digest = $2 AND kind = 'delete' \
+             AND repository_id = $3 ORDER BY tag",
+        )
+        .bind(delete_id)
+        .bind(&m.digest)
+        .bind(repo_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        let digest = stored_digest(&m.digest)?;
+        let mut restored = Vec::new();
+        for (name,) in names {
+            let Ok(tag) = Tag::parse(&name) else { continue };
+            let condition = if take_tags { TagCondition::Always } else { TagCondition::IfAbsent };
+            let write = TagWrite {
+                repo_id,
+                repo: repo.as_str(),
+                tag: &tag,
+                manifest_id: m.id,
+                digest: &digest,
+                actor,
+                now,
+                kind: "restore",
+                condition,
+            };
+            match Self::set_tag(tx, &write, tag_lock).await? {
+                TagOutcome::Set | TagOutcome::Unchanged => restored.push(name),
+                TagOutcome::Immutable(refusal) => return refuse(Refusal::Immutable(refusal)),
+                TagOutcome::Precondition { current } => {
+                    return refuse(Refusal::Conflict(format!(
+                        "tag {name} was pushed again since the delete and now points at {}; restore with take_tags to move it back",
+                        current.unwrap_or_default()
+                    )));
+                }
+            }
+        }
+        Ok(restored)
+    }
+
+    /// Puts tag `tag` of `repo` back where a tag delete left it (the latest delete of that
+    /// tag). The manifest must still be held: live, or a restorable tombstone, which comes back
+    /// as a restore by digest would bring it (children, referrers deleted with it) but with
+    /// only this tag. Returns the digest the tag points at.
+    ///
+    /// # Errors
+    /// [`Refusal::NotFound`], [`Refusal::Conflict`]; [`DeleteError::Meta`].
+    pub async fn restore_tag(
+        &self,
+        repo: &RepoName,
+        tag: &Tag,
+        take_tags: bool,
+        actor: Option<&str>,
+        now: i64,
+    ) -> DeleteResult<String> {
+        let share = self.share_lock();
+        let c = self.revive_ctx(now);
+        transaction!(self, DeleteError, |tx| {
+            let repo_id = Self::live_repository(tx, repo, share).await?;
+            let last: Option<(Option<String>,)> = sqlx::query_as(
+                "SELECT old_digest FROM tag_history WHERE repository_id = $1 AND tag = $2 AND kind = 'delete' \
+                 ORDER BY id DESC LIMIT 1",
+            )
+            .bind(repo_id)
+            .bind(tag.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some((Some(digest),)) = last else {
+                return refuse(Refusal::NotFound(format!("tag {tag} of {repo} was never deleted")));
+            };
+            let condition = if take_tags { TagCondition::Always } else { TagCondition::IfAbsent };
+            Self::point_tag(tx, &c, repo, repo_id, tag, &digest, condition, "restore", actor, now).await?;
+            Ok(digest)
+        })
+    }
+
+    /// The time machine: points `tag` of `repo` at `target` — a digest, the digest the tag
+    /// pointed at a moment `at` (Unix ms), or one step back in its history — provided that
+    /// manifest is still held (live, or a restorable tombstone, brought back as
+    /// [`MetaStore::restore_tag`] brings it). Only a tag with a history can be reverted.
+    /// Returns the digest the tag now points at.
+    ///
+    /// # Errors
+    /// [`Refusal::NotFound`] (no such tag, or no such point in its history),
+    /// [`Refusal::Conflict`]; [`DeleteError::Meta`].
+    pub async fn revert_tag(
+        &self,
+        repo: &RepoName,
+        tag: &Tag,
+        target: RevertTarget<'_>,
+        actor: Option<&str>,
+        now: i64,
+    ) -> DeleteResult<String> {
+        let share = self.share_lock();
+        let c = self.revive_ctx(now);
+        transaction!(self, DeleteError, |tx| {
+            let repo_id = Self::live_repository(tx, repo, share).await?;
+            let (moves,): (i64,) =
+                sqlx::query_as("SELECT COUNT(*) FROM tag_history WHERE repository_id = $1 AND tag = $2")
+                    .bind(repo_id)
+                    .bind(tag.as_str())
+                    .fetch_one(&mut *tx)
+                    .await?;
+            if moves == 0 {
+                return refuse(Refusal::NotFound(format!(
+                    "tag {tag} of {repo} has no history to revert (push it to create it)"
+                )));
+            }
+            let digest = match target {
+                RevertTarget::Digest(d) => Some(d.to_string()),
+                RevertTarget::At(at) => {
+                    let row: Option<(Option<String>,)> = sqlx::query_as(
+                        "SELECT new_digest FROM tag_history WHERE repository_id = $1 AND tag = $2 AND at <= $3 \
+                         ORDER BY id DESC LIMIT 1",
+                    )
+                    .bind(repo_id)
+                    .bind(tag.as_str())
+                    .bind(at)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    row.and_then(|(d,)| d)
+                }
+                RevertTarget::Previous => {
+                    let row: Option<(Option<String>,)> = sqlx::query_as(
+                        "SELECT old_digest FROM tag_history WHERE repository_id = $1 AND tag = $2 \
+                         ORDER BY id DESC LIMIT 1",
+                    )
+                    .bind(repo_id)
+                    .bind(tag.as_str())
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    row.and_then(|(d,)| d)
+                }
+            };
+            let Some(digest) = digest else {
+                return refuse(Refusal::NotFound(format!("tag {tag} of {repo} pointed at nothing then")));
+            };
+            Self::point_tag(tx, &c, repo, repo_id, tag, &digest, TagCondition::Always, "revert", actor, now)
+                .await?;
+            Ok(digest)
+        })
+    }
+
+    /// Points `tag` at manifest `digest` of the repository if it is still held: live (locked, so
+    /// no delete or purge can tombstone it before the tag is written), or a restorable tombstone,
+    /// brought back through [`MetaStore::revive`] first.
+    #[expect(clippy::too_many_arguments, reason = "the parts of one tag write")]
+    async fn point_tag(
+        tx: &mut AnyConnection,
+        c: &Revive,
+        repo: &RepoName,
+        repo_id: i64,
+        tag: &Tag,
+        digest: &str,
+        condition: TagCondition<'_>,
+        kind: &str,
+        actor: Option<&str>,
+        now: i64,
+    ) -> DeleteResult<()> {
+        let Some(m) = Self::lock_for_revive(tx, c, repo_id, digest).await? else {
+            return refuse(Refusal::Conflict(format!("manifest {digest} is no longer held in {repo}")));
+        };
+        let mut restored = Vec::new();
+        Self::revive(tx, c, repo, repo_id, &m, TagsBack::Named, actor, now, 0, &mut restored).await?;
+        let parsed = stored_digest(digest)?;
+        let write = TagWrite {
+            repo_id,
+            repo: repo.as_str(),
+            tag,
+            manifest_id: m.id,
+            digest: &parsed,
+            actor,
+            now,
+            kind,
+            condition,
+        };
+        match Self::set_tag(tx, &write, &c.tag).await? {
+            TagOutcome::Precondition { current } => refuse(Refusal::Conflict(format!(
+                "tag {tag} exists and points at {}; use take_tags to move it",
+                current.unwrap_or_default()
+            ))),
+            TagOutcome::Immutable(refusal) => refuse(Refusal::Immutable(refusal)),
+            TagOutcome::Set | TagOutcome::Unchanged => Ok(()),
+        }
+    }
+}
+
+/// A digest read back from the store (it was validated on the way in).
+fn stored_digest(text: &str) -> Result<Digest, Error> {
+    Digest::parse(text).map_err(|e| Error::Database(sqlx::Error::Decode(e.to_string().into())))
+}
+
+/// Where the time machine puts a tag.
+#[derive(Debug, Clone, Copy)]
+pub enum RevertTarget<'a> {
+    /// This manifest.
+    Digest(&'a Digest),
+    /// Where the tag pointed at this moment (Unix ms).
+    At(i64),
+    /// Where the tag pointed before its latest move.
+    Previous,
+}

@@ -1,0 +1,421 @@
+//! Every path that makes a manifest live again locks, then checks (issue 24): a deleted index
+//! brought back by its tag comes back with its children; restores and purges racing on
+//! PostgreSQL serialize on the manifest's row (made deterministic by holding that row's lock from
+//! a third connection); the collector never collects a tombstone a live index lists, keeps a
+//! margin over the batched `HEAD` writer, and `fsck` sees, from the payloads, what a wrong path
+//! could leave.
+
+use std::time::Duration;
+
+use berth::meta::RevertTarget;
+use berth::oci::{Digest, RepoName, Tag};
+use reqwest::Method;
+use sqlx::Connection as _;
+
+use crate::backend_test;
+use crate::harness::*;
+
+const DAY: i64 = 24 * 3600 * 1000;
+
+fn blob_digests(img: &PushedImage) -> Vec<Digest> {
+    std::iter::once(&img.config).chain(&img.layers).map(|b| Digest::sha256_of(b)).collect()
+}
+
+/// Asserts that `img` of `repo` can be pulled completely: the manifest by digest and every blob.
+async fn assert_pullable(reg: &TestRegistry, repo: &str, img: &PushedImage) {
+    let res = reg.get(&format!("/v2/{repo}/manifests/{}", img.digest)).await;
+    assert_eq!(res.status(), 200, "{repo}@{}", img.digest);
+    for d in blob_digests(img) {
+        assert_eq!(reg.get(&format!("/v2/{repo}/blobs/{d}")).await.status(), 200, "{repo} blob {d}");
+    }
+}
+
+async fn fsck_problems(reg: &TestRegistry) -> Vec<berth::meta::Finding> {
+    reg.app.registry.fsck(false, &|_, _| {}).await.unwrap().problems
+}
+
+/// Two images and an index `all` over them in `repo`; then the index and both images deleted by
+/// digest (allowed: a tombstoned index holds nothing live).
+async fn index_deleted_then_its_children(
+    reg: &TestRegistry,
+    repo: &str,
+    seed: u64,
+) -> (PushedImage, PushedImage, Digest) {
+    let amd = reg.push_image(repo, "amd", seed).await;
+    let arm = reg.push_image(repo, "arm", seed + 10).await;
+    let (index, _) = reg.push_index(repo, "all", &[&amd, &arm]).await;
+    for d in [&index, &amd.digest, &arm.digest] {
+        let res = reg.req(Method::DELETE, &format!("/v2/{repo}/manifests/{d}")).send().await.unwrap();
+        assert_eq!(res.status(), 202, "delete {d}");
+    }
+    (amd, arm, index)
+}
+
+backend_test!(an_index_brought_back_by_its_tag_comes_back_with_its_children, |reg| {
+    let ways = ["restore", "revert-to", "revert-previous"];
+    let mut cases = Vec::new();
+    for (i, way) in ways.iter().enumerate() {
+        let repo = format!("revive/{way}");
+        let (amd, arm, index) = index_deleted_then_its_children(&reg, &repo, 7000 + 100 * i as u64).await;
+        let name = RepoName::parse(&repo).unwrap();
+        let all = Tag::parse("all").unwrap();
+        let registry = &reg.app.registry;
+        let digest = match *way {
+            "restore" => registry.restore_tag(&name, &all, false, Some("admin")).await.unwrap(),
+            "revert-to" => {
+                registry.revert_tag(&name, &all, RevertTarget::Digest(&index), None).await.unwrap()
+            }
+            _ => registry.revert_tag(&name, &all, RevertTarget::Previous, None).await.unwrap(),
+        };
+        assert_eq!(digest, index.as_str(), "{way}");
+        assert_eq!(reg.get(&format!("/v2/{repo}/manifests/all")).await.status(), 200, "{way}");
+        assert_pullable(&reg, &repo, &amd).await;
+        assert_pullable(&reg, &repo, &arm).await;
+        // Only the tag named comes back on the index; the children get back the tags their own
+        // deletes took, as a restore by digest gives them.
+        assert_eq!(reg.tags_of(&repo).await, serde_json::json!(["all", "amd", "arm"]), "{way}");
+        cases.push((repo, amd, arm));
+    }
+    assert!(fsck_problems(&reg).await.is_empty());
+    // Long after every window, the collector has taken nothing the index needs.
+    reg.advance(60 * DAY);
+    reg.app.registry.collect(100_000).await.unwrap();
+    for (repo, amd, arm) in &cases {
+        assert_eq!(reg.get(&format!("/v2/{repo}/manifests/all")).await.status(), 200);
+        assert_pullable(&reg, repo, amd).await;
+        assert_pullable(&reg, repo, arm).await;
+    }
+    let problems = fsck_problems(&reg).await;
+    assert!(problems.is_empty(), "{problems:?}");
+});
+
+backend_test!(a_tag_restore_onto_an_index_whose_child_cannot_come_back_is_refused, |reg| {
+    let repo = "revive/refused";
+    let (amd, _arm, _index) = index_deleted_then_its_children(&reg, repo, 7500).await;
+    // The child's layer is unlinked: the child can no longer be restored, so neither can the
+    // index that lists it.
+    let layer = Digest::sha256_of(&amd.layers[0]);
+    let res = reg.req(Method::DELETE, &format!("/v2/{repo}/blobs/{layer}")).send().await.unwrap();
+    assert_eq!(res.status(), 202);
+    let name = RepoName::parse(repo).unwrap();
+    let err =
+        reg.app.registry.restore_tag(&name, &Tag::parse("all").unwrap(), false, None).await.unwrap_err();
+    let message = err.to_string();
+    assert!(message.contains(amd.digest.as_str()) && message.contains("cannot be restored"), "{message}");
+    assert_eq!(reg.get(&format!("/v2/{repo}/manifests/all")).await.status(), 404);
+    assert_eq!(reg.tags_of(repo).await, serde_json::json!([]));
+    assert!(fsck_problems(&reg).await.is_empty());
+});
+
+backend_test!(the_collector_never_takes_a_tombstone_a_live_index_lists, |reg| {
+    // A state no correct path leaves (a live index listing a tombstone), made by hand: the
+    // collector must not turn it into lost data, nor mark the live index unrestorable.
+    let repo = "revive/guard";
+    let amd = reg.push_image(repo, "amd", 7600).await;
+    let arm = reg.push_image(repo, "arm", 7610).await;
+    let (index, _) = reg.push_index(repo, "all", &[&amd, &arm]).await;
+    let sql = reg.sql().await;
+    sqlx::query("UPDATE manifests SET deleted_at = $1, deleted_why = 'deleted' WHERE digest = $2")
+        .bind(reg.app.registry.clock().now_ms())
+        .bind(amd.digest.as_str())
+        .execute(&sql)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM tags WHERE name = 'amd'").execute(&sql).await.unwrap();
+    let problems = fsck_problems(&reg).await;
+    let kinds: Vec<&str> = problems.iter().map(|p| p.kind).collect();
+    assert!(
+        kinds.contains(&"index-child-deleted") && kinds.contains(&"payload-child-missing"),
+        "{problems:?}"
+    );
+    reg.advance(60 * DAY);
+    reg.app.registry.collect(100_000).await.unwrap();
+    let (unrestorable,): (Option<String>,) =
+        sqlx::query_as("SELECT unrestorable FROM manifests WHERE digest = $1")
+            .bind(index.as_str())
+            .fetch_one(&sql)
+            .await
+            .unwrap();
+    assert_eq!(unrestorable, None, "a live index was marked unrestorable");
+    for d in blob_digests(&amd) {
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM blobs WHERE digest = $1")
+            .bind(d.as_str())
+            .fetch_one(&sql)
+            .await
+            .unwrap();
+        assert_eq!(n, 1, "blob {d} of the listed tombstone was collected");
+    }
+    let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM manifests WHERE digest = $1")
+        .bind(amd.digest.as_str())
+        .fetch_one(&sql)
+        .await
+        .unwrap();
+    assert_eq!(n, 1, "the listed tombstone was collected");
+});
+
+backend_test!(fsck_reads_what_a_manifest_references_from_its_payload, |reg| {
+    let repo = "revive/fsck";
+    let amd = reg.push_image(repo, "amd", 7700).await;
+    let (index, _) = reg.push_index(repo, "all", &[&amd]).await;
+    let img = reg.push_image(repo, "img", 7710).await;
+    assert!(fsck_problems(&reg).await.is_empty());
+    let sql = reg.sql().await;
+    // What a wrong path could leave: the child gone with its join rows, a layer's link and
+    // reference rows gone, a live manifest marked unrestorable. No join row is left to find any
+    // of it by.
+    for stmt in [
+        "DELETE FROM manifest_children WHERE child_id IN (SELECT id FROM manifests WHERE digest = $1)",
+        "DELETE FROM tags WHERE manifest_id IN (SELECT id FROM manifests WHERE digest = $1)",
+        "DELETE FROM manifest_blobs WHERE manifest_id IN (SELECT id FROM manifests WHERE digest = $1)",
+        "DELETE FROM manifests WHERE digest = $1",
+    ] {
+        sqlx::query(stmt).bind(amd.digest.as_str()).execute(&sql).await.unwrap();
+    }
+    let layer = Digest::sha256_of(&img.layers[1]);
+    for stmt in [
+        "DELETE FROM manifest_blobs WHERE blob_id IN (SELECT id FROM blobs WHERE digest = $1)",
+        "DELETE FROM repository_blobs WHERE blob_id IN (SELECT id FROM blobs WHERE digest = $1)",
+    ] {
+        sqlx::query(stmt).bind(layer.as_str()).execute(&sql).await.unwrap();
+    }
+    sqlx::query("UPDATE manifests SET unrestorable = 'by hand' WHERE digest = $1")
+        .bind(img.digest.as_str())
+        .execute(&sql)
+        .await
+        .unwrap();
+    let problems = fsck_problems(&reg).await;
+    let has = |kind: &str, subject: &Digest, needle: &str| {
+        problems.iter().any(|p| p.kind == kind && p.subject == subject.as_str() && p.detail.contains(needle))
+    };
+    assert!(has("payload-child-missing", &index, amd.digest.as_str()), "{problems:?}");
+    assert!(has("payload-blob-missing", &img.digest, layer.as_str()), "{problems:?}");
+    assert!(has("live-manifest-unrestorable", &img.digest, "by hand"), "{problems:?}");
+    // Repair never "repairs" by deleting a live manifest.
+    reg.app.registry.repair().await.unwrap();
+    assert_eq!(reg.get(&format!("/v2/{repo}/manifests/{index}")).await.status(), 200);
+    assert_eq!(reg.get(&format!("/v2/{repo}/manifests/{}", img.digest)).await.status(), 200);
+});
+
+/// A connection to the registry's PostgreSQL database holding one row lock, and a way to wait
+/// until `n` other backends wait on locks.
+struct LockHolder {
+    conn: sqlx::PgConnection,
+    watch: sqlx::PgConnection,
+}
+
+impl LockHolder {
+    async fn lock(reg: &TestRegistry, statement: &str, digest: &Digest) -> Self {
+        let url = &reg.app.config.metadata_url;
+        let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+        let watch = sqlx::PgConnection::connect(url).await.unwrap();
+        sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
+        let locked = sqlx::query(statement).bind(digest.as_str()).fetch_all(&mut conn).await.unwrap();
+        assert_eq!(locked.len(), 1, "{statement}");
+        LockHolder { conn, watch }
+    }
+
+    async fn wait_for_waiters(&mut self, n: i64) {
+        for _ in 0..500 {
+            let (waiting,): (i64,) = sqlx::query_as(
+                "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&mut self.watch)
+            .await
+            .unwrap();
+            if waiting >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("fewer than {n} transactions ever waited for the held lock");
+    }
+
+    async fn release(mut self) {
+        sqlx::query("COMMIT").execute(&mut self.conn).await.unwrap();
+    }
+}
+
+/// On PostgreSQL only (the lock points are PostgreSQL's; SQLite's one writer serializes these).
+async fn postgres_registry() -> Option<TestRegistry> {
+    let reg = TestRegistry::try_start(Backend::Postgres).await?;
+    assert!(reg.on_postgres());
+    Some(reg)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restore_waiting_behind_a_purge_sees_the_purge() {
+    let Some(reg) = postgres_registry().await else { return };
+    let repo = "race/restore";
+    let img = reg.push_image(repo, "v1", 7800).await;
+    let res = reg.req(Method::DELETE, &format!("/v2/{repo}/manifests/{}", img.digest)).send().await.unwrap();
+    assert_eq!(res.status(), 202);
+    // Hold the tombstone's row; the purge queues on it first, the restore second.
+    let mut holder =
+        LockHolder::lock(&reg, "SELECT id FROM manifests WHERE digest = $1 FOR UPDATE", &img.digest).await;
+    let registry = reg.app.registry.clone();
+    let layer = Digest::sha256_of(&img.layers[0]);
+    let purge = tokio::spawn(async move { registry.purge_blob(&layer, "a secret", Some("admin")).await });
+    holder.wait_for_waiters(1).await;
+    let registry = reg.app.registry.clone();
+    let (name, digest) = (RepoName::parse(repo).unwrap(), img.digest.clone());
+    let restore = tokio::spawn(async move { registry.restore_manifest(&name, &digest, false, None).await });
+    holder.wait_for_waiters(2).await;
+    holder.release().await;
+    purge.await.unwrap().expect("the purge");
+    let err = restore.await.unwrap().expect_err("a restore of a purged manifest must be refused");
+    assert!(err.to_string().contains("cannot be restored"), "{err}");
+    assert_eq!(reg.get(&format!("/v2/{repo}/manifests/{}", img.digest)).await.status(), 404);
+    assert_eq!(reg.get(&format!("/v2/{repo}/manifests/v1")).await.status(), 404);
+    let problems = fsck_problems(&reg).await;
+    assert!(problems.is_empty(), "{problems:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_purge_sees_an_index_pushed_while_it_waited() {
+    let Some(reg) = postgres_registry().await else { return };
+    let repo = "race/purge";
+    let img = reg.push_image(repo, "v1", 7900).await;
+    // An in-flight push elsewhere share-locks the image; the purge must wait for its own lock
+    // on the image before it reads which indexes list it.
+    let mut holder =
+        LockHolder::lock(&reg, "SELECT id FROM manifests WHERE digest = $1 FOR SHARE", &img.digest).await;
+    let registry = reg.app.registry.clone();
+    let layer = Digest::sha256_of(&img.layers[0]);
+    let purge = tokio::spawn(async move { registry.purge_blob(&layer, "a secret", Some("admin")).await });
+    holder.wait_for_waiters(1).await;
+    // An index over the image, pushed while the purge waits.
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2, "mediaType": OCI_INDEX,
+        "manifests": [{"mediaType": OCI_MANIFEST, "digest": img.digest.as_str(), "size": img.manifest.len()}],
+    }))
+    .unwrap();
+    let index_digest = Digest::sha256_of(&index);
+    let url = reg.url(&format!("/v2/{repo}/manifests/all"));
+    let client = reg.client.clone();
+    let push = tokio::spawn(async move {
+        client.put(url).header("content-type", OCI_INDEX).body(index).send().await.unwrap().status()
+    });
+    // The push either completes (its share lock is compatible with the one held) or queues.
+    for _ in 0..100 {
+        if push.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    holder.release().await;
+    let purged = purge.await.unwrap().expect("the purge");
+    let pushed = push.await.unwrap();
+    if pushed == 201 {
+        // The index came in before the purge read the image's parents: it is purged too.
+        assert!(
+            purged.purged.manifests.iter().any(|m| m.digest == index_digest.as_str()),
+            "the purge missed the index pushed while it waited: {:?}",
+            purged.purged.manifests
+        );
+        assert_eq!(reg.get(&format!("/v2/{repo}/manifests/all")).await.status(), 404);
+    } else {
+        assert_eq!(pushed, 400, "a push after the purge finds the image gone");
+    }
+    let problems = fsck_problems(&reg).await;
+    assert!(problems.is_empty(), "{problems:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tag_restore_racing_a_purge_never_leaves_a_tag_on_a_tombstone() {
+    let Some(reg) = postgres_registry().await else { return };
+    let repo = "race/tag";
+    let img = reg.push_image(repo, "v1", 8000).await;
+    let res = reg.req(Method::DELETE, &format!("/v2/{repo}/manifests/v1")).send().await.unwrap();
+    assert_eq!(res.status(), 202);
+    let mut holder =
+        LockHolder::lock(&reg, "SELECT id FROM manifests WHERE digest = $1 FOR UPDATE", &img.digest).await;
+    let registry = reg.app.registry.clone();
+    let layer = Digest::sha256_of(&img.layers[0]);
+    let purge = tokio::spawn(async move { registry.purge_blob(&layer, "a secret", Some("admin")).await });
+    holder.wait_for_waiters(1).await;
+    let registry = reg.app.registry.clone();
+    let name = RepoName::parse(repo).unwrap();
+    let restore =
+        tokio::spawn(
+            async move { registry.restore_tag(&name, &Tag::parse("v1").unwrap(), false, None).await },
+        );
+    holder.wait_for_waiters(2).await;
+    holder.release().await;
+    purge.await.unwrap().expect("the purge");
+    assert!(restore.await.unwrap().is_err(), "the tag was put back on a purged manifest");
+    assert_eq!(reg.tags_of(repo).await, serde_json::json!([]));
+    let problems = fsck_problems(&reg).await;
+    assert!(problems.is_empty(), "{problems:?}");
+}
+
+backend_test!(a_blob_answered_to_head_outlives_the_unwritten_note_of_it, |reg| {
+    // The access writer flushes every 30 s (real time); the test moves the application clock,
+    // so the HEAD below stays in memory, as it would on a replica between two flushes.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = match reg.on_postgres() {
+        true => scale_out_config(dir.path()).await.unwrap(),
+        false => {
+            let mut c = berth::config::Config::embedded(dir.path());
+            c.storage_fsync = false;
+            c.gc.enabled = false;
+            c
+        }
+    };
+    drop(reg);
+    config.gc.blob_grace = Duration::from_secs(3600);
+    config.gc.access_flush_interval = Duration::from_secs(30);
+    config.gc.clock_skew = Duration::from_secs(2);
+    let reg = TestRegistry::start_with(config, dir).await;
+    let repo = "margin/app";
+    let config_blob = br#"{"architecture":"amd64","os":"linux","margin":1}"#.to_vec();
+    let config_digest = reg.upload_blob(repo, &config_blob).await;
+    reg.advance(3600 * 1000 - 10_000);
+    let head = reg.req(Method::HEAD, &format!("/v2/{repo}/blobs/{config_digest}")).send().await.unwrap();
+    assert_eq!(head.status(), 200);
+    // Past the upload's grace; the HEAD's time is still only in this replica's memory.
+    reg.advance(20_000);
+    reg.app.registry.collect(100_000).await.unwrap();
+    let layer = random_bytes(8100, 2000);
+    let layer_digest = reg.upload_blob(repo, &layer).await;
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": config_digest.as_str(), "size": config_blob.len()},
+        "layers": [{"mediaType": OCI_LAYER, "digest": layer_digest.as_str(), "size": layer.len()}],
+    }))
+    .unwrap();
+    let res = reg.put_manifest(repo, "v1", OCI_MANIFEST, &manifest).await;
+    assert_eq!(res.status(), 201, "{:?}", res.text().await);
+});
+
+backend_test!(retention_deletes_an_untagged_manifest_only_if_unused_since_it_looked, |reg| {
+    let repo = "revive/retention";
+    let img = reg.push_image(repo, "v1", 8200).await;
+    let res = reg.req(Method::DELETE, &format!("/v2/{repo}/manifests/v1")).send().await.unwrap();
+    assert_eq!(res.status(), 202);
+    let name = RepoName::parse(repo).unwrap();
+    let meta = reg.app.registry.meta();
+    // Retention looked at it when it was last used at its push; then someone pulled it.
+    let (evaluated,): (i64,) = sqlx::query_as("SELECT pushed_at FROM manifests WHERE digest = $1")
+        .bind(img.digest.as_str())
+        .fetch_one(&reg.sql().await)
+        .await
+        .unwrap();
+    reg.advance(1000);
+    assert_eq!(reg.get(&format!("/v2/{repo}/manifests/{}", img.digest)).await.status(), 200);
+    reg.app.registry.flush_access().await.unwrap();
+    let now = reg.app.registry.clock().now_ms();
+    let refused = meta.delete_manifest(&name, &img.digest, Some(evaluated), Some("retention:r"), now).await;
+    assert!(
+        matches!(refused, Err(berth::meta::DeleteError::Refused(berth::meta::Refusal::Precondition(_)))),
+        "{refused:?}"
+    );
+    assert_eq!(reg.get(&format!("/v2/{repo}/manifests/{}", img.digest)).await.status(), 200);
+    // Evaluated after the pull, it goes.
+    let (pulled,): (i64,) = sqlx::query_as("SELECT pulled_at FROM manifests WHERE digest = $1")
+        .bind(img.digest.as_str())
+        .fetch_one(&reg.sql().await)
+        .await
+        .unwrap();
+    meta.delete_manifest(&name, &img.digest, Some(pulled), Some("retention:r"), now).await.unwrap();
+    assert_eq!(reg.get(&format!("/v2/{repo}/manifests/{}", img.digest)).await.status(), 404);
+});
