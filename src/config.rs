@@ -836,8 +836,8 @@ mod tests {
         let e = load("", &[("BERTH_GC_RESTORE_WINDOW", "soon")], &Overrides::default()).unwrap_err();
         assert!(e.to_string().contains("BERTH_GC_RESTORE_WINDOW"), "{e}");
         let c =
-            load("[gc]\nblob_grace = \"1s\"\nuntagged_grace = \"2s\"\n", &[], &Overrides::default()).unwrap();
-        assert_eq!((c.gc.blob_grace, c.gc.untagged_grace), (Duration::from_secs(1), Duration::from_secs(2)));
+            load("[gc]\nblob_grace = \"5s\"\nuntagged_grace = \"2s\"\n", &[], &Overrides::default()).unwrap();
+        assert_eq!((c.gc.blob_grace, c.gc.untagged_grace), (Duration::from_secs(5), Duration::from_secs(2)));
         // Presigned URLs must live far shorter than blob_grace.
         let s3 = "[storage]\nkind = \"s3\"\n[storage.s3]\nbucket = \"b\"\nredirect = true\nredirect_ttl_secs = 600\n";
         let e = load(&format!("{s3}[gc]\nblob_grace = \"1h\"\n"), &[], &Overrides::default()).unwrap_err();

@@ -166,7 +166,16 @@ impl FsStore {
             } else {
                 Error::Io { key: key.to_string(), source: e }
             }
+        })?;
+        // A link shares the source file's (old) modification time; the storage sweep judges age
+        // by it, so the adopted key is touched to count from its adoption, as a publication is.
+        tokio::task::spawn_blocking(move || {
+            std::fs::File::options().write(true).open(&to)?.set_modified(std::time::SystemTime::now())
         })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r)
+        .map_err(io_err(key))
     }
 
     /// Whether files under `dir` can be hard-linked into this store (same filesystem).

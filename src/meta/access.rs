@@ -14,8 +14,9 @@ impl MetaStore {
     /// [`Error::Database`].
     pub async fn record_access(&self, manifest_ids: &[i64], blob_ids: &[i64], now: i64) -> Result<()> {
         transaction!(self, Error, |tx| {
+            // Blobs before manifests: the order a push locks them in (docs/design.md, lock order).
             for (table, column, ids) in
-                [("manifests", "pulled_at", manifest_ids), ("blobs", "seen_at", blob_ids)]
+                [("blobs", "seen_at", blob_ids), ("manifests", "pulled_at", manifest_ids)]
             {
                 for chunk in ids.chunks(CHUNK) {
                     let list = chunk.iter().map(i64::to_string).collect::<Vec<_>>().join(",");

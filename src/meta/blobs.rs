@@ -134,11 +134,13 @@ impl MetaStore {
                 " FOR SHARE"
             }
         };
-        let reclaimed: Option<(String,)> =
-            sqlx::query_as("SELECT storage_key FROM gc_outbox WHERE storage_key = $1")
-                .bind(storage_key)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let reclaimed: Option<(String,)> = sqlx::query_as(
+            "SELECT storage_key FROM gc_outbox WHERE storage_key = $1 \
+                 UNION ALL SELECT storage_key FROM swept_keys WHERE storage_key = $1",
+        )
+        .bind(storage_key)
+        .fetch_optional(&mut *tx)
+        .await?;
         if reclaimed.is_some() {
             return Err(super::Error::Busy(format!(
                 "the uploaded bytes ({storage_key}) waited longer than gc.blob_grace to be recorded and were \

@@ -109,8 +109,8 @@ impl MetaStore {
     /// its tags. Tags pushed again since are conflicts unless `take_tags`.
     ///
     /// # Errors
-    /// [`Refusal::NotFound`] (no such repository), [`Refusal::Conflict`] (it is not deleted, or
-    /// a member cannot be restored); [`DeleteError::Meta`].
+    /// [`Refusal::NotFound`] (no such repository), [`Refusal::Conflict`] (it was never deleted,
+    /// or a member cannot be restored); [`DeleteError::Meta`].
     pub async fn restore_repository(
         &self,
         repo: &RepoName,
@@ -118,32 +118,32 @@ impl MetaStore {
         actor: Option<&str>,
         now: i64,
     ) -> DeleteResult<Vec<AffectedManifest>> {
-        let repo_sql = format!(
-            "SELECT id, deleted_at FROM repositories WHERE name = $1{}",
-            self.update_lock_of("repositories")
-        );
+        let repo_sql =
+            format!("SELECT id FROM repositories WHERE name = $1{}", self.update_lock_of("repositories"));
         let c = self.revive_ctx(now);
         transaction!(self, DeleteError, |tx| {
-            let found: Option<(i64, Option<i64>)> =
+            let found: Option<(i64,)> =
                 sqlx::query_as(&repo_sql).bind(repo.as_str()).fetch_optional(&mut *tx).await?;
-            let Some((repo_id, deleted_at)) = found else {
+            let Some((repo_id,)) = found else {
                 return refuse(Refusal::NotFound(format!("repository {repo} not known to registry")));
             };
-            if deleted_at.is_none() {
-                return refuse(Refusal::Conflict(format!(
-                    "repository {repo} is not deleted: there is nothing to restore"
-                )));
-            }
+            // The latest delete of the whole repository; a push into the name since may have made
+            // it live again, and the restore then brings back the rest.
             let (delete_id,): (Option<i64>,) = sqlx::query_as(
                 "SELECT MAX(id) FROM deletes WHERE repository_id = $1 AND kind = 'repository'",
             )
             .bind(repo_id)
             .fetch_one(&mut *tx)
             .await?;
+            let Some(delete_id) = delete_id else {
+                return refuse(Refusal::Conflict(format!(
+                    "repository {repo} is not deleted: there is nothing to restore"
+                )));
+            };
             let members: Vec<(String,)> = sqlx::query_as(
                 "SELECT digest FROM manifests WHERE delete_id = $1 AND deleted_at IS NOT NULL ORDER BY digest",
             )
-            .bind(delete_id.unwrap_or(-1))
+            .bind(delete_id)
             .fetch_all(&mut *tx)
             .await?;
             let mut restored = Vec::new();

@@ -171,6 +171,16 @@ impl MetaStore {
             .bind(now)
             .execute(&mut *tx)
             .await?;
+            if done.rows_affected() == 1 {
+                // Kept after the outbox row is settled: the fence must outlast it.
+                sqlx::query(
+                    "INSERT INTO swept_keys (storage_key, swept_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                )
+                .bind(key)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            }
             Ok(done.rows_affected() == 1)
         })
     }

@@ -275,6 +275,8 @@ async fn json_logs_carry_an_audit_trail() {
         ("BERTH_GC_RESTORE_WINDOW", "1ms"),
         // Long enough for the push to reference its blobs before the collector may take them.
         ("BERTH_GC_BLOB_GRACE", "2s"),
+        // One process: no other clock to allow for.
+        ("BERTH_GC_CLOCK_SKEW", "0ms"),
         ("BERTH_GC_UNTAGGED_GRACE", "1ms"),
         ("BERTH_GC_INTERVAL", "100ms"),
     ];

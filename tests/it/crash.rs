@@ -120,7 +120,7 @@ async fn crash_rounds(configs: Vec<std::path::PathBuf>, dir: std::path::PathBuf)
 /// Windows short enough for the collector to act between the kills.
 /// The sweep and the scrub run every 100 ms, so kills land in them too.
 const GC: &str = "[gc]\ninterval = \"50ms\"\nrestore_window = \"100ms\"\nuntagged_grace = \"100ms\"\n\
-                  blob_grace = \"300ms\"\naccess_flush_interval = \"50ms\"\nsweep_interval = \"100ms\"\n\
+                  blob_grace = \"300ms\"\naccess_flush_interval = \"50ms\"\nclock_skew = \"0ms\"\nsweep_interval = \"100ms\"\n\
                   scrub_period = \"1s\"\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -199,6 +199,8 @@ async fn with_short_windows(backend: Backend) -> Option<TestRegistry> {
     config.gc.untagged_grace = std::time::Duration::from_millis(300);
     config.gc.restore_window = std::time::Duration::from_millis(300);
     config.gc.access_flush_interval = std::time::Duration::from_millis(100);
+    // Replicas of one test share one clock.
+    config.gc.clock_skew = std::time::Duration::ZERO;
     Some(TestRegistry::start_with(config, dir).await)
 }
 
@@ -405,6 +407,8 @@ async fn serve_collects_in_the_background() {
     assert!(config.gc.enabled, "on by default");
     config.gc.interval = std::time::Duration::from_millis(100);
     config.gc.blob_grace = std::time::Duration::from_millis(200);
+    config.gc.access_flush_interval = std::time::Duration::from_millis(50);
+    config.gc.clock_skew = std::time::Duration::ZERO;
     config.gc.restore_window = std::time::Duration::from_millis(200);
     let reg = TestRegistry::start_with(config, dir).await;
     let img = reg.push_image("gc/bg", "v1", 1400).await;
@@ -444,7 +448,8 @@ async fn gc_run_collects_and_exits() {
     std::fs::write(
         &config,
         format!(
-            "data_dir = {:?}\n[storage]\nfsync = false\n[gc]\nenabled = false\nrestore_window = \"1ms\"\nblob_grace = \"1ms\"\n",
+            "data_dir = {:?}\n[storage]\nfsync = false\n[gc]\nenabled = false\nrestore_window = \"1ms\"\nblob_grace = \"200ms\"\n\
+             access_flush_interval = \"10ms\"\nclock_skew = \"0ms\"\n",
             dir.path().join("data").display().to_string()
         ),
     )
@@ -461,6 +466,8 @@ async fn gc_run_collects_and_exits() {
         202
     );
     let _ = reg.stop().await;
+    // Past blob_grace and the collector's margin over it (flush interval + clock skew).
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
     let berth = |args: &[&str]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
             .args(args)

@@ -419,3 +419,91 @@ backend_test!(retention_deletes_an_untagged_manifest_only_if_unused_since_it_loo
     meta.delete_manifest(&name, &img.digest, Some(pulled), Some("retention:r"), now).await.unwrap();
     assert_eq!(reg.get(&format!("/v2/{repo}/manifests/{}", img.digest)).await.status(), 404);
 });
+
+backend_test!(the_collector_keeps_bytes_an_unfinished_import_adopted, |reg| {
+    // On S3 an adopted key is the source registry's own object: until the import cuts over, the
+    // collector (a `berth gc run`, or `serve --allow-unfinished-import`) must not delete it.
+    let repo = "revive/import";
+    let img = reg.push_image(repo, "v1", 8300).await;
+    let layer = Digest::sha256_of(&img.layers[0]);
+    let key = reg.storage_key(&layer).await;
+    let sql = reg.sql().await;
+    let (import_id,): (i64,) =
+        sqlx::query_as("INSERT INTO imports (source, started_at) VALUES ('file:///old', 0) RETURNING id")
+            .fetch_one(&sql)
+            .await
+            .unwrap();
+    sqlx::query(
+        "INSERT INTO adopted_keys (storage_key, import_id, digest, adopted_at) VALUES ($1, $2, $3, 0)",
+    )
+    .bind(&key)
+    .bind(import_id)
+    .bind(layer.as_str())
+    .execute(&sql)
+    .await
+    .unwrap();
+    let res = reg.req(Method::DELETE, &format!("/v2/{repo}/manifests/{}", img.digest)).send().await.unwrap();
+    assert_eq!(res.status(), 202);
+    reg.advance(30 * DAY);
+    reg.app.registry.collect(100_000).await.unwrap();
+    reg.app.registry.collect(100_000).await.unwrap();
+    let count = |d: Digest| {
+        let sql = sql.clone();
+        async move {
+            let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM blobs WHERE digest = $1")
+                .bind(d.as_str())
+                .fetch_one(&sql)
+                .await
+                .unwrap();
+            n
+        }
+    };
+    assert_eq!(count(layer.clone()).await, 1, "an adopted blob went before its import cut over");
+    assert_eq!(count(Digest::sha256_of(&img.layers[1])).await, 0, "a blob Berth stored itself went");
+    assert!(reg.app.registry.blobs().size(&key).await.is_ok(), "the adopted bytes were deleted");
+    sqlx::query("UPDATE imports SET cut_over_at = 1 WHERE id = $1")
+        .bind(import_id)
+        .execute(&sql)
+        .await
+        .unwrap();
+    reg.advance(2 * 3600 * 1000);
+    reg.app.registry.collect(100_000).await.unwrap();
+    assert_eq!(count(layer).await, 0, "after the cut-over the blob is garbage like any other");
+});
+
+backend_test!(an_import_root_inside_berths_own_trees_is_refused, |reg| {
+    use berth::blob::Origin;
+    let blobs = reg.app.registry.blobs();
+    let inside = match &reg.app.config.storage_s3 {
+        Some(s3) => {
+            let prefix = s3.prefix.clone().unwrap_or_default();
+            vec![
+                Origin::Object { bucket: s3.bucket.clone(), key: format!("{prefix}/blobs/old") },
+                Origin::Object { bucket: s3.bucket.clone(), key: format!("{prefix}/uploads") },
+            ]
+        }
+        None => {
+            let root = &reg.app.config.storage_path;
+            for tree in ["blobs/old", "uploads/old"] {
+                std::fs::create_dir_all(root.join(tree)).unwrap();
+            }
+            vec![Origin::File(root.join("blobs/old")), Origin::File(root.join("uploads/old"))]
+        }
+    };
+    for origin in inside {
+        let err = blobs.check_adoptable(&origin).expect_err("a root inside Berth's own trees");
+        assert!(err.to_string().contains("inside Berth's own"), "{err}");
+    }
+    let beside = match &reg.app.config.storage_s3 {
+        Some(s3) => Origin::Object {
+            bucket: s3.bucket.clone(),
+            key: format!("{}/registry", s3.prefix.clone().unwrap_or_default()),
+        },
+        None => {
+            let dir = reg.app.config.storage_path.join("registry");
+            std::fs::create_dir_all(&dir).unwrap();
+            Origin::File(dir)
+        }
+    };
+    blobs.check_adoptable(&beside).expect("a root beside Berth's trees");
+});

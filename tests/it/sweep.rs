@@ -8,6 +8,8 @@ use crate::backend_test;
 use crate::harness::*;
 
 const DAY_MS: i64 = 24 * 3600 * 1000;
+/// The collector's margin over `blob_grace` with the default flush interval and clock skew.
+const MARGIN_MS: i64 = 3000;
 
 /// Runs sweep steps until the walk over storage has finished once.
 async fn sweep_pass(reg: &TestRegistry) -> berth::registry::SweepReport {
@@ -52,7 +54,7 @@ backend_test!(the_sweep_removes_old_unaccounted_objects_and_nothing_else, |reg| 
     assert_eq!(pass.orphans, 0, "{pass:?}");
     assert!(pass.objects_listed as usize >= before.len());
 
-    reg.app.registry.clock().advance_ms(DAY_MS + 1000);
+    reg.app.registry.clock().advance_ms(DAY_MS + MARGIN_MS + 1000);
     let pass = sweep_pass(&reg).await;
     assert_eq!(pass.orphans, orphans.len() as u64 + 1, "{pass:?}");
     assert_eq!(pass.orphan_bytes, 600 + 800);
@@ -83,7 +85,7 @@ backend_test!(the_sweep_walks_a_store_larger_than_one_page_in_steps, |reg| {
     for i in 0..1100 {
         orphans.push(reg.leave_unrecorded_bytes(&format!("many-{i:04}"), 10).await);
     }
-    reg.app.registry.clock().advance_ms(DAY_MS + 1000);
+    reg.app.registry.clock().advance_ms(DAY_MS + MARGIN_MS + 1000);
     let first = reg.app.registry.sweep_step().await.unwrap();
     assert_eq!(first.objects_listed, 1000);
     assert!(!first.storage_pass_finished);
@@ -100,7 +102,7 @@ backend_test!(rows_the_queue_missed_are_queued_again_by_the_sweep, |reg| {
     let key = reg.storage_key(&unused).await;
     let sql = reg.sql().await;
     sqlx::query("DELETE FROM gc_reviews").execute(&sql).await.unwrap();
-    reg.app.registry.clock().advance_ms(DAY_MS + 1000);
+    reg.app.registry.clock().advance_ms(DAY_MS + MARGIN_MS + 1000);
     assert_eq!(reg.app.registry.collect(100).await.unwrap().blobs, 0, "nothing is queued");
     let step = reg.app.registry.sweep_step().await.unwrap();
     assert_eq!(step.rows_requeued, 1, "{step:?}");
@@ -191,6 +193,17 @@ async fn the_scrub_finds_rotten_bytes_at_its_pace() {
 // fails loudly instead of naming reclaimed bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publication_slower_than_blob_grace_loses_to_the_sweep_and_fails_loudly() {
+    publication_slower_than_blob_grace(false).await;
+}
+
+// The same after the outbox has deleted the swept bytes and settled its row: the fence is the
+// durable record of swept keys, not the outbox row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publication_slower_than_blob_grace_fails_after_the_outbox_drained() {
+    publication_slower_than_blob_grace(true).await;
+}
+
+async fn publication_slower_than_blob_grace(drain_first: bool) {
     let reg = TestRegistry::try_start(Backend::Sqlite).await.unwrap();
     let repo = berth::oci::RepoName::parse("sweep/slow").unwrap();
     let data = vec![7u8; 600];
@@ -205,8 +218,14 @@ async fn a_publication_slower_than_blob_grace_loses_to_the_sweep_and_fails_loudl
     let published = blobs.commit_upload(&key, &chunks, &digest, size).await.unwrap();
     assert!(!published.starts_with(&key), "published outside the session: {published}");
 
-    reg.app.registry.clock().advance_ms(DAY_MS + 1000);
+    reg.app.registry.clock().advance_ms(DAY_MS + MARGIN_MS + 1000);
     assert_eq!(sweep_pass(&reg).await.orphans, 1);
+    if drain_first {
+        reg.app.registry.drain_outbox().await.unwrap();
+        let (queued,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM gc_outbox").fetch_one(&reg.sql().await).await.unwrap();
+        assert_eq!(queued, 0, "the outbox settled the swept key");
+    }
     let now = reg.app.registry.clock().now_ms();
     let late = reg
         .app
@@ -251,7 +270,7 @@ async fn the_sweep_aborts_multipart_uploads_a_crash_cut_off() {
     let marker = object_store::path::Path::from(format!("{prefix}/blobs/crashed-session/chunk.multipart"));
     store.put(&marker, id.clone().into_bytes().into()).await.unwrap();
 
-    reg.app.registry.clock().advance_ms(DAY_MS + 1000);
+    reg.app.registry.clock().advance_ms(DAY_MS + MARGIN_MS + 1000);
     assert_eq!(sweep_pass(&reg).await.orphans, 1);
     assert_eq!(reg.app.registry.drain_outbox().await.unwrap(), (1, 0));
     assert!(reg.app.registry.blobs().list("").await.unwrap().is_empty());
@@ -292,7 +311,7 @@ backend_test!(the_sweep_skips_what_berth_never_writes, |reg| {
         .buffer_unordered(16)
         .collect::<Vec<()>>()
         .await;
-    reg.app.registry.clock().advance_ms(DAY_MS + 1000);
+    reg.app.registry.clock().advance_ms(DAY_MS + MARGIN_MS + 1000);
     let pass = sweep_pass(&reg).await;
     assert_eq!(pass.orphans, 1, "{pass:?}");
     assert!(pass.objects_listed < 2000, "walked through the foreign tree: {pass:?}");
