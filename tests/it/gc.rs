@@ -184,7 +184,7 @@ backend_test!(untagged_manifests_go_after_their_grace_unless_held, |reg| {
 });
 
 /// A registry whose collector windows are short enough to act during a test.
-async fn with_short_windows(backend: Backend) -> Option<TestRegistry> {
+pub(crate) async fn with_short_windows(backend: Backend) -> Option<TestRegistry> {
     let dir = tempfile::tempdir().unwrap();
     let mut config = match backend {
         Backend::Sqlite => {

@@ -14,7 +14,7 @@ pub mod e2e;
 mod explain;
 mod faults;
 mod fsck;
-mod gc;
+pub mod gc;
 mod limits;
 mod manifests;
 mod metrics;

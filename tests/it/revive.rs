@@ -507,3 +507,250 @@ backend_test!(an_import_root_inside_berths_own_trees_is_refused, |reg| {
     };
     blobs.check_adoptable(&beside).expect("a root beside Berth's trees");
 });
+
+/// A small deterministic generator for the interleaving test's choices.
+struct Dice(u64);
+
+impl Dice {
+    fn roll(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n as u64) as usize
+    }
+}
+
+/// Restores, reverts, purges, unlinks, tag moves, index pushes, deletes and the collector, all
+/// against each other on `replicas` of one PostgreSQL + S3 deployment with windows of
+/// milliseconds; afterwards, judged from the manifests' own payloads: every listed tag pulls
+/// completely (an index's children and their blobs too), and fsck — whose payload checks do not
+/// trust the reference rows — finds nothing.
+async fn interleave(replicas: Vec<TestRegistry>) {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+    use std::sync::{Arc, Mutex};
+    const REPO: &str = "mix/app";
+    let replicas: Vec<Arc<TestRegistry>> = replicas.into_iter().map(Arc::new).collect();
+    let n = replicas.len();
+    let pool: Arc<Vec<Vec<u8>>> = Arc::new((0..4).map(|i| random_bytes(9000 + i, 3000)).collect());
+    // Recently pushed images: (digest, manifest bytes, layer digests).
+    let recent: Arc<Mutex<Vec<(Digest, usize, Vec<Digest>)>>> = Arc::default();
+    let ops = Arc::new(AtomicU64::new(0));
+    let busy = Arc::new(AtomicU64::new(0));
+    let deadline = std::time::Instant::now() + Duration::from_secs(12);
+    let stop = Arc::new(AtomicBool::new(false));
+    let name = RepoName::parse(REPO).unwrap();
+    let mut tasks = Vec::new();
+    for w in 0..2u64 {
+        let (reg, pool, recent, ops) =
+            (replicas[w as usize % n].clone(), pool.clone(), recent.clone(), ops.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut dice = Dice(0x9e37_79b9 + w);
+            let mut k = 0u64;
+            while std::time::Instant::now() < deadline {
+                k += 1;
+                ops.fetch_add(1, Relaxed);
+                if dice.roll(4) == 0 {
+                    // An index over two recent images, moving one of three index tags.
+                    let children: Vec<(Digest, usize)> = {
+                        let r = recent.lock().unwrap();
+                        if r.len() < 2 {
+                            continue;
+                        }
+                        let a = r.len() - 1 - dice.roll(r.len().min(6));
+                        let b = r.len() - 1 - dice.roll(r.len().min(6));
+                        vec![(r[a].0.clone(), r[a].1), (r[b].0.clone(), r[b].1)]
+                    };
+                    let manifests: Vec<serde_json::Value> = children
+                        .iter()
+                        .map(|(d, size)| serde_json::json!({"mediaType": OCI_MANIFEST, "digest": d.as_str(), "size": size}))
+                        .collect();
+                    let index = serde_json::to_vec(&serde_json::json!({
+                        "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests,
+                    }))
+                    .unwrap();
+                    let res = reg.put_manifest(REPO, &format!("i{}", dice.roll(3)), OCI_INDEX, &index).await;
+                    // A child deleted or collected meanwhile: refused, as it must be.
+                    assert!(matches!(res.status().as_u16(), 201 | 400), "index push: {}", res.status());
+                    continue;
+                }
+                let common = &pool[dice.roll(pool.len())];
+                let d = Digest::sha256_of(common);
+                let head = reg.req(Method::HEAD, &format!("/v2/{REPO}/blobs/{d}")).send().await.unwrap();
+                if head.status() != 200 {
+                    reg.upload_blob(REPO, common).await;
+                }
+                let config = format!(r#"{{"os":"linux","w":{w},"k":{k}}}"#).into_bytes();
+                let own = random_bytes(20_000 + w * 100_000 + k, 1500);
+                let cfg = reg.upload_blob(REPO, &config).await;
+                let own_d = reg.upload_blob(REPO, &own).await;
+                let manifest = serde_json::to_vec(&serde_json::json!({
+                    "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                    "config": {"mediaType": OCI_CONFIG, "digest": cfg.as_str(), "size": config.len()},
+                    "layers": [
+                        {"mediaType": OCI_LAYER, "digest": d.as_str(), "size": common.len()},
+                        {"mediaType": OCI_LAYER, "digest": own_d.as_str(), "size": own.len()},
+                    ],
+                }))
+                .unwrap();
+                let res = reg.put_manifest(REPO, &format!("t{}", dice.roll(6)), OCI_MANIFEST, &manifest).await;
+                match res.status().as_u16() {
+                    201 => recent.lock().unwrap().push((Digest::sha256_of(&manifest), manifest.len(), vec![d, own_d])),
+                    // A blob purged or unlinked between its upload and the push.
+                    400 => {}
+                    other => panic!("push: {other} {:?}", res.text().await),
+                }
+            }
+        }));
+    }
+    // Deletes, restores, reverts, purges and unlinks, through every replica.
+    for (i, reg) in replicas.iter().enumerate() {
+        let (reg, recent, ops, busy, name) =
+            (reg.clone(), recent.clone(), ops.clone(), busy.clone(), name.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut dice = Dice(0x51_7cc1_b727 + i as u64);
+            while std::time::Instant::now() < deadline {
+                let picked = {
+                    let r = recent.lock().unwrap();
+                    if r.is_empty() {
+                        None
+                    } else {
+                        Some(r[r.len() - 1 - dice.roll(r.len().min(12))].clone())
+                    }
+                };
+                let Some((digest, _, layers)) = picked else {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                };
+                ops.fetch_add(1, Relaxed);
+                let tag = Tag::parse(&format!("{}{}", ["t", "i"][dice.roll(2)], dice.roll(3))).unwrap();
+                let registry = &reg.app.registry;
+                let outcome = match dice.roll(9) {
+                    0 | 1 => {
+                        let res = reg
+                            .req(Method::DELETE, &format!("/v2/{REPO}/manifests/{digest}"))
+                            .send()
+                            .await
+                            .unwrap();
+                        assert!(matches!(res.status().as_u16(), 202 | 404 | 405), "delete: {}", res.status());
+                        Ok(())
+                    }
+                    2 => {
+                        let res = reg
+                            .req(Method::DELETE, &format!("/v2/{REPO}/manifests/{tag}"))
+                            .send()
+                            .await
+                            .unwrap();
+                        assert!(matches!(res.status().as_u16(), 202 | 404), "tag delete: {}", res.status());
+                        Ok(())
+                    }
+                    3 => registry
+                        .restore_manifest(&name, &digest, dice.roll(2) == 0, Some("mix"))
+                        .await
+                        .map(drop),
+                    4 => registry.restore_tag(&name, &tag, dice.roll(2) == 0, Some("mix")).await.map(drop),
+                    5 => {
+                        registry.revert_tag(&name, &tag, RevertTarget::Previous, Some("mix")).await.map(drop)
+                    }
+                    6 => registry
+                        .revert_tag(&name, &tag, RevertTarget::Digest(&digest), Some("mix"))
+                        .await
+                        .map(drop),
+                    7 => {
+                        let res = reg
+                            .req(Method::DELETE, &format!("/v2/{REPO}/blobs/{}", layers[1]))
+                            .send()
+                            .await
+                            .unwrap();
+                        assert!(matches!(res.status().as_u16(), 202 | 404 | 405), "unlink: {}", res.status());
+                        Ok(())
+                    }
+                    _ => {
+                        // Purges are rarer: each takes an image's own layer everywhere.
+                        if dice.roll(3) == 0 {
+                            registry.purge_blob(&layers[1], "interleaving", Some("mix")).await.map(drop)
+                        } else {
+                            Ok(())
+                        }
+                    }
+                };
+                match outcome {
+                    Ok(()) => {}
+                    Err(berth::registry::Error::Unavailable(_)) => {
+                        busy.fetch_add(1, Relaxed);
+                    }
+                    Err(berth::registry::Error::Internal(e)) => panic!("internal error: {e}"),
+                    // Refusals (not found, not deleted, cannot be restored, a tag moved since…).
+                    Err(_) => {}
+                }
+            }
+        }));
+    }
+    let mut collectors = Vec::new();
+    for reg in &replicas {
+        let (reg, stop, ops) = (reg.clone(), stop.clone(), ops.clone());
+        collectors.push(tokio::spawn(async move {
+            while !stop.load(Relaxed) {
+                reg.app.registry.collect(1000).await.unwrap();
+                ops.fetch_add(1, Relaxed);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    stop.store(true, Relaxed);
+    for c in collectors {
+        c.await.unwrap();
+    }
+    // Let the windows pass and collect once more: nothing a live manifest needs may go.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    replicas[0].app.registry.collect(100_000).await.unwrap();
+    let reg = &replicas[0];
+    let tags: serde_json::Value = reg.get(&format!("/v2/{REPO}/tags/list")).await.json().await.unwrap();
+    let tags: Vec<String> = serde_json::from_value(tags["tags"].clone()).unwrap_or_default();
+    for tag in &tags {
+        let res = reg.get(&format!("/v2/{REPO}/manifests/{tag}")).await;
+        assert_eq!(res.status(), 200, "{tag}");
+        let manifest: serde_json::Value = res.json().await.unwrap();
+        let mut images = vec![manifest.clone()];
+        for child in manifest["manifests"].as_array().into_iter().flatten() {
+            let d = child["digest"].as_str().unwrap();
+            let res = reg.get(&format!("/v2/{REPO}/manifests/{d}")).await;
+            assert_eq!(res.status(), 200, "{tag} lists {d}");
+            images.push(res.json().await.unwrap());
+        }
+        for image in images.iter().filter(|m| m["config"].is_object()) {
+            for blob in image["layers"].as_array().unwrap().iter().chain([&image["config"]]) {
+                let d = blob["digest"].as_str().unwrap();
+                let res = reg.get(&format!("/v2/{REPO}/blobs/{d}")).await;
+                assert_eq!(res.status(), 200, "{tag} needs {d}");
+                assert_eq!(Digest::sha256_of(&res.bytes().await.unwrap()).as_str(), d);
+            }
+        }
+    }
+    let fsck = reg.app.registry.fsck(false, &|_, _| {}).await.unwrap();
+    assert!(fsck.clean(), "{:?}", fsck.problems);
+    let ops = ops.load(Relaxed);
+    eprintln!(
+        "interleave on {n} replica(s): {ops} operations, {} pushes acknowledged, {} tags left, {} answered busy",
+        recent.lock().unwrap().len(),
+        tags.len(),
+        busy.load(Relaxed)
+    );
+    // A progress guard only (the count itself is printed): a loaded CI machine does fewer.
+    assert!(ops > 600, "only {ops} operations");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restores_purges_unlinks_and_the_collector_interleaved_lose_nothing() {
+    let Some(reg) = crate::gc::with_short_windows(Backend::Postgres).await else { return };
+    interleave(vec![reg]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restores_purges_unlinks_and_the_collector_interleaved_on_two_replicas_lose_nothing() {
+    let Some(first) = crate::gc::with_short_windows(Backend::Postgres).await else { return };
+    let second = TestRegistry::start_with(first.app.config.clone(), tempfile::tempdir().unwrap()).await;
+    interleave(vec![first, second]).await;
+}
