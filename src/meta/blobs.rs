@@ -100,7 +100,9 @@ impl MetaStore {
         Self::enqueue(tx, super::gc::Review::Blob(blob_id), review_at).await?;
         sqlx::query(
             "INSERT INTO repository_blobs (repository_id, blob_id, linked_at) VALUES ($1, $2, $3) \
-             ON CONFLICT (repository_id, blob_id) DO UPDATE SET linked_at = excluded.linked_at",
+             ON CONFLICT (repository_id, blob_id) DO UPDATE SET linked_at = CASE \
+             WHEN excluded.linked_at > repository_blobs.linked_at THEN excluded.linked_at \
+             ELSE repository_blobs.linked_at END",
         )
         .bind(repo_id)
         .bind(blob_id)

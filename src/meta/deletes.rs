@@ -531,22 +531,51 @@ impl MetaStore {
             Self::refuse_immutable(tx, &immutable, repo_id, repo, &tags, now).await?;
             let delete_id =
                 Self::new_delete(tx, Some(repo_id), "repository", repo.as_str(), actor, None, now).await?;
-            let live: Vec<Target> = sqlx::query_as(
-                "SELECT id, digest FROM manifests WHERE repository_id = $1 AND deleted_at IS NULL ORDER BY digest",
+            // Set statements, not one per manifest: a large repository must not hold the writer
+            // (SQLite's only one) for long.
+            let live: Vec<(String, Option<String>)> = sqlx::query_as(
+                "SELECT m.digest, t.name FROM manifests m LEFT JOIN tags t ON t.manifest_id = m.id \
+                 WHERE m.repository_id = $1 AND m.deleted_at IS NULL ORDER BY m.digest, t.name",
             )
             .bind(repo_id)
             .fetch_all(&mut *tx)
             .await?;
-            let mut affected = Vec::with_capacity(live.len());
-            for m in &live {
-                Self::enqueue(tx, Review::Manifest(m.id), now.saturating_add(window)).await?;
-                let tags = Self::untag_all(tx, m, actor, now, delete_id).await?;
-                affected.push(AffectedManifest {
-                    repository: repo.to_string(),
-                    digest: m.digest.clone(),
-                    tags,
-                });
+            let mut affected: Vec<AffectedManifest> = Vec::new();
+            for (digest, tag) in live {
+                if affected.last().is_none_or(|a| a.digest != digest) {
+                    affected.push(AffectedManifest {
+                        repository: repo.to_string(),
+                        digest,
+                        tags: Vec::new(),
+                    });
+                }
+                if let (Some(tag), Some(last)) = (tag, affected.last_mut()) {
+                    last.tags.push(tag);
+                }
             }
+            sqlx::query(
+                "INSERT INTO gc_reviews (kind, item_id, review_after) \
+                 SELECT 'manifest', id, $1 FROM manifests WHERE repository_id = $2 AND deleted_at IS NULL \
+                 ON CONFLICT (kind, item_id) DO UPDATE SET review_after = CASE \
+                 WHEN excluded.review_after < gc_reviews.review_after THEN excluded.review_after \
+                 ELSE gc_reviews.review_after END",
+            )
+            .bind(now.saturating_add(window))
+            .bind(repo_id)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO tag_history (repository_id, tag, old_digest, new_digest, actor, at, kind, delete_id) \
+                 SELECT t.repository_id, t.name, m.digest, NULL, $1, $2, 'delete', $3 \
+                 FROM tags t JOIN manifests m ON m.id = t.manifest_id WHERE t.repository_id = $4",
+            )
+            .bind(actor)
+            .bind(now)
+            .bind(delete_id)
+            .bind(repo_id)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("DELETE FROM tags WHERE repository_id = $1").bind(repo_id).execute(&mut *tx).await?;
             sqlx::query(
                 "UPDATE manifests SET deleted_at = $1, delete_id = $2, deleted_why = 'repository' \
                  WHERE repository_id = $3 AND deleted_at IS NULL",

@@ -109,7 +109,6 @@ struct Run<'a> {
     source: &'a Source,
     options: ImportOptions,
     import: ImportRecord,
-    now: i64,
     report: Mutex<ImportReport>,
     /// What a dry run counted already (it stores nothing, so it remembers here what it would
     /// have stored): `REPO@DIGEST` for manifests, `DIGEST` for blobs.
@@ -185,7 +184,6 @@ impl Registry {
         let run = Run {
             source,
             options,
-            now,
             report: Mutex::new(ImportReport {
                 source: source.name().to_string(),
                 dry_run: options.dry_run,
@@ -502,8 +500,11 @@ impl Registry {
         }
         let key = self.blobs.adopt(&run.source.origin(digest), digest).await.map_err(|e| e.to_string())?;
         let size_i64 = i64::try_from(size).map_err(|_| "too large".to_string())?;
-        let outcome =
-            self.meta.adopt_blob(run.import.id, repo, digest, size_i64, &key, run.now).await.map_err(err)?;
+        let outcome = self
+            .meta
+            .adopt_blob(run.import.id, repo, digest, size_i64, &key, self.clock.now_ms())
+            .await
+            .map_err(err)?;
         match outcome {
             Adoption::Adopted => run.report(|r| {
                 r.blobs_adopted += 1;

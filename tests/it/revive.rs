@@ -536,7 +536,7 @@ async fn interleave(replicas: Vec<TestRegistry>) {
     let recent: Arc<Mutex<Vec<(Digest, usize, Vec<Digest>)>>> = Arc::default();
     let ops = Arc::new(AtomicU64::new(0));
     let busy = Arc::new(AtomicU64::new(0));
-    let deadline = std::time::Instant::now() + Duration::from_secs(12);
+    let deadline = std::time::Instant::now() + Duration::from_secs(8);
     let stop = Arc::new(AtomicBool::new(false));
     let name = RepoName::parse(REPO).unwrap();
     let mut tasks = Vec::new();
@@ -739,18 +739,16 @@ async fn interleave(replicas: Vec<TestRegistry>) {
         busy.load(Relaxed)
     );
     // A progress guard only (the count itself is printed): a loaded CI machine does fewer.
-    assert!(ops > 600, "only {ops} operations");
+    assert!(ops > 400, "only {ops} operations");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+// One test, one deployment after the other: two such loads at once would starve the suite's
+// other stress tests on two cores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restores_purges_unlinks_and_the_collector_interleaved_lose_nothing() {
     let Some(reg) = crate::gc::with_short_windows(Backend::Postgres).await else { return };
     interleave(vec![reg]).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn restores_purges_unlinks_and_the_collector_interleaved_on_two_replicas_lose_nothing() {
-    let Some(first) = crate::gc::with_short_windows(Backend::Postgres).await else { return };
+    let first = crate::gc::with_short_windows(Backend::Postgres).await.unwrap();
     let second = TestRegistry::start_with(first.app.config.clone(), tempfile::tempdir().unwrap()).await;
     interleave(vec![first, second]).await;
 }
