@@ -11,7 +11,7 @@ use crate::harness::*;
 
 pub const PASSWORD: &str = "s3cret-pass";
 /// A throwaway EC P-256 key for the token tests.
-const TOKEN_KEY: &str = "-----BEGIN PRIVATE KEY-----
+pub const TOKEN_KEY: &str = "-----BEGIN PRIVATE KEY-----
 MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgN2FN0Cgj4eUBUhJm
 1QkBgP6fQMk9kzkAjpGhZQHfR6ahRANCAAQAYH2TNL+ILHfAtUguKAnYJbGIjXKK
 9LdzGRGyFqdW5kxIR9SPry/ENvycedrQ5+q4PF+tmVhLC6aqaRbglcP9
