@@ -225,6 +225,9 @@ impl Target {
     }
 }
 
+/// How a case builds its request for a target.
+type ToRequest = fn(&Target) -> Req;
+
 /// An operation on a repository, through the admin API and (where the console does it) the
 /// console.
 struct RepoCase {
@@ -232,8 +235,8 @@ struct RepoCase {
     need: fn(&str) -> Need,
     /// Changes something when allowed: allowed callers are sent only the missing target.
     mutates: bool,
-    api: fn(&Target) -> Req,
-    console: Option<fn(&Target) -> Req>,
+    api: ToRequest,
+    console: Option<ToRequest>,
 }
 
 fn repo_cases() -> Vec<RepoCase> {
@@ -433,7 +436,7 @@ backend_test!(permission_matrix_every_admin_route_and_console_action, |reg| {
                 let allowed = caller.may(&need);
                 let what =
                     |face: &str, t: &Target| format!("{caller:?}: {} of {} ({face})", case.name, t.repo);
-                let faces: Vec<(&str, fn(&Target) -> Req)> = std::iter::once(("admin API", case.api))
+                let faces: Vec<(&str, ToRequest)> = std::iter::once(("admin API", case.api))
                     .chain(case.console.map(|c| ("console", c)))
                     .collect();
                 for (face, request) in faces {
@@ -505,7 +508,8 @@ backend_test!(permission_matrix_every_admin_route_and_console_action, |reg| {
         (f.secret_layer.to_string(), vec!["other/secret".to_string()]),
         (missing_digest.clone(), Vec::new()),
     ];
-    let blob_cases: [(&str, bool, fn(&str) -> Req); 2] = [
+    type BlobRequest = fn(&str) -> Req;
+    let blob_cases: [(&str, bool, BlobRequest); 2] = [
         ("explain a blob", false, |d| api(Method::GET, format!("explain/{d}"), None)),
         ("purge a blob", true, |d| {
             api(Method::POST, "purge".into(), Some(json!({"digest": d, "reason": "x"})))
@@ -570,6 +574,7 @@ backend_test!(permission_matrix_every_admin_route_and_console_action, |reg| {
             assert_eq!(login.status, 303, "{caller:?}: sign in");
         }
     }
+    eprintln!("{checked} answers checked");
     assert!(checked > 700, "{checked} answers checked");
 });
 
