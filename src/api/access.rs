@@ -11,14 +11,13 @@ use super::{Json, Params};
 use crate::app::App;
 use crate::auth::{Auth, Denial, Identity, Operation};
 
-/// What a request does, in the one table's terms ([`Operation`]); the catalog needs nothing (it
-/// is filtered instead).
-fn operation<'a>(route: &'a V2Route, method: &Method) -> Option<Operation<'a>> {
+/// What a request does, in the one table's terms ([`Operation`]).
+fn operation<'a>(route: &'a V2Route, method: &Method) -> Operation<'a> {
     use V2Route as R;
     let read = matches!(*method, Method::GET | Method::HEAD);
-    Some(match route {
+    match route {
         R::Base => Operation::SignIn,
-        R::Catalog => return None,
+        R::Catalog => Operation::List,
         R::Tags(repo) | R::Referrers(repo, _) | R::Blob(repo, _) | R::Manifest(repo, _) if read => {
             Operation::Pull(repo.as_str())
         }
@@ -29,7 +28,7 @@ fn operation<'a>(route: &'a V2Route, method: &Method) -> Option<Operation<'a>> {
             Operation::Push(repo.as_str())
         }
         R::UploadStart(repo) | R::Upload(repo, _) => Operation::Push(repo.as_str()),
-    })
+    }
 }
 
 /// The scope a token needs for `op`, for the challenge.
@@ -61,12 +60,10 @@ pub(super) fn check(
     let Some(auth) = &app.auth else { return Ok(Identity::Anonymous) };
     let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     let op = operation(route, method);
-    let scope = op.and_then(scope);
+    let scope = scope(op);
     let deny = |denial: Denial| denial_response(auth, headers, scope.as_deref(), denial);
     let who = auth.authenticate(authorization, now_secs(app)).map_err(deny)?;
-    if let Some(op) = op {
-        auth.decide(&who, op).map_err(deny)?;
-    }
+    auth.decide(&who, op).map_err(deny)?;
     if let V2Route::UploadStart(_) = route
         && let Some(from) = params.from.as_deref()
         && auth.decide(&who, Operation::Pull(from)).is_err()

@@ -588,6 +588,13 @@ backend_test!(the_console_refuses_a_repository_delete_the_admin_api_refuses, |re
     assert_eq!((via_api.status, via_console.status), (403, 403), "{via_api:?} {via_console:?}");
     let res = f.reg.req(Method::GET, "/v2/team/app/tags/list").basic_auth("deleter", Some(PASSWORD));
     assert_eq!(res.send().await.unwrap().status(), 200, "the repository is still there");
+    // The console offers the user the deletes it may make, and not the repository's.
+    let page = f.send(Caller::Deleter, &get("/ui/repo?name=team%2Fapp".into())).await;
+    let repository_delete = "/ui/delete?target=team%2Fapp\"";
+    assert!(page.body.contains("/ui/delete?target=team%2Fapp%3Av2"), "{}", page.body);
+    assert!(!page.body.contains(repository_delete), "no repository delete for a delete user: {}", page.body);
+    let page = f.send(Caller::TeamAdmin, &get("/ui/repo?name=team%2Fapp".into())).await;
+    assert!(page.body.contains(repository_delete), "{}", page.body);
     // What the user may do, the console does: delete a tag.
     let delete_tag = post_form("/ui/delete", vec![("target", "team/app:v2".into())]);
     assert_eq!(f.send(Caller::Deleter, &delete_tag).await.status, 303);
