@@ -644,6 +644,10 @@ backend_test!(the_console_challenges_anonymous_visitors_on_every_page, |reg| {
     for path in ["/ui/space", "/ui/retention", "/ui/retention?dry_run=true", "/ui/trash?repo=team%2Fapp"] {
         let a = f.send(Caller::Anonymous, &get(path.into())).await;
         assert_refusal_shape(Caller::Anonymous, path, &a);
+        let wrong =
+            f.http.get(f.reg.url(path)).basic_auth("root", Some("wrong password")).send().await.unwrap();
+        assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED, "{path}: a wrong password");
+        assert!(header(&wrong, "www-authenticate").is_some_and(|c| c.contains(REALM)), "{path}");
         let a = f.send(Caller::Reader, &get(path.into())).await;
         if path.starts_with("/ui/trash") {
             assert_eq!(a.status, 200, "{path}: {a:?}");
