@@ -1,10 +1,13 @@
-//! Admin requests — the operations the admin API and the CLI share. Each request knows its
-//! HTTP form (for the CLI talking to a running Berth, and for the API's router) and runs over
-//! [`Registry`] directly (for the API, and for the CLI opening a deployment with `--config`), so
-//! both faces report the same facts as the same JSON.
+//! Admin requests — the operations the admin API, the CLI and the console share. Each request
+//! knows its HTTP form (for the CLI talking to a running Berth, and for the API's router), what
+//! it needs ([`AdminRequest::authorize`], over the one table in [`crate::auth::Operation`]), and
+//! runs over [`Registry`] directly (for the API, and for the CLI opening a deployment with
+//! `--config`), so every face reports the same facts as the same JSON and refuses the same
+//! callers.
 
 use serde_json::{Value, json};
 
+use crate::auth::{Auth, Denial, Identity, Operation};
 use crate::meta::RevertTarget;
 use crate::oci::{Digest, RepoName, Tag};
 use crate::registry::{DeleteTarget, Error, ExplainTarget, Registry};
@@ -224,52 +227,74 @@ impl AdminRequest {
         })
     }
 
-    /// Whether the request is about the whole registry rather than repositories: it needs
-    /// `admin` on every repository (a rule for `**`).
-    pub fn whole_registry(&self) -> bool {
-        matches!(
-            self,
+    /// What the request does, in the terms of the one table of permissions ([`Operation`]). A
+    /// request about a blob wherever it is names no holders here: [`AdminRequest::authorize`]
+    /// reads them.
+    pub fn operation(&self) -> Operation<'_> {
+        match self {
+            // Listed entries are filtered instead ([`lists`]).
+            AdminRequest::Repositories { .. } => Operation::List,
+            AdminRequest::Repository(r) | AdminRequest::Tombstones(r) | AdminRequest::History(r, _) => {
+                Operation::ReadRecords(r.as_str())
+            }
+            AdminRequest::Explain(ExplainTarget::Manifest(r, _)) => Operation::ReadRecords(r.as_str()),
+            AdminRequest::Delete(DeleteTarget::Repository(r))
+            | AdminRequest::Preview(DeleteTarget::Repository(r)) => Operation::Administer(r.as_str()),
+            AdminRequest::Delete(t) | AdminRequest::Preview(t) => Operation::Delete(t.repository().as_str()),
+            AdminRequest::Restore { target, .. } => Operation::Administer(target.repository().as_str()),
+            AdminRequest::Revert { repo, .. } | AdminRequest::Unlock { repo, .. } => {
+                Operation::Administer(repo.as_str())
+            }
+            AdminRequest::Space(Some(r)) => Operation::Administer(r.as_str()),
+            AdminRequest::Explain(ExplainTarget::Blob(_)) | AdminRequest::Purge { .. } => {
+                Operation::AdministerBlob(None)
+            }
             AdminRequest::GcStatus
-                | AdminRequest::Space(None)
-                | AdminRequest::RetentionRun { .. }
-                | AdminRequest::RetentionStatus
-        )
-    }
-
-    /// The repositories whose `admin` permission the request needs (a purge: every repository
-    /// holding the blob); empty for the repository list, which is filtered instead, and for the
-    /// requests about the whole registry.
-    ///
-    /// # Errors
-    /// [`Error::Internal`] when the holders of a purged blob cannot be read.
-    pub async fn repositories(&self, registry: &Registry) -> Result<Vec<String>, Error> {
-        Ok(match self {
-            AdminRequest::Repositories { .. }
-            | AdminRequest::GcStatus
             | AdminRequest::Space(None)
             | AdminRequest::RetentionRun { .. }
-            | AdminRequest::RetentionStatus => Vec::new(),
-            AdminRequest::Unlock { repo, .. } => vec![repo.to_string()],
-            AdminRequest::Space(Some(r)) => vec![r.to_string()],
-            AdminRequest::Repository(r) | AdminRequest::Tombstones(r) | AdminRequest::History(r, _) => {
-                vec![r.to_string()]
-            }
-            AdminRequest::Revert { repo, .. } => vec![repo.to_string()],
-            AdminRequest::Delete(t) | AdminRequest::Preview(t) | AdminRequest::Restore { target: t, .. } => {
-                vec![t.repository().to_string()]
-            }
-            AdminRequest::Explain(ExplainTarget::Manifest(r, _)) => vec![r.to_string()],
-            AdminRequest::Explain(ExplainTarget::Blob(digest)) | AdminRequest::Purge { digest, .. } => {
-                let holders = registry.repositories_holding(digest).await?;
-                if holders.is_empty() {
-                    // Nobody's content: the collector removes it; a purge needs a repository's
-                    // admin.
-                    return Err(Error::BlobUnknown);
-                }
-                holders
-            }
-        })
+            | AdminRequest::RetentionStatus => Operation::AdministerRegistry,
+        }
     }
+
+    /// Decides whether `who` may make this request: the check the admin API and the console
+    /// both run (the rule itself is [`Auth::decide`]'s). With `auth` off, everyone may. For a
+    /// blob, the caller is refused before its holders are read unless it administers some
+    /// repository, and then by the same refusal whether the blob is stored or not.
+    ///
+    /// # Errors
+    /// [`Refused::Denied`], or [`Refused::Failed`] when the holders of a blob cannot be read.
+    pub async fn authorize(
+        &self,
+        auth: Option<&Auth>,
+        who: &Identity,
+        registry: &Registry,
+    ) -> Result<(), Refused> {
+        let Some(auth) = auth else { return Ok(()) };
+        let operation = self.operation();
+        auth.decide(who, operation).map_err(|d| Refused::Denied(d, operation.needs()))?;
+        if let AdminRequest::Explain(ExplainTarget::Blob(digest)) | AdminRequest::Purge { digest, .. } = self
+        {
+            let holders = registry.repositories_holding(digest).await.map_err(Refused::Failed)?;
+            let operation = Operation::AdministerBlob(Some(&holders));
+            auth.decide(who, operation).map_err(|d| Refused::Denied(d, operation.needs()))?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether the repository list shows repository `name` (live or deleted) to `who`: only what
+/// the caller may read the records of — in the admin API's list and the console's alike.
+pub fn lists(auth: Option<&Auth>, who: &Identity, name: &str) -> bool {
+    auth.is_none_or(|a| a.decide(who, Operation::ReadRecords(name)).is_ok())
+}
+
+/// Why a request may not run.
+#[derive(Debug)]
+pub enum Refused {
+    /// The caller may not: the denial, and the rule in words (the same whatever exists).
+    Denied(Denial, String),
+    /// Deciding failed (the metadata store).
+    Failed(Error),
 }
 
 fn to_value<T: serde::Serialize>(value: &T) -> Value {

@@ -9,26 +9,36 @@ use super::error::{ApiError, ErrorCode};
 use super::route::V2Route;
 use super::{Json, Params};
 use crate::app::App;
-use crate::auth::{Action, Auth, Denial, Identity};
-use crate::oci::RepoName;
+use crate::auth::{Auth, Denial, Identity, Operation};
 
-/// The repository and action a request needs; `None` for the repository means "any known caller"
-/// (`/v2/`), and the catalog needs nothing (it is filtered instead).
-fn requirement<'a>(route: &'a V2Route, method: &Method) -> Option<(Option<&'a RepoName>, Action)> {
+/// What a request does, in the one table's terms ([`Operation`]).
+fn operation<'a>(route: &'a V2Route, method: &Method) -> Operation<'a> {
     use V2Route as R;
     let read = matches!(*method, Method::GET | Method::HEAD);
-    Some(match route {
-        R::Base => (None, Action::Pull),
-        R::Catalog => return None,
+    match route {
+        R::Base => Operation::SignIn,
+        R::Catalog => Operation::List,
         R::Tags(repo) | R::Referrers(repo, _) | R::Blob(repo, _) | R::Manifest(repo, _) if read => {
-            (Some(repo), Action::Pull)
+            Operation::Pull(repo.as_str())
         }
-        R::Manifest(repo, _) | R::Blob(repo, _) if *method == Method::DELETE => (Some(repo), Action::Delete),
+        R::Manifest(repo, _) | R::Blob(repo, _) if *method == Method::DELETE => {
+            Operation::Delete(repo.as_str())
+        }
         R::Tags(repo) | R::Referrers(repo, _) | R::Manifest(repo, _) | R::Blob(repo, _) => {
-            (Some(repo), Action::Push)
+            Operation::Push(repo.as_str())
         }
-        R::UploadStart(repo) | R::Upload(repo, _) => (Some(repo), Action::Push),
-    })
+        R::UploadStart(repo) | R::Upload(repo, _) => Operation::Push(repo.as_str()),
+    }
+}
+
+/// The scope a token needs for `op`, for the challenge.
+fn scope(op: Operation<'_>) -> Option<String> {
+    match op {
+        Operation::Pull(r) => Some(format!("repository:{r}:pull")),
+        Operation::Push(r) => Some(format!("repository:{r}:pull,push")),
+        Operation::Delete(r) => Some(format!("repository:{r}:delete")),
+        _ => None,
+    }
 }
 
 fn now_secs(app: &App) -> u64 {
@@ -49,22 +59,14 @@ pub(super) fn check(
 ) -> Result<Identity, ApiError> {
     let Some(auth) = &app.auth else { return Ok(Identity::Anonymous) };
     let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    let required = requirement(route, method);
-    let scope = required.and_then(|(repo, action)| {
-        repo.map(|r| {
-            let actions =
-                if action == Action::Push { "pull,push".to_string() } else { action.as_str().to_string() };
-            format!("repository:{r}:{actions}")
-        })
-    });
+    let op = operation(route, method);
+    let scope = scope(op);
     let deny = |denial: Denial| denial_response(auth, headers, scope.as_deref(), denial);
     let who = auth.authenticate(authorization, now_secs(app)).map_err(deny)?;
-    if let Some((repo, action)) = required {
-        auth.authorize(&who, repo.map(RepoName::as_str), action).map_err(deny)?;
-    }
+    auth.decide(&who, op).map_err(deny)?;
     if let V2Route::UploadStart(_) = route
         && let Some(from) = params.from.as_deref()
-        && !auth.allowed(&who, from, Action::Pull)
+        && auth.decide(&who, Operation::Pull(from)).is_err()
     {
         params.from = None;
     }
@@ -117,7 +119,7 @@ pub(super) async fn token(
         }
         Err(Denial::Unauthenticated(m)) => ApiError::new(ErrorCode::Unauthorized)
             .message(m)
-            .header(header::WWW_AUTHENTICATE, format!("Basic realm=\"{}\"", default_realm(&headers)))
+            .header(header::WWW_AUTHENTICATE, auth.basic_challenge())
             .into_response(),
         Err(Denial::Forbidden) => ApiError::new(ErrorCode::Denied).into_response(),
     }

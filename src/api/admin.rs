@@ -1,6 +1,7 @@
 //! The admin API under `/admin/v1/`: the HTTP face of [`crate::admin::AdminRequest`], whose
-//! routes are documented in docs/admin-api.md. Every route needs the `admin` permission on the
-//! repositories it touches; the repository list shows only those the caller administers.
+//! routes are documented in docs/admin-api.md. The caller is authenticated first, then each
+//! request is authorized by [`AdminRequest::authorize`] — the check the console runs too — and
+//! only then run; the repository list shows only what the caller may read.
 
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -8,9 +9,9 @@ use axum::response::{IntoResponse, Response};
 
 use super::Json;
 use super::error::{ApiError, ErrorCode};
-use crate::admin::{AdminRequest, ParseError};
+use crate::admin::{AdminRequest, ParseError, Refused};
 use crate::app::App;
-use crate::auth::{Action, Denial, Identity};
+use crate::auth::{Denial, Identity, Operation};
 
 /// Largest admin request body (a purge reason, a revert target).
 const MAX_BODY: usize = 64 * 1024;
@@ -25,87 +26,91 @@ pub(super) async fn handle(State(app): State<App>, req: Request) -> Response {
 
 async fn dispatch(app: &App, req: Request) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
-    let path = parts.uri.path().strip_prefix("/admin/v1/").unwrap_or("");
-    let body = axum::body::to_bytes(body, MAX_BODY).await.map_err(|e| {
-        ApiError::new(ErrorCode::Unsupported)
-            .status(StatusCode::PAYLOAD_TOO_LARGE)
-            .message(format!("admin request bodies are at most {MAX_BODY} bytes: {e}"))
-    })?;
-    let body = (!body.is_empty()).then_some(&body[..]);
-    let request = AdminRequest::from_http(parts.method.as_str(), path, parts.uri.query(), body).map_err(
-        |e| match e {
-            ParseError::NoRoute => ApiError::new(ErrorCode::Unsupported)
-                .status(StatusCode::NOT_FOUND)
-                .message(format!("no admin endpoint {} /admin/v1/{path}", parts.method)),
-            ParseError::Name(m) => ApiError::new(ErrorCode::NameInvalid).message(m),
-            ParseError::Digest(m) => ApiError::new(ErrorCode::DigestInvalid).message(m),
-            ParseError::Invalid(m) => {
-                ApiError::new(ErrorCode::Unsupported).status(StatusCode::BAD_REQUEST).message(m)
-            }
-        },
-    )?;
+    // Who is calling comes first: wrong credentials, or an anonymous caller asking for anything
+    // it may not have, are challenged before the request is read.
     let who = authenticate(app, &parts.headers)?;
-    let repos = match request.repositories(&app.registry).await {
-        // Only an administrator of a repository holding a blob learns whether it exists.
-        Err(crate::registry::Error::BlobUnknown) if app.auth.is_some() => {
-            return Err(
-                ApiError::new(ErrorCode::Denied).message("no repository you administer holds this blob")
-            );
+    let path = parts.uri.path().strip_prefix("/admin/v1/").unwrap_or("");
+    let anonymous = app.auth.is_some() && who == Identity::Anonymous;
+    let body = match axum::body::to_bytes(body, MAX_BODY).await {
+        Ok(body) => body,
+        Err(_) if anonymous => return Err(challenge(app)),
+        Err(e) => {
+            return Err(ApiError::new(ErrorCode::Unsupported)
+                .status(StatusCode::PAYLOAD_TOO_LARGE)
+                .message(format!("admin request bodies are at most {MAX_BODY} bytes: {e}")));
         }
-        // Without auth there is nobody to authorize: a blob no repository holds is explained too.
-        Err(crate::registry::Error::BlobUnknown) if matches!(request, AdminRequest::Explain(_)) => Vec::new(),
-        other => other?,
     };
-    authorize(app, &who, &repos)?;
-    if request.whole_registry() {
-        authorize_whole_registry(app, &who)?;
-    }
+    let body = (!body.is_empty()).then_some(&body[..]);
+    let request = match AdminRequest::from_http(parts.method.as_str(), path, parts.uri.query(), body) {
+        Ok(request) => request,
+        // Nothing an anonymous caller sends is read further than this.
+        Err(_) if anonymous => return Err(challenge(app)),
+        Err(ParseError::NoRoute) => {
+            return Err(ApiError::new(ErrorCode::Unsupported)
+                .status(StatusCode::NOT_FOUND)
+                .message(format!("no admin endpoint {} /admin/v1/{path}", parts.method)));
+        }
+        Err(ParseError::Name(m)) => return Err(ApiError::new(ErrorCode::NameInvalid).message(m)),
+        Err(ParseError::Digest(m)) => return Err(ApiError::new(ErrorCode::DigestInvalid).message(m)),
+        Err(ParseError::Invalid(m)) => {
+            return Err(ApiError::new(ErrorCode::Unsupported).status(StatusCode::BAD_REQUEST).message(m));
+        }
+    };
+    request.authorize(app.auth.as_deref(), &who, &app.registry).await.map_err(|r| refused(app, r))?;
     let mut value = request.run(&app.registry, who.name()).await?;
-    if let (Some(auth), AdminRequest::Repositories { .. }) = (&app.auth, &request)
+    if let AdminRequest::Repositories { .. } = &request
         && let Some(list) = value["repositories"].as_array_mut()
     {
-        list.retain(|r| r["name"].as_str().is_some_and(|name| auth.allowed(&who, name, Action::Admin)));
+        list.retain(|r| {
+            r["name"].as_str().is_some_and(|name| crate::admin::lists(app.auth.as_deref(), &who, name))
+        });
     }
     Ok(Json(value.to_string()).into_response())
 }
 
-fn deny(d: Denial) -> ApiError {
+/// The 401 of the admin API, `/metrics` and the rest of what is not the OCI API: a Basic
+/// challenge in the configured realm.
+fn challenge(app: &App) -> ApiError {
+    deny(app, Denial::Unauthenticated("authentication required".into()), None)
+}
+
+fn deny(app: &App, d: Denial, needs: Option<String>) -> ApiError {
     match d {
-        Denial::Unauthenticated(m) => ApiError::new(ErrorCode::Unauthorized)
-            .message(m)
-            .header(header::WWW_AUTHENTICATE, "Basic realm=\"berth admin\""),
-        Denial::Forbidden => ApiError::new(ErrorCode::Denied),
+        Denial::Unauthenticated(m) => {
+            let challenge = app.auth.as_ref().map(|a| a.basic_challenge()).unwrap_or_default();
+            ApiError::new(ErrorCode::Unauthorized).message(m).header(header::WWW_AUTHENTICATE, challenge)
+        }
+        Denial::Forbidden => {
+            let e = ApiError::new(ErrorCode::Denied);
+            match needs {
+                Some(needs) => e.message(needs),
+                None => e,
+            }
+        }
     }
 }
 
-/// Who is calling (anonymous when access control is off; 401 for anonymous callers when on).
+fn refused(app: &App, r: Refused) -> ApiError {
+    match r {
+        Refused::Denied(d, needs) => deny(app, d, Some(needs)),
+        Refused::Failed(e) => e.into(),
+    }
+}
+
+/// Who is calling: anonymous without credentials (or with access control off); 401 for
+/// credentials that are wrong.
 pub(super) fn authenticate(app: &App, headers: &HeaderMap) -> Result<Identity, ApiError> {
     let Some(auth) = &app.auth else { return Ok(Identity::Anonymous) };
     let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     let now = (app.registry.clock().now_ms() / 1000).max(0) as u64;
-    let who = auth.authenticate(authorization, now).map_err(deny)?;
-    auth.authorize(&who, None, Action::Admin).map_err(deny)?;
-    Ok(who)
+    auth.authenticate(authorization, now).map_err(|d| deny(app, d, None))
 }
 
-/// Checks that `who` may administer the whole registry (a rule for `**`), for what concerns every
-/// repository at once: the collector's status, the metrics.
-pub(super) fn authorize_whole_registry(app: &App, who: &Identity) -> Result<(), ApiError> {
+/// Decides `op` for `who` by the one table ([`crate::auth::Auth::decide`]): for the routes
+/// beside the admin API that show the same facts (`/metrics`).
+pub(super) fn authorize(app: &App, who: &Identity, op: Operation<'_>) -> Result<(), ApiError> {
     match &app.auth {
-        Some(auth) if !auth.allowed_everywhere(who, Action::Admin) => Err(match who {
-            Identity::Anonymous => deny(Denial::Unauthenticated("authentication required".into())),
-            _ => ApiError::new(ErrorCode::Denied)
-                .message("this needs admin on every repository (a rule for **)"),
-        }),
-        _ => Ok(()),
+        Some(auth) => auth.decide(who, op).map_err(|d| deny(app, d, Some(op.needs()))),
+        None => Ok(()),
     }
-}
-
-/// Checks that `who` may administer every repository in `repos`.
-fn authorize(app: &App, who: &Identity, repos: &[String]) -> Result<(), ApiError> {
-    let Some(auth) = &app.auth else { return Ok(()) };
-    for repo in repos {
-        auth.authorize(who, Some(repo), Action::Admin).map_err(deny)?;
-    }
-    Ok(())
 }

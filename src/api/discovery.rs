@@ -8,7 +8,7 @@ use super::blobs::parse_digest;
 use super::error::{ApiError, ErrorCode};
 use super::{Json, Params, hv};
 use crate::app::App;
-use crate::auth::{Action, Identity};
+use crate::auth::{Identity, Operation};
 use crate::oci::RepoName;
 use crate::registry::Registry;
 
@@ -74,7 +74,7 @@ pub(super) async fn tags(
 /// `GET /v2/_catalog?n=&last=`: only the repositories the caller may pull.
 pub(super) async fn catalog(app: &App, who: &Identity, params: &Params) -> Result<Response, ApiError> {
     let (n, last) = page(params)?;
-    let visible = |name: &str| app.auth.as_ref().is_none_or(|a| a.allowed(who, name, Action::Pull));
+    let visible = |name: &str| app.auth.as_ref().is_none_or(|a| a.decide(who, Operation::Pull(name)).is_ok());
     let mut repos = Vec::new();
     let mut cursor = last.map(str::to_string);
     loop {

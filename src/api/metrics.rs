@@ -17,7 +17,7 @@ pub(super) async fn main_listener(State(app): State<App>, headers: HeaderMap) ->
         );
     }
     let who = super::admin::authenticate(&app, &headers)?;
-    super::admin::authorize_whole_registry(&app, &who)?;
+    super::admin::authorize(&app, &who, crate::auth::Operation::AdministerRegistry)?;
     exposition(&app).await
 }
 

@@ -7,8 +7,12 @@
 //!   `delete`, `admin`), plus repository patterns anyone may pull. A bearer token carries the
 //!   access its issuer granted, which is what it allows.
 //!
+//! * What each operation needs: [`Operation`], decided by [`Auth::decide`] — the one place every
+//!   face (the OCI API, the admin API and the CLI through it, the console) asks.
+//!
 //! No HTTP types here: the API layer turns [`Denial`]s into 401/403 answers.
 
+mod operation;
 mod pattern;
 mod token;
 
@@ -20,6 +24,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use sha2::Digest as _;
 
+pub use operation::Operation;
 pub use pattern::Pattern;
 pub use token::{TokenConfig, TokenGrant};
 
@@ -284,12 +289,55 @@ impl Auth {
     /// Whether `who` may do `action` on every repository — a user with a rule for `**`. For the
     /// registry-wide admin requests (the collector's status). Tokens are scoped to repositories,
     /// so never.
-    pub fn allowed_everywhere(&self, who: &Identity, action: Action) -> bool {
+    fn allowed_everywhere(&self, who: &Identity, action: Action) -> bool {
         let Identity::User(user) = who else { return false };
         self.rules_of(user).any(|r| {
             r.repositories.iter().any(Pattern::matches_everything)
                 && r.actions.iter().any(|a| *a == action || *a == Action::Admin)
         })
+    }
+
+    /// Whether `who` administers any repository at all (a rule, or a token, granting `admin`).
+    fn administers_something(&self, who: &Identity) -> bool {
+        match who {
+            Identity::Anonymous => false,
+            Identity::Token(grant) => grant.grants_anywhere(Action::Admin),
+            Identity::User(user) => self.rules_of(user).any(|r| r.actions.contains(&Action::Admin)),
+        }
+    }
+
+    /// Decides whether `who` may do `op` — the only place that says what each operation needs
+    /// (see [`Operation`]). The answer depends on the caller's rules and on the names in `op`,
+    /// never on whether the things named exist.
+    ///
+    /// # Errors
+    /// [`Denial::Unauthenticated`] for an anonymous caller who would need credentials, or a
+    /// token without the scope; [`Denial::Forbidden`] for a user without the permission.
+    pub fn decide(&self, who: &Identity, op: Operation<'_>) -> Result<(), Denial> {
+        let ok = match op {
+            Operation::SignIn => *who != Identity::Anonymous,
+            Operation::List => true,
+            Operation::Pull(repo) | Operation::ReadRecords(repo) => self.allowed(who, repo, Action::Pull),
+            Operation::Push(repo) => self.allowed(who, repo, Action::Push),
+            Operation::Delete(repo) => self.allowed(who, repo, Action::Delete),
+            Operation::Administer(repo) => self.allowed(who, repo, Action::Admin),
+            Operation::AdministerBlob(holders) => {
+                self.administers_something(who)
+                    && match holders {
+                        None => true,
+                        Some([]) => self.allowed_everywhere(who, Action::Admin),
+                        Some(holders) => holders.iter().all(|r| self.allowed(who, r, Action::Admin)),
+                    }
+            }
+            Operation::AdministerRegistry => self.allowed_everywhere(who, Action::Admin),
+        };
+        match (ok, who) {
+            (true, _) => Ok(()),
+            (false, Identity::Anonymous) => Err(Denial::Unauthenticated("authentication required".into())),
+            // Token clients answer a 401 by fetching a token for the scope in the challenge.
+            (false, Identity::Token(_)) => Err(Denial::Unauthenticated("insufficient scope".into())),
+            (false, Identity::User(_)) => Err(Denial::Forbidden),
+        }
     }
 
     /// The rules that apply to `user` (by name, by group, or to everyone).
@@ -316,26 +364,6 @@ impl Auth {
         !self.anonymous_pull.is_empty()
     }
 
-    /// Decides a request for `action` on `repo` (or, with `repo = None`, one that only needs a
-    /// known caller, like `/v2/`).
-    ///
-    /// # Errors
-    /// [`Denial::Unauthenticated`] for an anonymous caller who would need credentials, or a
-    /// token without the scope; [`Denial::Forbidden`] for a user without the permission.
-    pub fn authorize(&self, who: &Identity, repo: Option<&str>, action: Action) -> Result<(), Denial> {
-        let ok = match repo {
-            Some(repo) => self.allowed(who, repo, action),
-            None => *who != Identity::Anonymous,
-        };
-        match (ok, who) {
-            (true, _) => Ok(()),
-            (false, Identity::Anonymous) => Err(Denial::Unauthenticated("authentication required".into())),
-            // Token clients answer a 401 by fetching a token for the scope in the challenge.
-            (false, Identity::Token(_)) => Err(Denial::Unauthenticated("insufficient scope".into())),
-            (false, Identity::User(_)) => Err(Denial::Forbidden),
-        }
-    }
-
     /// The `WWW-Authenticate` value for a 401 about `scope` (`repository:<name>:<actions>`).
     pub fn challenge(&self, default_realm: &str, scope: Option<&str>) -> String {
         match &self.token {
@@ -350,8 +378,15 @@ impl Auth {
                 }
                 c
             }
-            None => format!("Basic realm=\"{}\"", self.realm),
+            None => self.basic_challenge(),
         }
+    }
+
+    /// The `WWW-Authenticate` value asking for a user name and password, in the configured
+    /// realm: what the admin API, the console, `/metrics` and the token endpoint answer a 401
+    /// with (their clients sign in with passwords, or bring a token they already have).
+    pub fn basic_challenge(&self) -> String {
+        format!("Basic realm=\"{}\"", self.realm.replace(['"', '\\'], ""))
     }
 
     /// Whether this registry issues tokens itself (`/auth/token`).
@@ -443,11 +478,51 @@ mod tests {
         assert!(a.allowed(&Identity::Anonymous, "public/a/b", Action::Pull));
         assert!(!a.allowed(&Identity::Anonymous, "public/a", Action::Push));
         assert_eq!(
-            a.authorize(&Identity::Anonymous, Some("x"), Action::Pull),
+            a.decide(&Identity::Anonymous, Operation::Pull("x")),
             Err(Denial::Unauthenticated("authentication required".into()))
         );
-        assert_eq!(a.authorize(&robot, Some("x"), Action::Pull), Err(Denial::Forbidden));
+        assert_eq!(a.decide(&robot, Operation::Pull("x")), Err(Denial::Forbidden));
         assert_eq!(a.challenge("http://h/auth/token", None), "Basic realm=\"Berth\"");
+    }
+
+    #[test]
+    fn what_each_operation_needs() {
+        let a = auth(
+            "[[rule]]\nwho = [\"root\"]\nrepositories = [\"**\"]\nactions = [\"admin\"]\n\
+             [[rule]]\nwho = [\"lead\"]\nrepositories = [\"team/**\"]\nactions = [\"admin\"]\n",
+        );
+        let user = |u: &str| Identity::User(u.into());
+        let (alice, robot, lead, root) = (user("alice"), user("robot"), user("lead"), user("root"));
+        let ok = |who: &Identity, op| a.decide(who, op).is_ok();
+        // Deletes need `delete`; a repository delete, restores and the space report need `admin`.
+        assert!(ok(&alice, Operation::Delete("team/app")) && !ok(&robot, Operation::Delete("team/app")));
+        assert!(
+            !ok(&alice, Operation::Administer("team/app")) && ok(&lead, Operation::Administer("team/app"))
+        );
+        // A repository's records go with pull, anonymous pull included.
+        assert!(ok(&robot, Operation::ReadRecords("team/app")));
+        assert!(ok(&Identity::Anonymous, Operation::ReadRecords("public/x")));
+        assert!(!ok(&robot, Operation::ReadRecords("other")));
+        // A blob: admin on every holder; with none, on every repository; never for a caller who
+        // administers nothing, whatever the holders.
+        let team = ["team/app".to_string()];
+        let both = ["team/app".to_string(), "other".to_string()];
+        assert!(!ok(&alice, Operation::AdministerBlob(None)));
+        assert!(ok(&lead, Operation::AdministerBlob(None)));
+        assert!(ok(&lead, Operation::AdministerBlob(Some(&team))));
+        assert!(!ok(&lead, Operation::AdministerBlob(Some(&both))));
+        assert!(!ok(&lead, Operation::AdministerBlob(Some(&[]))));
+        assert!(ok(&root, Operation::AdministerBlob(Some(&[]))));
+        assert_eq!(a.decide(&lead, Operation::AdministerBlob(Some(&both))), Err(Denial::Forbidden));
+        assert_eq!(a.decide(&lead, Operation::AdministerBlob(Some(&[]))), Err(Denial::Forbidden));
+        // The whole registry: a rule for `**` with admin.
+        assert!(ok(&root, Operation::AdministerRegistry) && !ok(&lead, Operation::AdministerRegistry));
+        assert!(!ok(&alice, Operation::AdministerRegistry));
+        assert!(matches!(
+            a.decide(&Identity::Anonymous, Operation::AdministerRegistry),
+            Err(Denial::Unauthenticated(_))
+        ));
+        assert_eq!(a.basic_challenge(), "Basic realm=\"Berth\"");
     }
 
     #[test]

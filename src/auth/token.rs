@@ -53,6 +53,11 @@ impl TokenGrant {
             name == repo && actions.iter().any(|a| *a == action || *a == Action::Admin)
         })
     }
+
+    /// Whether the token grants `action` on any repository.
+    pub(super) fn grants_anywhere(&self, action: Action) -> bool {
+        self.access.iter().any(|(_, actions)| actions.contains(&action))
+    }
 }
 
 /// A token issued by [`super::Auth::issue_token`].

@@ -2,10 +2,12 @@
 //! requests as the API and the CLI, shipped inside the binary (no JavaScript build, works
 //! offline).
 //!
-//! Who may see and do what is the API's rule: the caller signs in with the same users (HTTP
-//! Basic, so every replica accepts the same credentials without session state); a page shows
-//! only repositories the caller may pull, offers a button only for what the caller may do, and
-//! every action is authorized again when it arrives. Actions are `POST` forms, accepted only
+//! Who may see and do what is the API's rule, decided by the API's own checks: the caller signs
+//! in with the same users (HTTP Basic, so every replica accepts the same credentials without
+//! session state); every page and action the admin API also serves is authorized by
+//! [`AdminRequest::authorize`] for the same request, content by the OCI API's pull rule, and a
+//! button appears only for what those checks allow — the console has no permission logic of its
+//! own, so it can never allow what the API refuses. Actions are `POST` forms, accepted only
 //! from the console's own pages (the `Origin`, or else the `Referer`, must be this host, and a
 //! browser's `Sec-Fetch-Site` must not say otherwise): a page elsewhere cannot make a signed-in
 //! browser delete anything.
@@ -19,9 +21,9 @@ use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
 use serde::Deserialize;
 
-use crate::admin::AdminRequest;
+use crate::admin::{AdminRequest, Refused};
 use crate::app::App;
-use crate::auth::{Action, Identity};
+use crate::auth::{Denial, Identity, Operation};
 use crate::oci::{Digest, RepoName, Tag};
 use crate::registry::{DeleteTarget, Error, ExplainTarget};
 
@@ -54,38 +56,68 @@ pub fn router() -> Router<App> {
 pub(crate) struct Refusal {
     status: StatusCode,
     message: String,
+    /// For a 401: the `WWW-Authenticate` value.
+    challenge: Option<String>,
 }
 
 impl Refusal {
     fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        Refusal { status, message: message.into() }
+        Refusal { status, message: message.into(), challenge: None }
+    }
+
+    /// The 401 that makes the browser ask for a user name and password: a Basic challenge in the
+    /// configured realm, as the admin API's.
+    fn sign_in(app: &App) -> Self {
+        let realm = app.auth.as_ref().map_or_else(|| "Basic realm=\"Berth\"".into(), |a| a.basic_challenge());
+        Refusal {
+            status: StatusCode::UNAUTHORIZED,
+            message: "sign in with your registry user name and password".into(),
+            challenge: Some(format!("{realm}, charset=\"UTF-8\"")),
+        }
     }
 }
 
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
-        if self.status == StatusCode::UNAUTHORIZED {
-            return challenge();
+        let page = pages::problem(self.status, &self.message);
+        match self.challenge {
+            Some(challenge) => ([(header::WWW_AUTHENTICATE, challenge)], page).into_response(),
+            None => page,
         }
-        pages::problem(self.status, &self.message)
     }
 }
 
-/// The signed-in caller and what the registry's rules let them do.
+/// The caller. What they may see and do is decided by the admin API's own check
+/// ([`AdminRequest::authorize`]) for everything the admin API does, and by the OCI API's rule for
+/// reading content — both over the one table in [`crate::auth::Operation`]. The console has no
+/// rule of its own.
 pub(crate) struct Viewer<'a> {
     app: &'a App,
     who: Identity,
 }
 
 impl Viewer<'_> {
-    /// Whether the caller may do `action` on `repo` (everything, when auth is off).
-    pub(crate) fn may(&self, repo: &str, action: Action) -> bool {
-        self.app.auth.as_ref().is_none_or(|a| a.allowed(&self.who, repo, action))
+    /// Whether the caller may make `request` — for the links and buttons a page offers (a request
+    /// about a blob wherever it is would need its holders read: the console offers none).
+    pub(crate) fn may(&self, request: &AdminRequest) -> bool {
+        self.decide(request.operation()).is_ok()
     }
 
-    /// Whether the caller administers every repository (the registry-wide pages).
-    pub(crate) fn admin_everywhere(&self) -> bool {
-        self.app.auth.as_ref().is_none_or(|a| a.allowed_everywhere(&self.who, Action::Admin))
+    /// Whether the caller may delete `target`.
+    pub(crate) fn may_delete(&self, target: DeleteTarget) -> bool {
+        self.may(&AdminRequest::Delete(target))
+    }
+
+    /// Whether the caller may restore `target`.
+    pub(crate) fn may_restore(&self, target: DeleteTarget) -> bool {
+        self.may(&AdminRequest::Restore { target, take_tags: false })
+    }
+
+    /// Whether the caller may see the registry-wide pages (space, retention).
+    pub(crate) fn may_see_registry(&self) -> bool {
+        [AdminRequest::GcStatus, AdminRequest::Space(None), AdminRequest::RetentionStatus]
+            .iter()
+            .all(|r| self.may(r))
     }
 
     /// The user's name, if signed in.
@@ -93,33 +125,59 @@ impl Viewer<'_> {
         self.who.name()
     }
 
-    fn require_admin_everywhere(&self, what: &str) -> Result<(), Refusal> {
-        if self.admin_everywhere() {
-            Ok(())
-        } else {
-            Err(Refusal::new(StatusCode::FORBIDDEN, format!("{what} needs admin on every repository")))
+    fn decide(&self, op: Operation<'_>) -> Result<(), Refusal> {
+        match &self.app.auth {
+            Some(auth) => auth.decide(&self.who, op).map_err(|d| self.refusal(d, op.needs())),
+            None => Ok(()),
         }
     }
 
-    fn require(&self, repo: &RepoName, action: Action) -> Result<(), Refusal> {
-        if self.may(repo.as_str(), action) {
-            Ok(())
-        } else if self.who == Identity::Anonymous {
-            Err(Refusal::new(StatusCode::UNAUTHORIZED, "sign in"))
-        } else {
-            Err(Refusal::new(StatusCode::FORBIDDEN, format!("you may not {} {repo}", action.as_str())))
+    fn refusal(&self, denial: Denial, needs: String) -> Refusal {
+        match denial {
+            Denial::Unauthenticated(_) => Refusal::sign_in(self.app),
+            Denial::Forbidden => Refusal::new(StatusCode::FORBIDDEN, needs),
         }
     }
-}
 
-/// Answers 401 with a Basic challenge: the browser asks for a user name and password.
-fn challenge() -> Response {
-    (
-        StatusCode::UNAUTHORIZED,
-        [(header::WWW_AUTHENTICATE, "Basic realm=\"Berth console\", charset=\"UTF-8\"")],
-        pages::problem(StatusCode::UNAUTHORIZED, "sign in with your registry user name and password"),
-    )
-        .into_response()
+    /// Refuses unless the caller may make `request`, by the admin API's own check.
+    async fn authorize(&self, request: &AdminRequest) -> Result<(), Refusal> {
+        let auth = self.app.auth.as_deref();
+        request.authorize(auth, &self.who, &self.app.registry).await.map_err(|r| match r {
+            Refused::Denied(d, needs) => self.refusal(d, needs),
+            Refused::Failed(e) => e.into(),
+        })
+    }
+
+    /// Refuses unless the caller may pull `repo` (the pages of its content).
+    fn require_pull(&self, repo: &RepoName) -> Result<(), Refusal> {
+        self.decide(Operation::Pull(repo.as_str()))
+    }
+
+    /// Input that does not parse: an anonymous caller is asked to sign in first, as the admin API
+    /// asks; a signed-in one is told what is wrong.
+    fn bad(&self, message: String) -> Refusal {
+        if self.app.auth.is_some() && self.who == Identity::Anonymous {
+            Refusal::sign_in(self.app)
+        } else {
+            Refusal::new(StatusCode::BAD_REQUEST, message)
+        }
+    }
+
+    fn repo_name(&self, text: &str) -> Result<RepoName, Refusal> {
+        RepoName::parse(text).map_err(|m| self.bad(format!("`{text}`: {m}")))
+    }
+
+    fn target(&self, text: &str) -> Result<DeleteTarget, Refusal> {
+        DeleteTarget::parse(text).map_err(|m| self.bad(format!("`{text}`: {m}")))
+    }
+
+    fn tag(&self, text: &str) -> Result<Tag, Refusal> {
+        Tag::parse(text).map_err(|m| self.bad(format!("`{text}`: {m}")))
+    }
+
+    fn digest(&self, text: &str) -> Result<Digest, Refusal> {
+        Digest::parse(text).map_err(|e| self.bad(format!("`{text}`: {e}")))
+    }
 }
 
 /// The cookie a browser gets once it has signed in. It proves nothing (credentials do): it only
@@ -139,12 +197,10 @@ fn viewer<'a>(app: &'a App, headers: &HeaderMap) -> Result<Viewer<'a>, Refusal> 
         .filter_map(|v| v.to_str().ok())
         .any(|c| c.split(';').any(|kv| kv.trim() == SIGNED_IN));
     match auth.authenticate(authorization, now) {
-        Ok(Identity::Anonymous) if signed_in => Err(Refusal::new(StatusCode::UNAUTHORIZED, "sign in")),
-        Ok(Identity::Anonymous) if !auth.anonymous_may_pull() => {
-            Err(Refusal::new(StatusCode::UNAUTHORIZED, "sign in"))
-        }
+        Ok(Identity::Anonymous) if signed_in => Err(Refusal::sign_in(app)),
+        Ok(Identity::Anonymous) if !auth.anonymous_may_pull() => Err(Refusal::sign_in(app)),
         Ok(who) => Ok(Viewer { app, who }),
-        Err(_) => Err(Refusal::new(StatusCode::UNAUTHORIZED, "sign in")),
+        Err(_) => Err(Refusal::sign_in(app)),
     }
 }
 
@@ -189,18 +245,6 @@ impl From<Error> for Refusal {
     }
 }
 
-fn bad(message: String) -> Refusal {
-    Refusal::new(StatusCode::BAD_REQUEST, message)
-}
-
-fn repo_name(text: &str) -> Result<RepoName, Refusal> {
-    RepoName::parse(text).map_err(|m| bad(format!("`{text}`: {m}")))
-}
-
-fn target(text: &str) -> Result<DeleteTarget, Refusal> {
-    DeleteTarget::parse(text).map_err(|m| bad(format!("`{text}`: {m}")))
-}
-
 /// The host clients reach this registry at, for the copy line.
 fn registry_host(headers: &HeaderMap) -> String {
     headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("localhost:5000").to_string()
@@ -218,32 +262,36 @@ struct ListQuery {
 
 async fn repositories(State(app): State<App>, headers: HeaderMap, Query(q): Query<ListQuery>) -> Page {
     let v = viewer(&app, &headers)?;
-    // Filtering by permission after the query: read ahead until a page is full or the list ends.
+    let auth = app.auth.as_deref();
+    // The admin API's list, and its filter: read ahead until a page is full or the list ends.
     let mut shown = Vec::new();
     let mut last = q.last.clone();
     loop {
         let batch = app.registry.repositories_matching(q.q.trim(), last.as_deref(), PAGE).await?;
         let full = batch.len() as i64 == PAGE;
         last = batch.last().map(|r| r.name.clone());
-        shown.extend(batch.into_iter().filter(|r| v.may(&r.name, Action::Pull)));
+        shown.extend(batch.into_iter().filter(|r| crate::admin::lists(auth, &v.who, &r.name)));
         if shown.len() as i64 >= PAGE || !full {
             break;
         }
     }
     shown.truncate(PAGE as usize);
     let next = (shown.len() as i64 == PAGE).then(|| shown.last().map(|r| r.name.clone())).flatten();
-    // What each alone holds and what is due.
+    // What each alone holds and what is due: the space report, for the repositories the caller
+    // may have it of.
     let mut spaces = Vec::with_capacity(shown.len());
     for r in &shown {
         let space = match RepoName::parse(&r.name) {
-            Ok(repo) => app.registry.space(Some(&repo)).await.ok(),
-            Err(_) => None,
+            Ok(repo) if v.may(&AdminRequest::Space(Some(repo.clone()))) => {
+                app.registry.space(Some(&repo)).await.ok()
+            }
+            _ => None,
         };
         spaces.push(space);
     }
-    // Deleted repositories, for those who may restore them (from their trash).
+    // Deleted repositories, listed by the same rule (they are restored from their trash).
     let mut deleted = app.registry.deleted_repositories(PAGE).await?;
-    deleted.retain(|r| v.may(&r.name, Action::Admin));
+    deleted.retain(|r| crate::admin::lists(auth, &v.who, &r.name));
     Ok(pages::repositories(&v, &q.q, &shown, &spaces, next.as_deref(), &deleted))
 }
 
@@ -261,7 +309,7 @@ async fn login(State(app): State<App>, headers: HeaderMap) -> Response {
         )
             .into_response(),
         Ok(_) if app.auth.is_none() => Redirect::to("/ui/").into_response(),
-        _ => challenge(),
+        _ => Refusal::sign_in(&app).into_response(),
     }
 }
 
@@ -274,8 +322,9 @@ struct RepoQuery {
 
 async fn repository(State(app): State<App>, headers: HeaderMap, Query(q): Query<RepoQuery>) -> Page {
     let v = viewer(&app, &headers)?;
-    let repo = repo_name(&q.name)?;
-    v.require(&repo, Action::Pull)?;
+    let repo = v.repo_name(&q.name)?;
+    v.authorize(&AdminRequest::Repository(repo.clone())).await?;
+    v.require_pull(&repo)?;
     let summary = app.registry.repository(&repo).await?;
     let tags = app.registry.tag_rows(&repo, &q.after, PAGE).await?;
     let untagged = app.registry.untagged_rows(&repo, PAGE).await?;
@@ -300,9 +349,11 @@ struct ManifestQuery {
 
 async fn manifest(State(app): State<App>, headers: HeaderMap, Query(q): Query<ManifestQuery>) -> Page {
     let v = viewer(&app, &headers)?;
-    let repo = repo_name(&q.repo)?;
-    v.require(&repo, Action::Pull)?;
-    let digest = Digest::parse(&q.digest).map_err(|e| bad(format!("`{}`: {e}", q.digest)))?;
+    let repo = v.repo_name(&q.repo)?;
+    let digest = v.digest(&q.digest)?;
+    let explain = AdminRequest::Explain(ExplainTarget::Manifest(repo.clone(), digest.clone()));
+    v.authorize(&explain).await?;
+    v.require_pull(&repo)?;
     let view = app.registry.manifest_view(&repo, &digest).await?;
     let explanation = app.registry.explain(&ExplainTarget::Manifest(repo.clone(), digest)).await?;
     Ok(pages::manifest(&v, &repo, &view, &explanation, &registry_host(&headers)))
@@ -316,9 +367,9 @@ struct HistoryQuery {
 
 async fn history(State(app): State<App>, headers: HeaderMap, Query(q): Query<HistoryQuery>) -> Page {
     let v = viewer(&app, &headers)?;
-    let repo = repo_name(&q.repo)?;
-    v.require(&repo, Action::Pull)?;
-    let tag = Tag::parse(&q.tag).map_err(|m| bad(format!("`{}`: {m}", q.tag)))?;
+    let repo = v.repo_name(&q.repo)?;
+    let tag = v.tag(&q.tag)?;
+    v.authorize(&AdminRequest::History(repo.clone(), Some(tag.clone()))).await?;
     let moves = app.registry.history(&repo, Some(&tag)).await?;
     Ok(pages::history(&v, &repo, &tag, &moves))
 }
@@ -330,8 +381,8 @@ struct TargetForm {
 
 async fn delete_confirm(State(app): State<App>, headers: HeaderMap, Query(q): Query<TargetForm>) -> Page {
     let v = viewer(&app, &headers)?;
-    let t = target(&q.target)?;
-    v.require(t.repository(), Action::Delete)?;
+    let t = v.target(&q.target)?;
+    v.authorize(&AdminRequest::Preview(t.clone())).await?;
     let preview = app.registry.delete_preview(&t).await?;
     Ok(pages::delete_confirm(&v, &t, &preview))
 }
@@ -339,10 +390,11 @@ async fn delete_confirm(State(app): State<App>, headers: HeaderMap, Query(q): Qu
 async fn delete(State(app): State<App>, headers: HeaderMap, Form(f): Form<TargetForm>) -> Page {
     same_origin(&headers)?;
     let v = viewer(&app, &headers)?;
-    let t = target(&f.target)?;
-    v.require(t.repository(), Action::Delete)?;
+    let t = v.target(&f.target)?;
     let repo = t.repository().clone();
-    AdminRequest::Delete(t).run(&app.registry, v.name()).await?;
+    let request = AdminRequest::Delete(t);
+    v.authorize(&request).await?;
+    request.run(&app.registry, v.name()).await?;
     Ok(Redirect::to(&format!("/ui/trash?repo={}", urlencode(repo.as_str()))).into_response())
 }
 
@@ -353,8 +405,9 @@ struct TrashQuery {
 
 async fn trash(State(app): State<App>, headers: HeaderMap, Query(q): Query<TrashQuery>) -> Page {
     let v = viewer(&app, &headers)?;
-    let repo = repo_name(&q.repo)?;
-    v.require(&repo, Action::Pull)?;
+    let repo = v.repo_name(&q.repo)?;
+    v.authorize(&AdminRequest::Tombstones(repo.clone())).await?;
+    v.authorize(&AdminRequest::Repository(repo.clone())).await?;
     let summary = app.registry.repository(&repo).await?;
     let tombstones = app.registry.tombstones(&repo).await?;
     let tags = app.registry.deleted_tags(&repo, PAGE).await?;
@@ -365,10 +418,11 @@ async fn trash(State(app): State<App>, headers: HeaderMap, Query(q): Query<Trash
 async fn restore(State(app): State<App>, headers: HeaderMap, Form(f): Form<TargetForm>) -> Page {
     same_origin(&headers)?;
     let v = viewer(&app, &headers)?;
-    let t = target(&f.target)?;
-    v.require(t.repository(), Action::Admin)?;
+    let t = v.target(&f.target)?;
     let repo = t.repository().clone();
-    AdminRequest::Restore { target: t, take_tags: false }.run(&app.registry, v.name()).await?;
+    let request = AdminRequest::Restore { target: t, take_tags: false };
+    v.authorize(&request).await?;
+    request.run(&app.registry, v.name()).await?;
     Ok(Redirect::to(&format!("/ui/repo?name={}", urlencode(repo.as_str()))).into_response())
 }
 
@@ -382,19 +436,20 @@ struct RevertForm {
 async fn revert(State(app): State<App>, headers: HeaderMap, Form(f): Form<RevertForm>) -> Page {
     same_origin(&headers)?;
     let v = viewer(&app, &headers)?;
-    let repo = repo_name(&f.repo)?;
-    v.require(&repo, Action::Admin)?;
-    let tag = Tag::parse(&f.tag).map_err(|m| bad(format!("`{}`: {m}", f.tag)))?;
-    let digest = Digest::parse(&f.digest).map_err(|e| bad(format!("`{}`: {e}", f.digest)))?;
+    let repo = v.repo_name(&f.repo)?;
+    let tag = v.tag(&f.tag)?;
+    let digest = v.digest(&f.digest)?;
     let request =
         AdminRequest::Revert { repo: repo.clone(), tag: tag.clone(), to: crate::admin::Revert::To(digest) };
+    v.authorize(&request).await?;
     request.run(&app.registry, v.name()).await?;
     Ok(Redirect::to(&format!("/ui/history?repo={}&tag={tag}", urlencode(repo.as_str()))).into_response())
 }
 
 async fn space(State(app): State<App>, headers: HeaderMap) -> Page {
     let v = viewer(&app, &headers)?;
-    v.require_admin_everywhere("the registry's space")?;
+    v.authorize(&AdminRequest::Space(None)).await?;
+    v.authorize(&AdminRequest::GcStatus).await?;
     let space = app.registry.space(None).await?;
     let status = app.registry.gc_status().await?;
     let history = app.registry.space_history(HISTORY_MS).await?;
@@ -409,7 +464,10 @@ struct RetentionQuery {
 
 async fn retention(State(app): State<App>, headers: HeaderMap, Query(q): Query<RetentionQuery>) -> Page {
     let v = viewer(&app, &headers)?;
-    v.require_admin_everywhere("retention")?;
+    v.authorize(&AdminRequest::RetentionStatus).await?;
+    if q.dry_run {
+        v.authorize(&AdminRequest::RetentionRun { dry_run: true, only: None }).await?;
+    }
     let status = app.registry.retention_status().await?;
     let dry = if q.dry_run { Some(app.registry.retention_run(None, true, "console").await?) } else { None };
     Ok(pages::retention(&v, &status, dry.as_ref()))

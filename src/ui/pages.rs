@@ -6,12 +6,12 @@ use axum::response::{Html, IntoResponse, Response};
 use maud::{DOCTYPE, Markup, html};
 
 use super::{Viewer, urlencode};
-use crate::auth::Action;
+use crate::admin::{AdminRequest, Revert};
 use crate::meta::{
     DeletedTag, Explanation, GcStatus, Preview, RepositorySummary, Space, SpaceSample, TagMove, TagRow,
     UntaggedRow,
 };
-use crate::oci::{RepoName, Tag};
+use crate::oci::{Digest, RepoName, Tag};
 use crate::registry::{DeleteTarget, ManifestView, RetentionReport, RetentionStatus, Tombstone};
 
 /// The console's only stylesheet.
@@ -72,7 +72,7 @@ fn page(v: &Viewer<'_>, title: &str, body: Markup) -> Response {
                     header {
                         a href="/ui/" { strong { "Berth" } }
                         a href="/ui/" { "Repositories" }
-                        @if v.admin_everywhere() {
+                        @if v.may_see_registry() {
                             a href="/ui/space" { "Space" }
                             a href="/ui/retention" { "Retention" }
                         }
@@ -165,7 +165,11 @@ pub(super) fn repository(
     untagged: &[UntaggedRow],
     host: &str,
 ) -> Response {
-    let may_delete = v.may(repo.as_str(), Action::Delete);
+    let may_delete_tag =
+        |tag: &str| Tag::parse(tag).is_ok_and(|t| v.may_delete(DeleteTarget::Tag(repo.clone(), t)));
+    let may_delete_manifest =
+        |d: &str| Digest::parse(d).is_ok_and(|d| v.may_delete(DeleteTarget::Manifest(repo.clone(), d)));
+    let may_delete_repository = v.may_delete(DeleteTarget::Repository(repo.clone()));
     page(
         v,
         repo.as_str(),
@@ -189,7 +193,7 @@ pub(super) fn repository(
                                     @if let Some(p) = platforms.get(&t.digest).filter(|p| !p.is_empty()) { ": " (p.join(", ")) }
                                 } } }
                             td.num { @if t.referrers > 0 { a href=(manifest_link(repo.as_str(), &t.digest)) { (t.referrers) } } @else { "0" } }
-                            td { @if may_delete {
+                            td { @if may_delete_tag(&t.tag) {
                                 a.button.danger href=(format!("/ui/delete?target={}", urlencode(&format!("{repo}:{}", t.tag)))) { "Delete" }
                             } }
                         }
@@ -213,7 +217,7 @@ pub(super) fn repository(
                             td { (m.media_type) }
                             td { @if let Some(s) = &m.subject_digest { a href=(manifest_link(repo.as_str(), s)) { code { (short(s)) } } } }
                             td { (when(Some(m.pushed_at))) } td { (when(m.pulled_at)) }
-                            td { @if may_delete {
+                            td { @if may_delete_manifest(&m.digest) {
                                 a.button.danger href=(format!("/ui/delete?target={}", urlencode(&format!("{repo}@{}", m.digest)))) { "Delete" }
                             } }
                         }
@@ -221,7 +225,7 @@ pub(super) fn repository(
                     @if untagged.is_empty() { tr { td colspan="6" .muted { "None." } } }
                 }
             }
-            @if may_delete {
+            @if may_delete_repository {
                 p { a.button.danger href=(format!("/ui/delete?target={}", urlencode(repo.as_str()))) { "Delete the repository…" } }
             }
         },
@@ -283,7 +287,7 @@ pub(super) fn manifest(
                     } }
                 ul { @for h in &why.holds { li { strong { (h.reason) } ": " (h.detail) @if let Some(u) = h.until { " — until " (when(Some(u))) } } } }
             }
-            @if v.may(repo.as_str(), Action::Delete) {
+            @if Digest::parse(&m.digest).is_ok_and(|d| v.may_delete(DeleteTarget::Manifest(repo.clone(), d))) {
                 p { a.button.danger href=(format!("/ui/delete?target={}", urlencode(&format!("{repo}@{}", m.digest)))) { "Delete this manifest…" } }
             }
             h2 { "Manifest" }
@@ -293,7 +297,8 @@ pub(super) fn manifest(
 }
 
 pub(super) fn history(v: &Viewer<'_>, repo: &RepoName, tag: &Tag, moves: &[TagMove]) -> Response {
-    let may_revert = v.may(repo.as_str(), Action::Admin);
+    let may_revert =
+        v.may(&AdminRequest::Revert { repo: repo.clone(), tag: tag.clone(), to: Revert::Previous });
     page(
         v,
         &format!("{repo}:{tag} history"),
@@ -358,7 +363,11 @@ pub(super) fn trash(
     list: &[Tombstone],
     restore_window_ms: i64,
 ) -> Response {
-    let may_restore = v.may(repo.as_str(), Action::Admin);
+    let may_restore_repository = v.may_restore(DeleteTarget::Repository(repo.clone()));
+    let may_restore_tag =
+        |tag: &str| Tag::parse(tag).is_ok_and(|t| v.may_restore(DeleteTarget::Tag(repo.clone(), t)));
+    let may_restore_manifest =
+        |d: &str| Digest::parse(d).is_ok_and(|d| v.may_restore(DeleteTarget::Manifest(repo.clone(), d)));
     page(
         v,
         &format!("{repo} trash"),
@@ -366,7 +375,7 @@ pub(super) fn trash(
             h1 { a href=(repo_link(repo.as_str())) { (repo.as_str()) } " — trash" }
             @if let Some(at) = summary.deleted_at {
                 p.problem { "The repository was deleted at " (when(Some(at))) "." }
-                @if may_restore {
+                @if may_restore_repository {
                     form method="post" action="/ui/restore" {
                         input type="hidden" name="target" value=(repo.as_str());
                         button type="submit" id="restore-repository" { "Restore the repository" }
@@ -380,7 +389,7 @@ pub(super) fn trash(
                     td { (t.tag) } td { a href=(manifest_link(repo.as_str(), &t.digest)) { code { (short(&t.digest)) } } }
                     td { (when(Some(t.at))) } td { (t.actor.as_deref().unwrap_or("—")) }
                     td { (when(Some(t.at.saturating_add(restore_window_ms)))) }
-                    td { @if may_restore {
+                    td { @if may_restore_tag(&t.tag) {
                         form.inline method="post" action="/ui/restore" {
                             input type="hidden" name="target" value=(format!("{repo}:{}", t.tag));
                             button type="submit" { "Restore" }
@@ -396,7 +405,7 @@ pub(super) fn trash(
                     td { code { (short(&t.digest)) } } td { (t.tags.join(", ")) }
                     td { (when(Some(t.deleted_at))) } td { (t.deleted_by.as_deref().unwrap_or("—")) } td { (t.deleted_why) }
                     td { (when(Some(t.purge_after))) } td.num { (bytes(t.size)) }
-                    td { @if t.restorable && may_restore {
+                    td { @if t.restorable && may_restore_manifest(&t.digest) {
                         form.inline method="post" action="/ui/restore" {
                             input type="hidden" name="target" value=(format!("{repo}@{}", t.digest));
                             button type="submit" { "Restore" }

@@ -2,6 +2,7 @@
 
 mod harness;
 
+mod access;
 mod admin;
 mod api;
 pub mod auth;
