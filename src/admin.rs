@@ -237,7 +237,9 @@ impl AdminRequest {
             AdminRequest::Repository(r) | AdminRequest::Tombstones(r) | AdminRequest::History(r, _) => {
                 Operation::ReadRecords(r.as_str())
             }
-            AdminRequest::Explain(ExplainTarget::Manifest(r, _)) => Operation::ReadRecords(r.as_str()),
+            AdminRequest::Explain(ExplainTarget::Manifest(r, _) | ExplainTarget::Tag(r, _)) => {
+                Operation::ReadRecords(r.as_str())
+            }
             AdminRequest::Delete(DeleteTarget::Repository(r))
             | AdminRequest::Preview(DeleteTarget::Repository(r)) => Operation::Administer(r.as_str()),
             AdminRequest::Delete(t) | AdminRequest::Preview(t) => Operation::Delete(t.repository().as_str()),

@@ -11,12 +11,14 @@ use crate::oci::{Digest, RepoName};
 pub enum ExplainTarget {
     /// A manifest of a repository.
     Manifest(RepoName, Digest),
+    /// The manifest a tag of a repository points at.
+    Tag(RepoName, crate::oci::Tag),
     /// A blob, wherever it is linked.
     Blob(Digest),
 }
 
 impl ExplainTarget {
-    /// Parses `REPO@DIGEST` or `DIGEST`.
+    /// Parses `REPO@DIGEST`, `REPO:TAG` or `DIGEST`.
     ///
     /// # Errors
     /// A message saying what is malformed.
@@ -26,9 +28,19 @@ impl ExplainTarget {
                 RepoName::parse(repo)?,
                 Digest::parse(digest).map_err(|e| e.to_string())?,
             )),
+            None if text.contains('/') || !text.starts_with("sha") => {
+                let (repo, tag) = text
+                    .rsplit_once(':')
+                    .filter(|(repo, _)| !repo.contains('@'))
+                    .ok_or_else(|| format!("`{text}` is neither REPO@DIGEST, REPO:TAG nor a blob digest"))?;
+                Ok(ExplainTarget::Tag(
+                    RepoName::parse(repo)?,
+                    crate::oci::Tag::parse(tag).map_err(|e| e.to_string())?,
+                ))
+            }
             None => Digest::parse(text)
                 .map(ExplainTarget::Blob)
-                .map_err(|e| format!("`{text}` is neither REPO@DIGEST nor a blob digest: {e}")),
+                .map_err(|e| format!("`{text}` is neither REPO@DIGEST, REPO:TAG nor a blob digest: {e}")),
         }
     }
 }
@@ -37,6 +49,7 @@ impl std::fmt::Display for ExplainTarget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ExplainTarget::Manifest(r, d) => write!(f, "{r}@{d}"),
+            ExplainTarget::Tag(r, t) => write!(f, "{r}:{t}"),
             ExplainTarget::Blob(d) => write!(f, "{d}"),
         }
     }
@@ -105,6 +118,14 @@ impl Registry {
         let now = self.clock.now_ms();
         Ok(match target {
             ExplainTarget::Manifest(repo, digest) => self.meta.explain_manifest(repo, digest, now).await?,
+            ExplainTarget::Tag(repo, tag) => {
+                let reference = crate::oci::Reference::Tag(tag.clone());
+                let Some(head) = self.meta.manifest_head(repo, &reference).await? else {
+                    return Err(super::Error::TagUnknown(format!("tag {tag} not in repository {repo}")));
+                };
+                let digest = Digest::parse(&head.digest).map_err(|e| super::Error::Internal(Box::new(e)))?;
+                self.meta.explain_manifest(repo, &digest, now).await?
+            }
             ExplainTarget::Blob(digest) => self.meta.explain_blob(digest, now).await?,
         })
     }

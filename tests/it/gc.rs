@@ -214,6 +214,7 @@ pub(crate) async fn with_short_windows(backend: Backend) -> Option<TestRegistry>
 async fn stress(replicas: Vec<TestRegistry>) {
     use std::collections::{HashMap, HashSet};
     use std::sync::{Arc, Mutex};
+    let _heavy = HEAVY_LOAD.lock().await;
     let replicas: Vec<Arc<TestRegistry>> = replicas.into_iter().map(Arc::new).collect();
     let n = replicas.len();
     let reg = replicas[0].clone();

@@ -422,3 +422,7 @@ fn show_warnings_of_failed_tests() {
         .with_env_filter(tracing_subscriber::EnvFilter::new("berth=warn"))
         .try_init();
 }
+
+/// Held by the suite's load tests (the stress and interleaving runs), so that no two of them run
+/// at once on two cores and starve each other's progress guards.
+pub static HEAVY_LOAD: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());

@@ -508,6 +508,9 @@ backend_test!(an_import_root_inside_berths_own_trees_is_refused, |reg| {
     blobs.check_adoptable(&beside).expect("a root beside Berth's trees");
 });
 
+/// A pushed image as the interleaving test remembers it: digest, manifest size, layers.
+type Pushed = (Digest, usize, Vec<Digest>);
+
 /// A small deterministic generator for the interleaving test's choices.
 struct Dice(u64);
 
@@ -529,11 +532,12 @@ async fn interleave(replicas: Vec<TestRegistry>) {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
     use std::sync::{Arc, Mutex};
     const REPO: &str = "mix/app";
+    let _heavy = HEAVY_LOAD.lock().await;
     let replicas: Vec<Arc<TestRegistry>> = replicas.into_iter().map(Arc::new).collect();
     let n = replicas.len();
     let pool: Arc<Vec<Vec<u8>>> = Arc::new((0..4).map(|i| random_bytes(9000 + i, 3000)).collect());
     // Recently pushed images: (digest, manifest bytes, layer digests).
-    let recent: Arc<Mutex<Vec<(Digest, usize, Vec<Digest>)>>> = Arc::default();
+    let recent: Arc<Mutex<Vec<Pushed>>> = Arc::default();
     let ops = Arc::new(AtomicU64::new(0));
     let busy = Arc::new(AtomicU64::new(0));
     let deadline = std::time::Instant::now() + Duration::from_secs(8);
@@ -752,3 +756,18 @@ async fn restores_purges_unlinks_and_the_collector_interleaved_lose_nothing() {
     let second = TestRegistry::start_with(first.app.config.clone(), tempfile::tempdir().unwrap()).await;
     interleave(vec![first, second]).await;
 }
+
+backend_test!(explain_accepts_a_tag_and_explains_what_it_points_at, |reg| {
+    use berth::registry::ExplainTarget;
+    let img = reg.push_image("revive/explain", "v1", 8400).await;
+    let registry = &reg.app.registry;
+    let by_tag = registry.explain(&ExplainTarget::parse("revive/explain:v1").unwrap()).await.unwrap();
+    let by_digest = registry
+        .explain(&ExplainTarget::parse(&format!("revive/explain@{}", img.digest)).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(serde_json::to_value(&by_tag).unwrap(), serde_json::to_value(&by_digest).unwrap());
+    let missing = registry.explain(&ExplainTarget::parse("revive/explain:nope").unwrap()).await;
+    assert!(matches!(missing, Err(berth::registry::Error::TagUnknown(_))), "{missing:?}");
+    assert!(ExplainTarget::parse(img.digest.as_str()).is_ok_and(|t| matches!(t, ExplainTarget::Blob(_))));
+});
