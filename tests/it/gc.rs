@@ -224,7 +224,7 @@ async fn stress(replicas: Vec<TestRegistry>) {
     let deleted: Arc<Mutex<HashSet<String>>> = Arc::default();
     let retries = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(6);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(12);
 
     let mut tasks = Vec::new();
     for w in 0..3u64 {
