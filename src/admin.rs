@@ -155,7 +155,9 @@ impl AdminRequest {
         HttpForm { method, path, body }
     }
 
-    /// Runs the request as `actor`, returning the JSON both faces answer with.
+    /// Runs the request as `actor`, returning the JSON both faces answer with — unchecked: the
+    /// admin API and the console run what [`AdminRequest::authorize`] returns; only the CLI on the
+    /// deployment's own store (no access control there) runs a request directly.
     ///
     /// # Errors
     /// The operation's [`Error`].
@@ -263,6 +265,9 @@ impl AdminRequest {
     /// blob, the caller is refused before its holders are read unless it administers some
     /// repository, and then by the same refusal whether the blob is stored or not.
     ///
+    /// The request comes back [`Authorized`], to be run as decided: a purge allowed over a
+    /// blob's holders runs only while the blob is held by those alone.
+    ///
     /// # Errors
     /// [`Refused::Denied`], or [`Refused::Failed`] when the holders of a blob cannot be read.
     pub async fn authorize(
@@ -270,8 +275,9 @@ impl AdminRequest {
         auth: Option<&Auth>,
         who: &Identity,
         registry: &Registry,
-    ) -> Result<(), Refused> {
-        let Some(auth) = auth else { return Ok(()) };
+    ) -> Result<Authorized<'_>, Refused> {
+        let mut authorized = Authorized { request: self, blob_holders: None };
+        let Some(auth) = auth else { return Ok(authorized) };
         let operation = self.operation();
         auth.decide(who, operation).map_err(|d| Refused::Denied(d, operation.needs()))?;
         if let AdminRequest::Explain(ExplainTarget::Blob(digest)) | AdminRequest::Purge { digest, .. } = self
@@ -279,8 +285,37 @@ impl AdminRequest {
             let holders = registry.repositories_holding(digest).await.map_err(Refused::Failed)?;
             let operation = Operation::AdministerBlob(Some(&holders));
             auth.decide(who, operation).map_err(|d| Refused::Denied(d, operation.needs()))?;
+            // An administrator of every repository may purge wherever the blob is by then.
+            if auth.decide(who, Operation::AdministerRegistry).is_err() {
+                authorized.blob_holders = Some(holders);
+            }
         }
-        Ok(())
+        Ok(authorized)
+    }
+}
+
+/// A request [`AdminRequest::authorize`] allowed, with what the decision rested on.
+#[derive(Debug)]
+pub struct Authorized<'a> {
+    request: &'a AdminRequest,
+    /// For a purge by a caller who administers only some repositories: the blob's holders the
+    /// permission was decided over.
+    blob_holders: Option<Vec<String>>,
+}
+
+impl Authorized<'_> {
+    /// Runs the request as `actor` (see [`AdminRequest::run`]), within what was decided.
+    ///
+    /// # Errors
+    /// The operation's [`Error`].
+    pub async fn run(&self, registry: &Registry, actor: Option<&str>) -> Result<Value, Error> {
+        match self.request {
+            AdminRequest::Purge { digest, reason } => {
+                let within = self.blob_holders.as_deref();
+                Ok(to_value(&registry.purge_blob_within(digest, reason, actor, within).await?))
+            }
+            request => request.run(registry, actor).await,
+        }
     }
 }
 

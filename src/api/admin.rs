@@ -56,8 +56,9 @@ async fn dispatch(app: &App, req: Request) -> Result<Response, ApiError> {
             return Err(ApiError::new(ErrorCode::Unsupported).status(StatusCode::BAD_REQUEST).message(m));
         }
     };
-    request.authorize(app.auth.as_deref(), &who, &app.registry).await.map_err(|r| refused(app, r))?;
-    let mut value = request.run(&app.registry, who.name()).await?;
+    let authorized =
+        request.authorize(app.auth.as_deref(), &who, &app.registry).await.map_err(|r| refused(app, r))?;
+    let mut value = authorized.run(&app.registry, who.name()).await?;
     if let AdminRequest::Repositories { .. } = &request
         && let Some(list) = value["repositories"].as_array_mut()
     {

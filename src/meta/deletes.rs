@@ -598,15 +598,19 @@ impl MetaStore {
     /// Purges blob `digest` everywhere: every manifest that references it — and every index
     /// that lists such a manifest — in every repository becomes a tombstone that can never be
     /// restored, their tags are removed, the blob is unlinked everywhere and its row removed.
-    /// The caller deletes the bytes (under the returned key) once this has committed.
+    /// The caller deletes the bytes (under the returned key) once this has committed. With
+    /// `within` (the repositories holding the blob when the caller was authorized), the purge is
+    /// refused if, under the blob's lock, it is held anywhere else: a push or mount since must not
+    /// be purged on the strength of a permission over the other holders.
     ///
     /// # Errors
-    /// [`Refusal::NotFound`]; [`DeleteError::Meta`].
+    /// [`Refusal::NotFound`], [`Refusal::Conflict`] (held beyond `within`); [`DeleteError::Meta`].
     pub async fn purge_blob(
         &self,
         digest: &Digest,
         reason: &str,
         actor: Option<&str>,
+        within: Option<&[String]>,
         now: i64,
     ) -> DeleteResult<Purged> {
         let blob_sql = format!(
@@ -621,6 +625,25 @@ impl MetaStore {
             let Some((blob_id, size, storage_key)) = blob else {
                 return refuse(Refusal::NotFound(format!("blob {digest} not known to registry")));
             };
+            if let Some(within) = within {
+                // Read under the blob's lock: pushes and mounts that reference or link it
+                // share-lock it, so none can add a holder before this transaction ends.
+                let holders: Vec<(String,)> = sqlx::query_as(
+                    "SELECT r.name FROM repositories r WHERE r.id IN ( \
+                       SELECT repository_id FROM repository_blobs WHERE blob_id = $1 \
+                       UNION SELECT m.repository_id FROM manifest_blobs mb \
+                       JOIN manifests m ON m.id = mb.manifest_id WHERE mb.blob_id = $1)",
+                )
+                .bind(blob_id)
+                .fetch_all(&mut *tx)
+                .await?;
+                if holders.iter().any(|(name,)| !within.contains(name)) {
+                    return refuse(Refusal::Conflict(format!(
+                        "blob {digest} is now held by a repository it was not held by when this purge was \
+                         authorized; send the purge again"
+                    )));
+                }
+            }
             let delete_id =
                 Self::new_delete(tx, None, "purge", digest.as_str(), actor, Some(reason), now).await?;
             let why = format!("purged: {reason}");

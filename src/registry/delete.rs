@@ -235,9 +235,28 @@ impl Registry {
         reason: &str,
         actor: Option<&str>,
     ) -> Result<PurgeReport> {
+        self.purge_blob_within(digest, reason, actor, None).await
+    }
+
+    /// [`Registry::purge_blob`] on behalf of a caller authorized over the repositories `within`
+    /// (those holding the blob when it was authorized): refused if it is held elsewhere by the
+    /// time the purge has the blob locked.
+    ///
+    /// # Errors
+    /// [`Error::BlobUnknown`], [`Error::Conflict`].
+    pub async fn purge_blob_within(
+        &self,
+        digest: &Digest,
+        reason: &str,
+        actor: Option<&str>,
+        within: Option<&[String]>,
+    ) -> Result<PurgeReport> {
         let now = self.clock.now_ms();
-        let purged =
-            self.meta.purge_blob(digest, reason, actor, now).await.map_err(|e| refusal(e, blob_unknown))?;
+        let purged = self
+            .meta
+            .purge_blob(digest, reason, actor, within, now)
+            .await
+            .map_err(|e| refusal(e, blob_unknown))?;
         let mut deleted = self.blobs.delete(&purged.storage_key).await;
         for attempt in 1..=3 {
             if deleted.is_ok() {

@@ -140,7 +140,10 @@ impl Viewer<'_> {
     }
 
     /// Refuses unless the caller may make `request`, by the admin API's own check.
-    async fn authorize(&self, request: &AdminRequest) -> Result<(), Refusal> {
+    async fn authorize<'r>(
+        &self,
+        request: &'r AdminRequest,
+    ) -> Result<crate::admin::Authorized<'r>, Refusal> {
         let auth = self.app.auth.as_deref();
         request.authorize(auth, &self.who, &self.app.registry).await.map_err(|r| match r {
             Refused::Denied(d, needs) => self.refusal(d, needs),
@@ -393,8 +396,7 @@ async fn delete(State(app): State<App>, headers: HeaderMap, Form(f): Form<Target
     let t = v.target(&f.target)?;
     let repo = t.repository().clone();
     let request = AdminRequest::Delete(t);
-    v.authorize(&request).await?;
-    request.run(&app.registry, v.name()).await?;
+    v.authorize(&request).await?.run(&app.registry, v.name()).await?;
     Ok(Redirect::to(&format!("/ui/trash?repo={}", urlencode(repo.as_str()))).into_response())
 }
 
@@ -421,8 +423,7 @@ async fn restore(State(app): State<App>, headers: HeaderMap, Form(f): Form<Targe
     let t = v.target(&f.target)?;
     let repo = t.repository().clone();
     let request = AdminRequest::Restore { target: t, take_tags: false };
-    v.authorize(&request).await?;
-    request.run(&app.registry, v.name()).await?;
+    v.authorize(&request).await?.run(&app.registry, v.name()).await?;
     Ok(Redirect::to(&format!("/ui/repo?name={}", urlencode(repo.as_str()))).into_response())
 }
 
@@ -441,8 +442,7 @@ async fn revert(State(app): State<App>, headers: HeaderMap, Form(f): Form<Revert
     let digest = v.digest(&f.digest)?;
     let request =
         AdminRequest::Revert { repo: repo.clone(), tag: tag.clone(), to: crate::admin::Revert::To(digest) };
-    v.authorize(&request).await?;
-    request.run(&app.registry, v.name()).await?;
+    v.authorize(&request).await?.run(&app.registry, v.name()).await?;
     Ok(Redirect::to(&format!("/ui/history?repo={}&tag={tag}", urlencode(repo.as_str()))).into_response())
 }
 

@@ -729,3 +729,53 @@ backend_test!(admin_tokens_work_on_the_admin_api_within_their_scope, |reg| {
     let res = bearer(&reader, Method::GET, "/admin/v1/preview/team/app").send().await.unwrap();
     assert_eq!(res.status(), 401);
 });
+
+// A purge is authorized over the repositories holding the blob at that moment; a mount of the
+// blob into a repository the caller does not administer, landing before the purge has the blob
+// locked, must not be purged with it. Made exact on PostgreSQL: a third connection holds the
+// blob's row shared, so the purge (which locks it for update) waits while the mount (shared,
+// compatible) goes through; then the lock is released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_never_reaches_a_holder_added_after_it_was_authorized() {
+    let Some(reg) = TestRegistry::try_start(Backend::Postgres).await else { return };
+    let f = fixture(reg).await;
+    let layer = f.team_layer.clone();
+    let mut holder =
+        crate::revive::LockHolder::lock(&f.reg, "SELECT id FROM blobs WHERE digest = $1 FOR SHARE", &layer)
+            .await;
+    let purge = {
+        let (http, url) = (f.http.clone(), f.reg.url("/admin/v1/purge"));
+        let body = json!({"digest": layer.as_str(), "reason": "a secret"});
+        tokio::spawn(async move {
+            http.post(url).basic_auth("teamadmin", Some(PASSWORD)).json(&body).send().await.unwrap().status()
+        })
+    };
+    holder.wait_for_waiters(1).await;
+    let mount = f
+        .http
+        .post(f.reg.url(&format!("/v2/other/copy/blobs/uploads/?mount={layer}&from=team/app")))
+        .basic_auth("root", Some(PASSWORD))
+        .send();
+    let mount = tokio::time::timeout(std::time::Duration::from_secs(2), mount).await;
+    holder.release().await;
+    let purged = purge.await.unwrap();
+    let head = |repo: &str| {
+        f.http.head(f.reg.url(&format!("/v2/{repo}/blobs/{layer}"))).basic_auth("root", Some(PASSWORD)).send()
+    };
+    match mount {
+        Ok(Ok(res)) if res.status() == StatusCode::CREATED => {
+            // The mount landed first: the purge, allowed over team/app alone, is refused whole.
+            assert_eq!(
+                purged,
+                StatusCode::CONFLICT,
+                "a purge reached a repository it was not authorized for"
+            );
+            assert_eq!(head("other/copy").await.unwrap().status(), 200);
+            assert_eq!(head("team/app").await.unwrap().status(), 200);
+        }
+        // The mount queued behind the purge (or became an upload): the purge went as authorized.
+        _ => assert_eq!(purged, StatusCode::OK),
+    }
+    let fsck = f.reg.app.registry.fsck(false, &|_, _| {}).await.unwrap();
+    assert!(fsck.clean(), "{:?}", fsck.problems);
+}

@@ -21,7 +21,7 @@ mod manifests;
 mod metrics;
 mod replicas;
 pub mod retention;
-mod revive;
+pub mod revive;
 mod sweep;
 mod tags;
 mod tls;

@@ -198,13 +198,13 @@ backend_test!(fsck_reads_what_a_manifest_references_from_its_payload, |reg| {
 
 /// A connection to the registry's PostgreSQL database holding one row lock, and a way to wait
 /// until `n` other backends wait on locks.
-struct LockHolder {
+pub(crate) struct LockHolder {
     conn: sqlx::PgConnection,
     watch: sqlx::PgConnection,
 }
 
 impl LockHolder {
-    async fn lock(reg: &TestRegistry, statement: &str, digest: &Digest) -> Self {
+    pub(crate) async fn lock(reg: &TestRegistry, statement: &str, digest: &Digest) -> Self {
         let url = &reg.app.config.metadata_url;
         let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
         let watch = sqlx::PgConnection::connect(url).await.unwrap();
@@ -214,7 +214,7 @@ impl LockHolder {
         LockHolder { conn, watch }
     }
 
-    async fn wait_for_waiters(&mut self, n: i64) {
+    pub(crate) async fn wait_for_waiters(&mut self, n: i64) {
         for _ in 0..500 {
             let (waiting,): (i64,) = sqlx::query_as(
                 "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
@@ -230,7 +230,7 @@ impl LockHolder {
         panic!("fewer than {n} transactions ever waited for the held lock");
     }
 
-    async fn release(mut self) {
+    pub(crate) async fn release(mut self) {
         sqlx::query("COMMIT").execute(&mut self.conn).await.unwrap();
     }
 }
