@@ -67,7 +67,7 @@ impl MetaStore {
     /// [`super::Error::Database`].
     pub async fn deleted_tags(&self, repo: &RepoName, limit: i64) -> Result<Vec<DeletedTag>> {
         Ok(sqlx::query_as(
-            "SELECT h.tag, h.old_digest AS digest, h.actor, h.at FROM tag_history h \
+            "SELECT h.tag, h.old_digest AS digest, COALESCE(h.actor, 'anonymous') AS actor, h.at FROM tag_history h \
              JOIN repositories r ON r.id = h.repository_id \
              WHERE r.name = $1 AND h.kind = 'delete' AND h.old_digest IS NOT NULL \
              AND h.id = (SELECT MAX(x.id) FROM tag_history x WHERE x.repository_id = h.repository_id AND x.tag = h.tag) \
@@ -96,7 +96,7 @@ impl MetaStore {
              CAST((SELECT COUNT(*) FROM manifest_children mc WHERE mc.parent_id = m.id) AS BIGINT) AS children, \
              CAST((SELECT COUNT(*) FROM manifests x WHERE x.repository_id = m.repository_id \
                  AND x.subject_digest = m.digest AND x.deleted_at IS NULL) AS BIGINT) AS referrers, \
-             (SELECT h.actor FROM tag_history h WHERE h.repository_id = t.repository_id AND h.tag = t.name \
+             (SELECT COALESCE(h.actor, 'anonymous') FROM tag_history h WHERE h.repository_id = t.repository_id AND h.tag = t.name \
               AND h.new_digest = m.digest ORDER BY h.id DESC LIMIT 1) AS pushed_by, m.pulled_at \
              FROM tags t JOIN manifests m ON m.id = t.manifest_id JOIN repositories r ON r.id = t.repository_id \
              WHERE r.name = $1 AND t.name > $2 ORDER BY t.name LIMIT $3",

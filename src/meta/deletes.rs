@@ -523,6 +523,11 @@ impl MetaStore {
         now: i64,
     ) -> DeleteResult<Vec<AffectedManifest>> {
         let update = self.update_lock_of("repositories");
+        let live_sql = format!(
+            "SELECT m.digest, t.name FROM manifests m LEFT JOIN tags t ON t.manifest_id = m.id \
+             WHERE m.repository_id = $1 AND m.deleted_at IS NULL ORDER BY m.digest, t.name{}",
+            self.update_lock_of("m")
+        );
         let window = self.windows().restore_window_ms;
         let immutable = self.immutable.clone();
         transaction!(self, DeleteError, |tx| {
@@ -533,13 +538,10 @@ impl MetaStore {
                 Self::new_delete(tx, Some(repo_id), "repository", repo.as_str(), actor, None, now).await?;
             // Set statements, not one per manifest: a large repository must not hold the writer
             // (SQLite's only one) for long.
-            let live: Vec<(String, Option<String>)> = sqlx::query_as(
-                "SELECT m.digest, t.name FROM manifests m LEFT JOIN tags t ON t.manifest_id = m.id \
-                 WHERE m.repository_id = $1 AND m.deleted_at IS NULL ORDER BY m.digest, t.name",
-            )
-            .bind(repo_id)
-            .fetch_all(&mut *tx)
-            .await?;
+            // Locked as read, so a purge cannot tombstone one of them before the updates below
+            // and have it reported as this delete's.
+            let live: Vec<(String, Option<String>)> =
+                sqlx::query_as(&live_sql).bind(repo_id).fetch_all(&mut *tx).await?;
             let mut affected: Vec<AffectedManifest> = Vec::new();
             for (digest, tag) in live {
                 if affected.last().is_none_or(|a| a.digest != digest) {

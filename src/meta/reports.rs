@@ -42,7 +42,7 @@ pub struct TombstoneRow {
     pub deleted_why: Option<String>,
     /// Why it can no longer be restored, if it cannot.
     pub unrestorable: Option<String>,
-    /// Who deleted it.
+    /// Who deleted it (`anonymous` without credentials); none when no delete is recorded.
     pub deleted_by: Option<String>,
     /// The delete that made it.
     pub delete_id: Option<i64>,
@@ -119,7 +119,7 @@ impl MetaStore {
     pub async fn tombstones(&self, repo: &RepoName) -> Result<Vec<TombstoneRow>> {
         Ok(sqlx::query_as(
             "SELECT m.digest, m.media_type, m.size, m.subject_digest, m.deleted_at, m.deleted_why, \
-             m.unrestorable, d.actor AS deleted_by, m.delete_id \
+             m.unrestorable, CASE WHEN d.id IS NULL THEN NULL ELSE COALESCE(d.actor, 'anonymous') END AS deleted_by, m.delete_id \
              FROM manifests m JOIN repositories r ON r.id = m.repository_id \
              LEFT JOIN deletes d ON d.id = m.delete_id \
              WHERE r.name = $1 AND m.deleted_at IS NOT NULL ORDER BY m.deleted_at DESC, m.digest",

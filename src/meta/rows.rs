@@ -84,7 +84,8 @@ pub struct TagMove {
     pub old_digest: Option<String>,
     /// The digest it points at after, if any (none for a delete).
     pub new_digest: Option<String>,
-    /// Who moved it.
+    /// Who moved it (`anonymous` without access control or credentials — as the CLI and the
+    /// audit log say).
     pub actor: Option<String>,
     /// When (Unix ms).
     pub at: i64,

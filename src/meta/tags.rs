@@ -326,7 +326,7 @@ impl MetaStore {
     /// [`super::Error::Database`].
     pub async fn history(&self, repo: &RepoName, tag: Option<&Tag>) -> Result<Vec<TagMove>> {
         Ok(sqlx::query_as(
-            "SELECT h.tag, h.old_digest, h.new_digest, h.actor, h.at, COALESCE(h.kind, 'push') AS kind, h.note \
+            "SELECT h.tag, h.old_digest, h.new_digest, COALESCE(h.actor, 'anonymous') AS actor, h.at, COALESCE(h.kind, 'push') AS kind, h.note \
              FROM tag_history h JOIN repositories r ON r.id = h.repository_id \
              WHERE r.name = $1 AND ($2 IS NULL OR h.tag = $2) ORDER BY h.id",
         )

@@ -130,6 +130,10 @@ impl Registry {
         started_by: &str,
     ) -> Result<RetentionReport> {
         let rules = &self.policy.retention_rules;
+        // Pulls this replica noted but has not written yet count as pulls ("not pulled within").
+        if let Err(e) = self.flush_access().await {
+            tracing::warn!(error = %e, "retention runs without this replica's latest pull times");
+        }
         let now = self.clock.now_ms();
         let mut report = RetentionReport { dry_run, started_at: now, ..RetentionReport::default() };
         if dry_run {

@@ -771,3 +771,16 @@ backend_test!(explain_accepts_a_tag_and_explains_what_it_points_at, |reg| {
     assert!(matches!(missing, Err(berth::registry::Error::TagUnknown(_))), "{missing:?}");
     assert!(ExplainTarget::parse(img.digest.as_str()).is_ok_and(|t| matches!(t, ExplainTarget::Blob(_))));
 });
+
+backend_test!(who_deleted_without_credentials_reads_anonymous_in_every_face, |reg| {
+    let img = reg.push_image("revive/who", "v1", 8500).await;
+    let res =
+        reg.req(Method::DELETE, &format!("/v2/revive/who/manifests/{}", img.digest)).send().await.unwrap();
+    assert_eq!(res.status(), 202);
+    let body: serde_json::Value = reg.get("/admin/v1/tombstones/revive/who").await.json().await.unwrap();
+    let text = body.to_string();
+    assert!(text.contains("\"deleted_by\":\"anonymous\""), "{text}");
+    let body: serde_json::Value = reg.get("/admin/v1/history/revive/who:v1").await.json().await.unwrap();
+    let text = body.to_string();
+    assert!(text.contains("\"actor\":\"anonymous\"") && !text.contains("\"actor\":null"), "{text}");
+});
