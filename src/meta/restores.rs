@@ -250,7 +250,8 @@ impl MetaStore {
         }
         Self::check_links(tx, c, repo, repo_id, m).await?;
         // An index needs its children: each deleted one comes back too (checked the same way),
-        // or the whole restore is refused. They were locked with it.
+        // or the whole restore is refused. They were locked with it. (A collected child took its
+        // `manifest_children` row with it and marked this tombstone unrestorable, refused above.)
         let children: Vec<(i64, String)> = sqlx::query_as(
             "SELECT c.id, c.digest FROM manifest_children mc JOIN manifests c ON c.id = mc.child_id \
              WHERE mc.parent_id = $1 ORDER BY c.digest",
@@ -258,15 +259,6 @@ impl MetaStore {
         .bind(m.id)
         .fetch_all(&mut *tx)
         .await?;
-        let (listed,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM manifest_children WHERE parent_id = $1")
-            .bind(m.id)
-            .fetch_one(&mut *tx)
-            .await?;
-        if listed != children.len() as i64 {
-            return refuse(Refusal::Conflict(format!(
-                "manifest {digest} in {repo} cannot be restored: a manifest it lists was collected"
-            )));
-        }
         if depth > MAX_DEPTH {
             return refuse(Refusal::Conflict(format!(
                 "manifest {digest} in {repo}: indexes nested too deep"
