@@ -75,13 +75,14 @@ pub struct RuleLabels {
 
 impl Default for BerthMetrics {
     fn default() -> Self {
-        BerthMetrics::new(Counter::default())
+        BerthMetrics::new(Counter::default(), &crate::meta::Conflicts::default())
     }
 }
 
 impl BerthMetrics {
-    /// The metrics of a registry whose blob storage counts its resent parts in `parts_resent`.
-    pub fn new(parts_resent: Counter) -> Self {
+    /// The metrics of a registry whose blob storage counts its resent parts in `parts_resent`
+    /// and whose metadata store counts its transient conflicts in `conflicts`.
+    pub fn new(parts_resent: Counter, conflicts: &crate::meta::Conflicts) -> Self {
         let mut registry = Metrics::with_prefix("berth");
         let r = &mut registry;
         let requests = registered(
@@ -105,6 +106,19 @@ impl BerthMetrics {
             "storage_parts_resent",
             "Object-store parts streamed from a request that failed and were sent again",
             parts_resent,
+        );
+        // Counted by the metadata store's transactions.
+        registered(
+            r,
+            "db_retries",
+            "Write transactions run again after a transient conflict, by reason (deadlock, serialization, busy)",
+            conflicts.retries.clone(),
+        );
+        registered(
+            r,
+            "db_deadlocks",
+            "Deadlocks the database detected in Berth's write transactions (retried or not)",
+            conflicts.deadlocks.clone(),
         );
         BerthMetrics {
             requests,

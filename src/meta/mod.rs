@@ -105,11 +105,64 @@ impl TxError for Error {
 /// cure: a deadlock or serialization failure (PostgreSQL), a busy or locked file (SQLite). In
 /// each case the database rolled the transaction back.
 fn is_transient(e: &sqlx::Error) -> bool {
-    let Some(code) = e.as_database_error().and_then(|d| d.code()) else { return false };
+    conflict_kind(e).is_some()
+}
+
+/// What kind of transient conflict `e` is: `deadlock`, `serialization` (PostgreSQL) or `busy`
+/// (SQLite's locked or busy file); `None` for any other error.
+fn conflict_kind(e: &sqlx::Error) -> Option<&'static str> {
+    let code = e.as_database_error().and_then(|d| d.code())?;
     match code.as_ref() {
-        "40P01" | "40001" => true,
+        "40P01" => Some("deadlock"),
+        "40001" => Some("serialization"),
         // SQLite reports extended result codes; the primary code is the low byte.
-        other => other.parse::<i32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6)),
+        other => other.parse::<i32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6)).then_some("busy"),
+    }
+}
+
+/// The label of a retried transaction: why it was run again.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct RetryLabels {
+    /// `deadlock`, `serialization` or `busy`.
+    pub reason: &'static str,
+}
+
+/// The transient conflicts write transactions met, for the metrics: every transaction run again
+/// (by reason) and every deadlock PostgreSQL detected — retried or not. A deadlock means two
+/// paths took the same rows in opposite orders (docs/design.md, lock order): the retry hides it
+/// from the client, these counters do not.
+#[derive(Debug, Clone, Default)]
+pub struct Conflicts {
+    /// Transactions run again, by reason.
+    pub retries:
+        prometheus_client::metrics::family::Family<RetryLabels, prometheus_client::metrics::counter::Counter>,
+    /// Deadlocks detected.
+    pub deadlocks: prometheus_client::metrics::counter::Counter,
+}
+
+impl Conflicts {
+    /// Counts what `error` (ending attempt `attempt`) was and what is done about it; when the
+    /// retries are used up, says so at WARN with the database's own words.
+    pub(crate) fn note<E: TxError>(&self, error: &E, decision: &Retry, attempt: u32) {
+        let Some(Error::Database(db)) = error.store_error() else { return };
+        let Some(reason) = conflict_kind(db) else { return };
+        if reason == "deadlock" {
+            self.deadlocks.inc();
+        }
+        match decision {
+            Retry::Again => {
+                self.retries.get_or_create(&RetryLabels { reason }).inc();
+            }
+            Retry::Busy(_) => {
+                tracing::warn!(
+                    reason,
+                    attempts = attempt,
+                    error = %db,
+                    "a write transaction met a conflict on every attempt and gave up (answering 503)"
+                );
+            }
+            Retry::No => {}
+        }
     }
 }
 
@@ -140,7 +193,9 @@ macro_rules! transaction {
                     }
                 }
             };
-            match $crate::meta::retry_decision(&error, attempt) {
+            let decision = $crate::meta::retry_decision(&error, attempt);
+            $store.conflicts().note(&error, &decision, attempt);
+            match decision {
                 $crate::meta::Retry::Again => {
                     $crate::meta::back_off(attempt).await;
                     attempt += 1;
@@ -249,6 +304,8 @@ pub struct MetaStore {
     windows: Windows,
     /// Tags no client may move or delete; checked inside the transactions that change tags.
     immutable: std::sync::Arc<crate::retention::ImmutableTags>,
+    /// The transient conflicts its write transactions met.
+    conflicts: Conflicts,
 }
 
 /// The migrations of `dialect`. Migrations applied by a newer Berth that this one does not know
@@ -299,6 +356,7 @@ impl MetaStore {
                 dialect: Dialect::Postgres,
                 windows: Windows::default(),
                 immutable: Default::default(),
+                conflicts: Conflicts::default(),
             })
         } else {
             Err(Error::UnsupportedUrl(url.to_string()))
@@ -329,6 +387,7 @@ impl MetaStore {
             dialect: Dialect::Sqlite,
             windows: Windows::default(),
             immutable: Default::default(),
+            conflicts: Conflicts::default(),
         })
     }
 
@@ -344,6 +403,11 @@ impl MetaStore {
     pub fn with_immutable(mut self, immutable: crate::retention::ImmutableTags) -> Self {
         self.immutable = std::sync::Arc::new(immutable);
         self
+    }
+
+    /// The transient conflicts its write transactions met (the metrics read them).
+    pub fn conflicts(&self) -> &Conflicts {
+        &self.conflicts
     }
 
     /// The immutability rules this store enforces.

@@ -110,7 +110,8 @@ pub struct Registry {
 impl Registry {
     /// A registry over `meta` and `blobs` applying `policy`.
     pub fn new(meta: MetaStore, blobs: BlobStore, clock: Clock, policy: Policy) -> Self {
-        let metrics = crate::metrics::BerthMetrics::new(blobs.parts_resent().unwrap_or_default());
+        let metrics =
+            crate::metrics::BerthMetrics::new(blobs.parts_resent().unwrap_or_default(), meta.conflicts());
         Registry {
             meta,
             blobs,

@@ -109,3 +109,46 @@ async fn metrics_on_a_separate_listener() {
     );
     assert_eq!(reqwest::get(format!("http://127.0.0.1:{port}/v2/")).await.unwrap().status(), 404);
 }
+
+// A deadlock is counted even though the retry hides it from the client. Made exact on
+// PostgreSQL: a third connection holds the tag's row; a tag delete share-locks the repository
+// and waits for that row; the third connection then asks for the repository's row. PostgreSQL
+// finds the cycle when the delete's wait passes `deadlock_timeout` (1 s) and aborts the delete,
+// which Berth runs again — and it succeeds once the third connection is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadlock_is_counted_though_the_retry_hides_it() {
+    use sqlx::Connection as _;
+    let Some(reg) = TestRegistry::try_start(Backend::Postgres).await else { return };
+    reg.push_image("lock/app", "v1", 9100).await;
+    let url = reg.app.config.metadata_url.clone();
+    let mut third = sqlx::PgConnection::connect(&url).await.unwrap();
+    let mut watch = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut third).await.unwrap();
+    sqlx::query("SELECT name FROM tags WHERE name = 'v1' FOR UPDATE").execute(&mut third).await.unwrap();
+    let delete = {
+        let (client, url) = (reg.client.clone(), reg.url("/v2/lock/app/manifests/v1"));
+        tokio::spawn(async move { client.delete(url).send().await.unwrap().status() })
+    };
+    for attempt in 0.. {
+        assert!(attempt < 500, "the delete never waited for the held tag row");
+        let (waiting,): (i64,) = sqlx::query_as(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&mut watch)
+        .await
+        .unwrap();
+        if waiting == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    sqlx::query("SELECT name FROM repositories WHERE name = 'lock/app' FOR UPDATE")
+        .execute(&mut third)
+        .await
+        .unwrap();
+    sqlx::query("COMMIT").execute(&mut third).await.unwrap();
+    assert_eq!(delete.await.unwrap(), 202, "the retried delete went through");
+    let text = reg.get("/metrics").await.text().await.unwrap();
+    assert!(text.contains("berth_db_deadlocks_total 1\n"), "{text}");
+    assert!(text.contains("berth_db_retries_total{reason=\"deadlock\"} 1\n"), "{text}");
+}
