@@ -13,14 +13,26 @@ impl MetaStore {
     /// # Errors
     /// [`Error::Database`].
     pub async fn record_access(&self, manifest_ids: &[i64], blob_ids: &[i64], now: i64) -> Result<()> {
+        let lock = match self.dialect {
+            super::Dialect::Sqlite => None,
+            super::Dialect::Postgres => Some(" FOR NO KEY UPDATE"),
+        };
         transaction!(self, Error, |tx| {
             // Blobs before manifests: the order a push locks them in (docs/design.md, lock order).
             for (table, column, ids) in
                 [("blobs", "seen_at", blob_ids), ("manifests", "pulled_at", manifest_ids)]
             {
+                let mut ids = ids.to_vec();
+                ids.sort_unstable();
                 for chunk in ids.chunks(CHUNK) {
                     let list = chunk.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
-                    // Never moves a time backwards (replicas flush independently).
+                    // Rows locked in id order first, as a push locks them; an UPDATE alone would
+                    // take them in whatever order its scan meets them. Never moves a time
+                    // backwards (replicas flush independently).
+                    if let Some(lock) = lock {
+                        let sql = format!("SELECT id FROM {table} WHERE id IN ({list}) ORDER BY id{lock}");
+                        sqlx::query(&sql).execute(&mut *tx).await?;
+                    }
                     let sql = format!(
                         "UPDATE {table} SET {column} = $1 WHERE id IN ({list}) AND ({column} IS NULL OR {column} < $1)"
                     );

@@ -522,7 +522,7 @@ impl MetaStore {
         actor: Option<&str>,
         now: i64,
     ) -> DeleteResult<Vec<AffectedManifest>> {
-        let update = self.update_lock_of("repositories");
+        let update = self.repository_lock();
         let live_sql = format!(
             "SELECT m.digest, t.name FROM manifests m LEFT JOIN tags t ON t.manifest_id = m.id \
              WHERE m.repository_id = $1 AND m.deleted_at IS NULL ORDER BY m.digest, t.name{}",
@@ -531,7 +531,7 @@ impl MetaStore {
         let window = self.windows().restore_window_ms;
         let immutable = self.immutable.clone();
         transaction!(self, DeleteError, |tx| {
-            let repo_id = Self::live_repository(tx, repo, &update).await?;
+            let repo_id = Self::live_repository(tx, repo, update).await?;
             let tags = Self::tags_to_check(tx, &immutable, None, repo_id).await?;
             Self::refuse_immutable(tx, &immutable, repo_id, repo, &tags, now).await?;
             let delete_id =
@@ -556,17 +556,6 @@ impl MetaStore {
                 }
             }
             sqlx::query(
-                "INSERT INTO gc_reviews (kind, item_id, review_after) \
-                 SELECT 'manifest', id, $1 FROM manifests WHERE repository_id = $2 AND deleted_at IS NULL \
-                 ON CONFLICT (kind, item_id) DO UPDATE SET review_after = CASE \
-                 WHEN excluded.review_after < gc_reviews.review_after THEN excluded.review_after \
-                 ELSE gc_reviews.review_after END",
-            )
-            .bind(now.saturating_add(window))
-            .bind(repo_id)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(
                 "INSERT INTO tag_history (repository_id, tag, old_digest, new_digest, actor, at, kind, delete_id) \
                  SELECT t.repository_id, t.name, m.digest, NULL, $1, $2, 'delete', $3 \
                  FROM tags t JOIN manifests m ON m.id = t.manifest_id WHERE t.repository_id = $4",
@@ -578,6 +567,18 @@ impl MetaStore {
             .execute(&mut *tx)
             .await?;
             sqlx::query("DELETE FROM tags WHERE repository_id = $1").bind(repo_id).execute(&mut *tx).await?;
+            // Queue rows after the tag rows (docs/design.md, lock order).
+            sqlx::query(
+                "INSERT INTO gc_reviews (kind, item_id, review_after) \
+                 SELECT 'manifest', id, $1 FROM manifests WHERE repository_id = $2 AND deleted_at IS NULL \
+                 ON CONFLICT (kind, item_id) DO UPDATE SET review_after = CASE \
+                 WHEN excluded.review_after < gc_reviews.review_after THEN excluded.review_after \
+                 ELSE gc_reviews.review_after END",
+            )
+            .bind(now.saturating_add(window))
+            .bind(repo_id)
+            .execute(&mut *tx)
+            .await?;
             sqlx::query(
                 "UPDATE manifests SET deleted_at = $1, delete_id = $2, deleted_why = 'repository' \
                  WHERE repository_id = $3 AND deleted_at IS NULL",
@@ -621,12 +622,19 @@ impl MetaStore {
         );
         let lock_manifest =
             format!("SELECT id FROM manifests WHERE id = $1{}", self.update_lock_of("manifests"));
+        let lock_links = format!(
+            "SELECT repository_id FROM repository_blobs WHERE blob_id = $1 ORDER BY repository_id{}",
+            self.update_lock_of("repository_blobs")
+        );
         transaction!(self, DeleteError, |tx| {
             let blob: Option<(i64, i64, String)> =
                 sqlx::query_as(&blob_sql).bind(digest.as_str()).fetch_optional(&mut *tx).await?;
             let Some((blob_id, size, storage_key)) = blob else {
                 return refuse(Refusal::NotFound(format!("blob {digest} not known to registry")));
             };
+            // Links before manifests (docs/design.md, lock order): a restore share-locks the
+            // links it relies on before the manifests it revives.
+            let _: Vec<(i64,)> = sqlx::query_as(&lock_links).bind(blob_id).fetch_all(&mut *tx).await?;
             if let Some(within) = within {
                 // Read under the blob's lock: pushes and mounts that reference or link it
                 // share-lock it, so none can add a holder before this transaction ends.
@@ -691,9 +699,10 @@ impl MetaStore {
             }
             let mut manifests = Vec::with_capacity(doomed.len());
             for (m, repo, because) in &doomed {
-                // Unrestorable: collectable at once.
-                Self::enqueue(tx, Review::Manifest(m.id), now).await?;
+                // Tag rows before queue rows (docs/design.md, lock order). Unrestorable: collectable
+                // at once.
                 let tags = Self::untag_all(tx, m, actor, now, delete_id).await?;
+                Self::enqueue(tx, Review::Manifest(m.id), now).await?;
                 sqlx::query(
                     "UPDATE manifests SET deleted_at = COALESCE(deleted_at, $1), delete_id = COALESCE(delete_id, $2), \
                      deleted_why = COALESCE(deleted_why, 'purged'), unrestorable = $3 WHERE id = $4",

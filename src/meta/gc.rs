@@ -89,6 +89,14 @@ enum Verdict {
     Collected(Collected),
 }
 
+/// How long a review waits when its item was locked by another transaction.
+const ITEM_BUSY_PAUSE_MS: i64 = 250;
+
+/// Whether PostgreSQL refused a `NOWAIT` lock because another transaction holds the row.
+fn is_lock_not_available(e: &sqlx::Error) -> bool {
+    e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c == "55P03")
+}
+
 /// How often an unreferenced blob whose bytes an unfinished import adopted is looked at again.
 const IMPORT_RECHECK_MS: i64 = 3600 * 1000;
 
@@ -164,7 +172,14 @@ impl MetaStore {
     /// [`Error::Database`] when the store fails outside any one item (the claim, the postponing).
     pub async fn review_one(&self, now: i64) -> Result<Option<ReviewOutcome>> {
         let claim = self.claim_sql();
-        let lock = self.update_lock_of_table();
+        // The queue row is claimed before the item is locked — the opposite of the order the
+        // events take them in (an upload, a delete or a tag move locks the item, then upserts its
+        // review). So the collector never waits for the item: a busy item is left for a moment
+        // (below), and no cycle can form (docs/design.md, lock order).
+        let lock = match self.dialect {
+            Dialect::Sqlite => "",
+            Dialect::Postgres => " FOR UPDATE NOWAIT",
+        };
         let w = self.windows;
         let mut claimed = None;
         let result = transaction!(self, Error, |tx| {
@@ -177,6 +192,16 @@ impl MetaStore {
         });
         match (result, claimed) {
             (Ok(done), _) => Ok(done.map(ReviewOutcome::Done)),
+            (Err(Error::Database(e)), Some(item)) if is_lock_not_available(&e) => {
+                // Someone is changing the item right now; their change enqueues what it needs.
+                sqlx::query("UPDATE gc_reviews SET review_after = $1 WHERE kind = $2 AND item_id = $3")
+                    .bind(now.saturating_add(ITEM_BUSY_PAUSE_MS))
+                    .bind(item.kind())
+                    .bind(item.id())
+                    .execute(&self.write)
+                    .await?;
+                Ok(Some(ReviewOutcome::Done(Collected::default())))
+            }
             (Err(e), Some(item)) if !e.is_busy() => {
                 sqlx::query(
                     "UPDATE gc_reviews SET attempts = attempts + 1, \
@@ -438,7 +463,7 @@ impl MetaStore {
                 return Ok(Verdict::Until(grace_end));
             }
         }
-        Self::collect_manifest(tx, id, repo_id, &digest, now).await?;
+        Self::collect_manifest(tx, id, repo_id, &digest, now, lock).await?;
         let (repo,): (String,) = sqlx::query_as("SELECT name FROM repositories WHERE id = $1")
             .bind(repo_id)
             .fetch_one(&mut *tx)
@@ -460,7 +485,19 @@ impl MetaStore {
         repo_id: i64,
         digest: &str,
         now: i64,
+        lock: &str,
     ) -> Result<(), sqlx::Error> {
+        // The rows removed below that other transactions write too (an index push's references,
+        // a tag write) are locked the way the item was (`NOWAIT` in a pass): the collector holds
+        // the item's queue row, so it must not wait for a writer that may want that queue row.
+        if !lock.is_empty() {
+            for sql in [
+                "SELECT parent_id FROM manifest_children WHERE parent_id = $1 OR child_id = $1",
+                "SELECT name FROM tags WHERE manifest_id = $1",
+            ] {
+                sqlx::query(&format!("{sql}{lock}")).bind(id).execute(&mut *tx).await?;
+            }
+        }
         let children: Vec<(i64,)> =
             sqlx::query_as("SELECT child_id FROM manifest_children WHERE parent_id = $1")
                 .bind(id)

@@ -93,15 +93,16 @@ impl MetaStore {
         actor: Option<&str>,
         now: i64,
     ) -> Result<(), PutManifestError> {
-        let blob_sql = format!(
-            "SELECT b.id FROM blobs b JOIN repository_blobs rb ON rb.blob_id = b.id \
-             WHERE rb.repository_id = $1 AND b.digest = $2{}",
-            self.share_lock()
+        // Locked in one statement each, in id order: the order every other path that locks
+        // several blobs or manifests takes them in (docs/design.md, lock order).
+        let blob_sql = (
+            "SELECT b.id, b.digest FROM blobs b JOIN repository_blobs rb ON rb.blob_id = b.id \
+             WHERE rb.repository_id = $1 AND b.digest IN",
+            format!(" ORDER BY b.id{}", self.share_lock()),
         );
-        let child_sql = format!(
-            "SELECT id FROM manifests WHERE repository_id = $1 AND digest = $2 \
-             AND deleted_at IS NULL{}",
-            self.share_lock()
+        let child_sql = (
+            "SELECT id, digest FROM manifests WHERE repository_id = $1 AND deleted_at IS NULL AND digest IN",
+            format!(" ORDER BY id{}", self.share_lock()),
         );
         let tag_ctx = self.tag_ctx(now);
         let lock = self.share_lock();
@@ -117,8 +118,6 @@ impl MetaStore {
             }
             let manifest_id = Self::upsert_manifest(tx, repo_id, manifest, now).await?;
             Self::write_references(tx, manifest_id, &blob_ids, &child_ids).await?;
-            // Pushed without a tag, it is garbage once its grace passes; a tag drops the review.
-            Self::enqueue(tx, super::gc::Review::Manifest(manifest_id), tag_ctx.untagged_review_at).await?;
             for tag in tags {
                 let write = TagWrite {
                     repo_id,
@@ -139,6 +138,10 @@ impl MetaStore {
                     TagOutcome::Set | TagOutcome::Unchanged => {}
                 }
             }
+            // Pushed without a tag, it is garbage once its grace passes; a tag drops the review.
+            // Enqueued after the tag rows: tag rows before queue rows, as every tag writer
+            // takes them (retention's batches, deletes, restores).
+            Self::enqueue(tx, super::gc::Review::Manifest(manifest_id), tag_ctx.untagged_review_at).await?;
             Ok(())
         })
     }
@@ -301,19 +304,22 @@ impl MetaStore {
 /// The row ids `sql` finds for the digests (in `repo_id`), and the digests it does not find.
 async fn ids_of(
     tx: &mut AnyConnection,
-    sql: &str,
+    (select, order_and_lock): &(&str, String),
     repo_id: i64,
     digests: &[Digest],
 ) -> Result<(Vec<i64>, Vec<Digest>), sqlx::Error> {
-    let mut ids = Vec::with_capacity(digests.len());
-    let mut missing = Vec::new();
-    for digest in digests {
-        let row: Option<(i64,)> =
-            sqlx::query_as(sql).bind(repo_id).bind(digest.as_str()).fetch_optional(&mut *tx).await?;
-        match row {
-            Some((id,)) => ids.push(id),
-            None => missing.push(digest.clone()),
+    let mut found: Vec<(i64, String)> = Vec::with_capacity(digests.len());
+    // One statement for any manifest that fits in a request (4 MiB is ~27,000 descriptors).
+    for chunk in digests.chunks(10_000) {
+        let list = (0..chunk.len()).map(|i| format!("${}", i + 2)).collect::<Vec<_>>().join(", ");
+        let sql = format!("{select} ({list}){order_and_lock}");
+        let mut q = sqlx::query_as::<_, (i64, String)>(&sql).bind(repo_id);
+        for digest in chunk {
+            q = q.bind(digest.as_str());
         }
+        found.extend(q.fetch_all(&mut *tx).await?);
     }
+    let ids = found.iter().map(|(id, _)| *id).collect();
+    let missing = digests.iter().filter(|d| !found.iter().any(|(_, f)| f == d.as_str())).cloned().collect();
     Ok((ids, missing))
 }

@@ -454,6 +454,17 @@ impl MetaStore {
         }
     }
 
+    /// The lock a repository delete or restore takes on the repository's row: exclusive against
+    /// other deletes, restores and pushes (which share-lock it), but not against the foreign-key
+    /// checks of rows that merely name the repository (a purge's history rows), which would put
+    /// the repository after the links in those paths' order.
+    fn repository_lock(&self) -> &'static str {
+        match self.dialect {
+            Dialect::Sqlite => "",
+            Dialect::Postgres => " FOR NO KEY UPDATE",
+        }
+    }
+
     /// Like [`MetaStore::share_lock`], but exclusive, and only on the rows of `table` (an alias
     /// in the query): for rows the transaction will update. Locking only the named table keeps
     /// a join from also locking the rows it merely reads.

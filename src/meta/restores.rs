@@ -26,8 +26,8 @@ const MAX_DEPTH: usize = 16;
 struct Revive {
     /// Locks one manifest row by id for update.
     lock_manifest: String,
-    /// Share-locks the links into a repository of the blobs a manifest references.
-    lock_links: String,
+    /// The clause that share-locks link rows (`rb`) a revive relies on.
+    link_lock: &'static str,
     tag: TagCtx,
 }
 
@@ -54,14 +54,10 @@ impl MetaStore {
                 "SELECT id FROM manifests WHERE id = $1{}",
                 self.update_lock_of("manifests")
             ),
-            lock_links: format!(
-                "SELECT rb.blob_id FROM repository_blobs rb JOIN manifest_blobs mb ON mb.blob_id = rb.blob_id \
-                 WHERE mb.manifest_id = $1 AND rb.repository_id = $2 ORDER BY rb.blob_id{}",
-                match self.dialect {
-                    super::Dialect::Sqlite => "",
-                    super::Dialect::Postgres => " FOR SHARE OF rb",
-                }
-            ),
+            link_lock: match self.dialect {
+                super::Dialect::Sqlite => "",
+                super::Dialect::Postgres => " FOR SHARE",
+            },
             tag: self.tag_ctx(now),
         }
     }
@@ -81,8 +77,7 @@ impl MetaStore {
         actor: Option<&str>,
         now: i64,
     ) -> DeleteResult<Vec<AffectedManifest>> {
-        let repo_sql =
-            format!("SELECT id FROM repositories WHERE name = $1{}", self.update_lock_of("repositories"));
+        let repo_sql = format!("SELECT id FROM repositories WHERE name = $1{}", self.repository_lock());
         let c = self.revive_ctx(now);
         transaction!(self, DeleteError, |tx| {
             let repo_id: Option<(i64,)> =
@@ -118,8 +113,7 @@ impl MetaStore {
         actor: Option<&str>,
         now: i64,
     ) -> DeleteResult<Vec<AffectedManifest>> {
-        let repo_sql =
-            format!("SELECT id FROM repositories WHERE name = $1{}", self.update_lock_of("repositories"));
+        let repo_sql = format!("SELECT id FROM repositories WHERE name = $1{}", self.repository_lock());
         let c = self.revive_ctx(now);
         transaction!(self, DeleteError, |tx| {
             let found: Option<(i64,)> =
@@ -186,14 +180,31 @@ impl MetaStore {
                 .fetch_optional(&mut *tx)
                 .await?;
         let Some((id,)) = found else { return Ok(None) };
-        if !Self::lock_tree(tx, c, id, 0).await? {
-            return Ok(None);
+        let mut tree = Vec::new();
+        Self::tree_of(tx, id, 0, &mut tree).await?;
+        // Links before manifests (docs/design.md, lock order): the links every manifest of the
+        // tree relies on, in blob order, so an unlink or purge waits for this transaction (or
+        // committed first and is seen by `check_links`).
+        let ids = tree.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+        let links = format!(
+            "SELECT rb.blob_id FROM repository_blobs rb WHERE rb.repository_id = $1 AND rb.blob_id IN \
+             (SELECT blob_id FROM manifest_blobs WHERE manifest_id IN ({ids})) ORDER BY rb.blob_id{}",
+            c.link_lock
+        );
+        let _: Vec<(i64,)> = sqlx::query_as(&links).bind(repo_id).fetch_all(&mut *tx).await?;
+        for m in &tree {
+            let locked: Option<(i64,)> =
+                sqlx::query_as(&c.lock_manifest).bind(m).fetch_optional(&mut *tx).await?;
+            if locked.is_none() && *m == id {
+                return Ok(None);
+            }
         }
         Ok(Some(Target { id, digest: digest.to_string() }))
     }
 
-    /// Locks manifest `id` after its children, recursively. False when its row is gone.
-    async fn lock_tree(tx: &mut AnyConnection, c: &Revive, id: i64, depth: usize) -> DeleteResult<bool> {
+    /// Appends manifest `id` to `tree` after its children, recursively (the order they are
+    /// locked in).
+    async fn tree_of(tx: &mut AnyConnection, id: i64, depth: usize, tree: &mut Vec<i64>) -> DeleteResult<()> {
         if depth > MAX_DEPTH {
             return refuse(Refusal::Conflict(format!(
                 "manifest row {id}: indexes nested too deep to restore"
@@ -205,11 +216,12 @@ impl MetaStore {
                 .fetch_all(&mut *tx)
                 .await?;
         for (child,) in children {
-            Box::pin(Self::lock_tree(tx, c, child, depth + 1)).await?;
+            Box::pin(Self::tree_of(tx, child, depth + 1, tree)).await?;
         }
-        let locked: Option<(i64,)> =
-            sqlx::query_as(&c.lock_manifest).bind(id).fetch_optional(&mut *tx).await?;
-        Ok(locked.is_some())
+        if !tree.contains(&id) {
+            tree.push(id);
+        }
+        Ok(())
     }
 
     /// Brings locked manifest `m` back to life with everything it needs, or refuses naming what
@@ -248,7 +260,7 @@ impl MetaStore {
                 "manifest {digest} in {repo} cannot be restored: {reason}"
             )));
         }
-        Self::check_links(tx, c, repo, repo_id, m).await?;
+        Self::check_links(tx, repo, repo_id, m).await?;
         // An index needs its children: each deleted one comes back too (checked the same way),
         // or the whole restore is refused. They were locked with it. (A collected child took its
         // `manifest_children` row with it and marked this tombstone unrestorable, refused above.)
@@ -313,18 +325,15 @@ impl MetaStore {
         Ok(true)
     }
 
-    /// Refuses unless every blob manifest `m` references is still linked in the repository; the
-    /// links are share-locked first, so an unlink or purge waits for this transaction, and one
-    /// that committed first is seen by the count.
+    /// Refuses unless every blob manifest `m` references is still linked in the repository (the
+    /// links were share-locked by [`MetaStore::lock_for_revive`], so an unlink or purge waits for
+    /// this transaction, and one that committed first is seen here).
     async fn check_links(
         tx: &mut AnyConnection,
-        c: &Revive,
         repo: &RepoName,
         repo_id: i64,
         m: &Target,
     ) -> DeleteResult<()> {
-        let _locked: Vec<(i64,)> =
-            sqlx::query_as(&c.lock_links).bind(m.id).bind(repo_id).fetch_all(&mut *tx).await?;
         let missing: Option<(String,)> = sqlx::query_as(
             "SELECT b.digest FROM manifest_blobs mb JOIN blobs b ON b.id = mb.blob_id WHERE mb.manifest_id = $1 \
              AND NOT EXISTS (SELECT 1 FROM repository_blobs rb WHERE rb.repository_id = $2 AND rb.blob_id = mb.blob_id) \

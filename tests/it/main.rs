@@ -22,6 +22,7 @@ mod metrics;
 mod replicas;
 pub mod retention;
 pub mod revive;
+mod soak;
 mod sweep;
 mod tags;
 mod tls;
