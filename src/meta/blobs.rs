@@ -97,7 +97,6 @@ impl MetaStore {
         now: i64,
         review_at: i64,
     ) -> Result<(), sqlx::Error> {
-        Self::enqueue(tx, super::gc::Review::Blob(blob_id), review_at).await?;
         sqlx::query(
             "INSERT INTO repository_blobs (repository_id, blob_id, linked_at) VALUES ($1, $2, $3) \
              ON CONFLICT (repository_id, blob_id) DO UPDATE SET linked_at = CASE \
@@ -109,6 +108,8 @@ impl MetaStore {
         .bind(now)
         .execute(&mut *tx)
         .await?;
+        // The queue row after the link row (docs/design.md, lock order).
+        Self::enqueue(tx, super::gc::Review::Blob(blob_id), review_at).await?;
         Ok(())
     }
 

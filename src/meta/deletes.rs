@@ -523,10 +523,9 @@ impl MetaStore {
         now: i64,
     ) -> DeleteResult<Vec<AffectedManifest>> {
         let update = self.repository_lock();
-        let live_sql = format!(
-            "SELECT m.digest, t.name FROM manifests m LEFT JOIN tags t ON t.manifest_id = m.id \
-             WHERE m.repository_id = $1 AND m.deleted_at IS NULL ORDER BY m.digest, t.name{}",
-            self.update_lock_of("m")
+        let lock_live = format!(
+            "SELECT id FROM manifests WHERE repository_id = $1 AND deleted_at IS NULL ORDER BY id{}",
+            self.update_lock_of("manifests")
         );
         let window = self.windows().restore_window_ms;
         let immutable = self.immutable.clone();
@@ -538,10 +537,16 @@ impl MetaStore {
                 Self::new_delete(tx, Some(repo_id), "repository", repo.as_str(), actor, None, now).await?;
             // Set statements, not one per manifest: a large repository must not hold the writer
             // (SQLite's only one) for long.
-            // Locked as read, so a purge cannot tombstone one of them before the updates below
-            // and have it reported as this delete's.
-            let live: Vec<(String, Option<String>)> =
-                sqlx::query_as(&live_sql).bind(repo_id).fetch_all(&mut *tx).await?;
+            // Locked first, in id order (docs/design.md, lock order), so a purge cannot tombstone
+            // one of them before the updates below and have it reported as this delete's.
+            let _: Vec<(i64,)> = sqlx::query_as(&lock_live).bind(repo_id).fetch_all(&mut *tx).await?;
+            let live: Vec<(String, Option<String>)> = sqlx::query_as(
+                "SELECT m.digest, t.name FROM manifests m LEFT JOIN tags t ON t.manifest_id = m.id \
+                 WHERE m.repository_id = $1 AND m.deleted_at IS NULL ORDER BY m.digest, t.name",
+            )
+            .bind(repo_id)
+            .fetch_all(&mut *tx)
+            .await?;
             let mut affected: Vec<AffectedManifest> = Vec::new();
             for (digest, tag) in live {
                 if affected.last().is_none_or(|a| a.digest != digest) {
@@ -660,7 +665,7 @@ impl MetaStore {
             // The manifests that reference the blob, then every index above them.
             let mut doomed: Vec<(Target, String, String)> = sqlx::query_as::<_, (i64, String, String)>(
                 "SELECT m.id, m.digest, r.name FROM manifest_blobs mb JOIN manifests m ON m.id = mb.manifest_id \
-                 JOIN repositories r ON r.id = m.repository_id WHERE mb.blob_id = $1 ORDER BY r.name, m.digest",
+                 JOIN repositories r ON r.id = m.repository_id WHERE mb.blob_id = $1 ORDER BY m.id",
             )
             .bind(blob_id)
             .fetch_all(&mut *tx)
@@ -683,7 +688,7 @@ impl MetaStore {
                 }
                 let parents: Vec<(i64, String, String)> = sqlx::query_as(
                     "SELECT p.id, p.digest, r.name FROM manifest_children c JOIN manifests p ON p.id = c.parent_id \
-                     JOIN repositories r ON r.id = p.repository_id WHERE c.child_id = $1",
+                     JOIN repositories r ON r.id = p.repository_id WHERE c.child_id = $1 ORDER BY p.id",
                 )
                 .bind(child.id)
                 .fetch_all(&mut *tx)
@@ -715,6 +720,7 @@ impl MetaStore {
                 .await?;
                 manifests.push(AffectedManifest { repository: repo.clone(), digest: m.digest.clone(), tags });
             }
+            manifests.sort_by(|a, b| (&a.repository, &a.digest).cmp(&(&b.repository, &b.digest)));
             let unlinked: Vec<(String,)> = sqlx::query_as(
                 "SELECT r.name FROM repository_blobs rb JOIN repositories r ON r.id = rb.repository_id \
                  WHERE rb.blob_id = $1 ORDER BY r.name",

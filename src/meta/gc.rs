@@ -70,6 +70,9 @@ pub struct WouldCollect {
 pub enum ReviewOutcome {
     /// Carried out (possibly collecting nothing).
     Done(Collected),
+    /// Another transaction held the item (or a row its collection removes): left for a moment,
+    /// never waited for (docs/design.md, lock order).
+    Busy(Review),
     /// Failed; postponed.
     Failed {
         /// The item.
@@ -183,6 +186,7 @@ impl MetaStore {
         let w = self.windows;
         let mut claimed = None;
         let result = transaction!(self, Error, |tx| {
+            claimed = None;
             let row: Option<(String, i64)> =
                 sqlx::query_as(&claim).bind(now).fetch_optional(&mut *tx).await?;
             let Some((kind, id)) = row else { return Ok(None) };
@@ -193,14 +197,17 @@ impl MetaStore {
         match (result, claimed) {
             (Ok(done), _) => Ok(done.map(ReviewOutcome::Done)),
             (Err(Error::Database(e)), Some(item)) if is_lock_not_available(&e) => {
-                // Someone is changing the item right now; their change enqueues what it needs.
-                sqlx::query("UPDATE gc_reviews SET review_after = $1 WHERE kind = $2 AND item_id = $3")
-                    .bind(now.saturating_add(ITEM_BUSY_PAUSE_MS))
-                    .bind(item.kind())
-                    .bind(item.id())
-                    .execute(&self.write)
-                    .await?;
-                Ok(Some(ReviewOutcome::Done(Collected::default())))
+                // Someone is changing the item right now; their change enqueues what it needs. Only
+                // ever brought forward to the pause's end, never past a later time set meanwhile.
+                sqlx::query(
+                    "UPDATE gc_reviews SET review_after = $1 WHERE kind = $2 AND item_id = $3 AND review_after < $1",
+                )
+                .bind(now.saturating_add(ITEM_BUSY_PAUSE_MS))
+                .bind(item.kind())
+                .bind(item.id())
+                .execute(&self.write)
+                .await?;
+                Ok(Some(ReviewOutcome::Busy(item)))
             }
             (Err(e), Some(item)) if !e.is_busy() => {
                 sqlx::query(
@@ -321,6 +328,13 @@ impl MetaStore {
                 .bind(id)
                 .fetch_all(&mut *tx)
                 .await?;
+        if !lock.is_empty() {
+            // The link rows it may remove, taken like the blob (an unlink or restore may hold them).
+            sqlx::query(&format!("SELECT repository_id FROM repository_blobs WHERE blob_id = $1{lock}"))
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
         let cutoff = now.saturating_sub(grace);
         let mut loose_since = None;
         let prunable = seen_at <= cutoff && links.iter().any(|&(_, linked_at)| linked_at <= cutoff);
@@ -494,6 +508,8 @@ impl MetaStore {
             for sql in [
                 "SELECT parent_id FROM manifest_children WHERE parent_id = $1 OR child_id = $1",
                 "SELECT name FROM tags WHERE manifest_id = $1",
+                "SELECT id FROM manifests WHERE id IN (SELECT parent_id FROM manifest_children WHERE child_id = $1) \
+                 AND deleted_at IS NOT NULL AND unrestorable IS NULL",
             ] {
                 sqlx::query(&format!("{sql}{lock}")).bind(id).execute(&mut *tx).await?;
             }
@@ -560,22 +576,28 @@ impl MetaStore {
     /// # Errors
     /// [`Error::Database`].
     pub async fn outbox_settle(&self, deleted: &[String], failed: &[String], now: i64) -> Result<()> {
+        // One pass in key order: several collectors (replicas, `berth gc run`) may settle the same
+        // keys at once, and rows taken in different orders would deadlock.
+        let mut settle: Vec<(&String, bool)> =
+            deleted.iter().map(|k| (k, true)).chain(failed.iter().map(|k| (k, false))).collect();
+        settle.sort();
         transaction!(self, Error, |tx| {
-            for key in deleted {
-                sqlx::query("DELETE FROM gc_outbox WHERE storage_key = $1")
-                    .bind(key)
+            for (key, gone) in &settle {
+                if *gone {
+                    sqlx::query("DELETE FROM gc_outbox WHERE storage_key = $1")
+                        .bind(*key)
+                        .execute(&mut *tx)
+                        .await?;
+                } else {
+                    sqlx::query(
+                        "UPDATE gc_outbox SET attempts = attempts + 1, \
+                         next_attempt = $1 + 1000 * (1 + attempts * attempts) WHERE storage_key = $2",
+                    )
+                    .bind(now)
+                    .bind(*key)
                     .execute(&mut *tx)
                     .await?;
-            }
-            for key in failed {
-                sqlx::query(
-                    "UPDATE gc_outbox SET attempts = attempts + 1, \
-                     next_attempt = $1 + 1000 * (1 + attempts * attempts) WHERE storage_key = $2",
-                )
-                .bind(now)
-                .bind(key)
-                .execute(&mut *tx)
-                .await?;
+                }
             }
             Ok(())
         })

@@ -320,6 +320,7 @@ async fn ids_of(
         found.extend(q.fetch_all(&mut *tx).await?);
     }
     let ids = found.iter().map(|(id, _)| *id).collect();
-    let missing = digests.iter().filter(|d| !found.iter().any(|(_, f)| f == d.as_str())).cloned().collect();
+    let present: std::collections::HashSet<&str> = found.iter().map(|(_, d)| d.as_str()).collect();
+    let missing = digests.iter().filter(|d| !present.contains(d.as_str())).cloned().collect();
     Ok((ids, missing))
 }

@@ -24,6 +24,9 @@ const MAX_DEPTH: usize = 16;
 
 /// The statements and tag context of one restore transaction (they differ by dialect).
 struct Revive {
+    /// Finds a repository by name (live or deleted) and locks its row against deletes,
+    /// restores and pushes.
+    lock_repository: String,
     /// Locks one manifest row by id for update.
     lock_manifest: String,
     /// The clause that share-locks link rows (`rb`) a revive relies on.
@@ -50,6 +53,7 @@ type RowState = (Option<i64>, Option<i64>, Option<String>, Option<String>);
 impl MetaStore {
     fn revive_ctx(&self, now: i64) -> Revive {
         Revive {
+            lock_repository: format!("SELECT id FROM repositories WHERE name = $1{}", self.repository_lock()),
             lock_manifest: format!(
                 "SELECT id FROM manifests WHERE id = $1{}",
                 self.update_lock_of("manifests")
@@ -77,12 +81,9 @@ impl MetaStore {
         actor: Option<&str>,
         now: i64,
     ) -> DeleteResult<Vec<AffectedManifest>> {
-        let repo_sql = format!("SELECT id FROM repositories WHERE name = $1{}", self.repository_lock());
         let c = self.revive_ctx(now);
         transaction!(self, DeleteError, |tx| {
-            let repo_id: Option<(i64,)> =
-                sqlx::query_as(&repo_sql).bind(repo.as_str()).fetch_optional(&mut *tx).await?;
-            let Some((repo_id,)) = repo_id else {
+            let Some((repo_id,)) = Self::lock_repository(tx, &c, repo).await? else {
                 return refuse(Refusal::NotFound(format!("manifest {digest} not in repository {repo}")));
             };
             let Some(m) = Self::lock_for_revive(tx, &c, repo_id, digest.as_str()).await? else {
@@ -113,12 +114,9 @@ impl MetaStore {
         actor: Option<&str>,
         now: i64,
     ) -> DeleteResult<Vec<AffectedManifest>> {
-        let repo_sql = format!("SELECT id FROM repositories WHERE name = $1{}", self.repository_lock());
         let c = self.revive_ctx(now);
         transaction!(self, DeleteError, |tx| {
-            let found: Option<(i64,)> =
-                sqlx::query_as(&repo_sql).bind(repo.as_str()).fetch_optional(&mut *tx).await?;
-            let Some((repo_id,)) = found else {
+            let Some((repo_id,)) = Self::lock_repository(tx, &c, repo).await? else {
                 return refuse(Refusal::NotFound(format!("repository {repo} not known to registry")));
             };
             // The latest delete of the whole repository; a push into the name since may have made
@@ -154,6 +152,14 @@ impl MetaStore {
             Self::undelete_repository(tx, repo_id).await?;
             Ok(restored)
         })
+    }
+
+    async fn lock_repository(
+        tx: &mut AnyConnection,
+        c: &Revive,
+        repo: &RepoName,
+    ) -> DeleteResult<Option<(i64,)>> {
+        Ok(sqlx::query_as(&c.lock_repository).bind(repo.as_str()).fetch_optional(&mut *tx).await?)
     }
 
     async fn undelete_repository(tx: &mut AnyConnection, repo_id: i64) -> Result<(), sqlx::Error> {

@@ -70,6 +70,8 @@ pub struct GcReport {
     pub uploads_expired: u64,
     /// Reviews that failed (postponed, retried later with a growing pause).
     pub review_errors: u64,
+    /// Reviews left for a moment because another transaction held their item.
+    pub reviews_postponed: u64,
     /// Storage objects deleted from the outbox.
     pub objects_deleted: u64,
     /// Storage deletes that failed (retried later).
@@ -224,6 +226,9 @@ impl Registry {
                             "audit"
                         );
                     }
+                }
+                ReviewOutcome::Busy(_) => {
+                    report.reviews_postponed += 1;
                 }
                 ReviewOutcome::Failed { item, error } => {
                     tracing::warn!(gc.kind = item.kind(), gc.item = item.id(), %error, "review failed; retried later");
