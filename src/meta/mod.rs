@@ -141,9 +141,11 @@ pub struct Conflicts {
 }
 
 impl Conflicts {
-    /// Counts what `error` (ending attempt `attempt`) was and what is done about it; when the
-    /// retries are used up, says so at WARN with the database's own words.
-    pub(crate) fn note<E: TxError>(&self, error: &E, decision: &Retry, attempt: u32) {
+    /// Counts what `error` (ending attempt `attempt` of the transaction written at `site`) was and
+    /// what is done about it; when the retries are used up, says so at WARN with the site and the
+    /// database's own words (PostgreSQL's detail names the waits; the statements of both sides
+    /// are in its server log).
+    pub(crate) fn note<E: TxError>(&self, error: &E, decision: &Retry, attempt: u32, site: &'static str) {
         let Some(Error::Database(db)) = error.store_error() else { return };
         let Some(reason) = conflict_kind(db) else { return };
         if reason == "deadlock" {
@@ -154,10 +156,17 @@ impl Conflicts {
                 self.retries.get_or_create(&RetryLabels { reason }).inc();
             }
             Retry::Busy(_) => {
+                let detail = db
+                    .as_database_error()
+                    .and_then(|d| d.try_downcast_ref::<sqlx::postgres::PgDatabaseError>())
+                    .and_then(|pg| pg.detail())
+                    .unwrap_or_default();
                 tracing::warn!(
                     reason,
                     attempts = attempt,
+                    transaction = site,
                     error = %db,
+                    detail,
                     "a write transaction met a conflict on every attempt and gave up (answering 503)"
                 );
             }
@@ -194,7 +203,7 @@ macro_rules! transaction {
                 }
             };
             let decision = $crate::meta::retry_decision(&error, attempt);
-            $store.conflicts().note(&error, &decision, attempt);
+            $store.conflicts().note(&error, &decision, attempt, concat!(module_path!(), ":", line!()));
             match decision {
                 $crate::meta::Retry::Again => {
                     $crate::meta::back_off(attempt).await;
