@@ -642,6 +642,9 @@ async fn gc_run(args: GcRunArgs) -> anyhow::Result<()> {
                 plan.bytes,
                 plan.uploads_expiring
             );
+            if plan.busy > 0 {
+                println!("{} items were being changed by other writers and were not reviewed", plan.busy);
+            }
         }
         return Ok(());
     }

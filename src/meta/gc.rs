@@ -15,7 +15,7 @@ use sqlx::AnyConnection;
 use super::{Dialect, Error, MetaStore, Result, transaction};
 
 /// What a review is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Review {
     /// A blob row.
     Blob(i64),
@@ -51,6 +51,9 @@ pub struct Collected {
     pub bytes: u64,
     /// What was collected: `REPO@DIGEST`, or the blob's digest (empty when nothing was).
     pub subject: String,
+    /// The reviews the collection made due at once (what a collected manifest referenced, its
+    /// children and referrers): the same pass reviews them next.
+    pub made_due: Vec<Review>,
 }
 
 /// An item a dry run found the collector would take now.
@@ -90,6 +93,23 @@ enum Verdict {
     Until(i64),
     /// Collected.
     Collected(Collected),
+}
+
+/// What a dry run has found so far.
+#[derive(Default)]
+struct DryRunState {
+    reviews: u64,
+    /// Reviews skipped because another transaction held their item.
+    busy: u64,
+    found: Vec<WouldCollect>,
+    /// Subjects in `found`.
+    listed: std::collections::HashSet<String>,
+    /// Items the dry run collected.
+    collected: std::collections::HashSet<Review>,
+    /// For an item a collection made due: the manifests whose collection did.
+    made_due_by: std::collections::HashMap<Review, std::collections::BTreeSet<i64>>,
+    /// Items last reviewed while some manifest that made them due was still there.
+    stale: std::collections::BTreeSet<Review>,
 }
 
 /// How long a review waits when its item was locked by another transaction.
@@ -262,31 +282,133 @@ impl MetaStore {
         })
     }
 
-    /// What a collection pass would collect at `now` (at most `max_reviews` reviews): the very
-    /// reviews a pass carries out, in one transaction that is rolled back, so the answer is exact
-    /// and nothing changes. The transaction holds the write lock (SQLite) or the reviewed rows'
-    /// locks (PostgreSQL) while it runs, as a pass's transactions do one at a time.
+    /// What a collection pass would collect at `now` (at most `max_reviews` reviews), changing
+    /// nothing: the very reviews a pass carries out, in transactions that are rolled back. No
+    /// lock outlives one review and the reviews its collection made due (a collected manifest's
+    /// blobs, children and referrers), so writers wait for a dry run no longer than for a pass.
+    ///
+    /// A pass runs until nothing is due, so an item held only by manifests collected in
+    /// *different* reviews (a layer two old images share) goes too. The dry run follows that: an
+    /// item made due by a collection but still held is reviewed again, in a transaction that
+    /// first removes every collected manifest that made it due, until nothing changes. An item
+    /// another transaction holds is skipped, as a pass skips it, and counted (`.0.1`).
     ///
     /// # Errors
     /// [`Error::Database`].
-    pub async fn dry_run(&self, now: i64, max_reviews: u64) -> Result<(u64, Vec<WouldCollect>)> {
-        let claim = self.claim_sql();
-        let lock = self.update_lock_of_table();
-        let mut tx = self.begin().await?;
-        let (mut reviews, mut found) = (0, Vec::new());
-        while reviews < max_reviews {
-            let row: Option<(String, i64)> =
-                sqlx::query_as(&claim).bind(now).fetch_optional(&mut *tx).await?;
-            let Some((kind, id)) = row else { break };
-            reviews += 1;
-            let item = if kind == "blob" { Review::Blob(id) } else { Review::Manifest(id) };
-            let done = Self::carry_out(&mut tx, item, now, self.windows, lock).await?;
-            if !done.subject.is_empty() {
-                found.push(WouldCollect { kind: item.kind(), subject: done.subject, bytes: done.bytes });
+    pub async fn dry_run(&self, now: i64, max_reviews: u64) -> Result<((u64, u64), Vec<WouldCollect>)> {
+        let mut run = DryRunState::default();
+        // The due reviews in queue order, read page by page outside any transaction (by key,
+        // not offset; what a review changes is rolled back, so the queue stays as it was).
+        let mut after = (i64::MIN, String::new(), i64::MIN);
+        'pages: loop {
+            let page: Vec<(i64, String, i64)> = sqlx::query_as(
+                "SELECT review_after, kind, item_id FROM gc_reviews WHERE review_after <= $1 \
+                 AND (review_after > $2 OR (review_after = $2 AND (kind > $3 OR (kind = $3 AND item_id > $4)))) \
+                 ORDER BY review_after, kind, item_id LIMIT 500",
+            )
+            .bind(now)
+            .bind(after.0)
+            .bind(&after.1)
+            .bind(after.2)
+            .fetch_all(&self.write)
+            .await?;
+            let Some(last) = page.last() else { break };
+            after = last.clone();
+            for (_, kind, id) in page {
+                if run.reviews >= max_reviews {
+                    break 'pages;
+                }
+                let item = if kind == "blob" { Review::Blob(id) } else { Review::Manifest(id) };
+                self.dry_review(&mut run, item, now, max_reviews).await?;
             }
         }
+        // Items still held after their review, by collections of other reviews: again, with all
+        // of those removed, until no review collects more.
+        while run.reviews < max_reviews {
+            let Some(item) = run.stale.iter().next().copied() else { break };
+            run.stale.remove(&item);
+            self.dry_review(&mut run, item, now, max_reviews).await?;
+        }
+        Ok(((run.reviews, run.busy), run.found))
+    }
+
+    /// One dry review of `item` and its cascade, in a transaction rolled back at once; before it,
+    /// the transaction removes the collected manifests that made `item` due.
+    async fn dry_review(&self, run: &mut DryRunState, item: Review, now: i64, max_reviews: u64) -> Result<()> {
+        let lock = match self.dialect {
+            Dialect::Sqlite => "",
+            Dialect::Postgres => " FOR UPDATE NOWAIT",
+        };
+        let removed: Vec<i64> = run.made_due_by.get(&item).map(|s| s.iter().copied().collect()).unwrap_or_default();
+        let mut tx = self.begin().await?;
+        let mut group: Vec<(Review, Collected)> = Vec::new();
+        let outcome: Result<(), sqlx::Error> = async {
+            for &manifest in &removed {
+                let row: Option<(i64, String)> =
+                    sqlx::query_as(&format!("SELECT repository_id, digest FROM manifests WHERE id = $1{lock}"))
+                        .bind(manifest)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                if let Some((repo_id, digest)) = row {
+                    Self::collect_manifest(&mut tx, manifest, repo_id, &digest, now, lock).await?;
+                }
+            }
+            let mut next = vec![item];
+            while let Some(item) = next.pop() {
+                if run.reviews >= max_reviews {
+                    break;
+                }
+                run.reviews += 1;
+                let done = Self::carry_out(&mut tx, item, now, self.windows, lock).await?;
+                next.extend(done.made_due.iter().rev());
+                group.push((item, done));
+            }
+            Ok(())
+        }
+        .await;
         tx.rollback().await?;
-        Ok((reviews, found))
+        match outcome {
+            Ok(()) => {}
+            Err(e) if is_lock_not_available(&e) => {
+                run.busy += 1;
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        }
+        // What was removed before each item of the group was last reviewed: the collected
+        // manifests that made the root due, and every manifest the group collected (one that made
+        // an item due put it on the stack again, so it was reviewed after).
+        let removed_in_group: std::collections::BTreeSet<i64> = removed
+            .into_iter()
+            .chain(group.iter().filter_map(|(i, d)| match i {
+                Review::Manifest(id) if !d.subject.is_empty() => Some(*id),
+                _ => None,
+            }))
+            .collect();
+        for (item, done) in &group {
+            if done.subject.is_empty() {
+                continue;
+            }
+            run.collected.insert(*item);
+            if run.listed.insert(done.subject.clone()) {
+                run.found.push(WouldCollect { kind: item.kind(), subject: done.subject.clone(), bytes: done.bytes });
+            }
+            if let Review::Manifest(id) = item {
+                for due in &done.made_due {
+                    run.made_due_by.entry(*due).or_default().insert(*id);
+                }
+            }
+        }
+        for (item, _) in &group {
+            if run.collected.contains(item) {
+                run.stale.remove(item);
+            } else if run.made_due_by.get(item).is_some_and(|by| !by.is_subset(&removed_in_group)) {
+                run.stale.insert(*item);
+            } else {
+                run.stale.remove(item);
+            }
+        }
+        Ok(())
     }
 
     /// The statement that claims the earliest due review, skipping those other workers hold.
@@ -298,13 +420,6 @@ impl MetaStore {
         format!(
             "SELECT kind, item_id FROM gc_reviews WHERE review_after <= $1 ORDER BY review_after LIMIT 1{skip_locked}"
         )
-    }
-
-    fn update_lock_of_table(&self) -> &'static str {
-        match self.dialect {
-            Dialect::Sqlite => "",
-            Dialect::Postgres => " FOR UPDATE",
-        }
     }
 
     async fn review_blob(
@@ -403,7 +518,13 @@ impl MetaStore {
         sqlx::query("DELETE FROM repository_blobs WHERE blob_id = $1").bind(id).execute(&mut *tx).await?;
         Self::to_outbox(tx, &key, now).await?;
         sqlx::query("DELETE FROM blobs WHERE id = $1").bind(id).execute(&mut *tx).await?;
-        Ok(Verdict::Collected(Collected { manifests: 0, blobs: 1, bytes: size as u64, subject: digest }))
+        Ok(Verdict::Collected(Collected {
+            manifests: 0,
+            blobs: 1,
+            bytes: size as u64,
+            subject: digest,
+            made_due: Vec::new(),
+        }))
     }
 
     async fn review_manifest(
@@ -477,7 +598,7 @@ impl MetaStore {
                 return Ok(Verdict::Until(grace_end));
             }
         }
-        Self::collect_manifest(tx, id, repo_id, &digest, now, lock).await?;
+        let made_due = Self::collect_manifest(tx, id, repo_id, &digest, now, lock).await?;
         let (repo,): (String,) = sqlx::query_as("SELECT name FROM repositories WHERE id = $1")
             .bind(repo_id)
             .fetch_one(&mut *tx)
@@ -487,11 +608,12 @@ impl MetaStore {
             blobs: 0,
             bytes: 0,
             subject: format!("{repo}@{digest}"),
+            made_due,
         }))
     }
 
     /// Removes a manifest row and its references; what it referenced, and its referrers, are
-    /// reviewed next. A tombstoned index that listed it can no longer be restored (a live one
+    /// reviewed next (returned, as they are enqueued due now). A tombstoned index that listed it can no longer be restored (a live one
     /// never lists it: the reviews keep such a manifest).
     async fn collect_manifest(
         tx: &mut AnyConnection,
@@ -500,7 +622,7 @@ impl MetaStore {
         digest: &str,
         now: i64,
         lock: &str,
-    ) -> Result<(), sqlx::Error> {
+    ) -> Result<Vec<Review>, sqlx::Error> {
         // The rows removed below that other transactions write too (an index push's references,
         // a tag write) are locked the way the item was (`NOWAIT` in a pass): the collector holds
         // the item's queue row, so it must not wait for a writer that may want that queue row.
@@ -546,13 +668,16 @@ impl MetaStore {
         sqlx::query("DELETE FROM manifest_blobs WHERE manifest_id = $1").bind(id).execute(&mut *tx).await?;
         sqlx::query("DELETE FROM tags WHERE manifest_id = $1").bind(id).execute(&mut *tx).await?;
         sqlx::query("DELETE FROM manifests WHERE id = $1").bind(id).execute(&mut *tx).await?;
-        for (child,) in children.into_iter().chain(referrers) {
-            Self::enqueue(tx, Review::Manifest(child), now).await?;
+        let made_due: Vec<Review> = children
+            .into_iter()
+            .chain(referrers)
+            .map(|(m,)| Review::Manifest(m))
+            .chain(blobs.into_iter().map(|(b,)| Review::Blob(b)))
+            .collect();
+        for &item in &made_due {
+            Self::enqueue(tx, item, now).await?;
         }
-        for (blob,) in blobs {
-            Self::enqueue(tx, Review::Blob(blob), now).await?;
-        }
-        Ok(())
+        Ok(made_due)
     }
 
     /// Storage keys in the outbox due for deletion at `now`, at most `limit`.

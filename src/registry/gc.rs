@@ -83,6 +83,9 @@ pub struct GcReport {
 pub struct DryRun {
     /// Reviews that would be carried out.
     pub reviews: u64,
+    /// Items another transaction was changing: a pass would leave them for a moment, the dry
+    /// run does not know what it would do.
+    pub busy: u64,
     /// Manifests that would be collected.
     pub manifests: Vec<WouldCollect>,
     /// Blobs that would be collected.
@@ -191,12 +194,12 @@ impl Registry {
     /// [`super::Error::Internal`] when the metadata store fails.
     pub async fn dry_run(&self, max_reviews: u64) -> Result<DryRun> {
         let now = self.clock.now_ms();
-        let (reviews, found) = self.meta.dry_run(now, max_reviews).await?;
+        let ((reviews, busy), found) = self.meta.dry_run(now, max_reviews).await?;
         let (blobs, manifests): (Vec<_>, Vec<_>) = found.into_iter().partition(|w| w.kind == "blob");
         let bytes = blobs.iter().map(|b| b.bytes).sum();
         let idle_before = now.saturating_sub(self.policy.upload_expire_after_ms);
         let uploads_expiring = self.meta.idle_uploads(idle_before).await?;
-        Ok(DryRun { reviews, manifests, blobs, bytes, uploads_expiring })
+        Ok(DryRun { reviews, busy, manifests, blobs, bytes, uploads_expiring })
     }
 
     /// Carries out up to `max_reviews` due reviews, removes abandoned upload sessions, then

@@ -722,6 +722,125 @@ backend_test!(a_dry_run_lists_exactly_what_the_pass_then_collects, |reg| {
     assert_eq!(reg.app.registry.dry_run(u64::MAX).await.unwrap().manifests.len(), 0);
 });
 
+/// Pushes, untagged, an image made of `config_seed`'s config and the given layers.
+async fn push_with_layers(reg: &TestRegistry, repo: &str, config_seed: u64, layers: &[Vec<u8>]) -> PushedImage {
+    let config = json!({"architecture": "amd64", "os": "linux", "seed": config_seed}).to_string().into_bytes();
+    let config_digest = reg.upload_blob(repo, &config).await;
+    let mut descs = Vec::new();
+    for layer in layers {
+        let d = reg.upload_blob(repo, layer).await;
+        descs.push(json!({"mediaType": OCI_LAYER, "digest": d.as_str(), "size": layer.len()}));
+    }
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": config_digest.as_str(), "size": config.len()},
+        "layers": descs,
+    }))
+    .unwrap();
+    let digest = Digest::sha256_of(&manifest);
+    let res = reg.put_manifest(repo, digest.as_str(), OCI_MANIFEST, &manifest).await;
+    assert_eq!(res.status(), 201);
+    PushedImage { digest, manifest, config, layers: layers.to_vec() }
+}
+
+// A layer shared by two images that go in two different reviews is freed only once both are
+// collected: a pass, which runs until nothing is due, takes it — and so must the dry run, whose
+// reviews are rolled back one by one. Likewise an index's children and their layers, in the
+// index's own cascade.
+backend_test!(a_dry_run_follows_what_collections_in_different_reviews_free_together, |reg| {
+    let repo = "gc/dry-shared";
+    let shared = random_bytes(1340, 4000);
+    let a = push_with_layers(&reg, repo, 1341, &[shared.clone(), random_bytes(1342, 700)]).await;
+    let b = push_with_layers(&reg, repo, 1343, std::slice::from_ref(&shared)).await;
+    let c = push_with_layers(&reg, repo, 1344, &[random_bytes(1345, 900)]).await;
+    let d = push_with_layers(&reg, repo, 1346, &[random_bytes(1345, 900)]).await;
+    let (index, _) = reg.push_index(repo, "all", &[&c, &d]).await;
+    for digest in [&a.digest, &b.digest, &index] {
+        let res = reg.req(Method::DELETE, &format!("/v2/{repo}/manifests/{digest}")).send().await.unwrap();
+        assert_eq!(res.status(), 202);
+    }
+    reg.advance(8 * DAY);
+    let plan = reg.app.registry.dry_run(u64::MAX).await.unwrap();
+    let mut manifests: Vec<String> = plan.manifests.iter().map(|m| m.subject.clone()).collect();
+    manifests.sort();
+    let mut expected: Vec<String> =
+        [&a.digest, &b.digest, &c.digest, &d.digest, &index].iter().map(|d| format!("{repo}@{d}")).collect();
+    expected.sort();
+    assert_eq!(manifests, expected);
+    let mut blobs: Vec<String> = plan.blobs.iter().map(|b| b.subject.clone()).collect();
+    blobs.sort();
+    let mut expected: Vec<String> = [&a, &b, &c, &d]
+        .iter()
+        .flat_map(|i| blob_digests(i))
+        .map(|d| d.to_string())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    expected.sort();
+    assert_eq!(blobs, expected, "the shared layer and the children's layers are listed, each once");
+    assert_eq!(plan.busy, 0);
+
+    let pass = reg.collect().await;
+    assert_eq!((pass.manifests, pass.blobs, pass.bytes), (5, expected.len() as u64, plan.bytes), "{pass:?}");
+    assert_eq!(reg.app.registry.dry_run(u64::MAX).await.unwrap(), berth::registry::DryRun::default());
+});
+
+// A dry run holds no lock longer than one review and its cascade: while it waits in a later
+// review, a writer can take the rows of an earlier one (which a single pass-long transaction
+// kept locked until its rollback). Made deterministic by locking a table the later review
+// reads, from another connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dry_run_releases_each_review_before_the_next() {
+    use sqlx::Connection;
+    let Some(reg) = TestRegistry::try_start(Backend::Postgres).await else { return };
+    assert!(reg.on_postgres());
+    let repo = "gc/dry-locks";
+    let unused = reg.upload_blob(repo, &random_bytes(1350, 800)).await;
+    reg.advance(2 * DAY);
+    let img = reg.push_image(repo, "v1", 1351).await;
+    let res = reg.req(Method::DELETE, &format!("/v2/{repo}/manifests/{}", img.digest)).send().await.unwrap();
+    assert_eq!(res.status(), 202);
+    reg.advance(8 * DAY);
+
+    let url = &reg.app.config.metadata_url;
+    let mut holder = sqlx::PgConnection::connect(url).await.unwrap();
+    let mut writer = sqlx::PgConnection::connect(url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    // The tombstone's review ends by reading its repository's name: it waits there.
+    sqlx::query("LOCK TABLE repositories IN ACCESS EXCLUSIVE MODE").execute(&mut holder).await.unwrap();
+    let registry = reg.app.registry.clone();
+    let dry = tokio::spawn(async move { registry.dry_run(u64::MAX).await });
+    let mut waited = false;
+    for _ in 0..500 {
+        let (waiting,): (i64,) = sqlx::query_as(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock' AND query LIKE 'SELECT name FROM repositories%'",
+        )
+        .fetch_one(&mut writer)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            waited = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(waited, "the dry run never reached the tombstone's review");
+    // The unused blob was reviewed (and "collected") first: its row is free again.
+    sqlx::query("BEGIN").execute(&mut writer).await.unwrap();
+    let row = sqlx::query("SELECT id FROM blobs WHERE digest = $1 FOR UPDATE NOWAIT")
+        .bind(unused.as_str())
+        .fetch_all(&mut writer)
+        .await;
+    sqlx::query("ROLLBACK").execute(&mut writer).await.unwrap();
+    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+    let plan = dry.await.unwrap().unwrap();
+    assert_eq!(row.expect("a reviewed blob's row is still locked by the dry run").len(), 1);
+    assert!(plan.blobs.iter().any(|b| b.subject == unused.as_str()), "{plan:?}");
+    assert_eq!(plan.manifests.len(), 1, "{plan:?}");
+}
+
 // A blob uploaded again (a client that did not ask first) leaves a redundant copy: the
 // completion deletes it right after its commit, and puts its key in the outbox in the commit
 // itself, so even a crash in between cannot leave it behind.
