@@ -394,7 +394,12 @@ pub fn render(request: &AdminRequest, v: &Value) -> String {
                     Some(t) => format!("unreferenced there; unlinked after {}", utc(t)),
                     None => "referenced there".into(),
                 };
-                out.push_str(&format!("  linked in {}: {how}\n", s(l, "repository")));
+                let hidden = if l["hidden"].as_bool() == Some(true) {
+                    " (hidden by the repository's delete; a restore shows it again)"
+                } else {
+                    ""
+                };
+                out.push_str(&format!("  linked in {}{hidden}: {how}\n", s(l, "repository")));
             }
             match (state, v["collect_at"].as_i64(), v["due"].as_bool() == Some(true)) {
                 ("gone", ..) => {

@@ -31,7 +31,7 @@ impl MetaStore {
             "SELECT b.id, b.digest, b.size, b.storage_key FROM blobs b \
              JOIN repository_blobs rb ON rb.blob_id = b.id \
              JOIN repositories r ON r.id = rb.repository_id \
-             WHERE r.name = $1 AND b.digest = $2 AND r.deleted_at IS NULL",
+             WHERE r.name = $1 AND b.digest = $2 AND r.deleted_at IS NULL AND rb.hidden_by_delete IS NULL",
         )
         .bind(repo.as_str())
         .bind(digest.as_str())
@@ -68,7 +68,7 @@ impl MetaStore {
             "SELECT b.id FROM blobs b \
              JOIN repository_blobs rb ON rb.blob_id = b.id \
              JOIN repositories r ON r.id = rb.repository_id \
-             WHERE r.name = $1 AND b.digest = $2 AND r.deleted_at IS NULL{}",
+             WHERE r.name = $1 AND b.digest = $2 AND r.deleted_at IS NULL AND rb.hidden_by_delete IS NULL{}",
             self.share_lock()
         );
         let lock = self.share_lock();
@@ -89,7 +89,8 @@ impl MetaStore {
     }
 
     /// Links a blob into a repository — the one place every upload completion, one-request
-    /// upload and mount passes through — and schedules its review for when its grace ends.
+    /// upload and mount passes through — and schedules its review for when its grace ends. A
+    /// link a repository delete hid shows again.
     pub(super) async fn link(
         tx: &mut AnyConnection,
         repo_id: i64,
@@ -101,7 +102,7 @@ impl MetaStore {
             "INSERT INTO repository_blobs (repository_id, blob_id, linked_at) VALUES ($1, $2, $3) \
              ON CONFLICT (repository_id, blob_id) DO UPDATE SET linked_at = CASE \
              WHEN excluded.linked_at > repository_blobs.linked_at THEN excluded.linked_at \
-             ELSE repository_blobs.linked_at END",
+             ELSE repository_blobs.linked_at END, hidden_by_delete = NULL",
         )
         .bind(repo_id)
         .bind(blob_id)

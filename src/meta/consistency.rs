@@ -33,10 +33,11 @@ pub struct Finding {
 const CHECKS: [(&str, &str, bool); 6] = [
     (
         "manifest-blob-not-linked",
-        "SELECT r.name, m.digest, 'references blob ' || b.digest || ', which is not linked in the repository' \
+        "SELECT r.name, m.digest, 'references blob ' || b.digest || ', which is not linked (or hidden by a repository delete) in the repository' \
          FROM manifest_blobs mb JOIN manifests m ON m.id = mb.manifest_id JOIN blobs b ON b.id = mb.blob_id \
          JOIN repositories r ON r.id = m.repository_id WHERE m.deleted_at IS NULL AND NOT EXISTS \
-         (SELECT 1 FROM repository_blobs rb WHERE rb.repository_id = m.repository_id AND rb.blob_id = mb.blob_id)",
+         (SELECT 1 FROM repository_blobs rb WHERE rb.repository_id = m.repository_id AND rb.blob_id = mb.blob_id \
+         AND rb.hidden_by_delete IS NULL)",
         true,
     ),
     (
@@ -185,7 +186,7 @@ impl MetaStore {
             (
                 blobs,
                 "SELECT b.digest FROM blobs b JOIN repository_blobs rb ON rb.blob_id = b.id \
-                 WHERE rb.repository_id = $1 AND b.digest IN",
+                 WHERE rb.repository_id = $1 AND rb.hidden_by_delete IS NULL AND b.digest IN",
                 &mut held.0,
             ),
             (

@@ -527,6 +527,10 @@ impl MetaStore {
             "SELECT id FROM manifests WHERE repository_id = $1 AND deleted_at IS NULL ORDER BY id{}",
             self.update_lock_of("manifests")
         );
+        let lock_links = format!(
+            "SELECT blob_id FROM repository_blobs WHERE repository_id = $1 AND hidden_by_delete IS NULL ORDER BY blob_id{}",
+            self.update_lock_of("repository_blobs")
+        );
         let window = self.windows().restore_window_ms;
         let immutable = self.immutable.clone();
         transaction!(self, DeleteError, |tx| {
@@ -535,6 +539,16 @@ impl MetaStore {
             Self::refuse_immutable(tx, &immutable, repo_id, repo, &tags, now).await?;
             let delete_id =
                 Self::new_delete(tx, Some(repo_id), "repository", repo.as_str(), actor, None, now).await?;
+            // Its links stay (a restore needs them) but hide: a push into the name since must not
+            // find what the delete took. Links before manifests (docs/design.md, lock order).
+            let _: Vec<(i64,)> = sqlx::query_as(&lock_links).bind(repo_id).fetch_all(&mut *tx).await?;
+            sqlx::query(
+                "UPDATE repository_blobs SET hidden_by_delete = $1 WHERE repository_id = $2 AND hidden_by_delete IS NULL",
+            )
+            .bind(delete_id)
+            .bind(repo_id)
+            .execute(&mut *tx)
+            .await?;
             // Set statements, not one per manifest: a large repository must not hold the writer
             // (SQLite's only one) for long.
             // Locked first, in id order (docs/design.md, lock order), so a purge cannot tombstone

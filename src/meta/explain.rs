@@ -34,6 +34,10 @@ pub struct LinkState {
     /// Otherwise, when the link's grace ends.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub until: Option<i64>,
+    /// Hidden by a delete of that repository: kept for a restore, not visible there (shown only
+    /// when true).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub hidden: bool,
 }
 
 /// Why an item is kept and when it goes.
@@ -252,18 +256,19 @@ impl MetaStore {
                 }
             }
         }
-        let links: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT r.name, rb.linked_at FROM repository_blobs rb JOIN repositories r ON r.id = rb.repository_id \
-             WHERE rb.blob_id = $1 ORDER BY r.name",
+        let links: Vec<(String, i64, Option<i64>)> = sqlx::query_as(
+            "SELECT r.name, rb.linked_at, rb.hidden_by_delete FROM repository_blobs rb \
+             JOIN repositories r ON r.id = rb.repository_id WHERE rb.blob_id = $1 ORDER BY r.name",
         )
         .bind(id)
         .fetch_all(&self.read)
         .await?;
-        let last_link = links.iter().map(|(_, at)| *at).max();
-        for (repository, linked_at) in links {
+        let last_link = links.iter().map(|(_, at, _)| *at).max();
+        for (repository, linked_at, hidden_by) in links {
+            let hidden = hidden_by.is_some();
             let referenced = e.holds_not_listed > 0 || referencing_repos.contains(&repository);
             let until = (!referenced).then(|| linked_at.max(seen_at).saturating_add(w.blob_hold_ms()));
-            e.links.push(LinkState { repository, referenced, until });
+            e.links.push(LinkState { repository, referenced, until, hidden });
         }
         let grace_end = blob_grace_end(created_at, last_link, seen_at, w.blob_hold_ms());
         if grace_end > now {

@@ -334,21 +334,29 @@ impl MetaStore {
 
     /// One dry review of `item` and its cascade, in a transaction rolled back at once; before it,
     /// the transaction removes the collected manifests that made `item` due.
-    async fn dry_review(&self, run: &mut DryRunState, item: Review, now: i64, max_reviews: u64) -> Result<()> {
+    async fn dry_review(
+        &self,
+        run: &mut DryRunState,
+        item: Review,
+        now: i64,
+        max_reviews: u64,
+    ) -> Result<()> {
         let lock = match self.dialect {
             Dialect::Sqlite => "",
             Dialect::Postgres => " FOR UPDATE NOWAIT",
         };
-        let removed: Vec<i64> = run.made_due_by.get(&item).map(|s| s.iter().copied().collect()).unwrap_or_default();
+        let removed: Vec<i64> =
+            run.made_due_by.get(&item).map(|s| s.iter().copied().collect()).unwrap_or_default();
         let mut tx = self.begin().await?;
         let mut group: Vec<(Review, Collected)> = Vec::new();
         let outcome: Result<(), sqlx::Error> = async {
             for &manifest in &removed {
-                let row: Option<(i64, String)> =
-                    sqlx::query_as(&format!("SELECT repository_id, digest FROM manifests WHERE id = $1{lock}"))
-                        .bind(manifest)
-                        .fetch_optional(&mut *tx)
-                        .await?;
+                let row: Option<(i64, String)> = sqlx::query_as(&format!(
+                    "SELECT repository_id, digest FROM manifests WHERE id = $1{lock}"
+                ))
+                .bind(manifest)
+                .fetch_optional(&mut *tx)
+                .await?;
                 if let Some((repo_id, digest)) = row {
                     Self::collect_manifest(&mut tx, manifest, repo_id, &digest, now, lock).await?;
                 }
@@ -391,7 +399,11 @@ impl MetaStore {
             }
             run.collected.insert(*item);
             if run.listed.insert(done.subject.clone()) {
-                run.found.push(WouldCollect { kind: item.kind(), subject: done.subject.clone(), bytes: done.bytes });
+                run.found.push(WouldCollect {
+                    kind: item.kind(),
+                    subject: done.subject.clone(),
+                    bytes: done.bytes,
+                });
             }
             if let Review::Manifest(id) = item {
                 for due in &done.made_due {

@@ -97,7 +97,7 @@ impl MetaStore {
         // several blobs or manifests takes them in (docs/design.md, lock order).
         let blob_sql = (
             "SELECT b.id, b.digest FROM blobs b JOIN repository_blobs rb ON rb.blob_id = b.id \
-             WHERE rb.repository_id = $1 AND b.digest IN",
+             WHERE rb.repository_id = $1 AND rb.hidden_by_delete IS NULL AND b.digest IN",
             format!(" ORDER BY b.id{}", self.share_lock()),
         );
         let child_sql = (

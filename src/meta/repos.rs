@@ -28,7 +28,7 @@ impl MetaStore {
         let rows: Vec<(String,)> = sqlx::query_as(
             "SELECT r.name FROM repositories r WHERE r.name > $1 AND r.deleted_at IS NULL \
              AND (EXISTS (SELECT 1 FROM manifests m WHERE m.repository_id = r.id AND m.deleted_at IS NULL) \
-             OR EXISTS (SELECT 1 FROM repository_blobs rb WHERE rb.repository_id = r.id)) \
+             OR EXISTS (SELECT 1 FROM repository_blobs rb WHERE rb.repository_id = r.id AND rb.hidden_by_delete IS NULL)) \
              ORDER BY r.name LIMIT $2",
         )
         .bind(last.unwrap_or(""))

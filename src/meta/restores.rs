@@ -6,7 +6,7 @@
 //! index's children before the index, the order pushes and the collector take them in), their
 //! state is read in later statements (which see whatever a purge, delete or collection committed
 //! while this transaction waited), and the blob links each revived manifest relies on are
-//! share-locked before they are counted, so no unlink or purge can remove them before commit.
+//! locked before they are counted, so no unlink or purge can remove them before commit.
 //! A manifest comes back only with everything it references: its deleted children come back with
 //! it (each checked the same way), and anything that cannot come back refuses the whole restore,
 //! naming it.
@@ -29,7 +29,7 @@ struct Revive {
     lock_repository: String,
     /// Locks one manifest row by id for update.
     lock_manifest: String,
-    /// The clause that share-locks link rows (`rb`) a revive relies on.
+    /// The clause that locks the link rows (`rb`) a revive relies on (and may un-hide).
     link_lock: &'static str,
     tag: TagCtx,
 }
@@ -58,9 +58,10 @@ impl MetaStore {
                 "SELECT id FROM manifests WHERE id = $1{}",
                 self.update_lock_of("manifests")
             ),
+            // Exclusive: a revive un-hides the links a repository delete hid (below).
             link_lock: match self.dialect {
                 super::Dialect::Sqlite => "",
-                super::Dialect::Postgres => " FOR SHARE",
+                super::Dialect::Postgres => " FOR UPDATE",
             },
             tag: self.tag_ctx(now),
         }
@@ -132,6 +133,9 @@ impl MetaStore {
                     "repository {repo} is not deleted: there is nothing to restore"
                 )));
             };
+            // Every link the delete hid shows again, uploads not yet referenced included: the
+            // repository as the delete left it. Links before manifests (docs/design.md, lock order).
+            Self::unhide_links(tx, &c, repo_id, delete_id).await?;
             let members: Vec<(String,)> = sqlx::query_as(
                 "SELECT digest FROM manifests WHERE delete_id = $1 AND deleted_at IS NOT NULL ORDER BY digest",
             )
@@ -160,6 +164,26 @@ impl MetaStore {
         repo: &RepoName,
     ) -> DeleteResult<Option<(i64,)>> {
         Ok(sqlx::query_as(&c.lock_repository).bind(repo.as_str()).fetch_optional(&mut *tx).await?)
+    }
+
+    async fn unhide_links(
+        tx: &mut AnyConnection,
+        c: &Revive,
+        repo_id: i64,
+        delete_id: i64,
+    ) -> DeleteResult<()> {
+        let lock = format!(
+            "SELECT blob_id FROM repository_blobs WHERE repository_id = $1 AND hidden_by_delete = $2 \
+             ORDER BY blob_id{}",
+            c.link_lock
+        );
+        let _: Vec<(i64,)> = sqlx::query_as(&lock).bind(repo_id).bind(delete_id).fetch_all(&mut *tx).await?;
+        sqlx::query("UPDATE repository_blobs SET hidden_by_delete = NULL WHERE repository_id = $1 AND hidden_by_delete = $2")
+            .bind(repo_id)
+            .bind(delete_id)
+            .execute(&mut *tx)
+            .await?;
+        Ok(())
     }
 
     async fn undelete_repository(tx: &mut AnyConnection, repo_id: i64) -> Result<(), sqlx::Error> {
@@ -301,6 +325,16 @@ impl MetaStore {
                 "manifest {digest} of {repo} changed during the restore"
             )));
         }
+        // Its blobs show in the repository again if a repository delete hid their links (the
+        // links were locked with the tree).
+        sqlx::query(
+            "UPDATE repository_blobs SET hidden_by_delete = NULL WHERE repository_id = $1 \
+             AND hidden_by_delete IS NOT NULL AND blob_id IN (SELECT blob_id FROM manifest_blobs WHERE manifest_id = $2)",
+        )
+        .bind(repo_id)
+        .bind(m.id)
+        .execute(&mut *tx)
+        .await?;
         let mut back = Vec::new();
         if let (TagsBack::Deleted { take_tags }, Some(d)) = (tags, delete_id) {
             back = Self::restore_tags(tx, repo, repo_id, m, d, take_tags, actor, now, &c.tag).await?;
@@ -332,7 +366,7 @@ impl MetaStore {
     }
 
     /// Refuses unless every blob manifest `m` references is still linked in the repository (the
-    /// links were share-locked by [`MetaStore::lock_for_revive`], so an unlink or purge waits for
+    /// links were locked by [`MetaStore::lock_for_revive`], so an unlink or purge waits for
     /// this transaction, and one that committed first is seen here).
     async fn check_links(
         tx: &mut AnyConnection,

@@ -454,6 +454,68 @@ backend_test!(repository_delete_and_restore, |reg| {
     assert_eq!(reg.get("/v2/whole/repo/manifests/v1").await.bytes().await.unwrap(), img.manifest);
 });
 
+// A push into a deleted repository makes the name live, not what the delete took: the old blob
+// links stay hidden (a restore needs them) — no GET/HEAD, no mount from them, no manifest push
+// that relies on them — until the blob is uploaded again, a restore brings back a manifest that
+// references it, or the whole repository is restored (then its loose uploads show again too).
+backend_test!(a_push_into_a_deleted_repository_does_not_bring_back_its_blobs, |reg| {
+    let old = reg.push_image("hidden/repo", "v1", 330).await;
+    let loose = reg.upload_blob("hidden/repo", &random_bytes(331, 600)).await;
+    let repo = RepoName::parse("hidden/repo").unwrap();
+    let blob = |d: &Digest| format!("/v2/hidden/repo/blobs/{d}");
+    let [config, layer, other_layer] =
+        [&old.config, &old.layers[0], &old.layers[1]].map(|b| Digest::sha256_of(b));
+    // Deleted and restored whole: everything shows again, the loose upload too.
+    reg.app.registry.delete_repository(&repo, Some("admin")).await.unwrap();
+    assert_eq!(reg.get(&blob(&loose)).await.status(), 404);
+    reg.app.registry.restore_repository(&repo, false, None).await.unwrap();
+    for d in [&config, &layer, &other_layer, &loose] {
+        assert_eq!(reg.get(&blob(d)).await.status(), 200, "{d} after the repository restore");
+    }
+    reg.app.registry.delete_repository(&repo, Some("admin")).await.unwrap();
+    let fresh = reg.push_image("hidden/repo", "new", 332).await;
+    for d in [&config, &layer, &other_layer, &loose] {
+        assert_eq!(reg.get(&blob(d)).await.status(), 404, "{d} still shows after the repository delete");
+        assert_eq!(reg.req(Method::HEAD, &blob(d)).send().await.unwrap().status(), 404);
+    }
+    assert_eq!(reg.get(&blob(&Digest::sha256_of(&fresh.layers[0]))).await.status(), 200);
+    let mount = reg
+        .req(Method::POST, &format!("/v2/hidden/other/blobs/uploads/?mount={layer}&from=hidden/repo"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(mount.status(), 202, "a hidden link must not be a mount source");
+    let (status, explained) = reg.admin(Method::GET, &format!("explain/{layer}"), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(explained["links"][0]["hidden"], true, "{explained}");
+    // A manifest over the old blobs, pushed without uploading them: refused, as the HEADs said.
+    let res = reg.put_manifest("hidden/repo", "again", OCI_MANIFEST, &old.manifest).await;
+    assert_oci_error(res, 400, "MANIFEST_BLOB_UNKNOWN").await;
+    // Uploading one again shows it (and only it).
+    reg.upload_blob("hidden/repo", &old.layers[1]).await;
+    assert_eq!(reg.get(&blob(&other_layer)).await.status(), 200);
+    assert_eq!(reg.get(&blob(&layer)).await.status(), 404);
+    // A restore of the old image by digest shows its blobs; the loose upload stays hidden.
+    reg.app.registry.restore_manifest(&repo, &old.digest, false, None).await.unwrap();
+    for d in [&config, &layer, &other_layer] {
+        assert_eq!(reg.get(&blob(d)).await.status(), 200, "{d} after the restore");
+    }
+    assert_eq!(reg.get(&blob(&loose)).await.status(), 404);
+    // Deleted again and restored whole: as that delete left it — the loose upload, hidden by the
+    // earlier delete, stays hidden.
+    reg.app.registry.delete_repository(&repo, Some("admin")).await.unwrap();
+    assert_eq!(reg.get(&blob(&layer)).await.status(), 404);
+    reg.app.registry.restore_repository(&repo, false, None).await.unwrap();
+    for d in [&config, &layer, &other_layer] {
+        assert_eq!(reg.get(&blob(d)).await.status(), 200, "{d} after the repository restore");
+    }
+    assert_eq!(reg.get(&blob(&loose)).await.status(), 404);
+    assert_eq!(reg.get("/v2/hidden/repo/manifests/v1").await.bytes().await.unwrap(), old.manifest);
+    assert_eq!(reg.get("/v2/hidden/repo/manifests/new").await.bytes().await.unwrap(), fresh.manifest);
+    let report = reg.app.registry.fsck(false, &|_, _| {}).await.unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+});
+
 // An error injected between the steps of a delete — the database refuses to make the
 // tombstone after the tags were removed — leaves the state as it was.
 backend_test!(a_delete_that_fails_midway_changes_nothing, |reg| {

@@ -723,8 +723,14 @@ backend_test!(a_dry_run_lists_exactly_what_the_pass_then_collects, |reg| {
 });
 
 /// Pushes, untagged, an image made of `config_seed`'s config and the given layers.
-async fn push_with_layers(reg: &TestRegistry, repo: &str, config_seed: u64, layers: &[Vec<u8>]) -> PushedImage {
-    let config = json!({"architecture": "amd64", "os": "linux", "seed": config_seed}).to_string().into_bytes();
+async fn push_with_layers(
+    reg: &TestRegistry,
+    repo: &str,
+    config_seed: u64,
+    layers: &[Vec<u8>],
+) -> PushedImage {
+    let config =
+        json!({"architecture": "amd64", "os": "linux", "seed": config_seed}).to_string().into_bytes();
     let config_digest = reg.upload_blob(repo, &config).await;
     let mut descs = Vec::new();
     for layer in layers {
