@@ -241,6 +241,81 @@ async fn publication_slower_than_blob_grace(drain_first: bool) {
     assert!(report.clean() && report.orphans.is_empty(), "{report:?}");
 }
 
+// Both deployments, the windows a completion can stall past. Whatever storage does with the
+// published bytes, no row may ever name bytes that were reclaimed:
+// - past blob_grace with its session alive: on S3 the published object stays under the session's
+//   prefix, which the open session owns, so the sweep never takes it and the completion records
+//   it (on the filesystem the copy is published outside the session: the fence above applies);
+// - past the session's expiry: the collector removes the session and its bytes; the completion,
+//   even after the outbox drained, finds no session and records nothing.
+backend_test!(
+    a_completion_stalled_past_the_grace_or_the_sessions_expiry_never_names_reclaimed_bytes,
+    |reg| {
+        let repo = berth::oci::RepoName::parse("sweep/stalled").unwrap();
+        let on_s3 = reg.app.config.storage_s3.is_some();
+        let blobs = reg.app.registry.blobs();
+        let publish = |seed: u64| {
+            let (reg, repo, blobs) = (&reg, &repo, blobs.clone());
+            async move {
+                let data = random_bytes(seed, 700);
+                let digest = Digest::sha256_of(&data);
+                let session = reg.app.registry.start_upload(repo).await.unwrap();
+                let key = reg.app.registry.meta().upload(&session.id).await.unwrap().unwrap().storage_key;
+                let body = futures_util::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(data))]);
+                let mut chunks = Vec::new();
+                let size = blobs
+                    .write_upload(&key, &mut chunks, 0, body, None, std::sync::Arc::new(()), false)
+                    .await
+                    .unwrap();
+                let published = blobs.commit_upload(&key, &chunks, &digest, size).await.unwrap();
+                (session.id, key, digest, size as i64, published)
+            }
+        };
+        let complete = |(id, digest, size, published): (String, Digest, i64, String)| {
+            let (reg, repo) = (&reg, &repo);
+            async move {
+                let now = reg.app.registry.clock().now_ms();
+                // The session row records no bytes: these were written past the HTTP layer.
+                reg.app.registry.meta().complete_upload(&id, 0, repo, &digest, size, &published, now).await
+            }
+        };
+
+        let (id, prefix, digest, size, published) = publish(1370).await;
+        reg.app.registry.clock().advance_ms(DAY_MS + MARGIN_MS + 1000);
+        let swept = sweep_pass(&reg).await.orphans;
+        if on_s3 {
+            assert!(published.starts_with(&prefix), "{published} is outside the session {prefix}");
+            assert_eq!(swept, 0, "the sweep took bytes an open session owns");
+            let done = complete((id, digest.clone(), size, published)).await.unwrap();
+            assert!(done.is_some(), "the session was open: the completion records the blob");
+            assert_eq!(reg.get(&format!("/v2/sweep/stalled/blobs/{digest}")).await.status(), 200);
+        } else {
+            assert_eq!(swept, 1, "published outside the session: an orphan once blob_grace passed");
+            let late = complete((id, digest.clone(), size, published)).await;
+            assert!(matches!(late, Err(berth::meta::Error::Busy(_))), "{late:?}");
+            assert_eq!(reg.get(&format!("/v2/sweep/stalled/blobs/{digest}")).await.status(), 404);
+        }
+
+        // Past the session's expiry: collected with its bytes, the outbox drained, then the completion.
+        let (id, _, digest, size, published) = publish(1371).await;
+        reg.app.registry.clock().advance_ms(25 * 3600 * 1000);
+        // (On the filesystem the first session is still open: its refused completion changed nothing.)
+        let sessions = if on_s3 { 1 } else { 2 };
+        assert_eq!(reg.app.registry.collect(100).await.unwrap().uploads_expired, sessions);
+        sweep_pass(&reg).await;
+        reg.app.registry.drain_outbox().await.unwrap();
+        let (queued,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM gc_outbox").fetch_one(&reg.sql().await).await.unwrap();
+        assert_eq!(queued, 0);
+        assert!(!blobs.list("").await.unwrap().contains(&published), "the expired session's bytes are gone");
+        let late = complete((id, digest.clone(), size, published)).await;
+        assert!(matches!(late, Ok(None)), "{late:?}");
+        assert_eq!(reg.get(&format!("/v2/sweep/stalled/blobs/{digest}")).await.status(), 404);
+        let report = reg.app.registry.fsck(false, &|_, _| {}).await.unwrap();
+        assert!(report.clean() && report.orphans.is_empty(), "{report:?}");
+    }
+);
+
 // A multipart upload cut off by a crash (on S3 a large write streams as one, leaving a marker
 // object that names it until it completes): once the marker is older than blob_grace the sweep
 // aborts the upload, so its parts stop costing storage, and removes the marker.
