@@ -37,6 +37,9 @@ pub enum AdminRequest {
     Repository(RepoName),
     /// Delete a manifest (`REPO@DIGEST`), a tag (`REPO:TAG`) or a repository (`REPO`).
     Delete(DeleteTarget),
+    /// Delete a manifest or a repository even while an in-use report pins it (needs `admin` on
+    /// the repository).
+    ForceDelete(DeleteTarget),
     /// What deleting the target would take and free.
     Preview(DeleteTarget),
     /// Tombstones of a repository.
@@ -85,6 +88,19 @@ pub enum AdminRequest {
         /// Why (recorded in the tag history).
         reason: String,
     },
+    /// Replace a source's in-use report.
+    ReportInUse {
+        /// The source (a cluster, a deploy system).
+        source: String,
+        /// `REPO@DIGEST` or `REPO:TAG`, as the source sees them.
+        images: Vec<String>,
+        /// How long the report pins (milliseconds) before it lapses.
+        ttl_ms: i64,
+    },
+    /// Withdraw a source's in-use report.
+    WithdrawInUse(String),
+    /// Every in-use report with what it pins.
+    InUse,
     /// Emergency purge of a blob everywhere.
     Purge {
         /// The blob.
@@ -118,6 +134,17 @@ impl AdminRequest {
                 ("DELETE", format!("repositories/{r}"), None)
             }
             AdminRequest::Delete(t) => ("DELETE", format!("manifests/{t}"), None),
+            AdminRequest::ForceDelete(DeleteTarget::Repository(r)) => {
+                ("DELETE", format!("repositories/{r}?force=true"), None)
+            }
+            AdminRequest::ForceDelete(t) => ("DELETE", format!("manifests/{t}?force=true"), None),
+            AdminRequest::ReportInUse { source, images, ttl_ms } => (
+                "PUT",
+                format!("in-use/{source}"),
+                Some(json!({ "images": images, "ttl": format!("{ttl_ms}ms") })),
+            ),
+            AdminRequest::WithdrawInUse(source) => ("DELETE", format!("in-use/{source}"), None),
+            AdminRequest::InUse => ("GET", "in-use".to_string(), None),
             AdminRequest::Preview(t) => ("GET", format!("preview/{t}"), None),
             AdminRequest::Tombstones(r) => ("GET", format!("tombstones/{r}"), None),
             AdminRequest::History(r, None) => ("GET", format!("history/{r}"), None),
@@ -167,9 +194,10 @@ impl AdminRequest {
                 json!({ "repositories": to_value(&registry.repositories(last.as_deref(), *n).await?) })
             }
             AdminRequest::Repository(r) => to_value(&registry.repository(r).await?),
-            AdminRequest::Delete(target) => {
+            AdminRequest::Delete(target) | AdminRequest::ForceDelete(target) => {
+                let force = matches!(self, AdminRequest::ForceDelete(_));
                 let deleted = match target {
-                    DeleteTarget::Manifest(r, d) => registry.delete_manifest(r, d, actor).await?,
+                    DeleteTarget::Manifest(r, d) => registry.delete_manifest(r, d, force, actor).await?,
                     DeleteTarget::Tag(r, t) => {
                         let digest =
                             registry.delete_tag(r, t, crate::meta::TagCondition::Always, actor).await?;
@@ -179,7 +207,7 @@ impl AdminRequest {
                             tags: vec![t.to_string()],
                         }]
                     }
-                    DeleteTarget::Repository(r) => registry.delete_repository(r, actor).await?,
+                    DeleteTarget::Repository(r) => registry.delete_repository(r, force, actor).await?,
                 };
                 json!({ "target": target.to_string(), "deleted": to_value(&deleted) })
             }
@@ -217,6 +245,14 @@ impl AdminRequest {
             AdminRequest::Purge { digest, reason } => {
                 to_value(&registry.purge_blob(digest, reason, actor).await?)
             }
+            AdminRequest::ReportInUse { source, images, ttl_ms } => {
+                to_value(&registry.report_in_use(source, images, *ttl_ms, actor).await?)
+            }
+            AdminRequest::WithdrawInUse(source) => {
+                registry.withdraw_in_use(source, actor).await?;
+                json!({ "source": source, "withdrawn": true })
+            }
+            AdminRequest::InUse => json!({ "reports": to_value(&registry.in_use_reports().await?) }),
             AdminRequest::RetentionRun { dry_run, only } => {
                 let started_by = actor.unwrap_or("anonymous");
                 to_value(&registry.retention_run(only.as_ref(), *dry_run, started_by).await?)
@@ -245,6 +281,7 @@ impl AdminRequest {
             AdminRequest::Delete(DeleteTarget::Repository(r))
             | AdminRequest::Preview(DeleteTarget::Repository(r)) => Operation::Administer(r.as_str()),
             AdminRequest::Delete(t) | AdminRequest::Preview(t) => Operation::Delete(t.repository().as_str()),
+            AdminRequest::ForceDelete(t) => Operation::Administer(t.repository().as_str()),
             AdminRequest::Restore { target, .. } => Operation::Administer(target.repository().as_str()),
             AdminRequest::Revert { repo, .. } | AdminRequest::Unlock { repo, .. } => {
                 Operation::Administer(repo.as_str())
@@ -256,7 +293,10 @@ impl AdminRequest {
             AdminRequest::GcStatus
             | AdminRequest::Space(None)
             | AdminRequest::RetentionRun { .. }
-            | AdminRequest::RetentionStatus => Operation::AdministerRegistry,
+            | AdminRequest::RetentionStatus
+            | AdminRequest::ReportInUse { .. }
+            | AdminRequest::WithdrawInUse(_)
+            | AdminRequest::InUse => Operation::AdministerRegistry,
         }
     }
 
@@ -379,6 +419,22 @@ struct PurgeBody {
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
+struct InUseBody {
+    images: Vec<String>,
+    ttl: Option<String>,
+}
+
+/// Whether `?force=` asks for a forced delete.
+fn forced(query: Option<&str>) -> Result<bool, ParseError> {
+    match query_value(query, "force") {
+        None | Some("false" | "0") => Ok(false),
+        Some("true" | "1") => Ok(true),
+        Some(other) => Err(ParseError::Invalid(format!("force: expected true or false, got {other}"))),
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 struct UnlockBody {
     reason: String,
     #[serde(rename = "for")]
@@ -418,14 +474,26 @@ impl AdminRequest {
             },
             ("GET", "repositories", name) => AdminRequest::Repository(parse_repo(name)?),
             ("DELETE", "repositories", name) => {
-                AdminRequest::Delete(DeleteTarget::Repository(parse_repo(name)?))
+                let target = DeleteTarget::Repository(parse_repo(name)?);
+                if forced(query)? { AdminRequest::ForceDelete(target) } else { AdminRequest::Delete(target) }
             }
             ("DELETE", "manifests", text) => match parse_target(text)? {
                 DeleteTarget::Repository(_) => {
                     return Err(ParseError::Invalid("manifests/ takes REPO@DIGEST or REPO:TAG".into()));
                 }
+                // A tag delete leaves the manifest: nothing a pin protects.
+                target @ DeleteTarget::Manifest(..) if forced(query)? => AdminRequest::ForceDelete(target),
                 target => AdminRequest::Delete(target),
             },
+            ("GET", "in-use", "") => AdminRequest::InUse,
+            ("PUT", "in-use", source) if !source.is_empty() => {
+                let body: InUseBody = body_of(body)?;
+                let ttl = crate::config::parse_duration(body.ttl.as_deref().unwrap_or("1h"))
+                    .map_err(|e| ParseError::Invalid(format!("ttl: {e}")))?;
+                let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+                AdminRequest::ReportInUse { source: source.to_string(), images: body.images, ttl_ms }
+            }
+            ("DELETE", "in-use", source) if !source.is_empty() => AdminRequest::WithdrawInUse(source.to_string()),
             ("GET", "preview", text) => AdminRequest::Preview(parse_target(text)?),
             ("GET", "tombstones", name) => AdminRequest::Tombstones(parse_repo(name)?),
             ("GET", "history", text) => match parse_target(text)? {

@@ -72,6 +72,20 @@ impl App {
             scrub_period_ms: (!config.gc.scrub_period.is_zero()).then(|| ms(config.gc.scrub_period)),
             retention_rules: config.retention.rules.clone(),
             retention_interval_ms: ms(config.retention.interval),
+            ignore_pulls_from: config
+                .ignore_pulls_from
+                .iter()
+                .flat_map(|who| match who.strip_prefix("group:") {
+                    Some(group) => config
+                        .auth
+                        .iter()
+                        .flat_map(|a| &a.groups)
+                        .filter(|g| g.name == group)
+                        .flat_map(|g| g.members.clone())
+                        .collect::<Vec<_>>(),
+                    None => vec![who.clone()],
+                })
+                .collect(),
         };
         Ok(App { registry: Registry::new(meta, blobs, clock, policy), auth, config: config.clone() })
     }

@@ -60,6 +60,9 @@ pub struct Config {
     pub retention: RetentionSettings,
     /// Tags that can be neither moved nor deleted.
     pub immutable: crate::retention::ImmutableTags,
+    /// Users (names, or `group:NAME`) whose pulls do not count as use: they refresh no pull time
+    /// (`[access] ignore_pulls_from`, e.g. a scanner's account).
+    pub ignore_pulls_from: Vec<String>,
 }
 
 /// The `[retention]` section.
@@ -241,6 +244,15 @@ struct FileConfig {
     retention: RetentionSection,
     #[serde(default)]
     immutable: Vec<ImmutableSection>,
+    #[serde(default)]
+    access: AccessSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AccessSection {
+    #[serde(default)]
+    ignore_pulls_from: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -375,6 +387,7 @@ impl Config {
             sparse_index_repositories: Vec::new(),
             retention: RetentionSettings::default(),
             immutable: crate::retention::ImmutableTags::default(),
+            ignore_pulls_from: Vec::new(),
         }
     }
 
@@ -588,6 +601,20 @@ impl Config {
         }
         cfg.retention.rules = retention_rules(parsed.retention.rules)?;
         cfg.immutable = immutable_rules(parsed.immutable)?;
+        for who in &parsed.access.ignore_pulls_from {
+            let group = who.strip_prefix("group:");
+            let known = match (group, &cfg.auth) {
+                (Some(g), Some(auth)) => auth.groups.iter().any(|x| x.name == g),
+                (Some(_), None) => false,
+                (None, _) => !who.trim().is_empty(),
+            };
+            if !known {
+                return Err(ConfigError(format!(
+                    "access.ignore_pulls_from: {who:?} is not a user name or a group [auth] defines"
+                )));
+            }
+        }
+        cfg.ignore_pulls_from = parsed.access.ignore_pulls_from;
         let kind = env("BERTH_STORAGE_KIND").or(parsed.storage.kind).unwrap_or_else(|| "filesystem".into());
         match kind.as_str() {
             "filesystem" => {}

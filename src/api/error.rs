@@ -224,6 +224,8 @@ impl From<registry::Error> for ApiError {
             E::Immutable(m) => ApiError::new(ErrorCode::Denied).status(StatusCode::FORBIDDEN).message(m),
             E::TagUnknown(m) => ApiError::new(ErrorCode::ManifestUnknown).message(m),
             E::Unsupported(m) => ApiError::new(ErrorCode::Unsupported).message(m),
+            E::Invalid(m) => ApiError::new(ErrorCode::Unsupported).status(StatusCode::BAD_REQUEST).message(m),
+            E::NotFound(m) => ApiError::new(ErrorCode::Unsupported).status(StatusCode::NOT_FOUND).message(m),
             // The spec has no code for an overloaded server; TOOMANYREQUESTS is what clients
             // already back off on, and Retry-After says when.
             E::Unavailable(m) => ApiError::new(ErrorCode::TooManyRequests)

@@ -28,14 +28,15 @@ pub(super) async fn get(
     reference: &str,
     headers: &HeaderMap,
     with_body: bool,
+    puller: Option<&str>,
 ) -> Result<Response, ApiError> {
     let reference = reference_for_read(reference)?;
     let (digest, media_type, size, payload) = if with_body {
-        let m = registry.manifest(repo, &reference).await?;
+        let m = registry.manifest(repo, &reference, puller).await?;
         let size = m.payload.len() as u64;
         (m.digest, m.media_type, size, Some(m.payload))
     } else {
-        let m = registry.manifest_head(repo, &reference).await?;
+        let m = registry.manifest_head(repo, &reference, puller).await?;
         (m.digest, m.media_type, m.size as u64, None)
     };
     if !accepts(headers, &media_type) {
@@ -137,7 +138,7 @@ pub(super) async fn delete(
 ) -> Result<Response, ApiError> {
     let digest = match reference_for_read(reference)? {
         Reference::Digest(d) => {
-            registry.delete_manifest(repo, &d, actor).await?;
+            registry.delete_manifest(repo, &d, false, actor).await?;
             d.to_string()
         }
         Reference::Tag(tag) => {

@@ -99,8 +99,8 @@ async fn dispatch(app: &App, req: Request) -> Result<Response, ApiError> {
         (R::Catalog, Method::GET) => discovery::catalog(app, &who, &params).await,
         (R::Tags(repo), Method::GET) => discovery::tags(registry, &repo, &params).await,
         (R::Referrers(repo, d), Method::GET) => discovery::referrers(registry, &repo, &d, &params).await,
-        (R::Manifest(repo, r), Method::GET) => manifests::get(registry, &repo, &r, h, true).await,
-        (R::Manifest(repo, r), Method::HEAD) => manifests::get(registry, &repo, &r, h, false).await,
+        (R::Manifest(repo, r), Method::GET) => manifests::get(registry, &repo, &r, h, true, actor).await,
+        (R::Manifest(repo, r), Method::HEAD) => manifests::get(registry, &repo, &r, h, false, actor).await,
         (R::Manifest(repo, r), Method::PUT) => {
             manifests::put(registry, &repo, &r, parts.uri.query(), h, body, actor).await
         }

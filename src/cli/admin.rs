@@ -218,7 +218,36 @@ pub fn render(request: &AdminRequest, v: &Value) -> String {
                 bytes(n(v, "bytes_in_tombstones"))
             ));
         }
-        AdminRequest::Delete(_) => affected(&mut out, &format!("deleted {}:", s(v, "target")), v, "deleted"),
+        AdminRequest::Delete(_) | AdminRequest::ForceDelete(_) => {
+            affected(&mut out, &format!("deleted {}:", s(v, "target")), v, "deleted")
+        }
+        AdminRequest::ReportInUse { .. } => {
+            out.push_str(&format!(
+                "{} pins {} manifests until {}\n",
+                s(v, "source"),
+                items(v, "pinned").len(),
+                utc(n(v, "expires_at"))
+            ));
+            for u in items(v, "unresolved") {
+                out.push_str(&format!("  not pinned: {} ({})\n", s(u, "reference"), s(u, "why")));
+            }
+        }
+        AdminRequest::WithdrawInUse(source) => out.push_str(&format!("withdrew the report of {source}\n")),
+        AdminRequest::InUse => {
+            for r in items(v, "reports") {
+                let state = if r["lapsed"].as_bool() == Some(true) { "lapsed" } else { "pins until" };
+                out.push_str(&format!(
+                    "{}: reported at {} by {}, {state} {}\n",
+                    s(r, "source"),
+                    utc(n(r, "reported_at")),
+                    r["reported_by"].as_str().unwrap_or("anonymous"),
+                    utc(n(r, "expires_at"))
+                ));
+                for p in items(r, "pinned") {
+                    out.push_str(&format!("  {}@{}  ({})\n", s(p, "repository"), s(p, "digest"), s(p, "reference")));
+                }
+            }
+        }
         AdminRequest::Restore { .. } => {
             affected(&mut out, &format!("restored {}:", s(v, "target")), v, "restored")
         }
@@ -503,6 +532,13 @@ fn retention_report(out: &mut String, v: &Value) {
             utc(n(m, "last_used")),
             m["outcome"].as_str().map(|o| format!("  {o}")).unwrap_or_default()
         ));
+    }
+    for k in items(v, "kept_in_use") {
+        let what = match k["tag"].as_str() {
+            Some(tag) => format!("{}:{tag}  ({})", s(k, "repository"), s(k, "digest")),
+            None => format!("{}@{}", s(k, "repository"), s(k, "digest")),
+        };
+        out.push_str(&format!("  {what}  rule {}  kept: {}\n", s(k, "rule"), s(k, "kept")));
     }
     for e in items(v, "errors") {
         out.push_str(&format!("  error: {}\n", e.as_str().unwrap_or_default()));

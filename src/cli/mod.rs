@@ -3,6 +3,7 @@
 pub mod admin;
 mod fsck;
 mod import;
+mod in_use;
 mod progress;
 
 use std::path::PathBuf;
@@ -38,6 +39,10 @@ Delete and undo (docs/deleting.md):
   berth tags revert team/app:latest --previous   the time machine
   berth repos delete team/app                    a whole repository, restorable
   berth purge sha256:... --reason \"leaked key\"   a blob everywhere, now, for good
+
+Protect what runs:
+  kubectl get pods -A -o json | berth in-use kubernetes prod --registry HOST   pin what a cluster runs
+  berth in-use list                              every report and what it pins
 
 Check and collect:
   berth fsck --rehash                            metadata against storage; exit 1 if inconsistent
@@ -112,6 +117,12 @@ pub enum Command {
     /// features of the first).
     #[command(hide = true)]
     HashSpeed,
+    /// What runs: sources (clusters, deploy systems) report the images they run; while a
+    /// report lasts, those manifests are kept by retention and the collector, and an explicit
+    /// delete is refused unless an administrator forces it.
+    ///
+    /// Example: `kubectl get pods -A -o json | berth in-use kubernetes prod --registry registry.example.com`
+    InUse(in_use::InUseArgs),
     /// Emergency purge of a blob everywhere: every manifest referencing it is deleted for
     /// good and the bytes are removed now.
     ///
@@ -159,6 +170,9 @@ pub struct RepoDeleteArgs {
     /// Only say what would be deleted and freed.
     #[arg(long)]
     pub dry_run: bool,
+    /// Delete it even while an in-use report pins one of its manifests.
+    #[arg(long, conflicts_with = "dry_run")]
+    pub force: bool,
     /// How to reach Berth.
     #[command(flatten)]
     pub conn: admin::Connection,
@@ -195,6 +209,9 @@ pub struct DeleteArgs {
     /// Only say what would be deleted and freed, or why it would be refused.
     #[arg(long)]
     pub dry_run: bool,
+    /// Delete even what an in-use report pins (needs `admin` on the repository).
+    #[arg(long, conflicts_with = "dry_run")]
+    pub force: bool,
     /// How to reach Berth.
     #[command(flatten)]
     pub conn: admin::Connection,
@@ -492,6 +509,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => return serve(args).await,
         Command::Fsck(args) => return fsck::run(args).await,
         Command::Import(args) => return import::run(args).await,
+        Command::InUse(args) => return in_use::run(args).await,
         Command::HashSpeed => {
             println!("{}", hash_speed());
             return Ok(());
@@ -504,7 +522,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             ReposAction::Show(a) => (a.conn, Req::Repository(repo(&a.repo)?)),
             ReposAction::Delete(a) => {
                 let target = DeleteTarget::Repository(repo(&a.repo)?);
-                (a.conn, if a.dry_run { Req::Preview(target) } else { Req::Delete(target) })
+                let request = match (a.dry_run, a.force) {
+                    (true, _) => Req::Preview(target),
+                    (false, true) => Req::ForceDelete(target),
+                    (false, false) => Req::Delete(target),
+                };
+                (a.conn, request)
             }
             ReposAction::Restore(a) => (
                 a.conn,
@@ -513,7 +536,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         },
         Command::Delete(a) => {
             let target = admin::target(&a.target)?;
-            (a.conn, if a.dry_run { Req::Preview(target) } else { Req::Delete(target) })
+            let request = match (a.dry_run, a.force, &target) {
+                (true, ..) => Req::Preview(target),
+                (false, true, DeleteTarget::Manifest(..) | DeleteTarget::Repository(_)) => Req::ForceDelete(target),
+                (false, ..) => Req::Delete(target),
+            };
+            (a.conn, request)
         }
         Command::Tombstones(a) => (a.conn, Req::Tombstones(repo(&a.repo)?)),
         Command::Restore(a) => {

@@ -290,15 +290,17 @@ impl MetaStore {
     /// referrers going with it), while a tag on them is immutable, and — with
     /// `only_if_untagged_since`, retention's condition — when it has a tag or was pushed or
     /// pulled after that time (retention evaluated it untagged and unused; a push, tag or pull
-    /// since wins: checked under the row's lock).
+    /// since wins: checked under the row's lock). Refused while an in-use report pins it or a
+    /// referrer going with it, unless `force`.
     ///
     /// # Errors
-    /// [`Refusal::NotFound`], [`Refusal::Held`] naming the index; [`DeleteError::Meta`].
+    /// [`Refusal::NotFound`], [`Refusal::Held`] naming the index or the pin; [`DeleteError::Meta`].
     pub async fn delete_manifest(
         &self,
         repo: &RepoName,
         digest: &Digest,
         only_if_untagged_since: Option<i64>,
+        force: bool,
         actor: Option<&str>,
         now: i64,
     ) -> DeleteResult<Vec<AffectedManifest>> {
@@ -357,6 +359,15 @@ impl MetaStore {
             for m in std::iter::once(&target).chain(&referrers) {
                 let tags = Self::tags_to_check(tx, &immutable, Some(m.id), repo_id).await?;
                 Self::refuse_immutable(tx, &immutable, repo_id, repo, &tags, now).await?;
+                // Checked under the manifest's lock: a report pins after locking it too.
+                if let Some(pin) = Self::pins_on(tx, repo.as_str(), &m.digest, now).await?.first()
+                    && !force
+                {
+                    return refuse(Refusal::Held(format!(
+                        "manifest {} in repository {repo} is {pin}; an administrator may delete it with force",
+                        m.digest
+                    )));
+                }
             }
             let delete_id =
                 Self::new_delete(tx, Some(repo_id), "manifest", digest.as_str(), actor, None, now).await?;
@@ -519,6 +530,7 @@ impl MetaStore {
     pub async fn delete_repository(
         &self,
         repo: &RepoName,
+        force: bool,
         actor: Option<&str>,
         now: i64,
     ) -> DeleteResult<Vec<AffectedManifest>> {
@@ -554,6 +566,26 @@ impl MetaStore {
             // Locked first, in id order (docs/design.md, lock order), so a purge cannot tombstone
             // one of them before the updates below and have it reported as this delete's.
             let _: Vec<(i64,)> = sqlx::query_as(&lock_live).bind(repo_id).fetch_all(&mut *tx).await?;
+            if !force {
+                let pinned: Option<(String, String, i64)> = sqlx::query_as(
+                    "SELECT m.digest, p.source, r.reported_at FROM in_use_pins p \
+                     JOIN in_use_reports r ON r.source = p.source \
+                     JOIN manifests m ON m.repository_id = $1 AND m.digest = p.digest AND m.deleted_at IS NULL \
+                     WHERE p.repository = $2 AND p.expires_at > $3 ORDER BY r.reported_at, p.source LIMIT 1",
+                )
+                .bind(repo_id)
+                .bind(repo.as_str())
+                .bind(now)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if let Some((digest, source, reported_at)) = pinned {
+                    return refuse(Refusal::Held(format!(
+                        "repository {repo} holds manifest {digest}, in use by {source}, reported at {}; \
+                         an administrator may delete it with force",
+                        crate::time::utc(reported_at)
+                    )));
+                }
+            }
             let live: Vec<(String, Option<String>)> = sqlx::query_as(
                 "SELECT m.digest, t.name FROM manifests m LEFT JOIN tags t ON t.manifest_id = m.id \
                  WHERE m.repository_id = $1 AND m.deleted_at IS NULL ORDER BY m.digest, t.name",

@@ -182,6 +182,15 @@ impl MetaStore {
                 e.holds.push(Hold { reason: "subject", detail: format!("{repo}@{s}"), until: None });
             }
         }
+        let mut conn = self.read.acquire().await?;
+        for pin in Self::pins_on(&mut conn, repo.as_str(), digest.as_str(), now).await? {
+            e.holds.push(Hold {
+                reason: "in-use",
+                detail: format!("by {}, reported at {}", pin.source, utc(pin.reported_at)),
+                until: Some(pin.expires_at),
+            });
+        }
+        drop(conn);
         let (untagged_at,): (Option<i64>,) =
             sqlx::query_as("SELECT MAX(at) FROM tag_history WHERE repository_id = $1 AND old_digest = $2")
                 .bind(repo_id)

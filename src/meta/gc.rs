@@ -598,6 +598,20 @@ impl MetaStore {
             if held.0 > 0 {
                 return Ok(Verdict::Drop);
             }
+            // In use: held until the reports pinning it lapse (a withdrawal or a new report
+            // without it enqueues it again).
+            let (pinned_until,): (Option<i64>,) = sqlx::query_as(
+                "SELECT MAX(p.expires_at) FROM in_use_pins p JOIN repositories r ON r.name = p.repository \
+                 WHERE r.id = $1 AND p.digest = $2 AND p.expires_at > $3",
+            )
+            .bind(repo_id)
+            .bind(&digest)
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await?;
+            if let Some(until) = pinned_until {
+                return Ok(Verdict::Until(until));
+            }
             let (untagged_at,): (Option<i64>,) = sqlx::query_as(
                 "SELECT MAX(at) FROM tag_history WHERE repository_id = $1 AND old_digest = $2",
             )

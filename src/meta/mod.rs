@@ -3,7 +3,7 @@
 //!
 //! Split along the data: [`repos`] (repositories), [`blobs`] (blob rows and their links),
 //! [`uploads`] (upload sessions), [`manifests`] (manifests and what they reference) and [`tags`]
-//! (tags and their history), [`deletes`] and [`restores`] (tombstones made and brought back). Every public method is one transaction that keeps one invariant;
+//! (tags and their history), [`deletes`] and [`restores`] (tombstones made and brought back), [`in_use`] (what sources report running). Every public method is one transaction that keeps one invariant;
 //! callers never hold a transaction across storage I/O. Write transactions go through
 //! [`transaction!`], which retries the whole transaction when the database reports a
 //! transient conflict. SQL text is shared between the dialects (`$N` placeholders, `ON CONFLICT`,
@@ -19,6 +19,7 @@ mod deletes;
 mod explain;
 mod gc;
 mod imports;
+mod in_use;
 mod manifests;
 mod reports;
 mod repos;
@@ -44,6 +45,7 @@ pub use deletes::{AffectedManifest, DeleteError, Purged, Refusal};
 pub use explain::{Explanation, Hold, LinkState};
 pub use gc::{Collected, Review, ReviewOutcome, WouldCollect};
 pub use imports::{Adoption, ImportRecord, ImportedTag};
+pub use in_use::{InUseReport, Pin, PinnedImage, Reported, Unresolved};
 pub use manifests::{NewManifest, PutManifestError};
 pub use reports::{Preview, RepositorySummary, TombstoneRow};
 pub use restores::RevertTarget;

@@ -161,6 +161,8 @@ impl MetaStore {
             }
             let current: HashMap<String, (String, i64, i64)> =
                 query.fetch_all(&mut *tx).await?.into_iter().map(|(n, d, at, m)| (n, (d, at, m))).collect();
+            // Under the tags' locks: a report share-locks the tags of what it pins.
+            let pinned = Self::pinned_in(tx, repo.as_str(), repo_id, now).await?;
             let mut outcomes = Vec::with_capacity(untags.len());
             let mut removals: Vec<(&Untag, i64)> = Vec::new();
             for u in untags {
@@ -174,6 +176,9 @@ impl MetaStore {
                     }
                     Some(_) if let Some(rule) = immutable.rule_for(repo.as_str(), u.tag.as_str()) => {
                         UntagOutcome::Skipped(format!("immutable (rule `{rule}`)"))
+                    }
+                    Some((digest, _, _)) if let Some(pin) = pinned.get(digest) => {
+                        UntagOutcome::Skipped(format!("kept: {pin}"))
                     }
                     Some((_, _, manifest_id)) => {
                         removals.push((u, *manifest_id));

@@ -69,20 +69,23 @@ pub(super) fn audit_tag(action: &str, actor: Option<&str>, repo: &RepoName, tag:
 
 impl Registry {
     /// Deletes manifest `digest` of `repo`: it becomes a tombstone with its referrers, and every
-    /// tag on them is removed (recorded in the history) — one transaction.
+    /// tag on them is removed (recorded in the history) — one transaction. `force` deletes it
+    /// even while an in-use report pins it (the caller must administer the repository).
     ///
     /// # Errors
-    /// [`Error::ManifestUnknown`]; [`Error::DeleteRefused`] while a live index lists it.
+    /// [`Error::ManifestUnknown`]; [`Error::DeleteRefused`] while a live index lists it or,
+    /// unless `force`, a report pins it.
     pub async fn delete_manifest(
         &self,
         repo: &RepoName,
         digest: &Digest,
+        force: bool,
         actor: Option<&str>,
     ) -> Result<Vec<AffectedManifest>> {
         let now = self.clock.now_ms();
         let deleted = self
             .meta
-            .delete_manifest(repo, digest, None, actor, now)
+            .delete_manifest(repo, digest, None, force, actor, now)
             .await
             .map_err(|e| refusal(e, manifest_unknown))?;
         audit("delete-manifest", actor, &format!("{repo}@{digest}"), &deleted);
@@ -123,18 +126,23 @@ impl Registry {
         Ok(())
     }
 
-    /// Deletes repository `repo`: everything in it becomes a tombstone, restorable.
+    /// Deletes repository `repo`: everything in it becomes a tombstone, restorable. Refused
+    /// while an in-use report pins one of its manifests, unless `force`.
     ///
     /// # Errors
-    /// [`Error::NameUnknown`].
+    /// [`Error::NameUnknown`]; [`Error::DeleteRefused`] (pinned).
     pub async fn delete_repository(
         &self,
         repo: &RepoName,
+        force: bool,
         actor: Option<&str>,
     ) -> Result<Vec<AffectedManifest>> {
         let now = self.clock.now_ms();
-        let deleted =
-            self.meta.delete_repository(repo, actor, now).await.map_err(|e| refusal(e, name_unknown))?;
+        let deleted = self
+            .meta
+            .delete_repository(repo, force, actor, now)
+            .await
+            .map_err(|e| refusal(e, name_unknown))?;
         audit("delete-repository", actor, repo.as_str(), &deleted);
         Ok(deleted)
     }

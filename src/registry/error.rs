@@ -76,6 +76,12 @@ pub enum Error {
     /// No such repository.
     #[error("repository name not known to registry")]
     NameUnknown,
+    /// A request (of the admin API, the CLI) is malformed; the message says how. Nothing changed.
+    #[error("{0}")]
+    Invalid(String),
+    /// What an admin request names does not exist (the message says what).
+    #[error("{0}")]
+    NotFound(String),
     /// The operation is not supported (yet) by this registry.
     #[error("{0}")]
     Unsupported(String),

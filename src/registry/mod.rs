@@ -16,6 +16,7 @@ mod fsck;
 mod gc;
 mod hashing;
 mod import;
+mod in_use;
 mod pull;
 mod push;
 mod retention;
@@ -33,9 +34,10 @@ pub use error::Error;
 pub use fsck::FsckReport;
 pub use gc::{DryRun, ExplainTarget, GcReport, SPACE_SAMPLE_EVERY_MS};
 pub use import::{ImportOptions, ImportProgress, ImportReport, Skipped};
+pub use in_use::{MAX_REFERENCES, MAX_TTL_MS, parse_reference};
 pub use pull::{BlobHandle, Referrer};
 pub use push::{ChunkRange, PushedManifest, UploadStatus};
-pub use retention::{ManifestRemoval, RetentionReport, RetentionStatus, TagRemoval};
+pub use retention::{KeptInUse, ManifestRemoval, RetentionReport, RetentionStatus, TagRemoval};
 pub use sweep::{RepairReport, ScrubReport, SweepReport};
 
 use crate::blob::BlobStore;
@@ -78,6 +80,8 @@ pub struct Policy {
     pub retention_rules: Vec<crate::retention::RetentionRule>,
     /// How often the schedule runs them, in milliseconds (0: only on demand).
     pub retention_interval_ms: i64,
+    /// Users whose pulls refresh no pull time (groups already expanded).
+    pub ignore_pulls_from: std::collections::HashSet<String>,
 }
 
 impl Default for Policy {
@@ -90,6 +94,7 @@ impl Default for Policy {
             scrub_period_ms: Some(7 * DAY),
             retention_rules: Vec::new(),
             retention_interval_ms: 0,
+            ignore_pulls_from: std::collections::HashSet::new(),
         }
     }
 }

@@ -97,24 +97,37 @@ impl Registry {
         Ok(self.blobs.redirect_url(&blob.storage_key).await?)
     }
 
-    /// The manifest `reference` in `repo`, with its bytes.
+    /// The manifest `reference` in `repo`, with its bytes, pulled by `puller`.
     ///
     /// # Errors
     /// [`Error::ManifestUnknown`].
-    pub async fn manifest(&self, repo: &RepoName, reference: &Reference) -> Result<ManifestRow> {
+    pub async fn manifest(&self, repo: &RepoName, reference: &Reference, puller: Option<&str>) -> Result<ManifestRow> {
         let row = self.meta.manifest(repo, reference).await?.ok_or(Error::ManifestUnknown)?;
-        self.access.manifest_pulled(row.id);
+        self.pulled(row.id, puller);
         Ok(row)
     }
 
-    /// The manifest `reference` in `repo`, without its bytes.
+    /// The manifest `reference` in `repo`, without its bytes, asked for by `puller`.
     ///
     /// # Errors
     /// [`Error::ManifestUnknown`].
-    pub async fn manifest_head(&self, repo: &RepoName, reference: &Reference) -> Result<ManifestHead> {
+    pub async fn manifest_head(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        puller: Option<&str>,
+    ) -> Result<ManifestHead> {
         let row = self.meta.manifest_head(repo, reference).await?.ok_or(Error::ManifestUnknown)?;
-        self.access.manifest_pulled(row.id);
+        self.pulled(row.id, puller);
         Ok(row)
+    }
+
+    /// Notes a pull of manifest row `id`, unless `puller`'s pulls do not count as use
+    /// (`[access] ignore_pulls_from`: a scanner reading everything is not running it).
+    fn pulled(&self, id: i64, puller: Option<&str>) {
+        if puller.is_none_or(|p| !self.policy.ignore_pulls_from.contains(p)) {
+            self.access.manifest_pulled(id);
+        }
     }
 
     /// Tags of `repo` after `last`, at most `limit`.

@@ -50,6 +50,22 @@ pub struct ManifestRemoval {
     pub outcome: Option<String>,
 }
 
+/// What a rule would remove but an in-use report keeps.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct KeptInUse {
+    /// The repository.
+    pub repository: String,
+    /// The tag, or none for an untagged manifest.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    /// The manifest.
+    pub digest: String,
+    /// The rule that would have removed it.
+    pub rule: String,
+    /// Why it stays: `in use by SOURCE, reported at T`.
+    pub kept: String,
+}
+
 /// What a retention run did, or — dry — would do.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct RetentionReport {
@@ -67,6 +83,8 @@ pub struct RetentionReport {
     pub tags: Vec<TagRemoval>,
     /// Every untagged manifest deletion.
     pub manifests: Vec<ManifestRemoval>,
+    /// What the rules select but an in-use report keeps (pinned, or listed by a pinned index).
+    pub kept_in_use: Vec<KeptInUse>,
     /// A dry run: bytes freed once the collector has run — blobs and manifests nothing outside
     /// these removals holds, counted per repository (a blob that removals in two repositories
     /// would both free is counted in neither).
@@ -208,10 +226,37 @@ impl Registry {
             })
             .collect();
         planned.sort_by(|a, b| a.tag.cmp(&b.tag));
+        // What runs stays; the untags check again under their locks.
+        let pinned = self.meta.pinned_manifests(name, repo_id, now).await?;
+        planned.retain(|t| match pinned.get(&t.digest) {
+            None => true,
+            Some(pin) => {
+                report.kept_in_use.push(KeptInUse {
+                    repository: name.to_string(),
+                    tag: Some(t.tag.clone()),
+                    digest: t.digest.clone(),
+                    rule: t.rule.clone(),
+                    kept: pin.to_string(),
+                });
+                false
+            }
+        });
         let mut untagged: Vec<ManifestRemoval> = Vec::new();
         for rule in rules.iter().filter(|r| r.repositories.matches(name)) {
             let Some(age) = rule.remove_untagged_older_than_ms else { continue };
             for m in self.meta.untagged_manifests(repo_id, now.saturating_sub(age)).await? {
+                if let Some(pin) = pinned.get(&m.digest) {
+                    if !report.kept_in_use.iter().any(|k| k.tag.is_none() && k.digest == m.digest) {
+                        report.kept_in_use.push(KeptInUse {
+                            repository: name.to_string(),
+                            tag: None,
+                            digest: m.digest,
+                            rule: rule.name.clone(),
+                            kept: pin.to_string(),
+                        });
+                    }
+                    continue;
+                }
                 if !untagged.iter().any(|u| u.digest == m.digest) {
                     untagged.push(ManifestRemoval {
                         repository: name.to_string(),
@@ -291,7 +336,7 @@ impl Registry {
         let actor = format!("retention:{}", m.rule);
         match self
             .meta
-            .delete_manifest(repo, &digest, Some(m.last_used), Some(&actor), self.clock.now_ms())
+            .delete_manifest(repo, &digest, Some(m.last_used), false, Some(&actor), self.clock.now_ms())
             .await
         {
             Ok(affected) => {

@@ -427,7 +427,7 @@ backend_test!(repository_delete_and_restore, |reg| {
     let img = reg.push_image("whole/repo", "v1", 310).await;
     let two = reg.push_image("whole/repo", "v2", 311).await;
     let repo = RepoName::parse("whole/repo").unwrap();
-    let gone = reg.app.registry.delete_repository(&repo, Some("admin")).await.unwrap();
+    let gone = reg.app.registry.delete_repository(&repo, false, Some("admin")).await.unwrap();
     assert_eq!(gone.len(), 2);
     assert_oci_error(reg.get("/v2/whole/repo/tags/list").await, 404, "NAME_UNKNOWN").await;
     assert_eq!(reg.get("/v2/whole/repo/manifests/v1").await.status(), 404);
@@ -466,13 +466,13 @@ backend_test!(a_push_into_a_deleted_repository_does_not_bring_back_its_blobs, |r
     let [config, layer, other_layer] =
         [&old.config, &old.layers[0], &old.layers[1]].map(|b| Digest::sha256_of(b));
     // Deleted and restored whole: everything shows again, the loose upload too.
-    reg.app.registry.delete_repository(&repo, Some("admin")).await.unwrap();
+    reg.app.registry.delete_repository(&repo, false, Some("admin")).await.unwrap();
     assert_eq!(reg.get(&blob(&loose)).await.status(), 404);
     reg.app.registry.restore_repository(&repo, false, None).await.unwrap();
     for d in [&config, &layer, &other_layer, &loose] {
         assert_eq!(reg.get(&blob(d)).await.status(), 200, "{d} after the repository restore");
     }
-    reg.app.registry.delete_repository(&repo, Some("admin")).await.unwrap();
+    reg.app.registry.delete_repository(&repo, false, Some("admin")).await.unwrap();
     let fresh = reg.push_image("hidden/repo", "new", 332).await;
     for d in [&config, &layer, &other_layer, &loose] {
         assert_eq!(reg.get(&blob(d)).await.status(), 404, "{d} still shows after the repository delete");
@@ -503,7 +503,7 @@ backend_test!(a_push_into_a_deleted_repository_does_not_bring_back_its_blobs, |r
     assert_eq!(reg.get(&blob(&loose)).await.status(), 404);
     // Deleted again and restored whole: as that delete left it — the loose upload, hidden by the
     // earlier delete, stays hidden.
-    reg.app.registry.delete_repository(&repo, Some("admin")).await.unwrap();
+    reg.app.registry.delete_repository(&repo, false, Some("admin")).await.unwrap();
     assert_eq!(reg.get(&blob(&layer)).await.status(), 404);
     reg.app.registry.restore_repository(&repo, false, None).await.unwrap();
     for d in [&config, &layer, &other_layer] {
@@ -550,7 +550,7 @@ backend_test!(a_delete_that_fails_midway_changes_nothing, |reg| {
     }
     let res = reg.delete(&format!("/v2/atomic/app/manifests/{}", img.digest)).await;
     assert_eq!(res.status(), 500);
-    let res = reg.app.registry.delete_repository(&repo, None).await;
+    let res = reg.app.registry.delete_repository(&repo, false, None).await;
     assert!(res.is_err());
     assert_eq!(reg.tags_of("atomic/app").await, json!(["v1", "v2"]));
     assert_eq!(reg.get("/v2/atomic/app/manifests/v1").await.bytes().await.unwrap(), img.manifest);

@@ -404,7 +404,7 @@ backend_test!(retention_deletes_an_untagged_manifest_only_if_unused_since_it_loo
     assert_eq!(reg.get(&format!("/v2/{repo}/manifests/{}", img.digest)).await.status(), 200);
     reg.app.registry.flush_access().await.unwrap();
     let now = reg.app.registry.clock().now_ms();
-    let refused = meta.delete_manifest(&name, &img.digest, Some(evaluated), Some("retention:r"), now).await;
+    let refused = meta.delete_manifest(&name, &img.digest, Some(evaluated), false, Some("retention:r"), now).await;
     assert!(
         matches!(refused, Err(berth::meta::DeleteError::Refused(berth::meta::Refusal::Precondition(_)))),
         "{refused:?}"
@@ -416,7 +416,7 @@ backend_test!(retention_deletes_an_untagged_manifest_only_if_unused_since_it_loo
         .fetch_one(&reg.sql().await)
         .await
         .unwrap();
-    meta.delete_manifest(&name, &img.digest, Some(pulled), Some("retention:r"), now).await.unwrap();
+    meta.delete_manifest(&name, &img.digest, Some(pulled), false, Some("retention:r"), now).await.unwrap();
     assert_eq!(reg.get(&format!("/v2/{repo}/manifests/{}", img.digest)).await.status(), 404);
 });
 
