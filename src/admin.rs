@@ -493,7 +493,9 @@ impl AdminRequest {
                 let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
                 AdminRequest::ReportInUse { source: source.to_string(), images: body.images, ttl_ms }
             }
-            ("DELETE", "in-use", source) if !source.is_empty() => AdminRequest::WithdrawInUse(source.to_string()),
+            ("DELETE", "in-use", source) if !source.is_empty() => {
+                AdminRequest::WithdrawInUse(source.to_string())
+            }
             ("GET", "preview", text) => AdminRequest::Preview(parse_target(text)?),
             ("GET", "tombstones", name) => AdminRequest::Tombstones(parse_repo(name)?),
             ("GET", "history", text) => match parse_target(text)? {

@@ -244,7 +244,12 @@ pub fn render(request: &AdminRequest, v: &Value) -> String {
                     utc(n(r, "expires_at"))
                 ));
                 for p in items(r, "pinned") {
-                    out.push_str(&format!("  {}@{}  ({})\n", s(p, "repository"), s(p, "digest"), s(p, "reference")));
+                    out.push_str(&format!(
+                        "  {}@{}  ({})\n",
+                        s(p, "repository"),
+                        s(p, "digest"),
+                        s(p, "reference")
+                    ));
                 }
             }
         }

@@ -111,8 +111,9 @@ pub(super) async fn run(args: InUseArgs) -> anyhow::Result<()> {
             (a.conn, AdminRequest::ReportInUse { source: a.source, images, ttl_ms: ttl_ms(&a.ttl)? })
         }
         InUseAction::Kubernetes(a) => {
-            let pods: Value = serde_json::from_reader(std::io::stdin().lock())
-                .map_err(|e| anyhow::anyhow!("standard input is not `kubectl get pods -o json` output: {e}"))?;
+            let pods: Value = serde_json::from_reader(std::io::stdin().lock()).map_err(|e| {
+                anyhow::anyhow!("standard input is not `kubectl get pods -o json` output: {e}")
+            })?;
             let images = kubernetes_images(&pods, &a.registry)?;
             if a.print {
                 for image in &images {
@@ -158,7 +159,8 @@ pub(super) fn kubernetes_images(pods: &Value, registry: &str) -> anyhow::Result<
             ("initContainers", "initContainerStatuses"),
             ("ephemeralContainers", "ephemeralContainerStatuses"),
         ] {
-            let resolved: Vec<&Value> = status[statuses].as_array().map(|a| a.iter().collect()).unwrap_or_default();
+            let resolved: Vec<&Value> =
+                status[statuses].as_array().map(|a| a.iter().collect()).unwrap_or_default();
             for container in spec[specs].as_array().into_iter().flatten() {
                 let Some(image) = container["image"].as_str() else { continue };
                 let Some(reference) = ours(image) else { continue };

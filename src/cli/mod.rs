@@ -538,7 +538,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let target = admin::target(&a.target)?;
             let request = match (a.dry_run, a.force, &target) {
                 (true, ..) => Req::Preview(target),
-                (false, true, DeleteTarget::Manifest(..) | DeleteTarget::Repository(_)) => Req::ForceDelete(target),
+                (false, true, DeleteTarget::Manifest(..) | DeleteTarget::Repository(_)) => {
+                    Req::ForceDelete(target)
+                }
                 (false, ..) => Req::Delete(target),
             };
             (a.conn, request)

@@ -69,7 +69,12 @@ impl MetaStore {
              JOIN repository_blobs rb ON rb.blob_id = b.id \
              JOIN repositories r ON r.id = rb.repository_id \
              WHERE r.name = $1 AND b.digest = $2 AND r.deleted_at IS NULL AND rb.hidden_by_delete IS NULL{}",
-            self.share_lock()
+            // The blob, then its link (docs/design.md, lock order) — not the source repository's
+            // row, which its delete takes before its links.
+            match self.dialect {
+                super::Dialect::Sqlite => "",
+                super::Dialect::Postgres => " FOR SHARE OF b, rb",
+            }
         );
         let lock = self.share_lock();
         let grace = self.windows().blob_grace_ms;

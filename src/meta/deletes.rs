@@ -469,7 +469,7 @@ impl MetaStore {
         let share = self.share_lock();
         let link_sql = format!(
             "SELECT rb.blob_id FROM repository_blobs rb JOIN blobs b ON b.id = rb.blob_id \
-             WHERE rb.repository_id = $1 AND b.digest = $2{}",
+             WHERE rb.repository_id = $1 AND b.digest = $2 AND rb.hidden_by_delete IS NULL{}",
             self.update_lock_of("rb")
         );
         transaction!(self, DeleteError, |tx| {

@@ -95,6 +95,14 @@ enum Verdict {
     Collected(Collected),
 }
 
+/// How a review runs: the clause that locks the item and the rows it removes (`NOWAIT` on
+/// PostgreSQL), and whether it is a dry run's (no queue or outbox rows written).
+#[derive(Clone, Copy)]
+struct How {
+    lock: &'static str,
+    dry: bool,
+}
+
 /// What a dry run has found so far.
 #[derive(Default)]
 struct DryRunState {
@@ -118,6 +126,11 @@ const ITEM_BUSY_PAUSE_MS: i64 = 250;
 /// Whether PostgreSQL refused a `NOWAIT` lock because another transaction holds the row.
 fn is_lock_not_available(e: &sqlx::Error) -> bool {
     e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c == "55P03")
+}
+
+/// Whether PostgreSQL aborted the transaction to break a deadlock.
+fn is_deadlock(e: &sqlx::Error) -> bool {
+    e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c == "40P01")
 }
 
 /// How often an unreferenced blob whose bytes an unfinished import adopted is looked at again.
@@ -212,7 +225,7 @@ impl MetaStore {
             let Some((kind, id)) = row else { return Ok(None) };
             let item = if kind == "blob" { Review::Blob(id) } else { Review::Manifest(id) };
             claimed = Some(item);
-            Ok(Some(Self::carry_out(tx, item, now, w, lock).await?))
+            Ok(Some(Self::carry_out(tx, item, now, w, How { lock, dry: false }).await?))
         });
         match (result, claimed) {
             (Ok(done), _) => Ok(done.map(ReviewOutcome::Done)),
@@ -253,12 +266,20 @@ impl MetaStore {
         item: Review,
         now: i64,
         w: super::Windows,
-        lock: &str,
+        how: How,
     ) -> Result<Collected, sqlx::Error> {
         let verdict = match item {
-            Review::Blob(id) => Self::review_blob(tx, id, now, w.blob_hold_ms(), lock).await?,
-            Review::Manifest(id) => Self::review_manifest(tx, id, now, w, lock).await?,
+            Review::Blob(id) => Self::review_blob(tx, id, now, w.blob_hold_ms(), how).await?,
+            Review::Manifest(id) => Self::review_manifest(tx, id, now, w, how).await?,
         };
+        if how.dry {
+            // A dry run writes no queue row: it follows `made_due` instead, and must not wait for
+            // (or deadlock with) a writer holding one.
+            return Ok(match verdict {
+                Verdict::Collected(c) => c,
+                Verdict::Until(_) | Verdict::Drop => Collected::default(),
+            });
+        }
         Ok(match verdict {
             Verdict::Until(at) => {
                 sqlx::query(
@@ -345,20 +366,37 @@ impl MetaStore {
             Dialect::Sqlite => "",
             Dialect::Postgres => " FOR UPDATE NOWAIT",
         };
+        let how = How { lock, dry: true };
         let removed: Vec<i64> =
             run.made_due_by.get(&item).map(|s| s.iter().copied().collect()).unwrap_or_default();
         let mut tx = self.begin().await?;
         let mut group: Vec<(Review, Collected)> = Vec::new();
         let outcome: Result<(), sqlx::Error> = async {
-            for &manifest in &removed {
-                let row: Option<(i64, String)> = sqlx::query_as(&format!(
-                    "SELECT repository_id, digest FROM manifests WHERE id = $1{lock}"
-                ))
-                .bind(manifest)
-                .fetch_optional(&mut *tx)
-                .await?;
-                if let Some((repo_id, digest)) = row {
-                    Self::collect_manifest(&mut tx, manifest, repo_id, &digest, now, lock).await?;
+            if !removed.is_empty() {
+                // Only what ties `item` to the collected manifests that made it due goes (not the
+                // manifests themselves: a layer a thousand old images share would lock them all).
+                let ids = removed.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+                let statements: Vec<String> = match item {
+                    Review::Blob(_) => vec![
+                        format!("SELECT manifest_id FROM manifest_blobs WHERE blob_id = $1 AND manifest_id IN ({ids}){lock}"),
+                        format!("DELETE FROM manifest_blobs WHERE blob_id = $1 AND manifest_id IN ({ids})"),
+                    ],
+                    Review::Manifest(_) => vec![
+                        format!("SELECT parent_id FROM manifest_children WHERE child_id = $1 AND parent_id IN ({ids}){lock}"),
+                        format!("DELETE FROM manifest_children WHERE child_id = $1 AND parent_id IN ({ids})"),
+                        // A subject among them: as if gone (a live subject holds its referrers).
+                        format!(
+                            "SELECT id FROM manifests WHERE id IN ({ids}) AND deleted_at IS NULL \
+                             AND digest = (SELECT subject_digest FROM manifests WHERE id = $1){lock}"
+                        ),
+                        format!(
+                            "UPDATE manifests SET deleted_at = 0, unrestorable = 'collected' WHERE id IN ({ids}) \
+                             AND deleted_at IS NULL AND digest = (SELECT subject_digest FROM manifests WHERE id = $1)"
+                        ),
+                    ],
+                };
+                for sql in statements.iter().filter(|sql| !lock.is_empty() || !sql.starts_with("SELECT")) {
+                    sqlx::query(sql).bind(item.id()).execute(&mut *tx).await?;
                 }
             }
             let mut next = vec![item];
@@ -367,7 +405,7 @@ impl MetaStore {
                     break;
                 }
                 run.reviews += 1;
-                let done = Self::carry_out(&mut tx, item, now, self.windows, lock).await?;
+                let done = Self::carry_out(&mut tx, item, now, self.windows, how).await?;
                 next.extend(done.made_due.iter().rev());
                 group.push((item, done));
             }
@@ -377,7 +415,9 @@ impl MetaStore {
         tx.rollback().await?;
         match outcome {
             Ok(()) => {}
-            Err(e) if is_lock_not_available(&e) => {
+            // Another writer holds a row the review needs (PostgreSQL never lets a dry run wait:
+            // `NOWAIT`; a deadlock it was picked for is the same).
+            Err(e) if is_lock_not_available(&e) || is_deadlock(&e) => {
                 run.busy += 1;
                 return Ok(());
             }
@@ -439,8 +479,9 @@ impl MetaStore {
         id: i64,
         now: i64,
         grace: i64,
-        lock: &str,
+        how: How,
     ) -> Result<Verdict, sqlx::Error> {
+        let lock = how.lock;
         let sql =
             format!("SELECT digest, size, storage_key, created_at, seen_at FROM blobs WHERE id = $1{lock}");
         let row: Option<(String, i64, String, i64, Option<i64>)> =
@@ -528,7 +569,9 @@ impl MetaStore {
             return Ok(Verdict::Until(now.saturating_add(IMPORT_RECHECK_MS)));
         }
         sqlx::query("DELETE FROM repository_blobs WHERE blob_id = $1").bind(id).execute(&mut *tx).await?;
-        Self::to_outbox(tx, &key, now).await?;
+        if !how.dry {
+            Self::to_outbox(tx, &key, now).await?;
+        }
         sqlx::query("DELETE FROM blobs WHERE id = $1").bind(id).execute(&mut *tx).await?;
         Ok(Verdict::Collected(Collected {
             manifests: 0,
@@ -544,8 +587,9 @@ impl MetaStore {
         id: i64,
         now: i64,
         w: super::Windows,
-        lock: &str,
+        how: How,
     ) -> Result<Verdict, sqlx::Error> {
+        let lock = how.lock;
         let sql = format!(
             "SELECT repository_id, digest, subject_digest, pushed_at, pulled_at, deleted_at, unrestorable \
              FROM manifests WHERE id = $1{lock}"
@@ -624,7 +668,7 @@ impl MetaStore {
                 return Ok(Verdict::Until(grace_end));
             }
         }
-        let made_due = Self::collect_manifest(tx, id, repo_id, &digest, now, lock).await?;
+        let made_due = Self::collect_manifest(tx, id, repo_id, &digest, now, how).await?;
         let (repo,): (String,) = sqlx::query_as("SELECT name FROM repositories WHERE id = $1")
             .bind(repo_id)
             .fetch_one(&mut *tx)
@@ -647,8 +691,9 @@ impl MetaStore {
         repo_id: i64,
         digest: &str,
         now: i64,
-        lock: &str,
+        how: How,
     ) -> Result<Vec<Review>, sqlx::Error> {
+        let lock = how.lock;
         // The rows removed below that other transactions write too (an index push's references,
         // a tag write) are locked the way the item was (`NOWAIT` in a pass): the collector holds
         // the item's queue row, so it must not wait for a writer that may want that queue row.
@@ -700,8 +745,10 @@ impl MetaStore {
             .map(|(m,)| Review::Manifest(m))
             .chain(blobs.into_iter().map(|(b,)| Review::Blob(b)))
             .collect();
-        for &item in &made_due {
-            Self::enqueue(tx, item, now).await?;
+        if !how.dry {
+            for &item in &made_due {
+                Self::enqueue(tx, item, now).await?;
+            }
         }
         Ok(made_due)
     }

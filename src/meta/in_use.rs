@@ -152,7 +152,8 @@ impl MetaStore {
                 if live.contains(&id) {
                     pinned.push(PinnedImage { repository, digest, reference });
                 } else {
-                    unresolved.push(Unresolved { reference, why: "deleted while it was being reported".into() });
+                    unresolved
+                        .push(Unresolved { reference, why: "deleted while it was being reported".into() });
                 }
             }
             let before = Self::pinned_by(tx, source).await?;
@@ -206,7 +207,10 @@ impl MetaStore {
     pub async fn withdraw_in_use(&self, source: &str, now: i64) -> Result<bool> {
         transaction!(self, Error, |tx| {
             let before = Self::pinned_by(tx, source).await?;
-            let gone = sqlx::query("DELETE FROM in_use_reports WHERE source = $1").bind(source).execute(&mut *tx).await?;
+            let gone = sqlx::query("DELETE FROM in_use_reports WHERE source = $1")
+                .bind(source)
+                .execute(&mut *tx)
+                .await?;
             sqlx::query("DELETE FROM in_use_pins WHERE source = $1").bind(source).execute(&mut *tx).await?;
             let released: Vec<(String, String)> = before.into_iter().collect();
             Self::review_released(tx, &released, now).await?;
@@ -232,7 +236,14 @@ impl MetaStore {
             .bind(&source)
             .fetch_all(&self.read)
             .await?;
-            out.push(InUseReport { source, reported_at, expires_at, reported_by, lapsed: expires_at <= now, pinned });
+            out.push(InUseReport {
+                source,
+                reported_at,
+                expires_at,
+                reported_by,
+                lapsed: expires_at <= now,
+                pinned,
+            });
         }
         Ok(out)
     }
@@ -265,7 +276,10 @@ impl MetaStore {
         .bind(now)
         .fetch_all(&mut *tx)
         .await?;
-        Ok(rows.into_iter().map(|(source, reported_at, expires_at)| Pin { source, reported_at, expires_at }).collect())
+        Ok(rows
+            .into_iter()
+            .map(|(source, reported_at, expires_at)| Pin { source, reported_at, expires_at })
+            .collect())
     }
 
     /// Every manifest of repository `repo` (id `repo_id`) that a live pin holds at `now` — pinned
@@ -325,7 +339,10 @@ impl MetaStore {
     }
 
     /// The (repository, digest) pairs `source` pins now.
-    async fn pinned_by(tx: &mut AnyConnection, source: &str) -> Result<BTreeSet<(String, String)>, sqlx::Error> {
+    async fn pinned_by(
+        tx: &mut AnyConnection,
+        source: &str,
+    ) -> Result<BTreeSet<(String, String)>, sqlx::Error> {
         let rows: Vec<(String, String)> =
             sqlx::query_as("SELECT repository, digest FROM in_use_pins WHERE source = $1")
                 .bind(source)
@@ -336,7 +353,11 @@ impl MetaStore {
 
     /// Puts the live manifests no longer pinned by a report back on the review queue (queue rows
     /// last): the pin may have been all that held them.
-    async fn review_released(tx: &mut AnyConnection, released: &[(String, String)], now: i64) -> Result<(), sqlx::Error> {
+    async fn review_released(
+        tx: &mut AnyConnection,
+        released: &[(String, String)],
+        now: i64,
+    ) -> Result<(), sqlx::Error> {
         let mut ids = BTreeSet::new();
         for (repository, digest) in released {
             let row: Option<(i64,)> = sqlx::query_as(
@@ -365,7 +386,10 @@ impl MetaStore {
             }
             let mut next = Vec::new();
             for batch in level.chunks(500) {
-                let sql = format!("SELECT child_id FROM manifest_children WHERE parent_id IN ({})", join_ids(batch));
+                let sql = format!(
+                    "SELECT child_id FROM manifest_children WHERE parent_id IN ({})",
+                    join_ids(batch)
+                );
                 let children: Vec<(i64,)> = sqlx::query_as(&sql).fetch_all(&mut *tx).await?;
                 next.extend(children.into_iter().map(|(c,)| c).filter(|c| all.insert(*c)));
             }
@@ -383,10 +407,12 @@ impl MetaStore {
         let mut live = BTreeSet::new();
         let ids: Vec<i64> = ids.iter().copied().collect();
         for batch in ids.chunks(500) {
-            let sql = format!("SELECT id FROM manifests WHERE id IN ({}) ORDER BY id{share}", join_ids(batch));
+            let sql =
+                format!("SELECT id FROM manifests WHERE id IN ({}) ORDER BY id{share}", join_ids(batch));
             sqlx::query(&sql).execute(&mut *tx).await?;
             // Read after the lock: a delete that committed while this waited is seen.
-            let sql = format!("SELECT id FROM manifests WHERE id IN ({}) AND deleted_at IS NULL", join_ids(batch));
+            let sql =
+                format!("SELECT id FROM manifests WHERE id IN ({}) AND deleted_at IS NULL", join_ids(batch));
             let rows: Vec<(i64,)> = sqlx::query_as(&sql).fetch_all(&mut *tx).await?;
             live.extend(rows.into_iter().map(|(id,)| id));
         }

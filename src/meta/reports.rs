@@ -193,7 +193,12 @@ impl MetaStore {
     ///
     /// # Errors
     /// [`super::Error::Database`].
-    pub async fn preview_manifest_delete(&self, repo: &RepoName, digest: &Digest) -> Result<Option<Preview>> {
+    pub async fn preview_manifest_delete(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        now: i64,
+    ) -> Result<Option<Preview>> {
         let Some(repo_id) = self.repo_id(repo).await? else { return Ok(None) };
         let Some(id) = self.live_manifest_id(repo_id, digest.as_str()).await? else { return Ok(None) };
         let group = self.with_referrers(repo_id, id, digest.as_str()).await?;
@@ -213,6 +218,17 @@ impl MetaStore {
                     "manifest {member_digest} is listed by the image index {index} in repository {repo}; delete the index first"
                 ));
                 break;
+            }
+        }
+        if preview.refused.is_none() {
+            let mut conn = self.read.acquire().await?;
+            for (_, member_digest) in &group {
+                if let Some(pin) = Self::pins_on(&mut conn, repo.as_str(), member_digest, now).await?.first() {
+                    preview.refused = Some(format!(
+                        "manifest {member_digest} in repository {repo} is {pin}; an administrator may delete it with force"
+                    ));
+                    break;
+                }
             }
         }
         Ok(Some(preview))
@@ -259,7 +275,7 @@ impl MetaStore {
     ///
     /// # Errors
     /// [`super::Error::Database`].
-    pub async fn preview_repository_delete(&self, repo: &RepoName) -> Result<Option<Preview>> {
+    pub async fn preview_repository_delete(&self, repo: &RepoName, now: i64) -> Result<Option<Preview>> {
         let Some(repo_id) = self.repo_id(repo).await? else { return Ok(None) };
         let live: Vec<(i64, String)> = sqlx::query_as(
             "SELECT id, digest FROM manifests WHERE repository_id = $1 AND deleted_at IS NULL ORDER BY digest",
@@ -267,7 +283,15 @@ impl MetaStore {
         .bind(repo_id)
         .fetch_all(&self.read)
         .await?;
-        Ok(Some(self.preview(repo_id, &live, Taken::Repository(repo_id)).await?))
+        let mut preview = self.preview(repo_id, &live, Taken::Repository(repo_id)).await?;
+        let mut conn = self.read.acquire().await?;
+        let pinned = Self::pinned_in(&mut conn, repo.as_str(), repo_id, now).await?;
+        if let Some((digest, pin)) = live.iter().find_map(|(_, d)| pinned.get(d).map(|p| (d, p))) {
+            preview.refused = Some(format!(
+                "repository {repo} holds manifest {digest}, {pin}; an administrator may delete it with force"
+            ));
+        }
+        Ok(Some(preview))
     }
 
     async fn live_manifest_id(&self, repo_id: i64, digest: &str) -> Result<Option<i64>> {

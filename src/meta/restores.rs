@@ -29,8 +29,10 @@ struct Revive {
     lock_repository: String,
     /// Locks one manifest row by id for update.
     lock_manifest: String,
-    /// The clause that locks the link rows (`rb`) a revive relies on (and may un-hide).
+    /// The clause that share-locks the link rows (`rb`) a revive relies on.
     link_lock: &'static str,
+    /// The clause that locks them exclusively, when some are hidden (the revive un-hides them).
+    hidden_link_lock: &'static str,
     tag: TagCtx,
 }
 
@@ -58,8 +60,11 @@ impl MetaStore {
                 "SELECT id FROM manifests WHERE id = $1{}",
                 self.update_lock_of("manifests")
             ),
-            // Exclusive: a revive un-hides the links a repository delete hid (below).
             link_lock: match self.dialect {
+                super::Dialect::Sqlite => "",
+                super::Dialect::Postgres => " FOR SHARE",
+            },
+            hidden_link_lock: match self.dialect {
                 super::Dialect::Sqlite => "",
                 super::Dialect::Postgres => " FOR UPDATE",
             },
@@ -175,7 +180,7 @@ impl MetaStore {
         let lock = format!(
             "SELECT blob_id FROM repository_blobs WHERE repository_id = $1 AND hidden_by_delete = $2 \
              ORDER BY blob_id{}",
-            c.link_lock
+            c.hidden_link_lock
         );
         let _: Vec<(i64,)> = sqlx::query_as(&lock).bind(repo_id).bind(delete_id).fetch_all(&mut *tx).await?;
         sqlx::query("UPDATE repository_blobs SET hidden_by_delete = NULL WHERE repository_id = $1 AND hidden_by_delete = $2")
@@ -216,10 +221,19 @@ impl MetaStore {
         // tree relies on, in blob order, so an unlink or purge waits for this transaction (or
         // committed first and is seen by `check_links`).
         let ids = tree.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+        // Exclusively when a repository delete hid some (the revive un-hides them): no link can
+        // be hidden meanwhile, as hiding takes the repository row every revive has locked.
+        let hidden: Option<(i64,)> = sqlx::query_as(&format!(
+            "SELECT blob_id FROM repository_blobs WHERE repository_id = $1 AND hidden_by_delete IS NOT NULL \
+             AND blob_id IN (SELECT blob_id FROM manifest_blobs WHERE manifest_id IN ({ids})) LIMIT 1"
+        ))
+        .bind(repo_id)
+        .fetch_optional(&mut *tx)
+        .await?;
         let links = format!(
             "SELECT rb.blob_id FROM repository_blobs rb WHERE rb.repository_id = $1 AND rb.blob_id IN \
              (SELECT blob_id FROM manifest_blobs WHERE manifest_id IN ({ids})) ORDER BY rb.blob_id{}",
-            c.link_lock
+            if hidden.is_some() { c.hidden_link_lock } else { c.link_lock }
         );
         let _: Vec<(i64,)> = sqlx::query_as(&links).bind(repo_id).fetch_all(&mut *tx).await?;
         for m in &tree {
@@ -325,8 +339,8 @@ impl MetaStore {
                 "manifest {digest} of {repo} changed during the restore"
             )));
         }
-        // Its blobs show in the repository again if a repository delete hid their links (the
-        // links were locked with the tree).
+        // Its blobs show in the repository again if a repository delete hid their links (then
+        // they were locked exclusively with the tree; otherwise this touches no row).
         sqlx::query(
             "UPDATE repository_blobs SET hidden_by_delete = NULL WHERE repository_id = $1 \
              AND hidden_by_delete IS NOT NULL AND blob_id IN (SELECT blob_id FROM manifest_blobs WHERE manifest_id = $2)",

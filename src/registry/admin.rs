@@ -172,7 +172,7 @@ impl Registry {
     async fn delete_preview_ignoring_immutability(&self, target: &DeleteTarget) -> Result<Preview> {
         match target {
             DeleteTarget::Manifest(repo, digest) => {
-                self.meta.preview_manifest_delete(repo, digest).await?.ok_or(Error::ManifestUnknown)
+                self.meta.preview_manifest_delete(repo, digest, self.clock.now_ms()).await?.ok_or(Error::ManifestUnknown)
             }
             DeleteTarget::Tag(repo, tag) => self
                 .meta
@@ -180,7 +180,7 @@ impl Registry {
                 .await?
                 .ok_or_else(|| Error::TagUnknown(format!("tag {tag} not in repository {repo}"))),
             DeleteTarget::Repository(repo) => {
-                self.meta.preview_repository_delete(repo).await?.ok_or(Error::NameUnknown)
+                self.meta.preview_repository_delete(repo, self.clock.now_ms()).await?.ok_or(Error::NameUnknown)
             }
         }
     }

@@ -47,7 +47,10 @@ impl Registry {
     ) -> Result<Reported> {
         check_source(source)?;
         if ttl_ms <= 0 || ttl_ms > MAX_TTL_MS {
-            return Err(Error::Invalid(format!("ttl must be more than 0 and at most {} days", MAX_TTL_MS / 86_400_000)));
+            return Err(Error::Invalid(format!(
+                "ttl must be more than 0 and at most {} days",
+                MAX_TTL_MS / 86_400_000
+            )));
         }
         if references.len() > MAX_REFERENCES {
             return Err(Error::Invalid(format!("a report carries at most {MAX_REFERENCES} references")));
@@ -58,7 +61,8 @@ impl Registry {
             parsed.push((repo, reference, text.trim().to_string()));
         }
         let now = self.clock.now_ms();
-        let reported = self.meta.report_in_use(source, &parsed, now.saturating_add(ttl_ms), actor, now).await?;
+        let reported =
+            self.meta.report_in_use(source, &parsed, now.saturating_add(ttl_ms), actor, now).await?;
         tracing::info!(
             target: crate::telemetry::AUDIT,
             action = "report-in-use",

@@ -101,7 +101,12 @@ impl Registry {
     ///
     /// # Errors
     /// [`Error::ManifestUnknown`].
-    pub async fn manifest(&self, repo: &RepoName, reference: &Reference, puller: Option<&str>) -> Result<ManifestRow> {
+    pub async fn manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        puller: Option<&str>,
+    ) -> Result<ManifestRow> {
         let row = self.meta.manifest(repo, reference).await?.ok_or(Error::ManifestUnknown)?;
         self.pulled(row.id, puller);
         Ok(row)

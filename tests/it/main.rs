@@ -16,6 +16,7 @@ mod explain;
 mod faults;
 mod fsck;
 pub mod gc;
+mod in_use;
 mod limits;
 mod manifests;
 mod metrics;

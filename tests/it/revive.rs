@@ -404,7 +404,8 @@ backend_test!(retention_deletes_an_untagged_manifest_only_if_unused_since_it_loo
     assert_eq!(reg.get(&format!("/v2/{repo}/manifests/{}", img.digest)).await.status(), 200);
     reg.app.registry.flush_access().await.unwrap();
     let now = reg.app.registry.clock().now_ms();
-    let refused = meta.delete_manifest(&name, &img.digest, Some(evaluated), false, Some("retention:r"), now).await;
+    let refused =
+        meta.delete_manifest(&name, &img.digest, Some(evaluated), false, Some("retention:r"), now).await;
     assert!(
         matches!(refused, Err(berth::meta::DeleteError::Refused(berth::meta::Refusal::Precondition(_)))),
         "{refused:?}"

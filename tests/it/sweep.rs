@@ -286,9 +286,15 @@ backend_test!(
         if on_s3 {
             assert!(published.starts_with(&prefix), "{published} is outside the session {prefix}");
             assert_eq!(swept, 0, "the sweep took bytes an open session owns");
+            assert!(
+                blobs.list("").await.unwrap().contains(&published),
+                "the published bytes are still stored"
+            );
             let done = complete((id, digest.clone(), size, published)).await.unwrap();
             assert!(done.is_some(), "the session was open: the completion records the blob");
-            assert_eq!(reg.get(&format!("/v2/sweep/stalled/blobs/{digest}")).await.status(), 200);
+            let got = reg.get(&format!("/v2/sweep/stalled/blobs/{digest}")).await;
+            assert_eq!(got.status(), 200);
+            assert_eq!(got.bytes().await.unwrap().as_ref(), random_bytes(1370, 700).as_slice());
         } else {
             assert_eq!(swept, 1, "published outside the session: an orphan once blob_grace passed");
             let late = complete((id, digest.clone(), size, published)).await;
