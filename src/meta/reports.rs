@@ -223,7 +223,8 @@ impl MetaStore {
         if preview.refused.is_none() {
             let mut conn = self.read.acquire().await?;
             for (_, member_digest) in &group {
-                if let Some(pin) = Self::pins_on(&mut conn, repo.as_str(), member_digest, now).await?.first() {
+                if let Some(pin) = Self::pins_on(&mut conn, repo.as_str(), member_digest, now).await?.first()
+                {
                     preview.refused = Some(format!(
                         "manifest {member_digest} in repository {repo} is {pin}; an administrator may delete it with force"
                     ));

@@ -171,17 +171,21 @@ impl Registry {
 
     async fn delete_preview_ignoring_immutability(&self, target: &DeleteTarget) -> Result<Preview> {
         match target {
-            DeleteTarget::Manifest(repo, digest) => {
-                self.meta.preview_manifest_delete(repo, digest, self.clock.now_ms()).await?.ok_or(Error::ManifestUnknown)
-            }
+            DeleteTarget::Manifest(repo, digest) => self
+                .meta
+                .preview_manifest_delete(repo, digest, self.clock.now_ms())
+                .await?
+                .ok_or(Error::ManifestUnknown),
             DeleteTarget::Tag(repo, tag) => self
                 .meta
                 .preview_tag_delete(repo, tag)
                 .await?
                 .ok_or_else(|| Error::TagUnknown(format!("tag {tag} not in repository {repo}"))),
-            DeleteTarget::Repository(repo) => {
-                self.meta.preview_repository_delete(repo, self.clock.now_ms()).await?.ok_or(Error::NameUnknown)
-            }
+            DeleteTarget::Repository(repo) => self
+                .meta
+                .preview_repository_delete(repo, self.clock.now_ms())
+                .await?
+                .ok_or(Error::NameUnknown),
         }
     }
 

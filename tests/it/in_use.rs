@@ -309,3 +309,117 @@ backend_test!(the_kubernetes_reporter_pins_what_pods_run, |reg| {
         .unwrap();
     assert_eq!(res.status(), 405);
 });
+
+// Scanner pulls don't count: with `[access] ignore_pulls_from = ["group:ci"]`, the group's
+// pulls (GET and HEAD) leave a manifest's last-pull time as it was; anyone else's refresh it.
+backend_test!(ignored_pullers_refresh_no_pull_time, |reg| {
+    use crate::auth::{PASSWORD, with_auth};
+    let reg = with_auth(reg, false).await;
+    let mut config = reg.app.config.clone();
+    config.ignore_pulls_from = vec!["group:ci".into()];
+    let dir = reg.stop().await;
+    let reg = TestRegistry::start_with(config, dir).await;
+    let layer = random_bytes(9050, 500);
+    let d = Digest::sha256_of(&layer);
+    let up = reg
+        .req(Method::POST, &format!("/v2/team/app/blobs/uploads/?digest={d}"))
+        .basic_auth("alice", Some(PASSWORD));
+    assert_eq!(up.body(layer).send().await.unwrap().status(), 201);
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": d.as_str(), "size": 500},
+        "layers": [],
+    }))
+    .unwrap();
+    let res = reg
+        .req(Method::PUT, "/v2/team/app/manifests/v1")
+        .basic_auth("alice", Some(PASSWORD))
+        .header("content-type", OCI_MANIFEST)
+        .body(manifest)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let pulled_at = || async {
+        reg.app.registry.flush_access().await.unwrap();
+        let (at,): (Option<i64>,) =
+            sqlx::query_as("SELECT pulled_at FROM manifests").fetch_one(&reg.sql().await).await.unwrap();
+        at
+    };
+    assert_eq!(pulled_at().await, None);
+    for method in [Method::GET, Method::HEAD] {
+        let res = reg
+            .req(method, "/v2/team/app/manifests/v1")
+            .basic_auth("robot", Some(PASSWORD))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+    }
+    assert_eq!(pulled_at().await, None, "the scanner's pulls counted");
+    let before = reg.app.registry.clock().now_ms();
+    let res = reg
+        .req(Method::GET, "/v2/team/app/manifests/v1")
+        .basic_auth("reader", Some(PASSWORD))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let at = pulled_at().await.expect("another user's pull counts");
+    assert!(at >= before, "{at} < {before}");
+});
+
+// Lock, then check (PostgreSQL, made deterministic by holding the manifest's row from a third
+// connection): a report and a delete queued on the same manifest end consistently in either
+// order — the report first pins it and the delete is refused; the delete first tombstones it and
+// the report says it pins nothing. Never a delete of what a committed report pinned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_report_and_a_delete_racing_for_a_manifest_agree() {
+    use crate::revive::LockHolder;
+    let Some(reg) = TestRegistry::try_start(Backend::Postgres).await else { return };
+    for (seed, report_first) in [(9060, true), (9070, false)] {
+        let repo = format!("race/pin{seed}");
+        let img = reg.push_image(&repo, "v1", seed).await;
+        let mut holder =
+            LockHolder::lock(&reg, "SELECT id FROM manifests WHERE digest = $1 FOR UPDATE", &img.digest)
+                .await;
+        let registry = reg.app.registry.clone();
+        let reference = format!("{repo}@{}", img.digest);
+        let report = move || {
+            let (registry, reference) = (registry.clone(), reference.clone());
+            tokio::spawn(async move { registry.report_in_use("racer", &[reference], 3_600_000, None).await })
+        };
+        let registry = reg.app.registry.clone();
+        let (name, digest) = (berth::oci::RepoName::parse(&repo).unwrap(), img.digest.clone());
+        let delete = move || {
+            let (registry, name, digest) = (registry.clone(), name.clone(), digest.clone());
+            tokio::spawn(async move { registry.delete_manifest(&name, &digest, false, None).await })
+        };
+        let (reported, deleted) = if report_first {
+            let r = report();
+            holder.wait_for_waiters(1).await;
+            let d = delete();
+            holder.wait_for_waiters(2).await;
+            holder.release().await;
+            (r.await.unwrap().unwrap(), d.await.unwrap())
+        } else {
+            let d = delete();
+            holder.wait_for_waiters(1).await;
+            let r = report();
+            holder.wait_for_waiters(2).await;
+            holder.release().await;
+            (r.await.unwrap().unwrap(), d.await.unwrap())
+        };
+        if report_first {
+            assert_eq!(reported.report.pinned.len(), 1);
+            let err = deleted.expect_err("the delete must see the pin");
+            assert!(err.to_string().contains("in use by racer"), "{err}");
+            assert_eq!(reg.get(&format!("/v2/{repo}/manifests/{}", img.digest)).await.status(), 200);
+        } else {
+            deleted.expect("the delete came first");
+            assert!(reported.report.pinned.is_empty(), "{reported:?}");
+            assert_eq!(reported.unresolved.len(), 1);
+            assert_eq!(reg.get(&format!("/v2/{repo}/manifests/{}", img.digest)).await.status(), 404);
+        }
+    }
+}
