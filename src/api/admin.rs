@@ -13,9 +13,10 @@ use crate::admin::{AdminRequest, ParseError, Refused};
 use crate::app::App;
 use crate::auth::{Denial, Identity, Operation};
 
-/// Largest admin request body: an in-use report of a large cluster (50,000 references of a
-/// few hundred bytes at most); the other bodies are a purge reason or a revert target.
-const MAX_BODY: usize = 16 * 1024 * 1024;
+/// Largest admin request body (a purge reason, a revert target).
+const MAX_BODY: usize = 64 * 1024;
+/// Largest in-use report (`PUT in-use/SOURCE`): 50,000 references of a few hundred bytes.
+const MAX_REPORT_BODY: usize = 16 * 1024 * 1024;
 
 /// `/admin/v1/…`.
 pub(super) async fn handle(State(app): State<App>, req: Request) -> Response {
@@ -32,13 +33,20 @@ async fn dispatch(app: &App, req: Request) -> Result<Response, ApiError> {
     let who = authenticate(app, &parts.headers)?;
     let path = parts.uri.path().strip_prefix("/admin/v1/").unwrap_or("");
     let anonymous = app.auth.is_some() && who == Identity::Anonymous;
-    let body = match axum::body::to_bytes(body, MAX_BODY).await {
+    // An anonymous caller may at most read (no admin request of theirs carries a body); only an
+    // in-use report may be large.
+    let limit = match (anonymous, parts.method.as_str(), path.starts_with("in-use/")) {
+        (true, ..) => 0,
+        (false, "PUT", true) => MAX_REPORT_BODY,
+        _ => MAX_BODY,
+    };
+    let body = match axum::body::to_bytes(body, limit).await {
         Ok(body) => body,
         Err(_) if anonymous => return Err(challenge(app)),
         Err(e) => {
             return Err(ApiError::new(ErrorCode::Unsupported)
                 .status(StatusCode::PAYLOAD_TOO_LARGE)
-                .message(format!("admin request bodies are at most {MAX_BODY} bytes: {e}")));
+                .message(format!("this admin request's body may be at most {limit} bytes: {e}")));
         }
     };
     let body = (!body.is_empty()).then_some(&body[..]);

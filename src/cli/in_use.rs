@@ -165,21 +165,37 @@ pub(super) fn kubernetes_images(pods: &Value, registry: &str) -> anyhow::Result<
                 let Some(image) = container["image"].as_str() else { continue };
                 let Some(reference) = ours(image) else { continue };
                 let name = container["name"].as_str().unwrap_or_default();
-                let digest = resolved
+                let runtime_id = resolved
                     .iter()
                     .find(|s| s["name"].as_str() == Some(name))
                     .and_then(|s| s["imageID"].as_str())
-                    // Only an id naming this registry is a manifest digest here (a bare `sha256:…`
-                    // from some runtimes is the local image id, a config digest).
-                    .and_then(ours)
-                    .and_then(|id| id.rsplit_once('@').map(|(_, d)| d.to_string()));
-                let repo = repository_of(&reference);
+                    .filter(|id| !id.is_empty());
+                // Only an id naming this registry is a manifest digest here (a bare `sha256:…`
+                // from some runtimes is the local image id, a config digest). Its repository is
+                // the one the digest was pulled from (it may differ from the spec's).
+                let pulled = runtime_id.and_then(ours).and_then(|id| {
+                    id.rsplit_once('@').map(|(r, d)| (repository_of(r).to_string(), d.to_string()))
+                });
+                if let Some((repo, digest)) = pulled {
+                    found.insert(format!("{repo}@{digest}"));
+                    continue;
+                }
+                if let Some(id) = runtime_id
+                    && !reference.contains('@')
+                {
+                    eprintln!(
+                        "warning: {}/{} container {name}: the runtime's image id {id} names no manifest of \
+                         {registry}; reporting {reference}, which pins what the tag points at now",
+                        pod["metadata"]["namespace"].as_str().unwrap_or("?"),
+                        pod["metadata"]["name"].as_str().unwrap_or("?"),
+                    );
+                }
                 let tagged = reference.rsplit_once(':').is_some_and(|(_, t)| !t.contains('/'));
-                found.insert(match digest {
-                    Some(d) => format!("{repo}@{d}"),
-                    None if reference.contains('@') || tagged => reference,
+                found.insert(if reference.contains('@') || tagged {
+                    reference
+                } else {
                     // No tag: Kubernetes means `latest`.
-                    None => format!("{reference}:latest"),
+                    format!("{reference}:latest")
                 });
             }
         }

@@ -101,6 +101,20 @@ impl MetaStore {
     ) -> Result<Reported> {
         let share = self.share_lock();
         transaction!(self, Error, |tx| {
+            // The source's row first: two reports of one source (an overlapping cron run) take
+            // turns, and the second replaces the first's pins whole.
+            sqlx::query(
+                "INSERT INTO in_use_reports (source, reported_at, expires_at, reported_by) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (source) DO UPDATE SET reported_at = excluded.reported_at, \
+                 expires_at = excluded.expires_at, reported_by = excluded.reported_by",
+            )
+            .bind(source)
+            .bind(now)
+            .bind(expires_at)
+            .bind(actor)
+            .execute(&mut *tx)
+            .await?;
+            let before = Self::pinned_by(tx, source).await?;
             // Resolve every reference to a live manifest row (no lock yet: the ids are locked
             // below, in id order, and re-read after).
             let mut wanted: BTreeMap<i64, (String, String, String)> = BTreeMap::new();
@@ -156,19 +170,7 @@ impl MetaStore {
                         .push(Unresolved { reference, why: "deleted while it was being reported".into() });
                 }
             }
-            let before = Self::pinned_by(tx, source).await?;
             sqlx::query("DELETE FROM in_use_pins WHERE source = $1").bind(source).execute(&mut *tx).await?;
-            sqlx::query(
-                "INSERT INTO in_use_reports (source, reported_at, expires_at, reported_by) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (source) DO UPDATE SET reported_at = excluded.reported_at, \
-                 expires_at = excluded.expires_at, reported_by = excluded.reported_by",
-            )
-            .bind(source)
-            .bind(now)
-            .bind(expires_at)
-            .bind(actor)
-            .execute(&mut *tx)
-            .await?;
             let mut seen = BTreeSet::new();
             for p in &pinned {
                 if !seen.insert((p.repository.clone(), p.digest.clone())) {
@@ -186,7 +188,13 @@ impl MetaStore {
                 .execute(&mut *tx)
                 .await?;
             }
-            let released: Vec<(String, String)> = before.into_iter().filter(|k| !seen.contains(k)).collect();
+            // Reviewed again: what is no longer pinned, and what is pinned for less long (the
+            // collector may have scheduled it for the old end).
+            let released: Vec<(String, String)> = before
+                .into_iter()
+                .filter(|(k, old_end)| !seen.contains(k) || *old_end > expires_at)
+                .map(|(k, _)| k)
+                .collect();
             Self::review_released(tx, &released, now).await?;
             let report = InUseReport {
                 source: source.to_string(),
@@ -205,14 +213,20 @@ impl MetaStore {
     /// # Errors
     /// [`Error::Database`].
     pub async fn withdraw_in_use(&self, source: &str, now: i64) -> Result<bool> {
+        let lock = self.update_lock_of("in_use_reports");
         transaction!(self, Error, |tx| {
+            // The source's row first, as a report takes it.
+            sqlx::query(&format!("SELECT source FROM in_use_reports WHERE source = $1{lock}"))
+                .bind(source)
+                .execute(&mut *tx)
+                .await?;
             let before = Self::pinned_by(tx, source).await?;
             let gone = sqlx::query("DELETE FROM in_use_reports WHERE source = $1")
                 .bind(source)
                 .execute(&mut *tx)
                 .await?;
             sqlx::query("DELETE FROM in_use_pins WHERE source = $1").bind(source).execute(&mut *tx).await?;
-            let released: Vec<(String, String)> = before.into_iter().collect();
+            let released: Vec<(String, String)> = before.into_keys().collect();
             Self::review_released(tx, &released, now).await?;
             Ok(gone.rows_affected() > 0)
         })
@@ -338,17 +352,17 @@ impl MetaStore {
         Ok(pinned)
     }
 
-    /// The (repository, digest) pairs `source` pins now.
+    /// The (repository, digest) pairs `source` pins now, with the pins' end.
     async fn pinned_by(
         tx: &mut AnyConnection,
         source: &str,
-    ) -> Result<BTreeSet<(String, String)>, sqlx::Error> {
-        let rows: Vec<(String, String)> =
-            sqlx::query_as("SELECT repository, digest FROM in_use_pins WHERE source = $1")
+    ) -> Result<BTreeMap<(String, String), i64>, sqlx::Error> {
+        let rows: Vec<(String, String, i64)> =
+            sqlx::query_as("SELECT repository, digest, expires_at FROM in_use_pins WHERE source = $1")
                 .bind(source)
                 .fetch_all(&mut *tx)
                 .await?;
-        Ok(rows.into_iter().collect())
+        Ok(rows.into_iter().map(|(r, d, end)| ((r, d), end)).collect())
     }
 
     /// Puts the live manifests no longer pinned by a report back on the review queue (queue rows

@@ -262,7 +262,13 @@ impl MetaStore {
     ///
     /// # Errors
     /// [`Error::Database`].
-    pub async fn retention_frees(&self, repo_id: i64, tags: &[String], manifests: &[String]) -> Result<i64> {
+    pub async fn retention_frees(
+        &self,
+        repo_id: i64,
+        tags: &[String],
+        manifests: &[String],
+        pinned: &std::collections::HashSet<&str>,
+    ) -> Result<i64> {
         use std::collections::{HashMap, HashSet};
         let tag_rows: Vec<(String, i64)> =
             sqlx::query_as("SELECT name, manifest_id FROM tags WHERE repository_id = $1")
@@ -294,6 +300,12 @@ impl MetaStore {
             }
         }
         let by_digest: HashMap<&str, i64> = live.iter().map(|(id, d, _)| (d.as_str(), *id)).collect();
+        // A manifest an in-use report pins stays as if tagged.
+        for d in pinned {
+            if let Some(id) = by_digest.get(d) {
+                *kept_tags.entry(*id).or_default() += 1;
+            }
+        }
         candidates.extend(manifests.iter().filter_map(|d| by_digest.get(d.as_str()).copied()));
         let mut parents: HashMap<i64, Vec<i64>> = HashMap::new();
         let mut children: HashMap<i64, Vec<i64>> = HashMap::new();

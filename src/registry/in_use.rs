@@ -4,7 +4,7 @@
 //! deletes and reviews that check them under their locks.
 
 use super::{Error, Registry, Result};
-use crate::meta::{InUseReport, Reported};
+use crate::meta::{InUseReport, Reported, Unresolved};
 use crate::oci::{Reference, RepoName};
 
 /// The longest a report may pin before it lapses (a year): a dead reporter must not pin forever.
@@ -55,14 +55,20 @@ impl Registry {
         if references.len() > MAX_REFERENCES {
             return Err(Error::Invalid(format!("a report carries at most {MAX_REFERENCES} references")));
         }
+        // A reference that does not parse (a pod stuck in InvalidImageName) pins nothing, but must
+        // not cost the rest of the report: a refused report would let every pin lapse.
         let mut parsed = Vec::with_capacity(references.len());
+        let mut malformed = Vec::new();
         for text in references {
-            let (repo, reference) = parse_reference(text).map_err(Error::Invalid)?;
-            parsed.push((repo, reference, text.trim().to_string()));
+            match parse_reference(text) {
+                Ok((repo, reference)) => parsed.push((repo, reference, text.trim().to_string())),
+                Err(why) => malformed.push(Unresolved { reference: text.trim().to_string(), why }),
+            }
         }
         let now = self.clock.now_ms();
-        let reported =
+        let mut reported =
             self.meta.report_in_use(source, &parsed, now.saturating_add(ttl_ms), actor, now).await?;
+        reported.unresolved.extend(malformed);
         tracing::info!(
             target: crate::telemetry::AUDIT,
             action = "report-in-use",

@@ -272,7 +272,8 @@ impl Registry {
             if !planned.is_empty() || !untagged.is_empty() {
                 let tag_names: Vec<String> = planned.iter().map(|t| t.tag.clone()).collect();
                 let digests: Vec<String> = untagged.iter().map(|m| m.digest.clone()).collect();
-                let freed = self.meta.retention_frees(repo_id, &tag_names, &digests).await?;
+                let pinned_digests = pinned.keys().map(String::as_str).collect();
+                let freed = self.meta.retention_frees(repo_id, &tag_names, &digests, &pinned_digests).await?;
                 report.bytes_freed = Some(report.bytes_freed.unwrap_or(0) + freed);
             }
         } else {

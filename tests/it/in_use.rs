@@ -205,7 +205,6 @@ in_use_test!(the_collector_keeps_what_runs_until_the_pin_goes, |reg| {
     // Bad reports change nothing.
     for (source, body) in [
         ("bad source!", json!({"images": []})),
-        ("ok", json!({"images": ["pin/gc"]})),
         ("ok", json!({"images": [], "ttl": "0s"})),
         ("ok", json!({"images": [], "extra": 1})),
     ] {
@@ -214,6 +213,10 @@ in_use_test!(the_collector_keeps_what_runs_until_the_pin_goes, |reg| {
         assert_eq!(status, 400, "{source}: {v}");
     }
     assert_eq!(reg.admin(Method::GET, "in-use", None).await.1["reports"], json!([]));
+    // A malformed reference (a pod stuck in InvalidImageName) pins nothing but costs nothing else.
+    let v = reg.report("ok", &["Pin/GC:v2".into(), "pin/gc:v2".into()], "1h").await;
+    assert_eq!(v["pinned"][0]["digest"], kept.digest.as_str(), "{v}");
+    assert_eq!(v["unresolved"][0]["reference"], "Pin/GC:v2", "{v}");
 });
 
 // A report naming a tag pins the digest it resolves to when reported: a later push that moves the
@@ -423,3 +426,34 @@ async fn a_report_and_a_delete_racing_for_a_manifest_agree() {
         }
     }
 }
+
+// Two reports of one source at once (an overlapping cron run) take turns on the source's row:
+// both succeed, and the source ends with exactly the later report's pins.
+backend_test!(overlapping_reports_of_one_source_take_turns, |reg| {
+    let a = reg.push_image("pin/overlap", "a", 9080).await;
+    let b = reg.push_image("pin/overlap", "b", 9081).await;
+    for round in 0..10 {
+        let mut runs = Vec::new();
+        for refs in [
+            vec!["pin/overlap:a".to_string()],
+            vec!["pin/overlap:a".to_string(), "pin/overlap:b".to_string()],
+        ] {
+            let registry = reg.app.registry.clone();
+            runs.push(tokio::spawn(
+                async move { registry.report_in_use("cron", &refs, 3_600_000, None).await },
+            ));
+        }
+        for run in runs {
+            run.await.unwrap().unwrap_or_else(|e| panic!("round {round}: {e}"));
+        }
+        let (_, list) = reg.admin(Method::GET, "in-use", None).await;
+        let pinned: Vec<&str> = list["reports"][0]["pinned"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["digest"].as_str().unwrap())
+            .collect();
+        assert!(pinned == [a.digest.as_str()] || pinned.len() == 2, "round {round}: {list}");
+        let _ = &b;
+    }
+});
