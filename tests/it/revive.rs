@@ -608,9 +608,10 @@ async fn interleave(replicas: Vec<TestRegistry>) {
         }));
     }
     // Deletes, restores, reverts, purges and unlinks, through every replica.
+    let purged_by_us: Arc<Mutex<Vec<Digest>>> = Arc::default();
     for (i, reg) in replicas.iter().enumerate() {
-        let (reg, recent, ops, busy, name) =
-            (reg.clone(), recent.clone(), ops.clone(), busy.clone(), name.clone());
+        let (reg, recent, ops, busy, name, purged) =
+            (reg.clone(), recent.clone(), ops.clone(), busy.clone(), name.clone(), purged_by_us.clone());
         tasks.push(tokio::spawn(async move {
             let mut dice = Dice(0x51_7cc1_b727 + i as u64);
             while std::time::Instant::now() < deadline {
@@ -672,7 +673,11 @@ async fn interleave(replicas: Vec<TestRegistry>) {
                     _ => {
                         // Purges are rarer: each takes an image's own layer everywhere.
                         if dice.roll(3) == 0 {
-                            registry.purge_blob(&layers[1], "interleaving", Some("mix")).await.map(drop)
+                            let done = registry.purge_blob(&layers[1], "interleaving", Some("mix")).await;
+                            if done.is_ok() {
+                                purged.lock().unwrap().push(digest.clone());
+                            }
+                            done.map(drop)
                         } else {
                             Ok(())
                         }
@@ -686,6 +691,34 @@ async fn interleave(replicas: Vec<TestRegistry>) {
                     Err(berth::registry::Error::Internal(e)) => panic!("internal error: {e}"),
                     // Refusals (not found, not deleted, cannot be restored, a tag moved since…).
                     Err(_) => {}
+                }
+            }
+        }));
+    }
+    // A cluster reporting what it runs (some recent images), now and then withdrawing: deletes of
+    // what it pins are refused; purges (which no pin holds back) are noted.
+    {
+        let (reg, recent, ops) = (replicas[n - 1].clone(), recent.clone(), ops.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut dice = Dice(0x0dd_ba11);
+            while std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(40)).await;
+                let picked: Vec<String> = {
+                    let r = recent.lock().unwrap();
+                    (0..r.len().min(3))
+                        .map(|_| format!("{REPO}@{}", r[r.len() - 1 - dice.roll(r.len().min(12))].0))
+                        .collect()
+                };
+                ops.fetch_add(1, Relaxed);
+                let outcome = if dice.roll(8) == 0 {
+                    reg.app.registry.withdraw_in_use("mix-cluster", None).await
+                } else {
+                    reg.app.registry.report_in_use("mix-cluster", &picked, 3_600_000, None).await.map(drop)
+                };
+                match outcome {
+                    Ok(())
+                    | Err(berth::registry::Error::NotFound(_) | berth::registry::Error::Unavailable(_)) => {}
+                    Err(e) => panic!("in-use report: {e}"),
                 }
             }
         }));
@@ -734,11 +767,27 @@ async fn interleave(replicas: Vec<TestRegistry>) {
             }
         }
     }
+    // What the cluster's report pins is live, unless a purge (which no pin holds back) took it.
+    let purged: Vec<Digest> = purged_by_us.lock().unwrap().clone();
+    let mut pins = 0;
+    for report in reg.app.registry.in_use_reports().await.unwrap() {
+        for pin in report.pinned {
+            pins += 1;
+            let res = reg.get(&format!("/v2/{REPO}/manifests/{}", pin.digest)).await;
+            assert!(
+                res.status() == 200 || purged.iter().any(|d| d.as_str() == pin.digest),
+                "pinned {} answered {}",
+                pin.digest,
+                res.status()
+            );
+        }
+    }
     let fsck = reg.app.registry.fsck(false, &|_, _| {}).await.unwrap();
     assert!(fsck.clean(), "{:?}", fsck.problems);
     let ops = ops.load(Relaxed);
     eprintln!(
-        "interleave on {n} replica(s): {ops} operations, {} pushes acknowledged, {} tags left, {} answered busy",
+        "interleave on {n} replica(s): {ops} operations, {} pushes acknowledged, {} tags left, {} answered busy, \
+         {pins} pins checked live",
         recent.lock().unwrap().len(),
         tags.len(),
         busy.load(Relaxed)
