@@ -293,10 +293,10 @@ impl AdminRequest {
             AdminRequest::GcStatus
             | AdminRequest::Space(None)
             | AdminRequest::RetentionRun { .. }
-            | AdminRequest::RetentionStatus
-            | AdminRequest::ReportInUse { .. }
-            | AdminRequest::WithdrawInUse(_)
-            | AdminRequest::InUse => Operation::AdministerRegistry,
+            | AdminRequest::RetentionStatus => Operation::AdministerRegistry,
+            AdminRequest::ReportInUse { .. } | AdminRequest::WithdrawInUse(_) | AdminRequest::InUse => {
+                Operation::ReportInUse
+            }
         }
     }
 

@@ -40,6 +40,10 @@ pub enum Action {
     Delete,
     /// Administrative operations.
     Admin,
+    /// Report what runs (in-use reports): granted on `**`, it lets a cluster's reporter pin
+    /// images without the power to purge or force deletes.
+    #[serde(rename = "in-use")]
+    InUse,
 }
 
 impl Action {
@@ -50,6 +54,7 @@ impl Action {
             Action::Push => "push",
             Action::Delete => "delete",
             Action::Admin => "admin",
+            Action::InUse => "in-use",
         }
     }
 
@@ -59,6 +64,7 @@ impl Action {
             "push" => Some(Action::Push),
             "delete" => Some(Action::Delete),
             "admin" | "*" => Some(Action::Admin),
+            "in-use" => Some(Action::InUse),
             _ => None,
         }
     }
@@ -330,6 +336,7 @@ impl Auth {
                     }
             }
             Operation::AdministerRegistry => self.allowed_everywhere(who, Action::Admin),
+            Operation::ReportInUse => self.allowed_everywhere(who, Action::InUse),
         };
         match (ok, who) {
             (true, _) => Ok(()),
@@ -523,6 +530,24 @@ mod tests {
             Err(Denial::Unauthenticated(_))
         ));
         assert_eq!(a.basic_challenge(), "Basic realm=\"Berth\"");
+    }
+
+    #[test]
+    fn reporters_pin_without_administering() {
+        let a = auth(
+            "[[rule]]\nwho = [\"cluster\"]\nrepositories = [\"**\"]\nactions = [\"in-use\"]\n\
+             [[rule]]\nwho = [\"root\"]\nrepositories = [\"**\"]\nactions = [\"admin\"]\n\
+             [[rule]]\nwho = [\"lead\"]\nrepositories = [\"team/**\"]\nactions = [\"in-use\"]\n",
+        );
+        let ok = |who: &str, op| a.decide(&Identity::User(who.into()), op).is_ok();
+        assert!(ok("cluster", Operation::ReportInUse) && ok("root", Operation::ReportInUse));
+        assert!(!ok("lead", Operation::ReportInUse), "pins reach every repository: a rule for ** only");
+        assert!(!ok("cluster", Operation::AdministerRegistry));
+        assert!(
+            !ok("cluster", Operation::Administer("team/app"))
+                && !ok("cluster", Operation::Delete("team/app"))
+        );
+        assert!(!ok("cluster", Operation::Pull("team/app")));
     }
 
     #[test]

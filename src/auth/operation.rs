@@ -38,6 +38,9 @@ pub enum Operation<'a> {
     /// Concern the whole registry — the collector, the total space, retention, the metrics:
     /// `admin` on every repository (a rule for `**`; tokens name repositories, so never a token).
     AdministerRegistry,
+    /// Report, withdraw or list what sources run (in-use reports, which pin manifests in any
+    /// repository): `in-use` (or `admin`) on every repository — a rule for `**`, never a token.
+    ReportInUse,
 }
 
 impl Operation<'_> {
@@ -54,6 +57,9 @@ impl Operation<'_> {
             Operation::Administer(r) => on(Action::Admin, r),
             Operation::AdministerBlob(_) => "this needs `admin` on every repository holding the blob".into(),
             Operation::AdministerRegistry => "this needs `admin` on every repository (a rule for **)".into(),
+            Operation::ReportInUse => {
+                "this needs `in-use` or `admin` on every repository (a rule for **)".into()
+            }
         }
     }
 }

@@ -457,3 +457,58 @@ backend_test!(overlapping_reports_of_one_source_take_turns, |reg| {
         let _ = &b;
     }
 });
+
+// A cluster's reporter needs no admin power: a rule granting `in-use` on `**` lets it report,
+// list and withdraw — and nothing else (no purge, no forced delete, no pull); a rule for a part
+// of the registry is not enough (a report pins anywhere); a `delete` user cannot force.
+backend_test!(a_reporter_account_pins_and_can_do_nothing_else, |reg| {
+    use crate::auth::PASSWORD;
+    let img = reg.push_image("team/app", "v1", 9090).await;
+    let mut config = reg.app.config.clone();
+    let dir = reg.stop().await;
+    let hash = bcrypt::hash(PASSWORD, 4).unwrap();
+    let htpasswd = dir.path().join("htpasswd");
+    std::fs::write(&htpasswd, format!("cluster:{hash}\nlead:{hash}\ndeleter:{hash}\nroot:{hash}\n")).unwrap();
+    let toml = format!(
+        "htpasswd = {:?}\n\
+         [[rule]]\nwho = [\"cluster\"]\nrepositories = [\"**\"]\nactions = [\"in-use\"]\n\
+         [[rule]]\nwho = [\"lead\"]\nrepositories = [\"team/**\"]\nactions = [\"in-use\", \"pull\"]\n\
+         [[rule]]\nwho = [\"deleter\"]\nrepositories = [\"team/**\"]\nactions = [\"pull\", \"delete\"]\n\
+         [[rule]]\nwho = [\"root\"]\nrepositories = [\"**\"]\nactions = [\"admin\"]\n",
+        htpasswd.display().to_string()
+    );
+    config.auth = Some(toml::from_str(&toml).unwrap());
+    let reg = TestRegistry::start_with(config, dir).await;
+    let call = |method: Method, path: &str, user: &str, body: Option<Value>| {
+        let mut req = reg.req(method, &format!("/admin/v1/{path}")).basic_auth(user, Some(PASSWORD));
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    let report = json!({"images": [format!("team/app@{}", img.digest)], "ttl": "1h"});
+    assert_eq!(call(Method::PUT, "in-use/prod", "lead", Some(report.clone())).await, 403);
+    assert_eq!(call(Method::PUT, "in-use/prod", "cluster", Some(report)).await, 200);
+    assert_eq!(call(Method::GET, "in-use", "cluster", None).await, 200);
+    let digest = img.digest.as_str();
+    assert_eq!(
+        call(Method::POST, "purge", "cluster", Some(json!({"digest": digest, "reason": "x"}))).await,
+        403
+    );
+    assert_eq!(
+        call(Method::DELETE, &format!("manifests/team/app@{digest}?force=true"), "cluster", None).await,
+        403
+    );
+    assert_eq!(
+        call(Method::DELETE, &format!("manifests/team/app@{digest}?force=true"), "deleter", None).await,
+        403
+    );
+    assert_eq!(call(Method::DELETE, &format!("manifests/team/app@{digest}"), "deleter", None).await, 405);
+    let pulled = reg.req(Method::GET, "/v2/team/app/manifests/v1").basic_auth("cluster", Some(PASSWORD));
+    assert_eq!(pulled.send().await.unwrap().status(), 403);
+    assert_eq!(
+        call(Method::DELETE, &format!("manifests/team/app@{digest}?force=true"), "root", None).await,
+        200
+    );
+    assert_eq!(call(Method::DELETE, "in-use/prod", "cluster", None).await, 200);
+});
