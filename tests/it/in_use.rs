@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use crate::backend_test;
 use crate::harness::*;
-use crate::retention::with_rules;
+use crate::retention::{retention_test, with_rules};
 
 const HOUR: i64 = 3600 * 1000;
 const DAY: i64 = 24 * HOUR;
@@ -32,29 +32,6 @@ name = "untagged"
 repositories = "pin/**"
 remove_untagged_older_than = "3d"
 "#;
-
-macro_rules! in_use_test {
-    ($name:ident, |$reg:ident| $body:block) => {
-        mod $name {
-            use super::*;
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                let $reg = with_rules(Backend::Sqlite, RULES).await.unwrap();
-                $body
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() {
-                let Some($reg) = with_rules(Backend::Postgres, RULES).await else {
-                    eprintln!("skipping: the scale-out deployment is not configured");
-                    return;
-                };
-                $body
-            }
-        }
-    };
-}
 
 impl TestRegistry {
     async fn report(&self, source: &str, images: &[String], ttl: &str) -> Value {
@@ -82,7 +59,7 @@ fn tags(v: &Value, key: &str) -> Vec<String> {
 // Retention keeps what runs: a tag its rule selects stays while a report pins its manifest (or
 // an index that lists it), reported as kept "in use by SOURCE"; the dry run says so exactly as
 // the real run does; once the report lapses the next run removes it.
-in_use_test!(retention_keeps_what_a_report_pins, |reg| {
+retention_test!(retention_keeps_what_a_report_pins, |reg| {
     let old = reg.push_image("pin/app", "main-1", 9000).await;
     reg.advance_clock(1000);
     reg.push_image("pin/app", "main-2", 9001).await;
@@ -126,7 +103,7 @@ in_use_test!(retention_keeps_what_a_report_pins, |reg| {
 // An explicit delete of a pinned manifest — by the OCI API, the admin API, or of its whole
 // repository — is refused with 405 DENIED naming the source; an administrator forces it.
 // Deleting a tag on it is not refused (the manifest stays, held by the pin).
-in_use_test!(a_delete_of_what_runs_is_refused_unless_forced, |reg| {
+retention_test!(a_delete_of_what_runs_is_refused_unless_forced, |reg| {
     let img = reg.push_image("pin/svc", "v1", 9010).await;
     reg.report("cluster-a", &[format!("pin/svc@{}", img.digest)], "1h").await;
     let res = reg.req(Method::DELETE, &format!("/v2/pin/svc/manifests/{}", img.digest)).send().await.unwrap();
@@ -166,7 +143,7 @@ in_use_test!(a_delete_of_what_runs_is_refused_unless_forced, |reg| {
 
 // The collector keeps a pinned manifest past its untagged grace (gc explain shows the pin); a new
 // report without it, or a withdrawal, lets it go at the next pass.
-in_use_test!(the_collector_keeps_what_runs_until_the_pin_goes, |reg| {
+retention_test!(the_collector_keeps_what_runs_until_the_pin_goes, |reg| {
     let img = reg.push_image("pin/gc", "v1", 9020).await;
     let kept = reg.push_image("pin/gc", "v2", 9021).await;
     assert_eq!(reg.req(Method::DELETE, "/v2/pin/gc/manifests/v1").send().await.unwrap().status(), 202);
@@ -221,7 +198,7 @@ in_use_test!(the_collector_keeps_what_runs_until_the_pin_goes, |reg| {
 
 // A report naming a tag pins the digest it resolves to when reported: a later push that moves the
 // tag moves nothing pinned.
-in_use_test!(a_reported_tag_pins_its_digest_at_report_time, |reg| {
+retention_test!(a_reported_tag_pins_its_digest_at_report_time, |reg| {
     let first = reg.push_image("pin/tagged", "live", 9030).await;
     reg.report("edge", &["pin/tagged:live".into()], "1h").await;
     let second = reg.push_image("pin/tagged", "live", 9031).await;

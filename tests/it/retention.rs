@@ -67,7 +67,8 @@ pub(crate) async fn with_rules(backend: Backend, rules: &str) -> Option<TestRegi
     Some(TestRegistry::start_with(config, dir).await)
 }
 
-/// A test per deployment on a registry with [`RULES`].
+/// A test per deployment on a registry with the calling module's `RULES` (and its
+/// `with_rules` in scope).
 macro_rules! retention_test {
     ($name:ident, |$reg:ident| $body:block) => {
         mod $name {
@@ -90,6 +91,7 @@ macro_rules! retention_test {
         }
     };
 }
+pub(crate) use retention_test;
 
 impl TestRegistry {
     async fn retention(&self, dry_run: bool) -> Value {
