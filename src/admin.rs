@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use crate::auth::{Auth, Denial, Identity, Operation};
 use crate::meta::RevertTarget;
 use crate::oci::{Digest, RepoName, Tag};
-use crate::registry::{DeleteTarget, Error, ExplainTarget, Registry};
+use crate::registry::{DeleteTarget, Error, ExplainTarget, Registry, Selection};
 
 /// Where the time machine puts a tag (owned form of [`RevertTarget`]).
 #[derive(Debug, Clone)]
@@ -53,6 +53,20 @@ pub enum AdminRequest {
         /// Move tags that were pushed again since the delete back.
         take_tags: bool,
     },
+    /// Undo every delete a selection names — a time window, an actor, a retention run — each as
+    /// its single restore would.
+    BulkRestore {
+        /// Which deletes.
+        selection: Selection,
+        /// Move tags that were pushed again since the delete back.
+        take_tags: bool,
+        /// Change nothing: say what would come back and what would conflict.
+        dry_run: bool,
+    },
+    /// The recorded bulk restores.
+    BulkRestores,
+    /// One recorded bulk restore with the deletes it undid.
+    BulkRestoreRecord(i64),
     /// The time machine.
     Revert {
         /// The repository.
@@ -153,6 +167,28 @@ impl AdminRequest {
                 let q = if *take_tags { "?take_tags=true" } else { "" };
                 ("POST", format!("restore/{target}{q}"), None)
             }
+            AdminRequest::BulkRestore { selection, take_tags, dry_run } => {
+                let mut query = form_urlencoded::Serializer::new(String::new());
+                if let Some(p) = &selection.repositories {
+                    query.append_pair("repositories", p.as_str());
+                }
+                for (name, value) in [("since", selection.since), ("until", selection.until)] {
+                    if let Some(v) = value {
+                        query.append_pair(name, &v.text());
+                    }
+                }
+                if let Some(run) = selection.run {
+                    query.append_pair("run", &run.to_string());
+                }
+                if let Some(actor) = &selection.actor {
+                    query.append_pair("actor", actor);
+                }
+                query.append_pair("take_tags", &take_tags.to_string());
+                query.append_pair("dry_run", &dry_run.to_string());
+                ("POST", format!("restore?{}", query.finish()), None)
+            }
+            AdminRequest::BulkRestores => ("GET", "restores".to_string(), None),
+            AdminRequest::BulkRestoreRecord(id) => ("GET", format!("restores/{id}"), None),
             AdminRequest::Revert { repo, tag, to } => {
                 let body = match to {
                     Revert::To(d) => json!({ "to": d.as_str() }),
@@ -226,6 +262,13 @@ impl AdminRequest {
                 let restored = registry.restore(target, *take_tags, actor).await?;
                 json!({ "target": target.to_string(), "restored": to_value(&restored) })
             }
+            AdminRequest::BulkRestore { selection, take_tags, dry_run } => {
+                to_value(&registry.bulk_restore(selection, *take_tags, *dry_run, actor).await?)
+            }
+            AdminRequest::BulkRestores => {
+                json!({ "restores": to_value(&registry.bulk_restores(100).await?) })
+            }
+            AdminRequest::BulkRestoreRecord(id) => to_value(&registry.bulk_restore_record(*id).await?),
             AdminRequest::Revert { repo, tag, to } => {
                 let target = match to {
                     Revert::To(d) => RevertTarget::Digest(d),
@@ -283,6 +326,10 @@ impl AdminRequest {
             AdminRequest::Delete(t) | AdminRequest::Preview(t) => Operation::Delete(t.repository().as_str()),
             AdminRequest::ForceDelete(t) => Operation::Administer(t.repository().as_str()),
             AdminRequest::Restore { target, .. } => Operation::Administer(target.repository().as_str()),
+            // Decided on the pattern, never on which repositories the deletes are in.
+            AdminRequest::BulkRestore { selection: Selection { repositories: Some(p), .. }, .. } => {
+                Operation::AdministerMatching(p)
+            }
             AdminRequest::Revert { repo, .. } | AdminRequest::Unlock { repo, .. } => {
                 Operation::Administer(repo.as_str())
             }
@@ -291,6 +338,9 @@ impl AdminRequest {
                 Operation::AdministerBlob(None)
             }
             AdminRequest::GcStatus
+            | AdminRequest::BulkRestore { .. }
+            | AdminRequest::BulkRestores
+            | AdminRequest::BulkRestoreRecord(_)
             | AdminRequest::Space(None)
             | AdminRequest::RetentionRun { .. }
             | AdminRequest::RetentionStatus => Operation::AdministerRegistry,
@@ -410,6 +460,58 @@ fn query_value<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
     query?.split('&').find_map(|p| p.strip_prefix(name)?.strip_prefix('='))
 }
 
+/// Whether a `true`/`false` query parameter is set.
+fn query_flag(query: Option<&str>, name: &str) -> Result<bool, ParseError> {
+    match query_value(query, name) {
+        None | Some("false" | "0") => Ok(false),
+        Some("true" | "1") => Ok(true),
+        Some(other) => Err(ParseError::Invalid(format!("{name}: expected true or false, got {other}"))),
+    }
+}
+
+/// Reads a bulk restore's query: `repositories`, `since`, `until`, `actor`, `run`, `take_tags`,
+/// `dry_run` (anything else is refused, so a misspelt filter never widens a restore).
+fn bulk_restore(query: Option<&str>) -> Result<AdminRequest, ParseError> {
+    let mut selection = Selection::default();
+    let (mut take_tags, mut dry_run) = (false, false);
+    let flag = |name: &str, v: &str| match v {
+        "true" | "1" => Ok(true),
+        "false" | "0" => Ok(false),
+        other => Err(ParseError::Invalid(format!("{name}: expected true or false, got {other}"))),
+    };
+    let moment = |name: &str, v: &str| {
+        crate::time::parse_moment(v).map_err(|e| ParseError::Invalid(format!("{name}: {e}")))
+    };
+    for (name, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match name.as_ref() {
+            "repositories" => {
+                selection.repositories = Some(
+                    crate::auth::Pattern::parse(&value)
+                        .map_err(|e| ParseError::Invalid(format!("repositories: {e}")))?,
+                );
+            }
+            "since" => selection.since = Some(moment("since", &value)?),
+            "until" => selection.until = Some(moment("until", &value)?),
+            "actor" if !value.is_empty() => selection.actor = Some(value.into_owned()),
+            "run" => {
+                selection.run =
+                    Some(value.parse().map_err(|_| {
+                        ParseError::Invalid(format!("run: `{value}` is not a retention run id"))
+                    })?);
+            }
+            "take_tags" => take_tags = flag("take_tags", &value)?,
+            "dry_run" => dry_run = flag("dry_run", &value)?,
+            other => {
+                return Err(ParseError::Invalid(format!(
+                    "unknown parameter `{other}`: a bulk restore takes repositories, since, until, actor, run, \
+                     take_tags, dry_run"
+                )));
+            }
+        }
+    }
+    Ok(AdminRequest::BulkRestore { selection, take_tags, dry_run })
+}
+
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PurgeBody {
@@ -426,11 +528,7 @@ struct InUseBody {
 
 /// Whether `?force=` asks for a forced delete.
 fn forced(query: Option<&str>) -> Result<bool, ParseError> {
-    match query_value(query, "force") {
-        None | Some("false" | "0") => Ok(false),
-        Some("true" | "1") => Ok(true),
-        Some(other) => Err(ParseError::Invalid(format!("force: expected true or false, got {other}"))),
-    }
+    query_flag(query, "force")
 }
 
 #[derive(serde::Deserialize)]
@@ -505,6 +603,11 @@ impl AdminRequest {
                     return Err(ParseError::Invalid("history is kept per tag: REPO or REPO:TAG".into()));
                 }
             },
+            ("POST", "restore", "") => bulk_restore(query)?,
+            ("GET", "restores", "") => AdminRequest::BulkRestores,
+            ("GET", "restores", id) => AdminRequest::BulkRestoreRecord(
+                id.parse().map_err(|_| ParseError::Invalid(format!("`{id}` is not a bulk restore id")))?,
+            ),
             ("POST", "restore", text) => AdminRequest::Restore {
                 target: parse_target(text)?,
                 take_tags: matches!(query_value(query, "take_tags"), Some("true" | "1")),

@@ -45,6 +45,52 @@ pub fn parse_utc(text: &str) -> Result<i64, String> {
     Ok((days * 86_400 + hour * 3600 + minute * 60 + second) * 1000)
 }
 
+/// A moment as the admin API and the CLI take one: a time, or a duration before now (resolved
+/// by the registry's clock when the operation runs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Moment {
+    /// This time (Unix ms).
+    At(i64),
+    /// This many milliseconds before now.
+    Ago(i64),
+}
+
+impl Moment {
+    /// The moment in Unix ms, with now at `now_ms`.
+    pub fn resolve(self, now_ms: i64) -> i64 {
+        match self {
+            Moment::At(ms) => ms,
+            Moment::Ago(ms) => now_ms.saturating_sub(ms),
+        }
+    }
+
+    /// The moment as [`parse_moment`] reads it back.
+    pub fn text(self) -> String {
+        match self {
+            Moment::At(ms) => ms.to_string(),
+            Moment::Ago(ms) => format!("{ms}ms"),
+        }
+    }
+}
+
+/// Parses a moment: a UTC time (`2026-11-30T21:00:00Z`, or only the date), Unix milliseconds, or
+/// a duration meaning that long ago (`90m`, `2h`, `7d`).
+///
+/// # Errors
+/// A message saying what a moment looks like.
+pub fn parse_moment(text: &str) -> Result<Moment, String> {
+    let text = text.trim();
+    if let Ok(ms) = text.parse::<i64>() {
+        return Ok(Moment::At(ms));
+    }
+    if let Ok(ago) = crate::config::parse_duration(text) {
+        return Ok(Moment::Ago(i64::try_from(ago.as_millis()).unwrap_or(i64::MAX)));
+    }
+    parse_utc(text).map(Moment::At).map_err(|_| {
+        format!("`{text}` is not a moment: give a UTC time (2026-11-30T21:00:00Z), Unix ms, or a duration ago (2h)")
+    })
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -52,6 +98,17 @@ mod tests {
         assert_eq!(super::utc(0), "1970-01-01T00:00:00Z");
         assert_eq!(super::utc(951_782_400_000), "2000-02-29T00:00:00Z");
         assert_eq!(super::utc(1_796_075_803_765), "2026-11-30T21:56:43Z");
+    }
+
+    #[test]
+    fn parses_moments() {
+        use super::{Moment, parse_moment};
+        let now = 1_796_075_803_000;
+        assert_eq!(parse_moment("2h").unwrap().resolve(now), now - 7_200_000);
+        assert_eq!(parse_moment("1700000000000").unwrap(), Moment::At(1_700_000_000_000));
+        assert_eq!(parse_moment("2026-11-30T21:56:43Z").unwrap().resolve(0), now);
+        assert_eq!(parse_moment(&Moment::Ago(5000).text()).unwrap(), Moment::Ago(5000));
+        assert!(parse_moment("yesterday").is_err());
     }
 
     #[test]

@@ -335,6 +335,16 @@ impl Auth {
                         Some(holders) => holders.iter().all(|r| self.allowed(who, r, Action::Admin)),
                     }
             }
+            Operation::AdministerMatching(pattern) => match who {
+                Identity::User(user) => self.rules_of(user).any(|r| {
+                    r.actions.contains(&Action::Admin) && r.repositories.iter().any(|p| p.covers(pattern))
+                }),
+                // Tokens name repositories: one repository, named exactly.
+                Identity::Token(_) => {
+                    !pattern.as_str().contains('*') && self.allowed(who, pattern.as_str(), Action::Admin)
+                }
+                Identity::Anonymous => false,
+            },
             Operation::AdministerRegistry => self.allowed_everywhere(who, Action::Admin),
             Operation::ReportInUse => self.allowed_everywhere(who, Action::InUse),
         };

@@ -35,6 +35,11 @@ pub enum Operation<'a> {
     /// who administers no repository at all is refused before anything is read, so nobody else
     /// can learn whether a digest is stored.
     AdministerBlob(Option<&'a [String]>),
+    /// Administer every repository a pattern matches — a bulk restore over `repositories=GLOB`:
+    /// a rule granting `admin` whose pattern covers the glob (decided on the patterns, never on
+    /// which repositories exist), or, for a token, the glob being one repository it
+    /// administers.
+    AdministerMatching(&'a super::Pattern),
     /// Concern the whole registry — the collector, the total space, retention, the metrics:
     /// `admin` on every repository (a rule for `**`; tokens name repositories, so never a token).
     AdministerRegistry,
@@ -56,6 +61,9 @@ impl Operation<'_> {
             Operation::Delete(r) => on(Action::Delete, r),
             Operation::Administer(r) => on(Action::Admin, r),
             Operation::AdministerBlob(_) => "this needs `admin` on every repository holding the blob".into(),
+            Operation::AdministerMatching(p) => {
+                format!("this needs `admin` on every repository matching {} (a rule covering it)", p.as_str())
+            }
             Operation::AdministerRegistry => "this needs `admin` on every repository (a rule for **)".into(),
             Operation::ReportInUse => {
                 "this needs `in-use` or `admin` on every repository (a rule for **)".into()

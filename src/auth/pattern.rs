@@ -35,6 +35,23 @@ impl Pattern {
     pub fn matches(&self, name: &str) -> bool {
         glob(self.0.as_bytes(), name.as_bytes())
     }
+
+    /// Whether every name `other` matches is sure to match this pattern too. Decided on the
+    /// patterns alone and cautiously (false when unsure): this matches everything, `other` is a
+    /// plain name this matches, the two are the same, or this is `PREFIX/**` with a plain
+    /// prefix that `other` starts with.
+    pub fn covers(&self, other: &Pattern) -> bool {
+        if self.matches_everything() || self.0 == other.0 {
+            return true;
+        }
+        if !other.0.contains('*') {
+            return self.matches(&other.0);
+        }
+        self.0
+            .strip_suffix("/**")
+            .filter(|prefix| !prefix.contains('*'))
+            .is_some_and(|prefix| other.0.strip_prefix(prefix).is_some_and(|rest| rest.starts_with('/')))
+    }
 }
 
 fn glob(p: &[u8], s: &[u8]) -> bool {
@@ -68,5 +85,21 @@ mod tests {
         assert!(!m("exact", "exactly"));
         assert!(Pattern::parse("Team/*").is_err());
         assert!(Pattern::parse("").is_err());
+    }
+
+    #[test]
+    fn covering() {
+        let c = |p: &str, o: &str| Pattern::parse(p).unwrap().covers(&Pattern::parse(o).unwrap());
+        assert!(c("**", "team/**"));
+        assert!(c("team/**", "team/**"));
+        assert!(c("team/**", "team/app/*"));
+        assert!(c("team/**", "team/app"));
+        assert!(c("team/*", "team/app"));
+        assert!(!c("team/*", "team/**"));
+        assert!(!c("team/**", "**"));
+        assert!(!c("team/**", "teamx/**"));
+        assert!(!c("team/**", "team*/**"));
+        assert!(!c("*/app/**", "x/app/*"));
+        assert!(!c("team/app", "team/*"));
     }
 }

@@ -256,6 +256,27 @@ pub fn render(request: &AdminRequest, v: &Value) -> String {
         AdminRequest::Restore { .. } => {
             affected(&mut out, &format!("restored {}:", s(v, "target")), v, "restored")
         }
+        AdminRequest::BulkRestore { .. } => bulk_restore_report(&mut out, v),
+        AdminRequest::BulkRestores => {
+            for r in items(v, "restores") {
+                out.push_str(&bulk_restore_line(r));
+            }
+        }
+        AdminRequest::BulkRestoreRecord(_) => {
+            out.push_str(&bulk_restore_line(v));
+            for d in items(v, "undone") {
+                out.push_str(&format!("  undid {}\n", delete_line(d, "at", "actor")));
+            }
+            let conflicts: Vec<Value> =
+                v["conflict_list"].as_str().and_then(|l| serde_json::from_str(l).ok()).unwrap_or_default();
+            for c in &conflicts {
+                out.push_str(&format!(
+                    "  conflict {}: {}\n",
+                    delete_line(c, "deleted_at", "deleted_by"),
+                    s(c, "reason")
+                ));
+            }
+        }
         AdminRequest::Preview(_) => {
             match v["refused"].as_str() {
                 Some(why) => out.push_str(&format!("deleting {} would be refused: {why}\n", s(v, "target"))),
@@ -474,7 +495,8 @@ pub fn render(request: &AdminRequest, v: &Value) -> String {
             }
             for r in items(v, "last_runs") {
                 out.push_str(&format!(
-                    "{}  by {:<16} {} tags, {} manifests removed, {} skipped, {} errors  {}\n",
+                    "run {:<5} {}  by {:<16} {} tags, {} manifests removed, {} skipped, {} errors  {}\n",
+                    n(r, "id"),
                     utc(n(r, "started_at")),
                     s(r, "started_by"),
                     n(r, "tags_removed"),
@@ -496,6 +518,51 @@ pub fn render(request: &AdminRequest, v: &Value) -> String {
     out
 }
 
+/// One delete of a bulk restore: what, where, when and by whom (`at` and `by` name the fields).
+fn delete_line(d: &Value, at: &str, by: &str) -> String {
+    let what = match s(d, "kind") {
+        "tag" => format!("tag {}:{}", s(d, "repository"), s(d, "target")),
+        "manifest" => format!("manifest {}@{}", s(d, "repository"), s(d, "target")),
+        _ => format!("repository {}", s(d, "repository")),
+    };
+    let id = if d["delete_id"].is_i64() { n(d, "delete_id") } else { n(d, "id") };
+    format!("{what} (delete {id}, by {} at {})", d[by].as_str().unwrap_or("anonymous"), utc(n(d, at)))
+}
+
+fn bulk_restore_line(r: &Value) -> String {
+    let finished = if r["finished_at"].is_i64() { "" } else { " (stopped before its end)" };
+    format!(
+        "bulk restore {}  {} by {}: {} restored, {} unchanged, {} conflicts{finished}  selection {}\n",
+        n(r, "id"),
+        utc(n(r, "started_at")),
+        r["actor"].as_str().unwrap_or("anonymous"),
+        n(r, "restored"),
+        n(r, "unchanged"),
+        n(r, "conflicts"),
+        s(r, "selection")
+    )
+}
+
+fn bulk_restore_report(out: &mut String, v: &Value) {
+    let dry = v["dry_run"].as_bool() == Some(true);
+    for item in items(v, "items") {
+        let line = delete_line(item, "deleted_at", "deleted_by");
+        match (s(item, "outcome"), dry) {
+            ("restored", true) => out.push_str(&format!("  would restore {line}\n")),
+            ("restored", false) => out.push_str(&format!("  restored {line}\n")),
+            (outcome, _) => out.push_str(&format!("  {outcome} {line}: {}\n", s(item, "reason"))),
+        }
+    }
+    let verb = if dry { "would restore" } else { "restored" };
+    let id = if dry { "dry run".to_string() } else { format!("bulk restore {}", n(v, "id")) };
+    out.push_str(&format!(
+        "{id}: {verb} {} deletes; {} back already; {} conflicts\n",
+        n(v, "restored"),
+        n(v, "unchanged"),
+        n(v, "conflicts")
+    ));
+}
+
 fn retention_report(out: &mut String, v: &Value) {
     let dry = v["dry_run"].as_bool() == Some(true);
     let (tags, manifests) = (items(v, "tags"), items(v, "manifests"));
@@ -511,10 +578,13 @@ fn retention_report(out: &mut String, v: &Value) {
         ));
     } else {
         out.push_str(&format!(
-            "{} repositories, {} tags considered; {} removals skipped (changed since evaluated)\n",
+            "run {}: {} repositories, {} tags considered; {} removals skipped (changed since evaluated); \
+             undo with `berth retention undo {}`\n",
+            n(v, "run_id"),
             n(v, "repositories"),
             n(v, "tags_considered"),
-            n(v, "skipped")
+            n(v, "skipped"),
+            n(v, "run_id")
         ));
     }
     for t in tags {

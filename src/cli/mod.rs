@@ -36,6 +36,8 @@ Delete and undo (docs/deleting.md):
   berth delete --dry-run team/app@sha256:...     what it would take and free, or why refused
   berth delete team/app:old                      a tag (REPO:TAG), manifest (REPO@DIGEST), repository
   berth restore team/app@sha256:...              a manifest with its tags, a tag, a repository
+  berth restore --since 2h --actor ci-bot --dry-run   every delete they made in that window (bulk)
+  berth retention undo 42                        what retention run 42 removed
   berth tags revert team/app:latest --previous   the time machine
   berth repos delete team/app                    a whole repository, restorable
   berth purge sha256:... --reason \"leaked key\"   a blob everywhere, now, for good
@@ -77,10 +79,15 @@ pub enum Command {
     /// referrers, whether and until when they can be restored.
     Tombstones(RepoArgs),
     /// Restore a deleted manifest with its tags (REPO@DIGEST), a deleted tag (REPO:TAG) or a
-    /// deleted repository (REPO).
+    /// deleted repository (REPO) — or, with --since/--until/--actor/--run, every delete those
+    /// select (a bulk restore; --dry-run first says what would come back and what conflicts).
     ///
-    /// Example: `berth restore team/app@sha256:…`
+    /// Examples: `berth restore team/app@sha256:…`,
+    /// `berth restore --since 2026-12-07T09:00:00Z --until 2026-12-07T10:00:00Z --actor ci-bot --dry-run`
     Restore(RestoreArgs),
+    /// The recorded bulk restores, or one (`berth restores ID`) with every delete it undid and
+    /// every conflict.
+    Restores(RestoresArgs),
     /// Show the tag history of a repository or one tag: every push, move, delete, restore
     /// and revert — when, who, from and to.
     ///
@@ -220,11 +227,40 @@ pub struct DeleteArgs {
 /// `berth restore`.
 #[derive(Debug, clap::Args)]
 pub struct RestoreArgs {
-    /// REPO@DIGEST, REPO:TAG or REPO.
-    pub target: String,
+    /// REPO@DIGEST, REPO:TAG or REPO; none for a bulk restore.
+    #[arg(required_unless_present_any = ["since", "until", "actor", "run"])]
+    pub target: Option<String>,
     /// Move tags pushed again since the delete back to what the delete took.
     #[arg(long)]
     pub take_tags: bool,
+    /// Bulk: deletes made at or after this moment (a UTC time, Unix ms, or a duration ago: 2h).
+    #[arg(long, conflicts_with = "target")]
+    pub since: Option<String>,
+    /// Bulk: deletes made before this moment [default: now].
+    #[arg(long, conflicts_with = "target")]
+    pub until: Option<String>,
+    /// Bulk: deletes made by this actor (a user, `retention:RULE`, `local:USER`).
+    #[arg(long, conflicts_with = "target")]
+    pub actor: Option<String>,
+    /// Bulk: deletes made by this retention run (as `berth retention undo` does).
+    #[arg(long, conflicts_with = "target")]
+    pub run: Option<i64>,
+    /// Bulk: only repositories matching this pattern (`*` within a path segment, `**` across).
+    #[arg(long, conflicts_with = "target")]
+    pub repos: Option<String>,
+    /// Bulk: change nothing; list what would come back and what would conflict.
+    #[arg(long, conflicts_with = "target")]
+    pub dry_run: bool,
+    /// How to reach Berth.
+    #[command(flatten)]
+    pub conn: admin::Connection,
+}
+
+/// `berth restores`.
+#[derive(Debug, clap::Args)]
+pub struct RestoresArgs {
+    /// A bulk restore's id: show it with every delete it undid.
+    pub id: Option<i64>,
     /// How to reach Berth.
     #[command(flatten)]
     pub conn: admin::Connection,
@@ -279,8 +315,27 @@ pub enum RetentionAction {
     /// Apply the retention rules now: remove the tags (and old untagged manifests) they select,
     /// each a restorable delete credited to `retention:<rule>`.
     Run(RetentionRunArgs),
-    /// The rules, the schedule and the last runs.
+    /// The rules, the schedule and the last runs (with their ids).
     Status(StatusArgs),
+    /// Undo a run: restore exactly what run RUN_ID removed (a bulk restore of its deletes), each
+    /// as a single restore would; tags pushed again since are conflicts unless --take-tags.
+    Undo(RetentionUndoArgs),
+}
+
+/// `berth retention undo`.
+#[derive(Debug, clap::Args)]
+pub struct RetentionUndoArgs {
+    /// The run's id (`berth retention status` lists them).
+    pub run: i64,
+    /// Change nothing; list what would come back and what would conflict.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Move tags pushed again since the run back.
+    #[arg(long)]
+    pub take_tags: bool,
+    /// How to reach Berth.
+    #[command(flatten)]
+    pub conn: admin::Connection,
 }
 
 /// `berth retention run`.
@@ -546,9 +601,34 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             (a.conn, request)
         }
         Command::Tombstones(a) => (a.conn, Req::Tombstones(repo(&a.repo)?)),
-        Command::Restore(a) => {
-            (a.conn, Req::Restore { target: admin::target(&a.target)?, take_tags: a.take_tags })
-        }
+        Command::Restore(a) => match &a.target {
+            Some(target) => (a.conn, Req::Restore { target: admin::target(target)?, take_tags: a.take_tags }),
+            None => {
+                let moment = |flag: &str, v: &Option<String>| {
+                    v.as_deref()
+                        .map(|t| crate::time::parse_moment(t).map_err(|e| anyhow::anyhow!("--{flag}: {e}")))
+                        .transpose()
+                };
+                let selection = crate::registry::Selection {
+                    repositories: a
+                        .repos
+                        .as_deref()
+                        .map(|p| {
+                            crate::auth::Pattern::parse(p).map_err(|e| anyhow::anyhow!("--repos `{p}`: {e}"))
+                        })
+                        .transpose()?,
+                    since: moment("since", &a.since)?,
+                    until: moment("until", &a.until)?,
+                    actor: a.actor.clone(),
+                    run: a.run,
+                };
+                (a.conn, Req::BulkRestore { selection, take_tags: a.take_tags, dry_run: a.dry_run })
+            }
+        },
+        Command::Restores(a) => match a.id {
+            Some(id) => (a.conn, Req::BulkRestoreRecord(id)),
+            None => (a.conn, Req::BulkRestores),
+        },
         Command::History(a) => match admin::target(&a.target)? {
             DeleteTarget::Repository(r) => (a.conn, Req::History(r, None)),
             DeleteTarget::Tag(r, t) => (a.conn, Req::History(r, Some(t))),
@@ -589,6 +669,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Retention(RetentionArgs { action: RetentionAction::Status(a) }) => {
             (a.conn, Req::RetentionStatus)
+        }
+        Command::Retention(RetentionArgs { action: RetentionAction::Undo(a) }) => {
+            let selection = crate::registry::Selection { run: Some(a.run), ..Default::default() };
+            (a.conn, Req::BulkRestore { selection, take_tags: a.take_tags, dry_run: a.dry_run })
         }
         Command::Purge(a) => {
             let digest =

@@ -93,6 +93,16 @@ pub struct Purged {
     pub unlinked_from: Vec<String>,
 }
 
+/// Retention's condition on deleting an untagged manifest: it is still untagged and was not
+/// pushed or pulled after `last_used`; the delete is credited to retention run `run_id`.
+#[derive(Debug, Clone, Copy)]
+pub struct RetentionDelete {
+    /// The manifest's last push or pull when retention evaluated it (Unix ms).
+    pub last_used: i64,
+    /// The retention run.
+    pub run_id: i64,
+}
+
 /// A manifest row as the delete and restore code needs it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub(super) struct Target {
@@ -287,9 +297,9 @@ impl MetaStore {
 
     /// Tombstones manifest `digest` of `repo` with its referrers and removes their tags, in one
     /// transaction. Refused while a live image index in the repository lists it (or one of the
-    /// referrers going with it), while a tag on them is immutable, and — with
-    /// `only_if_untagged_since`, retention's condition — when it has a tag or was pushed or
-    /// pulled after that time (retention evaluated it untagged and unused; a push, tag or pull
+    /// referrers going with it), while a tag on them is immutable, and — with `retention`,
+    /// retention's condition — when it has a tag or was pushed or pulled after the time
+    /// retention evaluated (retention evaluated it untagged and unused; a push, tag or pull
     /// since wins: checked under the row's lock). Refused while an in-use report pins it or a
     /// referrer going with it, unless `force`.
     ///
@@ -299,7 +309,7 @@ impl MetaStore {
         &self,
         repo: &RepoName,
         digest: &Digest,
-        only_if_untagged_since: Option<i64>,
+        retention: Option<RetentionDelete>,
         force: bool,
         actor: Option<&str>,
         now: i64,
@@ -321,7 +331,7 @@ impl MetaStore {
             let Some(target) = target else {
                 return refuse(Refusal::NotFound(format!("manifest {digest} not in repository {repo}")));
             };
-            if let Some(last_used) = only_if_untagged_since {
+            if let Some(RetentionDelete { last_used, .. }) = retention {
                 let tagged: Option<(String,)> =
                     sqlx::query_as("SELECT name FROM tags WHERE manifest_id = $1 LIMIT 1")
                         .bind(target.id)
@@ -371,6 +381,13 @@ impl MetaStore {
             }
             let delete_id =
                 Self::new_delete(tx, Some(repo_id), "manifest", digest.as_str(), actor, None, now).await?;
+            if let Some(RetentionDelete { run_id, .. }) = retention {
+                sqlx::query("UPDATE deletes SET run_id = $1 WHERE id = $2")
+                    .bind(run_id)
+                    .bind(delete_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
             let mut affected = Vec::new();
             for (m, why) in
                 std::iter::once((&target, "deleted")).chain(referrers.iter().map(|r| (r, "subject")))
@@ -439,6 +456,7 @@ impl MetaStore {
                 now,
                 "delete",
                 Some(delete_id),
+                None,
             )
             .await?;
             sqlx::query("DELETE FROM tags WHERE repository_id = $1 AND name = $2")

@@ -14,6 +14,7 @@
 mod access;
 mod blobs;
 mod browse;
+mod bulk_restore;
 mod consistency;
 mod deletes;
 mod explain;
@@ -40,8 +41,9 @@ use sqlx::{AnyConnection, AnyPool, Connection as _, Executor as _};
 
 pub use blobs::CompletedUpload;
 pub use browse::{DeletedTag, TagRow, UntaggedRow};
+pub use bulk_restore::{BulkOutcome, BulkRestoreRecord, DeleteRecord, DeleteSelection};
 pub use consistency::{BLOB_FINDINGS, Finding, LiveManifest, PAYLOAD_FINDINGS, StoredBlob, reference_kinds};
-pub use deletes::{AffectedManifest, DeleteError, Purged, Refusal};
+pub use deletes::{AffectedManifest, DeleteError, Purged, Refusal, RetentionDelete};
 pub use explain::{Explanation, Hold, LinkState};
 pub use gc::{Collected, Review, ReviewOutcome, WouldCollect};
 pub use imports::{Adoption, ImportRecord, ImportedTag};

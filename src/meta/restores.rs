@@ -23,22 +23,22 @@ use crate::oci::{Digest, RepoName, Tag};
 const MAX_DEPTH: usize = 16;
 
 /// The statements and tag context of one restore transaction (they differ by dialect).
-struct Revive {
+pub(super) struct Revive {
     /// Finds a repository by name (live or deleted) and locks its row against deletes,
     /// restores and pushes.
-    lock_repository: String,
+    pub lock_repository: String,
     /// Locks one manifest row by id for update.
-    lock_manifest: String,
+    pub lock_manifest: String,
     /// The clause that share-locks the link rows (`rb`) a revive relies on.
-    link_lock: &'static str,
+    pub link_lock: &'static str,
     /// The clause that locks them exclusively, when some are hidden (the revive un-hides them).
-    hidden_link_lock: &'static str,
-    tag: TagCtx,
+    pub hidden_link_lock: &'static str,
+    pub tag: TagCtx,
 }
 
 /// Which tags a revived manifest gets back.
 #[derive(Debug, Clone, Copy)]
-enum TagsBack {
+pub(super) enum TagsBack {
     /// The tags its delete removed (a restore by digest or of a repository).
     Deleted {
         /// Move a tag pushed again since back (else that is a conflict).
@@ -53,7 +53,7 @@ enum TagsBack {
 type RowState = (Option<i64>, Option<i64>, Option<String>, Option<String>);
 
 impl MetaStore {
-    fn revive_ctx(&self, now: i64) -> Revive {
+    pub(super) fn revive_ctx(&self, now: i64) -> Revive {
         Revive {
             lock_repository: format!("SELECT id FROM repositories WHERE name = $1{}", self.repository_lock()),
             lock_manifest: format!(
@@ -138,32 +138,48 @@ impl MetaStore {
                     "repository {repo} is not deleted: there is nothing to restore"
                 )));
             };
-            // Every link the delete hid shows again, uploads not yet referenced included: the
-            // repository as the delete left it. Links before manifests (docs/design.md, lock order).
-            Self::unhide_links(tx, &c, repo_id, delete_id).await?;
-            let members: Vec<(String,)> = sqlx::query_as(
-                "SELECT digest FROM manifests WHERE delete_id = $1 AND deleted_at IS NOT NULL ORDER BY digest",
-            )
-            .bind(delete_id)
-            .fetch_all(&mut *tx)
-            .await?;
-            let mut restored = Vec::new();
-            for (digest,) in members {
-                // A member an earlier step brought back (as a child) is live now: revive skips it.
-                let Some(m) = Self::lock_for_revive(tx, &c, repo_id, &digest).await? else {
-                    return refuse(Refusal::Conflict(format!(
-                        "manifest {digest} of {repo} was collected; the repository cannot be restored whole"
-                    )));
-                };
-                let tags = TagsBack::Deleted { take_tags };
-                Self::revive(tx, &c, repo, repo_id, &m, tags, actor, now, 0, &mut restored).await?;
-            }
-            Self::undelete_repository(tx, repo_id).await?;
-            Ok(restored)
+            Self::restore_repository_delete(tx, &c, repo, repo_id, delete_id, take_tags, actor, now).await
         })
     }
 
-    async fn lock_repository(
+    /// Brings back what repository delete `delete_id` of the locked repository `repo_id` took:
+    /// every link it hid, every tombstone it made (with its tags), and the repository itself.
+    #[expect(clippy::too_many_arguments, reason = "the parts of one restore")]
+    pub(super) async fn restore_repository_delete(
+        tx: &mut AnyConnection,
+        c: &Revive,
+        repo: &RepoName,
+        repo_id: i64,
+        delete_id: i64,
+        take_tags: bool,
+        actor: Option<&str>,
+        now: i64,
+    ) -> DeleteResult<Vec<AffectedManifest>> {
+        // Every link the delete hid shows again, uploads not yet referenced included: the
+        // repository as the delete left it. Links before manifests (docs/design.md, lock order).
+        Self::unhide_links(tx, c, repo_id, delete_id).await?;
+        let members: Vec<(String,)> = sqlx::query_as(
+            "SELECT digest FROM manifests WHERE delete_id = $1 AND deleted_at IS NOT NULL ORDER BY digest",
+        )
+        .bind(delete_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut restored = Vec::new();
+        for (digest,) in members {
+            // A member an earlier step brought back (as a child) is live now: revive skips it.
+            let Some(m) = Self::lock_for_revive(tx, c, repo_id, &digest).await? else {
+                return refuse(Refusal::Conflict(format!(
+                    "manifest {digest} of {repo} was collected; the repository cannot be restored whole"
+                )));
+            };
+            let tags = TagsBack::Deleted { take_tags };
+            Self::revive(tx, c, repo, repo_id, &m, tags, actor, now, 0, &mut restored).await?;
+        }
+        Self::undelete_repository(tx, repo_id).await?;
+        Ok(restored)
+    }
+
+    pub(super) async fn lock_repository(
         tx: &mut AnyConnection,
         c: &Revive,
         repo: &RepoName,
@@ -191,7 +207,7 @@ impl MetaStore {
         Ok(())
     }
 
-    async fn undelete_repository(tx: &mut AnyConnection, repo_id: i64) -> Result<(), sqlx::Error> {
+    pub(super) async fn undelete_repository(tx: &mut AnyConnection, repo_id: i64) -> Result<(), sqlx::Error> {
         sqlx::query("UPDATE repositories SET deleted_at = NULL, delete_id = NULL WHERE id = $1 AND deleted_at IS NOT NULL")
             .bind(repo_id)
             .execute(&mut *tx)
@@ -202,7 +218,7 @@ impl MetaStore {
     /// Finds manifest `digest` of repository `repo_id` and locks it with everything a revive of
     /// it could bring back: its children (recursively) before it, as a push and the collector
     /// lock them. `None` when there is no such row.
-    async fn lock_for_revive(
+    pub(super) async fn lock_for_revive(
         tx: &mut AnyConnection,
         c: &Revive,
         repo_id: i64,
@@ -248,7 +264,12 @@ impl MetaStore {
 
     /// Appends manifest `id` to `tree` after its children, recursively (the order they are
     /// locked in).
-    async fn tree_of(tx: &mut AnyConnection, id: i64, depth: usize, tree: &mut Vec<i64>) -> DeleteResult<()> {
+    pub(super) async fn tree_of(
+        tx: &mut AnyConnection,
+        id: i64,
+        depth: usize,
+        tree: &mut Vec<i64>,
+    ) -> DeleteResult<()> {
         if depth > MAX_DEPTH {
             return refuse(Refusal::Conflict(format!(
                 "manifest row {id}: indexes nested too deep to restore"
@@ -272,7 +293,7 @@ impl MetaStore {
     /// cannot come back. Returns false (and changes nothing) when it is live already. The
     /// manifests brought back, with the tags they got back, are appended to `restored`.
     #[expect(clippy::too_many_arguments, reason = "the parts of one restore")]
-    async fn revive(
+    pub(super) async fn revive(
         tx: &mut AnyConnection,
         c: &Revive,
         repo: &RepoName,
@@ -565,7 +586,7 @@ impl MetaStore {
     /// no delete or purge can tombstone it before the tag is written), or a restorable tombstone,
     /// brought back through [`MetaStore::revive`] first.
     #[expect(clippy::too_many_arguments, reason = "the parts of one tag write")]
-    async fn point_tag(
+    pub(super) async fn point_tag(
         tx: &mut AnyConnection,
         c: &Revive,
         repo: &RepoName,

@@ -48,13 +48,15 @@ pub struct UntaggedManifest {
 /// One real retention run, as recorded.
 #[derive(Debug, Clone, Default, PartialEq, Eq, sqlx::FromRow, serde::Serialize)]
 pub struct RunRecord {
+    /// The run's id: what `berth retention undo` takes.
+    pub id: i64,
     /// The replica that ran it.
     pub replica: String,
     /// `schedule`, `cli` or `admin-api`.
     pub started_by: String,
     /// When it started (Unix ms).
     pub started_at: i64,
-    /// When it finished (Unix ms).
+    /// When it finished (Unix ms); 0 while it runs, or if it stopped before its end.
     pub finished_at: i64,
     /// Repositories the rules applied to.
     pub repositories: i64,
@@ -125,7 +127,7 @@ impl MetaStore {
         .await?)
     }
 
-    /// Removes `untags` (at most a few hundred: the statements bind a handful of values per tag)
+    /// Removes `untags` as part of retention run `run_id` (at most a few hundred: the statements bind a handful of values per tag)
     /// from repository `repo` in one transaction, each only if the tag still points where it was
     /// evaluated, was not pushed again since, and is not immutable — so a push racing retention
     /// wins. Each removal is a delete of its own (restorable, in the history with its actor),
@@ -133,7 +135,13 @@ impl MetaStore {
     ///
     /// # Errors
     /// [`Error::Database`].
-    pub async fn untag_many(&self, repo: &RepoName, untags: &[Untag], now: i64) -> Result<Vec<UntagOutcome>> {
+    pub async fn untag_many(
+        &self,
+        repo: &RepoName,
+        untags: &[Untag],
+        run_id: i64,
+        now: i64,
+    ) -> Result<Vec<UntagOutcome>> {
         let share = self.share_lock();
         let untagged_review_at = now.saturating_add(self.windows().untagged_grace_ms);
         let immutable = self.immutable.clone();
@@ -192,8 +200,9 @@ impl MetaStore {
             }
             // One delete per tag, so each restores alone.
             let sql = format!(
-                "INSERT INTO deletes (repository_id, kind, target, actor, reason, at) VALUES {} RETURNING id, target",
-                rows(removals.len(), 6)
+                "INSERT INTO deletes (repository_id, kind, target, actor, reason, at, run_id) VALUES {} \
+                 RETURNING id, target",
+                rows(removals.len(), 7)
             );
             let mut query = sqlx::query_as::<_, (i64, String)>(&sql);
             for (u, _) in &removals {
@@ -203,7 +212,8 @@ impl MetaStore {
                     .bind(u.tag.as_str())
                     .bind(&u.actor)
                     .bind(None::<String>)
-                    .bind(now);
+                    .bind(now)
+                    .bind(run_id);
             }
             let delete_ids: HashMap<String, i64> =
                 query.fetch_all(&mut *tx).await?.into_iter().map(|(id, t)| (t, id)).collect();
@@ -355,19 +365,36 @@ impl MetaStore {
         Ok(self.preview(repo_id, &group, Taken::Ids(ids)).await?.bytes_freed)
     }
 
-    /// Records a real retention run and forgets all but the newest hundred.
+    /// Records the start of a real retention run; returns its id, which every delete the run
+    /// makes carries.
     ///
     /// # Errors
     /// [`Error::Database`].
-    pub async fn record_retention_run(&self, run: &RunRecord) -> Result<()> {
-        sqlx::query(
+    pub async fn start_retention_run(&self, replica: &str, started_by: &str, started_at: i64) -> Result<i64> {
+        let (id,): (i64,) = sqlx::query_as(
             "INSERT INTO retention_runs (replica, started_by, started_at, finished_at, repositories, tags_considered, \
              tags_removed, manifests_removed, skipped, errors, by_rule) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+             VALUES ($1, $2, $3, 0, 0, 0, 0, 0, 0, 0, '{}') RETURNING id",
         )
-        .bind(&run.replica)
-        .bind(&run.started_by)
-        .bind(run.started_at)
+        .bind(replica)
+        .bind(started_by)
+        .bind(started_at)
+        .fetch_one(&self.write)
+        .await?;
+        Ok(id)
+    }
+
+    /// Records how run `run.id` ended and forgets all but the newest hundred runs (their deletes
+    /// keep the run's id, so an undo still finds them).
+    ///
+    /// # Errors
+    /// [`Error::Database`].
+    pub async fn finish_retention_run(&self, run: &RunRecord) -> Result<()> {
+        sqlx::query(
+            "UPDATE retention_runs SET finished_at = $2, repositories = $3, tags_considered = $4, tags_removed = $5, \
+             manifests_removed = $6, skipped = $7, errors = $8, by_rule = $9 WHERE id = $1",
+        )
+        .bind(run.id)
         .bind(run.finished_at)
         .bind(run.repositories)
         .bind(run.tags_considered)
@@ -401,7 +428,7 @@ impl MetaStore {
     /// [`Error::Database`].
     pub async fn retention_runs(&self, limit: i64) -> Result<Vec<RunRecord>> {
         Ok(sqlx::query_as(
-            "SELECT replica, started_by, started_at, finished_at, repositories, tags_considered, tags_removed, \
+            "SELECT id, replica, started_by, started_at, finished_at, repositories, tags_considered, tags_removed, \
              manifests_removed, skipped, errors, by_rule FROM retention_runs ORDER BY id DESC LIMIT $1",
         )
         .bind(limit)

@@ -95,4 +95,7 @@ pub struct TagMove {
     /// condition).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// The bulk restore that made this move (kind `restore`), if one did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bulk_restore: Option<i64>,
 }

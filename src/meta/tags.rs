@@ -52,6 +52,8 @@ pub(super) struct TagCtx {
     pub lock: String,
     pub untagged_review_at: i64,
     pub immutable: std::sync::Arc<ImmutableTags>,
+    /// The bulk restore the transaction's tag writes belong to (recorded in the history).
+    pub bulk_restore: Option<i64>,
 }
 
 /// One tag write: point `tag` of repository `repo_id` at a manifest.
@@ -75,6 +77,7 @@ impl MetaStore {
             lock: self.update_lock_of("t"),
             untagged_review_at: now.saturating_add(self.windows().untagged_grace_ms),
             immutable: self.immutable.clone(),
+            bulk_restore: None,
         }
     }
 
@@ -212,6 +215,7 @@ impl MetaStore {
             w.now,
             w.kind,
             None,
+            ctx.bulk_restore,
         )
         .await?;
         Ok(TagOutcome::Set)
@@ -229,10 +233,11 @@ impl MetaStore {
         now: i64,
         kind: &str,
         delete_id: Option<i64>,
+        bulk_restore: Option<i64>,
     ) -> Result<(), sqlx::Error> {
         sqlx::query(
-            "INSERT INTO tag_history (repository_id, tag, old_digest, new_digest, actor, at, kind, delete_id) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            "INSERT INTO tag_history (repository_id, tag, old_digest, new_digest, actor, at, kind, delete_id, \
+             bulk_restore_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(repo_id)
         .bind(tag)
@@ -242,6 +247,7 @@ impl MetaStore {
         .bind(now)
         .bind(kind)
         .bind(delete_id)
+        .bind(bulk_restore)
         .execute(&mut *tx)
         .await?;
         Ok(())
@@ -326,7 +332,8 @@ impl MetaStore {
     /// [`super::Error::Database`].
     pub async fn history(&self, repo: &RepoName, tag: Option<&Tag>) -> Result<Vec<TagMove>> {
         Ok(sqlx::query_as(
-            "SELECT h.tag, h.old_digest, h.new_digest, COALESCE(h.actor, 'anonymous') AS actor, h.at, COALESCE(h.kind, 'push') AS kind, h.note \
+            "SELECT h.tag, h.old_digest, h.new_digest, COALESCE(h.actor, 'anonymous') AS actor, h.at, COALESCE(h.kind, 'push') AS kind, h.note, \
+             h.bulk_restore_id AS bulk_restore \
              FROM tag_history h JOIN repositories r ON r.id = h.repository_id \
              WHERE r.name = $1 AND ($2 IS NULL OR h.tag = $2) ORDER BY h.id",
         )

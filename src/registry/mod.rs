@@ -10,6 +10,7 @@
 mod access;
 mod admin;
 mod browse;
+mod bulk_restore;
 mod delete;
 mod error;
 mod fsck;
@@ -29,6 +30,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use admin::{DeleteTarget, Tombstone};
 pub use browse::{ManifestView, Part};
+pub use bulk_restore::{
+    BulkItem, BulkRestoreReport, BulkRestoreView, DeleteSelectionView, MAX_SELECTED, Selection,
+};
 pub use delete::PurgeReport;
 pub use error::Error;
 pub use fsck::FsckReport;

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use super::{Error, Registry, Result};
 use crate::auth::Pattern;
-use crate::meta::{DeleteError, Refusal, RunRecord, Untag, UntagOutcome};
+use crate::meta::{DeleteError, Refusal, RetentionDelete, RunRecord, Untag, UntagOutcome};
 use crate::oci::{Digest, RepoName, Tag};
 use crate::retention::{RetentionRule, removals};
 
@@ -71,6 +71,9 @@ pub struct KeptInUse {
 pub struct RetentionReport {
     /// Whether nothing was changed.
     pub dry_run: bool,
+    /// A real run's id (`berth retention undo` takes it); none for a dry run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<i64>,
     /// When it started (Unix ms).
     pub started_at: i64,
     /// When it finished (Unix ms).
@@ -156,6 +159,9 @@ impl Registry {
         let mut report = RetentionReport { dry_run, started_at: now, ..RetentionReport::default() };
         if dry_run {
             report.bytes_freed = Some(0);
+        } else {
+            // Recorded first: every delete the run makes carries its id, for an undo.
+            report.run_id = Some(self.meta.start_retention_run(self.instance(), started_by, now).await?);
         }
         for (repo_id, name) in self.meta.live_repositories().await? {
             if only.is_some_and(|p| !p.matches(&name)) || !rules.iter().any(|r| r.repositories.matches(&name))
@@ -169,9 +175,10 @@ impl Registry {
             }
         }
         report.finished_at = self.clock.now_ms();
-        if !dry_run {
+        if let Some(id) = report.run_id {
             let (tags_removed, manifests_removed) = report.removed();
             let record = RunRecord {
+                id,
                 replica: self.instance().to_string(),
                 started_by: started_by.to_string(),
                 started_at: report.started_at,
@@ -184,9 +191,10 @@ impl Registry {
                 errors: report.errors.len() as i64,
                 by_rule: serde_json::to_string(&report.by_rule()).unwrap_or_default(),
             };
-            self.meta.record_retention_run(&record).await?;
+            self.meta.finish_retention_run(&record).await?;
             self.metrics.retention(&report);
             tracing::info!(
+                run_id = id,
                 started_by,
                 tags_removed,
                 manifests_removed,
@@ -277,9 +285,10 @@ impl Registry {
                 report.bytes_freed = Some(report.bytes_freed.unwrap_or(0) + freed);
             }
         } else {
-            self.apply_untags(&repo, &mut planned, now, report).await?;
+            let run_id = report.run_id.unwrap_or_default();
+            self.apply_untags(&repo, &mut planned, run_id, now, report).await?;
             for m in &mut untagged {
-                m.outcome = Some(self.delete_untagged(&repo, m).await?);
+                m.outcome = Some(self.delete_untagged(&repo, m, run_id).await?);
                 if m.outcome.as_deref() != Some("removed") {
                     report.skipped += 1;
                 }
@@ -295,6 +304,7 @@ impl Registry {
         &self,
         repo: &RepoName,
         planned: &mut [TagRemoval],
+        run_id: i64,
         now: i64,
         report: &mut RetentionReport,
     ) -> Result<()> {
@@ -310,7 +320,7 @@ impl Registry {
                     })
                 })
                 .collect();
-            let outcomes = self.meta.untag_many(repo, &untags, now).await?;
+            let outcomes = self.meta.untag_many(repo, &untags, run_id, now).await?;
             for (t, outcome) in batch.iter_mut().zip(outcomes) {
                 t.outcome = Some(match outcome {
                     UntagOutcome::Removed => {
@@ -332,12 +342,19 @@ impl Registry {
 
     /// Deletes untagged manifest `m` unless it was tagged, pushed, pulled (or listed by an index)
     /// since it was evaluated.
-    async fn delete_untagged(&self, repo: &RepoName, m: &ManifestRemoval) -> Result<String> {
+    async fn delete_untagged(&self, repo: &RepoName, m: &ManifestRemoval, run_id: i64) -> Result<String> {
         let Ok(digest) = Digest::parse(&m.digest) else { return Ok("skipped: bad digest".into()) };
         let actor = format!("retention:{}", m.rule);
         match self
             .meta
-            .delete_manifest(repo, &digest, Some(m.last_used), false, Some(&actor), self.clock.now_ms())
+            .delete_manifest(
+                repo,
+                &digest,
+                Some(RetentionDelete { last_used: m.last_used, run_id }),
+                false,
+                Some(&actor),
+                self.clock.now_ms(),
+            )
             .await
         {
             Ok(affected) => {

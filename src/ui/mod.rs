@@ -25,7 +25,8 @@ use crate::admin::{AdminRequest, Refused};
 use crate::app::App;
 use crate::auth::{Denial, Identity, Operation};
 use crate::oci::{Digest, RepoName, Tag};
-use crate::registry::{DeleteTarget, Error, ExplainTarget};
+use crate::registry::{DeleteTarget, Error, ExplainTarget, Selection};
+use crate::time::Moment;
 
 /// Rows on a page of repositories or tags.
 const PAGE: i64 = 50;
@@ -45,6 +46,7 @@ pub fn router() -> Router<App> {
         .route("/ui/delete", get(delete_confirm).post(delete))
         .route("/ui/trash", get(trash))
         .route("/ui/restore", axum::routing::post(restore))
+        .route("/ui/bulk-restore", get(bulk_restore_preview).post(bulk_restore))
         .route("/ui/revert", axum::routing::post(revert))
         .route("/ui/space", get(space))
         .route("/ui/retention", get(retention))
@@ -400,9 +402,61 @@ async fn delete(State(app): State<App>, headers: HeaderMap, Form(f): Form<Target
     Ok(Redirect::to(&format!("/ui/trash?repo={}", urlencode(repo.as_str()))).into_response())
 }
 
+/// Which deletes a filtered trash, or a bulk restore, is about (empty fields: no condition).
+#[derive(Debug, Default, Deserialize)]
+struct DeleteFilter {
+    #[serde(default)]
+    repositories: String,
+    #[serde(default)]
+    since: String,
+    #[serde(default)]
+    until: String,
+    #[serde(default)]
+    actor: String,
+    #[serde(default)]
+    run: String,
+    #[serde(default)]
+    take_tags: bool,
+}
+
+impl DeleteFilter {
+    fn is_empty(&self) -> bool {
+        [&self.since, &self.until, &self.actor, &self.run].iter().all(|f| f.trim().is_empty())
+    }
+}
+
+impl Viewer<'_> {
+    /// The selection a filter names, its moments resolved now — so the preview, and the restore
+    /// its button posts, name the same deletes.
+    fn selection(&self, f: &DeleteFilter) -> Result<Selection, Refusal> {
+        let now = self.app.registry.clock().now_ms();
+        let moment = |name: &str, text: &str| -> Result<Option<Moment>, Refusal> {
+            if text.trim().is_empty() {
+                return Ok(None);
+            }
+            let m = crate::time::parse_moment(text).map_err(|e| self.bad(format!("{name}: {e}")))?;
+            Ok(Some(Moment::At(m.resolve(now))))
+        };
+        let repositories = match f.repositories.trim() {
+            "" => None,
+            p => Some(crate::auth::Pattern::parse(p).map_err(|e| self.bad(format!("repositories: {e}")))?),
+        };
+        let run = match f.run.trim() {
+            "" => None,
+            r => Some(r.parse().map_err(|_| self.bad(format!("run: `{r}` is not a retention run id")))?),
+        };
+        let actor = Some(f.actor.trim().to_string()).filter(|a| !a.is_empty());
+        // Until now, unless given: what the page shows is what a restore takes on.
+        let until = moment("until", &f.until)?.or(Some(Moment::At(now.saturating_add(1))));
+        Ok(Selection { repositories, since: moment("since", &f.since)?, until, actor, run })
+    }
+}
+
 #[derive(Debug, Deserialize)]
 struct TrashQuery {
     repo: String,
+    #[serde(flatten)]
+    filter: DeleteFilter,
 }
 
 async fn trash(State(app): State<App>, headers: HeaderMap, Query(q): Query<TrashQuery>) -> Page {
@@ -411,10 +465,54 @@ async fn trash(State(app): State<App>, headers: HeaderMap, Query(q): Query<Trash
     v.authorize(&AdminRequest::Tombstones(repo.clone())).await?;
     v.authorize(&AdminRequest::Repository(repo.clone())).await?;
     let summary = app.registry.repository(&repo).await?;
+    let window = app.registry.policy().restore_window_ms;
+    if !q.filter.is_empty() {
+        let mut selection = v.selection(&q.filter)?;
+        let literal = crate::auth::Pattern::parse(repo.as_str()).map_err(|e| v.bad(e))?;
+        selection.repositories = Some(literal);
+        let deletes = app.registry.selected_deletes(&selection).await?;
+        let may_restore = v.may(&AdminRequest::BulkRestore {
+            selection: selection.clone(),
+            take_tags: false,
+            dry_run: true,
+        });
+        return Ok(pages::filtered_trash(&v, &repo, &summary, &q.filter, &selection, &deletes, may_restore));
+    }
     let tombstones = app.registry.tombstones(&repo).await?;
     let tags = app.registry.deleted_tags(&repo, PAGE).await?;
-    let window = app.registry.policy().restore_window_ms;
     Ok(pages::trash(&v, &repo, &summary, &tags, &tombstones, window))
+}
+
+/// What a bulk restore would bring back and what would conflict (a dry run: the same
+/// transactions, rolled back), with the button that runs it for real.
+async fn bulk_restore_preview(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Query(f): Query<DeleteFilter>,
+) -> Page {
+    let v = viewer(&app, &headers)?;
+    let selection = v.selection(&f)?;
+    bulk_restore_page(&app, &v, selection, f.take_tags, true).await
+}
+
+async fn bulk_restore(State(app): State<App>, headers: HeaderMap, Form(f): Form<DeleteFilter>) -> Page {
+    same_origin(&headers)?;
+    let v = viewer(&app, &headers)?;
+    let selection = v.selection(&f)?;
+    bulk_restore_page(&app, &v, selection, f.take_tags, false).await
+}
+
+/// Runs a bulk restore the admin API's own check allows, and shows what it did (or would do).
+async fn bulk_restore_page(
+    app: &App,
+    v: &Viewer<'_>,
+    selection: Selection,
+    take_tags: bool,
+    dry_run: bool,
+) -> Page {
+    v.authorize(&AdminRequest::BulkRestore { selection: selection.clone(), take_tags, dry_run }).await?;
+    let report = app.registry.bulk_restore(&selection, take_tags, dry_run, v.name()).await?;
+    Ok(pages::bulk_restore(v, &report))
 }
 
 async fn restore(State(app): State<App>, headers: HeaderMap, Form(f): Form<TargetForm>) -> Page {

@@ -8,11 +8,13 @@ use maud::{DOCTYPE, Markup, html};
 use super::{Viewer, urlencode};
 use crate::admin::{AdminRequest, Revert};
 use crate::meta::{
-    DeletedTag, Explanation, GcStatus, Preview, RepositorySummary, Space, SpaceSample, TagMove, TagRow,
-    UntaggedRow,
+    DeleteRecord, DeletedTag, Explanation, GcStatus, Preview, RepositorySummary, Space, SpaceSample, TagMove,
+    TagRow, UntaggedRow,
 };
 use crate::oci::{Digest, RepoName, Tag};
-use crate::registry::{DeleteTarget, ManifestView, RetentionReport, RetentionStatus, Tombstone};
+use crate::registry::{
+    BulkRestoreReport, DeleteTarget, ManifestView, RetentionReport, RetentionStatus, Selection, Tombstone,
+};
 
 /// The console's only stylesheet.
 pub(super) const STYLE: &str = "\
@@ -373,6 +375,7 @@ pub(super) fn trash(
         &format!("{repo} trash"),
         html! {
             h1 { a href=(repo_link(repo.as_str())) { (repo.as_str()) } " — trash" }
+            (trash_filter(repo, &super::DeleteFilter::default()))
             @if let Some(at) = summary.deleted_at {
                 p.problem { "The repository was deleted at " (when(Some(at))) "." }
                 @if may_restore_repository {
@@ -413,6 +416,126 @@ pub(super) fn trash(
                     } @else if !t.restorable { span.muted { (t.unrestorable_reason.as_deref().unwrap_or("not restorable")) } } }
                 } }
                 @if list.is_empty() { tr { td colspan="8" .muted { "The trash is empty." } } } }
+            }
+        },
+    )
+}
+
+/// The trash's filter: a time window, an actor, a retention run.
+fn trash_filter(repo: &RepoName, f: &super::DeleteFilter) -> Markup {
+    html! {
+        form method="get" action="/ui/trash" id="trash-filter" {
+            input type="hidden" name="repo" value=(repo.as_str());
+            "Deleted from " input type="text" name="since" value=(f.since) placeholder="2026-12-07T09:00:00Z or 2h";
+            " until " input type="text" name="until" value=(f.until) placeholder="now";
+            " by " input type="text" name="actor" value=(f.actor) placeholder="user or retention:rule";
+            " run " input type="text" name="run" value=(f.run) size="6";
+            " " button type="submit" { "Filter" }
+        }
+    }
+}
+
+/// The link that previews a bulk restore of `s` (moments as Unix ms: the same deletes).
+fn bulk_restore_link(s: &Selection) -> String {
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    if let Some(p) = &s.repositories {
+        query.append_pair("repositories", p.as_str());
+    }
+    for (name, m) in [("since", s.since), ("until", s.until)] {
+        if let Some(m) = m {
+            query.append_pair(name, &m.text());
+        }
+    }
+    if let Some(actor) = &s.actor {
+        query.append_pair("actor", actor);
+    }
+    if let Some(run) = s.run {
+        query.append_pair("run", &run.to_string());
+    }
+    format!("/ui/bulk-restore?{}", query.finish())
+}
+
+fn delete_subject(kind: &str, repository: &str, target: &str) -> Markup {
+    html! {
+        @match kind {
+            "tag" => { "tag " code { (repository) ":" (target) } }
+            "manifest" => { "manifest " a href=(manifest_link(repository, target)) { code { (short(target)) } } }
+            _ => { "repository " code { (repository) } }
+        }
+    }
+}
+
+/// The trash filtered to the deletes a bulk restore would take on, with "restore all shown".
+pub(super) fn filtered_trash(
+    v: &Viewer<'_>,
+    repo: &RepoName,
+    summary: &RepositorySummary,
+    filter: &super::DeleteFilter,
+    selection: &Selection,
+    deletes: &[DeleteRecord],
+    may_restore: bool,
+) -> Response {
+    page(
+        v,
+        &format!("{repo} trash"),
+        html! {
+            h1 { a href=(repo_link(repo.as_str())) { (repo.as_str()) } " — trash" }
+            (trash_filter(repo, filter))
+            @if summary.deleted_at.is_some() { p.problem { "The repository is deleted." } }
+            p { (deletes.len()) " delete(s) match, not undone yet. "
+                a href=(format!("/ui/trash?repo={}", urlencode(repo.as_str()))) { "Show the whole trash" } }
+            @if may_restore && !deletes.is_empty() {
+                p { a.button href=(bulk_restore_link(selection)) id="restore-all" { "Restore all shown…" }
+                    span.muted { " (first shows what would come back and what would conflict)" } }
+            }
+            table id="deletes" {
+                thead { tr { th { "Deleted" } th { "What" } th { "By" } th { "Run" } } }
+                tbody { @for d in deletes { tr {
+                    td { (when(Some(d.at))) } td { (delete_subject(&d.kind, &d.repository, &d.target)) }
+                    td { (d.actor.as_deref().unwrap_or("—")) } td { @if let Some(r) = d.run_id { (r) } }
+                } }
+                @if deletes.is_empty() { tr { td colspan="4" .muted { "Nothing matches." } } } }
+            }
+        },
+    )
+}
+
+/// A bulk restore: dry, what would come back and what would conflict, with the button that
+/// runs it; real, what it did.
+pub(super) fn bulk_restore(v: &Viewer<'_>, r: &BulkRestoreReport) -> Response {
+    let s = &r.selection;
+    page(
+        v,
+        "Bulk restore",
+        html! {
+            h1 { @if r.dry_run { "Restore these deletes?" } @else { "Bulk restore " (r.id.unwrap_or_default()) } }
+            p.muted { "Deletes in " code { (s.repositories) }
+                @if let Some(since) = s.since { " from " (when(Some(since))) }
+                " until " (when(Some(s.until)))
+                @if let Some(a) = &s.actor { " by " (a) }
+                @if let Some(run) = s.run { " of retention run " (run) } "." }
+            div.(if r.conflicts > 0 { "problem" } else { "ok" }) id="summary" {
+                @if r.dry_run { "Would restore " } @else { "Restored " }
+                strong { (r.restored) } " delete(s); " (r.unchanged) " back already; " strong { (r.conflicts) } " conflict(s)."
+            }
+            @if r.dry_run && r.restored > 0 {
+                form method="post" action="/ui/bulk-restore" {
+                    input type="hidden" name="repositories" value=(s.repositories);
+                    @if let Some(since) = s.since { input type="hidden" name="since" value=(since); }
+                    input type="hidden" name="until" value=(s.until);
+                    @if let Some(a) = &s.actor { input type="hidden" name="actor" value=(a); }
+                    @if let Some(run) = s.run { input type="hidden" name="run" value=(run); }
+                    @if r.take_tags { input type="hidden" name="take_tags" value="true"; }
+                    button.danger type="submit" id="confirm" { "Restore " (r.restored) " delete(s)" }
+                }
+            }
+            table id="items" {
+                thead { tr { th { "Outcome" } th { "What" } th { "Deleted" } th { "By" } th { "Why" } } }
+                tbody { @for i in &r.items { tr {
+                    td { (i.outcome) } td { (delete_subject(&i.kind, &i.repository, &i.target)) }
+                    td { (when(Some(i.deleted_at))) } td { (i.deleted_by.as_deref().unwrap_or("—")) }
+                    td { (i.reason.as_deref().unwrap_or("")) }
+                } } }
             }
         },
     )
@@ -505,6 +628,11 @@ pub(super) fn space(v: &Viewer<'_>, s: &Space, status: &GcStatus, history: &[Spa
 }
 
 pub(super) fn retention(v: &Viewer<'_>, status: &RetentionStatus, dry: Option<&RetentionReport>) -> Response {
+    let may_undo = v.may(&AdminRequest::BulkRestore {
+        selection: Selection::default(),
+        take_tags: false,
+        dry_run: true,
+    });
     page(
         v,
         "Retention",
@@ -516,9 +644,11 @@ pub(super) fn retention(v: &Viewer<'_>, status: &RetentionStatus, dry: Option<&R
             @if !status.immutable.is_empty() { h2 { "Immutable tags" } ul { @for r in &status.immutable { li { code { (r) } } } } }
             h2 { "Last runs" }
             table id="runs" {
-                thead { tr { th { "Started" } th { "By" } th.num { "Tags considered" } th.num { "Tags removed" } th.num { "Manifests removed" } th.num { "Errors" } } }
-                tbody { @for r in &status.last_runs { tr { td { (when(Some(r.started_at))) } td { (r.started_by) } td.num { (r.tags_considered) }
-                    td.num { (r.tags_removed) } td.num { (r.manifests_removed) } td.num { (r.errors) } } } }
+                thead { tr { th { "Run" } th { "Started" } th { "By" } th.num { "Tags considered" } th.num { "Tags removed" } th.num { "Manifests removed" } th.num { "Errors" } th {} } }
+                tbody { @for r in &status.last_runs { tr { td { (r.id) } td { (when(Some(r.started_at))) } td { (r.started_by) } td.num { (r.tags_considered) }
+                    td.num { (r.tags_removed) } td.num { (r.manifests_removed) } td.num { (r.errors) }
+                    td { @if may_undo && r.tags_removed + r.manifests_removed > 0 {
+                        a href=(format!("/ui/bulk-restore?run={}", r.id)) { "Undo…" } } } } } }
             }
             h2 { "Dry run" }
             @match dry {

@@ -7,6 +7,7 @@ mod admin;
 mod api;
 pub mod auth;
 mod blobs;
+mod bulk_restore;
 mod cli;
 mod crash;
 mod deletes;

@@ -325,7 +325,7 @@ retention_test!(pushes_racing_retention_win, |reg| {
         pushed_at: now,
         actor: "retention:ci".into(),
     };
-    let outcome = reg.app.registry.meta().untag_many(&repo, &[stale], now).await.unwrap();
+    let outcome = reg.app.registry.meta().untag_many(&repo, &[stale], 0, now).await.unwrap();
     assert!(
         matches!(&outcome[0], berth::meta::UntagOutcome::Skipped(why) if why.contains("moved since")),
         "{outcome:?}"

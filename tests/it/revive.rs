@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use berth::meta::RevertTarget;
+use berth::meta::{RetentionDelete, RevertTarget};
 use berth::oci::{Digest, RepoName, Tag};
 use reqwest::Method;
 use sqlx::Connection as _;
@@ -404,8 +404,16 @@ backend_test!(retention_deletes_an_untagged_manifest_only_if_unused_since_it_loo
     assert_eq!(reg.get(&format!("/v2/{repo}/manifests/{}", img.digest)).await.status(), 200);
     reg.app.registry.flush_access().await.unwrap();
     let now = reg.app.registry.clock().now_ms();
-    let refused =
-        meta.delete_manifest(&name, &img.digest, Some(evaluated), false, Some("retention:r"), now).await;
+    let refused = meta
+        .delete_manifest(
+            &name,
+            &img.digest,
+            Some(RetentionDelete { last_used: evaluated, run_id: 0 }),
+            false,
+            Some("retention:r"),
+            now,
+        )
+        .await;
     assert!(
         matches!(refused, Err(berth::meta::DeleteError::Refused(berth::meta::Refusal::Precondition(_)))),
         "{refused:?}"
@@ -417,7 +425,16 @@ backend_test!(retention_deletes_an_untagged_manifest_only_if_unused_since_it_loo
         .fetch_one(&reg.sql().await)
         .await
         .unwrap();
-    meta.delete_manifest(&name, &img.digest, Some(pulled), false, Some("retention:r"), now).await.unwrap();
+    meta.delete_manifest(
+        &name,
+        &img.digest,
+        Some(RetentionDelete { last_used: pulled, run_id: 0 }),
+        false,
+        Some("retention:r"),
+        now,
+    )
+    .await
+    .unwrap();
     assert_eq!(reg.get(&format!("/v2/{repo}/manifests/{}", img.digest)).await.status(), 404);
 });
 
@@ -524,7 +541,7 @@ impl Dice {
     }
 }
 
-/// Restores, reverts, purges, unlinks, tag moves, index pushes, deletes and the collector, all
+/// Restores (single and bulk), reverts, purges, unlinks, tag moves, index pushes, deletes and the collector, all
 /// against each other on `replicas` of one PostgreSQL + S3 deployment with windows of
 /// milliseconds; afterwards, judged from the manifests' own payloads: every listed tag pulls
 /// completely (an index's children and their blobs too), and fsck — whose payload checks do not
@@ -630,7 +647,7 @@ async fn interleave(replicas: Vec<TestRegistry>) {
                 ops.fetch_add(1, Relaxed);
                 let tag = Tag::parse(&format!("{}{}", ["t", "i"][dice.roll(2)], dice.roll(3))).unwrap();
                 let registry = &reg.app.registry;
-                let outcome = match dice.roll(9) {
+                let outcome = match dice.roll(10) {
                     0 | 1 => {
                         let res = reg
                             .req(Method::DELETE, &format!("/v2/{REPO}/manifests/{digest}"))
@@ -669,6 +686,16 @@ async fn interleave(replicas: Vec<TestRegistry>) {
                             .unwrap();
                         assert!(matches!(res.status().as_u16(), 202 | 404 | 405), "unlink: {}", res.status());
                         Ok(())
+                    }
+                    9 => {
+                        // Every delete of the last moments undone at once, or (dry) judged.
+                        let selection = berth::registry::Selection {
+                            repositories: Some(berth::auth::Pattern::parse(REPO).unwrap()),
+                            since: Some(berth::time::Moment::Ago(200)),
+                            ..Default::default()
+                        };
+                        let (take_tags, dry_run) = (dice.roll(2) == 0, dice.roll(3) == 0);
+                        registry.bulk_restore(&selection, take_tags, dry_run, Some("mix")).await.map(drop)
                     }
                     _ => {
                         // Purges are rarer: each takes an image's own layer everywhere.

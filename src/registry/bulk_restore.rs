@@ -1,0 +1,322 @@
+//! Bulk restores and retention-run undo: every delete a time window, an actor or a retention run
+//! made, undone delete by delete exactly as single restores would (the rule is the store's
+//! revive), with conflicts reported per delete. A dry run runs the same transactions and rolls
+//! them back, so it says what a real run would do at that moment.
+
+use std::collections::BTreeMap;
+
+use super::{Error, Registry, Result};
+use crate::auth::Pattern;
+use crate::meta::{AffectedManifest, BulkOutcome, BulkRestoreRecord, DeleteRecord, DeleteSelection};
+use crate::oci::RepoName;
+use crate::time::Moment;
+
+/// Deletes undone in one transaction (each in its own savepoint).
+const BATCH: usize = 200;
+
+/// The most deletes one bulk restore takes on; a selection naming more is refused (narrow it).
+pub const MAX_SELECTED: usize = 1_000_000;
+
+/// The conflicts kept in a bulk restore's record (the response lists them all).
+const CONFLICTS_RECORDED: usize = 1000;
+
+/// Which deletes to undo: all the conditions given must hold; at least one of `since`, `until`,
+/// `actor` or `run` must be given.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Selection {
+    /// Repositories matching this pattern (all, when none).
+    pub repositories: Option<Pattern>,
+    /// Deletes at or after this moment.
+    pub since: Option<Moment>,
+    /// Deletes before this moment; the start of the restore when none.
+    pub until: Option<Moment>,
+    /// Deletes by this actor.
+    pub actor: Option<String>,
+    /// Deletes by this retention run (`berth retention undo`).
+    pub run: Option<i64>,
+}
+
+impl Selection {
+    /// The pattern whose repositories a bulk restore may touch (`**` when none is given).
+    pub fn pattern(&self) -> Pattern {
+        self.repositories.clone().unwrap_or_else(|| Pattern::parse("**").expect("a valid pattern"))
+    }
+}
+
+/// What became of one selected delete.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BulkItem {
+    /// The delete's id.
+    pub delete_id: i64,
+    /// `manifest`, `tag` or `repository`.
+    pub kind: String,
+    /// The repository.
+    pub repository: String,
+    /// What the delete named: a digest, a tag, the repository.
+    pub target: String,
+    /// When it was deleted (Unix ms).
+    pub deleted_at: i64,
+    /// Who deleted it.
+    pub deleted_by: Option<String>,
+    /// The retention run that deleted it, if one did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run: Option<i64>,
+    /// `restored`, `unchanged` (back already) or `conflict`.
+    pub outcome: &'static str,
+    /// Why it is unchanged or a conflict.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The manifests brought back, with the tags they got back.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub restored: Vec<AffectedManifest>,
+}
+
+/// What a bulk restore did, or — dry — would do.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BulkRestoreReport {
+    /// The bulk restore's id (the tag history rows it wrote carry it); none for a dry run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<i64>,
+    /// Whether nothing was changed.
+    pub dry_run: bool,
+    /// The selection, with the time it ended at.
+    pub selection: DeleteSelectionView,
+    /// Whether tags pushed again since were moved back.
+    pub take_tags: bool,
+    /// When it started and finished (Unix ms).
+    pub started_at: i64,
+    /// When it finished (Unix ms).
+    pub finished_at: i64,
+    /// Deletes undone.
+    pub restored: u64,
+    /// Deletes whose items were back already.
+    pub unchanged: u64,
+    /// Deletes left alone, each with its reason in `items`.
+    pub conflicts: u64,
+    /// Every selected delete, by repository, newest first within one.
+    pub items: Vec<BulkItem>,
+}
+
+/// A selection as reports and records show it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DeleteSelectionView {
+    /// The repository pattern.
+    pub repositories: String,
+    /// From (Unix ms).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since: Option<i64>,
+    /// Until (Unix ms).
+    pub until: i64,
+    /// The actor.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+    /// The retention run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run: Option<i64>,
+}
+
+/// A recorded bulk restore with the deletes it undid.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BulkRestoreView {
+    /// The record.
+    #[serde(flatten)]
+    pub record: BulkRestoreRecord,
+    /// The deletes it undid, oldest first.
+    pub undone: Vec<DeleteRecord>,
+}
+
+impl Registry {
+    /// The deletes `selection` names that no bulk restore has undone, newest first — what a
+    /// bulk restore would take on (the console's filtered trash).
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for a selection naming nothing or too much; [`Error::Internal`].
+    pub async fn selected_deletes(&self, selection: &Selection) -> Result<Vec<DeleteRecord>> {
+        let (mut deletes, _) = self.select(selection).await?;
+        deletes.truncate(MAX_SELECTED);
+        Ok(deletes)
+    }
+
+    async fn select(&self, selection: &Selection) -> Result<(Vec<DeleteRecord>, DeleteSelectionView)> {
+        if selection.since.is_none()
+            && selection.until.is_none()
+            && selection.actor.is_none()
+            && selection.run.is_none()
+        {
+            return Err(Error::Invalid(
+                "a bulk restore needs since, until, actor or run: it never selects every delete ever made"
+                    .into(),
+            ));
+        }
+        let now = self.clock.now_ms();
+        let since = selection.since.map(|m| m.resolve(now));
+        let until = selection.until.map_or(now.saturating_add(1), |m| m.resolve(now));
+        if since.is_some_and(|since| since >= until) {
+            return Err(Error::Invalid("since must be before until".into()));
+        }
+        let pattern = selection.pattern();
+        // A pattern without wildcards is one repository: the store selects it by name.
+        let literal = (!pattern.as_str().contains('*')).then(|| pattern.as_str().to_string());
+        let meta = DeleteSelection {
+            since,
+            until: Some(until),
+            actor: selection.actor.clone(),
+            run: selection.run,
+            repository: literal,
+        };
+        let limit = i64::try_from(MAX_SELECTED + 1).unwrap_or(i64::MAX);
+        let mut deletes = self.meta.deletes_matching(&meta, limit).await?;
+        deletes.retain(|d| pattern.matches(&d.repository));
+        if deletes.len() > MAX_SELECTED {
+            return Err(Error::Invalid(format!(
+                "the selection names more than {MAX_SELECTED} deletes; narrow it (repositories, since, until)"
+            )));
+        }
+        let view = DeleteSelectionView {
+            repositories: pattern.as_str().to_string(),
+            since,
+            until,
+            actor: selection.actor.clone(),
+            run: selection.run,
+        };
+        Ok((deletes, view))
+    }
+
+    /// Undoes every delete `selection` names — manifest deletes (tombstones with their tags and
+    /// referrers), tag deletes, repository deletes — newest first, each as the single restore of
+    /// its kind would and only what that delete took. What cannot come back (collected, deleted
+    /// again since, a tag pushed again since unless `take_tags`) is a conflict; the rest goes on.
+    /// A real run is recorded (`berth restores`), its history rows carry its id, and the deletes
+    /// it undid are not selected again. `dry_run` runs the same transactions and rolls them
+    /// back.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for a selection naming nothing or too much; [`Error::Internal`] when
+    /// the store fails (what was restored by then stays restored and recorded).
+    pub async fn bulk_restore(
+        &self,
+        selection: &Selection,
+        take_tags: bool,
+        dry_run: bool,
+        actor: Option<&str>,
+    ) -> Result<BulkRestoreReport> {
+        let started_at = self.clock.now_ms();
+        let (deletes, view) = self.select(selection).await?;
+        let id = if dry_run {
+            None
+        } else {
+            let recorded = serde_json::to_string(&view).unwrap_or_default();
+            Some(self.meta.start_bulk_restore(actor, &recorded, take_tags, started_at).await?)
+        };
+        let mut by_repository: BTreeMap<String, Vec<DeleteRecord>> = BTreeMap::new();
+        for d in deletes {
+            by_repository.entry(d.repository.clone()).or_default().push(d);
+        }
+        let mut report = BulkRestoreReport {
+            id,
+            dry_run,
+            selection: view,
+            take_tags,
+            started_at,
+            finished_at: 0,
+            restored: 0,
+            unchanged: 0,
+            conflicts: 0,
+            items: Vec::new(),
+        };
+        for (name, deletes) in by_repository {
+            let repo = RepoName::parse(&name).map_err(|e| Error::Internal(e.into()))?;
+            // A dry run keeps one repository in one transaction, so a delete that an earlier one
+            // of the same repository changes (a tag deleted twice) is judged as a real run would.
+            let batch = if dry_run { deletes.len().max(1) } else { BATCH };
+            for chunk in deletes.chunks(batch) {
+                let now = self.clock.now_ms();
+                let outcomes =
+                    self.meta.restore_deletes(&repo, chunk, take_tags, actor, id, dry_run, now).await?;
+                for (d, outcome) in chunk.iter().zip(outcomes) {
+                    report.items.push(self.bulk_item(&repo, d, outcome, actor, dry_run));
+                }
+            }
+        }
+        for item in &report.items {
+            match item.outcome {
+                "restored" => report.restored += 1,
+                "unchanged" => report.unchanged += 1,
+                _ => report.conflicts += 1,
+            }
+        }
+        report.finished_at = self.clock.now_ms();
+        if let Some(id) = id {
+            let conflicts: Vec<&BulkItem> =
+                report.items.iter().filter(|i| i.outcome == "conflict").take(CONFLICTS_RECORDED).collect();
+            let counts = (report.restored as i64, report.unchanged as i64, report.conflicts as i64);
+            let list = serde_json::to_string(&conflicts).unwrap_or_default();
+            self.meta.finish_bulk_restore(id, counts, &list, report.finished_at).await?;
+            tracing::info!(
+                bulk_restore = id,
+                actor = actor.unwrap_or("anonymous"),
+                restored = report.restored,
+                unchanged = report.unchanged,
+                conflicts = report.conflicts,
+                "bulk restore"
+            );
+        }
+        Ok(report)
+    }
+
+    fn bulk_item(
+        &self,
+        repo: &RepoName,
+        d: &DeleteRecord,
+        outcome: BulkOutcome,
+        actor: Option<&str>,
+        dry_run: bool,
+    ) -> BulkItem {
+        let (outcome, reason, restored) = match outcome {
+            BulkOutcome::Restored(restored) => {
+                if !dry_run {
+                    super::delete::audit(
+                        "bulk-restore",
+                        actor,
+                        &format!("{repo} delete {}", d.id),
+                        &restored,
+                    );
+                }
+                ("restored", None, restored)
+            }
+            BulkOutcome::Unchanged(why) => ("unchanged", Some(why), Vec::new()),
+            BulkOutcome::Conflict(why) => ("conflict", Some(why), Vec::new()),
+        };
+        BulkItem {
+            delete_id: d.id,
+            kind: d.kind.clone(),
+            repository: d.repository.clone(),
+            target: d.target.clone(),
+            deleted_at: d.at,
+            deleted_by: d.actor.clone(),
+            run: d.run_id,
+            outcome,
+            reason,
+            restored,
+        }
+    }
+
+    /// The newest recorded bulk restores, newest first.
+    ///
+    /// # Errors
+    /// [`Error::Internal`].
+    pub async fn bulk_restores(&self, limit: i64) -> Result<Vec<BulkRestoreRecord>> {
+        Ok(self.meta.bulk_restores(limit).await?)
+    }
+
+    /// Bulk restore `id` with the deletes it undid.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`]; [`Error::Internal`].
+    pub async fn bulk_restore_record(&self, id: i64) -> Result<BulkRestoreView> {
+        match self.meta.bulk_restore(id).await? {
+            Some((record, undone)) => Ok(BulkRestoreView { record, undone }),
+            None => Err(Error::NotFound(format!("no bulk restore {id} is recorded"))),
+        }
+    }
+}

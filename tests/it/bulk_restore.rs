@@ -1,0 +1,387 @@
+//! Bulk restores and retention-run undo, on both deployments: a run that removed 5,000 tags in
+//! 50 repositories undone exactly (every tag back at its digest, byte-exact pulls, the history
+//! naming the undo), a restore by actor and window with a tag pushed again meanwhile (that one a
+//! conflict, the rest restored), dry run = real run, and who may restore what.
+
+use berth::oci::Digest;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::harness::*;
+use crate::retention::{retention_test, with_rules};
+
+const DAY: i64 = 24 * 3600 * 1000;
+
+/// Tags `old-*` in `undo/…` go once not pushed for a day.
+const RULES: &str = r#"
+[retention]
+interval = "0s"
+
+[[retention.rules]]
+name = "stale"
+repositories = "undo/**"
+tags = "old-.*"
+remove_not_pushed_within = "1d"
+"#;
+
+/// A manifest of its own (an annotation makes each digest distinct) over one config and layer
+/// uploaded once per repository: pushes `n` tags `{prefix}{i}`; returns (tag, digest, bytes).
+async fn push_many(
+    reg: &TestRegistry,
+    repo: &str,
+    prefix: &str,
+    n: usize,
+    seed: u64,
+) -> Vec<(String, Digest, Vec<u8>)> {
+    let config = format!(r#"{{"os":"linux","seed":{seed}}}"#).into_bytes();
+    let layer = random_bytes(seed, 1000);
+    let config_digest = reg.upload_blob(repo, &config).await;
+    let layer_digest = reg.upload_blob(repo, &layer).await;
+    let manifests: Vec<(String, Vec<u8>)> = (0..n)
+        .map(|i| {
+            let bytes = serde_json::to_vec(&json!({
+                "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                "config": {"mediaType": OCI_CONFIG, "digest": config_digest.as_str(), "size": config.len()},
+                "layers": [{"mediaType": OCI_LAYER, "digest": layer_digest.as_str(), "size": layer.len()}],
+                "annotations": {"i": format!("{repo}/{prefix}{i}/{seed}")},
+            }))
+            .unwrap();
+            (format!("{prefix}{i}"), bytes)
+        })
+        .collect();
+    for chunk in manifests.chunks(16) {
+        let pushes = chunk.iter().map(|(tag, bytes)| reg.put_manifest(repo, tag, OCI_MANIFEST, bytes));
+        for res in futures_util::future::join_all(pushes).await {
+            assert_eq!(res.status(), StatusCode::CREATED);
+        }
+    }
+    manifests.into_iter().map(|(tag, bytes)| (tag, Digest::sha256_of(&bytes), bytes)).collect()
+}
+
+impl TestRegistry {
+    async fn bulk(&self, query: &str) -> Value {
+        let (status, v) = self.admin(Method::POST, &format!("restore?{query}"), None).await;
+        assert_eq!(status, 200, "{v}");
+        v
+    }
+}
+
+/// (delete id, outcome) of every item, in order: what a dry run and a real run must agree on.
+fn outcomes(v: &Value) -> Vec<(i64, String)> {
+    v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| (i["delete_id"].as_i64().unwrap(), i["outcome"].as_str().unwrap().to_string()))
+        .collect()
+}
+
+// A retention run removes 5,000 tags across 50 repositories; a user deletes one more tag in the
+// same minutes. `retention undo` brings back exactly the run's 5,000 — each at its digest,
+// pulled byte for byte, its history naming the bulk restore — and not the user's delete. The
+// dry run said the same; a second undo finds nothing left to do.
+retention_test!(a_retention_run_of_5000_tags_is_undone_exactly, |reg| {
+    let mut pushed = Vec::new();
+    for r in 0..50 {
+        let repo = format!("undo/r{r:02}");
+        for (tag, digest, bytes) in push_many(&reg, &repo, "old-", 100, 7000 + r).await {
+            pushed.push((repo.clone(), tag, digest, bytes));
+        }
+    }
+    reg.push_image("undo/r00", "keep", 7900).await;
+    reg.app.registry.clock().advance_ms(2 * DAY);
+    let res = reg.req(Method::DELETE, "/v2/undo/r00/manifests/keep").send().await.unwrap();
+    assert_eq!(res.status(), 202);
+    let (status, run) = reg.admin(Method::POST, "retention/run?dry_run=false", None).await;
+    assert_eq!(status, 200, "{run}");
+    assert_eq!(run["tags"].as_array().unwrap().len(), 5000);
+    let run_id = run["run_id"].as_i64().expect("a real run has an id");
+    for r in [0, 49] {
+        let v: Value = reg.get(&format!("/v2/undo/r{r:02}/tags/list")).await.json().await.unwrap();
+        assert!(v["tags"].as_array().is_none_or(Vec::is_empty), "{v}");
+    }
+    // The status lists the run with its id.
+    let (_, status) = reg.admin(Method::GET, "retention/status", None).await;
+    assert_eq!(status["last_runs"][0]["id"].as_i64(), Some(run_id), "{status}");
+
+    let dry = reg.bulk(&format!("run={run_id}&dry_run=true")).await;
+    assert_eq!(
+        (dry["restored"].as_i64(), dry["conflicts"].as_i64()),
+        (Some(5000), Some(0)),
+        "{}",
+        dry["items"][0]
+    );
+    assert!(dry["id"].is_null());
+    // Nothing changed.
+    let v: Value = reg.get("/v2/undo/r07/tags/list").await.json().await.unwrap();
+    assert!(v["tags"].as_array().is_none_or(Vec::is_empty), "a dry run restored {v}");
+
+    let undo = reg.bulk(&format!("run={run_id}")).await;
+    assert_eq!(outcomes(&undo), outcomes(&dry), "dry run = real run");
+    let bulk_id = undo["id"].as_i64().expect("a real bulk restore has an id");
+    assert_eq!(undo["restored"].as_i64(), Some(5000));
+
+    // Every tag at its digest, its manifest byte-exact.
+    for chunk in pushed.chunks(32) {
+        let paths: Vec<String> =
+            chunk.iter().map(|(repo, tag, _, _)| format!("/v2/{repo}/manifests/{tag}")).collect();
+        let pulls = paths.iter().map(|p| reg.get(p));
+        for ((repo, tag, digest, bytes), res) in chunk.iter().zip(futures_util::future::join_all(pulls).await)
+        {
+            assert_eq!(res.status(), 200, "{repo}:{tag}");
+            assert_eq!(header(&res, "docker-content-digest"), Some(digest.as_str()), "{repo}:{tag}");
+            assert_eq!(&res.bytes().await.unwrap()[..], &bytes[..], "{repo}:{tag}");
+        }
+    }
+    // The user's delete stays.
+    assert_eq!(reg.get("/v2/undo/r00/manifests/keep").await.status(), 404);
+    // The history names the undo.
+    let (_, history) = reg.admin(Method::GET, "history/undo/r31:old-42", None).await;
+    let last = history["history"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["kind"], "restore", "{history}");
+    assert_eq!(last["bulk_restore"].as_i64(), Some(bulk_id), "{history}");
+    assert_eq!(last["actor"], "anonymous");
+    // The record lists the 5,000 deletes it undid; a second undo has nothing left.
+    let (status, record) = reg.admin(Method::GET, &format!("restores/{bulk_id}"), None).await;
+    assert_eq!(status, 200, "{record}");
+    assert_eq!(record["undone"].as_array().unwrap().len(), 5000);
+    assert_eq!(record["restored"].as_i64(), Some(5000));
+    assert!(record["finished_at"].is_i64());
+    let again = reg.bulk(&format!("run={run_id}")).await;
+    assert_eq!(again["items"].as_array().unwrap().len(), 0, "{again}");
+    let fsck = reg.app.registry.fsck(false, &|_, _| {}).await.unwrap();
+    assert!(fsck.clean(), "{:?}", fsck.problems);
+});
+
+/// `alice` administers everything, `ci` may push and delete `app/**`, `dana` administers
+/// `team/**`.
+async fn with_users(reg: TestRegistry) -> TestRegistry {
+    let mut config = reg.app.config.clone();
+    let dir = reg.stop().await;
+    let hash = bcrypt::hash(crate::auth::PASSWORD, 4).unwrap();
+    let htpasswd = dir.path().join("htpasswd");
+    std::fs::write(&htpasswd, format!("alice:{hash}\nci:{hash}\ndana:{hash}\n")).unwrap();
+    let toml = format!(
+        "htpasswd = {:?}\n\
+         [[rule]]\nwho = [\"alice\"]\nrepositories = [\"**\"]\nactions = [\"pull\", \"push\", \"delete\", \"admin\"]\n\
+         [[rule]]\nwho = [\"ci\"]\nrepositories = [\"app/**\"]\nactions = [\"pull\", \"push\", \"delete\"]\n\
+         [[rule]]\nwho = [\"dana\"]\nrepositories = [\"team/**\"]\nactions = [\"pull\", \"push\", \"delete\", \"admin\"]\n",
+        htpasswd.display().to_string()
+    );
+    config.auth = Some(toml::from_str(&toml).unwrap());
+    TestRegistry::start_with(config, dir).await
+}
+
+fn as_user(reg: &TestRegistry, method: Method, path: &str, user: &str) -> reqwest::RequestBuilder {
+    reg.req(method, path).basic_auth(user, Some(crate::auth::PASSWORD))
+}
+
+// `ci` deletes tags and a manifest in a window, then pushes one of those tags again; `alice`
+// deletes a tag in the same window, and `ci` deleted one before it. A bulk restore of `ci`'s
+// deletes in the window brings back everything but the tag pushed again (a conflict naming
+// where it points now), leaves `alice`'s delete and the earlier one alone; the dry run said
+// exactly that. Only callers administering every repository the pattern can match may run it.
+crate::backend_test!(a_bulk_restore_by_actor_and_window_reports_the_tag_pushed_again, |reg| {
+    let reg = with_users(reg).await;
+    let push = |repo: &'static str, tag: &'static str, seed: u64| {
+        let reg = &reg;
+        async move {
+            let config = format!(r#"{{"seed":{seed}}}"#).into_bytes();
+            let layer = random_bytes(seed, 1500);
+            let mut digests = Vec::new();
+            for bytes in [&config, &layer] {
+                let d = Digest::sha256_of(bytes);
+                let res = as_user(reg, Method::POST, &format!("/v2/{repo}/blobs/uploads/?digest={d}"), "ci")
+                    .body(bytes.clone())
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(res.status(), 201);
+                digests.push(d);
+            }
+            let manifest = serde_json::to_vec(&json!({
+                "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                "config": {"mediaType": OCI_CONFIG, "digest": digests[0].as_str(), "size": config.len()},
+                "layers": [{"mediaType": OCI_LAYER, "digest": digests[1].as_str(), "size": layer.len()}],
+            }))
+            .unwrap();
+            let res = as_user(reg, Method::PUT, &format!("/v2/{repo}/manifests/{tag}"), "ci")
+                .header("content-type", OCI_MANIFEST)
+                .body(manifest.clone())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 201);
+            (Digest::sha256_of(&manifest), manifest)
+        }
+    };
+    let delete = |path: String, user: &'static str| {
+        let reg = &reg;
+        async move {
+            let res = as_user(reg, Method::DELETE, &path, user).send().await.unwrap();
+            assert_eq!(res.status(), 202, "{path}: {:?}", res.text().await);
+        }
+    };
+    let (a, _) = push("app/one", "a", 100).await;
+    let (b, b_bytes) = push("app/one", "b", 101).await;
+    let (c, c_bytes) = push("app/one", "c", 102).await;
+    let (d, _) = push("app/one", "d", 103).await;
+    let (x, _) = push("app/two", "x", 104).await;
+    let (y, _) = push("app/two", "y", 105).await;
+    delete("/v2/app/one/manifests/d".into(), "ci").await;
+    reg.app.registry.clock().advance_ms(60_000);
+    let since = reg.app.registry.clock().now_ms();
+    delete("/v2/app/one/manifests/a".into(), "ci").await;
+    delete("/v2/app/one/manifests/b".into(), "ci").await;
+    delete(format!("/v2/app/one/manifests/{c}"), "ci").await;
+    delete("/v2/app/two/manifests/x".into(), "ci").await;
+    delete("/v2/app/two/manifests/y".into(), "alice").await;
+    // `a` pushed again meanwhile, at another image.
+    let (a2, _) = push("app/one", "a", 106).await;
+    let until = reg.app.registry.clock().now_ms() + 1;
+    let query = format!("actor=ci&since={since}&until={until}");
+
+    // Who may: a delete right is not enough; an administrator of team/** may restore there only.
+    for (user, q, expected) in [
+        ("ci", query.clone(), 403),
+        ("ci", format!("{query}&repositories=app/**"), 403),
+        ("dana", query.clone(), 403),
+        ("dana", format!("{query}&repositories=app/one"), 403),
+        ("dana", format!("{query}&repositories=team/**&dry_run=true"), 200),
+    ] {
+        let res = as_user(&reg, Method::POST, &format!("/admin/v1/restore?{q}"), user).send().await.unwrap();
+        assert_eq!(res.status().as_u16(), expected, "{user} {q}");
+    }
+    let res = reg.req(Method::POST, &format!("/admin/v1/restore?{query}")).send().await.unwrap();
+    assert_eq!(res.status(), 401, "anonymous");
+    // Bad input changes nothing and says what is wrong.
+    for q in
+        ["", "since=yesterday", "actor=ci&repositories=App", "actor=ci&run=x", "actor=ci&repository=app/one"]
+    {
+        let res =
+            as_user(&reg, Method::POST, &format!("/admin/v1/restore?{q}"), "alice").send().await.unwrap();
+        assert_eq!(res.status(), 400, "{q}");
+    }
+
+    let bulk = |q: String| {
+        let reg = &reg;
+        async move {
+            let res =
+                as_user(reg, Method::POST, &format!("/admin/v1/restore?{q}"), "alice").send().await.unwrap();
+            assert_eq!(res.status(), 200);
+            res.json::<Value>().await.unwrap()
+        }
+    };
+    let dry = bulk(format!("{query}&dry_run=true")).await;
+    let real = bulk(query.clone()).await;
+    assert_eq!(outcomes(&dry), outcomes(&real), "dry run = real run");
+    assert_eq!((real["restored"].as_i64(), real["conflicts"].as_i64()), (Some(3), Some(1)), "{real}");
+    let conflict = real["items"].as_array().unwrap().iter().find(|i| i["outcome"] == "conflict").unwrap();
+    assert_eq!((conflict["repository"].as_str(), conflict["target"].as_str()), (Some("app/one"), Some("a")));
+    assert!(conflict["reason"].as_str().unwrap().contains(a2.as_str()), "{conflict}");
+    let pull = |repo: &'static str, reference: String| {
+        let reg = &reg;
+        async move {
+            as_user(reg, Method::GET, &format!("/v2/{repo}/manifests/{reference}"), "alice")
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let res = pull("app/one", "b".into()).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(&res.bytes().await.unwrap()[..], &b_bytes[..]);
+    let res = pull("app/one", "c".into()).await;
+    assert_eq!(res.status(), 200, "the manifest delete came back with its tag");
+    assert_eq!(&res.bytes().await.unwrap()[..], &c_bytes[..]);
+    assert_eq!(header(&pull("app/two", "x".into()).await, "docker-content-digest"), Some(x.as_str()));
+    assert_eq!(header(&pull("app/one", "a".into()).await, "docker-content-digest"), Some(a2.as_str()));
+    assert_eq!(pull("app/two", "y".into()).await.status(), 404, "another actor's delete");
+    assert_eq!(pull("app/one", "d".into()).await.status(), 404, "before the window");
+    let _ = (&b, &d, &y);
+    // The record keeps the conflict; a take_tags restore moves `a` back to what ci deleted.
+    let id = real["id"].as_i64().unwrap();
+    let res = as_user(&reg, Method::GET, &format!("/admin/v1/restores/{id}"), "alice").send().await.unwrap();
+    let record: Value = res.json().await.unwrap();
+    assert_eq!(record["conflicts"].as_i64(), Some(1), "{record}");
+    assert!(record["conflict_list"].as_str().unwrap().contains("pushed again"), "{record}");
+    let taken = bulk(format!("{query}&take_tags=true")).await;
+    assert_eq!(taken["restored"].as_i64(), Some(1), "{taken}");
+    assert_eq!(header(&pull("app/one", "a".into()).await, "docker-content-digest"), Some(a.as_str()));
+    let fsck = reg.app.registry.fsck(false, &|_, _| {}).await.unwrap();
+    assert!(fsck.clean(), "{:?}", fsck.problems);
+});
+
+// What each delete took comes back only as that delete left it: a manifest deleted again since
+// (by a delete outside the selection) and a repository deleted again since are conflicts; a
+// repository delete restores the repository whole; `anonymous` selects deletes made without
+// credentials; and the CLI runs the same request (`berth retention undo`, `berth restore
+// --since`, `berth restores`).
+crate::backend_test!(a_bulk_restore_undoes_only_what_each_delete_took, |reg| {
+    let img = reg.push_image("only/img", "v1", 300).await;
+    let other = reg.push_image("only/repo", "v1", 310).await;
+    let since = reg.app.registry.clock().now_ms();
+    // A manifest delete, restored by hand, then deleted again later (outside the window).
+    let res =
+        reg.req(Method::DELETE, &format!("/v2/only/img/manifests/{}", img.digest)).send().await.unwrap();
+    assert_eq!(res.status(), 202);
+    let (status, _) = reg.admin(Method::POST, &format!("restore/only/img@{}", img.digest), None).await;
+    assert_eq!(status, 200);
+    let (status, _) = reg.admin(Method::DELETE, "repositories/only/repo", None).await;
+    assert_eq!(status, 200);
+    reg.app.registry.clock().advance_ms(60_000);
+    let until = reg.app.registry.clock().now_ms();
+    reg.app.registry.clock().advance_ms(60_000);
+    let res =
+        reg.req(Method::DELETE, &format!("/v2/only/img/manifests/{}", img.digest)).send().await.unwrap();
+    assert_eq!(res.status(), 202);
+    let v = reg.bulk(&format!("actor=anonymous&since={since}&until={until}")).await;
+    let by_repo =
+        |repo: &str| v["items"].as_array().unwrap().iter().find(|i| i["repository"] == repo).unwrap().clone();
+    let manifest = by_repo("only/img");
+    assert_eq!(manifest["outcome"], "conflict", "{manifest}");
+    assert!(manifest["reason"].as_str().unwrap().contains("deleted again"), "{manifest}");
+    assert_eq!(by_repo("only/repo")["outcome"], "restored");
+    assert_eq!(reg.get("/v2/only/repo/manifests/v1").await.status(), 200);
+    assert_eq!(
+        reg.get(&format!("/v2/only/repo/blobs/{}", Digest::sha256_of(&other.config))).await.status(),
+        200
+    );
+    assert_eq!(reg.get("/v2/only/img/manifests/v1").await.status(), 404);
+
+    // The CLI: the same requests over HTTP.
+    let url = reg.url("");
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+            .args(args)
+            .args(["--url", url.trim_end_matches('/')])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, out, err) = cli(&[
+        "restore",
+        "--since",
+        &since.to_string(),
+        "--until",
+        &until.to_string(),
+        "--actor",
+        "anonymous",
+        "--dry-run",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("conflict manifest only/img@"), "{out}");
+    assert!(out.contains("dry run: would restore 0 deletes"), "{out}");
+    let (ok, out, err) = cli(&["restores"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("1 restored, 0 unchanged, 1 conflicts"), "{out}");
+    let (ok, _, err) = cli(&["restore"]);
+    assert!(!ok, "a restore with neither target nor selection is refused");
+    assert!(err.contains("required"), "{err}");
+    let (ok, _, err) = cli(&["retention", "undo", "424242"]);
+    assert!(ok, "{err}");
+});
