@@ -532,7 +532,8 @@ pub(super) fn bulk_restore(v: &Viewer<'_>, r: &BulkRestoreReport) -> Response {
             table id="items" {
                 thead { tr { th { "Outcome" } th { "What" } th { "Deleted" } th { "By" } th { "Why" } } }
                 tbody { @for i in &r.items { tr {
-                    td { (i.outcome) } td { (delete_subject(&i.kind, &i.repository, &i.target)) }
+                    td { @if r.dry_run && i.outcome == "restored" { "would restore" } @else { (i.outcome) } }
+                    td { (delete_subject(&i.kind, &i.repository, &i.target)) }
                     td { (when(Some(i.deleted_at))) } td { (i.deleted_by.as_deref().unwrap_or("—")) }
                     td { (i.reason.as_deref().unwrap_or("")) }
                 } } }

@@ -1,7 +1,9 @@
 //! The web console in a real headless browser (Debian's Chromium through its ChromeDriver,
 //! installed by the test script), on both deployments: sign in, browse to a tag, delete it
 //! through the confirmation, find it in the trash, restore it, and pull it byte-exact with skopeo
-//! afterwards; a pull-only user sees no delete button and is refused server-side anyway; actions
+//! afterwards; two deletes found in the trash filtered by actor and time and restored together
+//! through the bulk restore's preview; a pull-only user sees no delete button and is refused
+//! server-side anyway; actions
 //! from another origin are refused. Screenshots of each main page are saved under
 //! `target/ui-screenshots/<deployment>/`.
 
@@ -308,6 +310,50 @@ backend_test!(console_delete_trash_restore_in_a_real_browser, |reg| {
         let pushed = std::fs::read(lay.path().join("blobs/sha256").join(blob.hex())).unwrap();
         assert_eq!(std::fs::read(pulled.path().join("blobs/sha256").join(blob.hex())).unwrap(), pushed);
     }
+
+    // Two deletes by alice, found in the trash filtered by actor and time, and undone together
+    // through the dry run's preview ("restore all shown").
+    let since = reg.app.registry.clock().now_ms();
+    let origin = format!("http://{host}");
+    for target in ["team/app:v2", "team/app:multi"] {
+        assert_eq!(post_as(&reg, "alice", "/ui/delete", &[("target", target)], Some(&origin)).await, 303);
+    }
+    browser.goto(&format!("http://{host}/ui/trash?repo=team%2Fapp&actor=alice&since={since}")).await;
+    let shown = browser.text("#deletes").await;
+    assert!(shown.contains("team/app:v2") && shown.contains("team/app:multi"), "{shown}");
+    assert!(!shown.contains("team/app:v1"), "v1 was deleted before the window: {shown}");
+    browser.screenshot(&shots, "trash-filtered").await;
+    browser.click("#restore-all").await;
+    browser.wait_for("/ui/bulk-restore").await;
+    assert!(
+        browser.text("#summary").await.contains("Would restore 2 delete(s)"),
+        "{}",
+        browser.text("main").await
+    );
+    browser.screenshot(&shots, "bulk-restore").await;
+    browser.click("#confirm").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !browser.text("h1").await.contains("Bulk restore") {
+        assert!(std::time::Instant::now() < deadline, "{}", browser.text("main").await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        browser.text("#summary").await.contains("Restored 2 delete(s)"),
+        "{}",
+        browser.text("main").await
+    );
+    for tag in ["v2", "multi"] {
+        let res = reg
+            .req(reqwest::Method::GET, &format!("/v2/team/app/manifests/{tag}"))
+            .basic_auth("alice", Some(PASSWORD))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "{tag} restored");
+    }
+    // A pull-only user may filter the trash but is offered no bulk restore, and is refused one.
+    let form = [("repositories", "team/app"), ("since", "0")];
+    assert_eq!(post_as(&reg, "reader", "/ui/bulk-restore", &form, Some(&origin)).await, 403);
     drop(browser);
 
     // A pull-only user sees the repository but no delete button, and is refused anyway.
