@@ -492,7 +492,7 @@ fn bulk_restore(query: Option<&str>) -> Result<AdminRequest, ParseError> {
             }
             "since" => selection.since = Some(moment("since", &value)?),
             "until" => selection.until = Some(moment("until", &value)?),
-            "actor" if !value.is_empty() => selection.actor = Some(value.into_owned()),
+            "actor" => selection.actor = Some(value.into_owned()).filter(|a| !a.is_empty()),
             "run" => {
                 selection.run =
                     Some(value.parse().map_err(|_| {

@@ -21,9 +21,10 @@ impl Pattern {
         Ok(Pattern(s.to_string()))
     }
 
-    /// Whether it matches every repository name (`**`).
+    /// Whether it matches every repository name: only `*`s, with a `**` among them (`**/*`
+    /// needs a `/`, so it does not match `app`).
     pub fn matches_everything(&self) -> bool {
-        self.0.split('/').all(|part| part.chars().all(|c| c == '*')) && self.0.starts_with("**")
+        self.0.chars().all(|c| c == '*') && self.0.contains("**")
     }
 
     /// The pattern as written.
@@ -101,5 +102,8 @@ mod tests {
         assert!(!c("team/**", "team*/**"));
         assert!(!c("*/app/**", "x/app/*"));
         assert!(!c("team/app", "team/*"));
+        assert!(!c("**/*", "app"), "**/* needs a slash");
+        assert!(!c("**/**", "**"));
+        assert!(c("***", "app"));
     }
 }

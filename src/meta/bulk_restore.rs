@@ -9,10 +9,12 @@
 //! restored (a tag pushed again since, a tombstone collected) rolls back to its savepoint and is
 //! reported as a conflict, the others go on. A dry run is the same transaction rolled back.
 
+use std::collections::{HashMap, HashSet};
+
 use sqlx::AnyConnection;
 
 use super::deletes::{AffectedManifest, DeleteError, DeleteResult, Refusal, refuse};
-use super::restores::{Revive, TagsBack};
+use super::restores::{Revive, SinceDelete, TagsBack};
 use super::tags::TagCondition;
 use super::{Dialect, Error, MetaStore, Result, TxError, transaction};
 use crate::oci::{RepoName, Tag};
@@ -36,9 +38,12 @@ pub struct DeleteSelection {
     /// Deletes made by this retention run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub run: Option<i64>,
-    /// Only this repository (the caller filters patterns).
+    /// Only repositories whose names start with this (the caller matches patterns).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub repository: Option<String>,
+    pub repository_prefix: Option<String>,
+    /// The prefix is a whole name.
+    #[serde(skip)]
+    pub repository_exact: bool,
 }
 
 /// One recorded delete, as a bulk restore selects it.
@@ -164,8 +169,12 @@ impl MetaStore {
         if selection.run.is_some() {
             sql.push_str(&format!(" AND d.run_id = ${}", next()));
         }
-        if selection.repository.is_some() {
-            sql.push_str(&format!(" AND r.name = ${}", next()));
+        match (&selection.repository_prefix, selection.repository_exact) {
+            (Some(_), true) => sql.push_str(&format!(" AND r.name = ${}", next())),
+            (Some(p), false) => {
+                sql.push_str(&format!(" AND substr(r.name, 1, {}) = ${}", p.len(), next()));
+            }
+            (None, _) => {}
         }
         sql.push_str(&format!(" ORDER BY d.id DESC LIMIT ${}", next()));
         let mut query = sqlx::query_as::<_, DeleteRecord>(&sql);
@@ -181,15 +190,89 @@ impl MetaStore {
         if let Some(run) = selection.run {
             query = query.bind(run);
         }
-        if let Some(repo) = &selection.repository {
-            query = query.bind(repo.clone());
+        if let Some(prefix) = &selection.repository_prefix {
+            query = query.bind(prefix.clone());
         }
         Ok(query.bind(limit).fetch_all(&self.read).await?)
     }
 
+    /// What restoring each of `deletes` may read or write: `t:TAG` for a tag, `m:DIGEST` for a
+    /// manifest (the tombstones it made, the manifest it names, their children), `*` for
+    /// everything (a repository delete). Deletes whose footprints share nothing cannot change
+    /// what the other's restore finds, so they may be judged in separate transactions.
+    ///
+    /// # Errors
+    /// [`Error::Database`].
+    pub async fn delete_footprints(&self, deletes: &[DeleteRecord]) -> Result<HashMap<i64, HashSet<String>>> {
+        let mut keys: HashMap<i64, HashSet<String>> = HashMap::new();
+        for d in deletes {
+            let own = keys.entry(d.id).or_default();
+            match d.kind.as_str() {
+                "repository" => {
+                    own.insert("*".into());
+                }
+                "manifest" => {
+                    own.insert(format!("m:{}", d.target));
+                }
+                _ => {
+                    own.insert(format!("t:{}", d.target));
+                }
+            }
+        }
+        for chunk in deletes.chunks(500) {
+            let ids = chunk.iter().map(|d| d.id.to_string()).collect::<Vec<_>>().join(",");
+            let tags: Vec<(i64, String, Option<String>)> = sqlx::query_as(&format!(
+                "SELECT delete_id, tag, old_digest FROM tag_history WHERE delete_id IN ({ids}) AND kind = 'delete'"
+            ))
+            .fetch_all(&self.read)
+            .await?;
+            for (d, tag, old) in tags {
+                let own = keys.entry(d).or_default();
+                own.insert(format!("t:{tag}"));
+                own.extend(old.map(|o| format!("m:{o}")));
+            }
+            // The manifests each may bring back: the tombstones it made, the manifest it names
+            // (a manifest delete's target, a tag delete's old digest) — then their children.
+            let mut frontier: Vec<(i64, i64)> = sqlx::query_as(&format!(
+                "SELECT delete_id, id FROM manifests WHERE delete_id IN ({ids}) \
+                 UNION SELECT d.id, m.id FROM deletes d JOIN manifests m \
+                 ON m.repository_id = d.repository_id AND m.digest = d.target WHERE d.id IN ({ids}) AND d.kind = 'manifest' \
+                 UNION SELECT h.delete_id, m.id FROM tag_history h JOIN manifests m \
+                 ON m.repository_id = h.repository_id AND m.digest = h.old_digest WHERE h.delete_id IN ({ids}) \
+                 AND h.kind = 'delete'"
+            ))
+            .fetch_all(&self.read)
+            .await?;
+            let mut seen: HashSet<(i64, i64)> = HashSet::new();
+            for _ in 0..=super::restores::MAX_DEPTH {
+                frontier.retain(|pair| seen.insert(*pair));
+                if frontier.is_empty() {
+                    break;
+                }
+                let parents = frontier.iter().map(|(_, m)| m.to_string()).collect::<Vec<_>>().join(",");
+                let rows: Vec<(i64, String, Option<i64>)> = sqlx::query_as(&format!(
+                    "SELECT m.id, m.digest, mc.child_id FROM manifests m \
+                     LEFT JOIN manifest_children mc ON mc.parent_id = m.id WHERE m.id IN ({parents})"
+                ))
+                .fetch_all(&self.read)
+                .await?;
+                let mut next = Vec::new();
+                for (d, m) in &frontier {
+                    for (_, digest, child) in rows.iter().filter(|(id, _, _)| id == m) {
+                        keys.entry(*d).or_default().insert(format!("m:{digest}"));
+                        next.extend(child.map(|c| (*d, c)));
+                    }
+                }
+                frontier = next;
+            }
+        }
+        Ok(keys)
+    }
+
     /// Restores `deletes` (all of repository `repo`, newest first) in one transaction, each as a
-    /// single restore would, and says what became of each. The tag history rows written carry
-    /// bulk restore `bulk` and the deletes undone are marked with it. `dry_run` rolls the
+    /// single restore would but only as far as `selected` (the whole selection's delete ids)
+    /// reaches, and says what became of each. The tag history rows written carry bulk restore
+    /// `bulk` (0 for a dry run) and the deletes undone are marked with it. `dry_run` rolls the
     /// transaction back: the outcomes are what a real run would have had at that moment.
     ///
     /// # Errors
@@ -199,14 +282,16 @@ impl MetaStore {
         &self,
         repo: &RepoName,
         deletes: &[DeleteRecord],
+        selected: &HashSet<i64>,
         take_tags: bool,
         actor: Option<&str>,
-        bulk: Option<i64>,
+        bulk: i64,
         dry_run: bool,
         now: i64,
     ) -> Result<Vec<BulkOutcome>> {
         let mut c = self.revive_ctx(now);
-        c.tag.bulk_restore = bulk;
+        c.tag.bulk_restore = Some(bulk);
+        c.selected = Some(selected.clone());
         let prelock = self.dialect == Dialect::Postgres;
         let outcome = transaction!(self, BatchEnd, |tx| {
             let refused =
@@ -225,8 +310,22 @@ impl MetaStore {
                     Err(DeleteError::Meta(e)) => return Err(BatchEnd::Failed(e)),
                 }
             }
+            // Read after the repository's lock: a bulk restore of the same deletes that committed
+            // meanwhile undid some.
+            let ids = deletes.iter().map(|d| d.id.to_string()).collect::<Vec<_>>().join(",");
+            let undone: HashMap<i64, i64> = sqlx::query_as::<_, (i64, i64)>(&format!(
+                "SELECT id, restored_by FROM deletes WHERE id IN ({ids}) AND restored_by IS NOT NULL"
+            ))
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect();
             let mut outcomes = Vec::with_capacity(deletes.len());
             for d in deletes {
+                if let Some(by) = undone.get(&d.id) {
+                    outcomes.push(BulkOutcome::Unchanged(format!("undone meanwhile by bulk restore {by}")));
+                    continue;
+                }
                 sqlx::query(&format!("SAVEPOINT {SAVEPOINT}")).execute(&mut *tx).await?;
                 let outcome = match Self::restore_delete(tx, &c, repo, repo_id, d, take_tags, actor, now)
                     .await
@@ -239,14 +338,20 @@ impl MetaStore {
                     Err(DeleteError::Meta(e)) => return Err(BatchEnd::Failed(e)),
                 };
                 sqlx::query(&format!("RELEASE SAVEPOINT {SAVEPOINT}")).execute(&mut *tx).await?;
-                if let (BulkOutcome::Restored(_), Some(bulk)) = (&outcome, bulk) {
-                    sqlx::query("UPDATE deletes SET restored_by = $1 WHERE id = $2")
-                        .bind(bulk)
-                        .bind(d.id)
-                        .execute(&mut *tx)
-                        .await?;
-                }
                 outcomes.push(outcome);
+            }
+            // Undone (by its own restore, or back already): never selected again.
+            let done = deletes
+                .iter()
+                .zip(&outcomes)
+                .filter(|(d, o)| !matches!(o, BulkOutcome::Conflict(_)) && !undone.contains_key(&d.id))
+                .map(|(d, _)| d.id.to_string())
+                .collect::<Vec<_>>();
+            if !done.is_empty() && !dry_run {
+                sqlx::query(&format!("UPDATE deletes SET restored_by = $1 WHERE id IN ({})", done.join(",")))
+                    .bind(bulk)
+                    .execute(&mut *tx)
+                    .await?;
             }
             if dry_run {
                 return Err(BatchEnd::RolledBack(outcomes));
@@ -314,8 +419,9 @@ impl MetaStore {
             );
         }
         let mut tree = Vec::new();
+        let mut seen = HashSet::new();
         for (root,) in roots {
-            if !tree.contains(&root) {
+            if seen.insert(root) {
                 Self::tree_of(tx, root, 0, &mut tree).await?;
             }
         }
@@ -374,23 +480,19 @@ impl MetaStore {
             "manifest" => Self::restore_manifest_delete(tx, c, repo, repo_id, d, take_tags, actor, now).await,
             "tag" => Self::restore_tag_delete(tx, c, repo, repo_id, d, take_tags, actor, now).await,
             "repository" => {
-                let (latest,): (Option<i64>,) = sqlx::query_as(
-                    "SELECT MAX(id) FROM deletes WHERE repository_id = $1 AND kind = 'repository'",
-                )
-                .bind(repo_id)
-                .fetch_one(&mut *tx)
-                .await?;
-                if latest != Some(d.id) {
-                    return refuse(Refusal::Conflict(format!(
-                        "repository {repo} was deleted again since (delete {})",
-                        latest.unwrap_or_default()
-                    )));
-                }
-                let (deleted_at,): (Option<i64>,) =
-                    sqlx::query_as("SELECT deleted_at FROM repositories WHERE id = $1")
+                // The delete in force now (a push may have made the name live since, and another
+                // delete may have taken it again).
+                let (deleted_at, in_force): (Option<i64>, Option<i64>) =
+                    sqlx::query_as("SELECT deleted_at, delete_id FROM repositories WHERE id = $1")
                         .bind(repo_id)
                         .fetch_one(&mut *tx)
                         .await?;
+                if deleted_at.is_some() && in_force != Some(d.id) {
+                    return refuse(Refusal::Conflict(format!(
+                        "repository {repo} was deleted again since (delete {})",
+                        in_force.unwrap_or_default()
+                    )));
+                }
                 let (left,): (i64,) = sqlx::query_as(
                     "SELECT (SELECT COUNT(*) FROM manifests WHERE delete_id = $1 AND deleted_at IS NOT NULL) \
                      + (SELECT COUNT(*) FROM repository_blobs WHERE repository_id = $2 AND hidden_by_delete = $1)",
@@ -425,6 +527,7 @@ impl MetaStore {
         now: i64,
     ) -> DeleteResult<BulkOutcome> {
         let digest = &d.target;
+        Self::refuse_in_deleted_repository(tx, repo, repo_id, &format!("manifest {digest}")).await?;
         let Some(m) = Self::lock_for_revive(tx, c, repo_id, digest).await? else {
             return refuse(Refusal::Conflict(format!("manifest {digest} of {repo} was collected")));
         };
@@ -446,8 +549,29 @@ impl MetaStore {
         let mut restored = Vec::new();
         let tags = TagsBack::Deleted { take_tags };
         Self::revive(tx, c, repo, repo_id, &m, tags, actor, now, 0, &mut restored).await?;
-        Self::undelete_repository(tx, repo_id).await?;
         Ok(BulkOutcome::Restored(restored))
+    }
+
+    /// Refuses while the (locked) repository is deleted: what a delete in it took comes back
+    /// with the repository's own delete (selected too), never by reviving the name half-way.
+    async fn refuse_in_deleted_repository(
+        tx: &mut AnyConnection,
+        repo: &RepoName,
+        repo_id: i64,
+        what: &str,
+    ) -> DeleteResult<()> {
+        let (deleted_at, in_force): (Option<i64>, Option<i64>) =
+            sqlx::query_as("SELECT deleted_at, delete_id FROM repositories WHERE id = $1")
+                .bind(repo_id)
+                .fetch_one(&mut *tx)
+                .await?;
+        if deleted_at.is_some() {
+            return refuse(Refusal::Conflict(format!(
+                "repository {repo} is deleted (delete {}); select its delete too to bring {what} back",
+                in_force.unwrap_or_default()
+            )));
+        }
+        Ok(())
     }
 
     #[expect(clippy::too_many_arguments, reason = "the parts of one restore")]
@@ -464,25 +588,18 @@ impl MetaStore {
         let Ok(tag) = Tag::parse(&d.target) else {
             return refuse(Refusal::Conflict(format!("`{}` is not a tag", d.target)));
         };
-        let (deleted_at,): (Option<i64>,) =
-            sqlx::query_as("SELECT deleted_at FROM repositories WHERE id = $1")
-                .bind(repo_id)
-                .fetch_one(&mut *tx)
-                .await?;
-        if deleted_at.is_some() {
-            return refuse(Refusal::Conflict(format!(
-                "repository {repo} is deleted; restore it (or select its delete too) to bring tag {tag} back"
-            )));
-        }
-        let row: Option<(i64, Option<String>)> = sqlx::query_as(
-            "SELECT id, old_digest FROM tag_history WHERE delete_id = $1 AND kind = 'delete' ORDER BY id LIMIT 1",
+        Self::refuse_in_deleted_repository(tx, repo, repo_id, &format!("tag {tag}")).await?;
+        let row: Option<(Option<String>,)> = sqlx::query_as(
+            "SELECT old_digest FROM tag_history WHERE delete_id = $1 AND kind = 'delete' ORDER BY id LIMIT 1",
         )
         .bind(d.id)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some((moved, Some(digest))) = row else {
+        let Some((Some(digest),)) = row else {
             return refuse(Refusal::Conflict(format!("the delete of tag {tag} recorded no digest")));
         };
+        // The tag row is locked here (before any manifest only when it did not exist: `lock_batch`
+        // locked the existing ones first, in name order).
         let current_sql = format!(
             "SELECT m.digest FROM tags t JOIN manifests m ON m.id = t.manifest_id \
              WHERE t.repository_id = $1 AND t.name = $2{}",
@@ -490,30 +607,15 @@ impl MetaStore {
         );
         let current: Option<(String,)> =
             sqlx::query_as(&current_sql).bind(repo_id).bind(tag.as_str()).fetch_optional(&mut *tx).await?;
-        let current = current.map(|(d,)| d);
-        if current.as_deref() == Some(digest.as_str()) {
+        if current.as_ref().is_some_and(|(now_at,)| *now_at == digest) {
             return Ok(BulkOutcome::Unchanged(format!("tag {tag} points at {digest} already")));
         }
-        // Anything written to the tag since this delete: a push, a restore, another delete.
-        let (latest,): (Option<i64>,) =
-            sqlx::query_as("SELECT MAX(id) FROM tag_history WHERE repository_id = $1 AND tag = $2")
-                .bind(repo_id)
-                .bind(tag.as_str())
-                .fetch_one(&mut *tx)
-                .await?;
-        let condition = match (&current, latest == Some(moved), take_tags) {
-            (_, _, true) => TagCondition::Always,
-            (None, true, false) => TagCondition::IfAbsent,
-            (Some(now_at), _, false) => {
-                return refuse(Refusal::Conflict(format!(
-                    "tag {tag} was pushed again since the delete and now points at {now_at}; \
-                     restore with take_tags to move it back"
-                )));
-            }
-            (None, false, false) => {
-                return refuse(Refusal::Conflict(format!(
-                    "tag {tag} was written and deleted again since this delete; restore with take_tags to \
-                     bring it back to {digest}"
+        let condition = match Self::tag_since_delete(tx, c, repo, repo_id, &tag, d.id, take_tags).await? {
+            SinceDelete::Untouched => TagCondition::IfAbsent,
+            SinceDelete::TakenBack => TagCondition::Always,
+            SinceDelete::LeftAlone => {
+                return Ok(BulkOutcome::Unchanged(format!(
+                    "a newer delete of tag {tag} in this restore put it back"
                 )));
             }
         };

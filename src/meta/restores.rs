@@ -20,7 +20,7 @@ use crate::oci::{Digest, RepoName, Tag};
 
 /// How deep an index may nest indexes before a restore gives up (content addressing makes a
 /// cycle impossible; this bounds a corrupt database).
-const MAX_DEPTH: usize = 16;
+pub(super) const MAX_DEPTH: usize = 16;
 
 /// The statements and tag context of one restore transaction (they differ by dialect).
 pub(super) struct Revive {
@@ -29,11 +29,17 @@ pub(super) struct Revive {
     pub lock_repository: String,
     /// Locks one manifest row by id for update.
     pub lock_manifest: String,
+    /// The clause that locks a manifest row for update (empty on SQLite).
+    pub lock_manifest_suffix: String,
     /// The clause that share-locks the link rows (`rb`) a revive relies on.
     pub link_lock: &'static str,
     /// The clause that locks them exclusively, when some are hidden (the revive un-hides them).
     pub hidden_link_lock: &'static str,
     pub tag: TagCtx,
+    /// A bulk restore's selected deletes: only tombstones they made come back (a tombstone of
+    /// another delete — made after the selection, say — is a conflict), and a tag changed since
+    /// its delete comes back only with `take_tags`. `None` for a single restore.
+    pub selected: Option<std::collections::HashSet<i64>>,
 }
 
 /// Which tags a revived manifest gets back.
@@ -49,6 +55,17 @@ pub(super) enum TagsBack {
     Named,
 }
 
+/// What became of a tag since a delete removed it (bulk restores).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum SinceDelete {
+    /// Nothing: the delete is the last thing that happened to it.
+    Untouched,
+    /// Pushed again since; `take_tags` moves it back.
+    TakenBack,
+    /// A newer delete of this restore already put it back.
+    LeftAlone,
+}
+
 /// The state of a locked manifest row: deleted_at, delete_id, deleted_why, unrestorable.
 type RowState = (Option<i64>, Option<i64>, Option<String>, Option<String>);
 
@@ -60,6 +77,7 @@ impl MetaStore {
                 "SELECT id FROM manifests WHERE id = $1{}",
                 self.update_lock_of("manifests")
             ),
+            lock_manifest_suffix: self.update_lock_of("manifests"),
             link_lock: match self.dialect {
                 super::Dialect::Sqlite => "",
                 super::Dialect::Postgres => " FOR SHARE",
@@ -69,6 +87,7 @@ impl MetaStore {
                 super::Dialect::Postgres => " FOR UPDATE",
             },
             tag: self.tag_ctx(now),
+            selected: None,
         }
     }
 
@@ -325,6 +344,14 @@ impl MetaStore {
                 "manifest {digest} in {repo} cannot be restored: {reason}"
             )));
         }
+        if let Some(selected) = &c.selected
+            && !delete_id.is_some_and(|d| selected.contains(&d))
+        {
+            return refuse(Refusal::Conflict(format!(
+                "manifest {digest} in {repo} was deleted by delete {}, which this restore does not select",
+                delete_id.unwrap_or_default()
+            )));
+        }
         Self::check_links(tx, repo, repo_id, m).await?;
         // An index needs its children: each deleted one comes back too (checked the same way),
         // or the whole restore is refused. They were locked with it. (A collected child took its
@@ -372,7 +399,7 @@ impl MetaStore {
         .await?;
         let mut back = Vec::new();
         if let (TagsBack::Deleted { take_tags }, Some(d)) = (tags, delete_id) {
-            back = Self::restore_tags(tx, repo, repo_id, m, d, take_tags, actor, now, &c.tag).await?;
+            back = Self::restore_tags(tx, c, repo, repo_id, m, d, take_tags, actor, now).await?;
         }
         restored.push(AffectedManifest { repository: repo.to_string(), digest: digest.clone(), tags: back });
         // Referrers deleted together with it come back with it (a signature with its image).
@@ -427,10 +454,14 @@ impl MetaStore {
         Ok(())
     }
 
-    /// Puts back the tags delete `delete_id` took from manifest `m`.
+    /// Puts back the tags delete `delete_id` took from manifest `m`. In a bulk restore, a tag
+    /// written since the delete (pushed, deleted again) comes back only with `take_tags` and only
+    /// if it exists (a tag deleted again stays deleted), and one a newer delete of this restore
+    /// already put back is left to it.
     #[expect(clippy::too_many_arguments, reason = "the parts of one restore")]
     async fn restore_tags(
         tx: &mut AnyConnection,
+        c: &Revive,
         repo: &RepoName,
         repo_id: i64,
         m: &Target,
@@ -438,7 +469,6 @@ impl MetaStore {
         take_tags: bool,
         actor: Option<&str>,
         now: i64,
-        tag_lock: &TagCtx,
     ) -> DeleteResult<Vec<String>> {
         let names: Vec<(String,)> = sqlx::query_as(
             "SELECT DISTINCT tag FROM tag_history WHERE delete_id = $1 AND old_digest = $2 AND kind = 'delete' \
@@ -453,7 +483,14 @@ impl MetaStore {
         let mut restored = Vec::new();
         for (name,) in names {
             let Ok(tag) = Tag::parse(&name) else { continue };
-            let condition = if take_tags { TagCondition::Always } else { TagCondition::IfAbsent };
+            let mut condition = if take_tags { TagCondition::Always } else { TagCondition::IfAbsent };
+            if c.selected.is_some() {
+                match Self::tag_since_delete(tx, c, repo, repo_id, &tag, delete_id, take_tags).await? {
+                    SinceDelete::Untouched => {}
+                    SinceDelete::TakenBack => condition = TagCondition::Always,
+                    SinceDelete::LeftAlone => continue,
+                }
+            }
             let write = TagWrite {
                 repo_id,
                 repo: repo.as_str(),
@@ -465,7 +502,7 @@ impl MetaStore {
                 kind: "restore",
                 condition,
             };
-            match Self::set_tag(tx, &write, tag_lock).await? {
+            match Self::set_tag(tx, &write, &c.tag).await? {
                 TagOutcome::Set | TagOutcome::Unchanged => restored.push(name),
                 TagOutcome::Immutable(refusal) => return refuse(Refusal::Immutable(refusal)),
                 TagOutcome::Precondition { current } => {
@@ -477,6 +514,54 @@ impl MetaStore {
             }
         }
         Ok(restored)
+    }
+
+    /// In a bulk restore: what became of `tag` since delete `delete_id` removed it, judged on
+    /// its (locked) row and its history — the rule for every tag a bulk restore puts back.
+    #[expect(clippy::too_many_arguments, reason = "the parts of one restore")]
+    pub(super) async fn tag_since_delete(
+        tx: &mut AnyConnection,
+        c: &Revive,
+        repo: &RepoName,
+        repo_id: i64,
+        tag: &Tag,
+        delete_id: i64,
+        take_tags: bool,
+    ) -> DeleteResult<SinceDelete> {
+        let current_sql = format!(
+            "SELECT m.digest FROM tags t JOIN manifests m ON m.id = t.manifest_id \
+             WHERE t.repository_id = $1 AND t.name = $2{}",
+            c.tag.lock
+        );
+        let current: Option<(String,)> =
+            sqlx::query_as(&current_sql).bind(repo_id).bind(tag.as_str()).fetch_optional(&mut *tx).await?;
+        let latest: Option<(Option<i64>, Option<String>, Option<i64>)> = sqlx::query_as(
+            "SELECT delete_id, kind, bulk_restore_id FROM tag_history WHERE repository_id = $1 AND tag = $2 \
+             ORDER BY id DESC LIMIT 1",
+        )
+        .bind(repo_id)
+        .bind(tag.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let (latest_delete, latest_kind, latest_bulk) = latest.unwrap_or_default();
+        if latest_bulk.is_some() && latest_bulk == c.tag.bulk_restore {
+            // A newer delete of this tag, in this restore, put it back: the newest state wins.
+            return Ok(SinceDelete::LeftAlone);
+        }
+        if latest_delete == Some(delete_id) && latest_kind.as_deref() == Some("delete") {
+            return Ok(SinceDelete::Untouched);
+        }
+        match current {
+            Some(_) if take_tags => Ok(SinceDelete::TakenBack),
+            Some((now_at,)) => refuse(Refusal::Conflict(format!(
+                "tag {tag} was pushed again since the delete and now points at {now_at}; restore with take_tags \
+                 to move it back"
+            ))),
+            None => refuse(Refusal::Conflict(format!(
+                "tag {tag} of {repo} was written and deleted again since this delete; that later delete is not \
+                 selected"
+            ))),
+        }
     }
 
     /// Puts tag `tag` of `repo` back where a tag delete left it (the latest delete of that
@@ -598,11 +683,41 @@ impl MetaStore {
         actor: Option<&str>,
         now: i64,
     ) -> DeleteResult<()> {
-        let Some(m) = Self::lock_for_revive(tx, c, repo_id, digest).await? else {
-            return refuse(Refusal::Conflict(format!("manifest {digest} is no longer held in {repo}")));
+        // A live manifest needs only its own row locked (its children are live and its links
+        // held while it is); a tombstone is locked with everything a revive may bring back.
+        let seen: Option<(i64, Option<i64>)> =
+            sqlx::query_as("SELECT id, deleted_at FROM manifests WHERE repository_id = $1 AND digest = $2")
+                .bind(repo_id)
+                .bind(digest)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let live = match seen {
+            Some((id, None)) => {
+                let locked: Option<(Option<i64>,)> = sqlx::query_as(&format!(
+                    "SELECT deleted_at FROM manifests WHERE id = $1{}",
+                    c.lock_manifest_suffix
+                ))
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+                // Still live under the lock (else deleted meanwhile: the revive path decides).
+                matches!(locked, Some((None,))).then_some(Target { id, digest: digest.to_string() })
+            }
+            _ => None,
         };
-        let mut restored = Vec::new();
-        Self::revive(tx, c, repo, repo_id, &m, TagsBack::Named, actor, now, 0, &mut restored).await?;
+        let m = match live {
+            Some(m) => m,
+            None => {
+                let Some(m) = Self::lock_for_revive(tx, c, repo_id, digest).await? else {
+                    return refuse(Refusal::Conflict(format!(
+                        "manifest {digest} is no longer held in {repo}"
+                    )));
+                };
+                let mut restored = Vec::new();
+                Self::revive(tx, c, repo, repo_id, &m, TagsBack::Named, actor, now, 0, &mut restored).await?;
+                m
+            }
+        };
         let parsed = stored_digest(digest)?;
         let write = TagWrite {
             repo_id,

@@ -408,13 +408,14 @@ impl MetaStore {
         self.keep_newest("retention_runs", RUNS_KEPT).await
     }
 
-    /// When the newest recorded run started by `started_by` started, if one is recorded.
+    /// When the newest finished run started by `started_by` started, if one is recorded (a run
+    /// that stopped before its end does not count: the schedule runs again).
     ///
     /// # Errors
     /// [`Error::Database`].
     pub async fn last_retention_run_by(&self, started_by: &str) -> Result<Option<i64>> {
         let row: (Option<i64>,) = sqlx::query_as(
-            "SELECT CAST(MAX(started_at) AS BIGINT) FROM retention_runs WHERE started_by = $1",
+            "SELECT CAST(MAX(started_at) AS BIGINT) FROM retention_runs WHERE started_by = $1 AND finished_at > 0",
         )
         .bind(started_by)
         .fetch_one(&self.read)

@@ -3,7 +3,7 @@
 //! revive), with conflicts reported per delete. A dry run runs the same transactions and rolls
 //! them back, so it says what a real run would do at that moment.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::{Error, Registry, Result};
 use crate::auth::Pattern;
@@ -16,7 +16,8 @@ use crate::time::Moment;
 const BATCH: usize = 20;
 
 /// The most deletes one bulk restore takes on; a selection naming more is refused (narrow it).
-pub const MAX_SELECTED: usize = 1_000_000;
+/// Its report lists every one, so this bounds its memory (some hundred bytes a delete).
+pub const MAX_SELECTED: usize = 100_000;
 
 /// The conflicts kept in a bulk restore's record (the response lists them all).
 const CONFLICTS_RECORDED: usize = 1000;
@@ -156,19 +157,23 @@ impl Registry {
             return Err(Error::Invalid("since must be before until".into()));
         }
         let pattern = selection.pattern();
-        // A pattern without wildcards is one repository: the store selects it by name.
-        let literal = (!pattern.as_str().contains('*')).then(|| pattern.as_str().to_string());
+        // The store selects by the pattern's plain prefix (a whole name when it has no
+        // wildcard); the pattern itself is matched here.
+        let prefix = pattern.as_str().split('*').next().unwrap_or_default();
         let meta = DeleteSelection {
             since,
             until: Some(until),
             actor: selection.actor.clone(),
             run: selection.run,
-            repository: literal,
+            repository_prefix: (!prefix.is_empty()).then(|| prefix.to_string()),
+            repository_exact: !pattern.as_str().contains('*'),
         };
         let limit = i64::try_from(MAX_SELECTED + 1).unwrap_or(i64::MAX);
         let mut deletes = self.meta.deletes_matching(&meta, limit).await?;
+        // Refused before matching: a selection cut at the limit would be silently incomplete.
+        let complete = deletes.len() <= MAX_SELECTED;
         deletes.retain(|d| pattern.matches(&d.repository));
-        if deletes.len() > MAX_SELECTED {
+        if !complete {
             return Err(Error::Invalid(format!(
                 "the selection names more than {MAX_SELECTED} deletes; narrow it (repositories, since, until)"
             )));
@@ -209,6 +214,8 @@ impl Registry {
             let recorded = serde_json::to_string(&view).unwrap_or_default();
             Some(self.meta.start_bulk_restore(actor, &recorded, take_tags, started_at).await?)
         };
+        let selected: HashSet<i64> = deletes.iter().map(|d| d.id).collect();
+        let mut footprints = self.meta.delete_footprints(&deletes).await?;
         let mut by_repository: BTreeMap<String, Vec<DeleteRecord>> = BTreeMap::new();
         for d in deletes {
             by_repository.entry(d.repository.clone()).or_default().push(d);
@@ -225,15 +232,16 @@ impl Registry {
             conflicts: 0,
             items: Vec::new(),
         };
+        // A dry run writes its (rolled back) history rows as bulk restore 0, which is never an id.
+        let bulk = id.unwrap_or(0);
         for (name, deletes) in by_repository {
             let repo = RepoName::parse(&name).map_err(|e| Error::Internal(e.into()))?;
-            // A dry run keeps one repository in one transaction, so a delete that an earlier one
-            // of the same repository changes (a tag deleted twice) is judged as a real run would.
-            let batch = if dry_run { deletes.len().max(1) } else { BATCH };
-            for chunk in deletes.chunks(batch) {
+            for chunk in batches(deletes, &mut footprints) {
                 let now = self.clock.now_ms();
-                let outcomes =
-                    self.meta.restore_deletes(&repo, chunk, take_tags, actor, id, dry_run, now).await?;
+                let outcomes = self
+                    .meta
+                    .restore_deletes(&repo, &chunk, &selected, take_tags, actor, bulk, dry_run, now)
+                    .await?;
                 for (d, outcome) in chunk.iter().zip(outcomes) {
                     report.items.push(self.bulk_item(&repo, d, outcome, actor, dry_run));
                 }
@@ -320,4 +328,71 @@ impl Registry {
             None => Err(Error::NotFound(format!("no bulk restore {id} is recorded"))),
         }
     }
+}
+
+/// Splits one repository's `deletes` (newest first) into the batches a bulk restore runs, each
+/// one transaction: deletes whose footprints share a tag or a manifest (a tag deleted twice, a
+/// tag and the manifest it pointed at, an index and its child) always in the same batch, in
+/// order, so each is judged after the ones it depends on — in a dry run (each batch rolled back)
+/// exactly as in the real run. Unrelated deletes fill batches up to [`BATCH`].
+fn batches(
+    deletes: Vec<DeleteRecord>,
+    footprints: &mut HashMap<i64, HashSet<String>>,
+) -> Vec<Vec<DeleteRecord>> {
+    // Union-find over the deletes, joined by shared footprint keys.
+    let mut parent: Vec<usize> = (0..deletes.len()).collect();
+    fn root(parent: &mut [usize], mut i: usize) -> usize {
+        while parent[i] != i {
+            parent[i] = parent[parent[i]];
+            i = parent[i];
+        }
+        i
+    }
+    let mut owner: HashMap<String, usize> = HashMap::new();
+    let everything: Vec<usize> = (0..deletes.len())
+        .filter(|&i| footprints.get(&deletes[i].id).is_some_and(|k| k.contains("*")))
+        .collect();
+    for (i, d) in deletes.iter().enumerate() {
+        for key in footprints.remove(&d.id).unwrap_or_default() {
+            match owner.get(&key) {
+                Some(&j) => {
+                    let (a, b) = (root(&mut parent, i), root(&mut parent, j));
+                    parent[a] = b;
+                }
+                None => {
+                    owner.insert(key, i);
+                }
+            }
+        }
+    }
+    // A repository delete touches everything of its repository.
+    if let Some(&first) = everything.first() {
+        for i in 0..deletes.len() {
+            let (a, b) = (root(&mut parent, i), root(&mut parent, first));
+            parent[a] = b;
+        }
+    }
+    // Groups in the order of their newest delete; each keeps newest-first order.
+    let mut groups: Vec<Vec<DeleteRecord>> = Vec::new();
+    let mut group_of: HashMap<usize, usize> = HashMap::new();
+    for (i, d) in deletes.into_iter().enumerate() {
+        let r = root(&mut parent, i);
+        let g = *group_of.entry(r).or_insert_with(|| {
+            groups.push(Vec::new());
+            groups.len() - 1
+        });
+        groups[g].push(d);
+    }
+    let mut out: Vec<Vec<DeleteRecord>> = Vec::new();
+    for group in groups {
+        match out.last_mut() {
+            Some(batch) if batch.len() + group.len() <= BATCH => batch.extend(group),
+            _ => out.push(group),
+        }
+    }
+    // Within a batch, newest first again (groups do not depend on each other).
+    for batch in &mut out {
+        batch.sort_by(|a, b| b.id.cmp(&a.id));
+    }
+    out
 }

@@ -498,6 +498,9 @@ async fn bulk_restore_preview(
 async fn bulk_restore(State(app): State<App>, headers: HeaderMap, Form(f): Form<DeleteFilter>) -> Page {
     same_origin(&headers)?;
     let v = viewer(&app, &headers)?;
+    if f.is_empty() {
+        return Err(v.bad("choose a time window, an actor or a retention run".into()));
+    }
     let selection = v.selection(&f)?;
     bulk_restore_page(&app, &v, selection, f.take_tags, false).await
 }

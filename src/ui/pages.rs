@@ -421,6 +421,9 @@ pub(super) fn trash(
     )
 }
 
+/// Rows of a list of deletes a page shows (the counts above it are exact).
+const ROWS_SHOWN: usize = 1000;
+
 /// The trash's filter: a time window, an actor, a retention run.
 fn trash_filter(repo: &RepoName, f: &super::DeleteFilter) -> Markup {
     html! {
@@ -490,12 +493,13 @@ pub(super) fn filtered_trash(
             }
             table id="deletes" {
                 thead { tr { th { "Deleted" } th { "What" } th { "By" } th { "Run" } } }
-                tbody { @for d in deletes { tr {
+                tbody { @for d in deletes.iter().take(ROWS_SHOWN) { tr {
                     td { (when(Some(d.at))) } td { (delete_subject(&d.kind, &d.repository, &d.target)) }
                     td { (d.actor.as_deref().unwrap_or("—")) } td { @if let Some(r) = d.run_id { (r) } }
                 } }
                 @if deletes.is_empty() { tr { td colspan="4" .muted { "Nothing matches." } } } }
             }
+            @if deletes.len() > ROWS_SHOWN { p.muted { "… and " (deletes.len() - ROWS_SHOWN) " more (the restore takes them all)." } }
         },
     )
 }
@@ -531,12 +535,16 @@ pub(super) fn bulk_restore(v: &Viewer<'_>, r: &BulkRestoreReport) -> Response {
             }
             table id="items" {
                 thead { tr { th { "Outcome" } th { "What" } th { "Deleted" } th { "By" } th { "Why" } } }
-                tbody { @for i in &r.items { tr {
+                tbody { @for i in r.items.iter().take(ROWS_SHOWN) { tr {
                     td { @if r.dry_run && i.outcome == "restored" { "would restore" } @else { (i.outcome) } }
                     td { (delete_subject(&i.kind, &i.repository, &i.target)) }
                     td { (when(Some(i.deleted_at))) } td { (i.deleted_by.as_deref().unwrap_or("—")) }
                     td { (i.reason.as_deref().unwrap_or("")) }
                 } } }
+            }
+            @if r.items.len() > ROWS_SHOWN {
+                p.muted { "… and " (r.items.len() - ROWS_SHOWN) " more: the whole list is in "
+                    @if let Some(id) = r.id { code { "berth restores " (id) } } @else { code { "berth restore … --dry-run --json" } } "." }
             }
         },
     )
@@ -648,7 +656,8 @@ pub(super) fn retention(v: &Viewer<'_>, status: &RetentionStatus, dry: Option<&R
                 thead { tr { th { "Run" } th { "Started" } th { "By" } th.num { "Tags considered" } th.num { "Tags removed" } th.num { "Manifests removed" } th.num { "Errors" } th {} } }
                 tbody { @for r in &status.last_runs { tr { td { (r.id) } td { (when(Some(r.started_at))) } td { (r.started_by) } td.num { (r.tags_considered) }
                     td.num { (r.tags_removed) } td.num { (r.manifests_removed) } td.num { (r.errors) }
-                    td { @if may_undo && r.tags_removed + r.manifests_removed > 0 {
+                    // A run that stopped before its end recorded no counts: it may have removed some.
+                    td { @if may_undo && (r.tags_removed + r.manifests_removed > 0 || r.finished_at == 0) {
                         a href=(format!("/ui/bulk-restore?run={}", r.id)) { "Undo…" } } } } } }
             }
             h2 { "Dry run" }

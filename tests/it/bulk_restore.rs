@@ -385,3 +385,99 @@ crate::backend_test!(a_bulk_restore_undoes_only_what_each_delete_took, |reg| {
     let (ok, _, err) = cli(&["retention", "undo", "424242"]);
     assert!(ok, "{err}");
 });
+
+// Only what the selection took comes back, and the newest selected delete decides:
+// - a tag whose manifest a later, unselected delete took stays deleted (a conflict naming it);
+// - a manifest delete whose tag was pushed and deleted again since comes back as a conflict;
+// - a tag deleted twice, both selected, with take_tags points where the newest delete left it;
+// - a repository deleted, pushed to and deleted again comes back whole from both deletes;
+// - an index and its child deleted apart come back together, the dry run judging them as the
+//   real run does.
+crate::backend_test!(a_bulk_restore_brings_back_only_what_the_selection_took, |reg| {
+    let clock = reg.app.registry.clock().clone();
+    let del = |path: String| {
+        let reg = &reg;
+        async move {
+            let res = reg.req(Method::DELETE, &path).send().await.unwrap();
+            assert_eq!(res.status(), 202, "{path}");
+        }
+    };
+    let digest_of = |repo: &'static str, tag: &'static str| {
+        let reg = &reg;
+        async move {
+            let res = reg.get(&format!("/v2/{repo}/manifests/{tag}")).await;
+            (res.status().as_u16(), header(&res, "docker-content-digest").map(str::to_string))
+        }
+    };
+    // Later deletes happen after `until`.
+    let since = clock.now_ms();
+    let a = reg.push_image("sel/a", "t", 400).await;
+    del("/v2/sel/a/manifests/t".into()).await;
+    let m = reg.push_image("sel/m", "t", 410).await;
+    del(format!("/v2/sel/m/manifests/{}", m.digest)).await;
+    let b = reg.push_image("sel/m", "t", 411).await;
+    let twice_a = reg.push_image("sel/twice", "t", 420).await;
+    del("/v2/sel/twice/manifests/t".into()).await;
+    let twice_b = reg.push_image("sel/twice", "t", 421).await;
+    del("/v2/sel/twice/manifests/t".into()).await;
+    let r1 = reg.push_image("sel/repo", "one", 430).await;
+    assert_eq!(reg.admin(Method::DELETE, "repositories/sel/repo", None).await.0, 200);
+    let r2 = reg.push_image("sel/repo", "two", 431).await;
+    assert_eq!(reg.admin(Method::DELETE, "repositories/sel/repo", None).await.0, 200);
+    let amd = reg.push_image("sel/idx", "amd", 440).await;
+    let arm = reg.push_image("sel/idx", "arm", 441).await;
+    let (index, _) = reg.push_index("sel/idx", "all", &[&amd, &arm]).await;
+    del(format!("/v2/sel/idx/manifests/{index}")).await;
+    del(format!("/v2/sel/idx/manifests/{}", amd.digest)).await;
+    clock.advance_ms(60_000);
+    let until = clock.now_ms();
+    clock.advance_ms(60_000);
+    del(format!("/v2/sel/a/manifests/{}", a.digest)).await;
+    del("/v2/sel/m/manifests/t".into()).await;
+    let _ = b;
+
+    let query = format!("since={since}&until={until}&take_tags=true");
+    let dry = reg.bulk(&format!("{query}&dry_run=true")).await;
+    let real = reg.bulk(&query).await;
+    assert_eq!(outcomes(&dry), outcomes(&real), "dry run = real run");
+    let item = |repo: &str, target: &str| {
+        real["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| i["repository"] == repo && i["target"] == target)
+            .cloned()
+            .collect::<Vec<Value>>()
+    };
+    let a_tag = &item("sel/a", "t")[0];
+    assert_eq!(a_tag["outcome"], "conflict", "{a_tag}");
+    assert!(a_tag["reason"].as_str().unwrap().contains("does not select"), "{a_tag}");
+    assert_eq!(digest_of("sel/a", "t").await.0, 404);
+    let m_item = &item("sel/m", m.digest.as_str())[0];
+    assert_eq!(m_item["outcome"], "conflict", "{m_item}");
+    assert!(m_item["reason"].as_str().unwrap().contains("deleted again"), "{m_item}");
+    assert_eq!(reg.get(&format!("/v2/sel/m/manifests/{}", m.digest)).await.status(), 404);
+    let twice = item("sel/twice", "t");
+    assert_eq!(twice.len(), 2);
+    assert_eq!(
+        (twice[0]["outcome"].as_str(), twice[1]["outcome"].as_str()),
+        (Some("restored"), Some("unchanged"))
+    );
+    assert_eq!(digest_of("sel/twice", "t").await.1.as_deref(), Some(twice_b.digest.as_str()));
+    let _ = twice_a;
+    for (tag, img) in [("one", &r1), ("two", &r2)] {
+        let res = reg.get(&format!("/v2/sel/repo/manifests/{tag}")).await;
+        assert_eq!(header(&res, "docker-content-digest"), Some(img.digest.as_str()), "sel/repo:{tag}");
+    }
+    assert_eq!(digest_of("sel/idx", "all").await.1.as_deref(), Some(index.as_str()));
+    assert_eq!(digest_of("sel/idx", "amd").await.1.as_deref(), Some(amd.digest.as_str()));
+    assert!(
+        real["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["repository"] != "sel/idx" || i["outcome"] != "conflict")
+    );
+    let fsck = reg.app.registry.fsck(false, &|_, _| {}).await.unwrap();
+    assert!(fsck.clean(), "{:?}", fsck.problems);
+});
