@@ -541,8 +541,8 @@ impl Dice {
     }
 }
 
-/// Restores (single and bulk), reverts, purges, unlinks, tag moves, index pushes, deletes and the collector, all
-/// against each other on `replicas` of one PostgreSQL + S3 deployment with windows of
+/// Restores (single and bulk), reverts, purges, unlinks, tag moves, index pushes, deletes and the
+/// collector, all against each other on `replicas` of one deployment with windows of
 /// milliseconds; afterwards, judged from the manifests' own payloads: every listed tag pulls
 /// completely (an index's children and their blobs too), and fsck — whose payload checks do not
 /// trust the reference rows — finds nothing.
@@ -823,10 +823,12 @@ async fn interleave(replicas: Vec<TestRegistry>) {
     assert!(ops > 400, "only {ops} operations");
 }
 
-// One test, one deployment after the other: two such loads at once would starve the suite's
-// other stress tests on two cores.
+// One test, one deployment after the other (embedded, then one and two PostgreSQL + S3
+// replicas): two such loads at once would starve the suite's other stress tests on two cores.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restores_purges_unlinks_and_the_collector_interleaved_lose_nothing() {
+    let embedded = crate::gc::with_short_windows(Backend::Sqlite).await.unwrap();
+    interleave(vec![embedded]).await;
     let Some(reg) = crate::gc::with_short_windows(Backend::Postgres).await else { return };
     interleave(vec![reg]).await;
     let first = crate::gc::with_short_windows(Backend::Postgres).await.unwrap();
