@@ -255,6 +255,16 @@ def deployment_args(quick_help):
     return args
 
 
+def run_recorded(args, run):
+    """`run(name, storage_config)` on each deployment (see `on_each_deployment`), with the
+    machine's facts; saved to `args.out` as JSON when given. Returns the results."""
+    results = {**machine_facts(args.berth), "runs": on_each_deployment(args, run)}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
 def on_each_deployment(args, run):
     """`run(name, storage_config)` on the embedded deployment and, when its services are given,
     on the scale-out one; the list of their results."""

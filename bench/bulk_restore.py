@@ -114,11 +114,8 @@ def deployment(binary, work, name, storage, repos, tags):
 def main():
     args = bench.deployment_args("5,000 tags instead of 50,000")
     repos, tags = (50, 100) if args.quick else (50, 1000)
-    results = {**bench.machine_facts(args.berth), "runs": bench.on_each_deployment(
-        args, lambda name, storage: deployment(args.berth, args.work, name, storage, repos, tags))}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+    results = bench.run_recorded(
+        args, lambda name, storage: deployment(args.berth, args.work, name, storage, repos, tags))
     lines = [f"Machine: {results['machine']}; {bench.hash_line(results)}", "",
              "| deployment | deletes undone | dry run | real undo | rate | push p50 / p99 idle → during (max) | "
              "GET p50 / p99 idle → during (max) |",

@@ -65,11 +65,8 @@ def deployment(binary, work, name, storage, repos, tags):
 def main():
     args = bench.deployment_args("1,000 repositories instead of 10,000")
     repos, tags = (1000, 10) if args.quick else (10000, 10)
-    results = {**bench.machine_facts(args.berth), "runs": bench.on_each_deployment(
-        args, lambda name, storage: deployment(args.berth, args.work, name, storage, repos, tags))}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
+    results = bench.run_recorded(
+        args, lambda name, storage: deployment(args.berth, args.work, name, storage, repos, tags))
     print(f"# Console pages — {results['runs'][0]['repositories']:,} repositories, "
           f"{results['runs'][0]['tags']:,} tags\n\nMachine: {results['machine']}; {bench.hash_line(results)}\n")
     names = list(results["runs"][0]["pages_ms"])

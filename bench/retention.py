@@ -146,11 +146,8 @@ def deployment(binary, work, name, storage, repos, tags):
 def main():
     args = bench.deployment_args("100 repositories instead of 1,000")
     repos, tags = (100, 100) if args.quick else (1000, 100)
-    results = {**bench.machine_facts(args.berth), "runs": bench.on_each_deployment(
-        args, lambda name, storage: deployment(args.berth, args.work, name, storage, repos, tags))}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+    results = bench.run_recorded(
+        args, lambda name, storage: deployment(args.berth, args.work, name, storage, repos, tags))
     lines = [f"Machine: {results['machine']}; {bench.hash_line(results)}", "",
              "| deployment | tags / repos | removed | dry run | in-use report | dry run, pinned | real run (pinned) | "
              "push p50 / p99 idle | push p50 / p99 / max during the run |",

@@ -598,19 +598,14 @@ impl MetaStore {
         let Some((Some(digest),)) = row else {
             return refuse(Refusal::Conflict(format!("the delete of tag {tag} recorded no digest")));
         };
-        // The tag row is locked here (before any manifest only when it did not exist: `lock_batch`
-        // locked the existing ones first, in name order).
-        let current_sql = format!(
-            "SELECT m.digest FROM tags t JOIN manifests m ON m.id = t.manifest_id \
-             WHERE t.repository_id = $1 AND t.name = $2{}",
-            c.tag.lock
-        );
-        let current: Option<(String,)> =
-            sqlx::query_as(&current_sql).bind(repo_id).bind(tag.as_str()).fetch_optional(&mut *tx).await?;
-        if current.as_ref().is_some_and(|(now_at,)| *now_at == digest) {
+        // On PostgreSQL `lock_batch` locked the tag's row already (with the batch's others, in
+        // name order).
+        let current = Self::current_tag(tx, c, repo_id, &tag).await?;
+        if current.as_deref() == Some(digest.as_str()) {
             return Ok(BulkOutcome::Unchanged(format!("tag {tag} points at {digest} already")));
         }
-        let condition = match Self::tag_since_delete(tx, c, repo, repo_id, &tag, d.id, take_tags).await? {
+        let since = Self::tag_since_delete(tx, c, repo, repo_id, &tag, current, d.id, take_tags);
+        let condition = match since.await? {
             SinceDelete::Untouched => TagCondition::IfAbsent,
             SinceDelete::TakenBack => TagCondition::Always,
             SinceDelete::LeftAlone => {

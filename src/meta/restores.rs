@@ -485,7 +485,9 @@ impl MetaStore {
             let Ok(tag) = Tag::parse(&name) else { continue };
             let mut condition = if take_tags { TagCondition::Always } else { TagCondition::IfAbsent };
             if c.selected.is_some() {
-                match Self::tag_since_delete(tx, c, repo, repo_id, &tag, delete_id, take_tags).await? {
+                let current = Self::current_tag(tx, c, repo_id, &tag).await?;
+                let since = Self::tag_since_delete(tx, c, repo, repo_id, &tag, current, delete_id, take_tags);
+                match since.await? {
                     SinceDelete::Untouched => {}
                     SinceDelete::TakenBack => condition = TagCondition::Always,
                     SinceDelete::LeftAlone => continue,
@@ -516,18 +518,13 @@ impl MetaStore {
         Ok(restored)
     }
 
-    /// In a bulk restore: what became of `tag` since delete `delete_id` removed it, judged on
-    /// its (locked) row and its history — the rule for every tag a bulk restore puts back.
-    #[expect(clippy::too_many_arguments, reason = "the parts of one restore")]
-    pub(super) async fn tag_since_delete(
+    /// Where `tag` of repository `repo_id` points now, its row locked for the write to come.
+    pub(super) async fn current_tag(
         tx: &mut AnyConnection,
         c: &Revive,
-        repo: &RepoName,
         repo_id: i64,
         tag: &Tag,
-        delete_id: i64,
-        take_tags: bool,
-    ) -> DeleteResult<SinceDelete> {
+    ) -> DeleteResult<Option<String>> {
         let current_sql = format!(
             "SELECT m.digest FROM tags t JOIN manifests m ON m.id = t.manifest_id \
              WHERE t.repository_id = $1 AND t.name = $2{}",
@@ -535,6 +532,23 @@ impl MetaStore {
         );
         let current: Option<(String,)> =
             sqlx::query_as(&current_sql).bind(repo_id).bind(tag.as_str()).fetch_optional(&mut *tx).await?;
+        Ok(current.map(|(d,)| d))
+    }
+
+    /// In a bulk restore: what became of `tag` (now at `current`, its row locked) since delete
+    /// `delete_id` removed it, judged on its history — the rule for every tag a bulk restore puts
+    /// back.
+    #[expect(clippy::too_many_arguments, reason = "the parts of one restore")]
+    pub(super) async fn tag_since_delete(
+        tx: &mut AnyConnection,
+        c: &Revive,
+        repo: &RepoName,
+        repo_id: i64,
+        tag: &Tag,
+        current: Option<String>,
+        delete_id: i64,
+        take_tags: bool,
+    ) -> DeleteResult<SinceDelete> {
         let latest: Option<(Option<i64>, Option<String>, Option<i64>)> = sqlx::query_as(
             "SELECT delete_id, kind, bulk_restore_id FROM tag_history WHERE repository_id = $1 AND tag = $2 \
              ORDER BY id DESC LIMIT 1",
@@ -553,7 +567,7 @@ impl MetaStore {
         }
         match current {
             Some(_) if take_tags => Ok(SinceDelete::TakenBack),
-            Some((now_at,)) => refuse(Refusal::Conflict(format!(
+            Some(now_at) => refuse(Refusal::Conflict(format!(
                 "tag {tag} was pushed again since the delete and now points at {now_at}; restore with take_tags \
                  to move it back"
             ))),

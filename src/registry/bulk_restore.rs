@@ -392,7 +392,7 @@ fn batches(
     }
     // Within a batch, newest first again (groups do not depend on each other).
     for batch in &mut out {
-        batch.sort_by(|a, b| b.id.cmp(&a.id));
+        batch.sort_by_key(|d| std::cmp::Reverse(d.id));
     }
     out
 }
