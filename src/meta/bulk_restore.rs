@@ -243,6 +243,9 @@ impl MetaStore {
             ))
             .fetch_all(&self.read)
             .await?;
+            // A repository delete's footprint is everything already.
+            let whole: HashSet<i64> = chunk.iter().filter(|d| d.kind == "repository").map(|d| d.id).collect();
+            frontier.retain(|(d, _)| !whole.contains(d));
             let mut seen: HashSet<(i64, i64)> = HashSet::new();
             for _ in 0..=super::restores::MAX_DEPTH {
                 frontier.retain(|pair| seen.insert(*pair));
@@ -256,9 +259,13 @@ impl MetaStore {
                 ))
                 .fetch_all(&self.read)
                 .await?;
+                let mut by_id: HashMap<i64, Vec<(&String, Option<i64>)>> = HashMap::new();
+                for (id, digest, child) in &rows {
+                    by_id.entry(*id).or_default().push((digest, *child));
+                }
                 let mut next = Vec::new();
                 for (d, m) in &frontier {
-                    for (_, digest, child) in rows.iter().filter(|(id, _, _)| id == m) {
+                    for (digest, child) in by_id.get(m).into_iter().flatten() {
                         keys.entry(*d).or_default().insert(format!("m:{digest}"));
                         next.extend(child.map(|c| (*d, c)));
                     }
@@ -272,7 +279,7 @@ impl MetaStore {
     /// Restores `deletes` (all of repository `repo`, newest first) in one transaction, each as a
     /// single restore would but only as far as `selected` (the whole selection's delete ids)
     /// reaches, and says what became of each. The tag history rows written carry bulk restore
-    /// `bulk` (0 for a dry run) and the deletes undone are marked with it. `dry_run` rolls the
+    /// `bulk` (none for a dry run) and the deletes undone are marked with it. `dry_run` rolls the
     /// transaction back: the outcomes are what a real run would have had at that moment.
     ///
     /// # Errors
@@ -282,15 +289,18 @@ impl MetaStore {
         &self,
         repo: &RepoName,
         deletes: &[DeleteRecord],
-        selected: &HashSet<i64>,
+        selected: &std::sync::Arc<HashSet<i64>>,
         take_tags: bool,
         actor: Option<&str>,
-        bulk: i64,
+        bulk: Option<i64>,
         dry_run: bool,
         now: i64,
     ) -> Result<Vec<BulkOutcome>> {
+        if deletes.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut c = self.revive_ctx(now);
-        c.tag.bulk_restore = Some(bulk);
+        c.tag.bulk_restore = bulk;
         c.selected = Some(selected.clone());
         let prelock = self.dialect == Dialect::Postgres;
         let outcome = transaction!(self, BatchEnd, |tx| {
@@ -347,7 +357,7 @@ impl MetaStore {
                 .filter(|(d, o)| !matches!(o, BulkOutcome::Conflict(_)) && !undone.contains_key(&d.id))
                 .map(|(d, _)| d.id.to_string())
                 .collect::<Vec<_>>();
-            if !done.is_empty() && !dry_run {
+            if let (false, Some(bulk)) = (done.is_empty(), bulk) {
                 sqlx::query(&format!("UPDATE deletes SET restored_by = $1 WHERE id IN ({})", done.join(",")))
                     .bind(bulk)
                     .execute(&mut *tx)
@@ -418,15 +428,23 @@ impl MetaStore {
                 .await?,
             );
         }
-        let mut tree = Vec::new();
-        let mut seen = HashSet::new();
-        for (root,) in roots {
-            if seen.insert(root) {
-                Self::tree_of(tx, root, 0, &mut tree).await?;
+        // With their children, level by level (a set query a level, not one a manifest).
+        let mut all: HashSet<i64> = roots.iter().map(|(id,)| *id).collect();
+        let mut level: Vec<i64> = all.iter().copied().collect();
+        for _ in 0..=super::restores::MAX_DEPTH {
+            if level.is_empty() {
+                break;
             }
+            let parents = level.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+            let children: Vec<(i64,)> = sqlx::query_as(&format!(
+                "SELECT child_id FROM manifest_children WHERE parent_id IN ({parents})"
+            ))
+            .fetch_all(&mut *tx)
+            .await?;
+            level = children.into_iter().map(|(c,)| c).filter(|c| all.insert(*c)).collect();
         }
+        let mut tree: Vec<i64> = all.into_iter().collect();
         tree.sort_unstable();
-        tree.dedup();
         let manifests = tree.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
         let mut links = Vec::new();
         if !manifests.is_empty() {
@@ -459,6 +477,17 @@ impl MetaStore {
             let _: Option<(i64,)> =
                 sqlx::query_as(&c.lock_manifest).bind(id).fetch_optional(&mut *tx).await?;
         }
+        // Then the tags the batch may write, in name order (as retention's batches and in-use
+        // reports take several).
+        let all = deletes.iter().map(|d| d.id.to_string()).collect::<Vec<_>>().join(",");
+        let _: Vec<(String,)> = sqlx::query_as(&format!(
+            "SELECT t.name FROM tags t WHERE t.repository_id = $1 AND t.name IN \
+             (SELECT tag FROM tag_history WHERE delete_id IN ({all})) ORDER BY t.name{}",
+            c.tag.lock
+        ))
+        .bind(repo_id)
+        .fetch_all(&mut *tx)
+        .await?;
         Ok(())
     }
 
@@ -538,7 +567,35 @@ impl MetaStore {
                 .fetch_one(&mut *tx)
                 .await?;
         if deleted_at.is_none() {
-            return Ok(BulkOutcome::Unchanged(format!("manifest {digest} of {repo} is live")));
+            // Pushed again since: what else the delete took (its tags on it, the referrers
+            // deleted with it) still comes back.
+            let mut restored = Vec::new();
+            let tags = Self::restore_tags(tx, c, repo, repo_id, &m, d.id, take_tags, actor, now).await?;
+            if !tags.is_empty() {
+                restored.push(AffectedManifest {
+                    repository: repo.to_string(),
+                    digest: digest.clone(),
+                    tags,
+                });
+            }
+            let referrers: Vec<(String,)> = sqlx::query_as(
+                "SELECT digest FROM manifests WHERE delete_id = $1 AND deleted_at IS NOT NULL AND repository_id = $2 \
+                 ORDER BY digest",
+            )
+            .bind(d.id)
+            .bind(repo_id)
+            .fetch_all(&mut *tx)
+            .await?;
+            for (referrer,) in referrers {
+                if let Some(r) = Self::lock_for_revive(tx, c, repo_id, &referrer).await? {
+                    let tags = TagsBack::Deleted { take_tags };
+                    Self::revive(tx, c, repo, repo_id, &r, tags, actor, now, 1, &mut restored).await?;
+                }
+            }
+            if restored.is_empty() {
+                return Ok(BulkOutcome::Unchanged(format!("manifest {digest} of {repo} is live")));
+            }
+            return Ok(BulkOutcome::Restored(restored));
         }
         if delete_id != Some(d.id) {
             return refuse(Refusal::Conflict(format!(
@@ -610,7 +667,7 @@ impl MetaStore {
             SinceDelete::TakenBack => TagCondition::Always,
             SinceDelete::LeftAlone => {
                 return Ok(BulkOutcome::Unchanged(format!(
-                    "a newer delete of tag {tag} in this restore put it back"
+                    "a newer delete of tag {tag} in this restore decides where it points"
                 )));
             }
         };
@@ -645,7 +702,8 @@ impl MetaStore {
         Ok(id)
     }
 
-    /// Records how bulk restore `id` ended.
+    /// Records how bulk restore `id` ended: its counts, and when it finished (none when it
+    /// stopped on a failure).
     ///
     /// # Errors
     /// [`Error::Database`].
@@ -654,14 +712,14 @@ impl MetaStore {
         id: i64,
         (restored, unchanged, conflicts): (i64, i64, i64),
         conflict_list: &str,
-        now: i64,
+        finished_at: Option<i64>,
     ) -> Result<()> {
         sqlx::query(
             "UPDATE bulk_restores SET finished_at = $2, restored = $3, unchanged = $4, conflicts = $5, \
              conflict_list = $6 WHERE id = $1",
         )
         .bind(id)
-        .bind(now)
+        .bind(finished_at)
         .bind(restored)
         .bind(unchanged)
         .bind(conflicts)

@@ -39,7 +39,7 @@ pub(super) struct Revive {
     /// A bulk restore's selected deletes: only tombstones they made come back (a tombstone of
     /// another delete — made after the selection, say — is a conflict), and a tag changed since
     /// its delete comes back only with `take_tags`. `None` for a single restore.
-    pub selected: Option<std::collections::HashSet<i64>>,
+    pub selected: Option<std::sync::Arc<std::collections::HashSet<i64>>>,
 }
 
 /// Which tags a revived manifest gets back.
@@ -62,7 +62,7 @@ pub(super) enum SinceDelete {
     Untouched,
     /// Pushed again since; `take_tags` moves it back.
     TakenBack,
-    /// A newer delete of this restore already put it back.
+    /// A newer delete of it is selected too, and decides.
     LeftAlone,
 }
 
@@ -455,11 +455,11 @@ impl MetaStore {
     }
 
     /// Puts back the tags delete `delete_id` took from manifest `m`. In a bulk restore, a tag
-    /// written since the delete (pushed, deleted again) comes back only with `take_tags` and only
-    /// if it exists (a tag deleted again stays deleted), and one a newer delete of this restore
-    /// already put back is left to it.
+    /// written since the delete comes back only if it was pushed again and `take_tags` (a tag
+    /// deleted again since makes the restore a conflict), and one a newer selected delete also
+    /// took is left to that delete.
     #[expect(clippy::too_many_arguments, reason = "the parts of one restore")]
-    async fn restore_tags(
+    pub(super) async fn restore_tags(
         tx: &mut AnyConnection,
         c: &Revive,
         repo: &RepoName,
@@ -486,6 +486,9 @@ impl MetaStore {
             let mut condition = if take_tags { TagCondition::Always } else { TagCondition::IfAbsent };
             if c.selected.is_some() {
                 let current = Self::current_tag(tx, c, repo_id, &tag).await?;
+                if current.as_deref() == Some(m.digest.as_str()) {
+                    continue;
+                }
                 let since = Self::tag_since_delete(tx, c, repo, repo_id, &tag, current, delete_id, take_tags);
                 match since.await? {
                     SinceDelete::Untouched => {}
@@ -549,19 +552,30 @@ impl MetaStore {
         delete_id: i64,
         take_tags: bool,
     ) -> DeleteResult<SinceDelete> {
-        let latest: Option<(Option<i64>, Option<String>, Option<i64>)> = sqlx::query_as(
-            "SELECT delete_id, kind, bulk_restore_id FROM tag_history WHERE repository_id = $1 AND tag = $2 \
-             ORDER BY id DESC LIMIT 1",
+        // A newer selected delete of this tag decides where it points (it was judged first, in
+        // the same batch: they share the tag's footprint), whatever became of its own restore.
+        if let Some(selected) = &c.selected {
+            let newer: Vec<(Option<i64>,)> = sqlx::query_as(
+                "SELECT delete_id FROM tag_history WHERE repository_id = $1 AND tag = $2 AND kind = 'delete' \
+                 AND id > (SELECT MIN(id) FROM tag_history WHERE delete_id = $3 AND tag = $2)",
+            )
+            .bind(repo_id)
+            .bind(tag.as_str())
+            .bind(delete_id)
+            .fetch_all(&mut *tx)
+            .await?;
+            if newer.iter().any(|(d,)| d.is_some_and(|d| selected.contains(&d))) {
+                return Ok(SinceDelete::LeftAlone);
+            }
+        }
+        let latest: Option<(Option<i64>, Option<String>)> = sqlx::query_as(
+            "SELECT delete_id, kind FROM tag_history WHERE repository_id = $1 AND tag = $2 ORDER BY id DESC LIMIT 1",
         )
         .bind(repo_id)
         .bind(tag.as_str())
         .fetch_optional(&mut *tx)
         .await?;
-        let (latest_delete, latest_kind, latest_bulk) = latest.unwrap_or_default();
-        if latest_bulk.is_some() && latest_bulk == c.tag.bulk_restore {
-            // A newer delete of this tag, in this restore, put it back: the newest state wins.
-            return Ok(SinceDelete::LeftAlone);
-        }
+        let (latest_delete, latest_kind) = latest.unwrap_or_default();
         if latest_delete == Some(delete_id) && latest_kind.as_deref() == Some("delete") {
             return Ok(SinceDelete::Untouched);
         }
@@ -705,8 +719,14 @@ impl MetaStore {
                 .bind(digest)
                 .fetch_optional(&mut *tx)
                 .await?;
+        // If it turns out deleted meanwhile, the row lock must go before the revive path locks
+        // links (lock order): a savepoint gives it back. A bulk restore locked the links first.
+        let give_back = c.selected.is_none() && !c.lock_manifest_suffix.is_empty();
         let live = match seen {
             Some((id, None)) => {
+                if give_back {
+                    sqlx::query("SAVEPOINT point_tag").execute(&mut *tx).await?;
+                }
                 let locked: Option<(Option<i64>,)> = sqlx::query_as(&format!(
                     "SELECT deleted_at FROM manifests WHERE id = $1{}",
                     c.lock_manifest_suffix
@@ -715,7 +735,14 @@ impl MetaStore {
                 .fetch_optional(&mut *tx)
                 .await?;
                 // Still live under the lock (else deleted meanwhile: the revive path decides).
-                matches!(locked, Some((None,))).then_some(Target { id, digest: digest.to_string() })
+                let live = matches!(locked, Some((None,)));
+                if give_back && !live {
+                    sqlx::query("ROLLBACK TO SAVEPOINT point_tag").execute(&mut *tx).await?;
+                }
+                if give_back {
+                    sqlx::query("RELEASE SAVEPOINT point_tag").execute(&mut *tx).await?;
+                }
+                live.then_some(Target { id, digest: digest.to_string() })
             }
             _ => None,
         };

@@ -4,6 +4,7 @@
 //! them back, so it says what a real run would do at that moment.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use super::{Error, Registry, Result};
 use crate::auth::Pattern;
@@ -208,14 +209,14 @@ impl Registry {
     ) -> Result<BulkRestoreReport> {
         let started_at = self.clock.now_ms();
         let (deletes, view) = self.select(selection).await?;
+        let selected: Arc<HashSet<i64>> = Arc::new(deletes.iter().map(|d| d.id).collect());
+        let mut footprints = self.meta.delete_footprints(&deletes).await?;
         let id = if dry_run {
             None
         } else {
             let recorded = serde_json::to_string(&view).unwrap_or_default();
             Some(self.meta.start_bulk_restore(actor, &recorded, take_tags, started_at).await?)
         };
-        let selected: HashSet<i64> = deletes.iter().map(|d| d.id).collect();
-        let mut footprints = self.meta.delete_footprints(&deletes).await?;
         let mut by_repository: BTreeMap<String, Vec<DeleteRecord>> = BTreeMap::new();
         for d in deletes {
             by_repository.entry(d.repository.clone()).or_default().push(d);
@@ -232,18 +233,25 @@ impl Registry {
             conflicts: 0,
             items: Vec::new(),
         };
-        // A dry run writes its (rolled back) history rows as bulk restore 0, which is never an id.
-        let bulk = id.unwrap_or(0);
-        for (name, deletes) in by_repository {
+        let mut failed = None;
+        'repositories: for (name, deletes) in by_repository {
             let repo = RepoName::parse(&name).map_err(|e| Error::Internal(e.into()))?;
             for chunk in batches(deletes, &mut footprints) {
                 let now = self.clock.now_ms();
-                let outcomes = self
+                let done = self
                     .meta
-                    .restore_deletes(&repo, &chunk, &selected, take_tags, actor, bulk, dry_run, now)
-                    .await?;
-                for (d, outcome) in chunk.iter().zip(outcomes) {
-                    report.items.push(self.bulk_item(&repo, d, outcome, actor, dry_run));
+                    .restore_deletes(&repo, &chunk, &selected, take_tags, actor, id, dry_run, now)
+                    .await;
+                match done {
+                    Ok(outcomes) => {
+                        for (d, outcome) in chunk.iter().zip(outcomes) {
+                            report.items.push(self.bulk_item(&repo, d, outcome, actor, dry_run));
+                        }
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        break 'repositories;
+                    }
                 }
             }
         }
@@ -256,21 +264,27 @@ impl Registry {
         }
         report.finished_at = self.clock.now_ms();
         if let Some(id) = id {
+            // Recorded also when a batch failed: what it restored by then, without an end.
             let conflicts: Vec<&BulkItem> =
                 report.items.iter().filter(|i| i.outcome == "conflict").take(CONFLICTS_RECORDED).collect();
             let counts = (report.restored as i64, report.unchanged as i64, report.conflicts as i64);
             let list = serde_json::to_string(&conflicts).unwrap_or_default();
-            self.meta.finish_bulk_restore(id, counts, &list, report.finished_at).await?;
+            let finished = failed.is_none().then_some(report.finished_at);
+            self.meta.finish_bulk_restore(id, counts, &list, finished).await?;
             tracing::info!(
                 bulk_restore = id,
                 actor = actor.unwrap_or("anonymous"),
                 restored = report.restored,
                 unchanged = report.unchanged,
                 conflicts = report.conflicts,
+                stopped = failed.is_some(),
                 "bulk restore"
             );
         }
-        Ok(report)
+        match failed {
+            Some(e) => Err(e.into()),
+            None => Ok(report),
+        }
     }
 
     fn bulk_item(

@@ -490,7 +490,18 @@ async fn bulk_restore_preview(
     headers: HeaderMap,
     Query(f): Query<DeleteFilter>,
 ) -> Page {
+    // The preview runs the restore's transactions (rolled back): never for another site's page.
+    if headers
+        .get("sec-fetch-site")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|s| s != "same-origin" && s != "none")
+    {
+        return Err(Refusal::new(StatusCode::FORBIDDEN, "this page must be opened from the console"));
+    }
     let v = viewer(&app, &headers)?;
+    if f.is_empty() {
+        return Err(v.bad("choose a time window, an actor or a retention run".into()));
+    }
     let selection = v.selection(&f)?;
     bulk_restore_page(&app, &v, selection, f.take_tags, true).await
 }

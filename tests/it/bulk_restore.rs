@@ -391,6 +391,8 @@ crate::backend_test!(a_bulk_restore_undoes_only_what_each_delete_took, |reg| {
 // - a manifest delete whose tag was pushed and deleted again since comes back as a conflict;
 // - a tag deleted twice, both selected, with take_tags points where the newest delete left it;
 // - a repository deleted, pushed to and deleted again comes back whole from both deletes;
+// - a tag deleted twice and pushed again where the newer delete left it stays there;
+// - an image pushed again by digest after its delete gets back its tag and its referrer;
 // - an index and its child deleted apart come back together, the dry run judging them as the
 //   real run does.
 crate::backend_test!(a_bulk_restore_brings_back_only_what_the_selection_took, |reg| {
@@ -429,6 +431,29 @@ crate::backend_test!(a_bulk_restore_brings_back_only_what_the_selection_took, |r
     let (index, _) = reg.push_index("sel/idx", "all", &[&amd, &arm]).await;
     del(format!("/v2/sel/idx/manifests/{index}")).await;
     del(format!("/v2/sel/idx/manifests/{}", amd.digest)).await;
+    // A tag deleted twice, then pushed again where the newer delete left it.
+    let tt_x = reg.push_image("sel/tt", "t", 450).await;
+    del("/v2/sel/tt/manifests/t".into()).await;
+    let tt_y = reg.push_image("sel/tt", "t", 451).await;
+    del("/v2/sel/tt/manifests/t".into()).await;
+    assert_eq!(reg.put_manifest("sel/tt", "t", OCI_MANIFEST, &tt_y.manifest).await.status(), 201);
+    let _ = tt_x;
+    // An image with a referrer, deleted by digest (the referrer and the tag go with it), then
+    // pushed again by digest alone.
+    let x = reg.push_image("sel/ref", "x", 460).await;
+    let empty = reg.upload_blob("sel/ref", b"{}").await;
+    let sbom = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": "application/spdx+json",
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty.as_str(), "size": 2},
+        "layers": [{"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty.as_str(), "size": 2}],
+        "subject": {"mediaType": OCI_MANIFEST, "digest": x.digest.as_str(), "size": x.manifest.len()},
+    }))
+    .unwrap();
+    let sbom_digest = Digest::sha256_of(&sbom);
+    assert_eq!(reg.put_manifest("sel/ref", sbom_digest.as_str(), OCI_MANIFEST, &sbom).await.status(), 201);
+    del(format!("/v2/sel/ref/manifests/{}", x.digest)).await;
+    assert_eq!(reg.get(&format!("/v2/sel/ref/manifests/{sbom_digest}")).await.status(), 404);
+    assert_eq!(reg.put_manifest("sel/ref", x.digest.as_str(), OCI_MANIFEST, &x.manifest).await.status(), 201);
     clock.advance_ms(60_000);
     let until = clock.now_ms();
     clock.advance_ms(60_000);
@@ -478,6 +503,15 @@ crate::backend_test!(a_bulk_restore_brings_back_only_what_the_selection_took, |r
             .iter()
             .all(|i| i["repository"] != "sel/idx" || i["outcome"] != "conflict")
     );
+    // The newest delete of the tag decides (it was back already): the older one moves nothing.
+    let tt = item("sel/tt", "t");
+    assert!(tt.iter().all(|i| i["outcome"] == "unchanged"), "{tt:?}");
+    assert_eq!(digest_of("sel/tt", "t").await.1.as_deref(), Some(tt_y.digest.as_str()));
+    // The image pushed again by digest gets back its tag and its referrer.
+    let r = &item("sel/ref", x.digest.as_str())[0];
+    assert_eq!(r["outcome"], "restored", "{r}");
+    assert_eq!(digest_of("sel/ref", "x").await.1.as_deref(), Some(x.digest.as_str()));
+    assert_eq!(reg.get(&format!("/v2/sel/ref/manifests/{sbom_digest}")).await.status(), 200);
     let fsck = reg.app.registry.fsck(false, &|_, _| {}).await.unwrap();
     assert!(fsck.clean(), "{:?}", fsck.problems);
 });
