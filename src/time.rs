@@ -17,19 +17,41 @@ pub fn utc(ms: i64) -> String {
     format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
-/// Parses `YYYY-MM-DDTHH:MM:SSZ` (or with a `+00:00` offset, or only the date) into Unix ms.
+/// Parses an RFC 3339 time — `YYYY-MM-DDTHH:MM:SS`, optionally with a fraction of a second, then
+/// `Z` or an offset such as `+02:00` — or only the date (midnight UTC), into Unix ms.
 ///
 /// # Errors
 /// A message saying what a time looks like.
 pub fn parse_utc(text: &str) -> Result<i64, String> {
     let bad = || format!("`{text}` is not a UTC time like 2026-11-30T21:00:00Z");
-    let t = text.trim().trim_end_matches('Z').trim_end_matches("+00:00");
-    let (date, clock) = t.split_once(['T', ' ']).unwrap_or((t, "00:00:00"));
+    let t = text.trim();
+    let (date, clock) = t.split_once(['T', 't', ' ']).unwrap_or((t, "00:00:00Z"));
+    // The offset: `Z`, or `±HH:MM` after the seconds (none: UTC).
+    let (clock, offset_min) = if let Some(c) = clock.strip_suffix(['Z', 'z']) {
+        (c, 0)
+    } else if let Some(at) = clock.rfind(['+', '-']) {
+        let (c, off) = clock.split_at(at);
+        let sign = if off.starts_with('-') { -1 } else { 1 };
+        let (oh, om) = off[1..].split_once(':').ok_or_else(bad)?;
+        let (oh, om) = (oh.parse::<i64>().map_err(|_| bad())?, om.parse::<i64>().map_err(|_| bad())?);
+        if oh > 23 || om > 59 {
+            return Err(bad());
+        }
+        (c, sign * (oh * 60 + om))
+    } else {
+        (clock, 0)
+    };
     let num = |s: &str| s.parse::<i64>().map_err(|_| bad());
     let d: Vec<&str> = date.split('-').collect();
     let c: Vec<&str> = clock.split(':').collect();
     let ([y, mo, da], [h, mi, se]) = (&d[..], &c[..]) else { return Err(bad()) };
     let (year, month, day) = (num(y)?, num(mo)?, num(da)?);
+    // Milliseconds of a fraction (`.5`, `.123456`): the first three digits.
+    let (se, fraction) = se.split_once('.').unwrap_or((se, ""));
+    if !fraction.chars().all(|ch| ch.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let millis: i64 = format!("{fraction:0<3}")[..3].parse().map_err(|_| bad())?;
     let (hour, minute, second) = (num(h)?, num(mi)?, num(se)?);
     if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 || second > 60 {
         return Err(bad());
@@ -42,7 +64,7 @@ pub fn parse_utc(text: &str) -> Result<i64, String> {
     let doy = (153 * mp + 2) / 5 + day - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     let days = era * 146_097 + doe - 719_468;
-    Ok((days * 86_400 + hour * 3600 + minute * 60 + second) * 1000)
+    Ok((days * 86_400 + hour * 3600 + minute * 60 + second - offset_min * 60) * 1000 + millis)
 }
 
 /// A moment as the admin API and the CLI take one: a time, or a duration before now (resolved
@@ -98,6 +120,20 @@ mod tests {
         assert_eq!(super::utc(0), "1970-01-01T00:00:00Z");
         assert_eq!(super::utc(951_782_400_000), "2000-02-29T00:00:00Z");
         assert_eq!(super::utc(1_796_075_803_765), "2026-11-30T21:56:43Z");
+    }
+
+    #[test]
+    fn parses_rfc3339_fractions_and_offsets() {
+        let at = super::parse_utc("2026-11-30T21:56:43Z").unwrap();
+        assert_eq!(super::parse_utc("2026-11-30T21:56:43.250Z").unwrap(), at + 250);
+        assert_eq!(super::parse_utc("2026-11-30T21:56:43.123456Z").unwrap(), at + 123);
+        assert_eq!(super::parse_utc("2026-11-30T22:56:43+01:00").unwrap(), at);
+        assert_eq!(super::parse_utc("2026-11-30T20:26:43-01:30").unwrap(), at);
+        assert_eq!(super::parse_utc("2026-11-30T21:56:43").unwrap(), at);
+        assert_eq!(super::parse_utc("2026-11-30").unwrap(), at - (21 * 3600 + 56 * 60 + 43) * 1000);
+        for bad in ["2026-11-30T21:56:43+1", "2026-11-30T21:56:43.x", "2026-13-01", "noon"] {
+            assert!(super::parse_utc(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -318,8 +318,10 @@ pub fn render(request: &AdminRequest, v: &Value) -> String {
             for h in items(v, "history") {
                 let from = h["old_digest"].as_str().unwrap_or("-");
                 let to = h["new_digest"].as_str().unwrap_or("-");
+                let bulk =
+                    h["bulk_restore"].as_i64().map(|b| format!("  (bulk restore {b})")).unwrap_or_default();
                 out.push_str(&format!(
-                    "{}  {:<8} {:<20} {} -> {}  by {}\n",
+                    "{}  {:<8} {:<20} {} -> {}  by {}{bulk}\n",
                     utc(n(h, "at")),
                     s(h, "kind"),
                     s(h, "tag"),

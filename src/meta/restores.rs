@@ -552,6 +552,17 @@ impl MetaStore {
         delete_id: i64,
         take_tags: bool,
     ) -> DeleteResult<SinceDelete> {
+        let latest: Option<(Option<i64>, Option<String>)> = sqlx::query_as(
+            "SELECT delete_id, kind FROM tag_history WHERE repository_id = $1 AND tag = $2 ORDER BY id DESC LIMIT 1",
+        )
+        .bind(repo_id)
+        .bind(tag.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let (latest_delete, latest_kind) = latest.unwrap_or_default();
+        if latest_delete == Some(delete_id) && latest_kind.as_deref() == Some("delete") {
+            return Ok(SinceDelete::Untouched);
+        }
         // A newer selected delete of this tag decides where it points (it was judged first, in
         // the same batch: they share the tag's footprint), whatever became of its own restore.
         if let Some(selected) = &c.selected {
@@ -567,17 +578,6 @@ impl MetaStore {
             if newer.iter().any(|(d,)| d.is_some_and(|d| selected.contains(&d))) {
                 return Ok(SinceDelete::LeftAlone);
             }
-        }
-        let latest: Option<(Option<i64>, Option<String>)> = sqlx::query_as(
-            "SELECT delete_id, kind FROM tag_history WHERE repository_id = $1 AND tag = $2 ORDER BY id DESC LIMIT 1",
-        )
-        .bind(repo_id)
-        .bind(tag.as_str())
-        .fetch_optional(&mut *tx)
-        .await?;
-        let (latest_delete, latest_kind) = latest.unwrap_or_default();
-        if latest_delete == Some(delete_id) && latest_kind.as_deref() == Some("delete") {
-            return Ok(SinceDelete::Untouched);
         }
         match current {
             Some(_) if take_tags => Ok(SinceDelete::TakenBack),

@@ -309,7 +309,8 @@ pub(super) fn history(v: &Viewer<'_>, repo: &RepoName, tag: &Tag, moves: &[TagMo
             table id="history" {
                 thead { tr { th { "When" } th { "What" } th { "From" } th { "To" } th { "Who" } th {} } }
                 tbody { @for m in moves.iter().rev() { tr {
-                    td { (when(Some(m.at))) } td { (m.kind) @if let Some(n) = &m.note { br; span.muted { (n) } } }
+                    td { (when(Some(m.at))) } td { (m.kind) @if let Some(n) = &m.note { br; span.muted { (n) } }
+                        @if let Some(b) = m.bulk_restore { br; span.muted { "bulk restore " (b) } } }
                     td { @if let Some(d) = &m.old_digest { code { (short(d)) } } }
                     td { @if let Some(d) = &m.new_digest { a href=(manifest_link(repo.as_str(), d)) { code { (short(d)) } } } }
                     td { (m.actor.as_deref().unwrap_or("—")) }

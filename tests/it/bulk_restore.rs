@@ -376,6 +376,12 @@ crate::backend_test!(a_bulk_restore_undoes_only_what_each_delete_took, |reg| {
     assert!(ok, "{err}");
     assert!(out.contains("conflict manifest only/img@"), "{out}");
     assert!(out.contains("dry run: would restore 0 deletes"), "{out}");
+    let (ok, out, err) = cli(&["history", "only/repo:v1"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.lines().last().unwrap_or_default().contains("restore") && out.contains("(bulk restore "),
+        "{out}"
+    );
     let (ok, out, err) = cli(&["restores"]);
     assert!(ok, "{err}");
     assert!(out.contains("1 restored, 0 unchanged, 1 conflicts"), "{out}");
