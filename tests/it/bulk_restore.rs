@@ -521,3 +521,98 @@ crate::backend_test!(a_bulk_restore_brings_back_only_what_the_selection_took, |r
     let fsck = reg.app.registry.fsck(false, &|_, _| {}).await.unwrap();
     assert!(fsck.clean(), "{:?}", fsck.problems);
 });
+
+/// The bulk restore of `repo`'s deletes since `since`, through the registry, as a task.
+fn bulk_task(
+    reg: &TestRegistry,
+    repo: &str,
+    since: i64,
+) -> tokio::task::JoinHandle<Result<berth::registry::BulkRestoreReport, berth::registry::Error>> {
+    let registry = reg.app.registry.clone();
+    let selection = berth::registry::Selection {
+        repositories: Some(berth::auth::Pattern::parse(repo).unwrap()),
+        since: Some(berth::time::Moment::At(since)),
+        ..Default::default()
+    };
+    tokio::spawn(async move { registry.bulk_restore(&selection, false, false, Some("bulk")).await })
+}
+
+// On PostgreSQL, with a third connection holding the tombstone's row so the order is exact: a
+// purge queues first, a bulk restore of the manifest's delete second. The restore sees the purge
+// (a conflict: it cannot be restored), nothing comes back, and fsck finds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bulk_restore_waiting_behind_a_purge_sees_the_purge() {
+    let Some(reg) = TestRegistry::try_start(Backend::Postgres).await else { return };
+    let repo = "race/bulk-purge";
+    let since = reg.app.registry.clock().now_ms();
+    let img = reg.push_image(repo, "v1", 7950).await;
+    let res = reg.req(Method::DELETE, &format!("/v2/{repo}/manifests/{}", img.digest)).send().await.unwrap();
+    assert_eq!(res.status(), 202);
+    let mut holder = crate::revive::LockHolder::lock(
+        &reg,
+        "SELECT id FROM manifests WHERE digest = $1 FOR UPDATE",
+        &img.digest,
+    )
+    .await;
+    let registry = reg.app.registry.clone();
+    let layer = Digest::sha256_of(&img.layers[0]);
+    let purge = tokio::spawn(async move { registry.purge_blob(&layer, "a secret", Some("admin")).await });
+    holder.wait_for_waiters(1).await;
+    let bulk = bulk_task(&reg, repo, since);
+    holder.wait_for_waiters(2).await;
+    holder.release().await;
+    purge.await.unwrap().expect("the purge");
+    let report = bulk.await.unwrap().expect("the bulk restore runs");
+    assert_eq!((report.restored, report.conflicts), (0, 1), "{:?}", report.items);
+    assert!(
+        report.items[0].reason.as_deref().unwrap_or_default().contains("cannot be restored"),
+        "{:?}",
+        report.items
+    );
+    assert_eq!(reg.get(&format!("/v2/{repo}/manifests/{}", img.digest)).await.status(), 404);
+    assert_eq!(reg.get(&format!("/v2/{repo}/manifests/v1")).await.status(), 404);
+    let fsck = reg.app.registry.fsck(false, &|_, _| {}).await.unwrap();
+    assert!(fsck.clean(), "{:?}", fsck.problems);
+}
+
+// On PostgreSQL, a third connection holds a live manifest's row: a bulk restore of its deleted
+// tag queues first, a delete of the manifest second. The delete, reading after its lock, sees the
+// restored tag and takes it into the tombstone (restorable with it): no tag is left on a
+// tombstone, and fsck finds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_delete_waiting_behind_a_bulk_restore_takes_the_restored_tag() {
+    let Some(reg) = TestRegistry::try_start(Backend::Postgres).await else { return };
+    let repo = "race/bulk-delete";
+    let img = reg.push_image(repo, "v1", 7960).await;
+    assert_eq!(reg.put_manifest(repo, "v2", OCI_MANIFEST, &img.manifest).await.status(), 201);
+    let since = reg.app.registry.clock().now_ms();
+    let res = reg.req(Method::DELETE, &format!("/v2/{repo}/manifests/v1")).send().await.unwrap();
+    assert_eq!(res.status(), 202);
+    let mut holder = crate::revive::LockHolder::lock(
+        &reg,
+        "SELECT id FROM manifests WHERE digest = $1 FOR UPDATE",
+        &img.digest,
+    )
+    .await;
+    let bulk = bulk_task(&reg, repo, since);
+    holder.wait_for_waiters(1).await;
+    let url = reg.url(&format!("/v2/{repo}/manifests/{}", img.digest));
+    let client = reg.client.clone();
+    let delete = tokio::spawn(async move { client.delete(url).send().await.unwrap().status() });
+    holder.wait_for_waiters(2).await;
+    holder.release().await;
+    let report = bulk.await.unwrap().expect("the bulk restore runs");
+    assert_eq!(report.restored, 1, "{:?}", report.items);
+    assert_eq!(delete.await.unwrap(), 202);
+    for tag in ["v1", "v2"] {
+        assert_eq!(reg.get(&format!("/v2/{repo}/manifests/{tag}")).await.status(), 404, "{tag}");
+    }
+    let (_, tombstones) = reg.admin(Method::GET, &format!("tombstones/{repo}"), None).await;
+    let tags = &tombstones["tombstones"][0]["tags"];
+    assert!(
+        tags.as_array().unwrap().iter().any(|t| t == "v1"),
+        "the delete took the restored tag: {tombstones}"
+    );
+    let fsck = reg.app.registry.fsck(false, &|_, _| {}).await.unwrap();
+    assert!(fsck.clean(), "{:?}", fsck.problems);
+}
