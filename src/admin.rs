@@ -80,6 +80,10 @@ pub enum AdminRequest {
     Explain(ExplainTarget),
     /// The collector's state (the whole registry's: needs admin on every repository).
     GcStatus,
+    /// Where each pull-through cache stands.
+    ProxyStatus,
+    /// Run the pull-through caches' eviction now.
+    ProxyEvict,
     /// Where the space goes: a repository's, or (needing admin on every repository) all.
     Space(Option<RepoName>),
     /// Apply the retention rules now (to the repositories matching `only`, if given).
@@ -199,6 +203,8 @@ impl AdminRequest {
             }
             AdminRequest::Explain(t) => ("GET", format!("explain/{t}"), None),
             AdminRequest::GcStatus => ("GET", "gc/status".to_string(), None),
+            AdminRequest::ProxyStatus => ("GET", "proxies".to_string(), None),
+            AdminRequest::ProxyEvict => ("POST", "proxies/evict".to_string(), None),
             AdminRequest::Space(None) => ("GET", "space".to_string(), None),
             AdminRequest::Space(Some(r)) => ("GET", format!("space/{r}"), None),
             AdminRequest::Purge { digest, reason } => {
@@ -280,6 +286,8 @@ impl AdminRequest {
             }
             AdminRequest::Explain(target) => to_value(&registry.explain(target).await?),
             AdminRequest::GcStatus => to_value(&registry.gc_status().await?),
+            AdminRequest::ProxyStatus => json!({ "proxies": to_value(&registry.cache_status().await?) }),
+            AdminRequest::ProxyEvict => json!({ "evictions": to_value(&registry.evict_caches().await?) }),
             AdminRequest::Space(repo) => {
                 let mut value = to_value(&registry.space(repo.as_ref()).await?);
                 value["repository"] = json!(repo.as_ref().map(RepoName::as_str));
@@ -338,6 +346,8 @@ impl AdminRequest {
                 Operation::AdministerBlob(None)
             }
             AdminRequest::GcStatus
+            | AdminRequest::ProxyStatus
+            | AdminRequest::ProxyEvict
             | AdminRequest::BulkRestore { .. }
             | AdminRequest::BulkRestores
             | AdminRequest::BulkRestoreRecord(_)
@@ -631,6 +641,8 @@ impl AdminRequest {
                 AdminRequest::Revert { repo, tag, to }
             }
             ("GET", "gc", "status") => AdminRequest::GcStatus,
+            ("GET", "proxies", "") => AdminRequest::ProxyStatus,
+            ("POST", "proxies", "evict") => AdminRequest::ProxyEvict,
             ("GET", "space", "") => AdminRequest::Space(None),
             ("GET", "space", name) => AdminRequest::Space(Some(parse_repo(name)?)),
             ("GET", "explain", text) => AdminRequest::Explain(ExplainTarget::parse(text).map_err(|m| {

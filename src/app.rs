@@ -87,6 +87,7 @@ impl App {
                 })
                 .collect(),
         };
-        Ok(App { registry: Registry::new(meta, blobs, clock, policy), auth, config: config.clone() })
+        let registry = Registry::new(meta, blobs, clock, policy).with_caches(&config.proxies)?;
+        Ok(App { registry, auth, config: config.clone() })
     }
 }

@@ -63,6 +63,57 @@ pub struct Config {
     /// Users (names, or `group:NAME`) whose pulls do not count as use: they refresh no pull time
     /// (`[access] ignore_pulls_from`, e.g. a scanner's account).
     pub ignore_pulls_from: Vec<String>,
+    /// Pull-through caches of upstream registries (`[[proxy]]`).
+    pub proxies: Vec<ProxyConfig>,
+}
+
+/// One pull-through cache (`[[proxy]]`): repositories `PREFIX/…` are read from an upstream
+/// registry and kept here.
+#[derive(Clone)]
+pub struct ProxyConfig {
+    /// The local repositories it serves: `PREFIX/NAME` is `NAME` upstream.
+    pub prefix: String,
+    /// The upstream registry's base URL (`https://registry-1.docker.io`).
+    pub upstream: String,
+    /// Credentials for the upstream (`BERTH_PROXY_<PREFIX>_USERNAME`/`_PASSWORD` override).
+    pub username: Option<String>,
+    /// The password; never logged.
+    pub password: Option<String>,
+    /// Extra CA certificates (PEM) to trust for the upstream.
+    pub ca_file: Option<PathBuf>,
+    /// How long a tag's resolution is trusted before the upstream is asked again.
+    pub tag_ttl: Duration,
+    /// The space this cache may hold; the evictor removes the least recently pulled beyond it.
+    pub max_bytes: Option<u64>,
+    /// Cached images not pulled for this long are evicted.
+    pub evict_not_pulled_within: Option<Duration>,
+    /// Serves repositories named with no known prefix (a plain mirror: Docker's
+    /// `registry-mirrors`).
+    pub default: bool,
+}
+
+impl std::fmt::Debug for ProxyConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyConfig")
+            .field("prefix", &self.prefix)
+            .field("upstream", &self.upstream)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<hidden>"))
+            .field("ca_file", &self.ca_file)
+            .field("tag_ttl", &self.tag_ttl)
+            .field("max_bytes", &self.max_bytes)
+            .field("evict_not_pulled_within", &self.evict_not_pulled_within)
+            .field("default", &self.default)
+            .finish()
+    }
+}
+
+impl ProxyConfig {
+    /// The upstream's host (and port), as containerd names it in `?ns=`.
+    pub fn upstream_host(&self) -> &str {
+        let rest = self.upstream.split_once("://").map_or(self.upstream.as_str(), |(_, r)| r);
+        rest.split('/').next().unwrap_or(rest)
+    }
 }
 
 /// The `[retention]` section.
@@ -246,6 +297,23 @@ struct FileConfig {
     immutable: Vec<ImmutableSection>,
     #[serde(default)]
     access: AccessSection,
+    #[serde(default)]
+    proxy: Vec<ProxySection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProxySection {
+    prefix: String,
+    upstream: String,
+    username: Option<String>,
+    password: Option<String>,
+    ca_file: Option<PathBuf>,
+    tag_ttl: Option<String>,
+    max_bytes: Option<u64>,
+    evict_not_pulled_within: Option<String>,
+    #[serde(default)]
+    default: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -388,6 +456,7 @@ impl Config {
             retention: RetentionSettings::default(),
             immutable: crate::retention::ImmutableTags::default(),
             ignore_pulls_from: Vec::new(),
+            proxies: Vec::new(),
         }
     }
 
@@ -615,6 +684,7 @@ impl Config {
             }
         }
         cfg.ignore_pulls_from = parsed.access.ignore_pulls_from;
+        cfg.proxies = proxies(parsed.proxy, &env)?;
         let kind = env("BERTH_STORAGE_KIND").or(parsed.storage.kind).unwrap_or_else(|| "filesystem".into());
         match kind.as_str() {
             "filesystem" => {}
@@ -669,6 +739,78 @@ impl Config {
         }
         Ok(cfg)
     }
+}
+
+/// The `[[proxy]]` entries, checked: prefixes valid, distinct and not nested; one default at most.
+fn proxies(
+    sections: Vec<ProxySection>,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<Vec<ProxyConfig>, ConfigError> {
+    let mut out: Vec<ProxyConfig> = Vec::new();
+    for p in sections {
+        let what = format!("proxy `{}`", p.prefix);
+        crate::oci::RepoName::parse(&p.prefix)
+            .map_err(|e| ConfigError(format!("{what}: the prefix must be a repository name: {e}")))?;
+        if let Some(other) = out.iter().find(|o| {
+            o.prefix == p.prefix
+                || o.prefix.starts_with(&format!("{}/", p.prefix))
+                || p.prefix.starts_with(&format!("{}/", o.prefix))
+        }) {
+            return Err(ConfigError(format!("{what}: overlaps proxy `{}`", other.prefix)));
+        }
+        let upstream = p.upstream.trim_end_matches('/').to_string();
+        if !(upstream.starts_with("http://") || upstream.starts_with("https://"))
+            || upstream.split_once("://").is_some_and(|(_, h)| h.is_empty())
+        {
+            return Err(ConfigError(format!(
+                "{what}: upstream `{upstream}` must be an http:// or https:// URL"
+            )));
+        }
+        if p.default && out.iter().any(|o| o.default) {
+            return Err(ConfigError(format!("{what}: only one proxy may be the default")));
+        }
+        let var = |field: &str| {
+            let name: String = p
+                .prefix
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' })
+                .collect();
+            env(&format!("BERTH_PROXY_{name}_{field}"))
+        };
+        let duration = |field: &str, v: Option<String>| -> Result<Option<Duration>, ConfigError> {
+            v.map(|v| parse_duration(&v).map_err(|e| ConfigError(format!("{what}: {field}: {e}"))))
+                .transpose()
+        };
+        let tag_ttl = duration("tag_ttl", p.tag_ttl)?.unwrap_or(Duration::from_secs(300));
+        let evict_not_pulled_within = duration("evict_not_pulled_within", p.evict_not_pulled_within)?;
+        if evict_not_pulled_within.is_some_and(|d| d.is_zero()) || p.max_bytes == Some(0) {
+            return Err(ConfigError(format!(
+                "{what}: max_bytes and evict_not_pulled_within must be more than zero"
+            )));
+        }
+        if let Some(ca) = &p.ca_file
+            && !ca.is_file()
+        {
+            return Err(ConfigError(format!("{what}: ca_file {} is not a readable file", ca.display())));
+        }
+        let username = var("USERNAME").or(p.username);
+        let password = var("PASSWORD").or(p.password);
+        if username.is_some() != password.is_some() {
+            return Err(ConfigError(format!("{what}: username and password go together")));
+        }
+        out.push(ProxyConfig {
+            prefix: p.prefix,
+            upstream,
+            username,
+            password,
+            ca_file: p.ca_file,
+            tag_ttl,
+            max_bytes: p.max_bytes,
+            evict_not_pulled_within,
+            default: p.default,
+        });
+    }
+    Ok(out)
 }
 
 /// A rule's name: it appears in the history as `retention:<name>` and in refusals.

@@ -11,6 +11,7 @@
 //! * [`auth`] — who is calling (htpasswd, bearer tokens) and what they may do.
 //! * [`retention`] — retention rules and immutable tags, and the pure decision of what the rules
 //!   remove.
+//! * [`upstream`] — the client a pull-through cache reads its upstream registry with.
 //! * [`config`], [`app`], [`server`], [`cli`], [`telemetry`] — wiring.
 //!
 //! Dependencies run one way: `api → registry → {meta, blob} → oci`. Only `meta` touches sqlx and
@@ -37,3 +38,4 @@ pub mod server;
 pub mod telemetry;
 pub mod time;
 pub mod ui;
+pub mod upstream;

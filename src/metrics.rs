@@ -62,6 +62,25 @@ pub struct BerthMetrics {
     retention_removed: Family<RuleLabels, Counter>,
     retention_skipped: Counter,
     retention_last_run: Gauge,
+    proxy_requests: Family<ProxyResultLabels, Counter>,
+    proxy_upstream_bytes: Family<ProxyLabels, Counter>,
+    proxy_bytes: Family<ProxyLabels, Gauge>,
+}
+
+/// A pull-through cache's labels.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProxyLabels {
+    /// The cache (its prefix).
+    pub proxy: String,
+}
+
+/// How a pull-through cache answered.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProxyResultLabels {
+    /// The cache (its prefix).
+    pub proxy: String,
+    /// `hit`, `miss`, `revalidated`, `stale` or `error`.
+    pub result: &'static str,
 }
 
 /// Labels of what retention removed.
@@ -218,6 +237,24 @@ impl BerthMetrics {
                 "When this replica last finished a real retention run (Unix seconds)",
                 Gauge::default(),
             ),
+            proxy_requests: registered(
+                r,
+                "proxy_requests",
+                "Pull-through cache reads, by cache and result (hit, miss, revalidated, stale, error)",
+                Family::default(),
+            ),
+            proxy_upstream_bytes: registered(
+                r,
+                "proxy_upstream_bytes",
+                "Bytes pull-through caches read from their upstreams (blob bodies)",
+                Family::default(),
+            ),
+            proxy_bytes: registered(
+                r,
+                "proxy_bytes",
+                "Bytes each pull-through cache holds (blobs its live manifests reference)",
+                Family::default(),
+            ),
             registry,
         }
     }
@@ -272,6 +309,31 @@ impl BerthMetrics {
         }
         self.retention_skipped.inc_by(report.skipped);
         self.retention_last_run.set(report.finished_at / 1000);
+    }
+
+    /// Counts a pull-through cache's answer.
+    pub fn proxy_request(&self, proxy: &str, result: &'static str) {
+        self.proxy_requests.get_or_create(&ProxyResultLabels { proxy: proxy.to_string(), result }).inc();
+    }
+
+    /// How many of cache `proxy`'s answers were `result`, in this process.
+    pub fn proxy_requests(&self, proxy: &str, result: &'static str) -> u64 {
+        self.proxy_requests.get_or_create(&ProxyResultLabels { proxy: proxy.to_string(), result }).get()
+    }
+
+    /// Counts bytes read from cache `proxy`'s upstream.
+    pub fn proxy_upstream_read(&self, proxy: &str, bytes: u64) {
+        self.proxy_upstream_bytes.get_or_create(&ProxyLabels { proxy: proxy.to_string() }).inc_by(bytes);
+    }
+
+    /// The bytes read from cache `proxy`'s upstream, in this process.
+    pub fn proxy_upstream_total(&self, proxy: &str) -> u64 {
+        self.proxy_upstream_bytes.get_or_create(&ProxyLabels { proxy: proxy.to_string() }).get()
+    }
+
+    /// Sets the space cache `proxy` holds (read for a scrape).
+    pub fn set_proxy_bytes(&self, proxy: &str, bytes: i64) {
+        self.proxy_bytes.get_or_create(&ProxyLabels { proxy: proxy.to_string() }).set(bytes);
     }
 
     /// The text exposition, with the gauges set from `status` (read from the metadata store for

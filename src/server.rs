@@ -56,6 +56,9 @@ pub async fn serve(
         }
         background.push(tokio::spawn(sweep_periodically(app.clone(), stop_rx.clone())));
     }
+    if !app.registry.caches().is_empty() {
+        background.push(tokio::spawn(evict_periodically(app.clone(), stop_rx.clone())));
+    }
     if !app.config.retention.interval.is_zero() && !app.config.retention.rules.is_empty() {
         background.push(tokio::spawn(retain_periodically(app.clone(), stop_rx)));
     }
@@ -208,6 +211,33 @@ async fn sweep_periodically(app: App, mut stop: tokio::sync::watch::Receiver<boo
         }
     }
     let _ = app.registry.meta().release_lease("sweep", &holder).await;
+}
+
+/// Runs the pull-through caches' eviction every `gc.sweep_interval`, on whichever replica holds
+/// the lease for it (one evictor at a time: two would evict twice as much).
+async fn evict_periodically(app: App, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let every = app.config.gc.sweep_interval;
+    let holder = app.registry.instance().to_string();
+    let lease_ms = i64::try_from(every.as_millis()).unwrap_or(i64::MAX).saturating_mul(3).max(60_000);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            () = tokio::time::sleep(every) => {}
+        }
+        let now = app.registry.clock().now_ms();
+        match app.registry.meta().take_lease("proxy-evict", &holder, now, lease_ms).await {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not take the eviction lease");
+                continue;
+            }
+        }
+        if let Err(e) = app.registry.evict_caches().await {
+            tracing::warn!(error = %e, "cache eviction failed; retried next time");
+        }
+    }
+    let _ = app.registry.meta().release_lease("proxy-evict", &holder).await;
 }
 
 /// Looks every minute (or every `retention.interval`, if shorter) whether a scheduled retention

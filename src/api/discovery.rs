@@ -59,6 +59,34 @@ pub(super) async fn tags(
     params: &Params,
 ) -> Result<Response, ApiError> {
     let (n, last) = page(params)?;
+    // A pull-through cache lists what its upstream has (what a pull would find).
+    let mut path = String::from("tags/list");
+    let query: Vec<String> =
+        [params.n.as_deref().map(|n| format!("n={n}")), last.map(|l| format!("last={l}"))]
+            .into_iter()
+            .flatten()
+            .collect();
+    if !query.is_empty() {
+        path = format!("{path}?{}", query.join("&"));
+    }
+    if let Some((_, body, link)) = registry.cached_read(repo, &path).await? {
+        #[derive(serde::Deserialize)]
+        struct Upstream {
+            #[serde(default)]
+            tags: Option<Vec<String>>,
+        }
+        let listed: Upstream =
+            serde_json::from_slice(&body).map_err(|e| crate::registry::Error::Upstream {
+                rate_limited: false,
+                message: format!("the upstream's tag list is unreadable: {e}"),
+            })?;
+        let body = json!({ "name": repo.as_str(), "tags": listed.tags.unwrap_or_default() }).to_string();
+        let mut res = Json(body).into_response();
+        if let Some(link) = link {
+            res.headers_mut().insert(header::LINK, hv(link));
+        }
+        return Ok(res);
+    }
     let tags = registry.tags(repo, last, n + 1).await?;
     let (tags, next_last) = paginate(tags, n);
     let next = next_last.map(|l| format!("/v2/{repo}/tags/list?n={n}&last={}", query_escape(&l)));
@@ -101,6 +129,14 @@ pub(super) async fn referrers(
 ) -> Result<Response, ApiError> {
     let subject = parse_digest(digest)?;
     let filter = params.artifact_type.as_deref().filter(|t| !t.is_empty());
+    let path = match filter {
+        Some(t) => format!("referrers/{subject}?artifactType={t}"),
+        None => format!("referrers/{subject}"),
+    };
+    // A pull-through cache answers with its upstream's referrers (the cache holds what was pulled).
+    if let Some((content_type, body, _)) = registry.cached_read(repo, &path).await? {
+        return Ok(([(header::CONTENT_TYPE, hv(content_type))], body).into_response());
+    }
     let manifests = registry.referrers(repo, &subject, filter).await?;
     let body = json!({
         "schemaVersion": 2,

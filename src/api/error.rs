@@ -232,6 +232,17 @@ impl From<registry::Error> for ApiError {
                 .status(StatusCode::SERVICE_UNAVAILABLE)
                 .message(m)
                 .header(header::RETRY_AFTER, "1"),
+            // The spec has no code for a failed upstream: the closest neutral one, with a status
+            // that says it was not this registry's own failure and a message naming the upstream.
+            E::Upstream { rate_limited: true, message } => {
+                ApiError::new(ErrorCode::TooManyRequests).message(message).header(header::RETRY_AFTER, "10")
+            }
+            E::Upstream { rate_limited: false, message } => {
+                ApiError::new(ErrorCode::Unsupported).status(StatusCode::BAD_GATEWAY).message(message)
+            }
+            E::ReadOnlyCache(m) => {
+                ApiError::new(ErrorCode::Denied).status(StatusCode::METHOD_NOT_ALLOWED).message(m)
+            }
             E::Internal(source) => ApiError::internal(source.as_ref()),
         }
     }

@@ -31,12 +31,14 @@ pub(super) async fn get(
     puller: Option<&str>,
 ) -> Result<Response, ApiError> {
     let reference = reference_for_read(reference)?;
+    let accept = accept_list(headers);
+    let accept = accept.as_deref();
     let (digest, media_type, size, payload) = if with_body {
-        let m = registry.manifest(repo, &reference, puller).await?;
+        let m = registry.manifest(repo, &reference, accept, puller).await?;
         let size = m.payload.len() as u64;
         (m.digest, m.media_type, size, Some(m.payload))
     } else {
-        let m = registry.manifest_head(repo, &reference, puller).await?;
+        let m = registry.manifest_head(repo, &reference, accept, puller).await?;
         (m.digest, m.media_type, m.size as u64, None)
     };
     if !accepts(headers, &media_type) {
@@ -54,6 +56,13 @@ pub(super) async fn get(
         body,
     )
         .into_response())
+}
+
+/// The request's `Accept` values joined in one list (a pull-through cache passes them on, so an
+/// index stays an index).
+fn accept_list(headers: &HeaderMap) -> Option<String> {
+    let values: Vec<&str> = headers.get_all(header::ACCEPT).iter().filter_map(|v| v.to_str().ok()).collect();
+    (!values.is_empty()).then(|| values.join(", "))
 }
 
 /// The `?tag=` parameters of a manifest push (OCI 1.1), validated. Tags need no decoding: the

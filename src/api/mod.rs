@@ -62,6 +62,8 @@ pub(crate) struct Params {
     last: Option<String>,
     #[serde(rename = "artifactType")]
     artifact_type: Option<String>,
+    /// containerd's mirror parameter: the registry the client meant (`docker.io`).
+    ns: Option<String>,
 }
 
 async fn v2(State(app): State<App>, req: Request) -> Response {
@@ -89,6 +91,7 @@ async fn dispatch(app: &App, req: Request) -> Result<Response, ApiError> {
         Some(q) => serde_urlencoded_params(q)?,
     };
     let method = parts.method;
+    let route = mirrored(registry, route, &method, params.ns.as_deref()).await?;
     let h = &parts.headers;
     let who = access::check(app, &route, &method, h, &mut params)?;
     let actor = who.name();
@@ -117,6 +120,28 @@ async fn dispatch(app: &App, req: Request) -> Result<Response, ApiError> {
             .message(format!("{method} is not supported on this endpoint"))
             .header(header::ALLOW, allow)),
     }
+}
+
+/// A read through a mirror (a default cache, containerd's `?ns=`) is served under the cache's
+/// own name for the repository, which is also the name authorization decides on.
+async fn mirrored(
+    registry: &crate::registry::Registry,
+    mut route: V2Route,
+    method: &Method,
+    ns: Option<&str>,
+) -> Result<V2Route, ApiError> {
+    if !matches!(*method, Method::GET | Method::HEAD) {
+        return Ok(route);
+    }
+    if let V2Route::Tags(repo)
+    | V2Route::Manifest(repo, _)
+    | V2Route::Blob(repo, _)
+    | V2Route::Referrers(repo, _) = &mut route
+        && let Some(name) = registry.mirror_name(repo, ns).await?
+    {
+        *repo = name;
+    }
+    Ok(route)
 }
 
 fn serde_urlencoded_params(query: &str) -> Result<Params, ApiError> {

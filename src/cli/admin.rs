@@ -185,6 +185,16 @@ fn affected(out: &mut String, verb: &str, v: &Value, key: &str) {
     }
 }
 
+fn eviction_line(e: &Value) -> String {
+    format!(
+        "  last eviction {}: {} manifest(s) evicted, {} -> {} (the collector frees the bytes)\n",
+        utc(n(e, "at")),
+        items(e, "evicted").len(),
+        bytes(n(e, "bytes_before")),
+        bytes(n(e, "bytes_after"))
+    )
+}
+
 /// The human form of an answer.
 pub fn render(request: &AdminRequest, v: &Value) -> String {
     let mut out = String::new();
@@ -250,6 +260,51 @@ pub fn render(request: &AdminRequest, v: &Value) -> String {
                         s(p, "digest"),
                         s(p, "reference")
                     ));
+                }
+            }
+        }
+        AdminRequest::ProxyStatus => {
+            let proxies = items(v, "proxies");
+            if proxies.is_empty() {
+                out.push_str("no pull-through caches are configured ([[proxy]])\n");
+            }
+            for p in proxies {
+                let cap = p["max_bytes"].as_i64().map(|m| format!(" of {}", bytes(m))).unwrap_or_default();
+                let default = if p["default"].as_bool() == Some(true) { " (default mirror)" } else { "" };
+                out.push_str(&format!(
+                    "{}/…  ←  {}{default}\n  holds {}{cap}; tags trusted for {} s\n",
+                    s(p, "prefix"),
+                    s(p, "upstream"),
+                    bytes(n(p, "bytes")),
+                    n(p, "tag_ttl_secs")
+                ));
+                let r = &p["requests"];
+                let ratio =
+                    p["hit_ratio"].as_f64().map_or("-".to_string(), |h| format!("{:.1} %", h * 100.0));
+                out.push_str(&format!(
+                    "  since start: {} hits, {} misses, {} revalidated, {} stale, {} errors; hit ratio {ratio}; {} read upstream\n",
+                    n(r, "hit"),
+                    n(r, "miss"),
+                    n(r, "revalidated"),
+                    n(r, "stale"),
+                    n(r, "error"),
+                    bytes(n(p, "upstream_bytes"))
+                ));
+                match p["last_eviction"].as_object() {
+                    Some(_) => out.push_str(&eviction_line(&p["last_eviction"])),
+                    None => out.push_str("  no eviction in this process yet\n"),
+                }
+            }
+        }
+        AdminRequest::ProxyEvict => {
+            for e in items(v, "evictions") {
+                out.push_str(&format!("{}:\n", s(e, "proxy")));
+                out.push_str(&eviction_line(e));
+                for m in items(e, "evicted") {
+                    out.push_str(&format!("    evicted {}\n", m.as_str().unwrap_or("")));
+                }
+                for m in items(e, "kept") {
+                    out.push_str(&format!("    kept {}\n", m.as_str().unwrap_or("")));
                 }
             }
         }

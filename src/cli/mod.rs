@@ -135,6 +135,31 @@ pub enum Command {
     ///
     /// Example: `berth purge sha256:… --reason "leaked credentials"`
     Purge(PurgeArgs),
+    /// Pull-through caches (`[[proxy]]`): `berth proxy status` shows each cache's space, hit
+    /// ratio, upstream errors and last eviction; `berth proxy evict` runs the eviction now
+    /// (serving replicas also do every `gc.sweep_interval`).
+    ///
+    /// Example: `berth proxy status --url http://127.0.0.1:5000`
+    Proxy(ProxyArgs),
+}
+
+/// `berth proxy`.
+#[derive(Debug, clap::Args)]
+pub struct ProxyArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub action: ProxyAction,
+}
+
+/// `berth proxy …`.
+#[derive(Debug, Subcommand)]
+pub enum ProxyAction {
+    /// Each cache: bytes held and its cap, answers by result (hit, miss, revalidated, stale,
+    /// error) and the hit ratio, bytes read upstream, the last eviction.
+    Status(StatusArgs),
+    /// Evict now what each cache should no longer hold (not pulled within
+    /// `evict_not_pulled_within`; least recently pulled beyond `max_bytes`).
+    Evict(StatusArgs),
 }
 
 /// `berth repos`.
@@ -642,6 +667,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             (a.conn, Req::Revert { repo, tag, to })
         }
         Command::Gc(GcArgs { action: GcAction::Status(a) }) => (a.conn, Req::GcStatus),
+        Command::Proxy(ProxyArgs { action: ProxyAction::Status(a) }) => (a.conn, Req::ProxyStatus),
+        Command::Proxy(ProxyArgs { action: ProxyAction::Evict(a) }) => (a.conn, Req::ProxyEvict),
         Command::Gc(GcArgs { action: GcAction::Space(a) }) => {
             let target = a.repo.as_deref().map(repo).transpose()?;
             (a.conn, Req::Space(target))

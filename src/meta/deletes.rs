@@ -103,6 +103,17 @@ pub struct RetentionDelete {
     pub run_id: i64,
 }
 
+/// Why a manifest is removed.
+#[derive(Debug, Clone, Copy)]
+enum DeleteKind {
+    /// A client's or administrator's delete.
+    Request,
+    /// Retention's delete of an untagged manifest.
+    Retention(RetentionDelete),
+    /// A pull-through cache's eviction (unused since `last_used`, when given).
+    Eviction { last_used: Option<i64> },
+}
+
 /// A manifest row as the delete and restore code needs it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub(super) struct Target {
@@ -314,6 +325,50 @@ impl MetaStore {
         actor: Option<&str>,
         now: i64,
     ) -> DeleteResult<Vec<AffectedManifest>> {
+        let kind = retention.map_or(DeleteKind::Request, DeleteKind::Retention);
+        self.remove_manifest(repo, digest, kind, force, actor, now).await
+    }
+
+    /// Evicts cached manifest `digest` of `repo` (a pull-through cache's repository): removed
+    /// like a delete, with its tags and referrers, but the tombstones are `unrestorable`
+    /// (`evicted`) and due for the collector at once — cached content is fetched again, not
+    /// restored. Refused like [`MetaStore::delete_manifest`] with retention's condition: when
+    /// it was pulled after `last_used` (checked under its lock), or while a live index lists it
+    /// or (unless `force`) a report pins it.
+    ///
+    /// # Errors
+    /// As [`MetaStore::delete_manifest`].
+    pub async fn evict_manifest(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        last_used: Option<i64>,
+        force: bool,
+        actor: Option<&str>,
+        now: i64,
+    ) -> DeleteResult<Vec<AffectedManifest>> {
+        self.remove_manifest(repo, digest, DeleteKind::Eviction { last_used }, force, actor, now).await
+    }
+
+    async fn remove_manifest(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        kind: DeleteKind,
+        force: bool,
+        actor: Option<&str>,
+        now: i64,
+    ) -> DeleteResult<Vec<AffectedManifest>> {
+        let retention = match kind {
+            DeleteKind::Retention(r) => Some(r),
+            _ => None,
+        };
+        let last_used = match kind {
+            DeleteKind::Retention(r) => Some(r.last_used),
+            DeleteKind::Eviction { last_used } => last_used,
+            DeleteKind::Request => None,
+        };
+        let evicting = matches!(kind, DeleteKind::Eviction { .. });
         let share = self.share_lock();
         let update = self.update_lock_of("manifests");
         let window = self.windows().restore_window_ms;
@@ -331,7 +386,7 @@ impl MetaStore {
             let Some(target) = target else {
                 return refuse(Refusal::NotFound(format!("manifest {digest} not in repository {repo}")));
             };
-            if let Some(RetentionDelete { last_used, .. }) = retention {
+            if retention.is_some() {
                 let tagged: Option<(String,)> =
                     sqlx::query_as("SELECT name FROM tags WHERE manifest_id = $1 LIMIT 1")
                         .bind(target.id)
@@ -340,6 +395,8 @@ impl MetaStore {
                 if let Some((tag,)) = tagged {
                     return refuse(Refusal::Precondition(format!("manifest {digest} is tagged {tag} now")));
                 }
+            }
+            if let Some(last_used) = last_used {
                 let (pushed_at, pulled_at): (i64, Option<i64>) =
                     sqlx::query_as("SELECT pushed_at, pulled_at FROM manifests WHERE id = $1")
                         .bind(target.id)
@@ -379,8 +436,9 @@ impl MetaStore {
                     )));
                 }
             }
+            let reason = evicting.then_some("evicted from the pull-through cache");
             let delete_id =
-                Self::new_delete(tx, Some(repo_id), "manifest", digest.as_str(), actor, None, now).await?;
+                Self::new_delete(tx, Some(repo_id), "manifest", digest.as_str(), actor, reason, now).await?;
             if let Some(RetentionDelete { run_id, .. }) = retention {
                 sqlx::query("UPDATE deletes SET run_id = $1 WHERE id = $2")
                     .bind(run_id)
@@ -389,11 +447,15 @@ impl MetaStore {
                     .await?;
             }
             let mut affected = Vec::new();
-            for (m, why) in
-                std::iter::once((&target, "deleted")).chain(referrers.iter().map(|r| (r, "subject")))
+            let (first, unrestorable, review_at) = if evicting {
+                ("evicted", Some("evicted"), now)
+            } else {
+                ("deleted", None, now.saturating_add(window))
+            };
+            for (m, why) in std::iter::once((&target, first)).chain(referrers.iter().map(|r| (r, "subject")))
             {
                 let tags = Self::untag_all(tx, m, actor, now, delete_id).await?;
-                Self::tombstone(tx, m, delete_id, why, None, now, now.saturating_add(window)).await?;
+                Self::tombstone(tx, m, delete_id, why, unrestorable, now, review_at).await?;
                 affected.push(AffectedManifest {
                     repository: repo.to_string(),
                     digest: m.digest.clone(),

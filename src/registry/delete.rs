@@ -75,6 +75,10 @@ impl Registry {
     /// # Errors
     /// [`Error::ManifestUnknown`]; [`Error::DeleteRefused`] while a live index lists it or,
     /// unless `force`, a report pins it.
+    ///
+    /// In a pull-through cache's repository a delete evicts: the manifest goes as above, but
+    /// nothing stays restorable (the upstream has it) and the collector may take its bytes at
+    /// once.
     pub async fn delete_manifest(
         &self,
         repo: &RepoName,
@@ -83,6 +87,16 @@ impl Registry {
         actor: Option<&str>,
     ) -> Result<Vec<AffectedManifest>> {
         let now = self.clock.now_ms();
+        if self.cache_of(repo).is_some() {
+            let pending = self.meta.pending_manifest(repo, digest.as_str()).await?.is_some();
+            self.meta.drop_pending_manifest(repo, digest.as_str()).await?;
+            let evicted = match self.meta.evict_manifest(repo, digest, None, force, actor, now).await {
+                Err(crate::meta::DeleteError::Refused(Refusal::NotFound(_))) if pending => Vec::new(),
+                other => other.map_err(|e| refusal(e, manifest_unknown))?,
+            };
+            audit("evict-manifest", actor, &format!("{repo}@{digest}"), &evicted);
+            return Ok(evicted);
+        }
         let deleted = self
             .meta
             .delete_manifest(repo, digest, None, force, actor, now)

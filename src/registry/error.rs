@@ -89,6 +89,19 @@ pub enum Error {
     /// conflicts, or had no free connection); nothing was changed and the request may be retried.
     #[error("{0}")]
     Unavailable(String),
+    /// A pull-through cache's upstream failed and nothing cached could stand in.
+    #[error("{message}")]
+    Upstream {
+        /// The upstream answered 429.
+        rate_limited: bool,
+        /// What failed, naming the upstream.
+        message: String,
+    },
+
+    /// A write into a pull-through cache's repository.
+    #[error("{0}")]
+    ReadOnlyCache(String),
+
     /// Something failed inside the registry; details are logged, not shown.
     #[error("internal error: {0}")]
     Internal(#[source] Box<dyn std::error::Error + Send + Sync>),

@@ -131,7 +131,7 @@ impl Registry {
                     }
                 };
                 let blobs: Vec<String> = parsed.blobs.iter().map(|d| d.to_string()).collect();
-                let sparse = self.policy.sparse_index_repositories.iter().any(|p| p.matches(&m.repository));
+                let sparse = self.takes_sparse_indexes(&m.repository);
                 let children: Vec<String> =
                     if sparse { Vec::new() } else { parsed.children.iter().map(|d| d.to_string()).collect() };
                 let (held_blobs, held_children) =

@@ -18,6 +18,7 @@ mod gc;
 mod hashing;
 mod import;
 mod in_use;
+mod proxy;
 mod pull;
 mod push;
 mod retention;
@@ -39,6 +40,7 @@ pub use fsck::FsckReport;
 pub use gc::{DryRun, ExplainTarget, GcReport, SPACE_SAMPLE_EVERY_MS};
 pub use import::{ImportOptions, ImportProgress, ImportReport, Skipped};
 pub use in_use::{MAX_REFERENCES, MAX_TTL_MS, parse_reference};
+pub use proxy::{ByteStream, Cache, CacheStatus, Caches, EvictionReport};
 pub use pull::{BlobHandle, Referrer};
 pub use push::{ChunkRange, PushedManifest, UploadStatus};
 pub use retention::{KeptInUse, ManifestRemoval, RetentionReport, RetentionStatus, TagRemoval};
@@ -46,6 +48,7 @@ pub use sweep::{RepairReport, ScrubReport, SweepReport};
 
 use crate::blob::BlobStore;
 use crate::meta::MetaStore;
+use crate::oci::RepoName;
 
 /// Result of a registry operation.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -114,6 +117,7 @@ pub struct Registry {
     access: Arc<access::AccessLog>,
     instance: Arc<str>,
     metrics: Arc<crate::metrics::BerthMetrics>,
+    caches: Arc<proxy::Caches>,
 }
 
 impl Registry {
@@ -130,7 +134,25 @@ impl Registry {
             access: Arc::default(),
             instance: instance_name().into(),
             metrics: Arc::new(metrics),
+            caches: Arc::default(),
         }
+    }
+
+    /// This registry with the pull-through caches `configs`.
+    ///
+    /// # Errors
+    /// When an upstream client cannot be built (an unreadable CA file).
+    pub fn with_caches(mut self, configs: &[crate::config::ProxyConfig]) -> anyhow::Result<Self> {
+        self.caches = Arc::new(proxy::Caches::new(configs)?);
+        Ok(self)
+    }
+
+    /// Whether `repo`'s image indexes may list children absent from it: configured
+    /// (`manifests.sparse_index_repositories`), or a pull-through cache's (a client pulls the
+    /// platforms it wants).
+    pub fn takes_sparse_indexes(&self, repo: &str) -> bool {
+        self.policy.sparse_index_repositories.iter().any(|p| p.matches(repo))
+            || RepoName::parse(repo).is_ok_and(|r| self.caches.of(&r).is_some())
     }
 
     /// This process's metrics.

@@ -1,22 +1,69 @@
 //! Pulling and content discovery: blobs, manifests, tags, referrers and the catalog.
 
-use bytes::Bytes;
-use futures_util::Stream;
+use tokio::sync::watch;
 
+use super::proxy::ByteStream;
 use super::{Error, Registry, Result};
 use crate::blob::ByteRange;
 use crate::meta::{ManifestHead, ManifestRow};
 use crate::oci::{Digest, Reference, RepoName};
 
-/// A blob linked in a repository, ready to be read.
-#[derive(Debug, Clone)]
+/// A blob linked in a repository (or, in a pull-through cache, on its way), ready to be read.
+#[derive(Debug)]
 pub struct BlobHandle {
     /// Its digest.
     pub digest: Digest,
     /// Its size in bytes.
     pub size: u64,
     repo: RepoName,
-    storage_key: String,
+    source: Source,
+}
+
+/// Where a blob's bytes come from.
+enum Source {
+    /// Stored under this key.
+    Stored(String),
+    /// A cache's upstream, asked for the size only (a `HEAD`).
+    Upstream,
+    /// A cache's fill in progress: the bytes as they arrive (taken by the first read), and the
+    /// fill's outcome.
+    Filling(std::sync::Mutex<Option<ByteStream>>, watch::Receiver<Option<Result<(), String>>>),
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Stored(key) => f.debug_tuple("Stored").field(key).finish(),
+            Source::Upstream => f.write_str("Upstream"),
+            Source::Filling(..) => f.write_str("Filling"),
+        }
+    }
+}
+
+impl BlobHandle {
+    pub(super) fn upstream(digest: Digest, size: u64, repo: RepoName) -> Self {
+        BlobHandle { digest, size, repo, source: Source::Upstream }
+    }
+
+    pub(super) fn filling(
+        digest: Digest,
+        size: u64,
+        repo: RepoName,
+        stream: ByteStream,
+        outcome: watch::Receiver<Option<Result<(), String>>>,
+    ) -> Self {
+        BlobHandle {
+            digest,
+            size,
+            repo,
+            source: Source::Filling(std::sync::Mutex::new(Some(stream)), outcome),
+        }
+    }
+
+    /// Whether the bytes are on their way from a cache's upstream (nothing to redirect to).
+    pub fn is_filling(&self) -> bool {
+        !matches!(self.source, Source::Stored(_))
+    }
 }
 
 /// One entry of a referrers list.
@@ -44,16 +91,38 @@ impl Registry {
     ///
     /// # Errors
     /// [`Error::BlobUnknown`] when it is not linked there (even if stored for another repository).
+    /// In a pull-through cache's repository, a blob not here is asked of the upstream.
     pub async fn blob(&self, repo: &RepoName, digest: &Digest, head: bool) -> Result<BlobHandle> {
-        let row = self.meta.linked_blob(repo, digest).await?.ok_or(Error::BlobUnknown)?;
+        let Some(row) = self.meta.linked_blob(repo, digest).await? else {
+            return match self.cache_of(repo) {
+                Some((cache, upstream_repo)) => {
+                    self.cached_blob(&cache, &upstream_repo, repo, digest, head).await
+                }
+                None => Err(Error::BlobUnknown),
+            };
+        };
         if head {
             self.access.blob_seen(row.id);
+        }
+        if let Some((cache, _)) = self.caches.of(repo) {
+            self.metrics.proxy_request(&cache.config.prefix, "hit");
         }
         Ok(BlobHandle {
             digest: digest.clone(),
             size: row.size as u64,
             repo: repo.clone(),
-            storage_key: row.storage_key,
+            source: Source::Stored(row.storage_key),
+        })
+    }
+
+    /// The blob `digest` as linked in `repo`, nothing else.
+    pub(super) async fn stored_blob(&self, repo: &RepoName, digest: &Digest) -> Result<BlobHandle> {
+        let row = self.meta.linked_blob(repo, digest).await?.ok_or(Error::BlobUnknown)?;
+        Ok(BlobHandle {
+            digest: digest.clone(),
+            size: row.size as u64,
+            repo: repo.clone(),
+            source: Source::Stored(row.storage_key),
         })
     }
 
@@ -64,22 +133,37 @@ impl Registry {
     /// when the blob was unlinked or collected since `blob` was looked up; [`Error::Internal`]
     /// when the bytes are missing although metadata still names them (a consistency failure,
     /// reported by `fsck` too).
-    pub async fn read_blob(
-        &self,
-        blob: &BlobHandle,
-        range: Option<ByteRange>,
-    ) -> Result<impl Stream<Item = std::io::Result<Bytes>> + Send + 'static> {
+    /// A cache's fill is read as it arrives; a range of it once it is stored.
+    pub async fn read_blob(&self, blob: &BlobHandle, range: Option<ByteRange>) -> Result<ByteStream> {
         if let Some(r) = range
             && (r.start > r.end || r.end >= blob.size)
         {
             return Err(Error::RangeNotSatisfiable { size: blob.size });
         }
-        match self.blobs.read(&blob.storage_key, range).await {
-            Ok(stream) => Ok(stream),
+        let key = match &blob.source {
+            Source::Stored(key) => key.clone(),
+            Source::Upstream => return Err(Error::Internal("a blob's size was asked, not its bytes".into())),
+            Source::Filling(stream, outcome) => {
+                let stream = stream.lock().unwrap_or_else(|p| p.into_inner()).take();
+                if let (None, Some(stream)) = (range, stream) {
+                    return Ok(stream);
+                }
+                // A range: the fill goes on without this reader; serve the range once stored.
+                let mut outcome = outcome.clone();
+                let done = outcome.wait_for(Option::is_some).await.map(|o| o.clone()).ok().flatten();
+                if let Some(Err(m)) = done {
+                    return Err(Error::Upstream { rate_limited: false, message: m });
+                }
+                let stored = self.stored_blob(&blob.repo, &blob.digest).await?;
+                return Box::pin(self.read_blob(&stored, range)).await;
+            }
+        };
+        match self.blobs.read(&key, range).await {
+            Ok(stream) => Ok(Box::pin(stream)),
             Err(crate::blob::Error::NotFound(key)) => {
                 // Gone between the lookup and the read: fine if metadata moved on meanwhile.
                 let now = self.meta.linked_blob(&blob.repo, &blob.digest).await?;
-                if now.is_some_and(|row| row.storage_key == blob.storage_key) {
+                if now.is_some_and(|row| row.storage_key == key) {
                     return Err(crate::blob::Error::NotFound(key).into());
                 }
                 Err(Error::BlobUnknown)
@@ -94,19 +178,28 @@ impl Registry {
     /// # Errors
     /// [`Error::Internal`] when signing fails.
     pub async fn blob_redirect(&self, blob: &BlobHandle) -> Result<Option<String>> {
-        Ok(self.blobs.redirect_url(&blob.storage_key).await?)
+        match &blob.source {
+            Source::Stored(key) => Ok(self.blobs.redirect_url(key).await?),
+            _ => Ok(None),
+        }
     }
 
     /// The manifest `reference` in `repo`, with its bytes, pulled by `puller`.
     ///
     /// # Errors
     /// [`Error::ManifestUnknown`].
+    /// In a pull-through cache's repository, the upstream is asked as the cache's rules say,
+    /// with the client's `accept` list.
     pub async fn manifest(
         &self,
         repo: &RepoName,
         reference: &Reference,
+        accept: Option<&str>,
         puller: Option<&str>,
     ) -> Result<ManifestRow> {
+        if let Some((cache, upstream_repo)) = self.cache_of(repo) {
+            return self.cached_manifest(&cache, &upstream_repo, repo, reference, accept, puller).await;
+        }
         let row = self.meta.manifest(repo, reference).await?.ok_or(Error::ManifestUnknown)?;
         self.pulled(row.id, puller);
         Ok(row)
@@ -120,8 +213,14 @@ impl Registry {
         &self,
         repo: &RepoName,
         reference: &Reference,
+        accept: Option<&str>,
         puller: Option<&str>,
     ) -> Result<ManifestHead> {
+        if let Some((cache, upstream_repo)) = self.cache_of(repo) {
+            let m = self.cached_manifest(&cache, &upstream_repo, repo, reference, accept, puller).await?;
+            let size = m.payload.len() as i64;
+            return Ok(ManifestHead { id: m.id, digest: m.digest, media_type: m.media_type, size });
+        }
         let row = self.meta.manifest_head(repo, reference).await?.ok_or(Error::ManifestUnknown)?;
         self.pulled(row.id, puller);
         Ok(row)
@@ -129,7 +228,7 @@ impl Registry {
 
     /// Notes a pull of manifest row `id`, unless `puller`'s pulls do not count as use
     /// (`[access] ignore_pulls_from`: a scanner reading everything is not running it).
-    fn pulled(&self, id: i64, puller: Option<&str>) {
+    pub(super) fn pulled(&self, id: i64, puller: Option<&str>) {
         if puller.is_none_or(|p| !self.policy.ignore_pulls_from.contains(p)) {
             self.access.manifest_pulled(id);
         }

@@ -64,7 +64,14 @@ impl Registry {
     ///
     /// # Errors
     /// [`Error::Internal`] when storage or metadata fail.
+    /// [`Error::ReadOnlyCache`] in a pull-through cache's repository.
     pub async fn start_upload(&self, repo: &RepoName) -> Result<UploadStatus> {
+        self.refuse_cached(repo)?;
+        self.open_session(repo).await
+    }
+
+    /// Opens an upload session in `repo` (a cache's fill opens one in its repository).
+    pub(super) async fn open_session(&self, repo: &RepoName) -> Result<UploadStatus> {
         let id = Uuid::new_v4().to_string();
         let key = self.blobs.start_upload(&id).await?;
         let now = self.clock.now_ms();
@@ -88,6 +95,7 @@ impl Registry {
     /// # Errors
     /// [`Error::Internal`].
     pub async fn mount_blob(&self, repo: &RepoName, from: &RepoName, digest: &Digest) -> Result<bool> {
+        self.refuse_cached(repo)?;
         Ok(self.meta.mount_blob(from, repo, digest, self.clock.now_ms()).await?)
     }
 
@@ -496,9 +504,27 @@ impl Registry {
     /// # Errors
     /// [`Error::ManifestTooLarge`], [`Error::ManifestInvalid`], [`Error::DigestInvalid`] (the
     /// bytes do not match a digest reference), [`Error::ManifestBlobUnknown`],
-    /// [`Error::PreconditionFailed`].
+    /// [`Error::PreconditionFailed`]; [`Error::ReadOnlyCache`] in a pull-through cache's
+    /// repository.
     #[expect(clippy::too_many_arguments, reason = "the parts of one push request")]
     pub async fn put_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        content_type: Option<&str>,
+        bytes: &[u8],
+        extra_tags: &[Tag],
+        condition: TagCondition<'_>,
+        actor: Option<&str>,
+    ) -> Result<PushedManifest> {
+        self.refuse_cached(repo)?;
+        self.record_manifest(repo, reference, content_type, bytes, extra_tags, condition, actor).await
+    }
+
+    /// Records a manifest as [`Registry::put_manifest`] does — the one path for pushes, imports
+    /// and a cache's fills.
+    #[expect(clippy::too_many_arguments, reason = "the parts of one push request")]
+    pub(super) async fn record_manifest(
         &self,
         repo: &RepoName,
         reference: &Reference,
@@ -533,7 +559,7 @@ impl Registry {
             payload: bytes,
             blobs: &parsed.blobs,
             children: &parsed.children,
-            sparse: self.policy.sparse_index_repositories.iter().any(|p| p.matches(repo.as_str())),
+            sparse: self.takes_sparse_indexes(repo.as_str()),
         };
         let mut tags: Vec<Tag> = tag.into_iter().cloned().collect();
         for extra in extra_tags {

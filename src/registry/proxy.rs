@@ -1,0 +1,821 @@
+//! Pull-through caches: repositories `PREFIX/NAME` served from an upstream registry's `NAME`.
+//!
+//! Cached content is ordinary content, recorded through the push path: a fetched blob goes
+//! through an upload session (bytes under a fresh key, digest checked, then linked in one
+//! transaction), a fetched manifest through `put_manifest` (every reference checked under its
+//! locks). A manifest is therefore recorded only once every blob it references is linked in its
+//! repository — until then it is *pending* (`proxy_pending`) and served from there, so no cached
+//! manifest ever names a blob that is not here, and fsck, the collector, explain and the space
+//! figures see cached content as what it is. Indexes are recorded at once (a cache's
+//! repositories take sparse indexes: a client pulls the platforms it wants).
+//!
+//! Eviction is a delete whose tombstones are at once unrestorable and due: the collector takes
+//! the bytes with its usual windows, and a blob that anything else references stays.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt as _};
+use tokio::sync::{mpsc, watch};
+
+use super::{Error, Registry, Result};
+use crate::config::ProxyConfig;
+use crate::meta::{ManifestRow, TagCondition};
+use crate::oci::{Digest, Reference, RepoName, Tag};
+use crate::upstream::{DEFAULT_ACCEPT, Upstream, UpstreamError};
+
+/// A stream of a blob's bytes to a client.
+pub type ByteStream = Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>;
+
+/// A client that accepts no chunk for this long is cut off from a fill (its body ends short, so
+/// it cannot be taken for success); the fill goes on for the others.
+const CLIENT_STALL: Duration = Duration::from_secs(60);
+
+/// Chunks buffered between a fill and its first client.
+const CLIENT_BUFFER: usize = 8;
+
+/// One pull-through cache.
+pub struct Cache {
+    /// Its configuration.
+    pub config: ProxyConfig,
+    upstream: Upstream,
+    /// Fills in flight in this process, by `REPO@DIGEST`: their outcome once known.
+    fills: Mutex<HashMap<String, watch::Receiver<Option<Result<(), String>>>>>,
+    /// The last eviction pass here.
+    last_eviction: Mutex<Option<EvictionReport>>,
+}
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+/// The pull-through caches of a registry.
+#[derive(Debug, Default)]
+pub struct Caches {
+    list: Vec<Arc<Cache>>,
+}
+
+/// What an eviction pass did for one cache.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct EvictionReport {
+    /// The cache (its prefix).
+    pub proxy: String,
+    /// When it ran (Unix ms).
+    pub at: i64,
+    /// The cache's bytes before.
+    pub bytes_before: i64,
+    /// The cache's bytes after (the collector frees the storage with its usual windows).
+    pub bytes_after: i64,
+    /// `REPO@DIGEST` of every manifest evicted.
+    pub evicted: Vec<String>,
+    /// Candidates left alone (pulled meanwhile, pinned, listed), with the reason.
+    pub kept: Vec<String>,
+}
+
+/// Where a cache stands.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CacheStatus {
+    /// Its prefix.
+    pub prefix: String,
+    /// Its upstream.
+    pub upstream: String,
+    /// Whether it serves names with no known prefix.
+    pub default: bool,
+    /// How long a tag's resolution is trusted, in seconds.
+    pub tag_ttl_secs: u64,
+    /// The bytes it holds.
+    pub bytes: i64,
+    /// Its cap, if any.
+    pub max_bytes: Option<u64>,
+    /// Eviction of what was not pulled for this long, in seconds.
+    pub evict_not_pulled_within_secs: Option<u64>,
+    /// Answers by result, in this process: hit, miss, revalidated, stale, error.
+    pub requests: HashMap<&'static str, u64>,
+    /// Hits (and revalidations) among answers that were not errors, in this process.
+    pub hit_ratio: Option<f64>,
+    /// Bytes read from the upstream, in this process.
+    pub upstream_bytes: u64,
+    /// The last eviction pass in this process.
+    pub last_eviction: Option<EvictionReport>,
+}
+
+/// Which results `CacheStatus::requests` counts.
+pub(super) const RESULTS: [&str; 5] = ["hit", "miss", "revalidated", "stale", "error"];
+
+impl Caches {
+    /// The caches configured.
+    ///
+    /// # Errors
+    /// When an upstream client cannot be built (an unreadable CA file).
+    pub fn new(configs: &[ProxyConfig]) -> anyhow::Result<Self> {
+        let list = configs
+            .iter()
+            .map(|c| {
+                Ok(Arc::new(Cache {
+                    config: c.clone(),
+                    upstream: Upstream::new(c)?,
+                    fills: Mutex::default(),
+                    last_eviction: Mutex::default(),
+                }))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Caches { list })
+    }
+
+    /// Whether any cache is configured.
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// The caches.
+    pub fn all(&self) -> &[Arc<Cache>] {
+        &self.list
+    }
+
+    /// The cache serving `repo`, with the upstream's name for it.
+    pub fn of(&self, repo: &RepoName) -> Option<(&Arc<Cache>, String)> {
+        self.list.iter().find_map(|c| {
+            let rest = repo.as_str().strip_prefix(&c.config.prefix)?.strip_prefix('/')?;
+            Some((c, rest.to_string()))
+        })
+    }
+}
+
+/// Whether an upstream failure is one a stale copy may stand in for.
+fn transient(e: &UpstreamError) -> bool {
+    matches!(e, UpstreamError::Failed(_) | UpstreamError::RateLimited(_))
+}
+
+/// A domain error for an upstream failure on a read of `what`.
+fn upstream_error(cache: &Cache, e: UpstreamError, blob: bool) -> Error {
+    match e {
+        UpstreamError::NotFound if blob => Error::BlobUnknown,
+        UpstreamError::NotFound => Error::ManifestUnknown,
+        e => Error::Upstream {
+            rate_limited: matches!(e, UpstreamError::RateLimited(_)),
+            message: format!(
+                "upstream {} of proxy `{}` failed: {e}",
+                cache.config.upstream, cache.config.prefix
+            ),
+        },
+    }
+}
+
+impl Registry {
+    /// The cache `repo` belongs to and the upstream's name for it.
+    pub fn cache_of(&self, repo: &RepoName) -> Option<(Arc<Cache>, String)> {
+        self.caches.of(repo).map(|(c, up)| (c.clone(), up))
+    }
+
+    /// The pull-through caches.
+    pub fn caches(&self) -> &Caches {
+        &self.caches
+    }
+
+    /// Refuses writes into a cache's repositories: only its upstream fills them.
+    ///
+    /// # Errors
+    /// [`Error::ReadOnlyCache`].
+    pub fn refuse_cached(&self, repo: &RepoName) -> Result<()> {
+        match self.caches.of(repo) {
+            Some((cache, _)) => Err(Error::ReadOnlyCache(format!(
+                "repository {repo} is a pull-through cache of {} (proxy `{}`): it is read-only",
+                cache.config.upstream, cache.config.prefix
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// The local name a mirror request for `repo` is served under, when it is not the name
+    /// itself: with containerd's `?ns=HOST`, the cache whose upstream is `HOST`; otherwise the
+    /// default cache's, for a name under no cache's prefix that is no local repository.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] when the prefixed name is too long; [`Error::Internal`].
+    pub async fn mirror_name(&self, repo: &RepoName, ns: Option<&str>) -> Result<Option<RepoName>> {
+        if self.caches.is_empty() || self.caches.of(repo).is_some() {
+            return Ok(None);
+        }
+        let cache = match ns {
+            Some(ns) => self.caches.all().iter().find(|c| same_host(c.config.upstream_host(), ns)),
+            None => match self.caches.all().iter().find(|c| c.config.default) {
+                Some(c) if !self.meta.repository_exists(repo).await? => Some(c),
+                _ => None,
+            },
+        };
+        let Some(cache) = cache else { return Ok(None) };
+        let name = format!("{}/{repo}", cache.config.prefix);
+        RepoName::parse(&name).map(Some).map_err(|e| Error::Invalid(format!("{name}: {e}")))
+    }
+
+    /// Manifest `reference` of cached repository `repo`: from the cache when it may answer,
+    /// else from the upstream (recorded on the way).
+    pub(super) async fn cached_manifest(
+        &self,
+        cache: &Cache,
+        upstream_repo: &str,
+        repo: &RepoName,
+        reference: &Reference,
+        accept: Option<&str>,
+        puller: Option<&str>,
+    ) -> Result<ManifestRow> {
+        let prefix = cache.config.prefix.as_str();
+        let accept = accept.filter(|a| !a.trim().is_empty()).unwrap_or(DEFAULT_ACCEPT);
+        let now = self.clock.now_ms();
+        let tag = match reference {
+            Reference::Digest(d) => {
+                if let Some(m) = self.local_cached(repo, d.as_str(), puller).await? {
+                    self.metrics.proxy_request(prefix, "hit");
+                    return Ok(m);
+                }
+                let fetched = self.fetch_manifest(cache, upstream_repo, repo, reference, accept, None).await;
+                self.metrics.proxy_request(prefix, if fetched.is_ok() { "miss" } else { "error" });
+                return fetched;
+            }
+            Reference::Tag(tag) => tag,
+        };
+        let ttl = i64::try_from(cache.config.tag_ttl.as_millis()).unwrap_or(i64::MAX);
+        let known = self.meta.proxy_tag(repo, tag.as_str()).await?;
+        let cached = match &known {
+            Some(k) => self.local_cached(repo, &k.digest, puller).await?,
+            None => None,
+        };
+        if let (Some(k), Some(m)) = (&known, &cached) {
+            if now.saturating_sub(k.checked_at) < ttl {
+                self.metrics.proxy_request(prefix, "hit");
+                return Ok(m.clone());
+            }
+            // Revalidate: a HEAD is cheap (Docker Hub does not count it as a pull).
+            match cache.upstream.manifest(upstream_repo, tag.as_str(), accept, true).await {
+                Ok(head) if head.digest.as_deref() == Some(k.digest.as_str()) => {
+                    self.meta.set_proxy_tag(repo, tag.as_str(), &k.digest, now).await?;
+                    self.metrics.proxy_request(prefix, "revalidated");
+                    return Ok(m.clone());
+                }
+                Ok(_) => {}
+                Err(UpstreamError::NotFound) => {
+                    self.meta.drop_proxy_tag(repo, tag.as_str()).await?;
+                    self.metrics.proxy_request(prefix, "error");
+                    return Err(Error::ManifestUnknown);
+                }
+                Err(e) if transient(&e) => {
+                    tracing::warn!(proxy = prefix, %repo, %tag, error = %e, "upstream failed; serving the cached manifest");
+                    self.metrics.proxy_request(prefix, "stale");
+                    return Ok(m.clone());
+                }
+                Err(e) => {
+                    self.metrics.proxy_request(prefix, "error");
+                    return Err(upstream_error(cache, e, false));
+                }
+            }
+        }
+        match self.fetch_manifest(cache, upstream_repo, repo, reference, accept, Some(tag)).await {
+            Ok(m) => {
+                self.metrics.proxy_request(prefix, "miss");
+                Ok(m)
+            }
+            Err(Error::Upstream { message, .. }) if cached.is_some() => {
+                tracing::warn!(proxy = prefix, %repo, %tag, error = %message, "upstream failed; serving the cached manifest");
+                self.metrics.proxy_request(prefix, "stale");
+                Ok(cached.unwrap_or_else(|| unreachable!()))
+            }
+            Err(e) => {
+                if matches!(e, Error::ManifestUnknown) {
+                    self.meta.drop_proxy_tag(repo, tag.as_str()).await?;
+                }
+                self.metrics.proxy_request(prefix, "error");
+                Err(e)
+            }
+        }
+    }
+
+    /// Manifest `digest` of cached repository `repo` as recorded, or as fetched and pending.
+    async fn local_cached(
+        &self,
+        repo: &RepoName,
+        digest: &str,
+        puller: Option<&str>,
+    ) -> Result<Option<ManifestRow>> {
+        let Ok(d) = Digest::parse(digest) else { return Ok(None) };
+        if let Some(row) = self.meta.manifest(repo, &Reference::Digest(d)).await? {
+            self.pulled(row.id, puller);
+            return Ok(Some(row));
+        }
+        Ok(self.meta.pending_manifest(repo, digest).await?.map(|p| ManifestRow {
+            id: 0,
+            digest: p.digest,
+            media_type: p.media_type,
+            payload: p.payload,
+        }))
+    }
+
+    /// Fetches manifest `reference` from the upstream, checks it against its digest, and
+    /// records it (or keeps it pending); `tag` is the tag it was asked by.
+    async fn fetch_manifest(
+        &self,
+        cache: &Cache,
+        upstream_repo: &str,
+        repo: &RepoName,
+        reference: &Reference,
+        accept: &str,
+        tag: Option<&Tag>,
+    ) -> Result<ManifestRow> {
+        let reference_text = match reference {
+            Reference::Digest(d) => d.to_string(),
+            Reference::Tag(t) => t.to_string(),
+        };
+        let fetched = cache
+            .upstream
+            .manifest(upstream_repo, &reference_text, accept, false)
+            .await
+            .map_err(|e| upstream_error(cache, e, false))?;
+        let bytes = fetched.bytes.unwrap_or_default();
+        let digest = match reference {
+            Reference::Digest(expected) => expected.same_algorithm_of(&bytes),
+            Reference::Tag(_) => match fetched.digest.as_deref().map(Digest::parse) {
+                Some(Ok(named)) => named.same_algorithm_of(&bytes),
+                _ => Digest::sha256_of(&bytes),
+            },
+        };
+        let named = match reference {
+            Reference::Digest(d) => Some(d.to_string()),
+            Reference::Tag(_) => fetched.digest.clone(),
+        };
+        if let Some(named) = named
+            && named != digest.as_str()
+        {
+            return Err(Error::Upstream {
+                rate_limited: false,
+                message: format!(
+                    "upstream {} of proxy `{}` served a manifest whose digest is {digest}, not {named}; nothing was stored",
+                    cache.config.upstream, cache.config.prefix
+                ),
+            });
+        }
+        let media_type = if fetched.media_type.is_empty() || fetched.media_type == "application/octet-stream"
+        {
+            crate::oci::manifest::parse(&bytes, None).map(|p| p.media_type).unwrap_or_default()
+        } else {
+            fetched.media_type
+        };
+        let now = self.clock.now_ms();
+        if let Some(tag) = tag {
+            self.meta.set_proxy_tag(repo, tag.as_str(), digest.as_str(), now).await?;
+        }
+        let id = self.record_cached_manifest(cache, repo, &digest, &media_type, &bytes, now).await?;
+        Ok(ManifestRow { id, digest: digest.to_string(), media_type, payload: bytes.to_vec() })
+    }
+
+    /// Records a fetched manifest through the push path with the cached tags naming it, when
+    /// everything it references is here; otherwise keeps it pending. Returns its row id (0
+    /// when pending or not recordable).
+    async fn record_cached_manifest(
+        &self,
+        cache: &Cache,
+        repo: &RepoName,
+        digest: &Digest,
+        media_type: &str,
+        bytes: &[u8],
+        now: i64,
+    ) -> Result<i64> {
+        let tags: Vec<Tag> = self
+            .meta
+            .proxy_tags_naming(repo, digest.as_str())
+            .await?
+            .iter()
+            .filter_map(|t| Tag::parse(t).ok())
+            .collect();
+        let actor = format!("proxy:{}", cache.config.prefix);
+        let recorded = self
+            .record_manifest(
+                repo,
+                &Reference::Digest(digest.clone()),
+                Some(media_type),
+                bytes,
+                &tags,
+                TagCondition::Always,
+                Some(&actor),
+            )
+            .await;
+        match recorded {
+            Ok(_) => {
+                self.meta.drop_pending_manifest(repo, digest.as_str()).await?;
+                let row = self.meta.manifest_head(repo, &Reference::Digest(digest.clone())).await?;
+                Ok(row.map_or(0, |r| r.id))
+            }
+            Err(Error::ManifestBlobUnknown(_)) => {
+                self.meta.add_pending_manifest(repo, digest.as_str(), media_type, bytes, now).await?;
+                Ok(0)
+            }
+            Err(e) => {
+                // Served as fetched, not kept (a manifest Berth does not take, an immutable
+                // tag): the next request asks the upstream again.
+                tracing::warn!(proxy = cache.config.prefix, %repo, %digest, error = %e, "fetched manifest not recorded");
+                Ok(0)
+            }
+        }
+    }
+
+    /// Records the pending manifests of `repo` whose blobs are all linked now.
+    async fn record_completed(&self, cache: &Cache, repo: &RepoName) -> Result<()> {
+        for pending in self.meta.pending_manifests(repo).await? {
+            let Ok(parsed) = crate::oci::manifest::parse(&pending.payload, Some(&pending.media_type)) else {
+                continue;
+            };
+            let mut complete = true;
+            for blob in &parsed.blobs {
+                if self.meta.linked_blob(repo, blob).await?.is_none() {
+                    complete = false;
+                    break;
+                }
+            }
+            if complete && let Ok(digest) = Digest::parse(&pending.digest) {
+                let now = self.clock.now_ms();
+                self.record_cached_manifest(cache, repo, &digest, &pending.media_type, &pending.payload, now)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Blob `digest` of cached repository `repo`, not linked here: its size from the upstream
+    /// (a `HEAD`), or its bytes — fetched once however many ask at a time, streamed to the
+    /// first asker while they are stored, and to the others from storage once recorded.
+    pub(super) async fn cached_blob(
+        &self,
+        cache: &Arc<Cache>,
+        upstream_repo: &str,
+        repo: &RepoName,
+        digest: &Digest,
+        head: bool,
+    ) -> Result<super::pull::BlobHandle> {
+        let prefix = cache.config.prefix.as_str();
+        if head {
+            let size = cache.upstream.blob_size(upstream_repo, digest.as_str()).await.map_err(|e| {
+                self.metrics.proxy_request(prefix, "error");
+                upstream_error(cache, e, true)
+            })?;
+            return Ok(super::pull::BlobHandle::upstream(digest.clone(), size, repo.clone()));
+        }
+        let key = format!("{repo}@{digest}");
+        let joined = {
+            let mut fills = cache.fills.lock().unwrap_or_else(|p| p.into_inner());
+            match fills.get(&key) {
+                Some(rx) => Err(rx.clone()),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    fills.insert(key.clone(), rx);
+                    Ok(tx)
+                }
+            }
+        };
+        let done = match joined {
+            Err(mut rx) => {
+                // Another request is fetching it: wait for its outcome, then read what it stored.
+                let outcome = rx.wait_for(Option::is_some).await.map(|o| o.clone()).ok().flatten();
+                match outcome {
+                    Some(Ok(())) => {}
+                    Some(Err(m)) => {
+                        self.metrics.proxy_request(prefix, "error");
+                        return Err(Error::Upstream { rate_limited: false, message: m });
+                    }
+                    None => {
+                        return Err(Error::Upstream {
+                            rate_limited: false,
+                            message: format!("the fetch of {digest} stopped"),
+                        });
+                    }
+                }
+                self.metrics.proxy_request(prefix, "hit");
+                return self.stored_blob(repo, digest).await;
+            }
+            Ok(tx) => tx,
+        };
+        let fetched = cache.upstream.blob(upstream_repo, digest.as_str()).await;
+        let upstream_blob = match fetched {
+            Ok(b) => b,
+            Err(e) => {
+                let e = upstream_error(cache, e, true);
+                let _ = done.send(Some(Err(e.to_string())));
+                cache.fills.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+                self.metrics.proxy_request(prefix, "error");
+                return Err(e);
+            }
+        };
+        self.metrics.proxy_request(prefix, "miss");
+        let length = upstream_blob.length;
+        let (client_tx, client_rx) = mpsc::channel::<std::io::Result<Bytes>>(CLIENT_BUFFER);
+        let mut outcome = done.subscribe();
+        let fill = Fill {
+            registry: self.clone(),
+            cache: cache.clone(),
+            repo: repo.clone(),
+            digest: digest.clone(),
+            key,
+            done,
+        };
+        tokio::spawn(fill.run(upstream_blob.body, length, client_tx));
+        match length {
+            Some(size) => {
+                let stream: ByteStream = Box::pin(tokio_stream_of(client_rx));
+                Ok(super::pull::BlobHandle::filling(digest.clone(), size, repo.clone(), stream, outcome))
+            }
+            None => {
+                // No length to announce: answer once it is stored.
+                drop(client_rx);
+                match outcome.wait_for(Option::is_some).await.map(|o| o.clone()).ok().flatten() {
+                    Some(Ok(())) => self.stored_blob(repo, digest).await,
+                    Some(Err(m)) => Err(Error::Upstream { rate_limited: false, message: m }),
+                    None => Err(Error::Upstream {
+                        rate_limited: false,
+                        message: format!("the fetch of {digest} stopped"),
+                    }),
+                }
+            }
+        }
+    }
+
+    /// Tags of cached repository `repo` as the upstream lists them (`query`: `n`, `last`),
+    /// or as cached when the upstream fails.
+    ///
+    /// # Errors
+    /// [`Error::Upstream`] when the upstream fails and nothing is cached.
+    pub async fn cached_read(
+        &self,
+        repo: &RepoName,
+        path: &str,
+    ) -> Result<Option<(String, Bytes, Option<String>)>> {
+        let Some((cache, upstream_repo)) = self.cache_of(repo) else { return Ok(None) };
+        match cache.upstream.read(&upstream_repo, path).await {
+            Ok((content_type, body, link)) => {
+                // The upstream's pagination link names its repository; ours is the cache's.
+                let link = link.map(|l| l.replace(&format!("/v2/{upstream_repo}/"), &format!("/v2/{repo}/")));
+                Ok(Some((content_type, body, link)))
+            }
+            Err(UpstreamError::NotFound) => {
+                Err(if path.starts_with("tags/") { Error::NameUnknown } else { Error::ManifestUnknown })
+            }
+            Err(e) => {
+                tracing::warn!(proxy = cache.config.prefix, %repo, error = %e, "upstream failed; answering from the cache");
+                self.metrics.proxy_request(&cache.config.prefix, "stale");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Evicts what each cache should no longer hold: manifests not pulled within its
+    /// `evict_not_pulled_within`, then the least recently used until it is under `max_bytes`.
+    ///
+    /// # Errors
+    /// [`Error::Internal`] when the metadata store fails.
+    pub async fn evict_caches(&self) -> Result<Vec<EvictionReport>> {
+        let mut reports = Vec::new();
+        for cache in self.caches.all() {
+            let report = self.evict(cache).await?;
+            *cache.last_eviction.lock().unwrap_or_else(|p| p.into_inner()) = Some(report.clone());
+            reports.push(report);
+        }
+        Ok(reports)
+    }
+
+    async fn evict(&self, cache: &Cache) -> Result<EvictionReport> {
+        const BATCH: i64 = 100;
+        let prefix = cache.config.prefix.as_str();
+        let now = self.clock.now_ms();
+        let actor = format!("proxy:{prefix}");
+        let mut report = EvictionReport {
+            proxy: prefix.to_string(),
+            at: now,
+            bytes_before: self.meta.cache_bytes(prefix).await?,
+            ..EvictionReport::default()
+        };
+        if let Some(within) = cache.config.evict_not_pulled_within {
+            let before = now.saturating_sub(i64::try_from(within.as_millis()).unwrap_or(i64::MAX));
+            loop {
+                let roots = self.meta.cached_roots(prefix, BATCH).await?;
+                let mut any = false;
+                // Least recently used first: the old ones lead the list.
+                for root in roots.iter().take_while(|r| r.last_used < before) {
+                    any |= self.evict_root(root, &actor, now, &mut report).await?;
+                }
+                // An evicted index leaves its children as roots: look again while that helps.
+                if !any {
+                    break;
+                }
+            }
+        }
+        if let Some(max) = cache.config.max_bytes {
+            let max = i64::try_from(max).unwrap_or(i64::MAX);
+            'space: while self.meta.cache_bytes(prefix).await? > max {
+                let mut any = false;
+                for root in &self.meta.cached_roots(prefix, BATCH).await? {
+                    if self.evict_root(root, &actor, now, &mut report).await? {
+                        any = true;
+                        if self.meta.cache_bytes(prefix).await? <= max {
+                            break 'space;
+                        }
+                    }
+                }
+                if !any {
+                    break;
+                }
+            }
+        }
+        report.kept.sort();
+        report.kept.dedup();
+        // Pending manifests nobody completed, and tag resolutions of evicted images.
+        let keep_ms =
+            i64::try_from(cache.config.tag_ttl.as_millis()).unwrap_or(i64::MAX).max(24 * 3600 * 1000);
+        self.meta.prune_proxy_rows(prefix, now.saturating_sub(keep_ms)).await?;
+        report.bytes_after = self.meta.cache_bytes(prefix).await?;
+        if !report.evicted.is_empty() {
+            tracing::info!(
+                proxy = prefix,
+                evicted = report.evicted.len(),
+                bytes_before = report.bytes_before,
+                bytes_after = report.bytes_after,
+                "evicted from the pull-through cache"
+            );
+        }
+        Ok(report)
+    }
+
+    /// Evicts one cached image, unless it was used since `root` was read (or is pinned,
+    /// listed): then it is noted as kept.
+    async fn evict_root(
+        &self,
+        root: &crate::meta::CachedRoot,
+        actor: &str,
+        now: i64,
+        report: &mut EvictionReport,
+    ) -> Result<bool> {
+        let (Ok(repo), Ok(digest)) = (RepoName::parse(&root.repository), Digest::parse(&root.digest)) else {
+            return Ok(false);
+        };
+        let item = format!("{}@{}", root.repository, root.digest);
+        match self.meta.evict_manifest(&repo, &digest, Some(root.last_used), false, Some(actor), now).await {
+            Ok(_) => {
+                report.evicted.push(item);
+                Ok(true)
+            }
+            Err(crate::meta::DeleteError::Refused(r)) => {
+                report.kept.push(format!("{item}: {r}"));
+                Ok(false)
+            }
+            Err(crate::meta::DeleteError::Meta(e)) => Err(e.into()),
+        }
+    }
+
+    /// Where each cache stands.
+    ///
+    /// # Errors
+    /// [`Error::Internal`] when the metadata store fails.
+    pub async fn cache_status(&self) -> Result<Vec<CacheStatus>> {
+        let mut out = Vec::new();
+        for cache in self.caches.all() {
+            let c = &cache.config;
+            let bytes = self.meta.cache_bytes(&c.prefix).await?;
+            self.metrics.set_proxy_bytes(&c.prefix, bytes);
+            let requests: HashMap<&'static str, u64> =
+                RESULTS.iter().map(|r| (*r, self.metrics.proxy_requests(&c.prefix, r))).collect();
+            let hits = requests["hit"] + requests["revalidated"];
+            let answered = hits + requests["miss"] + requests["stale"];
+            out.push(CacheStatus {
+                prefix: c.prefix.clone(),
+                upstream: c.upstream.clone(),
+                default: c.default,
+                tag_ttl_secs: c.tag_ttl.as_secs(),
+                bytes,
+                max_bytes: c.max_bytes,
+                evict_not_pulled_within_secs: c.evict_not_pulled_within.map(|d| d.as_secs()),
+                hit_ratio: (answered > 0).then(|| hits as f64 / answered as f64),
+                requests,
+                upstream_bytes: self.metrics.proxy_upstream_total(&c.prefix),
+                last_eviction: cache.last_eviction.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// `docker.io` is what clients call Docker Hub; its registry answers at `registry-1.docker.io`.
+fn same_host(upstream_host: &str, ns: &str) -> bool {
+    let hub = |h: &str| matches!(h, "docker.io" | "registry-1.docker.io" | "index.docker.io");
+    upstream_host.eq_ignore_ascii_case(ns) || (hub(upstream_host) && hub(ns))
+}
+
+fn tokio_stream_of(
+    mut rx: mpsc::Receiver<std::io::Result<Bytes>>,
+) -> impl Stream<Item = std::io::Result<Bytes>> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// One blob fetch: upstream → an upload session (hashed, checked, linked) and → the first
+/// client, one chunk behind, so that the last chunk reaches the client only once the blob is
+/// recorded: a body that fails its digest ends short and cannot be taken for success.
+struct Fill {
+    registry: Registry,
+    cache: Arc<Cache>,
+    repo: RepoName,
+    digest: Digest,
+    key: String,
+    done: watch::Sender<Option<Result<(), String>>>,
+}
+
+impl Fill {
+    async fn run(
+        self,
+        body: Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>,
+        length: Option<u64>,
+        client: mpsc::Sender<std::io::Result<Bytes>>,
+    ) {
+        let prefix = self.cache.config.prefix.clone();
+        let metrics = self.registry.metrics.clone();
+        let last: Arc<Mutex<Option<Bytes>>> = Arc::default();
+        let held = last.clone();
+        let tee = futures_util::stream::unfold(
+            (body, Some(client.clone()), None::<Bytes>),
+            move |(mut body, mut client, mut previous)| {
+                let held = held.clone();
+                let metrics = metrics.clone();
+                let prefix = prefix.clone();
+                async move {
+                    let item = body.next().await;
+                    match item {
+                        Some(Ok(chunk)) => {
+                            metrics.proxy_upstream_read(&prefix, chunk.len() as u64);
+                            if let (Some(tx), Some(p)) = (&client, previous.take()) {
+                                match tokio::time::timeout(CLIENT_STALL, tx.send(Ok(p))).await {
+                                    Ok(Ok(())) => {}
+                                    // Gone, or too slow: the fill goes on without it.
+                                    _ => client = None,
+                                }
+                            }
+                            previous = Some(chunk.clone());
+                            Some((Ok::<Bytes, std::io::Error>(chunk), (body, client, previous)))
+                        }
+                        Some(Err(e)) => Some((Err(e), (body, client, None))),
+                        None => {
+                            *held.lock().unwrap_or_else(|p| p.into_inner()) = previous.take();
+                            None
+                        }
+                    }
+                }
+            },
+        );
+        let recorded = self.store(tee, length).await;
+        let outcome = match &recorded {
+            Ok(()) => {
+                let chunk = last.lock().unwrap_or_else(|p| p.into_inner()).take();
+                if let Some(chunk) = chunk {
+                    let _ = tokio::time::timeout(CLIENT_STALL, client.send(Ok(chunk))).await;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(proxy = self.cache.config.prefix, repo = %self.repo, digest = %self.digest, error = %e, "blob fetch failed; nothing stored");
+                let _ = client.send(Err(std::io::Error::other(e.to_string()))).await;
+                Err(e.to_string())
+            }
+        };
+        drop(client);
+        let _ = self.done.send(Some(outcome));
+        self.cache.fills.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.key);
+    }
+
+    /// Writes the bytes through an upload session, which checks them against the digest and
+    /// links the blob; then records the pending manifests this blob completes.
+    async fn store<S>(&self, body: S, length: Option<u64>) -> Result<()>
+    where
+        S: Stream<Item = std::io::Result<Bytes>>,
+    {
+        let r = &self.registry;
+        let session = r.open_session(&self.repo).await?;
+        let completed = r.complete_upload(&self.repo, &session.id, &self.digest, None, length, body).await;
+        if let Err(e) = completed {
+            match r.cancel_upload(&self.repo, &session.id).await {
+                Ok(()) | Err(Error::BlobUploadUnknown) => {}
+                Err(c) => tracing::warn!(upload = %session.id, error = %c, "could not cancel a failed fill"),
+            }
+            return Err(match e {
+                Error::DigestInvalid(m) => Error::Upstream {
+                    rate_limited: false,
+                    message: format!(
+                        "upstream {} of proxy `{}` served wrong bytes for {}: {m}; nothing was stored",
+                        self.cache.config.upstream, self.cache.config.prefix, self.digest
+                    ),
+                },
+                e => e,
+            });
+        }
+        if let Err(e) = r.record_completed(&self.cache, &self.repo).await {
+            tracing::warn!(proxy = self.cache.config.prefix, repo = %self.repo, error = %e, "could not record the manifests a fill completed");
+        }
+        Ok(())
+    }
+}
