@@ -166,6 +166,11 @@ impl Registry {
                 if now.is_some_and(|row| row.storage_key == key) {
                     return Err(crate::blob::Error::NotFound(key).into());
                 }
+                // A cache's blob collected under a pull is fetched again.
+                if let Some((cache, upstream_repo)) = self.cache_of(&blob.repo) {
+                    let again = self.cached_blob(&cache, &upstream_repo, &blob.repo, &blob.digest, false).await?;
+                    return Box::pin(self.read_blob(&again, range)).await;
+                }
                 Err(Error::BlobUnknown)
             }
             Err(e) => Err(e.into()),

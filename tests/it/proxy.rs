@@ -259,3 +259,288 @@ backend_test!(many_concurrent_cold_pulls_cost_one_upstream_fetch, |reg| {
     );
     fsck_clean(&reg).await;
 });
+
+/// The reference registry (`docker-registry`) on a filesystem root, with Basic authentication
+/// (`alice`), listening on a free loopback port.
+pub struct ReferenceUpstream {
+    child: std::process::Child,
+    pub addr: String,
+    pub root: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl ReferenceUpstream {
+    pub fn start() -> Option<Self> {
+        if !crate::e2e::have("docker-registry") {
+            assert!(std::env::var_os("CI").is_none(), "docker-registry must be installed under CI");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let htpasswd = dir.path().join("htpasswd");
+        std::fs::write(&htpasswd, format!("alice:{}\n", bcrypt::hash(PASSWORD, 4).unwrap())).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  \
+                 delete:\n    enabled: true\nauth:\n  htpasswd:\n    realm: upstream\n    path: {}\n\
+                 http:\n  addr: {addr}\n",
+                root.display(),
+                htpasswd.display()
+            ),
+        )
+        .unwrap();
+        let child = std::process::Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start docker-registry");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(std::time::Instant::now() < deadline, "docker-registry did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(ReferenceUpstream { child, addr, root, _dir: dir })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn req(&self, method: Method, url: &str) -> reqwest::RequestBuilder {
+        let url = if url.starts_with("http") { url.to_string() } else { format!("{}{url}", self.url()) };
+        reqwest::Client::new().request(method, url).basic_auth("alice", Some(PASSWORD))
+    }
+
+    /// Uploads `bytes` to `repo` in one request.
+    pub async fn upload(&self, repo: &str, bytes: &[u8]) -> Digest {
+        let d = Digest::sha256_of(bytes);
+        let res = self.req(Method::POST, &format!("/v2/{repo}/blobs/uploads/")).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::ACCEPTED);
+        let location = header(&res, "location").unwrap().to_string();
+        let sep = if location.contains('?') { '&' } else { '?' };
+        let res = self.req(Method::PUT, &format!("{location}{sep}digest={d}")).body(bytes.to_vec()).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::CREATED, "{:?}", res.text().await);
+        d
+    }
+
+    /// Pushes an image like [`TestRegistry::push_image`].
+    pub async fn push_image(&self, repo: &str, tag: &str, seed: u64) -> PushedImage {
+        let config = serde_json::json!({"architecture": "amd64", "os": "linux", "seed": seed}).to_string().into_bytes();
+        let layers = vec![random_bytes(seed, 3000), random_bytes(seed + 1, 5000)];
+        let config_digest = self.upload(repo, &config).await;
+        let mut descs = Vec::new();
+        for layer in &layers {
+            let d = self.upload(repo, layer).await;
+            descs.push(serde_json::json!({"mediaType": OCI_LAYER, "digest": d.as_str(), "size": layer.len()}));
+        }
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": config_digest.as_str(), "size": config.len()},
+            "layers": descs,
+        }))
+        .unwrap();
+        let res = self
+            .req(Method::PUT, &format!("/v2/{repo}/manifests/{tag}"))
+            .header("content-type", OCI_MANIFEST)
+            .body(manifest.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::CREATED, "{:?}", res.text().await);
+        PushedImage { digest: Digest::sha256_of(&manifest), manifest, config, layers }
+    }
+
+    /// Replaces the stored bytes of `digest` with as many other bytes.
+    pub fn tamper(&self, digest: &Digest) {
+        let hex = digest.hex();
+        let data = self.root.join(format!("docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]));
+        let len = std::fs::metadata(&data).unwrap().len() as usize;
+        std::fs::write(&data, random_bytes(99, len)).unwrap();
+    }
+}
+
+impl Drop for ReferenceUpstream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+backend_test!(a_basic_auth_reference_upstream_a_tampered_blob_and_mirror_names, |reg| {
+    let Some(up) = ReferenceUpstream::start() else { return };
+    let img = up.push_image("lib/app", "v1", 7500).await;
+    let mut proxy = proxy_of(&up.url());
+    proxy.username = Some("alice".into());
+    proxy.password = Some(PASSWORD.into());
+    proxy.default = true;
+    let reg = with_proxy(reg, proxy).await;
+
+    // By prefix, by the default mirror (no prefix), and by containerd's ?ns=: the same cache.
+    for path in [
+        "/v2/up/lib/app/manifests/v1".to_string(),
+        "/v2/lib/app/manifests/v1".to_string(),
+        format!("/v2/lib/app/manifests/v1?ns={}", up.addr),
+    ] {
+        let res = manifest(&reg, &path).await;
+        assert_eq!(body_of(res).await, img.manifest, "{path}");
+    }
+    for blob in img.layers.iter().chain([&img.config]) {
+        let d = Digest::sha256_of(blob);
+        assert_eq!(&body_of(reg.get(&format!("/v2/lib/app/blobs/{d}")).await).await, blob);
+    }
+    assert_eq!(count(&reg, "SELECT COUNT(*) FROM manifests m JOIN repositories r ON r.id = m.repository_id WHERE r.name = 'up/lib/app'").await, 1);
+    // A local repository of that name is served locally; pushes of unprefixed names stay local.
+    let local = reg.push_image("lib/mine", "v1", 7501).await;
+    assert_eq!(body_of(manifest(&reg, "/v2/lib/mine/manifests/v1").await).await, local.manifest);
+
+    // A blob whose upstream bytes do not match its digest: the pull fails visibly (the body
+    // ends short) and nothing is stored, then or on a second try.
+    let bad = up.upload("lib/app", &random_bytes(7502, 200_000)).await;
+    up.tamper(&bad);
+    for _ in 0..2 {
+        let res = reg.get(&format!("/v2/up/lib/app/blobs/{bad}")).await;
+        match res.status() {
+            StatusCode::OK => assert!(res.bytes().await.is_err(), "a tampered blob's body must not complete"),
+            status => assert_eq!(status, StatusCode::BAD_GATEWAY),
+        }
+        let stored = count(&reg, &format!("SELECT COUNT(*) FROM blobs WHERE digest = '{bad}'")).await;
+        assert_eq!(stored, 0);
+    }
+    // The upload sessions of the failed fills are gone with their bytes.
+    assert_eq!(count(&reg, "SELECT COUNT(*) FROM uploads").await, 0);
+    fsck_clean(&reg).await;
+    let report = reg.app.registry.fsck(false, &|_, _| {}).await.unwrap();
+    assert!(report.orphans.is_empty(), "{:?}", report.orphans);
+});
+
+/// Pushes an image with one layer of `size` random bytes; returns it.
+async fn push_sized(up: &TestRegistry, repo: &str, tag: &str, seed: u64, size: usize) -> PushedImage {
+    let config = serde_json::json!({"os": "linux", "seed": seed}).to_string().into_bytes();
+    let layer = random_bytes(seed, size);
+    let c = up.upload_blob(repo, &config).await;
+    let l = up.upload_blob(repo, &layer).await;
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": c.as_str(), "size": config.len()},
+        "layers": [{"mediaType": OCI_LAYER, "digest": l.as_str(), "size": size}],
+    }))
+    .unwrap();
+    assert_eq!(up.put_manifest(repo, tag, OCI_MANIFEST, &manifest).await.status(), StatusCode::CREATED);
+    PushedImage { digest: Digest::sha256_of(&manifest), manifest, config, layers: vec![layer] }
+}
+
+/// Pulls `img` through the cache by tag; every byte checked.
+async fn pull_all(client: &reqwest::Client, base: &str, repo: &str, tag: &str, img: &PushedImage) -> Result<(), String> {
+    let res = client
+        .get(format!("{base}/v2/{repo}/manifests/{tag}"))
+        .header("accept", OCI_MANIFEST)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if res.status() != StatusCode::OK {
+        return Err(format!("manifest {repo}:{tag}: {}", res.status()));
+    }
+    if res.bytes().await.map_err(|e| e.to_string())? != img.manifest {
+        return Err(format!("manifest {repo}:{tag} differs"));
+    }
+    for blob in img.layers.iter().chain([&img.config]) {
+        let d = Digest::sha256_of(blob);
+        let res = client.get(format!("{base}/v2/{repo}/blobs/{d}")).send().await.map_err(|e| e.to_string())?;
+        if res.status() != StatusCode::OK {
+            return Err(format!("blob {d} of {repo}: {}", res.status()));
+        }
+        let got = res.bytes().await.map_err(|e| format!("blob {d} of {repo}: {e}"))?;
+        if got[..] != blob[..] {
+            return Err(format!("blob {d} of {repo} differs"));
+        }
+    }
+    Ok(())
+}
+
+backend_test!(eviction_keeps_the_cache_under_its_cap_while_pulls_run, |reg| {
+    const MIB: usize = 1 << 20;
+    let up = TestRegistry::try_start(Backend::Sqlite).await.unwrap();
+    let mut images = Vec::new();
+    for i in 0..6u64 {
+        images.push(push_sized(&up, &format!("lib/app{i}"), "v1", 7600 + i * 10, MIB).await);
+    }
+    let mut proxy = proxy_of(&up.url(""));
+    proxy.max_bytes = Some(3 * MIB as u64);
+    let reg = with_proxy(reg, proxy).await;
+    let base = reg.url("");
+    for (i, img) in images.iter().enumerate() {
+        pull_all(&reg.client, &base, &format!("up/lib/app{i}"), "v1", img).await.unwrap();
+    }
+    let registry = reg.app.registry.clone();
+    assert!(registry.meta().cache_bytes("up").await.unwrap() > 6 * MIB as i64);
+
+    // Pulls of every image go on while the evictor and the collector run.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut pullers = Vec::new();
+    for p in 0..3usize {
+        let (client, base, images, stop) = (reg.client.clone(), base.clone(), images.clone(), stop.clone());
+        pullers.push(tokio::spawn(async move {
+            let mut pulls = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let i = (pulls * 7 + p) % images.len();
+                pull_all(&client, &base, &format!("up/lib/app{i}"), "v1", &images[i]).await?;
+                pulls += 1;
+            }
+            Ok::<usize, String>(pulls)
+        }));
+    }
+    for _ in 0..4 {
+        registry.flush_access().await.unwrap();
+        // Pulls refill what is evicted meanwhile: the bound is checked once they stop.
+        registry.evict_caches().await.unwrap();
+        // Past every window: the collector takes what eviction left unreferenced.
+        registry.clock().advance_ms(3 * 24 * 3600 * 1000);
+        registry.collect(10_000).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for p in pullers {
+        let pulls = p.await.unwrap().unwrap();
+        assert!(pulls > 0);
+    }
+    let reports = registry.evict_caches().await.unwrap();
+    assert!(reports[0].bytes_after <= 3 * MIB as i64, "{reports:?}");
+    assert!(!reports[0].evicted.is_empty() || registry.meta().cache_bytes("up").await.unwrap() <= 3 * MIB as i64);
+    registry.clock().advance_ms(3 * 24 * 3600 * 1000);
+    registry.collect(10_000).await.unwrap();
+    registry.drain_outbox().await.unwrap();
+    fsck_clean(&reg).await;
+    // What the collector left is what the cache holds, plus nothing unaccounted for.
+    let report = reg.app.registry.fsck(false, &|_, _| {}).await.unwrap();
+    assert!(report.bytes_checked <= 4 * MIB as u64, "{report:?}");
+
+    // Not pulled within evict_not_pulled_within: evicted whatever the space.
+    let mut config = reg.app.config.clone();
+    let dir = reg.stop().await;
+    config.proxies[0].max_bytes = None;
+    config.proxies[0].evict_not_pulled_within = Some(Duration::from_secs(3600));
+    let reg = TestRegistry::start_with(config, dir).await;
+    // A new process has a new clock: move it past the times the first one wrote.
+    reg.app.registry.clock().advance_ms(20 * 24 * 3600 * 1000);
+    pull_all(&reg.client, &reg.url(""), "up/lib/app0", "v1", &images[0]).await.unwrap();
+    // Pull times are written with the time of their flush.
+    reg.app.registry.flush_access().await.unwrap();
+    reg.app.registry.clock().advance_ms(2 * 3600 * 1000);
+    pull_all(&reg.client, &reg.url(""), "up/lib/app1", "v1", &images[1]).await.unwrap();
+    reg.app.registry.flush_access().await.unwrap();
+    let reports = reg.app.registry.evict_caches().await.unwrap();
+    let evicted = reports[0].evicted.join(" ");
+    assert!(evicted.contains("up/lib/app0@"), "{reports:?}");
+    assert!(!evicted.contains("up/lib/app1@"), "{reports:?}");
+    let status: Value = reg.get("/admin/v1/proxies").await.json().await.unwrap();
+    assert_eq!(status["proxies"][0]["prefix"], "up");
+    assert_eq!(status["proxies"][0]["last_eviction"]["evicted"].as_array().unwrap().len(), reports[0].evicted.len());
+});
