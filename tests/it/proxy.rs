@@ -544,3 +544,115 @@ backend_test!(eviction_keeps_the_cache_under_its_cap_while_pulls_run, |reg| {
     assert_eq!(status["proxies"][0]["prefix"], "up");
     assert_eq!(status["proxies"][0]["last_eviction"]["evicted"].as_array().unwrap().len(), reports[0].evicted.len());
 });
+
+const BERTH: &str = env!("CARGO_BIN_EXE_berth");
+
+fn proxy_toml(upstream: &str) -> String {
+    format!("[[proxy]]\nprefix = \"up\"\nupstream = {upstream:?}\n")
+}
+
+async fn blob_rows(metadata_url: &str, digest: &Digest) -> i64 {
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::any::AnyPoolOptions::new().max_connections(1).connect(metadata_url).await.unwrap();
+    let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM blobs WHERE digest = $1")
+        .bind(digest.as_str())
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    n
+}
+
+/// `kill -9` of the cache while it fetches a large blob: after a restart nothing of it is
+/// visible, `berth fsck` is clean, and the next pull fetches it whole.
+async fn kill_9_mid_fetch(config_toml: String, metadata_url: String, dir: &std::path::Path) {
+    let up = TestRegistry::try_start(Backend::Sqlite).await.unwrap();
+    let big = random_bytes(7700, 64 << 20);
+    let digest = up.upload_blob("lib/big", &big).await;
+    let config = dir.join("berth.toml");
+    std::fs::write(&config, format!("{config_toml}{}", proxy_toml(&up.url("")))).unwrap();
+    let args = [std::ffi::OsStr::new("--config"), config.as_os_str()];
+    let (mut cache, addr) = serve_process(&args, &dir.join("ready"));
+    let client = reqwest::Client::new();
+    let mut res = client.get(format!("http://{addr}/v2/up/lib/big/blobs/{digest}")).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let mut got = 0;
+    while got < (4 << 20) {
+        got += res.chunk().await.unwrap().expect("more bytes").len();
+    }
+    cache.kill().unwrap(); // SIGKILL, mid-fetch
+    cache.wait().unwrap();
+    assert!(res.bytes().await.is_err(), "a body cut by the crash must not look complete");
+    assert_eq!(blob_rows(&metadata_url, &digest).await, 0, "no partial blob is recorded");
+    let out = std::process::Command::new(BERTH).args(["fsck", "--json", "--config"]).arg(&config).output().unwrap();
+    assert!(out.status.success(), "fsck after kill -9: {}", String::from_utf8_lossy(&out.stdout));
+
+    let (mut cache, addr) = serve_process(&args, &dir.join("ready"));
+    let res = client.get(format!("http://{addr}/v2/up/lib/big/blobs/{digest}")).send().await.unwrap();
+    assert!(body_of(res).await == big);
+    assert_eq!(blob_rows(&metadata_url, &digest).await, 1);
+    cache.kill().unwrap();
+    cache.wait().unwrap();
+    let out = std::process::Command::new(BERTH).args(["fsck", "--json", "--config"]).arg(&config).output().unwrap();
+    assert!(out.status.success(), "fsck: {}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_fetch_embedded() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let url = berth::config::Config::embedded(&data).metadata_url;
+    kill_9_mid_fetch(format!("data_dir = {:?}\n", data.display().to_string()), url, dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_fetch_scale_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(c) = scale_out_config(dir.path()).await else {
+        eprintln!("skipping: the scale-out deployment is not configured");
+        return;
+    };
+    kill_9_mid_fetch(scale_out_toml(&c), c.metadata_url.clone(), dir.path()).await;
+}
+
+/// Two replicas of one cache (one PostgreSQL, one bucket): concurrent cold pulls through both
+/// fetch the blob at most once per replica, every pull is byte-exact, and one blob is recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_one_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(c) = scale_out_config(dir.path()).await else {
+        eprintln!("skipping: the scale-out deployment is not configured");
+        return;
+    };
+    let up = TestRegistry::try_start(Backend::Sqlite).await.unwrap();
+    let img = push_sized(&up, "lib/app", "v1", 7800, 16 << 20).await;
+    let config = dir.path().join("berth.toml");
+    std::fs::write(&config, format!("{}{}", scale_out_toml(&c), proxy_toml(&up.url("")))).unwrap();
+    let args = [std::ffi::OsStr::new("--config"), config.as_os_str()];
+    let replicas: Vec<_> = (0..2).map(|i| serve_process(&args, &dir.path().join(format!("ready-{i}")))).collect();
+    let bases: Vec<String> = replicas.iter().map(|(_, a)| format!("http://{a}")).collect();
+    let client = reqwest::Client::new();
+    let mut pulls = Vec::new();
+    for i in 0..10 {
+        let (client, base, img) = (client.clone(), bases[i % 2].clone(), img.clone());
+        pulls.push(tokio::spawn(async move { pull_all(&client, &base, "up/lib/app", "v1", &img).await }));
+    }
+    for p in pulls {
+        p.await.unwrap().unwrap();
+    }
+    let layer_gets = metric(&up, "berth_http_requests_total{route=\"blob\",method=\"GET\",status=\"200\"}").await;
+    // Two blobs (config and layer), each fetched at most once per replica.
+    assert!(layer_gets <= 4.0, "{layer_gets} upstream blob fetches");
+    assert_eq!(blob_rows(&c.metadata_url, &Digest::sha256_of(&img.layers[0])).await, 1);
+    // The image is recorded once, complete, and pulls from either replica without the upstream.
+    up.stop().await;
+    for base in &bases {
+        pull_all(&client, base, "up/lib/app", "v1", &img).await.unwrap();
+    }
+    for (mut child, _) in replicas {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    let out = std::process::Command::new(BERTH).args(["fsck", "--json", "--config"]).arg(&config).output().unwrap();
+    assert!(out.status.success(), "fsck: {}", String::from_utf8_lossy(&out.stdout));
+}
