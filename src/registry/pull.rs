@@ -168,7 +168,8 @@ impl Registry {
                 }
                 // A cache's blob collected under a pull is fetched again.
                 if let Some((cache, upstream_repo)) = self.cache_of(&blob.repo) {
-                    let again = self.cached_blob(&cache, &upstream_repo, &blob.repo, &blob.digest, false).await?;
+                    let again =
+                        self.cached_blob(&cache, &upstream_repo, &blob.repo, &blob.digest, false).await?;
                     return Box::pin(self.read_blob(&again, range)).await;
                 }
                 Err(Error::BlobUnknown)

@@ -21,7 +21,7 @@ mod in_use;
 mod limits;
 mod manifests;
 mod metrics;
-mod proxy;
+pub mod proxy;
 mod replicas;
 pub mod retention;
 pub mod revive;

@@ -324,20 +324,28 @@ impl ReferenceUpstream {
         assert_eq!(res.status(), StatusCode::ACCEPTED);
         let location = header(&res, "location").unwrap().to_string();
         let sep = if location.contains('?') { '&' } else { '?' };
-        let res = self.req(Method::PUT, &format!("{location}{sep}digest={d}")).body(bytes.to_vec()).send().await.unwrap();
+        let res = self
+            .req(Method::PUT, &format!("{location}{sep}digest={d}"))
+            .body(bytes.to_vec())
+            .send()
+            .await
+            .unwrap();
         assert_eq!(res.status(), StatusCode::CREATED, "{:?}", res.text().await);
         d
     }
 
     /// Pushes an image like [`TestRegistry::push_image`].
     pub async fn push_image(&self, repo: &str, tag: &str, seed: u64) -> PushedImage {
-        let config = serde_json::json!({"architecture": "amd64", "os": "linux", "seed": seed}).to_string().into_bytes();
+        let config = serde_json::json!({"architecture": "amd64", "os": "linux", "seed": seed})
+            .to_string()
+            .into_bytes();
         let layers = vec![random_bytes(seed, 3000), random_bytes(seed + 1, 5000)];
         let config_digest = self.upload(repo, &config).await;
         let mut descs = Vec::new();
         for layer in &layers {
             let d = self.upload(repo, layer).await;
-            descs.push(serde_json::json!({"mediaType": OCI_LAYER, "digest": d.as_str(), "size": layer.len()}));
+            descs
+                .push(serde_json::json!({"mediaType": OCI_LAYER, "digest": d.as_str(), "size": layer.len()}));
         }
         let manifest = serde_json::to_vec(&serde_json::json!({
             "schemaVersion": 2,
@@ -438,7 +446,13 @@ async fn push_sized(up: &TestRegistry, repo: &str, tag: &str, seed: u64, size: u
 }
 
 /// Pulls `img` through the cache by tag; every byte checked.
-async fn pull_all(client: &reqwest::Client, base: &str, repo: &str, tag: &str, img: &PushedImage) -> Result<(), String> {
+async fn pull_all(
+    client: &reqwest::Client,
+    base: &str,
+    repo: &str,
+    tag: &str,
+    img: &PushedImage,
+) -> Result<(), String> {
     let res = client
         .get(format!("{base}/v2/{repo}/manifests/{tag}"))
         .header("accept", OCI_MANIFEST)
@@ -453,7 +467,8 @@ async fn pull_all(client: &reqwest::Client, base: &str, repo: &str, tag: &str, i
     }
     for blob in img.layers.iter().chain([&img.config]) {
         let d = Digest::sha256_of(blob);
-        let res = client.get(format!("{base}/v2/{repo}/blobs/{d}")).send().await.map_err(|e| e.to_string())?;
+        let res =
+            client.get(format!("{base}/v2/{repo}/blobs/{d}")).send().await.map_err(|e| e.to_string())?;
         if res.status() != StatusCode::OK {
             return Err(format!("blob {d} of {repo}: {}", res.status()));
         }
@@ -513,7 +528,9 @@ backend_test!(eviction_keeps_the_cache_under_its_cap_while_pulls_run, |reg| {
     }
     let reports = registry.evict_caches().await.unwrap();
     assert!(reports[0].bytes_after <= 3 * MIB as i64, "{reports:?}");
-    assert!(!reports[0].evicted.is_empty() || registry.meta().cache_bytes("up").await.unwrap() <= 3 * MIB as i64);
+    assert!(
+        !reports[0].evicted.is_empty() || registry.meta().cache_bytes("up").await.unwrap() <= 3 * MIB as i64
+    );
     registry.clock().advance_ms(3 * 24 * 3600 * 1000);
     registry.collect(10_000).await.unwrap();
     registry.drain_outbox().await.unwrap();
@@ -542,7 +559,10 @@ backend_test!(eviction_keeps_the_cache_under_its_cap_while_pulls_run, |reg| {
     assert!(!evicted.contains("up/lib/app1@"), "{reports:?}");
     let status: Value = reg.get("/admin/v1/proxies").await.json().await.unwrap();
     assert_eq!(status["proxies"][0]["prefix"], "up");
-    assert_eq!(status["proxies"][0]["last_eviction"]["evicted"].as_array().unwrap().len(), reports[0].evicted.len());
+    assert_eq!(
+        status["proxies"][0]["last_eviction"]["evicted"].as_array().unwrap().len(),
+        reports[0].evicted.len()
+    );
 });
 
 const BERTH: &str = env!("CARGO_BIN_EXE_berth");
@@ -584,7 +604,8 @@ async fn kill_9_mid_fetch(config_toml: String, metadata_url: String, dir: &std::
     cache.wait().unwrap();
     assert!(res.bytes().await.is_err(), "a body cut by the crash must not look complete");
     assert_eq!(blob_rows(&metadata_url, &digest).await, 0, "no partial blob is recorded");
-    let out = std::process::Command::new(BERTH).args(["fsck", "--json", "--config"]).arg(&config).output().unwrap();
+    let out =
+        std::process::Command::new(BERTH).args(["fsck", "--json", "--config"]).arg(&config).output().unwrap();
     assert!(out.status.success(), "fsck after kill -9: {}", String::from_utf8_lossy(&out.stdout));
 
     let (mut cache, addr) = serve_process(&args, &dir.join("ready"));
@@ -593,7 +614,8 @@ async fn kill_9_mid_fetch(config_toml: String, metadata_url: String, dir: &std::
     assert_eq!(blob_rows(&metadata_url, &digest).await, 1);
     cache.kill().unwrap();
     cache.wait().unwrap();
-    let out = std::process::Command::new(BERTH).args(["fsck", "--json", "--config"]).arg(&config).output().unwrap();
+    let out =
+        std::process::Command::new(BERTH).args(["fsck", "--json", "--config"]).arg(&config).output().unwrap();
     assert!(out.status.success(), "fsck: {}", String::from_utf8_lossy(&out.stdout));
 }
 
@@ -629,7 +651,8 @@ async fn two_replicas_share_one_cache() {
     let config = dir.path().join("berth.toml");
     std::fs::write(&config, format!("{}{}", scale_out_toml(&c), proxy_toml(&up.url("")))).unwrap();
     let args = [std::ffi::OsStr::new("--config"), config.as_os_str()];
-    let replicas: Vec<_> = (0..2).map(|i| serve_process(&args, &dir.path().join(format!("ready-{i}")))).collect();
+    let replicas: Vec<_> =
+        (0..2).map(|i| serve_process(&args, &dir.path().join(format!("ready-{i}")))).collect();
     let bases: Vec<String> = replicas.iter().map(|(_, a)| format!("http://{a}")).collect();
     let client = reqwest::Client::new();
     let mut pulls = Vec::new();
@@ -640,7 +663,8 @@ async fn two_replicas_share_one_cache() {
     for p in pulls {
         p.await.unwrap().unwrap();
     }
-    let layer_gets = metric(&up, "berth_http_requests_total{route=\"blob\",method=\"GET\",status=\"200\"}").await;
+    let layer_gets =
+        metric(&up, "berth_http_requests_total{route=\"blob\",method=\"GET\",status=\"200\"}").await;
     // Two blobs (config and layer), each fetched at most once per replica.
     assert!(layer_gets <= 4.0, "{layer_gets} upstream blob fetches");
     assert_eq!(blob_rows(&c.metadata_url, &Digest::sha256_of(&img.layers[0])).await, 1);
@@ -653,6 +677,7 @@ async fn two_replicas_share_one_cache() {
         child.kill().unwrap();
         child.wait().unwrap();
     }
-    let out = std::process::Command::new(BERTH).args(["fsck", "--json", "--config"]).arg(&config).output().unwrap();
+    let out =
+        std::process::Command::new(BERTH).args(["fsck", "--json", "--config"]).arg(&config).output().unwrap();
     assert!(out.status.success(), "fsck: {}", String::from_utf8_lossy(&out.stdout));
 }

@@ -10,6 +10,7 @@ mod deletes;
 mod import;
 pub mod layout;
 mod oci_client;
+mod proxy;
 mod quickstart;
 mod retention;
 mod skopeo;
