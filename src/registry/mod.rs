@@ -167,6 +167,10 @@ impl Registry {
     pub async fn render_metrics(&self) -> Result<String> {
         let status = self.gc_status().await?;
         let sessions = self.meta.idle_uploads(i64::MAX).await?;
+        for cache in self.caches.all() {
+            let bytes = self.meta.cache_bytes(&cache.config.prefix).await?;
+            self.metrics.set_proxy_bytes(&cache.config.prefix, bytes);
+        }
         Ok(self.metrics.render(&status, i64::try_from(sessions).unwrap_or(i64::MAX)))
     }
 

@@ -565,7 +565,9 @@ async fn space(State(app): State<App>, headers: HeaderMap) -> Page {
     let space = app.registry.space(None).await?;
     let status = app.registry.gc_status().await?;
     let history = app.registry.space_history(HISTORY_MS).await?;
-    Ok(pages::space(&v, &space, &status, &history))
+    v.authorize(&AdminRequest::ProxyStatus).await?;
+    let caches = app.registry.cache_status().await?;
+    Ok(pages::space(&v, &space, &status, &history, &caches))
 }
 
 #[derive(Debug, Deserialize)]

@@ -28,7 +28,8 @@ th{background:#eef1f5;font-weight:600}code,pre{font:12px ui-monospace,monospace}
 button,.button{background:#1d3557;color:#fff;border:0;padding:.35em .8em;border-radius:3px;cursor:pointer;text-decoration:none;font-size:13px}\
 button.danger,.button.danger{background:#b3261e}form.inline{display:inline}.problem{background:#fdecea;border:1px solid #f5c2bd;padding:.8em}\
 .ok{background:#e8f5e9;border:1px solid #b7dfb9;padding:.8em}.bar{background:#457b9d;height:.8em;display:inline-block}\
-input[type=search]{padding:.35em;width:20em}nav.pages{margin-top:.8em}";
+input[type=search]{padding:.35em;width:20em}nav.pages{margin-top:.8em}\
+.badge{background:#e0ecf6;color:#1d3557;border-radius:3px;padding:0 .4em;font-size:12px}.cache{background:#e0ecf6;border:1px solid #b8cfe3;padding:.8em}";
 
 fn bytes(n: impl TryInto<u64>) -> String {
     let n = n.try_into().unwrap_or(0) as f64;
@@ -94,6 +95,12 @@ fn page(v: &Viewer<'_>, title: &str, body: Markup) -> Response {
     .into_response()
 }
 
+/// The upstream (and its repository) a cached repository is read from.
+fn cached_from(v: &Viewer<'_>, name: &str) -> Option<String> {
+    let repo = RepoName::parse(name).ok()?;
+    v.app.registry.cache_of(&repo).map(|(c, up)| format!("{}/{up}", c.config.upstream))
+}
+
 /// A page saying what went wrong, with `status`.
 pub(super) fn problem(status: StatusCode, message: &str) -> Response {
     let body = html! {
@@ -130,7 +137,8 @@ pub(super) fn repositories(
                 tbody {
                     @for (r, space) in list.iter().zip(spaces) {
                         tr {
-                            td { a href=(repo_link(&r.name)) { (r.name) } }
+                            td { a href=(repo_link(&r.name)) { (r.name) }
+                                @if let Some(up) = cached_from(v, &r.name) { " " span.badge title=(format!("pull-through cache of {up}")) { "cache" } } }
                             td.num { (r.tags) } td.num { (r.manifests) } td.num { (bytes(r.bytes_live)) }
                             td.num { (space.as_ref().map_or("—".into(), |s| bytes(s.bytes_exclusive))) }
                             td.num { a href=(format!("/ui/trash?repo={}", urlencode(&r.name))) { (bytes(r.bytes_in_tombstones)) } }
@@ -177,6 +185,9 @@ pub(super) fn repository(
         repo.as_str(),
         html! {
             h1 { (repo.as_str()) }
+            @if let Some(up) = cached_from(v, repo.as_str()) {
+                p.cache id="cache" { "A pull-through cache of " code { (up) } ": read-only; content is fetched on the first pull, and a delete evicts (nothing to restore — the upstream has it)." }
+            }
             p.muted { (summary.tags) " tags, " (summary.manifests) " manifests, " (bytes(summary.bytes_live)) " referenced; "
                 a href=(format!("/ui/trash?repo={}", urlencode(repo.as_str()))) { (summary.tombstones) " in the trash" }
                 " (" (bytes(summary.bytes_in_tombstones)) ")" }
@@ -598,7 +609,13 @@ fn storage_chart(samples: &[SpaceSample]) -> Markup {
     }
 }
 
-pub(super) fn space(v: &Viewer<'_>, s: &Space, status: &GcStatus, history: &[SpaceSample]) -> Response {
+pub(super) fn space(
+    v: &Viewer<'_>,
+    s: &Space,
+    status: &GcStatus,
+    history: &[SpaceSample],
+    caches: &[crate::registry::CacheStatus],
+) -> Response {
     let widest = s.reclaim_schedule.iter().map(|(_, b)| *b).max().unwrap_or(1).max(1);
     page(
         v,
@@ -620,6 +637,23 @@ pub(super) fn space(v: &Viewer<'_>, s: &Space, status: &GcStatus, history: &[Spa
                 td { (when(Some(*at))) } td.num { (bytes(*b)) }
                 td { span.bar style=(format!("width:{}px", (*b as f64 / widest as f64 * 300.0).ceil())) {} }
             } } } }
+            @if !caches.is_empty() {
+                h2 { "Pull-through caches" }
+                table id="caches" {
+                    thead { tr { th { "Cache" } th { "Upstream" } th.num { "Holds" } th.num { "Cap" } th.num { "Hit ratio" }
+                        th.num { "Errors" } th { "Last eviction" } } }
+                    tbody { @for c in caches { tr {
+                        td { (c.prefix) "/…" @if c.default { " (default mirror)" } }
+                        td { code { (c.upstream) } }
+                        td.num { (bytes(c.bytes)) }
+                        td.num { (c.max_bytes.map_or("—".to_string(), |m| bytes(i64::try_from(m).unwrap_or(i64::MAX)))) }
+                        td.num { (c.hit_ratio.map_or("—".to_string(), |h| format!("{:.1} %", h * 100.0))) }
+                        td.num { (c.requests.get("error").copied().unwrap_or(0)) }
+                        td { (c.last_eviction.as_ref().map_or("—".to_string(), |e| format!("{} evicted", e.evicted.len()))) }
+                    } } }
+                }
+                p.muted { "Answers and errors count since this replica started." }
+            }
             h2 { "Collector" }
             table id="queues" {
                 thead { tr { th { "Queue" } th.num { "Queued" } th.num { "Due" } th.num { "Overdue" } th { "Oldest due" } } }

@@ -209,7 +209,24 @@ backend_test!(a_tag_moved_upstream_is_seen_after_its_ttl_and_not_before, |reg| {
         .unwrap();
     assert_eq!(body_of(res).await, second.manifest);
     fsck_clean(&reg).await;
+
+    // The console marks cached repositories and shows the cache on the space page.
+    let list = reg.get("/ui/").await.text().await.unwrap();
+    assert!(list.contains("pull-through cache of http://") && list.contains(">cache</span>"), "{list}");
+    let page = reg.get("/ui/repo?name=up/lib/app").await.text().await.unwrap();
+    assert!(page.contains("id=\"cache\"") && page.contains("/lib/app"), "{page}");
+    let space = reg.get("/ui/space").await.text().await.unwrap();
+    assert!(space.contains("id=\"caches\"") && space.contains("Pull-through caches"), "{space}");
+    let status = berth_cli(&["proxy", "status", "--url", &reg.url("")]);
+    assert!(status.contains("up/…") && status.contains("revalidated"), "{status}");
 });
+
+/// Runs the `berth` CLI; returns its output.
+fn berth_cli(args: &[&str]) -> String {
+    let out = std::process::Command::new(BERTH).args(args).output().unwrap();
+    assert!(out.status.success(), "berth {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
 
 backend_test!(many_concurrent_cold_pulls_cost_one_upstream_fetch, |reg| {
     let up = TestRegistry::try_start(Backend::Sqlite).await.unwrap();
