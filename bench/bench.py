@@ -132,9 +132,10 @@ sign_payload = {"true" if sign_payload else "false"}
 """
 
 
-def start_reference(work, env_extra=None, storage=None, name="reference"):
+def start_reference(work, env_extra=None, storage=None, name="reference", proxy=None):
     """The reference registry on its filesystem driver under `work`, or on the driver the YAML
-    lines `storage` configure (indented under `storage:`)."""
+    lines `storage` configure (indented under `storage:`); with `proxy`, a pull-through cache of
+    that upstream URL."""
     port = free_port()
     root = None
     if storage is None:
@@ -153,7 +154,7 @@ storage:
     enabled: true
 http:
   addr: 127.0.0.1:{port}
-""")
+""" + (f"proxy:\n  remoteurl: {proxy}\n" if proxy else ""))
     binary = shutil.which("docker-registry") or "/usr/bin/docker-registry"
     env = {k: v for k, v in dict(os.environ, **(env_extra or {})).items() if v is not None}
     proc = subprocess.Popen([binary, "serve", cfg], env=env,

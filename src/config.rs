@@ -87,6 +87,10 @@ pub struct ProxyConfig {
     pub max_bytes: Option<u64>,
     /// Cached images not pulled for this long are evicted.
     pub evict_not_pulled_within: Option<Duration>,
+    /// After a manifest is fetched, the blobs it references that no client fetched within this
+    /// long are fetched (or linked from another repository of the cache), so the cache holds
+    /// whole images.
+    pub fill_missing_after: Duration,
     /// Serves repositories named with no known prefix (a plain mirror: Docker's
     /// `registry-mirrors`).
     pub default: bool,
@@ -103,6 +107,7 @@ impl std::fmt::Debug for ProxyConfig {
             .field("tag_ttl", &self.tag_ttl)
             .field("max_bytes", &self.max_bytes)
             .field("evict_not_pulled_within", &self.evict_not_pulled_within)
+            .field("fill_missing_after", &self.fill_missing_after)
             .field("default", &self.default)
             .finish()
     }
@@ -312,6 +317,7 @@ struct ProxySection {
     tag_ttl: Option<String>,
     max_bytes: Option<u64>,
     evict_not_pulled_within: Option<String>,
+    fill_missing_after: Option<String>,
     #[serde(default)]
     default: bool,
 }
@@ -766,6 +772,15 @@ fn proxies(
                 "{what}: upstream `{upstream}` must be an http:// or https:// URL"
             )));
         }
+        // Credentials in the URL would show wherever the upstream is named (status, errors).
+        if upstream
+            .split_once("://")
+            .is_some_and(|(_, rest)| rest.split('/').next().unwrap_or("").contains('@'))
+        {
+            return Err(ConfigError(format!(
+                "{what}: the upstream URL must not hold credentials; use username and password"
+            )));
+        }
         if p.default && out.iter().any(|o| o.default) {
             return Err(ConfigError(format!("{what}: only one proxy may be the default")));
         }
@@ -783,6 +798,8 @@ fn proxies(
         };
         let tag_ttl = duration("tag_ttl", p.tag_ttl)?.unwrap_or(Duration::from_secs(300));
         let evict_not_pulled_within = duration("evict_not_pulled_within", p.evict_not_pulled_within)?;
+        let fill_missing_after =
+            duration("fill_missing_after", p.fill_missing_after)?.unwrap_or(Duration::from_secs(10));
         if evict_not_pulled_within.is_some_and(|d| d.is_zero()) || p.max_bytes == Some(0) {
             return Err(ConfigError(format!(
                 "{what}: max_bytes and evict_not_pulled_within must be more than zero"
@@ -807,6 +824,7 @@ fn proxies(
             tag_ttl,
             max_bytes: p.max_bytes,
             evict_not_pulled_within,
+            fill_missing_after,
             default: p.default,
         });
     }

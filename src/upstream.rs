@@ -127,13 +127,7 @@ impl Upstream {
         let bytes = if head {
             None
         } else {
-            let limit = crate::oci::manifest::MAX_MANIFEST_BYTES as u64;
-            if res.content_length().is_some_and(|n| n > limit) {
-                return Err(UpstreamError::Failed(format!(
-                    "the upstream's manifest is larger than {limit} bytes"
-                )));
-            }
-            Some(res.bytes().await.map_err(|e| failed("reading a manifest", &e))?)
+            Some(read_capped(res, crate::oci::manifest::MAX_MANIFEST_BYTES, "a manifest").await?)
         };
         Ok(UpstreamManifest { digest, media_type, bytes })
     }
@@ -177,7 +171,7 @@ impl Upstream {
         let content_type =
             text_header(res.headers(), "content-type").unwrap_or_else(|| "application/json".into());
         let link = text_header(res.headers(), "link");
-        let body = res.bytes().await.map_err(|e| failed("reading an answer", &e))?;
+        let body = read_capped(res, MAX_LIST_BYTES, "a list").await?;
         Ok((content_type, body, link))
     }
 
@@ -239,6 +233,15 @@ impl Upstream {
         if let Some(bearer) = challenges.iter().find(|c| c.scheme.eq_ignore_ascii_case("bearer")) {
             let realm = param(bearer, "realm")
                 .ok_or_else(|| UpstreamError::Failed("a Bearer challenge without a realm".into()))?;
+            // Credentials meant for an https upstream never travel in the clear.
+            if self.credentials.is_some()
+                && self.base.starts_with("https://")
+                && !realm.starts_with("https://")
+            {
+                return Err(UpstreamError::Refused(format!(
+                    "the upstream's token realm {realm} is not https; credentials are not sent there"
+                )));
+            }
             let query = {
                 let mut query = form_urlencoded::Serializer::new(String::new());
                 query.append_pair("scope", scope);
@@ -253,8 +256,15 @@ impl Upstream {
                 req = req.basic_auth(user, Some(password));
             }
             let res = req.send().await.map_err(|e| failed("reaching the token realm", &e))?;
-            if !res.status().is_success() {
-                return Err(UpstreamError::Refused(format!("the token realm answered {}", res.status())));
+            match res.status() {
+                s if s.is_success() => {}
+                s @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
+                    return Err(UpstreamError::Refused(format!("the token realm answered {s}")));
+                }
+                StatusCode::TOO_MANY_REQUESTS => {
+                    return Err(UpstreamError::RateLimited("the token realm answered 429".into()));
+                }
+                s => return Err(UpstreamError::Failed(format!("the token realm answered {s}"))),
             }
             #[derive(serde::Deserialize)]
             struct Token {
@@ -301,6 +311,26 @@ impl Upstream {
         tokens.retain(|_, (_, until)| *until > now);
         tokens.insert(scope.to_string(), (value, now + lifetime));
     }
+}
+
+/// The most a tag list or referrers answer may hold.
+const MAX_LIST_BYTES: usize = 16 << 20;
+
+/// A response's body, refused beyond `limit` bytes (whatever its `Content-Length` claims).
+async fn read_capped(mut res: reqwest::Response, limit: usize, what: &str) -> Result<Bytes, UpstreamError> {
+    let too_large =
+        || UpstreamError::Failed(format!("the upstream's answer ({what}) is larger than {limit} bytes"));
+    if res.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = res.chunk().await.map_err(|e| failed(&format!("reading {what}"), &e))? {
+        if body.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
 }
 
 fn text_header(headers: &HeaderMap, name: &str) -> Option<String> {

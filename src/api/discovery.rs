@@ -60,15 +60,17 @@ pub(super) async fn tags(
 ) -> Result<Response, ApiError> {
     let (n, last) = page(params)?;
     // A pull-through cache lists what its upstream has (what a pull would find).
-    let mut path = String::from("tags/list");
-    let query: Vec<String> =
-        [params.n.as_deref().map(|n| format!("n={n}")), last.map(|l| format!("last={l}"))]
-            .into_iter()
-            .flatten()
-            .collect();
-    if !query.is_empty() {
-        path = format!("{path}?{}", query.join("&"));
-    }
+    let query = {
+        let mut query = form_urlencoded::Serializer::new(String::new());
+        if let Some(n) = params.n.as_deref() {
+            query.append_pair("n", n);
+        }
+        if let Some(l) = last {
+            query.append_pair("last", l);
+        }
+        query.finish()
+    };
+    let path = if query.is_empty() { "tags/list".to_string() } else { format!("tags/list?{query}") };
     if let Some((_, body, link)) = registry.cached_read(repo, &path).await? {
         #[derive(serde::Deserialize)]
         struct Upstream {
@@ -130,7 +132,11 @@ pub(super) async fn referrers(
     let subject = parse_digest(digest)?;
     let filter = params.artifact_type.as_deref().filter(|t| !t.is_empty());
     let path = match filter {
-        Some(t) => format!("referrers/{subject}?artifactType={t}"),
+        Some(t) => {
+            let query =
+                form_urlencoded::Serializer::new(String::new()).append_pair("artifactType", t).finish();
+            format!("referrers/{subject}?{query}")
+        }
         None => format!("referrers/{subject}"),
     };
     // A pull-through cache answers with its upstream's referrers (the cache holds what was pulled).

@@ -403,8 +403,9 @@ impl MetaStore {
                         .fetch_one(&mut *tx)
                         .await?;
                 if pushed_at.max(pulled_at.unwrap_or(0)) > last_used {
+                    let who = if evicting { "the evictor" } else { "retention" };
                     return refuse(Refusal::Precondition(format!(
-                        "manifest {digest} was pushed or pulled since retention looked at it"
+                        "manifest {digest} was pushed or pulled since {who} looked at it"
                     )));
                 }
             }

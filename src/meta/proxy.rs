@@ -28,6 +28,8 @@ pub struct PendingManifest {
 /// A cached image the evictor may take: a live manifest no live index lists.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct CachedRoot {
+    /// Its row id.
+    pub id: i64,
     /// Its repository.
     pub repository: String,
     /// Its digest.
@@ -219,14 +221,22 @@ impl MetaStore {
     }
 
     /// The cached images of repositories under `prefix` the evictor may take, least recently
-    /// used first: live manifests no live index lists, that are not a live manifest's referrer.
+    /// used first, after `after` (`(last_used, id)` of the last one seen): live manifests no live
+    /// index lists, that are not a live manifest's referrer.
     ///
     /// # Errors
     /// [`super::Error::Database`].
-    pub async fn cached_roots(&self, prefix: &str, limit: i64) -> Result<Vec<CachedRoot>> {
+    pub async fn cached_roots(
+        &self,
+        prefix: &str,
+        after: Option<(i64, i64)>,
+        limit: i64,
+    ) -> Result<Vec<CachedRoot>> {
         let under = format!("{prefix}/");
+        let (after_used, after_id) = after.unwrap_or((i64::MIN, i64::MIN));
         Ok(sqlx::query_as(
-            "SELECT r.name AS repository, m.digest, \
+            "SELECT id, repository, digest, last_used FROM ( \
+             SELECT m.id, r.name AS repository, m.digest, \
                     CASE WHEN m.pulled_at IS NOT NULL AND m.pulled_at > m.pushed_at THEN m.pulled_at ELSE m.pushed_at END AS last_used \
              FROM manifests m JOIN repositories r ON r.id = m.repository_id \
              WHERE m.deleted_at IS NULL AND r.deleted_at IS NULL AND SUBSTR(r.name, 1, CAST($1 AS INTEGER)) = $2 \
@@ -234,11 +244,14 @@ impl MetaStore {
                                WHERE c.child_id = m.id AND p.deleted_at IS NULL) \
                AND NOT (m.subject_digest IS NOT NULL AND EXISTS (SELECT 1 FROM manifests s \
                         WHERE s.repository_id = m.repository_id AND s.digest = m.subject_digest \
-                          AND s.deleted_at IS NULL)) \
-             ORDER BY last_used, m.id LIMIT $3",
+                          AND s.deleted_at IS NULL))) AS roots \
+             WHERE last_used > $3 OR (last_used = $3 AND id > $4) \
+             ORDER BY last_used, id LIMIT $5",
         )
         .bind(under.len() as i64)
         .bind(&under)
+        .bind(after_used)
+        .bind(after_id)
         .bind(limit)
         .fetch_all(&self.write)
         .await?)

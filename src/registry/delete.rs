@@ -124,6 +124,10 @@ impl Registry {
             .delete_tag(repo, tag, condition, actor, now)
             .await
             .map_err(|e| refusal(e, manifest_unknown))?;
+        // In a cache, the next pull of the tag asks the upstream again.
+        if self.cache_of(repo).is_some() {
+            self.meta.drop_proxy_tag(repo, tag.as_str()).await?;
+        }
         audit_tag("delete-tag", actor, repo, tag, &digest);
         Ok(digest)
     }
@@ -235,6 +239,8 @@ impl Registry {
         target: RevertTarget<'_>,
         actor: Option<&str>,
     ) -> Result<String> {
+        // A cached tag follows its upstream.
+        self.refuse_cached(repo)?;
         let now = self.clock.now_ms();
         let digest = self
             .meta

@@ -259,6 +259,10 @@ impl Registry {
             }
             return Ok(());
         };
+        if let Err(e) = self.refuse_cached(&repo) {
+            run.skip(name.to_string(), e.to_string());
+            return Ok(());
+        }
         let listed = if in_source { run.source.tags(name).await.map_err(internal)? } else { Vec::new() };
         let previous: BTreeMap<String, ImportedTag> = if run.import.id == 0 {
             BTreeMap::new()

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt as _};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{Error, Registry, Result};
 use crate::config::ProxyConfig;
@@ -32,10 +32,10 @@ pub type ByteStream = Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>
 
 /// A client that accepts no chunk for this long is cut off from a fill (its body ends short, so
 /// it cannot be taken for success); the fill goes on for the others.
-const CLIENT_STALL: Duration = Duration::from_secs(60);
+const CLIENT_STALL: Duration = Duration::from_secs(30);
 
 /// Chunks buffered between a fill and its first client.
-const CLIENT_BUFFER: usize = 8;
+const CLIENT_BUFFER: usize = 64;
 
 /// One pull-through cache.
 pub struct Cache {
@@ -43,7 +43,7 @@ pub struct Cache {
     pub config: ProxyConfig,
     upstream: Upstream,
     /// Fills in flight in this process, by `REPO@DIGEST`: their outcome once known.
-    fills: Mutex<HashMap<String, watch::Receiver<Option<Result<(), String>>>>>,
+    fills: Mutex<HashMap<String, watch::Receiver<Option<FillEnd>>>>,
     /// The last eviction pass here.
     last_eviction: Mutex<Option<EvictionReport>>,
 }
@@ -217,7 +217,7 @@ impl Registry {
     /// else from the upstream (recorded on the way).
     pub(super) async fn cached_manifest(
         &self,
-        cache: &Cache,
+        cache: &Arc<Cache>,
         upstream_repo: &str,
         repo: &RepoName,
         reference: &Reference,
@@ -225,7 +225,8 @@ impl Registry {
         puller: Option<&str>,
     ) -> Result<ManifestRow> {
         let prefix = cache.config.prefix.as_str();
-        let accept = accept.filter(|a| !a.trim().is_empty()).unwrap_or(DEFAULT_ACCEPT);
+        let accept = upstream_accept(accept);
+        let accept = accept.as_str();
         let now = self.clock.now_ms();
         let tag = match reference {
             Reference::Digest(d) => {
@@ -318,7 +319,7 @@ impl Registry {
     /// records it (or keeps it pending); `tag` is the tag it was asked by.
     async fn fetch_manifest(
         &self,
-        cache: &Cache,
+        cache: &Arc<Cache>,
         upstream_repo: &str,
         repo: &RepoName,
         reference: &Reference,
@@ -376,7 +377,7 @@ impl Registry {
     /// when pending or not recordable).
     async fn record_cached_manifest(
         &self,
-        cache: &Cache,
+        cache: &Arc<Cache>,
         repo: &RepoName,
         digest: &Digest,
         media_type: &str,
@@ -410,6 +411,9 @@ impl Registry {
             }
             Err(Error::ManifestBlobUnknown(_)) => {
                 self.meta.add_pending_manifest(repo, digest.as_str(), media_type, bytes, now).await?;
+                let blobs =
+                    crate::oci::manifest::parse(bytes, Some(media_type)).map(|p| p.blobs).unwrap_or_default();
+                self.complete_later(cache, repo, digest, blobs);
                 Ok(0)
             }
             Err(e) => {
@@ -422,7 +426,7 @@ impl Registry {
     }
 
     /// Records the pending manifests of `repo` whose blobs are all linked now.
-    async fn record_completed(&self, cache: &Cache, repo: &RepoName) -> Result<()> {
+    async fn record_completed(&self, cache: &Arc<Cache>, repo: &RepoName) -> Result<()> {
         for pending in self.meta.pending_manifests(repo).await? {
             let Ok(parsed) = crate::oci::manifest::parse(&pending.payload, Some(&pending.media_type)) else {
                 continue;
@@ -475,69 +479,89 @@ impl Registry {
             }
         };
         let done = match joined {
-            Err(mut rx) => {
+            Err(rx) => {
                 // Another request is fetching it: wait for its outcome, then read what it stored.
-                let outcome = rx.wait_for(Option::is_some).await.map(|o| o.clone()).ok().flatten();
-                match outcome {
-                    Some(Ok(())) => {}
-                    Some(Err(m)) => {
-                        self.metrics.proxy_request(prefix, "error");
-                        return Err(Error::Upstream { rate_limited: false, message: m });
-                    }
-                    None => {
-                        return Err(Error::Upstream {
-                            rate_limited: false,
-                            message: format!("the fetch of {digest} stopped"),
-                        });
-                    }
-                }
+                wait_for_fill(rx, digest).await?;
                 self.metrics.proxy_request(prefix, "hit");
                 return self.stored_blob(repo, digest).await;
             }
             Ok(tx) => tx,
         };
-        let fetched = cache.upstream.blob(upstream_repo, digest.as_str()).await;
-        let upstream_blob = match fetched {
-            Ok(b) => b,
-            Err(e) => {
-                let e = upstream_error(cache, e, true);
-                let _ = done.send(Some(Err(e.to_string())));
-                cache.fills.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
-                self.metrics.proxy_request(prefix, "error");
-                return Err(e);
-            }
-        };
-        self.metrics.proxy_request(prefix, "miss");
-        let length = upstream_blob.length;
-        let (client_tx, client_rx) = mpsc::channel::<std::io::Result<Bytes>>(CLIENT_BUFFER);
-        let mut outcome = done.subscribe();
+        // From here the fill's task owns the slot (freed when the task ends, however it ends),
+        // so this request going away changes nothing for those who wait on it.
+        let outcome = done.subscribe();
+        let (started_tx, started_rx) = oneshot::channel();
         let fill = Fill {
             registry: self.clone(),
             cache: cache.clone(),
+            upstream_repo: upstream_repo.to_string(),
             repo: repo.clone(),
             digest: digest.clone(),
             key,
             done,
         };
-        tokio::spawn(fill.run(upstream_blob.body, length, client_tx));
-        match length {
-            Some(size) => {
-                let stream: ByteStream = Box::pin(tokio_stream_of(client_rx));
-                Ok(super::pull::BlobHandle::filling(digest.clone(), size, repo.clone(), stream, outcome))
+        tokio::spawn(fill.run(started_tx));
+        match started_rx.await {
+            Ok(Started::Streaming { length, body }) => {
+                let stream: ByteStream = Box::pin(receiver_stream(body));
+                Ok(super::pull::BlobHandle::filling(digest.clone(), length, repo.clone(), stream, outcome))
             }
-            None => {
-                // No length to announce: answer once it is stored.
-                drop(client_rx);
-                match outcome.wait_for(Option::is_some).await.map(|o| o.clone()).ok().flatten() {
-                    Some(Ok(())) => self.stored_blob(repo, digest).await,
-                    Some(Err(m)) => Err(Error::Upstream { rate_limited: false, message: m }),
-                    None => Err(Error::Upstream {
-                        rate_limited: false,
-                        message: format!("the fetch of {digest} stopped"),
-                    }),
-                }
+            // Here already, or no length to announce: answer from storage once it is stored.
+            Ok(Started::FromStorage) => {
+                wait_for_fill(outcome, digest).await?;
+                self.stored_blob(repo, digest).await
+            }
+            Ok(Started::Failed(end)) => Err(end.into_error(digest)),
+            Err(_) => Err(FillEnd::Failed(format!("the fetch of {digest} stopped")).into_error(digest)),
+        }
+    }
+
+    /// Makes blob `digest` of cached repository `repo` here: linked from another repository of
+    /// the same cache when one holds it (content of the same upstream; never a repository
+    /// outside the cache, whose content the upstream may not be entitled to), else fetched.
+    async fn complete_blob(
+        &self,
+        cache: &Arc<Cache>,
+        upstream_repo: &str,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<()> {
+        if self.meta.linked_blob(repo, digest).await?.is_some() {
+            return Ok(());
+        }
+        let under = format!("{}/", cache.config.prefix);
+        for holder in self.repositories_holding(digest).await? {
+            if holder.starts_with(&under)
+                && let Ok(from) = RepoName::parse(&holder)
+                && self.meta.mount_blob(&from, repo, digest, self.clock.now_ms()).await?
+            {
+                return Ok(());
             }
         }
+        self.cached_blob(cache, upstream_repo, repo, digest, false).await?.settled().await
+    }
+
+    /// After `fill_missing_after`, makes the blobs of pending manifest `digest` that no client
+    /// fetched meanwhile here (a client skips layers it has already), then records it: the
+    /// cache holds whole images, not manifests waiting forever for a blob nobody asks for.
+    fn complete_later(&self, cache: &Arc<Cache>, repo: &RepoName, digest: &Digest, blobs: Vec<Digest>) {
+        let Some((_, upstream_repo)) = self.caches.of(repo) else { return };
+        let (registry, cache, repo, digest) = (self.clone(), cache.clone(), repo.clone(), digest.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(cache.config.fill_missing_after).await;
+            if registry.meta.pending_manifest(&repo, digest.as_str()).await.ok().flatten().is_none() {
+                return;
+            }
+            for blob in &blobs {
+                if let Err(e) = registry.complete_blob(&cache, &upstream_repo, &repo, blob).await {
+                    tracing::warn!(proxy = cache.config.prefix, %repo, %blob, error = %e, "could not complete a cached image");
+                    return;
+                }
+            }
+            if let Err(e) = registry.record_completed(&cache, &repo).await {
+                tracing::warn!(proxy = cache.config.prefix, %repo, error = %e, "could not record a completed image");
+            }
+        });
     }
 
     /// Tags of cached repository `repo` as the upstream lists them (`query`: `n`, `last`),
@@ -594,34 +618,40 @@ impl Registry {
             bytes_before: self.meta.cache_bytes(prefix).await?,
             ..EvictionReport::default()
         };
+        // Each pass pages through the candidates from the least recently used, past those it
+        // must keep (pinned, listed, pulled meanwhile), so they never stall eviction. An evicted
+        // index leaves its children as candidates of the next pass.
         if let Some(within) = cache.config.evict_not_pulled_within {
             let before = now.saturating_sub(i64::try_from(within.as_millis()).unwrap_or(i64::MAX));
-            loop {
-                let roots = self.meta.cached_roots(prefix, BATCH).await?;
-                let mut any = false;
-                // Least recently used first: the old ones lead the list.
-                for root in roots.iter().take_while(|r| r.last_used < before) {
-                    any |= self.evict_root(root, &actor, now, &mut report).await?;
+            let mut after = None;
+            'age: loop {
+                let roots = self.meta.cached_roots(prefix, after, BATCH).await?;
+                for root in &roots {
+                    if root.last_used >= before {
+                        break 'age;
+                    }
+                    after = Some((root.last_used, root.id));
+                    self.evict_root(root, &actor, now, &mut report).await?;
                 }
-                // An evicted index leaves its children as roots: look again while that helps.
-                if !any {
+                if roots.len() < BATCH as usize {
                     break;
                 }
             }
         }
         if let Some(max) = cache.config.max_bytes {
             let max = i64::try_from(max).unwrap_or(i64::MAX);
+            let mut after = None;
             'space: while self.meta.cache_bytes(prefix).await? > max {
-                let mut any = false;
-                for root in &self.meta.cached_roots(prefix, BATCH).await? {
-                    if self.evict_root(root, &actor, now, &mut report).await? {
-                        any = true;
-                        if self.meta.cache_bytes(prefix).await? <= max {
-                            break 'space;
-                        }
+                let roots = self.meta.cached_roots(prefix, after, BATCH).await?;
+                for root in &roots {
+                    after = Some((root.last_used, root.id));
+                    if self.evict_root(root, &actor, now, &mut report).await?
+                        && self.meta.cache_bytes(prefix).await? <= max
+                    {
+                        break 'space;
                     }
                 }
-                if !any {
+                if roots.len() < BATCH as usize {
                     break;
                 }
             }
@@ -703,63 +733,161 @@ impl Registry {
     }
 }
 
+/// What the upstream is asked for a manifest: every type the cache keeps, plus what the client
+/// named. A tag's resolution is stored for every client, so it must not depend on one client's
+/// list (an old client's would turn an index into one platform's manifest for all).
+fn upstream_accept(client: Option<&str>) -> String {
+    let mut types: Vec<&str> = DEFAULT_ACCEPT.split(',').map(str::trim).collect();
+    for t in client.unwrap_or("").split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        let bare = t.split(';').next().unwrap_or("").trim();
+        if !bare.is_empty() && bare != "*/*" && !types.contains(&bare) {
+            types.push(bare);
+        }
+    }
+    types.join(", ")
+}
+
 /// `docker.io` is what clients call Docker Hub; its registry answers at `registry-1.docker.io`.
 fn same_host(upstream_host: &str, ns: &str) -> bool {
     let hub = |h: &str| matches!(h, "docker.io" | "registry-1.docker.io" | "index.docker.io");
     upstream_host.eq_ignore_ascii_case(ns) || (hub(upstream_host) && hub(ns))
 }
 
-fn tokio_stream_of(
+/// How a fill ended, for the requests waiting on it.
+#[derive(Debug, Clone)]
+pub(super) enum FillEnd {
+    /// Recorded: read it from storage.
+    Stored,
+    /// The upstream does not have it.
+    NotFound,
+    /// It failed; nothing was stored.
+    Failed(String),
+}
+
+impl FillEnd {
+    fn into_error(self, digest: &Digest) -> Error {
+        match self {
+            FillEnd::Stored => Error::Internal(format!("blob {digest} was stored, yet not found").into()),
+            FillEnd::NotFound => Error::BlobUnknown,
+            FillEnd::Failed(message) => Error::Upstream { rate_limited: false, message },
+        }
+    }
+}
+
+/// Waits for a fill's end; `Ok` once the blob is stored.
+pub(super) async fn wait_for_fill(mut rx: watch::Receiver<Option<FillEnd>>, digest: &Digest) -> Result<()> {
+    match rx.wait_for(Option::is_some).await.map(|o| o.clone()).ok().flatten() {
+        Some(FillEnd::Stored) => Ok(()),
+        Some(end) => Err(end.into_error(digest)),
+        None => Err(FillEnd::Failed(format!("the fetch of {digest} stopped")).into_error(digest)),
+    }
+}
+
+/// What a fill tells the request that started it, once the upstream answered.
+enum Started {
+    /// The bytes as they arrive, `length` in all.
+    Streaming { length: u64, body: mpsc::Receiver<std::io::Result<Bytes>> },
+    /// Read it from storage once the fill is done (it was here already, or the upstream named
+    /// no length to announce).
+    FromStorage,
+    /// The upstream failed; nothing was stored.
+    Failed(FillEnd),
+}
+
+/// The sending end to a fill's first client, shared by the tee and the end of the fill; `None`
+/// once the client is gone or cut off (every sender dropped, so its body ends short).
+type ClientSlot = Arc<Mutex<Option<mpsc::Sender<std::io::Result<Bytes>>>>>;
+
+/// Sends `item` to the client in `slot`, cutting it off when it takes longer than
+/// [`CLIENT_STALL`] (or is gone).
+async fn send_to_client(slot: &ClientSlot, item: std::io::Result<Bytes>) {
+    let sender = slot.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let Some(sender) = sender else { return };
+    if !matches!(tokio::time::timeout(CLIENT_STALL, sender.send(item)).await, Ok(Ok(()))) {
+        slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+}
+
+fn receiver_stream(
     mut rx: mpsc::Receiver<std::io::Result<Bytes>>,
 ) -> impl Stream<Item = std::io::Result<Bytes>> {
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
-/// One blob fetch: upstream → an upload session (hashed, checked, linked) and → the first
-/// client, one chunk behind, so that the last chunk reaches the client only once the blob is
-/// recorded: a body that fails its digest ends short and cannot be taken for success.
+/// One blob fetch, in a task of its own: upstream → an upload session (hashed, checked, linked)
+/// and → the first client, one chunk behind, so that the last chunk reaches the client only once
+/// the blob is recorded: a body that fails its digest ends short and cannot be taken for success.
 struct Fill {
     registry: Registry,
     cache: Arc<Cache>,
+    upstream_repo: String,
     repo: RepoName,
     digest: Digest,
     key: String,
-    done: watch::Sender<Option<Result<(), String>>>,
+    done: watch::Sender<Option<FillEnd>>,
+}
+
+impl Drop for Fill {
+    /// The fill is over (done, failed, or its task panicked): the next miss starts a new one.
+    fn drop(&mut self) {
+        self.cache.fills.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.key);
+    }
 }
 
 impl Fill {
-    async fn run(
-        self,
-        body: Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>,
-        length: Option<u64>,
-        client: mpsc::Sender<std::io::Result<Bytes>>,
-    ) {
+    async fn run(self, started: oneshot::Sender<Started>) {
         let prefix = self.cache.config.prefix.clone();
         let metrics = self.registry.metrics.clone();
+        // Recorded since the request looked (a fill that just ended): nothing to fetch.
+        if matches!(self.registry.meta.linked_blob(&self.repo, &self.digest).await, Ok(Some(_))) {
+            let _ = self.done.send(Some(FillEnd::Stored));
+            let _ = started.send(Started::FromStorage);
+            return;
+        }
+        let upstream_blob = match self.cache.upstream.blob(&self.upstream_repo, self.digest.as_str()).await {
+            Ok(b) => b,
+            Err(e) => {
+                metrics.proxy_request(&prefix, "error");
+                let end = match upstream_error(&self.cache, e, true) {
+                    Error::BlobUnknown => FillEnd::NotFound,
+                    e => FillEnd::Failed(e.to_string()),
+                };
+                let _ = self.done.send(Some(end.clone()));
+                let _ = started.send(Started::Failed(end));
+                return;
+            }
+        };
+        metrics.proxy_request(&prefix, "miss");
+        let length = upstream_blob.length;
+        let client: ClientSlot = Arc::default();
+        let start = match length {
+            Some(length) => {
+                let (tx, rx) = mpsc::channel(CLIENT_BUFFER);
+                *client.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+                Started::Streaming { length, body: rx }
+            }
+            None => Started::FromStorage,
+        };
+        // The request may be gone: the fill goes on for the others and for the cache.
+        let _ = started.send(start);
         let last: Arc<Mutex<Option<Bytes>>> = Arc::default();
-        let held = last.clone();
+        let (held, tee_client) = (last.clone(), client.clone());
         let tee = futures_util::stream::unfold(
-            (body, Some(client.clone()), None::<Bytes>),
-            move |(mut body, mut client, mut previous)| {
-                let held = held.clone();
-                let metrics = metrics.clone();
-                let prefix = prefix.clone();
+            (upstream_blob.body, None::<Bytes>),
+            move |(mut body, mut previous)| {
+                let (held, client, metrics, prefix) =
+                    (held.clone(), tee_client.clone(), metrics.clone(), prefix.clone());
                 async move {
-                    let item = body.next().await;
-                    match item {
+                    match body.next().await {
                         Some(Ok(chunk)) => {
                             metrics.proxy_upstream_read(&prefix, chunk.len() as u64);
-                            if let (Some(tx), Some(p)) = (&client, previous.take()) {
-                                match tokio::time::timeout(CLIENT_STALL, tx.send(Ok(p))).await {
-                                    Ok(Ok(())) => {}
-                                    // Gone, or too slow: the fill goes on without it.
-                                    _ => client = None,
-                                }
+                            if let Some(p) = previous.take() {
+                                send_to_client(&client, Ok(p)).await;
                             }
                             previous = Some(chunk.clone());
-                            Some((Ok::<Bytes, std::io::Error>(chunk), (body, client, previous)))
+                            Some((Ok::<Bytes, std::io::Error>(chunk), (body, previous)))
                         }
-                        Some(Err(e)) => Some((Err(e), (body, client, None))),
+                        Some(Err(e)) => Some((Err(e), (body, None))),
                         None => {
                             *held.lock().unwrap_or_else(|p| p.into_inner()) = previous.take();
                             None
@@ -769,23 +897,22 @@ impl Fill {
             },
         );
         let recorded = self.store(tee, length).await;
-        let outcome = match &recorded {
+        let end = match recorded {
             Ok(()) => {
                 let chunk = last.lock().unwrap_or_else(|p| p.into_inner()).take();
                 if let Some(chunk) = chunk {
-                    let _ = tokio::time::timeout(CLIENT_STALL, client.send(Ok(chunk))).await;
+                    send_to_client(&client, Ok(chunk)).await;
                 }
-                Ok(())
+                FillEnd::Stored
             }
             Err(e) => {
                 tracing::warn!(proxy = self.cache.config.prefix, repo = %self.repo, digest = %self.digest, error = %e, "blob fetch failed; nothing stored");
-                let _ = client.send(Err(std::io::Error::other(e.to_string()))).await;
-                Err(e.to_string())
+                send_to_client(&client, Err(std::io::Error::other(e.to_string()))).await;
+                FillEnd::Failed(e.to_string())
             }
         };
-        drop(client);
-        let _ = self.done.send(Some(outcome));
-        self.cache.fills.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.key);
+        client.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let _ = self.done.send(Some(end));
     }
 
     /// Writes the bytes through an upload session, which checks them against the digest and

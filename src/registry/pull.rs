@@ -2,7 +2,7 @@
 
 use tokio::sync::watch;
 
-use super::proxy::ByteStream;
+use super::proxy::{ByteStream, FillEnd, wait_for_fill};
 use super::{Error, Registry, Result};
 use crate::blob::ByteRange;
 use crate::meta::{ManifestHead, ManifestRow};
@@ -27,7 +27,7 @@ enum Source {
     Upstream,
     /// A cache's fill in progress: the bytes as they arrive (taken by the first read), and the
     /// fill's outcome.
-    Filling(std::sync::Mutex<Option<ByteStream>>, watch::Receiver<Option<Result<(), String>>>),
+    Filling(std::sync::Mutex<Option<ByteStream>>, watch::Receiver<Option<FillEnd>>),
 }
 
 impl std::fmt::Debug for Source {
@@ -50,13 +50,21 @@ impl BlobHandle {
         size: u64,
         repo: RepoName,
         stream: ByteStream,
-        outcome: watch::Receiver<Option<Result<(), String>>>,
+        outcome: watch::Receiver<Option<FillEnd>>,
     ) -> Self {
         BlobHandle {
             digest,
             size,
             repo,
             source: Source::Filling(std::sync::Mutex::new(Some(stream)), outcome),
+        }
+    }
+
+    /// Waits until the bytes are stored (a fill's own stream is dropped: the fill goes on).
+    pub(super) async fn settled(self) -> Result<()> {
+        match self.source {
+            Source::Filling(_, outcome) => wait_for_fill(outcome, &self.digest).await,
+            _ => Ok(()),
         }
     }
 
@@ -149,11 +157,7 @@ impl Registry {
                     return Ok(stream);
                 }
                 // A range: the fill goes on without this reader; serve the range once stored.
-                let mut outcome = outcome.clone();
-                let done = outcome.wait_for(Option::is_some).await.map(|o| o.clone()).ok().flatten();
-                if let Some(Err(m)) = done {
-                    return Err(Error::Upstream { rate_limited: false, message: m });
-                }
+                wait_for_fill(outcome.clone(), &blob.digest).await?;
                 let stored = self.stored_blob(&blob.repo, &blob.digest).await?;
                 return Box::pin(self.read_blob(&stored, range)).await;
             }
@@ -166,10 +170,10 @@ impl Registry {
                 if now.is_some_and(|row| row.storage_key == key) {
                     return Err(crate::blob::Error::NotFound(key).into());
                 }
-                // A cache's blob collected under a pull is fetched again.
-                if let Some((cache, upstream_repo)) = self.cache_of(&blob.repo) {
-                    let again =
-                        self.cached_blob(&cache, &upstream_repo, &blob.repo, &blob.digest, false).await?;
+                // A cache's blob collected under a pull is fetched again (or read where it is
+                // linked now).
+                if self.cache_of(&blob.repo).is_some() {
+                    let again = Box::pin(self.blob(&blob.repo, &blob.digest, false)).await?;
                     return Box::pin(self.read_blob(&again, range)).await;
                 }
                 Err(Error::BlobUnknown)

@@ -34,6 +34,7 @@ pub fn proxy_of(upstream: &str) -> ProxyConfig {
         tag_ttl: Duration::from_secs(300),
         max_bytes: None,
         evict_not_pulled_within: None,
+        fill_missing_after: Duration::from_secs(10),
         default: false,
     }
 }
@@ -698,3 +699,54 @@ async fn two_replicas_share_one_cache() {
         std::process::Command::new(BERTH).args(["fsck", "--json", "--config"]).arg(&config).output().unwrap();
     assert!(out.status.success(), "fsck: {}", String::from_utf8_lossy(&out.stdout));
 }
+
+backend_test!(a_manifest_alone_is_completed_sharing_what_the_cache_holds, |reg| {
+    let up = TestRegistry::try_start(Backend::Sqlite).await.unwrap();
+    // Two images over one shared base layer, in two repositories.
+    let base = random_bytes(7900, 300_000);
+    let mut images = Vec::new();
+    for (i, repo) in ["lib/a", "lib/b"].into_iter().enumerate() {
+        let config = serde_json::json!({"os": "linux", "n": i}).to_string().into_bytes();
+        let own = random_bytes(7901 + i as u64, 50_000);
+        let c = up.upload_blob(repo, &config).await;
+        let b = up.upload_blob(repo, &base).await;
+        let o = up.upload_blob(repo, &own).await;
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": c.as_str(), "size": config.len()},
+            "layers": [{"mediaType": OCI_LAYER, "digest": b.as_str(), "size": base.len()},
+                       {"mediaType": OCI_LAYER, "digest": o.as_str(), "size": own.len()}],
+        }))
+        .unwrap();
+        assert_eq!(up.put_manifest(repo, "v1", OCI_MANIFEST, &manifest).await.status(), 201);
+        images.push(PushedImage {
+            digest: Digest::sha256_of(&manifest),
+            manifest,
+            config,
+            layers: vec![base.clone(), own],
+        });
+    }
+    let mut proxy = proxy_of(&up.url(""));
+    proxy.fill_missing_after = Duration::from_millis(200);
+    let reg = with_proxy(reg, proxy).await;
+    pull_all(&reg.client, &reg.url(""), "up/lib/a", "v1", &images[0]).await.unwrap();
+
+    // Only b's manifest is asked for (a client that has every layer already): the cache
+    // completes the image by itself, linking the base layer from up/lib/a, fetching the rest.
+    body_of(manifest(&reg, "/v2/up/lib/b/manifests/v1").await).await;
+    let recorded = "SELECT COUNT(*) FROM manifests m JOIN repositories r ON r.id = m.repository_id \
+                    WHERE r.name = 'up/lib/b' AND m.deleted_at IS NULL";
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while count(&reg, recorded).await == 0 {
+        assert!(std::time::Instant::now() < deadline, "the pending manifest was never completed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(count(&reg, "SELECT COUNT(*) FROM proxy_pending").await, 0);
+    let fetched =
+        metric(&up, "berth_http_requests_total{route=\"blob\",method=\"GET\",status=\"200\"}").await;
+    assert_eq!(fetched, 5.0, "a's three blobs and b's own two; the shared base layer once");
+    // The completed image pulls without the upstream.
+    up.stop().await;
+    pull_all(&reg.client, &reg.url(""), "up/lib/b", "v1", &images[1]).await.unwrap();
+    fsck_clean(&reg).await;
+});
