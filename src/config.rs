@@ -961,6 +961,41 @@ fn sqlite_url(data_dir: &Path) -> String {
 mod tests {
     use super::*;
 
+    #[test]
+    fn proxies_are_checked() {
+        let o = Overrides::default();
+        let ok = "[[proxy]]\nprefix = \"hub\"\nupstream = \"https://registry-1.docker.io/\"\nusername = \"u\"\n\
+                  password = \"p\"\ntag_ttl = \"1m\"\nmax_bytes = 1000\ndefault = true\n";
+        let c = load(ok, &[("BERTH_PROXY_HUB_PASSWORD", "from-env")], &o).unwrap();
+        let p = &c.proxies[0];
+        assert_eq!(p.upstream, "https://registry-1.docker.io");
+        assert_eq!(p.upstream_host(), "registry-1.docker.io");
+        assert_eq!(p.password.as_deref(), Some("from-env"));
+        assert_eq!(p.tag_ttl, Duration::from_secs(60));
+        assert_eq!(p.fill_missing_after, Duration::from_secs(10));
+        assert!(!format!("{p:?}").contains("from-env"), "the password must not be printed");
+        for (bad, says) in [
+            ("[[proxy]]\nprefix = \"Hub\"\nupstream = \"https://h\"\n", "repository name"),
+            (
+                "[[proxy]]\nprefix = \"a\"\nupstream = \"https://h\"\n[[proxy]]\nprefix = \"a/b\"\nupstream = \"https://i\"\n",
+                "overlaps",
+            ),
+            ("[[proxy]]\nprefix = \"a\"\nupstream = \"ftp://h\"\n", "http://"),
+            ("[[proxy]]\nprefix = \"a\"\nupstream = \"https://u:secret@h\"\n", "must not hold credentials"),
+            ("[[proxy]]\nprefix = \"a\"\nupstream = \"https://h\"\nusername = \"u\"\n", "go together"),
+            (
+                "[[proxy]]\nprefix = \"a\"\nupstream = \"https://h\"\ndefault = true\n[[proxy]]\nprefix = \"b\"\nupstream = \"https://i\"\ndefault = true\n",
+                "only one",
+            ),
+            ("[[proxy]]\nprefix = \"a\"\nupstream = \"https://h\"\ntag_ttl = \"soon\"\n", "tag_ttl"),
+            ("[[proxy]]\nprefix = \"a\"\nupstream = \"https://h\"\nmax_bytes = 0\n", "more than zero"),
+        ] {
+            let e = load(bad, &[], &o).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+            assert!(!e.contains("secret"), "{e}");
+        }
+    }
+
     fn load(toml: &str, env: &[(&str, &str)], o: &Overrides) -> Result<Config, ConfigError> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("berth.toml");

@@ -6,7 +6,19 @@ use super::{MetaStore, Result};
 use crate::oci::RepoName;
 
 impl MetaStore {
-    /// Whether the repository exists (has ever had content linked or pushed).
+    /// Whether a repository of this name was ever made (deleted or not).
+    ///
+    /// # Errors
+    /// [`super::Error::Database`].
+    pub async fn repository_known(&self, repo: &RepoName) -> Result<bool> {
+        let row: Option<(i64,)> = sqlx::query_as("SELECT id FROM repositories WHERE name = $1")
+            .bind(repo.as_str())
+            .fetch_optional(&self.read)
+            .await?;
+        Ok(row.is_some())
+    }
+
+    /// Whether `repo` exists and is not deleted.
     ///
     /// # Errors
     /// [`super::Error::Database`].

@@ -204,7 +204,8 @@ impl Registry {
         let cache = match ns {
             Some(ns) => self.caches.all().iter().find(|c| same_host(c.config.upstream_host(), ns)),
             None => match self.caches.all().iter().find(|c| c.config.default) {
-                Some(c) if !self.meta.repository_exists(repo).await? => Some(c),
+                // A local name, even deleted, never falls through to the upstream.
+                Some(c) if !self.meta.repository_known(repo).await? => Some(c),
                 _ => None,
             },
         };
