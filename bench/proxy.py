@@ -48,7 +48,7 @@ def throttled(work, upstream):
     with open(conf, "w") as f:
         f.write(f"""worker_processes 1; daemon off; pid {root}/nginx.pid; error_log {root}/logs/error.log;
 events {{}}
-http {{ access_log off; proxy_buffering off; proxy_http_version 1.1;
+http {{ access_log off; proxy_max_temp_file_size 0; proxy_http_version 1.1;
   server {{ listen 127.0.0.1:{port}; limit_rate {THROTTLE * 1000 * 1000};
     location / {{ proxy_pass http://{host}; proxy_set_header Host $http_host; }} }} }}
 """)

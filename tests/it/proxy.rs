@@ -211,6 +211,37 @@ backend_test!(a_tag_moved_upstream_is_seen_after_its_ttl_and_not_before, |reg| {
     assert_eq!(body_of(res).await, second.manifest);
     fsck_clean(&reg).await;
 
+    // Eviction never takes a blob other content references: a local image shares a layer.
+    let shared = &second.layers[0];
+    let keep = reg.upload_blob("local/keep", shared).await;
+    let config = reg.upload_blob("local/keep", b"{}").await;
+    let local = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": config.as_str(), "size": 2},
+        "layers": [{"mediaType": OCI_LAYER, "digest": keep.as_str(), "size": shared.len()}],
+    }))
+    .unwrap();
+    assert_eq!(
+        reg.put_manifest("local/keep", "v1", OCI_MANIFEST, &local).await.status(),
+        StatusCode::CREATED
+    );
+    for layer in second.layers.iter().chain([&second.config]) {
+        body_of(reg.get(&format!("/v2/up/lib/app/blobs/{}", Digest::sha256_of(layer))).await).await;
+    }
+    let res =
+        reg.req(Method::DELETE, &format!("/v2/up/lib/app/manifests/{}", second.digest)).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    // Past every window, twice: the manifest goes first, then what it alone referenced.
+    for _ in 0..2 {
+        reg.app.registry.clock().advance_ms(30 * 24 * 3600 * 1000);
+        reg.app.registry.collect(10_000).await.unwrap();
+    }
+    reg.app.registry.drain_outbox().await.unwrap();
+    assert_eq!(&body_of(reg.get(&format!("/v2/local/keep/blobs/{keep}")).await).await, shared);
+    let only_cached = Digest::sha256_of(&second.layers[1]);
+    assert_eq!(count(&reg, &format!("SELECT COUNT(*) FROM blobs WHERE digest = '{only_cached}'")).await, 0);
+    fsck_clean(&reg).await;
+
     // The console marks cached repositories and shows the cache on the space page.
     let list = reg.get("/ui/").await.text().await.unwrap();
     assert!(list.contains("pull-through cache of http://") && list.contains(">cache</span>"), "{list}");
@@ -229,34 +260,51 @@ fn berth_cli(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// GETs `url`, hashing the body as it streams; (status, its SHA-256, its length).
+async fn streamed_digest(
+    client: &reqwest::Client,
+    url: String,
+    range: Option<&str>,
+) -> (StatusCode, Digest, usize) {
+    use sha2::Digest as _;
+    let mut req = client.get(url);
+    if let Some(r) = range {
+        req = req.header("range", r);
+    }
+    let mut res = req.send().await.unwrap();
+    let status = res.status();
+    let mut hasher = sha2::Sha256::new();
+    let mut len = 0;
+    while let Some(chunk) = res.chunk().await.unwrap() {
+        len += chunk.len();
+        hasher.update(&chunk);
+    }
+    (status, Digest::parse(&format!("sha256:{}", hex::encode(hasher.finalize()))).unwrap(), len)
+}
+
 backend_test!(many_concurrent_cold_pulls_cost_one_upstream_fetch, |reg| {
     let up = TestRegistry::try_start(Backend::Sqlite).await.unwrap();
-    let big = random_bytes(7400, 24 << 20);
+    let big = random_bytes(7400, 256 << 20);
     let digest = up.upload_blob("lib/big", &big).await;
     let reg = with_proxy(reg, proxy_of(&up.url(""))).await;
 
+    // 20 cold pulls at once of a 256 MiB blob; some ask for a range of it while it is fetched.
+    let range_digest = Digest::sha256_of(&big[1000..2000]);
     let mut pulls = Vec::new();
     for i in 0..20 {
         let client = reg.client.clone();
         let url = reg.url(&format!("/v2/up/lib/big/blobs/{digest}"));
         pulls.push(tokio::spawn(async move {
-            let mut req = client.get(url);
-            // Some ask for a range of the blob while it is being fetched.
-            if i % 5 == 4 {
-                req = req.header("range", "bytes=1000-1999");
-            }
-            let res = req.send().await.unwrap();
-            (i, res.status(), res.bytes().await.unwrap())
+            let range = (i % 5 == 4).then_some("bytes=1000-1999");
+            (i, streamed_digest(&client, url, range).await)
         }));
     }
     for pull in pulls {
-        let (i, status, bytes) = pull.await.unwrap();
+        let (i, (status, got, len)) = pull.await.unwrap();
         if i % 5 == 4 {
-            assert_eq!(status, StatusCode::PARTIAL_CONTENT);
-            assert_eq!(&bytes[..], &big[1000..2000]);
+            assert_eq!((status, &got, len), (StatusCode::PARTIAL_CONTENT, &range_digest, 1000), "pull {i}");
         } else {
-            assert_eq!(status, StatusCode::OK);
-            assert!(bytes[..] == big[..], "pull {i} differs");
+            assert_eq!((status, &got, len), (StatusCode::OK, &digest, big.len()), "pull {i}");
         }
     }
     assert_eq!(metric(&reg, "berth_proxy_upstream_bytes_total{proxy=\"up\"}").await, big.len() as f64);
@@ -750,3 +798,33 @@ backend_test!(a_manifest_alone_is_completed_sharing_what_the_cache_holds, |reg| 
     pull_all(&reg.client, &reg.url(""), "up/lib/b", "v1", &images[1]).await.unwrap();
     fsck_clean(&reg).await;
 });
+
+/// An upstream that redirects blob downloads to object storage (a scale-out Berth with
+/// `storage.s3.redirect`): the cache follows the redirect, and stores the blob byte-exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follows_an_upstream_redirect_to_object_storage() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(mut config) = scale_out_config(dir.path()).await else {
+        eprintln!("skipping: the scale-out deployment is not configured");
+        return;
+    };
+    config.storage_s3.as_mut().unwrap().redirect = true;
+    let up = TestRegistry::start_with(config, dir).await;
+    let img = up.push_image("lib/app", "v1", 8000).await;
+    let layer = Digest::sha256_of(&img.layers[0]);
+    let res = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .get(up.url(&format!("/v2/lib/app/blobs/{layer}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::TEMPORARY_REDIRECT, "the upstream redirects");
+
+    let reg = TestRegistry::try_start(Backend::Sqlite).await.unwrap();
+    let reg = with_proxy(reg, proxy_of(&up.url(""))).await;
+    pull_all(&reg.client, &reg.url(""), "up/lib/app", "v1", &img).await.unwrap();
+    assert_eq!(count(&reg, "SELECT COUNT(*) FROM manifests WHERE deleted_at IS NULL").await, 1);
+    fsck_clean(&reg).await;
+}
