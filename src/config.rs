@@ -89,8 +89,8 @@ pub struct ProxyConfig {
     pub evict_not_pulled_within: Option<Duration>,
     /// After a manifest is fetched, the blobs it references that no client fetched within this
     /// long are fetched (or linked from another repository of the cache), so the cache holds
-    /// whole images.
-    pub fill_missing_after: Duration,
+    /// whole images (`None`: never, `fill_missing_after = "never"`).
+    pub fill_missing_after: Option<Duration>,
     /// Serves repositories named with no known prefix (a plain mirror: Docker's
     /// `registry-mirrors`).
     pub default: bool,
@@ -798,8 +798,12 @@ fn proxies(
         };
         let tag_ttl = duration("tag_ttl", p.tag_ttl)?.unwrap_or(Duration::from_secs(300));
         let evict_not_pulled_within = duration("evict_not_pulled_within", p.evict_not_pulled_within)?;
-        let fill_missing_after =
-            duration("fill_missing_after", p.fill_missing_after)?.unwrap_or(Duration::from_secs(10));
+        let fill_missing_after = match p.fill_missing_after.as_deref() {
+            Some("never") => None,
+            other => Some(
+                duration("fill_missing_after", other.map(str::to_string))?.unwrap_or(Duration::from_secs(10)),
+            ),
+        };
         if evict_not_pulled_within.is_some_and(|d| d.is_zero()) || p.max_bytes == Some(0) {
             return Err(ConfigError(format!(
                 "{what}: max_bytes and evict_not_pulled_within must be more than zero"
@@ -972,7 +976,7 @@ mod tests {
         assert_eq!(p.upstream_host(), "registry-1.docker.io");
         assert_eq!(p.password.as_deref(), Some("from-env"));
         assert_eq!(p.tag_ttl, Duration::from_secs(60));
-        assert_eq!(p.fill_missing_after, Duration::from_secs(10));
+        assert_eq!(p.fill_missing_after, Some(Duration::from_secs(10)));
         assert!(!format!("{p:?}").contains("from-env"), "the password must not be printed");
         for (bad, says) in [
             ("[[proxy]]\nprefix = \"Hub\"\nupstream = \"https://h\"\n", "repository name"),

@@ -133,6 +133,10 @@ async fn mirrored(
     if !matches!(*method, Method::GET | Method::HEAD) {
         return Ok(route);
     }
+    // A blob HEAD is how a push asks whether to upload: always the name itself.
+    if matches!(route, V2Route::Blob(..)) && *method == Method::HEAD {
+        return Ok(route);
+    }
     if let V2Route::Tags(repo)
     | V2Route::Manifest(repo, _)
     | V2Route::Blob(repo, _)

@@ -169,6 +169,20 @@ impl MetaStore {
         Ok(())
     }
 
+    /// Forgets everything cached about `repo` but its content (its repository was deleted).
+    ///
+    /// # Errors
+    /// [`super::Error::Database`].
+    pub async fn drop_proxy_rows(&self, repo: &RepoName) -> Result<()> {
+        for sql in [
+            "DELETE FROM proxy_tags WHERE repository = $1",
+            "DELETE FROM proxy_pending WHERE repository = $1",
+        ] {
+            sqlx::query(sql).bind(repo.as_str()).execute(&self.write).await?;
+        }
+        Ok(())
+    }
+
     /// Drops pending manifests of repositories under `prefix` fetched before `before`, and the
     /// tag resolutions checked before then that name no live manifest; returns how many rows went.
     ///

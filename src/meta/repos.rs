@@ -6,15 +6,18 @@ use super::{MetaStore, Result};
 use crate::oci::RepoName;
 
 impl MetaStore {
-    /// Whether a repository of this name was ever made (deleted or not).
+    /// Whether a repository of this name was ever made (deleted or not), or an upload into it is
+    /// open (a first push under way).
     ///
     /// # Errors
     /// [`super::Error::Database`].
     pub async fn repository_known(&self, repo: &RepoName) -> Result<bool> {
-        let row: Option<(i64,)> = sqlx::query_as("SELECT id FROM repositories WHERE name = $1")
-            .bind(repo.as_str())
-            .fetch_optional(&self.read)
-            .await?;
+        let row: Option<(i64,)> = sqlx::query_as(
+            "SELECT 1 FROM repositories WHERE name = $1 UNION ALL SELECT 1 FROM uploads WHERE repository = $1 LIMIT 1",
+        )
+        .bind(repo.as_str())
+        .fetch_optional(&self.read)
+        .await?;
         Ok(row.is_some())
     }
 

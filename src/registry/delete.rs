@@ -119,15 +119,22 @@ impl Registry {
         actor: Option<&str>,
     ) -> Result<String> {
         let now = self.clock.now_ms();
-        let digest = self
-            .meta
-            .delete_tag(repo, tag, condition, actor, now)
-            .await
-            .map_err(|e| refusal(e, manifest_unknown))?;
-        // In a cache, the next pull of the tag asks the upstream again.
-        if self.cache_of(repo).is_some() {
-            self.meta.drop_proxy_tag(repo, tag.as_str()).await?;
-        }
+        // In a cache, the next pull of the tag asks the upstream again — also when the tag
+        // names a manifest still pending (no tag row yet).
+        let cached = match self.cache_of(repo) {
+            Some(_) => {
+                let known = self.meta.proxy_tag(repo, tag.as_str()).await?;
+                self.meta.drop_proxy_tag(repo, tag.as_str()).await?;
+                known
+            }
+            None => None,
+        };
+        let digest = match self.meta.delete_tag(repo, tag, condition, actor, now).await {
+            Err(DeleteError::Refused(Refusal::NotFound(_))) if cached.is_some() => {
+                cached.map(|k| k.digest).unwrap_or_default()
+            }
+            other => other.map_err(|e| refusal(e, manifest_unknown))?,
+        };
         audit_tag("delete-tag", actor, repo, tag, &digest);
         Ok(digest)
     }
@@ -161,6 +168,9 @@ impl Registry {
             .delete_repository(repo, force, actor, now)
             .await
             .map_err(|e| refusal(e, name_unknown))?;
+        if self.cache_of(repo).is_some() {
+            self.meta.drop_proxy_rows(repo).await?;
+        }
         audit("delete-repository", actor, repo.as_str(), &deleted);
         Ok(deleted)
     }

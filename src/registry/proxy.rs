@@ -30,12 +30,15 @@ use crate::upstream::{DEFAULT_ACCEPT, Upstream, UpstreamError};
 /// A stream of a blob's bytes to a client.
 pub type ByteStream = Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>;
 
-/// A client that accepts no chunk for this long is cut off from a fill (its body ends short, so
-/// it cannot be taken for success); the fill goes on for the others.
-const CLIENT_STALL: Duration = Duration::from_secs(30);
+/// How long, in all, a fill may wait for its first client to take chunks once the client's
+/// buffer is full. Past it the client is cut off (its body ends short, so it cannot be taken for
+/// success) and the fill goes on at the upstream's speed for the others: a slow reader never
+/// paces a fetch others wait on for longer than this.
+const CLIENT_STALL: Duration = Duration::from_secs(5);
 
-/// Chunks buffered between a fill and its first client.
-const CLIENT_BUFFER: usize = 64;
+/// Chunks buffered between a fill and its first client (a few MiB: bounded memory, room for a
+/// client a little slower than the upstream).
+const CLIENT_BUFFER: usize = 256;
 
 /// One pull-through cache.
 pub struct Cache {
@@ -46,6 +49,20 @@ pub struct Cache {
     fills: Mutex<HashMap<String, watch::Receiver<Option<FillEnd>>>>,
     /// The last eviction pass here.
     last_eviction: Mutex<Option<EvictionReport>>,
+    /// Pending manifests being completed in this process, by `REPO@DIGEST`.
+    completing: Mutex<std::collections::HashSet<String>>,
+}
+
+/// Frees a completion's entry however its task ends.
+struct Completing {
+    cache: Arc<Cache>,
+    key: String,
+}
+
+impl Drop for Completing {
+    fn drop(&mut self) {
+        self.cache.completing.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.key);
+    }
 }
 
 impl std::fmt::Debug for Cache {
@@ -121,6 +138,7 @@ impl Caches {
                     upstream: Upstream::new(c)?,
                     fills: Mutex::default(),
                     last_eviction: Mutex::default(),
+                    completing: Mutex::default(),
                 }))
             })
             .collect::<anyhow::Result<_>>()?;
@@ -156,6 +174,12 @@ fn upstream_error(cache: &Cache, e: UpstreamError, blob: bool) -> Error {
     match e {
         UpstreamError::NotFound if blob => Error::BlobUnknown,
         UpstreamError::NotFound => Error::ManifestUnknown,
+        // What the upstream will not show us does not exist for our clients (registries answer
+        // 401 for a repository that is absent as for one that is private); the log says why.
+        UpstreamError::Refused(m) => {
+            tracing::warn!(proxy = cache.config.prefix, upstream = cache.config.upstream, error = %m, "the upstream refused access");
+            if blob { Error::BlobUnknown } else { Error::ManifestUnknown }
+        }
         e => Error::Upstream {
             rate_limited: matches!(e, UpstreamError::RateLimited(_)),
             message: format!(
@@ -223,6 +247,7 @@ impl Registry {
         repo: &RepoName,
         reference: &Reference,
         accept: Option<&str>,
+        head: bool,
         puller: Option<&str>,
     ) -> Result<ManifestRow> {
         let prefix = cache.config.prefix.as_str();
@@ -235,7 +260,8 @@ impl Registry {
                     self.metrics.proxy_request(prefix, "hit");
                     return Ok(m);
                 }
-                let fetched = self.fetch_manifest(cache, upstream_repo, repo, reference, accept, None).await;
+                let fetched =
+                    self.fetch_manifest(cache, upstream_repo, repo, reference, accept, None, !head).await;
                 self.metrics.proxy_request(prefix, if fetched.is_ok() { "miss" } else { "error" });
                 return fetched;
             }
@@ -276,7 +302,7 @@ impl Registry {
                 }
             }
         }
-        match self.fetch_manifest(cache, upstream_repo, repo, reference, accept, Some(tag)).await {
+        match self.fetch_manifest(cache, upstream_repo, repo, reference, accept, Some(tag), !head).await {
             Ok(m) => {
                 self.metrics.proxy_request(prefix, "miss");
                 Ok(m)
@@ -326,6 +352,7 @@ impl Registry {
         reference: &Reference,
         accept: &str,
         tag: Option<&Tag>,
+        complete: bool,
     ) -> Result<ManifestRow> {
         let reference_text = match reference {
             Reference::Digest(d) => d.to_string(),
@@ -369,7 +396,8 @@ impl Registry {
         if let Some(tag) = tag {
             self.meta.set_proxy_tag(repo, tag.as_str(), digest.as_str(), now).await?;
         }
-        let id = self.record_cached_manifest(cache, repo, &digest, &media_type, &bytes, now).await?;
+        let id =
+            self.record_cached_manifest(cache, repo, &digest, &media_type, &bytes, now, complete).await?;
         Ok(ManifestRow { id, digest: digest.to_string(), media_type, payload: bytes.to_vec() })
     }
 
@@ -384,6 +412,7 @@ impl Registry {
         media_type: &str,
         bytes: &[u8],
         now: i64,
+        complete: bool,
     ) -> Result<i64> {
         let tags: Vec<Tag> = self
             .meta
@@ -414,7 +443,9 @@ impl Registry {
                 self.meta.add_pending_manifest(repo, digest.as_str(), media_type, bytes, now).await?;
                 let blobs =
                     crate::oci::manifest::parse(bytes, Some(media_type)).map(|p| p.blobs).unwrap_or_default();
-                self.complete_later(cache, repo, digest, blobs);
+                if complete {
+                    self.complete_later(cache, repo, digest, blobs);
+                }
                 Ok(0)
             }
             Err(e) => {
@@ -441,8 +472,16 @@ impl Registry {
             }
             if complete && let Ok(digest) = Digest::parse(&pending.digest) {
                 let now = self.clock.now_ms();
-                self.record_cached_manifest(cache, repo, &digest, &pending.media_type, &pending.payload, now)
-                    .await?;
+                self.record_cached_manifest(
+                    cache,
+                    repo,
+                    &digest,
+                    &pending.media_type,
+                    &pending.payload,
+                    now,
+                    false,
+                )
+                .await?;
             }
         }
         Ok(())
@@ -531,12 +570,17 @@ impl Registry {
             return Ok(());
         }
         let under = format!("{}/", cache.config.prefix);
-        for holder in self.repositories_holding(digest).await? {
-            if holder.starts_with(&under)
-                && let Ok(from) = RepoName::parse(&holder)
-                && self.meta.mount_blob(&from, repo, digest, self.clock.now_ms()).await?
-            {
-                return Ok(());
+        let holders: Vec<String> =
+            self.repositories_holding(digest).await?.into_iter().filter(|h| h.starts_with(&under)).collect();
+        // Linked only if the upstream serves it in this repository too: its access rules, not
+        // another cached repository's, decide who may read it.
+        if !holders.is_empty() && cache.upstream.blob_size(upstream_repo, digest.as_str()).await.is_ok() {
+            for holder in holders {
+                if let Ok(from) = RepoName::parse(&holder)
+                    && self.meta.mount_blob(&from, repo, digest, self.clock.now_ms()).await?
+                {
+                    return Ok(());
+                }
             }
         }
         self.cached_blob(cache, upstream_repo, repo, digest, false).await?.settled().await
@@ -546,11 +590,23 @@ impl Registry {
     /// fetched meanwhile here (a client skips layers it has already), then records it: the
     /// cache holds whole images, not manifests waiting forever for a blob nobody asks for.
     fn complete_later(&self, cache: &Arc<Cache>, repo: &RepoName, digest: &Digest, blobs: Vec<Digest>) {
+        let Some(after) = cache.config.fill_missing_after else { return };
         let Some((_, upstream_repo)) = self.caches.of(repo) else { return };
+        let key = format!("{repo}@{digest}");
+        // One completion per manifest at a time (20 cold pulls of one tag start one).
+        if !cache.completing.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone()) {
+            return;
+        }
         let (registry, cache, repo, digest) = (self.clone(), cache.clone(), repo.clone(), digest.clone());
         tokio::spawn(async move {
-            tokio::time::sleep(cache.config.fill_missing_after).await;
-            if registry.meta.pending_manifest(&repo, digest.as_str()).await.ok().flatten().is_none() {
+            let _done = Completing { cache: cache.clone(), key };
+            tokio::time::sleep(after).await;
+            // Completed meanwhile, or the repository deleted: nothing to do.
+            let pending =
+                registry.meta.pending_manifest(&repo, digest.as_str()).await.ok().flatten().is_some();
+            let deleted = registry.meta.repository_known(&repo).await.unwrap_or(true)
+                && !registry.meta.repository_exists(&repo).await.unwrap_or(false);
+            if !pending || deleted {
                 return;
             }
             for blob in &blobs {
@@ -763,6 +819,8 @@ pub(super) enum FillEnd {
     NotFound,
     /// It failed; nothing was stored.
     Failed(String),
+    /// The upstream is rate limiting; nothing was stored.
+    RateLimited(String),
 }
 
 impl FillEnd {
@@ -771,6 +829,7 @@ impl FillEnd {
             FillEnd::Stored => Error::Internal(format!("blob {digest} was stored, yet not found").into()),
             FillEnd::NotFound => Error::BlobUnknown,
             FillEnd::Failed(message) => Error::Upstream { rate_limited: false, message },
+            FillEnd::RateLimited(message) => Error::Upstream { rate_limited: true, message },
         }
     }
 }
@@ -795,17 +854,33 @@ enum Started {
     Failed(FillEnd),
 }
 
-/// The sending end to a fill's first client, shared by the tee and the end of the fill; `None`
-/// once the client is gone or cut off (every sender dropped, so its body ends short).
-type ClientSlot = Arc<Mutex<Option<mpsc::Sender<std::io::Result<Bytes>>>>>;
+/// The sending end to a fill's first client, shared by the tee and the end of the fill, with
+/// what is left of its stall budget; no sender once the client is gone or cut off (every sender
+/// dropped, so its body ends short).
+type ClientSlot = Arc<Mutex<(Option<mpsc::Sender<std::io::Result<Bytes>>>, Duration)>>;
 
-/// Sends `item` to the client in `slot`, cutting it off when it takes longer than
-/// [`CLIENT_STALL`] (or is gone).
+/// Sends `item` to the client in `slot`; waits only while the stall budget lasts, then cuts the
+/// client off (or when it is gone).
 async fn send_to_client(slot: &ClientSlot, item: std::io::Result<Bytes>) {
-    let sender = slot.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let (sender, budget) = {
+        let s = slot.lock().unwrap_or_else(|p| p.into_inner());
+        (s.0.clone(), s.1)
+    };
     let Some(sender) = sender else { return };
-    if !matches!(tokio::time::timeout(CLIENT_STALL, sender.send(item)).await, Ok(Ok(()))) {
-        slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let item = match sender.try_send(item) {
+        Ok(()) => return,
+        Err(mpsc::error::TrySendError::Full(item)) => item,
+        Err(mpsc::error::TrySendError::Closed(_)) => {
+            slot.lock().unwrap_or_else(|p| p.into_inner()).0 = None;
+            return;
+        }
+    };
+    let started = tokio::time::Instant::now();
+    let sent = matches!(tokio::time::timeout(budget, sender.send(item)).await, Ok(Ok(())));
+    let mut s = slot.lock().unwrap_or_else(|p| p.into_inner());
+    s.1 = s.1.saturating_sub(started.elapsed());
+    if !sent || s.1.is_zero() {
+        s.0 = None;
     }
 }
 
@@ -851,6 +926,7 @@ impl Fill {
                 metrics.proxy_request(&prefix, "error");
                 let end = match upstream_error(&self.cache, e, true) {
                     Error::BlobUnknown => FillEnd::NotFound,
+                    e @ Error::Upstream { rate_limited: true, .. } => FillEnd::RateLimited(e.to_string()),
                     e => FillEnd::Failed(e.to_string()),
                 };
                 let _ = self.done.send(Some(end.clone()));
@@ -860,14 +936,15 @@ impl Fill {
         };
         metrics.proxy_request(&prefix, "miss");
         let length = upstream_blob.length;
-        let client: ClientSlot = Arc::default();
+        let client: ClientSlot = Arc::new(Mutex::new((None, CLIENT_STALL)));
         let start = match length {
-            Some(length) => {
+            // An empty body is never polled: answer it from storage.
+            Some(length) if length > 0 => {
                 let (tx, rx) = mpsc::channel(CLIENT_BUFFER);
-                *client.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+                client.lock().unwrap_or_else(|p| p.into_inner()).0 = Some(tx);
                 Started::Streaming { length, body: rx }
             }
-            None => Started::FromStorage,
+            _ => Started::FromStorage,
         };
         // The request may be gone: the fill goes on for the others and for the cache.
         let _ = started.send(start);
@@ -912,7 +989,7 @@ impl Fill {
                 FillEnd::Failed(e.to_string())
             }
         };
-        client.lock().unwrap_or_else(|p| p.into_inner()).take();
+        client.lock().unwrap_or_else(|p| p.into_inner()).0 = None;
         let _ = self.done.send(Some(end));
     }
 

@@ -62,8 +62,13 @@ impl BlobHandle {
 
     /// Waits until the bytes are stored (a fill's own stream is dropped: the fill goes on).
     pub(super) async fn settled(self) -> Result<()> {
-        match self.source {
-            Source::Filling(_, outcome) => wait_for_fill(outcome, &self.digest).await,
+        let BlobHandle { source, digest, .. } = self;
+        match source {
+            Source::Filling(stream, outcome) => {
+                // Nobody reads it: let go now, or the fill would wait for a reader.
+                drop(stream);
+                wait_for_fill(outcome, &digest).await
+            }
             _ => Ok(()),
         }
     }
@@ -208,7 +213,9 @@ impl Registry {
         puller: Option<&str>,
     ) -> Result<ManifestRow> {
         if let Some((cache, upstream_repo)) = self.cache_of(repo) {
-            return self.cached_manifest(&cache, &upstream_repo, repo, reference, accept, puller).await;
+            return self
+                .cached_manifest(&cache, &upstream_repo, repo, reference, accept, false, puller)
+                .await;
         }
         let row = self.meta.manifest(repo, reference).await?.ok_or(Error::ManifestUnknown)?;
         self.pulled(row.id, puller);
@@ -227,7 +234,8 @@ impl Registry {
         puller: Option<&str>,
     ) -> Result<ManifestHead> {
         if let Some((cache, upstream_repo)) = self.cache_of(repo) {
-            let m = self.cached_manifest(&cache, &upstream_repo, repo, reference, accept, puller).await?;
+            let m =
+                self.cached_manifest(&cache, &upstream_repo, repo, reference, accept, true, puller).await?;
             let size = m.payload.len() as i64;
             return Ok(ManifestHead { id: m.id, digest: m.digest, media_type: m.media_type, size });
         }

@@ -34,7 +34,7 @@ pub fn proxy_of(upstream: &str) -> ProxyConfig {
         tag_ttl: Duration::from_secs(300),
         max_bytes: None,
         evict_not_pulled_within: None,
-        fill_missing_after: Duration::from_secs(10),
+        fill_missing_after: Some(Duration::from_secs(10)),
         default: false,
     }
 }
@@ -775,7 +775,7 @@ backend_test!(a_manifest_alone_is_completed_sharing_what_the_cache_holds, |reg| 
         });
     }
     let mut proxy = proxy_of(&up.url(""));
-    proxy.fill_missing_after = Duration::from_millis(200);
+    proxy.fill_missing_after = Some(Duration::from_millis(200));
     let reg = with_proxy(reg, proxy).await;
     pull_all(&reg.client, &reg.url(""), "up/lib/a", "v1", &images[0]).await.unwrap();
 
