@@ -240,6 +240,7 @@ impl Registry {
 
     /// Manifest `reference` of cached repository `repo`: from the cache when it may answer,
     /// else from the upstream (recorded on the way).
+    #[expect(clippy::too_many_arguments, reason = "a cached read: the cache, the names, the request")]
     pub(super) async fn cached_manifest(
         &self,
         cache: &Arc<Cache>,
@@ -344,6 +345,7 @@ impl Registry {
 
     /// Fetches manifest `reference` from the upstream, checks it against its digest, and
     /// records it (or keeps it pending); `tag` is the tag it was asked by.
+    #[expect(clippy::too_many_arguments, reason = "a cached read: the cache, the names, the request")]
     async fn fetch_manifest(
         &self,
         cache: &Arc<Cache>,
@@ -404,6 +406,7 @@ impl Registry {
     /// Records a fetched manifest through the push path with the cached tags naming it, when
     /// everything it references is here; otherwise keeps it pending. Returns its row id (0
     /// when pending or not recordable).
+    #[expect(clippy::too_many_arguments, reason = "a fetched manifest and how it came")]
     async fn record_cached_manifest(
         &self,
         cache: &Arc<Cache>,
