@@ -34,7 +34,7 @@ pub type ByteStream = Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>
 /// buffer is full. Past it the client is cut off (its body ends short, so it cannot be taken for
 /// success) and the fill goes on at the upstream's speed for the others: a slow reader never
 /// paces a fetch others wait on for longer than this.
-const CLIENT_STALL: Duration = Duration::from_secs(5);
+const CLIENT_STALL: Duration = Duration::from_secs(30);
 
 /// Chunks buffered between a fill and its first client (a few MiB: bounded memory, room for a
 /// client a little slower than the upstream).
