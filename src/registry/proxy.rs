@@ -887,6 +887,40 @@ async fn send_to_client(slot: &ClientSlot, item: std::io::Result<Bytes>) {
     }
 }
 
+/// Storage is written in blocks of at least this size: an upstream's HTTP frames are small, and
+/// a blob written a frame at a time reads back slower than a pushed one.
+const STORE_BLOCK: usize = 1 << 20;
+
+/// `body` regrouped into blocks of at least [`STORE_BLOCK`] bytes (the last may be shorter).
+fn coalesced<S>(body: S) -> impl Stream<Item = std::io::Result<Bytes>>
+where
+    S: Stream<Item = std::io::Result<Bytes>> + Unpin,
+{
+    futures_util::stream::unfold((body, false), |(mut body, ended)| async move {
+        if ended {
+            return None;
+        }
+        let mut block = bytes::BytesMut::new();
+        loop {
+            match body.next().await {
+                Some(Ok(chunk)) => {
+                    if block.is_empty() && chunk.len() >= STORE_BLOCK {
+                        return Some((Ok(chunk), (body, false)));
+                    }
+                    block.extend_from_slice(&chunk);
+                    if block.len() >= STORE_BLOCK {
+                        return Some((Ok(block.freeze()), (body, false)));
+                    }
+                }
+                // The fill fails: what was gathered is not needed.
+                Some(Err(e)) => return Some((Err(e), (body, true))),
+                None if block.is_empty() => return None,
+                None => return Some((Ok(block.freeze()), (body, true))),
+            }
+        }
+    })
+}
+
 fn receiver_stream(
     mut rx: mpsc::Receiver<std::io::Result<Bytes>>,
 ) -> impl Stream<Item = std::io::Result<Bytes>> {
@@ -977,7 +1011,7 @@ impl Fill {
                 }
             },
         );
-        let recorded = self.store(tee, length).await;
+        let recorded = self.store(coalesced(Box::pin(tee)), length).await;
         let end = match recorded {
             Ok(()) => {
                 let chunk = last.lock().unwrap_or_else(|p| p.into_inner()).take();
