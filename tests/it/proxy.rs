@@ -15,6 +15,7 @@ use serde_json::Value;
 use crate::auth::{PASSWORD, with_auth};
 use crate::backend_test;
 use crate::harness::*;
+use crate::revive::LockHolder;
 
 /// A cache of `upstream` under `up/`, as `reg` restarted with it.
 pub async fn with_proxy(reg: TestRegistry, proxy: ProxyConfig) -> TestRegistry {
@@ -343,8 +344,7 @@ backend_test!(many_concurrent_cold_pulls_cost_one_upstream_fetch, |reg| {
 /// The reference registry (`docker-registry`) on a filesystem root, with Basic authentication
 /// (`alice`), listening on a free loopback port.
 pub struct ReferenceUpstream {
-    child: std::process::Child,
-    pub addr: String,
+    pub registry: crate::e2e::DockerRegistry,
     pub root: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -352,44 +352,19 @@ pub struct ReferenceUpstream {
 impl ReferenceUpstream {
     pub fn start() -> Option<Self> {
         if !crate::e2e::have("docker-registry") {
-            assert!(std::env::var_os("CI").is_none(), "docker-registry must be installed under CI");
             return None;
         }
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("root");
         let htpasswd = dir.path().join("htpasswd");
         std::fs::write(&htpasswd, format!("alice:{}\n", bcrypt::hash(PASSWORD, 4).unwrap())).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let addr = format!("127.0.0.1:{port}");
-        let config = dir.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  \
-                 delete:\n    enabled: true\nauth:\n  htpasswd:\n    realm: upstream\n    path: {}\n\
-                 http:\n  addr: {addr}\n",
-                root.display(),
-                htpasswd.display()
-            ),
-        )
-        .unwrap();
-        let child = std::process::Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start docker-registry");
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(&addr).is_err() {
-            assert!(std::time::Instant::now() < deadline, "docker-registry did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Some(ReferenceUpstream { child, addr, root, _dir: dir })
+        let auth = format!("auth:\n  htpasswd:\n    realm: upstream\n    path: {}\n", htpasswd.display());
+        let registry = crate::e2e::DockerRegistry::start(&root, "", &auth);
+        Some(ReferenceUpstream { registry, root, _dir: dir })
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("http://{}", self.registry.addr)
     }
 
     fn req(&self, method: Method, url: &str) -> reqwest::RequestBuilder {
@@ -454,13 +429,6 @@ impl ReferenceUpstream {
     }
 }
 
-impl Drop for ReferenceUpstream {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 backend_test!(a_basic_auth_reference_upstream_a_tampered_blob_and_mirror_names, |reg| {
     let Some(up) = ReferenceUpstream::start() else { return };
     let img = up.push_image("lib/app", "v1", 7500).await;
@@ -474,7 +442,7 @@ backend_test!(a_basic_auth_reference_upstream_a_tampered_blob_and_mirror_names, 
     for path in [
         "/v2/up/lib/app/manifests/v1".to_string(),
         "/v2/lib/app/manifests/v1".to_string(),
-        format!("/v2/lib/app/manifests/v1?ns={}", up.addr),
+        format!("/v2/lib/app/manifests/v1?ns={}", up.registry.addr),
     ] {
         let res = manifest(&reg, &path).await;
         assert_eq!(body_of(res).await, img.manifest, "{path}");
@@ -845,5 +813,196 @@ async fn follows_an_upstream_redirect_to_object_storage() {
     let reg = with_proxy(reg, proxy_of(&up.url(""))).await;
     pull_all(&reg.client, &reg.url(""), "up/lib/app", "v1", &img).await.unwrap();
     assert_eq!(count(&reg, "SELECT COUNT(*) FROM manifests WHERE deleted_at IS NULL").await, 1);
+    fsck_clean(&reg).await;
+}
+
+// Exact races on PostgreSQL: a held row lock stops one side at the instant that matters while
+// the other queues behind it (SQLite's single writer serializes these).
+
+/// A cache of `up` on PostgreSQL, or `None` when PostgreSQL is not configured.
+async fn postgres_cache_of(up: &TestRegistry) -> Option<TestRegistry> {
+    let reg = TestRegistry::try_start(Backend::Postgres).await?;
+    Some(with_proxy(reg, proxy_of(&up.url(""))).await)
+}
+
+async fn storage_key_of(reg: &TestRegistry, digest: &Digest) -> String {
+    let (key,): (String,) = sqlx::query_as("SELECT storage_key FROM blobs WHERE digest = $1")
+        .bind(digest.as_str())
+        .fetch_one(&reg.sql().await)
+        .await
+        .unwrap();
+    key
+}
+
+/// Pushes to `reg` an image of `blobs` (the first as its config) in `repo`.
+async fn push_local(reg: &TestRegistry, repo: &str, blobs: &[&Vec<u8>]) {
+    let mut descs = Vec::new();
+    for blob in blobs {
+        let d = reg.upload_blob(repo, blob).await;
+        descs.push(serde_json::json!({"mediaType": OCI_LAYER, "digest": d.as_str(), "size": blob.len()}));
+    }
+    let config = descs.remove(0);
+    let local = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": config["digest"], "size": config["size"]},
+        "layers": descs,
+    }))
+    .unwrap();
+    assert_eq!(reg.put_manifest(repo, "v1", OCI_MANIFEST, &local).await.status(), StatusCode::CREATED);
+}
+
+/// A fetched manifest recorded while the collector takes one of its blobs: the record waits for
+/// the collector's locks, sees the blob gone, and keeps the manifest pending — never recorded
+/// naming a blob that is not here. The blob's next pull stores it again and completes the image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cached_manifest_recorded_behind_the_collector_sees_the_collection() {
+    let up = TestRegistry::try_start(Backend::Sqlite).await.unwrap();
+    let img = up.push_image("lib/app", "v1", 7600).await;
+    let Some(reg) = postgres_cache_of(&up).await else { return };
+    let path = format!("/v2/up/lib/app/manifests/{}", img.digest);
+    assert_eq!(body_of(manifest(&reg, &path).await).await, img.manifest);
+    for blob in img.layers.iter().chain([&img.config]) {
+        body_of(reg.get(&format!("/v2/up/lib/app/blobs/{}", Digest::sha256_of(blob))).await).await;
+    }
+    let live = "SELECT COUNT(*) FROM manifests m JOIN repositories r ON r.id = m.repository_id \
+                WHERE r.name = 'up/lib/app' AND m.deleted_at IS NULL";
+    assert_eq!(count(&reg, live).await, 1);
+    // A local image keeps the config and the second layer: the first is the cache's alone.
+    push_local(&reg, "local/keep", &[&img.config, &img.layers[1]]).await;
+    assert_eq!(reg.req(Method::DELETE, &path).send().await.unwrap().status(), StatusCode::ACCEPTED);
+    reg.app.registry.clock().advance_ms(30 * 24 * 3600 * 1000);
+    let layer = Digest::sha256_of(&img.layers[0]);
+    let old_key = storage_key_of(&reg, &layer).await;
+
+    // The collector takes the evicted manifest, then stops holding the layer's rows, on the
+    // outbox row of its bytes ...
+    let mut holder = LockHolder::lock_on(
+        &reg,
+        "INSERT INTO gc_outbox (storage_key, enqueued_at, next_attempt) VALUES ($1, 0, 0) RETURNING storage_key",
+        &old_key,
+    )
+    .await;
+    let registry = reg.app.registry.clone();
+    let collect = tokio::spawn(async move { registry.collect(10_000).await });
+    holder.wait_for_waiters(1).await;
+    // ... and a pull of the image, fetched again, records it behind the collector.
+    let (client, url) = (reg.client.clone(), reg.url(&path));
+    let pull =
+        tokio::spawn(async move { client.get(url).header("accept", OCI_MANIFEST).send().await.unwrap() });
+    holder.wait_for_waiters(2).await;
+    holder.roll_back().await;
+    let collected = collect.await.unwrap().unwrap();
+    assert_eq!((collected.manifests, collected.blobs), (1, 1), "{collected:?}");
+    assert_eq!(body_of(pull.await.unwrap()).await, img.manifest);
+    assert_eq!(count(&reg, live).await, 0, "recorded without its layer");
+    assert_eq!(count(&reg, "SELECT COUNT(*) FROM proxy_pending").await, 1);
+    fsck_clean(&reg).await;
+
+    // The layer's next pull stores it again (under a new key); the image's other blobs, which
+    // the collector unlinked here too (the local image holds them elsewhere), complete it.
+    let blob_path = format!("/v2/up/lib/app/blobs/{layer}");
+    assert_eq!(body_of(reg.get(&blob_path).await).await, img.layers[0]);
+    for blob in [&img.layers[1], &img.config] {
+        assert_eq!(
+            &body_of(reg.get(&format!("/v2/up/lib/app/blobs/{}", Digest::sha256_of(blob))).await).await,
+            blob
+        );
+    }
+    assert_eq!(count(&reg, live).await, 1);
+    assert_eq!(count(&reg, "SELECT COUNT(*) FROM proxy_pending").await, 0);
+    reg.app.registry.drain_outbox().await.unwrap();
+    assert_ne!(storage_key_of(&reg, &layer).await, old_key);
+    assert_eq!(body_of(reg.get(&blob_path).await).await, img.layers[0]);
+    fsck_clean(&reg).await;
+}
+
+/// A revalidation that moves a tag, and an eviction of the image the tag named, both queued on
+/// the tag: the eviction goes first and removes the tag with its image; the move then writes the
+/// tag again for the new image, which is recorded and served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tag_moved_by_revalidation_outlives_the_eviction_of_its_old_image() {
+    let up = TestRegistry::try_start(Backend::Sqlite).await.unwrap();
+    let first = up.push_image("lib/app", "latest", 7610).await;
+    let Some(reg) = postgres_cache_of(&up).await else { return };
+    let tag_path = "/v2/up/lib/app/manifests/latest";
+    assert_eq!(body_of(manifest(&reg, tag_path).await).await, first.manifest);
+    for blob in first.layers.iter().chain([&first.config]) {
+        body_of(reg.get(&format!("/v2/up/lib/app/blobs/{}", Digest::sha256_of(blob))).await).await;
+    }
+    // Upstream, `latest` moves to an image of the same blobs (so it is recorded at once here).
+    let mut moved: Value = serde_json::from_slice(&first.manifest).unwrap();
+    moved["annotations"] = serde_json::json!({"moved": "yes"});
+    let moved = serde_json::to_vec(&moved).unwrap();
+    assert_eq!(
+        up.put_manifest("lib/app", "latest", OCI_MANIFEST, &moved).await.status(),
+        StatusCode::CREATED
+    );
+    let moved_digest = Digest::sha256_of(&moved);
+    reg.app.registry.clock().advance_ms(301_000);
+
+    let mut holder =
+        LockHolder::lock_on(&reg, "SELECT name FROM tags WHERE name = $1 FOR UPDATE", "latest").await;
+    let (client, url) = (reg.client.clone(), reg.url(&format!("/v2/up/lib/app/manifests/{}", first.digest)));
+    let evict = tokio::spawn(async move { client.delete(url).send().await.unwrap().status() });
+    holder.wait_for_waiters(1).await;
+    let (client, url) = (reg.client.clone(), reg.url(tag_path));
+    let pull =
+        tokio::spawn(async move { client.get(url).header("accept", OCI_MANIFEST).send().await.unwrap() });
+    holder.wait_for_waiters(2).await;
+    holder.release().await;
+    assert_eq!(evict.await.unwrap(), StatusCode::ACCEPTED);
+    let res = pull.await.unwrap();
+    assert_eq!(header(&res, "docker-content-digest"), Some(moved_digest.as_str()));
+    assert_eq!(body_of(res).await, moved);
+
+    let (tagged,): (String,) = sqlx::query_as(
+        "SELECT m.digest FROM tags t JOIN manifests m ON m.id = t.manifest_id WHERE t.name = 'latest'",
+    )
+    .fetch_one(&reg.sql().await)
+    .await
+    .unwrap();
+    assert_eq!(tagged, moved_digest.as_str());
+    let (why,): (Option<String>,) = sqlx::query_as("SELECT unrestorable FROM manifests WHERE digest = $1")
+        .bind(first.digest.as_str())
+        .fetch_one(&reg.sql().await)
+        .await
+        .unwrap();
+    assert_eq!(why.as_deref(), Some("evicted"));
+    let res = manifest(&reg, tag_path).await;
+    assert_eq!(header(&res, "docker-content-digest"), Some(moved_digest.as_str()));
+    fsck_clean(&reg).await;
+}
+
+/// A blob stored here for a local image, purged while a cache fill of the same digest is about
+/// to link it: the fill waits for the purge, finds the row gone and stores its own bytes as the
+/// blob; the client's body is whole and the purged image stays purged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fill_behind_a_purge_of_its_digest_stores_its_own_bytes() {
+    let up = TestRegistry::try_start(Backend::Sqlite).await.unwrap();
+    let img = up.push_image("lib/app", "v1", 7620).await;
+    let Some(reg) = postgres_cache_of(&up).await else { return };
+    push_local(&reg, "local/keep", &[&img.config, &img.layers[0]]).await;
+    let layer = Digest::sha256_of(&img.layers[0]);
+    let old_key = storage_key_of(&reg, &layer).await;
+
+    let mut holder =
+        LockHolder::lock(&reg, "SELECT id FROM blobs WHERE digest = $1 FOR UPDATE", &layer).await;
+    let registry = reg.app.registry.clone();
+    let purge_of = layer.clone();
+    let purge = tokio::spawn(async move { registry.purge_blob(&purge_of, "a secret", Some("admin")).await });
+    holder.wait_for_waiters(1).await;
+    let (client, url) = (reg.client.clone(), reg.url(&format!("/v2/up/lib/app/blobs/{layer}")));
+    let pull = tokio::spawn(async move { client.get(url).send().await.unwrap() });
+    holder.wait_for_waiters(2).await;
+    holder.release().await;
+    let purged = purge.await.unwrap().expect("the purge");
+    assert_eq!(purged.purged.manifests.len(), 1, "{purged:?}");
+    assert_eq!(body_of(pull.await.unwrap()).await, img.layers[0]);
+
+    assert_eq!(reg.get("/v2/local/keep/manifests/v1").await.status(), StatusCode::NOT_FOUND);
+    assert_eq!(count(&reg, &format!("SELECT COUNT(*) FROM blobs WHERE digest = '{layer}'")).await, 1);
+    assert_ne!(storage_key_of(&reg, &layer).await, old_key);
+    reg.app.registry.drain_outbox().await.unwrap();
+    assert_eq!(body_of(reg.get(&format!("/v2/up/lib/app/blobs/{layer}")).await).await, img.layers[0]);
     fsck_clean(&reg).await;
 }

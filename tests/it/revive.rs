@@ -205,11 +205,16 @@ pub(crate) struct LockHolder {
 
 impl LockHolder {
     pub(crate) async fn lock(reg: &TestRegistry, statement: &str, digest: &Digest) -> Self {
+        Self::lock_on(reg, statement, digest.as_str()).await
+    }
+
+    /// Runs `statement` (one row, `$1` = `value`) in a transaction left open.
+    pub(crate) async fn lock_on(reg: &TestRegistry, statement: &str, value: &str) -> Self {
         let url = &reg.app.config.metadata_url;
         let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
         let watch = sqlx::PgConnection::connect(url).await.unwrap();
         sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
-        let locked = sqlx::query(statement).bind(digest.as_str()).fetch_all(&mut conn).await.unwrap();
+        let locked = sqlx::query(statement).bind(value).fetch_all(&mut conn).await.unwrap();
         assert_eq!(locked.len(), 1, "{statement}");
         LockHolder { conn, watch }
     }
@@ -232,6 +237,11 @@ impl LockHolder {
 
     pub(crate) async fn release(mut self) {
         sqlx::query("COMMIT").execute(&mut self.conn).await.unwrap();
+    }
+
+    /// Ends the holding transaction without its writes.
+    pub(crate) async fn roll_back(mut self) {
+        sqlx::query("ROLLBACK").execute(&mut self.conn).await.unwrap();
     }
 }
 

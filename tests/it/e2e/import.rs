@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use berth::distribution::Source;
@@ -21,52 +21,15 @@ use berth::oci::Digest;
 use berth::registry::ImportOptions;
 use object_store::{ObjectStore, ObjectStoreExt as _, PutPayload};
 
-use super::{have, layout, run, skopeo_copy};
+use super::{DockerRegistry, have, layout, run, skopeo_copy};
 use crate::backend_test;
 use crate::harness::{OCI_INDEX, OCI_MANIFEST, TestRegistry};
 
 const DAY: i64 = 24 * 3600 * 1000;
 
-/// The reference registry on a filesystem root, listening on a free loopback port.
-struct Reference {
-    child: Child,
-    addr: String,
-}
-
-impl Reference {
-    fn start(root: &Path, read_only: bool) -> Reference {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let addr = format!("127.0.0.1:{port}");
-        let config = root.with_extension("yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  \
-                 delete:\n    enabled: true\n  maintenance:\n    readonly:\n      enabled: {read_only}\n\
-                 http:\n  addr: {addr}\n",
-                root.display()
-            ),
-        )
-        .unwrap();
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start docker-registry");
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(&addr).is_err() {
-            assert!(std::time::Instant::now() < deadline, "docker-registry did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Reference { child, addr }
-    }
-
-    fn stop(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The reference registry on a filesystem root, read-only (maintenance mode) when asked.
+fn reference(root: &Path, read_only: bool) -> DockerRegistry {
+    DockerRegistry::start(root, &format!("  maintenance:\n    readonly:\n      enabled: {read_only}\n"), "")
 }
 
 async fn raw_manifest(reference: &str) -> String {
@@ -256,7 +219,7 @@ backend_test!(import_from_the_reference_registry_pre_import_catch_up_cut_over, |
     let src = |tag: &str| format!("oci:{}:{tag}", lay.display());
 
     // The old registry in use: pushes, a tag moved, a manifest deleted, layers shared.
-    let old = Reference::start(&root, false);
+    let old = reference(&root, false);
     let at = |path: &str| format!("docker://{}/{path}", old.addr);
     skopeo_copy(&src("one"), &at("app/single:v1")).await;
     skopeo_copy(&src("one"), &at("app/single:latest")).await;
@@ -307,7 +270,7 @@ backend_test!(import_from_the_reference_registry_pre_import_catch_up_cut_over, |
     skopeo_copy(&src("two"), &at("app/single:v1")).await;
     run("skopeo", &["delete", "--tls-verify=false", &at(&format!("other/repo@{}", one.digest))], &[]).await;
     old.stop();
-    let old = Reference::start(&root, true);
+    let old = reference(&root, true);
     let at = |path: &str| format!("docker://{}/{path}", old.addr);
     store.sync().await;
 
@@ -483,7 +446,7 @@ backend_test!(an_interrupted_import_continues_and_bad_items_are_skipped, |reg| {
     let src = |tag: &str| format!("oci:{}:{tag}", lay.display());
 
     // Six repositories of ten tags each, two broken images, one manifest pushed by digest only.
-    let old = Reference::start(&root, false);
+    let old = reference(&root, false);
     let at = |path: &str| format!("docker://{}/{path}", old.addr);
     for (i, image) in images.iter().enumerate() {
         skopeo_copy(&src(&format!("i{i}")), &at(&format!("many/r{i}:t0"))).await;

@@ -62,3 +62,50 @@ pub async fn skopeo_copy(from: &str, to: &str) {
     )
     .await;
 }
+
+/// The reference registry (`docker-registry`) serving the filesystem root `root` on a free
+/// loopback port, with deletes enabled. `storage` and `top` are extra YAML: lines of its
+/// `storage:` section (indented two spaces) and top-level sections. Stopped when dropped.
+pub struct DockerRegistry {
+    child: std::process::Child,
+    pub addr: String,
+}
+
+impl DockerRegistry {
+    pub fn start(root: &std::path::Path, storage: &str, top: &str) -> DockerRegistry {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = root.with_extension("yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  \
+                 delete:\n    enabled: true\n{storage}{top}http:\n  addr: {addr}\n",
+                root.display()
+            ),
+        )
+        .unwrap();
+        let child = std::process::Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start docker-registry");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(std::time::Instant::now() < deadline, "docker-registry did not start");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        DockerRegistry { child, addr }
+    }
+
+    pub fn stop(self) {}
+}
+
+impl Drop for DockerRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -119,40 +119,18 @@ backend_test!(skopeo_and_podman_pull_through_the_cache, |reg| {
     )
     .unwrap();
     let (root, runroot) = (work.path().join("root"), work.path().join("runroot"));
-    let id = run(
-        "podman",
-        &[
-            "--root",
-            root.to_str().unwrap(),
-            "--runroot",
-            runroot.to_str().unwrap(),
-            "--storage-driver",
-            "vfs",
-            "pull",
-            "--quiet",
-            &format!("{u}/public/app:v1"),
-        ],
-        &[("CONTAINERS_REGISTRIES_CONF", conf.to_str().unwrap())],
-    )
-    .await;
+    let podman = |args: &[&str]| {
+        let mut all = vec!["--root", root.to_str().unwrap(), "--runroot", runroot.to_str().unwrap()];
+        all.extend_from_slice(&["--storage-driver", "vfs"]);
+        all.extend_from_slice(args);
+        all.iter().map(|a| a.to_string()).collect::<Vec<_>>()
+    };
+    let pull = podman(&["pull", "--quiet", &format!("{u}/public/app:v1")]);
+    let pull: Vec<&str> = pull.iter().map(String::as_str).collect();
+    let id = run("podman", &pull, &[("CONTAINERS_REGISTRIES_CONF", conf.to_str().unwrap())]).await;
     assert!(!id.trim().is_empty());
-    let inspect = run(
-        "podman",
-        &[
-            "--root",
-            root.to_str().unwrap(),
-            "--runroot",
-            runroot.to_str().unwrap(),
-            "--storage-driver",
-            "vfs",
-            "image",
-            "inspect",
-            "--format",
-            "{{.Digest}}",
-            id.trim(),
-        ],
-        &[],
-    )
-    .await;
+    let inspect = podman(&["image", "inspect", "--format", "{{.Digest}}", id.trim()]);
+    let inspect: Vec<&str> = inspect.iter().map(String::as_str).collect();
+    let inspect = run("podman", &inspect, &[]).await;
     assert_eq!(inspect.trim(), amd.digest.as_str());
 });
