@@ -9,8 +9,10 @@ cold pulls, and a small tagged image. Measured, interleaved:
 * the large blob pulled straight from the upstream (the ceiling a cache can reach);
 * a cold pull of it through each cache (Berth embedded, Berth scale-out, the reference proxy):
   MB/s, the cache's CPU per GiB and its peak RSS during the pull (no buffering: bounded);
-* a warm pull of it through each cache (its first read from storage), and Berth's own first
-  pull of another blob of that size pushed normally;
+* a warm pull of it through each cache (a read from storage, the page cache dropped first when
+  run as root), and Berth's own pull of another blob of that size pushed normally — WARM_ROUNDS
+  rounds, the two alternating who goes first, medians reported (a virtual disk's speed drifts
+  between reads: single reads minutes apart compare the disk, not the files);
 * manifest GET by tag within tag_ttl (wrk, 10 s) through each cache;
 * N concurrent cold pulls of the second blob: what the upstream served (bytes its process read,
   /proc/PID/io rchar) over the blob's size — 1.0 means one upstream fetch;
@@ -35,6 +37,7 @@ MiB = bench.MiB
 MEDIA = "application/vnd.oci.image.manifest.v1+json"
 CONCURRENT = 8
 THROTTLE = 200  # MB/s
+WARM_ROUNDS = 5
 
 
 def throttled(work, upstream):
@@ -103,10 +106,14 @@ def pull(base, path, extra=()):
     return size / MiB / seconds, size
 
 
-def measured_pull(server, path):
+def measured_pull(server, path, cold_read=False):
     """A pull through `server`, with its CPU and peak RSS during the pull. Dirty pages are
-    flushed first, so a pull does not pay for the writeback of what came before."""
+    flushed first, so a pull does not pay for the writeback of what came before; with `cold_read`
+    (and root) the page cache is dropped too, so the bytes come from the disk."""
     subprocess.run(["sync"], check=True)
+    if cold_read and os.access("/proc/sys/vm/drop_caches", os.W_OK):
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3")
     bench.reset_peak_rss(server.pid)
     c0 = bench.cpu_seconds(server.pid)
     rate, size = pull(server.base, path)
@@ -163,16 +170,24 @@ def main():
                 path = f"/v2{prefix}/bench/big/blobs/{big_digest}"
                 row["cold"] = measured_pull(server, path)
                 direct.append(pull(upstream.base, blob)[0])
-                row["warm"] = measured_pull(server, path)
                 manifest = f"{server.base}/v2{prefix}/bench/img/manifests/v1"
                 subprocess.run(["curl", "-sSf", "-o", "/dev/null", "-H", f"Accept: {MEDIA}", manifest], check=True)
                 row["manifest_by_tag"] = bench.wrk(manifest, "GET", seconds, headers=[f"Accept: {MEDIA}"])
                 row["concurrent_upstream_fetches"] = concurrent_cold(
                     server, f"/v2{prefix}/bench/big/blobs/{second_digest}", upstream, 256 * MiB)
+                # Reads from storage: the cached blob, and (Berth) one of that size pushed normally,
+                # alternating which goes first.
+                reads = [("warm", path)]
                 if name.startswith("berth"):
-                    # Berth's own first pull of a blob of that size, pushed normally.
                     bench.push_monolithic(server, "local/big", own, own_digest)
-                    row["own_pull"] = measured_pull(server, f"/v2/local/big/blobs/{own_digest}")
+                    reads.append(("own_pull", f"/v2/local/big/blobs/{own_digest}"))
+                runs = {k: [] for k, _ in reads}
+                for i in range(WARM_ROUNDS):
+                    for key, p in (reads if i % 2 == 0 else reads[::-1]):
+                        runs[key].append(measured_pull(server, p, cold_read=True))
+                for key, measured in runs.items():
+                    row[key] = sorted(measured, key=lambda m: m["mb_s"])[len(measured) // 2]
+                    row[f"{key}_runs"] = [round(m["mb_s"]) for m in measured]
                 results["caches"].append(row)
             finally:
                 server.stop()
@@ -208,6 +223,7 @@ def table(r):
     lines = [f"Pull-through cache, {r['size_mib']} MiB blob; {r['machine']}", "",
              f"Straight from the upstream: {r['direct_mb_s']:.0f} MB/s (median of {len(r['direct_runs'])}); "
              f"its manifest GET by tag: {r['upstream_manifest_by_tag']['rps']:.0f}/s", "",
+             f"Warm and own pulls: medians of {WARM_ROUNDS} reads from the disk, interleaved.", "",
              "| cache | cold MB/s | cold vs upstream | cold CPU s/GiB | cold peak RSS MiB | warm MB/s | "
              "own pull MB/s | manifest GET by tag /s | upstream fetches for "
              f"{r['concurrent']} concurrent cold pulls |",
@@ -219,6 +235,9 @@ def table(r):
             f"{c['cold']['cpu_s_per_gib']:.2f} | {c['cold']['peak_rss_mib']:.0f} | {c['warm']['mb_s']:.0f} | "
             f"{'-' if own is None else f'{own:.0f}'} | {c['manifest_by_tag']['rps']:.0f} | "
             f"{c['concurrent_upstream_fetches']:.2f} |")
+    for c in r["caches"]:
+        runs = ", ".join(f"{k} {c[k + '_runs']}" for k in ("warm", "own_pull") if k + "_runs" in c)
+        lines.append(f"\n{c['cache']}, each read (MB/s): {runs}")
     t = r["throttled"]
     direct = sorted(t["direct"])[len(t["direct"]) // 2]
     lines += ["", f"Upstream behind nginx at {t['mb_s']} MB/s: straight {direct:.0f} MB/s (median of {len(t['direct'])})", "",

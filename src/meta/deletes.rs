@@ -477,6 +477,7 @@ impl MetaStore {
         repo: &RepoName,
         tag: &Tag,
         condition: TagCondition<'_>,
+        cached: bool,
         actor: Option<&str>,
         now: i64,
     ) -> DeleteResult<String> {
@@ -489,7 +490,25 @@ impl MetaStore {
         let untagged_review_at = now.saturating_add(self.windows().untagged_grace_ms);
         let immutable = self.immutable.clone();
         transaction!(self, DeleteError, |tx| {
-            let repo_id = Self::live_repository(tx, repo, share).await?;
+            // In a pull-through cache, the cache's resolution of the tag goes first and in this
+            // transaction (before the tag row, as a fill's recording takes them): a fill that read
+            // it earlier either committed before this or finds it gone (`IfCacheResolves`). A tag
+            // resolved to a manifest still pending has no tag row; forgetting it is the delete.
+            let resolved: Option<(String,)> = if cached {
+                sqlx::query_as("DELETE FROM proxy_tags WHERE repository = $1 AND tag = $2 RETURNING digest")
+                    .bind(repo.as_str())
+                    .bind(tag.as_str())
+                    .fetch_optional(&mut *tx)
+                    .await?
+            } else {
+                None
+            };
+            let repo_id = match Self::live_repository(tx, repo, share).await {
+                Err(DeleteError::Refused(Refusal::NotFound(_))) if resolved.is_some() => {
+                    return Ok(resolved.map(|(d,)| d).unwrap_or_default());
+                }
+                r => r?,
+            };
             let current: Option<(String, i64)> = sqlx::query_as(&current_sql)
                 .bind(repo_id)
                 .bind(tag.as_str())
@@ -504,6 +523,9 @@ impl MetaStore {
                 }));
             }
             let Some(old) = current else {
+                if let Some((digest,)) = resolved {
+                    return Ok(digest);
+                }
                 return refuse(Refusal::NotFound(format!("tag {tag} not in repository {repo}")));
             };
             Self::refuse_immutable(tx, &immutable, repo_id, repo, &[tag.to_string()], now).await?;

@@ -119,6 +119,11 @@ impl MetaStore {
             let manifest_id = Self::upsert_manifest(tx, repo_id, manifest, now).await?;
             Self::write_references(tx, manifest_id, &blob_ids, &child_ids).await?;
             for tag in tags {
+                if matches!(condition, TagCondition::IfCacheResolves)
+                    && !Self::cache_resolves(tx, repo, tag, manifest.digest, lock).await?
+                {
+                    continue;
+                }
                 let write = TagWrite {
                     repo_id,
                     repo: repo.as_str(),
@@ -128,7 +133,11 @@ impl MetaStore {
                     actor,
                     now,
                     kind: "push",
-                    condition,
+                    // Checked above: the tag is the cache's to write.
+                    condition: match condition {
+                        TagCondition::IfCacheResolves => TagCondition::Always,
+                        c => c,
+                    },
                 };
                 match Self::set_tag(tx, &write, &tag_ctx).await? {
                     TagOutcome::Precondition { current } => {
@@ -144,6 +153,25 @@ impl MetaStore {
             Self::enqueue(tx, super::gc::Review::Manifest(manifest_id), tag_ctx.untagged_review_at).await?;
             Ok(())
         })
+    }
+
+    /// Whether the cache's resolution of `tag` names `digest` now (the row share-locked, so a
+    /// tag delete, which forgets the resolution first, waits for this transaction or is seen).
+    async fn cache_resolves(
+        tx: &mut AnyConnection,
+        repo: &RepoName,
+        tag: &Tag,
+        digest: &Digest,
+        lock: &str,
+    ) -> Result<bool, sqlx::Error> {
+        let named: Option<(String,)> = sqlx::query_as(&format!(
+            "SELECT digest FROM proxy_tags WHERE repository = $1 AND tag = $2{lock}"
+        ))
+        .bind(repo.as_str())
+        .bind(tag.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        Ok(named.is_some_and(|(d,)| d == digest.as_str()))
     }
 
     /// Inserts the manifest row, or — pushed again — revives it if it is a tombstone and

@@ -51,7 +51,8 @@ impl MetaStore {
             .await?)
     }
 
-    /// Records that the upstream named `digest` for tag `tag` of `repo` at `checked_at`.
+    /// Records that the upstream named `digest` for tag `tag` of `repo` when asked at
+    /// `checked_at` — unless a resolution asked later is recorded already.
     ///
     /// # Errors
     /// [`super::Error::Database`].
@@ -64,7 +65,8 @@ impl MetaStore {
     ) -> Result<()> {
         sqlx::query(
             "INSERT INTO proxy_tags (repository, tag, digest, checked_at) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (repository, tag) DO UPDATE SET digest = excluded.digest, checked_at = excluded.checked_at",
+             ON CONFLICT (repository, tag) DO UPDATE SET digest = excluded.digest, checked_at = excluded.checked_at \
+             WHERE proxy_tags.checked_at <= excluded.checked_at",
         )
         .bind(repo.as_str())
         .bind(tag)
@@ -169,17 +171,47 @@ impl MetaStore {
         Ok(())
     }
 
+    /// Marks the cache's resolution of `tag` as checked at `checked_at`, if it still names
+    /// `digest` (a revalidation never brings back a resolution deleted or moved meanwhile).
+    ///
+    /// # Errors
+    /// [`super::Error::Database`].
+    pub async fn touch_proxy_tag(
+        &self,
+        repo: &RepoName,
+        tag: &str,
+        digest: &str,
+        checked_at: i64,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE proxy_tags SET checked_at = $4 \
+             WHERE repository = $1 AND tag = $2 AND digest = $3 AND checked_at < $4",
+        )
+        .bind(repo.as_str())
+        .bind(tag)
+        .bind(digest)
+        .bind(checked_at)
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
     /// Forgets everything cached about `repo` but its content (its repository was deleted).
     ///
     /// # Errors
     /// [`super::Error::Database`].
     pub async fn drop_proxy_rows(&self, repo: &RepoName) -> Result<()> {
-        for sql in [
-            "DELETE FROM proxy_tags WHERE repository = $1",
-            "DELETE FROM proxy_pending WHERE repository = $1",
-        ] {
-            sqlx::query(sql).bind(repo.as_str()).execute(&self.write).await?;
+        let tags: Vec<(String,)> = sqlx::query_as("SELECT tag FROM proxy_tags WHERE repository = $1")
+            .bind(repo.as_str())
+            .fetch_all(&self.write)
+            .await?;
+        for (tag,) in tags {
+            self.drop_proxy_tag(repo, &tag).await?;
         }
+        sqlx::query("DELETE FROM proxy_pending WHERE repository = $1")
+            .bind(repo.as_str())
+            .execute(&self.write)
+            .await?;
         Ok(())
     }
 
@@ -199,18 +231,32 @@ impl MetaStore {
         .bind(before)
         .execute(&self.write)
         .await?;
-        let tags = sqlx::query(
-            "DELETE FROM proxy_tags WHERE SUBSTR(repository, 1, CAST($1 AS INTEGER)) = $2 AND checked_at < $3 \
+        // One row per statement: a recording share-locks the resolutions of its tags (in tag
+        // order) while holding other rows; a statement deleting many in scan order could close
+        // a cycle with it.
+        let stale = "FROM proxy_tags WHERE SUBSTR(repository, 1, CAST($1 AS INTEGER)) = $2 AND checked_at < $3 \
              AND NOT EXISTS (SELECT 1 FROM manifests m JOIN repositories r ON r.id = m.repository_id \
                              WHERE r.name = proxy_tags.repository AND m.digest = proxy_tags.digest \
-                               AND m.deleted_at IS NULL)",
-        )
-        .bind(len)
-        .bind(&under)
-        .bind(before)
-        .execute(&self.write)
-        .await?;
-        Ok(pending.rows_affected() + tags.rows_affected())
+                               AND m.deleted_at IS NULL)";
+        let candidates: Vec<(String, String)> = sqlx::query_as(&format!("SELECT repository, tag {stale}"))
+            .bind(len)
+            .bind(&under)
+            .bind(before)
+            .fetch_all(&self.write)
+            .await?;
+        let mut tags = 0;
+        for (repository, tag) in candidates {
+            tags += sqlx::query(&format!("DELETE {stale} AND repository = $4 AND tag = $5"))
+                .bind(len)
+                .bind(&under)
+                .bind(before)
+                .bind(&repository)
+                .bind(&tag)
+                .execute(&self.write)
+                .await?
+                .rows_affected();
+        }
+        Ok(pending.rows_affected() + tags)
     }
 
     /// The bytes a cache holds: the distinct blobs the live manifests of its repositories

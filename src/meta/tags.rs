@@ -16,6 +16,10 @@ pub enum TagCondition<'a> {
     IfAbsent,
     /// Move or delete the tag only if it points at this digest now (`If-Match`).
     IfPointsAt(&'a Digest),
+    /// A pull-through cache's tag: written only while the cache's resolution of it (`proxy_tags`)
+    /// still names the manifest — read under a share lock before the tag row, so a tag deleted
+    /// or moved upstream meanwhile is not written back by a fill that read it earlier.
+    IfCacheResolves,
 }
 
 impl TagCondition<'_> {
@@ -25,6 +29,7 @@ impl TagCondition<'_> {
             TagCondition::Always => true,
             TagCondition::IfAbsent => current.is_none(),
             TagCondition::IfPointsAt(d) => current == Some(d.as_str()),
+            TagCondition::IfCacheResolves => true,
         }
     }
 }

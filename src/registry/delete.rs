@@ -119,22 +119,14 @@ impl Registry {
         actor: Option<&str>,
     ) -> Result<String> {
         let now = self.clock.now_ms();
-        // In a cache, the next pull of the tag asks the upstream again — also when the tag
-        // names a manifest still pending (no tag row yet).
-        let cached = match self.cache_of(repo) {
-            Some(_) => {
-                let known = self.meta.proxy_tag(repo, tag.as_str()).await?;
-                self.meta.drop_proxy_tag(repo, tag.as_str()).await?;
-                known
-            }
-            None => None,
-        };
-        let digest = match self.meta.delete_tag(repo, tag, condition, actor, now).await {
-            Err(DeleteError::Refused(Refusal::NotFound(_))) if cached.is_some() => {
-                cached.map(|k| k.digest).unwrap_or_default()
-            }
-            other => other.map_err(|e| refusal(e, manifest_unknown))?,
-        };
+        // In a cache, the tag's resolution is forgotten with it: the next pull of the tag asks
+        // the upstream again — also when the tag names a manifest still pending (no tag row yet).
+        let cached = self.cache_of(repo).is_some();
+        let digest = self
+            .meta
+            .delete_tag(repo, tag, condition, cached, actor, now)
+            .await
+            .map_err(|e| refusal(e, manifest_unknown))?;
         audit_tag("delete-tag", actor, repo, tag, &digest);
         Ok(digest)
     }
@@ -207,6 +199,8 @@ impl Registry {
         take_tags: bool,
         actor: Option<&str>,
     ) -> Result<Vec<AffectedManifest>> {
+        // Cached content is fetched again, never restored (evictions are unrestorable anyway).
+        self.refuse_cached(repo)?;
         let now = self.clock.now_ms();
         let restored = self
             .meta
@@ -228,6 +222,8 @@ impl Registry {
         take_tags: bool,
         actor: Option<&str>,
     ) -> Result<String> {
+        // A cached tag follows its upstream.
+        self.refuse_cached(repo)?;
         let now = self.clock.now_ms();
         let digest = self
             .meta

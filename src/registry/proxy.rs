@@ -282,7 +282,7 @@ impl Registry {
             // Revalidate: a HEAD is cheap (Docker Hub does not count it as a pull).
             match cache.upstream.manifest(upstream_repo, tag.as_str(), accept, true).await {
                 Ok(head) if head.digest.as_deref() == Some(k.digest.as_str()) => {
-                    self.meta.set_proxy_tag(repo, tag.as_str(), &k.digest, now).await?;
+                    self.meta.touch_proxy_tag(repo, tag.as_str(), &k.digest, now).await?;
                     self.metrics.proxy_request(prefix, "revalidated");
                     return Ok(m.clone());
                 }
@@ -360,6 +360,8 @@ impl Registry {
             Reference::Digest(d) => d.to_string(),
             Reference::Tag(t) => t.to_string(),
         };
+        // Of two fetches of a tag at once, the one asked later decides its resolution.
+        let asked_at = self.clock.now_ms();
         let fetched = cache
             .upstream
             .manifest(upstream_repo, &reference_text, accept, false)
@@ -396,7 +398,7 @@ impl Registry {
         };
         let now = self.clock.now_ms();
         if let Some(tag) = tag {
-            self.meta.set_proxy_tag(repo, tag.as_str(), digest.as_str(), now).await?;
+            self.meta.set_proxy_tag(repo, tag.as_str(), digest.as_str(), asked_at).await?;
         }
         let id =
             self.record_cached_manifest(cache, repo, &digest, &media_type, &bytes, now, complete).await?;
@@ -432,7 +434,7 @@ impl Registry {
                 Some(media_type),
                 bytes,
                 &tags,
-                TagCondition::Always,
+                TagCondition::IfCacheResolves,
                 Some(&actor),
             )
             .await;
@@ -887,40 +889,6 @@ async fn send_to_client(slot: &ClientSlot, item: std::io::Result<Bytes>) {
     }
 }
 
-/// Storage is written in blocks of at least this size: an upstream's HTTP frames are small, and
-/// a blob written a frame at a time reads back slower than a pushed one.
-const STORE_BLOCK: usize = 1 << 20;
-
-/// `body` regrouped into blocks of at least [`STORE_BLOCK`] bytes (the last may be shorter).
-fn coalesced<S>(body: S) -> impl Stream<Item = std::io::Result<Bytes>>
-where
-    S: Stream<Item = std::io::Result<Bytes>> + Unpin,
-{
-    futures_util::stream::unfold((body, false), |(mut body, ended)| async move {
-        if ended {
-            return None;
-        }
-        let mut block = bytes::BytesMut::new();
-        loop {
-            match body.next().await {
-                Some(Ok(chunk)) => {
-                    if block.is_empty() && chunk.len() >= STORE_BLOCK {
-                        return Some((Ok(chunk), (body, false)));
-                    }
-                    block.extend_from_slice(&chunk);
-                    if block.len() >= STORE_BLOCK {
-                        return Some((Ok(block.freeze()), (body, false)));
-                    }
-                }
-                // The fill fails: what was gathered is not needed.
-                Some(Err(e)) => return Some((Err(e), (body, true))),
-                None if block.is_empty() => return None,
-                None => return Some((Ok(block.freeze()), (body, true))),
-            }
-        }
-    })
-}
-
 fn receiver_stream(
     mut rx: mpsc::Receiver<std::io::Result<Bytes>>,
 ) -> impl Stream<Item = std::io::Result<Bytes>> {
@@ -987,22 +955,34 @@ impl Fill {
         let _ = started.send(start);
         let last: Arc<Mutex<Option<Bytes>>> = Arc::default();
         let (held, tee_client) = (last.clone(), client.clone());
+        // A body of unannounced length is cut at the cache's cap: a blob larger than the whole
+        // cache could not be kept (an announced length is held to by the HTTP client).
+        let cap = if length.is_none() { self.cache.config.max_bytes } else { None };
         let tee = futures_util::stream::unfold(
-            (upstream_blob.body, None::<Bytes>),
-            move |(mut body, mut previous)| {
+            (Some(upstream_blob.body), None::<Bytes>, 0u64),
+            move |(body, mut previous, mut read)| {
                 let (held, client, metrics, prefix) =
                     (held.clone(), tee_client.clone(), metrics.clone(), prefix.clone());
                 async move {
+                    // After an error the stream ends (`body` is gone).
+                    let mut body = body?;
                     match body.next().await {
                         Some(Ok(chunk)) => {
                             metrics.proxy_upstream_read(&prefix, chunk.len() as u64);
+                            read += chunk.len() as u64;
+                            if let Some(cap) = cap.filter(|cap| read > *cap) {
+                                let e = std::io::Error::other(format!(
+                                    "the upstream's blob grew past the cache's max_bytes ({cap} bytes)"
+                                ));
+                                return Some((Err(e), (None, None, read)));
+                            }
                             if let Some(p) = previous.take() {
                                 send_to_client(&client, Ok(p)).await;
                             }
                             previous = Some(chunk.clone());
-                            Some((Ok::<Bytes, std::io::Error>(chunk), (body, previous)))
+                            Some((Ok::<Bytes, std::io::Error>(chunk), (Some(body), previous, read)))
                         }
-                        Some(Err(e)) => Some((Err(e), (body, None))),
+                        Some(Err(e)) => Some((Err(e), (None, None, read))),
                         None => {
                             *held.lock().unwrap_or_else(|p| p.into_inner()) = previous.take();
                             None
@@ -1011,7 +991,7 @@ impl Fill {
                 }
             },
         );
-        let recorded = self.store(coalesced(Box::pin(tee)), length).await;
+        let recorded = self.store(tee, length).await;
         let end = match recorded {
             Ok(()) => {
                 let chunk = last.lock().unwrap_or_else(|p| p.into_inner()).take();

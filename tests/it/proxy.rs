@@ -1006,3 +1006,91 @@ async fn a_fill_behind_a_purge_of_its_digest_stores_its_own_bytes() {
     assert_eq!(body_of(reg.get(&format!("/v2/up/lib/app/blobs/{layer}")).await).await, img.layers[0]);
     fsck_clean(&reg).await;
 }
+
+/// A tag deleted while the fill that completes its image is about to record it with that tag:
+/// the fill checks the cache's resolution of the tag under a lock, after the delete forgot it,
+/// and records the image untagged — a deleted tag is not written back by a fill that read it
+/// earlier.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tag_deleted_while_a_fill_records_its_image_stays_deleted() {
+    let up = TestRegistry::try_start(Backend::Sqlite).await.unwrap();
+    let img = up.push_image("lib/app", "v1", 7630).await;
+    let Some(reg) = postgres_cache_of(&up).await else { return };
+    assert_eq!(body_of(manifest(&reg, "/v2/up/lib/app/manifests/v1").await).await, img.manifest);
+    for blob in [&img.config, &img.layers[1]] {
+        body_of(reg.get(&format!("/v2/up/lib/app/blobs/{}", Digest::sha256_of(blob))).await).await;
+    }
+    assert_eq!(count(&reg, "SELECT COUNT(*) FROM proxy_pending").await, 1);
+
+    let mut holder =
+        LockHolder::lock_on(&reg, "SELECT tag FROM proxy_tags WHERE tag = $1 FOR UPDATE", "v1").await;
+    let (client, url) = (reg.client.clone(), reg.url("/v2/up/lib/app/manifests/v1"));
+    let delete = tokio::spawn(async move { client.delete(url).send().await.unwrap().status() });
+    holder.wait_for_waiters(1).await;
+    // The last layer completes the image; its record reads the tag, then waits to check it.
+    let last = Digest::sha256_of(&img.layers[0]);
+    let (client, url) = (reg.client.clone(), reg.url(&format!("/v2/up/lib/app/blobs/{last}")));
+    let pull = tokio::spawn(async move { client.get(url).send().await.unwrap() });
+    holder.wait_for_waiters(2).await;
+    holder.roll_back().await;
+    assert_eq!(delete.await.unwrap(), StatusCode::ACCEPTED);
+    assert_eq!(body_of(pull.await.unwrap()).await, img.layers[0]);
+
+    let live = "SELECT COUNT(*) FROM manifests WHERE deleted_at IS NULL";
+    assert_eq!(count(&reg, live).await, 1, "the image is recorded");
+    assert_eq!(count(&reg, "SELECT COUNT(*) FROM tags").await, 0, "the deleted tag came back");
+    assert_eq!(count(&reg, "SELECT COUNT(*) FROM proxy_tags").await, 0);
+    // Nor is it restored: a cached tag follows its upstream.
+    let (name, tag) =
+        (berth::oci::RepoName::parse("up/lib/app").unwrap(), berth::oci::Tag::parse("v1").unwrap());
+    let refused = reg.app.registry.restore_tag(&name, &tag, false, Some("admin")).await;
+    assert!(matches!(refused, Err(berth::registry::Error::ReadOnlyCache(_))), "{refused:?}");
+    fsck_clean(&reg).await;
+}
+
+/// An upstream that answers every blob GET with an endless body of unannounced length (chunked):
+/// a misbehaving server no real registry can play.
+async fn endless_upstream() -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = vec![0u8; 4096];
+                let Ok(n) = conn.read(&mut request).await else { return };
+                if !String::from_utf8_lossy(&request[..n]).contains("/blobs/") {
+                    let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}").await;
+                    return;
+                }
+                let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n").await;
+                let chunk =
+                    [format!("{:x}\r\n", 64 * 1024).into_bytes(), vec![b'x'; 64 * 1024], b"\r\n".to_vec()]
+                        .concat();
+                while conn.write_all(&chunk).await.is_ok() {}
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+backend_test!(an_upstream_body_of_unannounced_length_is_cut_at_the_caps_size, |reg| {
+    let mut proxy = proxy_of(&endless_upstream().await);
+    proxy.max_bytes = Some(4 << 20);
+    let reg = with_proxy(reg, proxy).await;
+    let digest = Digest::sha256_of(b"anything");
+    // A body of unknown length is served from storage once stored: here, an error naming the cap.
+    let res = reg.get(&format!("/v2/up/lib/app/blobs/{digest}")).await;
+    assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
+    let err: Value = res.json().await.unwrap();
+    assert!(err["errors"][0]["message"].as_str().unwrap().contains("max_bytes"), "{err}");
+    assert_eq!(count(&reg, "SELECT COUNT(*) FROM blobs").await, 0);
+    for _ in 0..100 {
+        if count(&reg, "SELECT COUNT(*) FROM uploads").await == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(count(&reg, "SELECT COUNT(*) FROM uploads").await, 0, "the fill's session is cancelled");
+    fsck_clean(&reg).await;
+});
