@@ -63,17 +63,27 @@ impl MetaStore {
         digest: &str,
         checked_at: i64,
     ) -> Result<()> {
-        sqlx::query(
+        self.write_proxy_tag(
             "INSERT INTO proxy_tags (repository, tag, digest, checked_at) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (repository, tag) DO UPDATE SET digest = excluded.digest, checked_at = excluded.checked_at \
              WHERE proxy_tags.checked_at <= excluded.checked_at",
+            repo,
+            tag,
+            digest,
+            checked_at,
         )
-        .bind(repo.as_str())
-        .bind(tag)
-        .bind(digest)
-        .bind(checked_at)
-        .execute(&self.write)
-        .await?;
+        .await
+    }
+
+    async fn write_proxy_tag(
+        &self,
+        sql: &str,
+        repo: &RepoName,
+        tag: &str,
+        digest: &str,
+        at: i64,
+    ) -> Result<()> {
+        sqlx::query(sql).bind(repo.as_str()).bind(tag).bind(digest).bind(at).execute(&self.write).await?;
         Ok(())
     }
 
@@ -183,17 +193,15 @@ impl MetaStore {
         digest: &str,
         checked_at: i64,
     ) -> Result<()> {
-        sqlx::query(
+        self.write_proxy_tag(
             "UPDATE proxy_tags SET checked_at = $4 \
              WHERE repository = $1 AND tag = $2 AND digest = $3 AND checked_at < $4",
+            repo,
+            tag,
+            digest,
+            checked_at,
         )
-        .bind(repo.as_str())
-        .bind(tag)
-        .bind(digest)
-        .bind(checked_at)
-        .execute(&self.write)
-        .await?;
-        Ok(())
+        .await
     }
 
     /// Forgets everything cached about `repo` but its content (its repository was deleted).
