@@ -503,9 +503,15 @@ impl MetaStore {
             } else {
                 None
             };
+            let resolved = resolved.map(|(d,)| d);
             let repo_id = match Self::live_repository(tx, repo, share).await {
                 Err(DeleteError::Refused(Refusal::NotFound(_))) if resolved.is_some() => {
-                    return Ok(resolved.map(|(d,)| d).unwrap_or_default());
+                    let d = resolved.clone().unwrap_or_default();
+                    return if condition.holds(Some(&d)) {
+                        Ok(d)
+                    } else {
+                        refuse(Refusal::Precondition(format!("tag {tag} points at {d}")))
+                    };
                 }
                 r => r?,
             };
@@ -516,14 +522,15 @@ impl MetaStore {
                 .await?;
             let manifest_id = current.as_ref().map(|(_, id)| *id);
             let current = current.map(|(d, _)| d);
-            if !condition.holds(current.as_deref()) {
+            // A cached tag resolved to a manifest still pending is judged by that resolution.
+            if !condition.holds(current.as_deref().or(resolved.as_deref())) {
                 return refuse(Refusal::Precondition(match &current {
                     Some(d) => format!("tag {tag} points at {d}"),
                     None => format!("tag {tag} does not exist"),
                 }));
             }
             let Some(old) = current else {
-                if let Some((digest,)) = resolved {
+                if let Some(digest) = resolved {
                     return Ok(digest);
                 }
                 return refuse(Refusal::NotFound(format!("tag {tag} not in repository {repo}")));

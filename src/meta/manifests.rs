@@ -118,12 +118,34 @@ impl MetaStore {
             }
             let manifest_id = Self::upsert_manifest(tx, repo_id, manifest, now).await?;
             Self::write_references(tx, manifest_id, &blob_ids, &child_ids).await?;
+            // A cache's resolutions are all checked (share-locked, in tag order) before any tag
+            // is written: a tag write queues the review of the manifest it moves away from, and
+            // queue rows come last.
+            let mut writable = Vec::with_capacity(tags.len());
             for tag in tags {
-                if matches!(condition, TagCondition::IfCacheResolves)
-                    && !Self::cache_resolves(tx, repo, tag, manifest.digest, lock).await?
+                if !matches!(condition, TagCondition::IfCacheResolves)
+                    || Self::cache_resolves(tx, repo, tag, manifest.digest, lock).await?
                 {
-                    continue;
+                    writable.push(tag);
                 }
+            }
+            // Several tags (an import, a cache): their rows are locked together, in name order,
+            // before any is written — each write queues a review, and a later tag's row must not
+            // be waited for while holding a queue row.
+            writable.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+            if writable.len() > 1 && !tag_ctx.lock.is_empty() {
+                let list = (0..writable.len()).map(|i| format!("${}", i + 2)).collect::<Vec<_>>().join(", ");
+                let sql = format!(
+                    "SELECT t.name FROM tags t WHERE t.repository_id = $1 AND t.name IN ({list}) ORDER BY t.name{}",
+                    tag_ctx.lock
+                );
+                let mut q = sqlx::query(&sql).bind(repo_id);
+                for tag in &writable {
+                    q = q.bind(tag.as_str());
+                }
+                q.execute(&mut *tx).await?;
+            }
+            for tag in writable {
                 let write = TagWrite {
                     repo_id,
                     repo: repo.as_str(),
@@ -133,11 +155,7 @@ impl MetaStore {
                     actor,
                     now,
                     kind: "push",
-                    // Checked above: the tag is the cache's to write.
-                    condition: match condition {
-                        TagCondition::IfCacheResolves => TagCondition::Always,
-                        c => c,
-                    },
+                    condition,
                 };
                 match Self::set_tag(tx, &write, &tag_ctx).await? {
                     TagOutcome::Precondition { current } => {

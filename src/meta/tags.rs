@@ -18,7 +18,8 @@ pub enum TagCondition<'a> {
     IfPointsAt(&'a Digest),
     /// A pull-through cache's tag: written only while the cache's resolution of it (`proxy_tags`)
     /// still names the manifest — read under a share lock before the tag row, so a tag deleted
-    /// or moved upstream meanwhile is not written back by a fill that read it earlier.
+    /// or moved upstream meanwhile is not written back by a fill that read it earlier. The check
+    /// is `put_manifest`'s; to the tag row itself it is [`TagCondition::Always`].
     IfCacheResolves,
 }
 
@@ -153,7 +154,10 @@ impl MetaStore {
             if attempts > 3 {
                 return Err(sqlx::Error::RowNotFound);
             }
-            if matches!(w.condition, TagCondition::Always | TagCondition::IfAbsent) {
+            if matches!(
+                w.condition,
+                TagCondition::Always | TagCondition::IfAbsent | TagCondition::IfCacheResolves
+            ) {
                 let created: Option<(i64,)> = sqlx::query_as(
                     "INSERT INTO tags (repository_id, name, manifest_id, updated_at) VALUES ($1, $2, $3, $4) \
                      ON CONFLICT (repository_id, name) DO NOTHING RETURNING manifest_id",

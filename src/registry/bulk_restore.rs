@@ -173,7 +173,11 @@ impl Registry {
         let mut deletes = self.meta.deletes_matching(&meta, limit).await?;
         // Refused before matching: a selection cut at the limit would be silently incomplete.
         let complete = deletes.len() <= MAX_SELECTED;
-        deletes.retain(|d| pattern.matches(&d.repository));
+        // Deletes in pull-through caches are not restored: cached content is fetched again.
+        deletes.retain(|d| {
+            pattern.matches(&d.repository)
+                && RepoName::parse(&d.repository).map_or(true, |r| self.cache_of(&r).is_none())
+        });
         if !complete {
             return Err(Error::Invalid(format!(
                 "the selection names more than {MAX_SELECTED} deletes; narrow it (repositories, since, until)"

@@ -177,6 +177,8 @@ impl Registry {
         take_tags: bool,
         actor: Option<&str>,
     ) -> Result<Vec<AffectedManifest>> {
+        // A deleted cache repository is fetched again, never restored.
+        self.refuse_cached(repo)?;
         let now = self.clock.now_ms();
         let restored = self
             .meta

@@ -403,6 +403,8 @@ backend_test!(restore_round_trip_and_blob_unlink_makes_a_tombstone_unrestorable,
     );
     // The time machine: one step back, and back to where it pointed at a moment.
     let third = reg.push_image("rest/a", "v1", 302).await;
+    // The revert is a later moment than the push, even within one millisecond of it.
+    reg.app.registry.clock().advance_ms(1);
     let moved =
         reg.app.registry.revert_tag(&repo, &v1, berth::meta::RevertTarget::Previous, None).await.unwrap();
     assert_eq!(moved, other.digest.as_str());

@@ -1048,6 +1048,36 @@ async fn a_tag_deleted_while_a_fill_records_its_image_stays_deleted() {
     fsck_clean(&reg).await;
 }
 
+/// A conditional delete of a cached tag whose image is still pending is judged by the cache's
+/// resolution, with or without a repository row yet; a refused one forgets nothing.
+backend_test!(a_cached_tags_conditional_delete_is_judged_by_its_resolution, |reg| {
+    let up = TestRegistry::try_start(Backend::Sqlite).await.unwrap();
+    let img = up.push_image("lib/app", "v1", 7640).await;
+    let reg = with_proxy(reg, proxy_of(&up.url(""))).await;
+    let other = Digest::sha256_of(b"another image");
+    let delete = |if_match: &Digest| {
+        reg.req(Method::DELETE, "/v2/up/lib/app/manifests/v1")
+            .header("if-match", format!("\"{if_match}\""))
+            .send()
+    };
+    for with_repository_row in [false, true] {
+        assert_eq!(body_of(manifest(&reg, "/v2/up/lib/app/manifests/v1").await).await, img.manifest);
+        if with_repository_row {
+            // One blob linked: the repository row exists, the image is still pending.
+            body_of(reg.get(&format!("/v2/up/lib/app/blobs/{}", Digest::sha256_of(&img.config))).await).await;
+        }
+        let rows = count(&reg, "SELECT COUNT(*) FROM repositories").await;
+        assert_eq!(rows, i64::from(with_repository_row));
+        assert_eq!(delete(&other).await.unwrap().status(), StatusCode::PRECONDITION_FAILED);
+        assert_eq!(count(&reg, "SELECT COUNT(*) FROM proxy_tags").await, 1, "a refused delete forgot");
+        let res = delete(&img.digest).await.unwrap();
+        assert_eq!(res.status(), StatusCode::ACCEPTED);
+        assert_eq!(count(&reg, "SELECT COUNT(*) FROM proxy_tags").await, 0);
+        assert_eq!(count(&reg, "SELECT COUNT(*) FROM tags").await, 0);
+    }
+    fsck_clean(&reg).await;
+});
+
 /// An upstream that answers every blob GET with an endless body of unannounced length (chunked):
 /// a misbehaving server no real registry can play.
 async fn endless_upstream() -> String {
