@@ -1048,8 +1048,8 @@ async fn a_tag_deleted_while_a_fill_records_its_image_stays_deleted() {
     fsck_clean(&reg).await;
 }
 
-/// A conditional delete of a cached tag whose image is still pending is judged by the cache's
-/// resolution, with or without a repository row yet; a refused one forgets nothing.
+// A conditional delete of a cached tag whose image is still pending is judged by the cache's
+// resolution, with or without a repository row yet; a refused one forgets nothing.
 backend_test!(a_cached_tags_conditional_delete_is_judged_by_its_resolution, |reg| {
     let up = TestRegistry::try_start(Backend::Sqlite).await.unwrap();
     let img = up.push_image("lib/app", "v1", 7640).await;
