@@ -2,7 +2,7 @@
 
 use sqlx::AnyConnection;
 
-use super::tags::{TagCondition, TagOutcome, TagWrite};
+use super::tags::{TagCondition, TagCtx, TagOutcome, TagWrite};
 use super::{Error, MetaStore, Result, TxError, transaction};
 use crate::meta::{ManifestHead, ManifestRow, ReferrerRow};
 use crate::oci::{Digest, Reference, RepoName, Tag};
@@ -104,7 +104,7 @@ impl MetaStore {
             "SELECT id, digest FROM manifests WHERE repository_id = $1 AND deleted_at IS NULL AND digest IN",
             format!(" ORDER BY id{}", self.share_lock()),
         );
-        let tag_ctx = self.tag_ctx(now);
+        let tag_ctx = TagCtx { defer_reviews: true, ..self.tag_ctx(now) };
         let lock = self.share_lock();
         transaction!(self, PutManifestError, |tx| {
             let repo_id = Self::ensure_repository(tx, repo, now, lock).await?;
@@ -119,8 +119,7 @@ impl MetaStore {
             let manifest_id = Self::upsert_manifest(tx, repo_id, manifest, now).await?;
             Self::write_references(tx, manifest_id, &blob_ids, &child_ids).await?;
             // A cache's resolutions are all checked (share-locked, in tag order) before any tag
-            // is written: a tag write queues the review of the manifest it moves away from, and
-            // queue rows come last.
+            // row is locked: resolutions before tags, as a tag delete takes them.
             let mut writable = Vec::with_capacity(tags.len());
             for tag in tags {
                 if !matches!(condition, TagCondition::IfCacheResolves)
@@ -129,9 +128,8 @@ impl MetaStore {
                     writable.push(tag);
                 }
             }
-            // Several tags (an import, a cache): their rows are locked together, in name order,
-            // before any is written — each write queues a review, and a later tag's row must not
-            // be waited for while holding a queue row.
+            // Several tags (an import, a cache): the rows of those that exist are locked together,
+            // in name order, before any is written (as retention's batches lock theirs).
             writable.sort_by(|a, b| a.as_str().cmp(b.as_str()));
             if writable.len() > 1 && !tag_ctx.lock.is_empty() {
                 let list = (0..writable.len()).map(|i| format!("${}", i + 2)).collect::<Vec<_>>().join(", ");
@@ -145,6 +143,11 @@ impl MetaStore {
                 }
                 q.execute(&mut *tx).await?;
             }
+            // Pushed without a tag, it is garbage once its grace passes; a tag drops the review.
+            // The manifests its tags move away from may be garbage too. Queue rows come after
+            // every tag row (tag rows before queue rows, as every tag writer takes them), in id
+            // order (as retention's batches take them).
+            let mut reviews = vec![manifest_id];
             for tag in writable {
                 let write = TagWrite {
                     repo_id,
@@ -162,13 +165,15 @@ impl MetaStore {
                         return Err(PutManifestError::Precondition { tag: tag.to_string(), current });
                     }
                     TagOutcome::Immutable(refusal) => return Err(PutManifestError::Immutable(refusal)),
-                    TagOutcome::Set | TagOutcome::Unchanged => {}
+                    TagOutcome::Set { moved_from } => reviews.extend(moved_from),
+                    TagOutcome::Unchanged => {}
                 }
             }
-            // Pushed without a tag, it is garbage once its grace passes; a tag drops the review.
-            // Enqueued after the tag rows: tag rows before queue rows, as every tag writer
-            // takes them (retention's batches, deletes, restores).
-            Self::enqueue(tx, super::gc::Review::Manifest(manifest_id), tag_ctx.untagged_review_at).await?;
+            reviews.sort_unstable();
+            reviews.dedup();
+            for id in reviews {
+                Self::enqueue(tx, super::gc::Review::Manifest(id), tag_ctx.untagged_review_at).await?;
+            }
             Ok(())
         })
     }

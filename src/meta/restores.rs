@@ -508,7 +508,7 @@ impl MetaStore {
                 condition,
             };
             match Self::set_tag(tx, &write, &c.tag).await? {
-                TagOutcome::Set | TagOutcome::Unchanged => restored.push(name),
+                TagOutcome::Set { .. } | TagOutcome::Unchanged => restored.push(name),
                 TagOutcome::Immutable(refusal) => return refuse(Refusal::Immutable(refusal)),
                 TagOutcome::Precondition { current } => {
                     return refuse(Refusal::Conflict(format!(
@@ -777,7 +777,7 @@ impl MetaStore {
                 current.unwrap_or_default()
             ))),
             TagOutcome::Immutable(refusal) => refuse(Refusal::Immutable(refusal)),
-            TagOutcome::Set | TagOutcome::Unchanged => Ok(()),
+            TagOutcome::Set { .. } | TagOutcome::Unchanged => Ok(()),
         }
     }
 }

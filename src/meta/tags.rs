@@ -38,8 +38,9 @@ impl TagCondition<'_> {
 /// What a tag write did.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum TagOutcome {
-    /// The tag now points at the manifest (the move is in the history).
-    Set,
+    /// The tag now points at the manifest (the move is in the history). `moved_from`: the
+    /// manifest it pointed at, whose review is left to the caller when it defers reviews.
+    Set { moved_from: Option<i64> },
     /// It pointed there already.
     Unchanged,
     /// The condition did not hold; nothing changed. `current` is where the tag points.
@@ -60,6 +61,9 @@ pub(super) struct TagCtx {
     pub immutable: std::sync::Arc<ImmutableTags>,
     /// The bulk restore the transaction's tag writes belong to (recorded in the history).
     pub bulk_restore: Option<i64>,
+    /// Whether the caller queues the reviews of manifests its tag writes move away from itself
+    /// (returned in [`TagOutcome::Set`]), after all its tag writes, in id order.
+    pub defer_reviews: bool,
 }
 
 /// One tag write: point `tag` of repository `repo_id` at a manifest.
@@ -84,6 +88,7 @@ impl MetaStore {
             untagged_review_at: now.saturating_add(self.windows().untagged_grace_ms),
             immutable: self.immutable.clone(),
             bulk_restore: None,
+            defer_reviews: false,
         }
     }
 
@@ -148,6 +153,7 @@ impl MetaStore {
             w.now
         };
         let mut moved_from = None;
+        let mut left_behind = None;
         let mut attempts = 0;
         loop {
             attempts += 1;
@@ -209,8 +215,11 @@ impl MetaStore {
             .execute(&mut *tx)
             .await?;
             moved_from = Some(current_digest);
+            left_behind = Some(current_id);
             // The manifest left behind may now be garbage, once its grace has passed.
-            Self::enqueue(tx, super::gc::Review::Manifest(current_id), ctx.untagged_review_at).await?;
+            if !ctx.defer_reviews {
+                Self::enqueue(tx, super::gc::Review::Manifest(current_id), ctx.untagged_review_at).await?;
+            }
             break;
         }
         let new = Some(w.digest.as_str());
@@ -227,7 +236,7 @@ impl MetaStore {
             ctx.bulk_restore,
         )
         .await?;
-        Ok(TagOutcome::Set)
+        Ok(TagOutcome::Set { moved_from: left_behind })
     }
 
     /// Appends one row to the tag history.
