@@ -96,6 +96,17 @@ impl Browser {
 
     async fn text(&self, css: &str) -> String {
         let id = self.element(css).await;
+        self.text_of(&id).await
+    }
+
+    /// The text of the first element matching `css`, if there is one now (a page still loading
+    /// may have none yet).
+    async fn text_now(&self, css: &str) -> Option<String> {
+        let id = self.elements(css).await.into_iter().next()?;
+        Some(self.text_of(&id).await)
+    }
+
+    async fn text_of(&self, id: &str) -> String {
         self.call(reqwest::Method::GET, &format!("/element/{id}/text"), None)
             .await
             .as_str()
@@ -333,7 +344,8 @@ backend_test!(console_delete_trash_restore_in_a_real_browser, |reg| {
     browser.screenshot(&shots, "bulk-restore").await;
     browser.click("#confirm").await;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !browser.text("h1").await.contains("Bulk restore") {
+    // The confirmation's answer may still be loading: poll without requiring the heading.
+    while !browser.text_now("h1").await.is_some_and(|h| h.contains("Bulk restore")) {
         assert!(std::time::Instant::now() < deadline, "{}", browser.text("main").await);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
