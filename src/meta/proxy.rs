@@ -252,9 +252,10 @@ impl MetaStore {
             .bind(before)
             .fetch_all(&self.write)
             .await?;
+        let delete = format!("DELETE {stale} AND repository = $4 AND tag = $5");
         let mut tags = 0;
         for (repository, tag) in candidates {
-            tags += sqlx::query(&format!("DELETE {stale} AND repository = $4 AND tag = $5"))
+            tags += sqlx::query(&delete)
                 .bind(len)
                 .bind(&under)
                 .bind(before)
