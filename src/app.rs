@@ -87,7 +87,7 @@ impl App {
                 })
                 .collect(),
         };
-        let registry = Registry::new(meta, blobs, clock, policy).with_caches(&config.proxies)?;
+        let registry = Registry::new(meta, blobs, clock, policy).with_caches(&config.proxies)?.with_events(config.events.clone());
         Ok(App { registry, auth, config: config.clone() })
     }
 }

@@ -65,6 +65,8 @@ pub struct Config {
     pub ignore_pulls_from: Vec<String>,
     /// Pull-through caches of upstream registries (`[[proxy]]`).
     pub proxies: Vec<ProxyConfig>,
+    /// Events and where they are delivered (`[events]`).
+    pub events: crate::events::EventsConfig,
 }
 
 /// One pull-through cache (`[[proxy]]`): repositories `PREFIX/…` are read from an upstream
@@ -304,6 +306,39 @@ struct FileConfig {
     access: AccessSection,
     #[serde(default)]
     proxy: Vec<ProxySection>,
+    #[serde(default)]
+    events: EventsSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsSection {
+    retain: Option<String>,
+    #[serde(default)]
+    pulls: bool,
+    registry_url: Option<String>,
+    #[serde(default)]
+    endpoints: Vec<EndpointSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EndpointSection {
+    name: String,
+    url: String,
+    #[serde(default)]
+    headers: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    kinds: Vec<String>,
+    #[serde(default)]
+    repositories: Vec<String>,
+    format: Option<String>,
+    timeout: Option<String>,
+    batch: Option<usize>,
+    backoff: Option<String>,
+    max_backoff: Option<String>,
+    max_attempts: Option<u32>,
+    max_age: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -463,6 +498,7 @@ impl Config {
             immutable: crate::retention::ImmutableTags::default(),
             ignore_pulls_from: Vec::new(),
             proxies: Vec::new(),
+            events: crate::events::EventsConfig::default(),
         }
     }
 
@@ -691,6 +727,7 @@ impl Config {
         }
         cfg.ignore_pulls_from = parsed.access.ignore_pulls_from;
         cfg.proxies = proxies(parsed.proxy, &env)?;
+        cfg.events = events(parsed.events, &env)?;
         let kind = env("BERTH_STORAGE_KIND").or(parsed.storage.kind).unwrap_or_else(|| "filesystem".into());
         match kind.as_str() {
             "filesystem" => {}
@@ -745,6 +782,113 @@ impl Config {
         }
         Ok(cfg)
     }
+}
+
+/// The `[events]` section, checked: endpoint names unique, URLs http(s), filters known.
+fn events(
+    section: EventsSection,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<crate::events::EventsConfig, ConfigError> {
+    use crate::events::{EndpointConfig, EventsConfig, Format, kind_filter_valid};
+    let mut out = EventsConfig { pulls: section.pulls, ..EventsConfig::default() };
+    if let Some(retain) = section.retain {
+        out.retain = parse_duration(&retain).map_err(|e| ConfigError(format!("events.retain: {e}")))?;
+    }
+    if let Some(url) = section.registry_url {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(ConfigError(format!("events.registry_url `{url}` must be an http:// or https:// URL")));
+        }
+        out.registry_url = Some(url.trim_end_matches('/').to_string());
+    }
+    for e in section.endpoints {
+        let what = format!("events endpoint `{}`", e.name);
+        if e.name.is_empty() || !e.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            return Err(ConfigError(format!("{what}: the name must be letters, digits, `-`, `_` or `.`")));
+        }
+        if out.endpoints.iter().any(|o: &EndpointConfig| o.name == e.name) {
+            return Err(ConfigError(format!("{what}: two endpoints have that name")));
+        }
+        if !(e.url.starts_with("http://") || e.url.starts_with("https://")) {
+            return Err(ConfigError(format!("{what}: url `{}` must be an http:// or https:// URL", e.url)));
+        }
+        let format = match e.format.as_deref() {
+            None | Some("cloudevents") => Format::CloudEvents,
+            Some("distribution") => Format::Distribution,
+            Some(other) => {
+                return Err(ConfigError(format!(
+                    "{what}: format `{other}` is not supported (\"cloudevents\" or \"distribution\")"
+                )));
+            }
+        };
+        if let Some(bad) = e.kinds.iter().find(|k| !kind_filter_valid(k)) {
+            return Err(ConfigError(format!(
+                "{what}: kinds: `{bad}` matches no kind (kinds: {})",
+                crate::events::KINDS.join(", ")
+            )));
+        }
+        let repositories = e
+            .repositories
+            .iter()
+            .map(|p| crate::auth::Pattern::parse(p).map_err(|m| ConfigError(format!("{what}: repositories: `{p}`: {m}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let duration = |field: &str, v: Option<String>, default: Duration| -> Result<Duration, ConfigError> {
+            match v {
+                None => Ok(default),
+                Some(v) => parse_duration(&v).map_err(|m| ConfigError(format!("{what}: {field}: {m}"))),
+            }
+        };
+        let timeout = duration("timeout", e.timeout, Duration::from_secs(10))?;
+        let backoff = duration("backoff", e.backoff, Duration::from_secs(1))?;
+        let max_backoff = duration("max_backoff", e.max_backoff, Duration::from_secs(300))?;
+        let max_age = duration("max_age", e.max_age, Duration::from_secs(24 * 3600))?;
+        if timeout.is_zero() || backoff.is_zero() || max_backoff < backoff || max_age.is_zero() {
+            return Err(ConfigError(format!(
+                "{what}: timeout, backoff and max_age must be more than zero, max_backoff at least backoff"
+            )));
+        }
+        let batch = e.batch.unwrap_or(100);
+        let max_attempts = e.max_attempts.unwrap_or(10);
+        if !(1..=1000).contains(&batch) || max_attempts == 0 {
+            return Err(ConfigError(format!(
+                "{what}: batch must be between 1 and 1000, max_attempts more than zero"
+            )));
+        }
+        // Secrets belong in the environment: BERTH_EVENTS_<NAME>_HEADER_<HEADER>.
+        let prefix: String = e
+            .name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' })
+            .collect();
+        let mut headers = Vec::new();
+        for (name, value) in e.headers {
+            let var: String = name
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' })
+                .collect();
+            let value = env(&format!("BERTH_EVENTS_{prefix}_HEADER_{var}")).unwrap_or(value);
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err()
+                || http::HeaderValue::from_str(&value).is_err()
+            {
+                return Err(ConfigError(format!("{what}: header `{name}` is not a valid HTTP header")));
+            }
+            headers.push((name, value));
+        }
+        out.endpoints.push(EndpointConfig {
+            name: e.name,
+            url: e.url,
+            headers,
+            kinds: e.kinds,
+            repositories,
+            format,
+            timeout,
+            batch,
+            backoff,
+            max_backoff,
+            max_attempts,
+            max_age,
+        });
+    }
+    Ok(out)
 }
 
 /// The `[[proxy]]` entries, checked: prefixes valid, distinct and not nested; one default at most.

@@ -27,6 +27,7 @@ pub mod blob;
 pub mod cli;
 pub mod config;
 pub mod distribution;
+pub mod events;
 pub mod fuzzing;
 pub mod memory;
 pub mod meta;

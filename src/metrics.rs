@@ -65,6 +65,18 @@ pub struct BerthMetrics {
     proxy_requests: Family<ProxyResultLabels, Counter>,
     proxy_upstream_bytes: Family<ProxyLabels, Counter>,
     proxy_bytes: Family<ProxyLabels, Gauge>,
+    events_delivered: Family<EndpointLabels, Counter>,
+    events_failed: Family<EndpointLabels, Counter>,
+    events_pending: Family<EndpointLabels, Gauge>,
+    events_lag: Family<EndpointLabels, Gauge>,
+    events_dead: Family<EndpointLabels, Gauge>,
+}
+
+/// An events endpoint's labels.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    /// The endpoint's name.
+    pub endpoint: String,
 }
 
 /// A pull-through cache's labels.
@@ -255,6 +267,36 @@ impl BerthMetrics {
                 "Bytes each pull-through cache holds (blobs its live manifests reference)",
                 Family::default(),
             ),
+            events_delivered: registered(
+                r,
+                "events_delivered",
+                "Events this replica delivered, by endpoint (replays included)",
+                Family::default(),
+            ),
+            events_failed: registered(
+                r,
+                "events_failed",
+                "Events in sends an endpoint did not accept, by endpoint (each attempt counts)",
+                Family::default(),
+            ),
+            events_pending: registered(
+                r,
+                "events_pending",
+                "Events written and not yet delivered, by endpoint",
+                Family::default(),
+            ),
+            events_lag: registered(
+                r,
+                "events_lag_seconds",
+                "How long ago the oldest undelivered event happened, by endpoint",
+                Family::default(),
+            ),
+            events_dead: registered(
+                r,
+                "events_dead_letters",
+                "Events an endpoint gave up on (dead letters), by endpoint",
+                Family::default(),
+            ),
             registry,
         }
     }
@@ -309,6 +351,24 @@ impl BerthMetrics {
         }
         self.retention_skipped.inc_by(report.skipped);
         self.retention_last_run.set(report.finished_at / 1000);
+    }
+
+    /// Counts events delivered to `endpoint`.
+    pub fn events_delivered(&self, endpoint: &str, n: usize) {
+        self.events_delivered.get_or_create(&EndpointLabels { endpoint: endpoint.to_string() }).inc_by(n as u64);
+    }
+
+    /// Counts events in a send `endpoint` did not accept.
+    pub fn events_failed(&self, endpoint: &str, n: usize) {
+        self.events_failed.get_or_create(&EndpointLabels { endpoint: endpoint.to_string() }).inc_by(n as u64);
+    }
+
+    /// Sets `endpoint`'s delivery gauges from its state read now.
+    pub fn set_events_state(&self, endpoint: &str, state: &crate::meta::EndpointState, now_ms: i64) {
+        let labels = EndpointLabels { endpoint: endpoint.to_string() };
+        self.events_pending.get_or_create(&labels).set(state.pending);
+        self.events_lag.get_or_create(&labels).set(state.oldest_pending_at.map_or(0, |at| (now_ms - at).max(0) / 1000));
+        self.events_dead.get_or_create(&labels).set(state.dead_letters);
     }
 
     /// Counts a pull-through cache's answer.

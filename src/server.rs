@@ -59,6 +59,13 @@ pub async fn serve(
     if !app.registry.caches().is_empty() {
         background.push(tokio::spawn(evict_periodically(app.clone(), stop_rx.clone())));
     }
+    for endpoint in &app.config.events.endpoints {
+        background.push(tokio::spawn(crate::events::deliver::run(
+            app.registry.clone(),
+            endpoint.clone(),
+            stop_rx.clone(),
+        )));
+    }
     if !app.config.retention.interval.is_zero() && !app.config.retention.rules.is_empty() {
         background.push(tokio::spawn(retain_periodically(app.clone(), stop_rx)));
     }

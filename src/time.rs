@@ -17,6 +17,12 @@ pub fn utc(ms: i64) -> String {
     format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
+/// `ms` (Unix milliseconds) as `YYYY-MM-DDTHH:MM:SS.mmmZ` (RFC 3339 with milliseconds).
+pub fn utc_millis(ms: i64) -> String {
+    let whole = utc(ms);
+    format!("{}.{:03}Z", whole.trim_end_matches('Z'), ms.rem_euclid(1000))
+}
+
 /// Parses an RFC 3339 time — `YYYY-MM-DDTHH:MM:SS`, optionally with a fraction of a second, then
 /// `Z` or an offset such as `+02:00` — or only the date (midnight UTC), into Unix ms.
 ///

@@ -49,7 +49,7 @@ pub fn router(app: App) -> Router {
         .route("/metrics", get(metrics::main_listener))
         .layer(middleware::from_fn_with_state(app.config.limits.max_header_bytes, limits::limit_head))
         .with_state(app.clone())
-        .layer(middleware::from_fn_with_state(app.registry.metrics().clone(), request_log::log_request))
+        .layer(middleware::from_fn_with_state(app.registry.clone(), request_log::log_request))
 }
 
 /// Query parameters any `/v2/` endpoint may take.

@@ -19,12 +19,42 @@ use http_body::Frame;
 use super::error::InternalError;
 use crate::metrics::{BerthMetrics, RequestLabels, method_label, route_of};
 
+/// The request as events name it: the client's `X-Request-Id` when it sent a sensible one
+/// (so a client can follow its change into the events), else a new one.
+fn request_info(req: &Request, instance: &str) -> crate::events::RequestInfo {
+    let header = |name: header::HeaderName| {
+        req.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string()
+    };
+    let given = header(header::HeaderName::from_static("x-request-id"));
+    let id = if !given.is_empty()
+        && given.len() <= 128
+        && given.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+    {
+        given
+    } else {
+        uuid::Uuid::new_v4().to_string()
+    };
+    crate::events::RequestInfo {
+        id,
+        addr: req
+            .extensions()
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.to_string())
+            .unwrap_or_default(),
+        host: header(header::HOST),
+        method: req.method().to_string(),
+        useragent: header(header::USER_AGENT),
+        instance: instance.to_string(),
+    }
+}
+
 /// The middleware.
 pub(super) async fn log_request(
-    State(metrics): State<Arc<BerthMetrics>>,
+    State(registry): State<crate::registry::Registry>,
     req: Request,
     next: Next,
 ) -> Response {
+    let metrics = registry.metrics().clone();
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
@@ -36,7 +66,12 @@ pub(super) async fn log_request(
     } else {
         req
     };
-    let mut res = next.run(req).await;
+    let info = request_info(&req, registry.instance());
+    let request_id = HeaderValue::from_str(&info.id).ok();
+    let mut res = crate::events::with_request(info, next.run(req)).await;
+    if let Some(id) = request_id {
+        res.headers_mut().insert(header::HeaderName::from_static("x-request-id"), id);
+    }
     res.headers_mut().insert(
         header::HeaderName::from_static("docker-distribution-api-version"),
         HeaderValue::from_static("registry/2.0"),

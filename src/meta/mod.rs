@@ -17,6 +17,8 @@ mod browse;
 mod bulk_restore;
 mod consistency;
 mod deletes;
+mod event_delivery;
+pub(crate) mod events;
 mod explain;
 mod gc;
 mod imports;
@@ -45,6 +47,8 @@ pub use browse::{DeletedTag, TagRow, UntaggedRow};
 pub use bulk_restore::{BulkOutcome, BulkRestoreRecord, DeleteRecord, DeleteSelection};
 pub use consistency::{BLOB_FINDINGS, Finding, LiveManifest, PAYLOAD_FINDINGS, StoredBlob, reference_kinds};
 pub use deletes::{AffectedManifest, DeleteError, Purged, Refusal, RetentionDelete};
+pub use event_delivery::{DeadLetter, EndpointState, ReplaySelection, StoredEvent};
+pub use events::NewEvent;
 pub use explain::{Explanation, Hold, LinkState};
 pub use gc::{Collected, Review, ReviewOutcome, WouldCollect};
 pub use imports::{Adoption, ImportRecord, ImportedTag};
@@ -198,11 +202,24 @@ macro_rules! transaction {
                 Err(e) => <$err>::from($crate::meta::Error::Database(e)),
                 Ok(mut guard) => {
                     let $tx: &mut sqlx::AnyConnection = &mut *guard;
-                    let outcome: std::result::Result<_, $err> = async { $body }.await;
+                    // Each attempt notes its events afresh; they are written last, before COMMIT.
+                    let outcome: std::result::Result<_, $err> = $crate::meta::events::journaled(async {
+                        let value = $crate::meta::events::body::<_, $err>(async { $body }).await?;
+                        let wrote = $crate::meta::events::flush(&mut *$tx)
+                            .await
+                            .map_err(|e| <$err>::from($crate::meta::Error::Database(e)))?;
+                        Ok((value, wrote))
+                    })
+                    .await;
                     match outcome {
                         Err(e) => e,
-                        Ok(value) => match guard.commit().await {
-                            Ok(()) => break Ok(value),
+                        Ok((value, wrote)) => match guard.commit().await {
+                            Ok(()) => {
+                                if wrote {
+                                    $crate::meta::events::committed();
+                                }
+                                break Ok(value);
+                            }
                             Err(e) => <$err>::from($crate::meta::commit_error(e)),
                         },
                     }

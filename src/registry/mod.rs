@@ -118,6 +118,7 @@ pub struct Registry {
     instance: Arc<str>,
     metrics: Arc<crate::metrics::BerthMetrics>,
     caches: Arc<proxy::Caches>,
+    events: Arc<crate::events::EventsConfig>,
 }
 
 impl Registry {
@@ -135,7 +136,20 @@ impl Registry {
             instance: instance_name().into(),
             metrics: Arc::new(metrics),
             caches: Arc::default(),
+            events: Arc::default(),
         }
+    }
+
+    /// This registry delivering events as `config` says.
+    #[must_use]
+    pub fn with_events(mut self, config: crate::events::EventsConfig) -> Self {
+        self.events = Arc::new(config);
+        self
+    }
+
+    /// The events configuration.
+    pub fn events(&self) -> &crate::events::EventsConfig {
+        &self.events
     }
 
     /// This registry with the pull-through caches `configs`.
@@ -170,6 +184,10 @@ impl Registry {
         for cache in self.caches.all() {
             let bytes = self.meta.cache_bytes(&cache.config.prefix).await?;
             self.metrics.set_proxy_bytes(&cache.config.prefix, bytes);
+        }
+        for endpoint in &self.events.endpoints {
+            let state = self.meta.endpoint_state(&endpoint.name).await?;
+            self.metrics.set_events_state(&endpoint.name, &state, self.clock.now_ms());
         }
         Ok(self.metrics.render(&status, i64::try_from(sessions).unwrap_or(i64::MAX)))
     }

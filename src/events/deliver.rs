@@ -1,0 +1,264 @@
+//! Delivery to one endpoint: on the replica holding the endpoint's lease, pending events are
+//! read in batches (each stream in order), filtered, rendered and `POST`ed; the cursors move
+//! past a batch only once the endpoint accepted it (any 2xx). A failed batch is sent again after a
+//! pause that doubles with each failure; after `max_attempts` failures, or once its oldest event
+//! is older than `max_age`, it becomes dead letters and the events behind it go on. Replays
+//! (`berth events replay`) are sent before pending events.
+
+use std::time::Duration;
+
+use super::format::{Source, render};
+use super::{EndpointConfig, WRITTEN};
+use crate::meta::StoredEvent;
+use crate::registry::Registry;
+
+/// How long an endpoint's lease lasts unless renewed (each round renews it).
+const LEASE_TTL_MS: i64 = 15_000;
+/// How often an idle deliverer looks for events other replicas wrote.
+const IDLE_POLL: Duration = Duration::from_millis(500);
+
+/// What one round did.
+enum Round {
+    /// Nothing to send.
+    Idle,
+    /// Sent (or skipped, or gave up on) a batch; more may be waiting.
+    Progress,
+    /// The endpoint failed; wait before the next attempt.
+    Failed(i64),
+}
+
+/// Delivers events to one endpoint until `stop` turns true.
+pub async fn run(registry: Registry, endpoint: EndpointConfig, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let client = match reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(endpoint = %endpoint.name, error = %e, "cannot build the events HTTP client");
+            return;
+        }
+    };
+    let source = Source {
+        registry_url: registry.events().registry_url.clone(),
+        instance: registry.instance().to_string(),
+    };
+    let lease = format!("events:{}", endpoint.name);
+    let meta = registry.meta().clone();
+    let mut wait = Duration::ZERO;
+    let mut registered = false;
+    loop {
+        // Registered before the first notification is awaited, so nothing committed after the
+        // registration is missed.
+        let notified = WRITTEN.notified();
+        let stopping = tokio::select! {
+            _ = stop.changed() => true,
+            () = tokio::time::sleep(wait) => false,
+            () = notified, if wait == IDLE_POLL => false,
+        };
+        if stopping || *stop.borrow() {
+            let _ = meta.release_lease(&lease, registry.instance()).await;
+            return;
+        }
+        let now = registry.clock().now_ms();
+        if !registered {
+            match meta.register_endpoint(&endpoint.name, now).await {
+                Ok(_) => registered = true,
+                Err(e) => {
+                    tracing::warn!(endpoint = %endpoint.name, error = %e, "cannot register the events endpoint");
+                    wait = IDLE_POLL;
+                    continue;
+                }
+            }
+        }
+        match meta.take_lease(&lease, registry.instance(), now, LEASE_TTL_MS).await {
+            Ok(true) => {}
+            Ok(false) => {
+                wait = Duration::from_millis(u64::try_from(LEASE_TTL_MS / 3).unwrap_or(5000));
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(endpoint = %endpoint.name, error = %e, "cannot take the events lease");
+                wait = IDLE_POLL;
+                continue;
+            }
+        }
+        wait = match round(&registry, &endpoint, &client, &source).await {
+            Ok(Round::Idle) => IDLE_POLL,
+            Ok(Round::Progress) => Duration::ZERO,
+            Ok(Round::Failed(failures)) => backoff(&endpoint, failures),
+            Err(e) => {
+                tracing::warn!(endpoint = %endpoint.name, error = %e, "events delivery failed in the metadata store");
+                IDLE_POLL
+            }
+        };
+    }
+}
+
+/// The pause after `failures` failures in a row.
+fn backoff(endpoint: &EndpointConfig, failures: i64) -> Duration {
+    let doublings = u32::try_from(failures.saturating_sub(1).clamp(0, 20)).unwrap_or(20);
+    endpoint.backoff.saturating_mul(1 << doublings).min(endpoint.max_backoff)
+}
+
+/// One batch: replays first, then pending events.
+async fn round(
+    registry: &Registry,
+    endpoint: &EndpointConfig,
+    client: &reqwest::Client,
+    source: &Source,
+) -> Result<Round, crate::meta::Error> {
+    let meta = registry.meta();
+    let name = endpoint.name.as_str();
+    let replays = meta.replays_due(name, endpoint.batch).await?;
+    if !replays.is_empty() {
+        let (wanted, skipped): (Vec<_>, Vec<_>) =
+            replays.into_iter().partition(|(e, _)| endpoint.wants(&e.kind, e.repository.as_deref()));
+        let now = registry.clock().now_ms();
+        if !skipped.is_empty() {
+            let ids: Vec<i64> = skipped.iter().map(|(e, _)| e.id).collect();
+            meta.replays_settled(name, &ids, None, 0, now).await?;
+        }
+        if wanted.is_empty() {
+            return Ok(Round::Progress);
+        }
+        let events: Vec<StoredEvent> = wanted.iter().map(|(e, _)| e.clone()).collect();
+        let ids: Vec<i64> = events.iter().map(|e| e.id).collect();
+        let attempts = wanted.iter().map(|(_, a)| *a).max().unwrap_or(0) + 1;
+        return match send(endpoint, client, source, &events).await {
+            Ok(()) => {
+                meta.replays_settled(name, &ids, None, 0, registry.clock().now_ms()).await?;
+                registry.metrics().events_delivered(name, events.len());
+                Ok(Round::Progress)
+            }
+            Err(error) => {
+                let max = i64::from(endpoint.max_attempts);
+                meta.replays_settled(name, &ids, Some(&error), max, registry.clock().now_ms()).await?;
+                registry.metrics().events_failed(name, events.len());
+                tracing::warn!(endpoint = name, events = events.len(), error, "replayed events not accepted");
+                Ok(Round::Failed(attempts))
+            }
+        };
+    }
+    let pending = meta.pending_events(name, endpoint.batch).await?;
+    if pending.is_empty() {
+        return Ok(Round::Idle);
+    }
+    let wanted = in_delivery_order(
+        pending.iter().filter(|e| endpoint.wants(&e.kind, e.repository.as_deref())).cloned().collect(),
+    );
+    if wanted.is_empty() {
+        meta.events_delivered(name, &pending, 0, registry.clock().now_ms()).await?;
+        return Ok(Round::Progress);
+    }
+    match send(endpoint, client, source, &wanted).await {
+        Ok(()) => {
+            meta.events_delivered(name, &pending, wanted.len() as u64, registry.clock().now_ms()).await?;
+            registry.metrics().events_delivered(name, wanted.len());
+            Ok(Round::Progress)
+        }
+        Err(error) => {
+            let now = registry.clock().now_ms();
+            registry.metrics().events_failed(name, wanted.len());
+            let failures = meta.event_send_failed(name, &error, now).await?;
+            let oldest = wanted.iter().map(|e| e.at).min().unwrap_or(now);
+            let too_old = now.saturating_sub(oldest) > i64::try_from(endpoint.max_age.as_millis()).unwrap_or(i64::MAX);
+            if failures >= i64::from(endpoint.max_attempts) || too_old {
+                let ids: Vec<i64> = wanted.iter().map(|e| e.id).collect();
+                meta.events_dead(name, &pending, &ids, failures, &error, now).await?;
+                tracing::error!(
+                    endpoint = name,
+                    events = ids.len(),
+                    failures,
+                    error,
+                    "events given up on: they are dead letters now (berth events status; berth events replay)"
+                );
+            } else {
+                tracing::warn!(endpoint = name, events = wanted.len(), failures, error, "events not accepted; will retry");
+            }
+            Ok(Round::Failed(failures))
+        }
+    }
+}
+
+/// `events` (each stream's in order) interleaved by time, each stream keeping its order.
+fn in_delivery_order(events: Vec<StoredEvent>) -> Vec<StoredEvent> {
+    let mut streams: std::collections::BTreeMap<String, std::collections::VecDeque<StoredEvent>> =
+        std::collections::BTreeMap::new();
+    for e in events {
+        streams.entry(e.stream.clone()).or_default().push_back(e);
+    }
+    let mut out = Vec::new();
+    loop {
+        let next = streams
+            .iter()
+            .filter_map(|(s, q)| q.front().map(|e| (e.at, e.id, s.clone())))
+            .min();
+        let Some((_, _, stream)) = next else { break };
+        if let Some(e) = streams.get_mut(&stream).and_then(std::collections::VecDeque::pop_front) {
+            out.push(e);
+        }
+    }
+    out
+}
+
+/// Posts `events` to the endpoint; `Err` says why it did not accept them.
+async fn send(
+    endpoint: &EndpointConfig,
+    client: &reqwest::Client,
+    source: &Source,
+    events: &[StoredEvent],
+) -> Result<(), String> {
+    let (content_type, body) = render(endpoint.format, events, source);
+    let mut request = client
+        .post(&endpoint.url)
+        .timeout(endpoint.timeout)
+        .header(reqwest::header::CONTENT_TYPE, content_type)
+        .header(reqwest::header::USER_AGENT, concat!("berth/", env!("CARGO_PKG_VERSION")))
+        .body(body);
+    for (name, value) in &endpoint.headers {
+        request = request.header(name.as_str(), value.as_str());
+    }
+    let response = request.send().await.map_err(|e| format!("{}: {e}", endpoint.url))?;
+    let status = response.status();
+    if status.is_success() {
+        return Ok(());
+    }
+    let text = response.text().await.unwrap_or_default();
+    let text: String = text.chars().take(200).collect();
+    Err(format!("{} answered {status}: {text}", endpoint.url))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(id: i64, stream: &str, seq: i64, at: i64) -> StoredEvent {
+        StoredEvent {
+            id,
+            stream: stream.into(),
+            seq,
+            at,
+            kind: "tag.set".into(),
+            repository: Some(stream.into()),
+            digest: None,
+            media_type: None,
+            size: None,
+            tag: None,
+            old_digest: None,
+            actor: None,
+            request: None,
+            detail: None,
+        }
+    }
+
+    #[test]
+    fn delivery_order_keeps_each_stream_in_sequence() {
+        // Stream a's second event happened (by the clock) before its first committed.
+        let events = vec![event(1, "a", 1, 30), event(2, "a", 2, 10), event(3, "b", 1, 20), event(4, "b", 2, 40)];
+        let order: Vec<(String, i64)> =
+            in_delivery_order(events).into_iter().map(|e| (e.stream, e.seq)).collect();
+        let a: Vec<i64> = order.iter().filter(|(s, _)| s == "a").map(|(_, q)| *q).collect();
+        let b: Vec<i64> = order.iter().filter(|(s, _)| s == "b").map(|(_, q)| *q).collect();
+        assert_eq!(a, [1, 2]);
+        assert_eq!(b, [1, 2]);
+        assert_eq!(order[0], ("b".to_string(), 1));
+    }
+}
