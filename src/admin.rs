@@ -8,7 +8,7 @@
 use serde_json::{Value, json};
 
 use crate::auth::{Auth, Denial, Identity, Operation};
-use crate::meta::RevertTarget;
+use crate::meta::{ReplaySelection, RevertTarget};
 use crate::oci::{Digest, RepoName, Tag};
 use crate::registry::{DeleteTarget, Error, ExplainTarget, Registry, Selection};
 
@@ -21,6 +21,17 @@ pub enum Revert {
     At(i64),
     /// One step back.
     Previous,
+}
+
+/// Which events a replay delivers again.
+#[derive(Debug, Clone, Copy)]
+pub enum Replay {
+    /// Every event since this moment.
+    Since(crate::time::Moment),
+    /// One event.
+    Id(i64),
+    /// Every dead letter.
+    Dead,
 }
 
 /// One admin operation.
@@ -119,6 +130,29 @@ pub enum AdminRequest {
     WithdrawInUse(String),
     /// Every in-use report with what it pins.
     InUse,
+    /// Where each events endpoint's delivery stands.
+    EventsStatus,
+    /// The events written after an id, in id order.
+    EventsLog {
+        /// List after this event id.
+        after: i64,
+        /// At most this many.
+        n: i64,
+    },
+    /// An events endpoint's dead letters, newest first.
+    DeadLetters {
+        /// The endpoint.
+        endpoint: String,
+        /// At most this many.
+        n: i64,
+    },
+    /// Deliver events to an endpoint again.
+    ReplayEvents {
+        /// The endpoint.
+        endpoint: String,
+        /// Which events.
+        selection: Replay,
+    },
     /// Emergency purge of a blob everywhere.
     Purge {
         /// The blob.
@@ -207,6 +241,17 @@ impl AdminRequest {
             AdminRequest::ProxyEvict => ("POST", "proxies/evict".to_string(), None),
             AdminRequest::Space(None) => ("GET", "space".to_string(), None),
             AdminRequest::Space(Some(r)) => ("GET", format!("space/{r}"), None),
+            AdminRequest::EventsStatus => ("GET", "events/status".to_string(), None),
+            AdminRequest::EventsLog { after, n } => ("GET", format!("events?after={after}&n={n}"), None),
+            AdminRequest::DeadLetters { endpoint, n } => ("GET", format!("events/dead/{endpoint}?n={n}"), None),
+            AdminRequest::ReplayEvents { endpoint, selection } => {
+                let body = match selection {
+                    Replay::Since(at) => json!({ "since": at.text() }),
+                    Replay::Id(id) => json!({ "id": id }),
+                    Replay::Dead => json!({ "dead": true }),
+                };
+                ("POST", format!("events/replay/{endpoint}"), Some(body))
+            }
             AdminRequest::Purge { digest, reason } => {
                 ("POST", "purge".to_string(), Some(json!({ "digest": digest.as_str(), "reason": reason })))
             }
@@ -304,6 +349,21 @@ impl AdminRequest {
                 json!({ "source": source, "withdrawn": true })
             }
             AdminRequest::InUse => json!({ "reports": to_value(&registry.in_use_reports().await?) }),
+            AdminRequest::EventsStatus => json!({ "endpoints": to_value(&registry.events_status().await?) }),
+            AdminRequest::EventsLog { after, n } => {
+                json!({ "events": to_value(&registry.events_after(*after, *n).await?) })
+            }
+            AdminRequest::DeadLetters { endpoint, n } => {
+                json!({ "endpoint": endpoint, "dead_letters": to_value(&registry.dead_letters(endpoint, *n).await?) })
+            }
+            AdminRequest::ReplayEvents { endpoint, selection } => {
+                let selection = match selection {
+                    Replay::Since(at) => ReplaySelection::Since(at.resolve(registry.clock().now_ms())),
+                    Replay::Id(id) => ReplaySelection::Id(*id),
+                    Replay::Dead => ReplaySelection::Dead,
+                };
+                json!({ "endpoint": endpoint, "queued": registry.replay_events(endpoint, selection).await? })
+            }
             AdminRequest::RetentionRun { dry_run, only } => {
                 let started_by = actor.unwrap_or("anonymous");
                 to_value(&registry.retention_run(only.as_ref(), *dry_run, started_by).await?)
@@ -353,7 +413,11 @@ impl AdminRequest {
             | AdminRequest::BulkRestoreRecord(_)
             | AdminRequest::Space(None)
             | AdminRequest::RetentionRun { .. }
-            | AdminRequest::RetentionStatus => Operation::AdministerRegistry,
+            | AdminRequest::RetentionStatus
+            | AdminRequest::EventsStatus
+            | AdminRequest::EventsLog { .. }
+            | AdminRequest::DeadLetters { .. }
+            | AdminRequest::ReplayEvents { .. } => Operation::AdministerRegistry,
             AdminRequest::ReportInUse { .. } | AdminRequest::WithdrawInUse(_) | AdminRequest::InUse => {
                 Operation::ReportInUse
             }
@@ -558,6 +622,16 @@ struct RevertBody {
     previous: bool,
 }
 
+/// The body of `POST events/replay/NAME`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplayBody {
+    since: Option<String>,
+    id: Option<i64>,
+    #[serde(default)]
+    dead: bool,
+}
+
 fn body_of<T: for<'de> serde::Deserialize<'de>>(body: Option<&[u8]>) -> Result<T, ParseError> {
     serde_json::from_slice(body.unwrap_or(b"")).map_err(|e| ParseError::Invalid(format!("request body: {e}")))
 }
@@ -669,6 +743,36 @@ impl AdminRequest {
                     .transpose()?,
             },
             ("GET", "retention", "status") => AdminRequest::RetentionStatus,
+            ("GET", "events", "status") => AdminRequest::EventsStatus,
+            ("GET", "events", "") => AdminRequest::EventsLog {
+                after: match query_value(query, "after") {
+                    None => 0,
+                    Some(a) => a.parse().map_err(|_| ParseError::Invalid(format!("after: `{a}` is not an event id")))?,
+                },
+                n: query_value(query, "n").and_then(|n| n.parse().ok()).unwrap_or(1000).clamp(1, 10_000),
+            },
+            ("GET", "events", rest) if rest.starts_with("dead/") => AdminRequest::DeadLetters {
+                endpoint: rest["dead/".len()..].to_string(),
+                n: query_value(query, "n").and_then(|n| n.parse().ok()).unwrap_or(1000).clamp(1, 10_000),
+            },
+            ("POST", "events", rest) if rest.starts_with("replay/") => {
+                let body: ReplayBody = body_of(body)?;
+                let selection = match (body.since, body.id, body.dead) {
+                    (Some(since), None, false) => Replay::Since(
+                        crate::time::parse_moment(&since).map_err(|e| ParseError::Invalid(format!("since: {e}")))?,
+                    ),
+                    (None, Some(id), false) => Replay::Id(id),
+                    (None, None, true) => Replay::Dead,
+                    _ => {
+                        return Err(ParseError::Invalid(
+                            "give exactly one of \"since\" (a time, or an age like \"2h\"), \"id\" (an event id) \
+                             or \"dead\": true"
+                                .into(),
+                        ));
+                    }
+                };
+                AdminRequest::ReplayEvents { endpoint: rest["replay/".len()..].to_string(), selection }
+            }
             ("POST", "unlock", text) => {
                 let DeleteTarget::Tag(repo, tag) = parse_target(text)? else {
                     return Err(ParseError::Invalid("unlock takes REPO:TAG".into()));

@@ -213,6 +213,11 @@ async fn sweep_periodically(app: App, mut stop: tokio::sync::watch::Receiver<boo
         {
             tracing::warn!(error = %e, "scrub step failed; retried next time");
         }
+        match app.registry.prune_events().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(events.pruned = n, "delivered events past events.retain removed"),
+            Err(e) => tracing::warn!(error = %e, "could not prune events; retried next time"),
+        }
         if let Err(e) = app.registry.sample_space(crate::registry::SPACE_SAMPLE_EVERY_MS).await {
             tracing::warn!(error = %e, "could not sample where the space is");
         }

@@ -195,6 +195,25 @@ fn eviction_line(e: &Value) -> String {
     )
 }
 
+/// One event as a line: id, time, kind, what, who.
+fn event_line(e: &Value) -> String {
+    let what = match (e["repository"].as_str(), e["tag"].as_str(), e["digest"].as_str()) {
+        (Some(r), Some(t), _) => format!("{r}:{t}"),
+        (Some(r), None, Some(d)) => format!("{r}@{d}"),
+        (Some(r), None, None) => r.to_string(),
+        (None, _, Some(d)) => d.to_string(),
+        (None, _, None) => String::new(),
+    };
+    let moved = e["old_digest"].as_str().map(|d| format!(" (was {d})")).unwrap_or_default();
+    format!(
+        "{:>8}  {}  {:<20} {what}{moved}  by {}",
+        n(e, "id"),
+        utc(n(e, "at")),
+        s(e, "kind"),
+        e["actor"].as_str().unwrap_or("anonymous")
+    )
+}
+
 /// The human form of an answer.
 pub fn render(request: &AdminRequest, v: &Value) -> String {
     let mut out = String::new();
@@ -295,6 +314,64 @@ pub fn render(request: &AdminRequest, v: &Value) -> String {
                     None => out.push_str("  no eviction in this process yet\n"),
                 }
             }
+        }
+        AdminRequest::EventsStatus => {
+            let endpoints = items(v, "endpoints");
+            if endpoints.is_empty() {
+                out.push_str("no events endpoints are configured ([[events.endpoints]])\n");
+            }
+            for e in endpoints {
+                let oldest = e["oldest_pending_at"].as_i64().map_or("-".to_string(), utc);
+                out.push_str(&format!(
+                    "{} ({}) -> {}\n  pending {}, oldest undelivered {oldest} (lag {} s); delivered {}, given up {}\n",
+                    s(e, "name"),
+                    s(e, "format"),
+                    s(e, "url"),
+                    n(e, "pending"),
+                    n(e, "lag_seconds"),
+                    n(e, "delivered"),
+                    n(e, "failed")
+                ));
+                out.push_str(&format!(
+                    "  dead letters {}, queued replays {}, failures in a row {}\n",
+                    n(e, "dead_letters"),
+                    n(e, "replays"),
+                    n(e, "failures")
+                ));
+                if let Some(error) = e["last_error"].as_str() {
+                    out.push_str(&format!("  last error: {error}\n"));
+                }
+                if let Some(at) = e["last_success_at"].as_i64() {
+                    out.push_str(&format!("  last delivered {}\n", utc(at)));
+                }
+            }
+        }
+        AdminRequest::EventsLog { .. } => {
+            for e in items(v, "events") {
+                out.push_str(&format!("{}\n", event_line(e)));
+            }
+        }
+        AdminRequest::DeadLetters { .. } => {
+            let letters = items(v, "dead_letters");
+            if letters.is_empty() {
+                out.push_str(&format!("{} has no dead letters\n", s(v, "endpoint")));
+            }
+            for d in letters {
+                out.push_str(&format!(
+                    "{}\n  given up {} after {} attempts: {}\n",
+                    event_line(&d["event"]),
+                    utc(n(d, "at")),
+                    n(d, "attempts"),
+                    d["last_error"].as_str().unwrap_or("-")
+                ));
+            }
+        }
+        AdminRequest::ReplayEvents { .. } => {
+            out.push_str(&format!(
+                "{} event(s) queued for delivery again to {}\n",
+                n(v, "queued"),
+                s(v, "endpoint")
+            ));
         }
         AdminRequest::ProxyEvict => {
             for e in items(v, "evictions") {

@@ -141,6 +141,84 @@ pub enum Command {
     ///
     /// Example: `berth proxy status --url http://127.0.0.1:5000`
     Proxy(ProxyArgs),
+    /// Events (`[[events.endpoints]]`): `berth events status` shows each endpoint's lag,
+    /// oldest undelivered event, failures and dead letters; `berth events replay` delivers
+    /// events again; `berth events dead` lists what an endpoint gave up on; `berth events log`
+    /// lists the events as written.
+    ///
+    /// Example: `berth events replay --endpoint ci --since 2h`
+    Events(EventsArgs),
+}
+
+/// `berth events`.
+#[derive(Debug, clap::Args)]
+pub struct EventsArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub action: EventsAction,
+}
+
+/// `berth events …`.
+#[derive(Debug, Subcommand)]
+pub enum EventsAction {
+    /// Each endpoint: events pending and the oldest of them (the lag), delivered and given up
+    /// in all, dead letters, queued replays, failures in a row and the last error.
+    Status(StatusArgs),
+    /// Deliver events to an endpoint again (it de-duplicates by event id): every event since a
+    /// time, one event, or every dead letter.
+    Replay(EventsReplayArgs),
+    /// An endpoint's dead letters (events it gave up on), newest first.
+    Dead(EventsDeadArgs),
+    /// The events as written, oldest first.
+    Log(EventsLogArgs),
+}
+
+/// `berth events replay`.
+#[derive(Debug, clap::Args)]
+pub struct EventsReplayArgs {
+    /// The endpoint (its `name`).
+    #[arg(long)]
+    pub endpoint: String,
+    /// Every event that happened since this moment: a UTC time, Unix ms, or an age (`2h`).
+    #[arg(long, conflicts_with_all = ["id", "dead"])]
+    pub since: Option<String>,
+    /// One event, by id.
+    #[arg(long, conflicts_with = "dead")]
+    pub id: Option<i64>,
+    /// Every dead letter of the endpoint.
+    #[arg(long)]
+    pub dead: bool,
+    /// How to reach Berth.
+    #[command(flatten)]
+    pub conn: admin::Connection,
+}
+
+/// `berth events dead`.
+#[derive(Debug, clap::Args)]
+pub struct EventsDeadArgs {
+    /// The endpoint (its `name`).
+    #[arg(long)]
+    pub endpoint: String,
+    /// At most this many.
+    #[arg(long, default_value_t = 100)]
+    pub limit: i64,
+    /// How to reach Berth.
+    #[command(flatten)]
+    pub conn: admin::Connection,
+}
+
+/// `berth events log`.
+#[derive(Debug, clap::Args)]
+pub struct EventsLogArgs {
+    /// List events after this id.
+    #[arg(long, default_value_t = 0)]
+    pub after: i64,
+    /// At most this many.
+    #[arg(long, default_value_t = 100)]
+    pub limit: i64,
+    /// How to reach Berth.
+    #[command(flatten)]
+    pub conn: admin::Connection,
 }
 
 /// `berth proxy`.
@@ -700,6 +778,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Retention(RetentionArgs { action: RetentionAction::Undo(a) }) => {
             let selection = crate::registry::Selection { run: Some(a.run), ..Default::default() };
             (a.conn, Req::BulkRestore { selection, take_tags: a.take_tags, dry_run: a.dry_run })
+        }
+        Command::Events(EventsArgs { action: EventsAction::Status(a) }) => (a.conn, Req::EventsStatus),
+        Command::Events(EventsArgs { action: EventsAction::Log(a) }) => {
+            (a.conn, Req::EventsLog { after: a.after, n: a.limit.clamp(1, 10_000) })
+        }
+        Command::Events(EventsArgs { action: EventsAction::Dead(a) }) => {
+            (a.conn, Req::DeadLetters { endpoint: a.endpoint, n: a.limit.clamp(1, 10_000) })
+        }
+        Command::Events(EventsArgs { action: EventsAction::Replay(a) }) => {
+            let selection = match (a.since.as_deref(), a.id, a.dead) {
+                (Some(since), None, false) => crate::admin::Replay::Since(
+                    crate::time::parse_moment(since).map_err(|e| anyhow::anyhow!("--since: {e}"))?,
+                ),
+                (None, Some(id), false) => crate::admin::Replay::Id(id),
+                (None, None, true) => crate::admin::Replay::Dead,
+                _ => anyhow::bail!("give one of --since TIME, --id ID or --dead"),
+            };
+            (a.conn, Req::ReplayEvents { endpoint: a.endpoint, selection })
         }
         Command::Purge(a) => {
             let digest =

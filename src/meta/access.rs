@@ -1,6 +1,7 @@
 //! Access times, written in batches: when manifests were last pulled and blobs last answered a
 //! `HEAD`.
 
+use super::events::NewEvent;
 use super::{Error, MetaStore, Result, transaction};
 
 /// Ids per statement (inlined: they are integers read from the database).
@@ -12,7 +13,15 @@ impl MetaStore {
     ///
     /// # Errors
     /// [`Error::Database`].
-    pub async fn record_access(&self, manifest_ids: &[i64], blob_ids: &[i64], now: i64) -> Result<()> {
+    /// With `pull_events`, each manifest pulled is also an event (`manifest.pulled`, one per
+    /// manifest and batch), written with the times.
+    pub async fn record_access(
+        &self,
+        manifest_ids: &[i64],
+        blob_ids: &[i64],
+        pull_events: bool,
+        now: i64,
+    ) -> Result<()> {
         let lock = match self.dialect {
             super::Dialect::Sqlite => None,
             super::Dialect::Postgres => Some(" FOR NO KEY UPDATE"),
@@ -37,6 +46,25 @@ impl MetaStore {
                         "UPDATE {table} SET {column} = $1 WHERE id IN ({list}) AND ({column} IS NULL OR {column} < $1)"
                     );
                     sqlx::query(&sql).bind(now).execute(&mut *tx).await?;
+                }
+            }
+            if pull_events {
+                let mut ids = manifest_ids.to_vec();
+                ids.sort_unstable();
+                for chunk in ids.chunks(CHUNK) {
+                    let list = chunk.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+                    let pulled: Vec<(String, String, String, i64)> = sqlx::query_as(&format!(
+                        "SELECT r.name, m.digest, m.media_type, CAST(LENGTH(m.payload) AS BIGINT) FROM manifests m \
+                         JOIN repositories r ON r.id = m.repository_id WHERE m.id IN ({list}) ORDER BY m.id"
+                    ))
+                    .fetch_all(&mut *tx)
+                    .await?;
+                    for (repo, digest, media_type, size) in pulled {
+                        let mut event = NewEvent::new(crate::events::MANIFEST_PULLED, &repo, None, now).digest(&digest);
+                        event.media_type = Some(media_type);
+                        event.size = Some(size);
+                        super::events::record(event);
+                    }
                 }
             }
             Ok(())

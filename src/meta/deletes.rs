@@ -8,7 +8,9 @@
 
 use sqlx::AnyConnection;
 
+use super::events::NewEvent;
 use super::gc::Review;
+use crate::events;
 use super::tags::TagCondition;
 use super::{Error, MetaStore, Result, TxError, transaction};
 use crate::oci::{Digest, RepoName, Tag};
@@ -184,6 +186,13 @@ impl MetaStore {
         Ok(rows.into_iter().map(|(n,)| n).collect())
     }
 
+    /// The event of a cached tag deleted while its manifest was still pending (no tag row).
+    fn cached_tag_forgotten(repo: &RepoName, tag: &Tag, digest: &str, actor: Option<&str>, now: i64) -> NewEvent {
+        let mut event = NewEvent::new(events::TAG_DELETED, repo.as_str(), actor, now).tag(tag.as_str());
+        event.old_digest = Some(digest.to_string());
+        event.detail("pending", true)
+    }
+
     async fn new_delete(
         tx: &mut AnyConnection,
         repo_id: Option<i64>,
@@ -212,6 +221,7 @@ impl MetaStore {
     /// `delete_id`); returns the tag names.
     async fn untag_all(
         tx: &mut AnyConnection,
+        repo: &str,
         m: &Target,
         actor: Option<&str>,
         now: i64,
@@ -234,6 +244,11 @@ impl MetaStore {
         .execute(&mut *tx)
         .await?;
         sqlx::query("DELETE FROM tags WHERE manifest_id = $1").bind(m.id).execute(&mut *tx).await?;
+        for (name,) in &names {
+            let mut event = NewEvent::new(events::TAG_DELETED, repo, actor, now).tag(name).detail("deleteId", delete_id);
+            event.old_digest = Some(m.digest.clone());
+            super::events::record(event);
+        }
         Ok(names.into_iter().map(|(n,)| n).collect())
     }
 
@@ -455,8 +470,21 @@ impl MetaStore {
             };
             for (m, why) in std::iter::once((&target, first)).chain(referrers.iter().map(|r| (r, "subject")))
             {
-                let tags = Self::untag_all(tx, m, actor, now, delete_id).await?;
+                let tags = Self::untag_all(tx, repo.as_str(), m, actor, now, delete_id).await?;
                 Self::tombstone(tx, m, delete_id, why, unrestorable, now, review_at).await?;
+                let mut event = NewEvent::new(events::MANIFEST_DELETED, repo.as_str(), actor, now)
+                    .digest(&m.digest)
+                    .detail("deleteId", delete_id);
+                if m.id != target.id {
+                    event = event.detail("subjectDeleted", target.digest.as_str());
+                }
+                if let Some(reason) = reason {
+                    event = event.detail("reason", reason);
+                }
+                if let Some(RetentionDelete { run_id, .. }) = retention {
+                    event = event.detail("retentionRun", run_id);
+                }
+                super::events::record(event);
                 affected.push(AffectedManifest {
                     repository: repo.to_string(),
                     digest: m.digest.clone(),
@@ -508,6 +536,7 @@ impl MetaStore {
                 Err(DeleteError::Refused(Refusal::NotFound(_))) if resolved.is_some() => {
                     let d = resolved.clone().unwrap_or_default();
                     return if condition.holds(Some(&d)) {
+                        super::events::record(Self::cached_tag_forgotten(repo, tag, &d, actor, now));
                         Ok(d)
                     } else {
                         refuse(Refusal::Precondition(format!("tag {tag} points at {d}")))
@@ -531,6 +560,7 @@ impl MetaStore {
             }
             let Some(old) = current else {
                 if let Some(digest) = resolved {
+                    super::events::record(Self::cached_tag_forgotten(repo, tag, &digest, actor, now));
                     return Ok(digest);
                 }
                 return refuse(Refusal::NotFound(format!("tag {tag} not in repository {repo}")));
@@ -541,6 +571,7 @@ impl MetaStore {
             Self::record_tag_move(
                 tx,
                 repo_id,
+                repo.as_str(),
                 tag.as_str(),
                 Some(&old),
                 None,
@@ -620,7 +651,12 @@ impl MetaStore {
             .bind(blob_id)
             .execute(&mut *tx)
             .await?;
-            Self::new_delete(tx, Some(repo_id), "blob", digest.as_str(), actor, None, now).await?;
+            let delete_id = Self::new_delete(tx, Some(repo_id), "blob", digest.as_str(), actor, None, now).await?;
+            super::events::record(
+                NewEvent::new(events::BLOB_DELETED, repo.as_str(), actor, now)
+                    .digest(digest.as_str())
+                    .detail("deleteId", delete_id),
+            );
             sqlx::query("DELETE FROM repository_blobs WHERE repository_id = $1 AND blob_id = $2")
                 .bind(repo_id)
                 .bind(blob_id)
@@ -728,6 +764,25 @@ impl MetaStore {
             .execute(&mut *tx)
             .await?;
             sqlx::query("DELETE FROM tags WHERE repository_id = $1").bind(repo_id).execute(&mut *tx).await?;
+            for a in &affected {
+                for tag in &a.tags {
+                    let mut event =
+                        NewEvent::new(events::TAG_DELETED, repo.as_str(), actor, now).tag(tag).detail("deleteId", delete_id);
+                    event.old_digest = Some(a.digest.clone());
+                    super::events::record(event);
+                }
+                super::events::record(
+                    NewEvent::new(events::MANIFEST_DELETED, repo.as_str(), actor, now)
+                        .digest(&a.digest)
+                        .detail("deleteId", delete_id)
+                        .detail("repositoryDeleted", true),
+                );
+            }
+            super::events::record(
+                NewEvent::new(events::REPOSITORY_DELETED, repo.as_str(), actor, now)
+                    .detail("deleteId", delete_id)
+                    .detail("manifests", affected.len()),
+            );
             // Queue rows after the tag rows (docs/design.md, lock order).
             sqlx::query(
                 "INSERT INTO gc_reviews (kind, item_id, review_after) \
@@ -862,7 +917,7 @@ impl MetaStore {
             for (m, repo, because) in &doomed {
                 // Tag rows before queue rows (docs/design.md, lock order). Unrestorable: collectable
                 // at once.
-                let tags = Self::untag_all(tx, m, actor, now, delete_id).await?;
+                let tags = Self::untag_all(tx, repo.as_str(), m, actor, now, delete_id).await?;
                 Self::enqueue(tx, Review::Manifest(m.id), now).await?;
                 sqlx::query(
                     "UPDATE manifests SET deleted_at = COALESCE(deleted_at, $1), delete_id = COALESCE(delete_id, $2), \
@@ -874,6 +929,12 @@ impl MetaStore {
                 .bind(m.id)
                 .execute(&mut *tx)
                 .await?;
+                super::events::record(
+                    NewEvent::new(events::MANIFEST_PURGED, repo, actor, now)
+                        .digest(&m.digest)
+                        .detail("deleteId", delete_id)
+                        .detail("reason", because.as_str()),
+                );
                 manifests.push(AffectedManifest { repository: repo.clone(), digest: m.digest.clone(), tags });
             }
             manifests.sort_by(|a, b| (&a.repository, &a.digest).cmp(&(&b.repository, &b.digest)));
@@ -893,6 +954,14 @@ impl MetaStore {
                 .execute(&mut *tx)
                 .await?;
             sqlx::query("DELETE FROM blobs WHERE id = $1").bind(blob_id).execute(&mut *tx).await?;
+            let mut event = NewEvent::new(events::BLOB_PURGED, "", actor, now)
+                .digest(digest.as_str())
+                .detail("deleteId", delete_id)
+                .detail("reason", reason)
+                .detail("unlinkedFrom", unlinked.iter().map(|(n,)| n.as_str()).collect::<Vec<_>>());
+            event.repository = None;
+            event.size = Some(size);
+            super::events::record(event);
             Ok(Purged {
                 digest: digest.to_string(),
                 size,

@@ -12,6 +12,8 @@
 
 use sqlx::AnyConnection;
 
+use super::events::NewEvent;
+
 use super::{Dialect, Error, MetaStore, Result, transaction};
 
 /// What a review is about.
@@ -573,6 +575,10 @@ impl MetaStore {
             Self::to_outbox(tx, &key, now).await?;
         }
         sqlx::query("DELETE FROM blobs WHERE id = $1").bind(id).execute(&mut *tx).await?;
+        let mut event = NewEvent::new(crate::events::BLOB_COLLECTED, "", Some("collector"), now).digest(&digest);
+        event.repository = None;
+        event.size = Some(size);
+        super::events::record(event);
         Ok(Verdict::Collected(Collected {
             manifests: 0,
             blobs: 1,
@@ -668,11 +674,23 @@ impl MetaStore {
                 return Ok(Verdict::Until(grace_end));
             }
         }
+        let (media_type, size): (String, i64) =
+            sqlx::query_as("SELECT media_type, CAST(LENGTH(payload) AS BIGINT) FROM manifests WHERE id = $1")
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await?;
         let made_due = Self::collect_manifest(tx, id, repo_id, &digest, now, how).await?;
         let (repo,): (String,) = sqlx::query_as("SELECT name FROM repositories WHERE id = $1")
             .bind(repo_id)
             .fetch_one(&mut *tx)
             .await?;
+        let mut event = NewEvent::new(crate::events::MANIFEST_COLLECTED, &repo, Some("collector"), now).digest(&digest);
+        event.media_type = Some(media_type);
+        event.size = Some(size);
+        if deleted_at.is_some() {
+            event = event.detail("tombstone", true);
+        }
+        super::events::record(event);
         Ok(Verdict::Collected(Collected {
             manifests: 1,
             blobs: 0,

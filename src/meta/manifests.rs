@@ -2,6 +2,7 @@
 
 use sqlx::AnyConnection;
 
+use super::events::NewEvent;
 use super::tags::{TagCondition, TagCtx, TagOutcome, TagWrite};
 use super::{Error, MetaStore, Result, TxError, transaction};
 use crate::meta::{ManifestHead, ManifestRow, ReferrerRow};
@@ -118,6 +119,24 @@ impl MetaStore {
             }
             let manifest_id = Self::upsert_manifest(tx, repo_id, manifest, now).await?;
             Self::write_references(tx, manifest_id, &blob_ids, &child_ids).await?;
+            let mut pushed = NewEvent::new(crate::events::MANIFEST_PUSHED, repo.as_str(), actor, now)
+                .digest(manifest.digest.as_str());
+            pushed.media_type = Some(manifest.media_type.to_string());
+            pushed.size = i64::try_from(manifest.payload.len()).ok();
+            match tags {
+                [one] => pushed = pushed.tag(one.as_str()),
+                [] => {}
+                many => {
+                    pushed = pushed.detail("tags", many.iter().map(|t| t.as_str()).collect::<Vec<_>>());
+                }
+            }
+            if let Some(subject) = manifest.subject {
+                pushed = pushed.detail("subject", subject.as_str());
+            }
+            if let Some(artifact_type) = manifest.artifact_type {
+                pushed = pushed.detail("artifactType", artifact_type);
+            }
+            super::events::record(pushed);
             // A cache's resolutions are all checked (share-locked, in tag order) before any tag
             // row is locked: resolutions before tags, as a tag delete takes them.
             let mut writable = Vec::with_capacity(tags.len());

@@ -13,6 +13,7 @@
 
 use sqlx::AnyConnection;
 
+use super::events::NewEvent;
 use super::deletes::{AffectedManifest, DeleteError, DeleteResult, Refusal, Target, refuse};
 use super::tags::{TagCondition, TagCtx, TagOutcome, TagWrite};
 use super::{Error, MetaStore, transaction};
@@ -121,7 +122,7 @@ impl MetaStore {
                     "manifest {digest} in {repo} is not deleted: there is nothing to restore"
                 )));
             }
-            Self::undelete_repository(tx, repo_id).await?;
+            Self::undelete_repository(tx, repo_id, repo, actor, now).await?;
             Ok(restored)
         })
     }
@@ -194,7 +195,7 @@ impl MetaStore {
             let tags = TagsBack::Deleted { take_tags };
             Self::revive(tx, c, repo, repo_id, &m, tags, actor, now, 0, &mut restored).await?;
         }
-        Self::undelete_repository(tx, repo_id).await?;
+        Self::undelete_repository(tx, repo_id, repo, actor, now).await?;
         Ok(restored)
     }
 
@@ -226,11 +227,31 @@ impl MetaStore {
         Ok(())
     }
 
-    pub(super) async fn undelete_repository(tx: &mut AnyConnection, repo_id: i64) -> Result<(), sqlx::Error> {
+    /// Makes repository `repo_id` (`repo`) live again if it was deleted (noting the event).
+    pub(super) async fn undelete_repository(
+        tx: &mut AnyConnection,
+        repo_id: i64,
+        repo: &RepoName,
+        actor: Option<&str>,
+        now: i64,
+    ) -> Result<(), sqlx::Error> {
+        // The row is locked by the caller ([`MetaStore::lock_repository`]).
+        let back: Option<(Option<i64>,)> =
+            sqlx::query_as("SELECT delete_id FROM repositories WHERE id = $1 AND deleted_at IS NOT NULL")
+                .bind(repo_id)
+                .fetch_optional(&mut *tx)
+                .await?;
         sqlx::query("UPDATE repositories SET deleted_at = NULL, delete_id = NULL WHERE id = $1 AND deleted_at IS NOT NULL")
             .bind(repo_id)
             .execute(&mut *tx)
             .await?;
+        if let Some((delete_id,)) = back {
+            let mut event = NewEvent::new(crate::events::REPOSITORY_RESTORED, repo.as_str(), actor, now);
+            if let Some(id) = delete_id {
+                event = event.detail("deleteId", id);
+            }
+            super::events::record(event);
+        }
         Ok(())
     }
 
@@ -397,6 +418,14 @@ impl MetaStore {
         .bind(m.id)
         .execute(&mut *tx)
         .await?;
+        let mut event = NewEvent::new(crate::events::MANIFEST_RESTORED, repo.as_str(), actor, now).digest(digest);
+        if let Some(d) = delete_id {
+            event = event.detail("deleteId", d);
+        }
+        if let Some(b) = c.tag.bulk_restore {
+            event = event.detail("bulkRestoreId", b);
+        }
+        super::events::record(event);
         let mut back = Vec::new();
         if let (TagsBack::Deleted { take_tags }, Some(d)) = (tags, delete_id) {
             back = Self::restore_tags(tx, c, repo, repo_id, m, d, take_tags, actor, now).await?;

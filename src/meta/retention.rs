@@ -234,6 +234,16 @@ impl MetaStore {
                     .bind(delete_ids.get(u.tag.as_str()).copied());
             }
             query.execute(&mut *tx).await?;
+            for (u, _) in &removals {
+                let mut event = super::events::NewEvent::new(crate::events::TAG_DELETED, repo.as_str(), Some(&u.actor), now)
+                    .tag(u.tag.as_str())
+                    .detail("retentionRun", run_id);
+                if let Some(id) = delete_ids.get(u.tag.as_str()) {
+                    event = event.detail("deleteId", *id);
+                }
+                event.old_digest = Some(u.digest.to_string());
+                super::events::record(event);
+            }
             let sql = format!(
                 "DELETE FROM tags WHERE repository_id = $1 AND name IN ({})",
                 numbered(2, removals.len())

@@ -2,6 +2,9 @@
 
 use sqlx::AnyConnection;
 
+use super::events::NewEvent;
+use crate::events;
+
 use super::{Dialect, MetaStore, Result};
 use crate::meta::TagMove;
 use crate::oci::{Digest, RepoName, Tag};
@@ -226,6 +229,7 @@ impl MetaStore {
         Self::record_tag_move(
             tx,
             w.repo_id,
+            w.repo,
             w.tag.as_str(),
             moved_from.as_deref(),
             new,
@@ -239,11 +243,12 @@ impl MetaStore {
         Ok(TagOutcome::Set { moved_from: left_behind })
     }
 
-    /// Appends one row to the tag history.
+    /// Appends one row to the tag history, and notes the move as an event.
     #[expect(clippy::too_many_arguments, reason = "the row's columns")]
     pub(super) async fn record_tag_move(
         tx: &mut AnyConnection,
         repo_id: i64,
+        repo: &str,
         tag: &str,
         old_digest: Option<&str>,
         new_digest: Option<&str>,
@@ -268,6 +273,22 @@ impl MetaStore {
         .bind(bulk_restore)
         .execute(&mut *tx)
         .await?;
+        let event_kind = match (kind, new_digest) {
+            ("restore", _) => events::TAG_RESTORED,
+            ("revert", _) => events::TAG_REVERTED,
+            (_, None) => events::TAG_DELETED,
+            (_, Some(_)) => events::TAG_SET,
+        };
+        let mut event = NewEvent::new(event_kind, repo, actor, now).tag(tag);
+        event.digest = new_digest.map(str::to_string);
+        event.old_digest = old_digest.map(str::to_string);
+        if let Some(id) = delete_id {
+            event = event.detail("deleteId", id);
+        }
+        if let Some(id) = bulk_restore {
+            event = event.detail("bulkRestoreId", id);
+        }
+        super::events::record(event);
         Ok(())
     }
 
@@ -332,6 +353,14 @@ impl MetaStore {
             .bind(&note)
             .execute(&mut *tx)
             .await?;
+            super::events::record(
+                NewEvent::new(events::TAG_UNLOCKED, repo.as_str(), actor, now)
+                    .tag(tag.as_str())
+                    .digest(&digest)
+                    .detail("rule", rule.as_str())
+                    .detail("until", until)
+                    .detail("reason", reason),
+            );
             Ok(digest)
         })
     }

@@ -13,6 +13,7 @@ mod browse;
 mod bulk_restore;
 mod delete;
 mod error;
+mod events;
 mod fsck;
 mod gc;
 mod hashing;
@@ -36,6 +37,7 @@ pub use bulk_restore::{
 };
 pub use delete::PurgeReport;
 pub use error::Error;
+pub use events::EndpointStatus;
 pub use fsck::FsckReport;
 pub use gc::{DryRun, ExplainTarget, GcReport, SPACE_SAMPLE_EVERY_MS};
 pub use import::{ImportOptions, ImportProgress, ImportReport, Skipped};
