@@ -243,7 +243,9 @@ impl AdminRequest {
             AdminRequest::Space(Some(r)) => ("GET", format!("space/{r}"), None),
             AdminRequest::EventsStatus => ("GET", "events/status".to_string(), None),
             AdminRequest::EventsLog { after, n } => ("GET", format!("events?after={after}&n={n}"), None),
-            AdminRequest::DeadLetters { endpoint, n } => ("GET", format!("events/dead/{endpoint}?n={n}"), None),
+            AdminRequest::DeadLetters { endpoint, n } => {
+                ("GET", format!("events/dead/{endpoint}?n={n}"), None)
+            }
             AdminRequest::ReplayEvents { endpoint, selection } => {
                 let body = match selection {
                     Replay::Since(at) => json!({ "since": at.text() }),
@@ -747,7 +749,9 @@ impl AdminRequest {
             ("GET", "events", "") => AdminRequest::EventsLog {
                 after: match query_value(query, "after") {
                     None => 0,
-                    Some(a) => a.parse().map_err(|_| ParseError::Invalid(format!("after: `{a}` is not an event id")))?,
+                    Some(a) => a
+                        .parse()
+                        .map_err(|_| ParseError::Invalid(format!("after: `{a}` is not an event id")))?,
                 },
                 n: query_value(query, "n").and_then(|n| n.parse().ok()).unwrap_or(1000).clamp(1, 10_000),
             },
@@ -759,7 +763,8 @@ impl AdminRequest {
                 let body: ReplayBody = body_of(body)?;
                 let selection = match (body.since, body.id, body.dead) {
                     (Some(since), None, false) => Replay::Since(
-                        crate::time::parse_moment(&since).map_err(|e| ParseError::Invalid(format!("since: {e}")))?,
+                        crate::time::parse_moment(&since)
+                            .map_err(|e| ParseError::Invalid(format!("since: {e}")))?,
                     ),
                     (None, Some(id), false) => Replay::Id(id),
                     (None, None, true) => Replay::Dead,

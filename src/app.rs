@@ -87,7 +87,13 @@ impl App {
                 })
                 .collect(),
         };
-        let registry = Registry::new(meta, blobs, clock, policy).with_caches(&config.proxies)?.with_events(config.events.clone());
+        let registry = Registry::new(meta, blobs, clock, policy)
+            .with_caches(&config.proxies)?
+            .with_events(config.events.clone());
+        // Before anything is served: a new endpoint receives every event committed from here on.
+        for endpoint in &config.events.endpoints {
+            registry.meta().register_endpoint(&endpoint.name, registry.clock().now_ms()).await?;
+        }
         Ok(App { registry, auth, config: config.clone() })
     }
 }

@@ -796,7 +796,9 @@ fn events(
     }
     if let Some(url) = section.registry_url {
         if !(url.starts_with("http://") || url.starts_with("https://")) {
-            return Err(ConfigError(format!("events.registry_url `{url}` must be an http:// or https:// URL")));
+            return Err(ConfigError(format!(
+                "events.registry_url `{url}` must be an http:// or https:// URL"
+            )));
         }
         out.registry_url = Some(url.trim_end_matches('/').to_string());
     }
@@ -829,7 +831,10 @@ fn events(
         let repositories = e
             .repositories
             .iter()
-            .map(|p| crate::auth::Pattern::parse(p).map_err(|m| ConfigError(format!("{what}: repositories: `{p}`: {m}"))))
+            .map(|p| {
+                crate::auth::Pattern::parse(p)
+                    .map_err(|m| ConfigError(format!("{what}: repositories: `{p}`: {m}")))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let duration = |field: &str, v: Option<String>, default: Duration| -> Result<Duration, ConfigError> {
             match v {

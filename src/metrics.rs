@@ -355,7 +355,9 @@ impl BerthMetrics {
 
     /// Counts events delivered to `endpoint`.
     pub fn events_delivered(&self, endpoint: &str, n: usize) {
-        self.events_delivered.get_or_create(&EndpointLabels { endpoint: endpoint.to_string() }).inc_by(n as u64);
+        self.events_delivered
+            .get_or_create(&EndpointLabels { endpoint: endpoint.to_string() })
+            .inc_by(n as u64);
     }
 
     /// Counts events in a send `endpoint` did not accept.
@@ -367,7 +369,9 @@ impl BerthMetrics {
     pub fn set_events_state(&self, endpoint: &str, state: &crate::meta::EndpointState, now_ms: i64) {
         let labels = EndpointLabels { endpoint: endpoint.to_string() };
         self.events_pending.get_or_create(&labels).set(state.pending);
-        self.events_lag.get_or_create(&labels).set(state.oldest_pending_at.map_or(0, |at| (now_ms - at).max(0) / 1000));
+        self.events_lag
+            .get_or_create(&labels)
+            .set(state.oldest_pending_at.map_or(0, |at| (now_ms - at).max(0) / 1000));
         self.events_dead.get_or_create(&labels).set(state.dead_letters);
     }
 

@@ -43,31 +43,20 @@ pub async fn run(registry: Registry, endpoint: EndpointConfig, mut stop: tokio::
     let lease = format!("events:{}", endpoint.name);
     let meta = registry.meta().clone();
     let mut wait = Duration::ZERO;
-    let mut registered = false;
+    let mut notified = Box::pin(WRITTEN.notified());
     loop {
-        // Registered before the first notification is awaited, so nothing committed after the
-        // registration is missed.
-        let notified = WRITTEN.notified();
         let stopping = tokio::select! {
             _ = stop.changed() => true,
             () = tokio::time::sleep(wait) => false,
-            () = notified, if wait == IDLE_POLL => false,
+            () = notified.as_mut(), if wait == IDLE_POLL => false,
         };
+        // Armed before this round reads, so a commit during the round wakes the next one.
+        notified = Box::pin(WRITTEN.notified());
         if stopping || *stop.borrow() {
             let _ = meta.release_lease(&lease, registry.instance()).await;
             return;
         }
         let now = registry.clock().now_ms();
-        if !registered {
-            match meta.register_endpoint(&endpoint.name, now).await {
-                Ok(_) => registered = true,
-                Err(e) => {
-                    tracing::warn!(endpoint = %endpoint.name, error = %e, "cannot register the events endpoint");
-                    wait = IDLE_POLL;
-                    continue;
-                }
-            }
-        }
         match meta.take_lease(&lease, registry.instance(), now, LEASE_TTL_MS).await {
             Ok(true) => {}
             Ok(false) => {
@@ -159,7 +148,8 @@ async fn round(
             registry.metrics().events_failed(name, wanted.len());
             let failures = meta.event_send_failed(name, &error, now).await?;
             let oldest = wanted.iter().map(|e| e.at).min().unwrap_or(now);
-            let too_old = now.saturating_sub(oldest) > i64::try_from(endpoint.max_age.as_millis()).unwrap_or(i64::MAX);
+            let too_old =
+                now.saturating_sub(oldest) > i64::try_from(endpoint.max_age.as_millis()).unwrap_or(i64::MAX);
             if failures >= i64::from(endpoint.max_attempts) || too_old {
                 let ids: Vec<i64> = wanted.iter().map(|e| e.id).collect();
                 meta.events_dead(name, &pending, &ids, failures, &error, now).await?;
@@ -171,7 +161,13 @@ async fn round(
                     "events given up on: they are dead letters now (berth events status; berth events replay)"
                 );
             } else {
-                tracing::warn!(endpoint = name, events = wanted.len(), failures, error, "events not accepted; will retry");
+                tracing::warn!(
+                    endpoint = name,
+                    events = wanted.len(),
+                    failures,
+                    error,
+                    "events not accepted; will retry"
+                );
             }
             Ok(Round::Failed(failures))
         }
@@ -187,10 +183,7 @@ fn in_delivery_order(events: Vec<StoredEvent>) -> Vec<StoredEvent> {
     }
     let mut out = Vec::new();
     loop {
-        let next = streams
-            .iter()
-            .filter_map(|(s, q)| q.front().map(|e| (e.at, e.id, s.clone())))
-            .min();
+        let next = streams.iter().filter_map(|(s, q)| q.front().map(|e| (e.at, e.id, s.clone()))).min();
         let Some((_, _, stream)) = next else { break };
         if let Some(e) = streams.get_mut(&stream).and_then(std::collections::VecDeque::pop_front) {
             out.push(e);
@@ -252,7 +245,8 @@ mod tests {
     #[test]
     fn delivery_order_keeps_each_stream_in_sequence() {
         // Stream a's second event happened (by the clock) before its first committed.
-        let events = vec![event(1, "a", 1, 30), event(2, "a", 2, 10), event(3, "b", 1, 20), event(4, "b", 2, 40)];
+        let events =
+            vec![event(1, "a", 1, 30), event(2, "a", 2, 10), event(3, "b", 1, 20), event(4, "b", 2, 40)];
         let order: Vec<(String, i64)> =
             in_delivery_order(events).into_iter().map(|e| (e.stream, e.seq)).collect();
         let a: Vec<i64> = order.iter().filter(|(s, _)| s == "a").map(|(_, q)| *q).collect();

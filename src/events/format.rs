@@ -42,9 +42,10 @@ fn request_of(e: &StoredEvent) -> Option<RequestInfo> {
 
 /// The registry's base URL for `e`: configured, else the host its request named.
 fn base_url(e: &StoredEvent, source: &Source) -> Option<String> {
-    source.registry_url.clone().or_else(|| {
-        request_of(e).filter(|r| !r.host.is_empty()).map(|r| format!("http://{}", r.host))
-    })
+    source
+        .registry_url
+        .clone()
+        .or_else(|| request_of(e).filter(|r| !r.host.is_empty()).map(|r| format!("http://{}", r.host)))
 }
 
 /// The event as CloudEvents 1.0 JSON (structured mode).

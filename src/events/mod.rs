@@ -192,7 +192,8 @@ impl std::fmt::Debug for EndpointConfig {
 
 /// The kinds the `distribution` format delivers unless `kinds` says otherwise: the reference
 /// registry's actions (push, pull, delete).
-pub const DISTRIBUTION_KINDS: &[&str] = &[MANIFEST_PUSHED, MANIFEST_DELETED, TAG_DELETED, BLOB_DELETED, MANIFEST_PULLED];
+pub const DISTRIBUTION_KINDS: &[&str] =
+    &[MANIFEST_PUSHED, MANIFEST_DELETED, TAG_DELETED, BLOB_DELETED, MANIFEST_PULLED];
 
 impl EndpointConfig {
     /// Whether an event of `kind` in `repository` goes to this endpoint.

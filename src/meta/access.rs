@@ -60,7 +60,8 @@ impl MetaStore {
                     .fetch_all(&mut *tx)
                     .await?;
                     for (repo, digest, media_type, size) in pulled {
-                        let mut event = NewEvent::new(crate::events::MANIFEST_PULLED, &repo, None, now).digest(&digest);
+                        let mut event =
+                            NewEvent::new(crate::events::MANIFEST_PULLED, &repo, None, now).digest(&digest);
                         event.media_type = Some(media_type);
                         event.size = Some(size);
                         super::events::record(event);

@@ -10,9 +10,9 @@ use sqlx::AnyConnection;
 
 use super::events::NewEvent;
 use super::gc::Review;
-use crate::events;
 use super::tags::TagCondition;
 use super::{Error, MetaStore, Result, TxError, transaction};
+use crate::events;
 use crate::oci::{Digest, RepoName, Tag};
 use crate::retention::ImmutableTags;
 
@@ -187,7 +187,13 @@ impl MetaStore {
     }
 
     /// The event of a cached tag deleted while its manifest was still pending (no tag row).
-    fn cached_tag_forgotten(repo: &RepoName, tag: &Tag, digest: &str, actor: Option<&str>, now: i64) -> NewEvent {
+    fn cached_tag_forgotten(
+        repo: &RepoName,
+        tag: &Tag,
+        digest: &str,
+        actor: Option<&str>,
+        now: i64,
+    ) -> NewEvent {
         let mut event = NewEvent::new(events::TAG_DELETED, repo.as_str(), actor, now).tag(tag.as_str());
         event.old_digest = Some(digest.to_string());
         event.detail("pending", true)
@@ -245,7 +251,8 @@ impl MetaStore {
         .await?;
         sqlx::query("DELETE FROM tags WHERE manifest_id = $1").bind(m.id).execute(&mut *tx).await?;
         for (name,) in &names {
-            let mut event = NewEvent::new(events::TAG_DELETED, repo, actor, now).tag(name).detail("deleteId", delete_id);
+            let mut event =
+                NewEvent::new(events::TAG_DELETED, repo, actor, now).tag(name).detail("deleteId", delete_id);
             event.old_digest = Some(m.digest.clone());
             super::events::record(event);
         }
@@ -651,7 +658,8 @@ impl MetaStore {
             .bind(blob_id)
             .execute(&mut *tx)
             .await?;
-            let delete_id = Self::new_delete(tx, Some(repo_id), "blob", digest.as_str(), actor, None, now).await?;
+            let delete_id =
+                Self::new_delete(tx, Some(repo_id), "blob", digest.as_str(), actor, None, now).await?;
             super::events::record(
                 NewEvent::new(events::BLOB_DELETED, repo.as_str(), actor, now)
                     .digest(digest.as_str())
@@ -766,8 +774,9 @@ impl MetaStore {
             sqlx::query("DELETE FROM tags WHERE repository_id = $1").bind(repo_id).execute(&mut *tx).await?;
             for a in &affected {
                 for tag in &a.tags {
-                    let mut event =
-                        NewEvent::new(events::TAG_DELETED, repo.as_str(), actor, now).tag(tag).detail("deleteId", delete_id);
+                    let mut event = NewEvent::new(events::TAG_DELETED, repo.as_str(), actor, now)
+                        .tag(tag)
+                        .detail("deleteId", delete_id);
                     event.old_digest = Some(a.digest.clone());
                     super::events::record(event);
                 }

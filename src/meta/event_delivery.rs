@@ -43,8 +43,7 @@ pub struct StoredEvent {
     pub detail: Option<String>,
 }
 
-const EVENT_COLUMNS: &str =
-    "e.id, e.stream, e.seq, e.at, e.kind, e.repository, e.digest, e.media_type, e.size, e.tag, e.old_digest, \
+const EVENT_COLUMNS: &str = "e.id, e.stream, e.seq, e.at, e.kind, e.repository, e.digest, e.media_type, e.size, e.tag, e.old_digest, \
      e.actor, e.request, e.detail";
 
 /// One endpoint's delivery, as the store has it.
@@ -165,7 +164,13 @@ impl MetaStore {
     ///
     /// # Errors
     /// [`Error::Database`].
-    pub async fn events_delivered(&self, endpoint: &str, events: &[StoredEvent], sent: u64, now: i64) -> Result<()> {
+    pub async fn events_delivered(
+        &self,
+        endpoint: &str,
+        events: &[StoredEvent],
+        sent: u64,
+        now: i64,
+    ) -> Result<()> {
         let ends = stream_ends(events);
         transaction!(self, Error, |tx| {
             advance(tx, endpoint, &ends).await?;
@@ -311,13 +316,17 @@ impl MetaStore {
                     "UPDATE event_endpoints SET last_attempt_at = $2, last_success_at = $2, \
                      delivered = delivered + $3 WHERE name = $1",
                 )
+                .bind(endpoint)
+                .bind(now)
                 .bind(i64::try_from(ids.len()).unwrap_or(i64::MAX)),
-                Some(error) => {
-                    sqlx::query("UPDATE event_endpoints SET last_attempt_at = $2, last_error = $3 WHERE name = $1")
-                        .bind(error)
-                }
+                Some(error) => sqlx::query(
+                    "UPDATE event_endpoints SET last_attempt_at = $2, last_error = $3 WHERE name = $1",
+                )
+                .bind(endpoint)
+                .bind(now)
+                .bind(error),
             };
-            update.bind(endpoint).bind(now).execute(&mut *tx).await?;
+            update.execute(&mut *tx).await?;
             Ok(())
         })
     }
@@ -466,7 +475,11 @@ fn stream_ends(events: &[StoredEvent]) -> BTreeMap<String, i64> {
 }
 
 /// Moves `endpoint`'s cursors forward to `ends` (never back).
-async fn advance(tx: &mut AnyConnection, endpoint: &str, ends: &BTreeMap<String, i64>) -> Result<(), sqlx::Error> {
+async fn advance(
+    tx: &mut AnyConnection,
+    endpoint: &str,
+    ends: &BTreeMap<String, i64>,
+) -> Result<(), sqlx::Error> {
     for (stream, seq) in ends {
         sqlx::query(
             "INSERT INTO event_cursors (endpoint, stream, seq) VALUES ($1, $2, $3) \

@@ -16,7 +16,6 @@ use std::collections::BTreeMap;
 
 use sqlx::AnyConnection;
 
-
 tokio::task_local! {
     static JOURNAL: RefCell<Vec<NewEvent>>;
 }

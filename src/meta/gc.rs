@@ -575,7 +575,8 @@ impl MetaStore {
             Self::to_outbox(tx, &key, now).await?;
         }
         sqlx::query("DELETE FROM blobs WHERE id = $1").bind(id).execute(&mut *tx).await?;
-        let mut event = NewEvent::new(crate::events::BLOB_COLLECTED, "", Some("collector"), now).digest(&digest);
+        let mut event =
+            NewEvent::new(crate::events::BLOB_COLLECTED, "", Some("collector"), now).digest(&digest);
         event.repository = None;
         event.size = Some(size);
         super::events::record(event);
@@ -684,7 +685,8 @@ impl MetaStore {
             .bind(repo_id)
             .fetch_one(&mut *tx)
             .await?;
-        let mut event = NewEvent::new(crate::events::MANIFEST_COLLECTED, &repo, Some("collector"), now).digest(&digest);
+        let mut event =
+            NewEvent::new(crate::events::MANIFEST_COLLECTED, &repo, Some("collector"), now).digest(&digest);
         event.media_type = Some(media_type);
         event.size = Some(size);
         if deleted_at.is_some() {

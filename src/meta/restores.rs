@@ -13,8 +13,8 @@
 
 use sqlx::AnyConnection;
 
-use super::events::NewEvent;
 use super::deletes::{AffectedManifest, DeleteError, DeleteResult, Refusal, Target, refuse};
+use super::events::NewEvent;
 use super::tags::{TagCondition, TagCtx, TagOutcome, TagWrite};
 use super::{Error, MetaStore, transaction};
 use crate::oci::{Digest, RepoName, Tag};
@@ -418,7 +418,8 @@ impl MetaStore {
         .bind(m.id)
         .execute(&mut *tx)
         .await?;
-        let mut event = NewEvent::new(crate::events::MANIFEST_RESTORED, repo.as_str(), actor, now).digest(digest);
+        let mut event =
+            NewEvent::new(crate::events::MANIFEST_RESTORED, repo.as_str(), actor, now).digest(digest);
         if let Some(d) = delete_id {
             event = event.detail("deleteId", d);
         }

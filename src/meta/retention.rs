@@ -235,9 +235,14 @@ impl MetaStore {
             }
             query.execute(&mut *tx).await?;
             for (u, _) in &removals {
-                let mut event = super::events::NewEvent::new(crate::events::TAG_DELETED, repo.as_str(), Some(&u.actor), now)
-                    .tag(u.tag.as_str())
-                    .detail("retentionRun", run_id);
+                let mut event = super::events::NewEvent::new(
+                    crate::events::TAG_DELETED,
+                    repo.as_str(),
+                    Some(&u.actor),
+                    now,
+                )
+                .tag(u.tag.as_str())
+                .detail("retentionRun", run_id);
                 if let Some(id) = delete_ids.get(u.tag.as_str()) {
                     event = event.detail("deleteId", *id);
                 }

@@ -52,7 +52,9 @@ impl Registry {
         }
         let manifests: Vec<i64> = batch.manifests.iter().copied().collect();
         let blobs: Vec<i64> = batch.blobs.iter().copied().collect();
-        if let Err(e) = self.meta.record_access(&manifests, &blobs, self.events.pulls, self.clock.now_ms()).await {
+        if let Err(e) =
+            self.meta.record_access(&manifests, &blobs, self.events.pulls, self.clock.now_ms()).await
+        {
             self.access.put_back(batch);
             return Err(e.into());
         }

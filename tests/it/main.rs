@@ -13,6 +13,7 @@ mod crash;
 mod deletes;
 mod discovery;
 pub mod e2e;
+mod events;
 mod explain;
 mod faults;
 mod fsck;
