@@ -12,8 +12,9 @@ use super::{EndpointConfig, WRITTEN};
 use crate::meta::StoredEvent;
 use crate::registry::Registry;
 
-/// How long an endpoint's lease lasts unless renewed (each round renews it).
-const LEASE_TTL_MS: i64 = 15_000;
+/// How long an endpoint's lease lasts unless renewed (each round renews it): how long
+/// delivery pauses when the delivering replica dies.
+const LEASE_TTL_MS: i64 = 10_000;
 /// How often an idle deliverer looks for events other replicas wrote.
 const IDLE_POLL: Duration = Duration::from_millis(500);
 
@@ -205,6 +206,7 @@ async fn send(
         .timeout(endpoint.timeout)
         .header(reqwest::header::CONTENT_TYPE, content_type)
         .header(reqwest::header::USER_AGENT, concat!("berth/", env!("CARGO_PKG_VERSION")))
+        .header("berth-replica", source.instance.as_str())
         .body(body);
     for (name, value) in &endpoint.headers {
         request = request.header(name.as_str(), value.as_str());

@@ -17,6 +17,8 @@ use crate::harness::*;
 pub struct Received {
     pub content_type: String,
     pub authorization: Option<String>,
+    /// The replica that sent it (`Berth-Replica`).
+    pub replica: Option<String>,
     pub body: Value,
     /// Whether the sink accepted it (answered 2xx).
     pub accepted: bool,
@@ -46,6 +48,7 @@ impl Sink {
                     r.lock().unwrap().push(Received {
                         content_type: header("content-type").unwrap_or_default(),
                         authorization: header("authorization"),
+                        replica: header("berth-replica"),
                         body: serde_json::from_slice(&body).unwrap_or(Value::Null),
                         accepted: (200..300).contains(&code),
                     });
@@ -59,6 +62,11 @@ impl Sink {
             let _ = axum::serve(listener, app).await;
         });
         Sink { url, received, status, _task: task }
+    }
+
+    /// The replicas that sent accepted requests, in order.
+    pub fn replicas(&self) -> Vec<String> {
+        self.requests().into_iter().filter(|r| r.accepted).filter_map(|r| r.replica).collect()
     }
 
     pub fn set_status(&self, code: u16) {
@@ -614,3 +622,219 @@ events_test!(pulls_are_events_only_when_asked_for, |backend| {
     let log = reg.event_log().await;
     assert!(log.iter().all(|e| e["kind"] != "manifest.pulled"), "{log:#?}");
 });
+
+/// A `berth serve` process delivering to `sink`, on `deployment` (the `[metadata]`/`[storage]`
+/// sections, or a `data_dir`).
+fn serve_with_events(
+    dir: &std::path::Path,
+    name: &str,
+    deployment: &str,
+    sink: &Sink,
+) -> (std::process::Child, String) {
+    let config = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!("{deployment}\n[gc]\nenabled = false\n\n{}", endpoint("hook", &sink.url, "batch = 20")),
+    )
+    .unwrap();
+    serve_process(&[std::ffi::OsStr::new("--config"), config.as_os_str()], &dir.join(format!("{name}.ready")))
+}
+
+/// Pushes (and sometimes deletes a tag of) `n` images through `bases` in turn; returns the
+/// acknowledged pushes (tag, digest). Stops early when a replica goes away.
+async fn burst(bases: &[String], first: u64, n: u64) -> Vec<(String, String)> {
+    let client = reqwest::Client::new();
+    let mut acknowledged = Vec::new();
+    for seed in first..first + n {
+        let base = &bases[seed as usize % bases.len()];
+        let config = json!({"seed": seed}).to_string().into_bytes();
+        let layer = random_bytes(seed, 2000);
+        let mut descs = Vec::new();
+        for blob in [&config, &layer] {
+            let d = berth::oci::Digest::sha256_of(blob);
+            let Ok(res) = client
+                .post(format!("{base}/v2/burst/app/blobs/uploads/?digest={d}"))
+                .body(blob.clone())
+                .send()
+                .await
+            else {
+                return acknowledged;
+            };
+            if res.status() != 201 {
+                return acknowledged;
+            }
+            descs.push(json!({"mediaType": OCI_LAYER, "digest": d.as_str(), "size": blob.len()}));
+        }
+        let manifest = serde_json::to_vec(&json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": descs[0]["digest"], "size": config.len()},
+            "layers": [descs[1]],
+        }))
+        .unwrap();
+        let tag = format!("t{}", seed % 7);
+        let Ok(res) = client
+            .put(format!("{base}/v2/burst/app/manifests/{tag}"))
+            .header("content-type", OCI_MANIFEST)
+            .body(manifest.clone())
+            .send()
+            .await
+        else {
+            return acknowledged;
+        };
+        if res.status() != 201 {
+            return acknowledged;
+        }
+        acknowledged.push((tag.clone(), berth::oci::Digest::sha256_of(&manifest).to_string()));
+        if seed % 5 == 0
+            && client.delete(format!("{base}/v2/burst/app/manifests/{tag}")).send().await.is_err()
+        {
+            return acknowledged;
+        }
+    }
+    acknowledged
+}
+
+/// Waits until `base`'s endpoint has nothing pending.
+async fn drained(base: &str) {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v: Value =
+            client.get(format!("{base}/admin/v1/events/status")).send().await.unwrap().json().await.unwrap();
+        if v["endpoints"][0]["pending"] == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "not drained: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// After crashes: the sink's de-duplicated events are exactly the changes the store committed —
+/// every tag-history row is a tag event and every tag event a row; every acknowledged push is a
+/// `manifest.pushed` event.
+async fn assert_events_match_the_store(metadata_url: &str, sink: &Sink, acknowledged: &[(String, String)]) {
+    sqlx::any::install_default_drivers();
+    let db = sqlx::any::AnyPoolOptions::new().max_connections(1).connect(metadata_url).await.unwrap();
+    let mut delivered = std::collections::BTreeMap::new();
+    for e in sink.events() {
+        delivered.insert(e["id"].as_str().unwrap().to_string(), e);
+    }
+    let (written,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM events").fetch_one(&db).await.unwrap();
+    assert_eq!(delivered.len() as i64, written, "every event written was delivered, none invented");
+    let history: Vec<(String, Option<String>, Option<String>)> =
+        sqlx::query_as("SELECT tag, old_digest, new_digest FROM tag_history ORDER BY id")
+            .fetch_all(&db)
+            .await
+            .unwrap();
+    let mut from_store: Vec<_> = history.into_iter().collect();
+    let mut from_events: Vec<(String, Option<String>, Option<String>)> = delivered
+        .values()
+        .filter(|e| kind(e).starts_with("tag."))
+        .map(|e| {
+            let d = &e["data"];
+            let s = |k: &str| d[k].as_str().map(str::to_string);
+            (s("tag").unwrap(), s("oldDigest"), s("digest"))
+        })
+        .collect();
+    from_store.sort();
+    from_events.sort();
+    assert_eq!(from_events, from_store, "tag events and the tag history differ");
+    let pushed: std::collections::BTreeSet<(String, String)> = delivered
+        .values()
+        .filter(|e| kind(e) == "manifest.pushed")
+        .map(|e| {
+            (
+                e["data"]["tag"].as_str().unwrap().to_string(),
+                e["data"]["digest"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    for ack in acknowledged {
+        assert!(pushed.contains(ack), "acknowledged push {ack:?} has no event");
+    }
+    // Per stream, the sequence numbers the sink saw are 1..=n without a gap.
+    let mut seqs: Vec<i64> = delivered.values().map(|e| e["data"]["sequence"].as_i64().unwrap()).collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=seqs.len() as i64).collect::<Vec<_>>());
+    db.close().await;
+}
+
+async fn kill_9_during_a_burst(deployment: String, metadata_url: String) {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start().await;
+    let mut acknowledged = Vec::new();
+    for round in 0..3u64 {
+        let (mut child, addr) = serve_with_events(dir.path(), "berth", &deployment, &sink);
+        let base = format!("http://{addr}");
+        let work = tokio::spawn({
+            let base = base.clone();
+            async move { burst(&[base], round * 1000, 1000).await }
+        });
+        tokio::time::sleep(Duration::from_millis(400 + 200 * round)).await;
+        child.kill().unwrap(); // SIGKILL, mid-burst
+        child.wait().unwrap();
+        acknowledged.extend(work.await.unwrap());
+    }
+    let (mut child, addr) = serve_with_events(dir.path(), "berth", &deployment, &sink);
+    drained(&format!("http://{addr}")).await;
+    assert!(acknowledged.len() > 3, "the bursts did something");
+    assert_events_match_the_store(&metadata_url, &sink, &acknowledged).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_a_burst_loses_no_event_and_invents_none_embedded() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let deployment = format!("data_dir = {:?}\n[storage]\nfsync = false\n", data.display().to_string());
+    let url = format!("sqlite:{}", data.join("metadata.db").display());
+    kill_9_during_a_burst(deployment, url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_a_burst_loses_no_event_and_invents_none_scale_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(c) = scale_out_config(dir.path()).await else {
+        eprintln!("skipping: the scale-out deployment is not configured");
+        return;
+    };
+    kill_9_during_a_burst(scale_out_toml(&c), c.metadata_url.clone()).await;
+}
+
+/// Two replicas, one endpoint: one delivers at a time (its lease); when it is killed the other
+/// takes over and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_deliver_through_one_and_lose_nothing_when_it_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(c) = scale_out_config(dir.path()).await else {
+        eprintln!("skipping: the scale-out deployment is not configured");
+        return;
+    };
+    let sink = Sink::start().await;
+    let deployment = scale_out_toml(&c);
+    let mut replicas: Vec<_> =
+        (0..2).map(|i| serve_with_events(dir.path(), &format!("r{i}"), &deployment, &sink)).collect();
+    let bases: Vec<String> = replicas.iter().map(|(_, a)| format!("http://{a}")).collect();
+    let mut acknowledged = burst(&bases, 0, 30).await;
+    drained(&bases[0]).await;
+    let deliverers: std::collections::BTreeSet<String> = sink.replicas().into_iter().collect();
+    assert_eq!(deliverers.len(), 1, "one delivery stream per endpoint: {deliverers:?}");
+    // Kill the one delivering; push on through the other.
+    let holder = deliverers.into_iter().next().unwrap();
+    let pid = holder.rsplitn(3, '-').nth(1).unwrap().parse::<u32>().unwrap();
+    let victim = replicas.iter().position(|(child, _)| child.id() == pid).expect("the holder is one of ours");
+    let (mut child, _) = replicas.remove(victim);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let survivor = format!("http://{}", replicas[0].1);
+    acknowledged.extend(burst(std::slice::from_ref(&survivor), 100, 30).await);
+    drained(&survivor).await;
+    assert_events_match_the_store(&c.metadata_url, &sink, &acknowledged).await;
+    let after: std::collections::BTreeSet<String> = sink.replicas().into_iter().collect();
+    assert_eq!(after.len(), 2, "the survivor took over: {after:?}");
+    for (mut child, _) in replicas {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
