@@ -370,7 +370,9 @@ impl MetaStore {
         .bind(endpoint)
         .fetch_one(&self.read)
         .await?;
-        let row: Option<(i64, Option<String>, Option<i64>, Option<i64>, i64, i64)> = sqlx::query_as(
+        // failures, last_error, last_attempt_at, last_success_at, delivered, failed
+        type Row = (i64, Option<String>, Option<i64>, Option<i64>, i64, i64);
+        let row: Option<Row> = sqlx::query_as(
             "SELECT CAST(failures AS BIGINT), last_error, last_attempt_at, last_success_at, delivered, failed \
              FROM event_endpoints WHERE name = $1",
         )

@@ -133,7 +133,10 @@ impl MetaStore {
             if let Some(subject) = manifest.subject {
                 pushed = pushed.detail("subject", subject.as_str());
             }
-            if let Some(artifact_type) = manifest.artifact_type {
+            // An image's artifact type is its config's media type: worth naming only for artifacts.
+            if let Some(artifact_type) =
+                manifest.artifact_type.filter(|t| *t != "application/vnd.oci.image.config.v1+json")
+            {
                 pushed = pushed.detail("artifactType", artifact_type);
             }
             super::events::record(pushed);

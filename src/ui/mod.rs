@@ -567,7 +567,9 @@ async fn space(State(app): State<App>, headers: HeaderMap) -> Page {
     let history = app.registry.space_history(HISTORY_MS).await?;
     v.authorize(&AdminRequest::ProxyStatus).await?;
     let caches = app.registry.cache_status().await?;
-    Ok(pages::space(&v, &space, &status, &history, &caches))
+    v.authorize(&AdminRequest::EventsStatus).await?;
+    let endpoints = app.registry.events_status().await?;
+    Ok(pages::space(&v, &space, &status, &history, &caches, &endpoints))
 }
 
 #[derive(Debug, Deserialize)]

@@ -615,6 +615,7 @@ pub(super) fn space(
     status: &GcStatus,
     history: &[SpaceSample],
     caches: &[crate::registry::CacheStatus],
+    endpoints: &[crate::registry::EndpointStatus],
 ) -> Response {
     let widest = s.reclaim_schedule.iter().map(|(_, b)| *b).max().unwrap_or(1).max(1);
     page(
@@ -653,6 +654,23 @@ pub(super) fn space(
                     } } }
                 }
                 p.muted { "Answers and errors count since this replica started." }
+            }
+            @if !endpoints.is_empty() {
+                h2 { "Event endpoints" }
+                table id="endpoints" {
+                    thead { tr { th { "Endpoint" } th { "URL" } th.num { "Pending" } th.num { "Lag" } th.num { "Delivered" }
+                        th.num { "Dead letters" } th { "Last error" } } }
+                    tbody { @for e in endpoints { tr {
+                        td { (e.name) " (" (e.format) ")" }
+                        td { code { (e.url) } }
+                        td.num { (e.state.pending) }
+                        td.num { (format!("{} s", e.lag_seconds)) }
+                        td.num { (e.state.delivered) }
+                        td.num { (e.state.dead_letters) }
+                        td { @if e.state.failures > 0 { (e.state.last_error.as_deref().unwrap_or("")) } @else { "—" } }
+                    } } }
+                }
+                p.muted { "Dead letters are replayed with " code { "berth events replay --endpoint NAME --dead" } "." }
             }
             h2 { "Collector" }
             table id="queues" {

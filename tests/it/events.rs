@@ -474,6 +474,18 @@ events_test!(a_dead_endpoint_does_not_delay_a_live_one, |backend| {
     assert_eq!(code, 200);
     let dead = v["endpoints"].as_array().unwrap().iter().find(|e| e["name"] == "dead").unwrap().clone();
     assert!(dead["pending"].as_i64().unwrap() > 0 && dead["failures"].as_i64().unwrap() > 0, "{dead}");
+    // The console's space page shows both, the dead one with its error.
+    let page = reg.get("/ui/space").await.text().await.unwrap();
+    assert!(
+        page.contains("Event endpoints") && page.contains(&dead_url) && page.contains(&sink.url),
+        "{page}"
+    );
+    assert!(
+        page.contains("error sending request")
+            || page.contains("Connection refused")
+            || page.contains("connect"),
+        "{page}"
+    );
 });
 
 events_test!(the_distribution_format_is_the_reference_registrys_envelope, |backend| {
@@ -822,7 +834,7 @@ async fn two_replicas_deliver_through_one_and_lose_nothing_when_it_dies() {
     assert_eq!(deliverers.len(), 1, "one delivery stream per endpoint: {deliverers:?}");
     // Kill the one delivering; push on through the other.
     let holder = deliverers.into_iter().next().unwrap();
-    let pid = holder.rsplitn(3, '-').nth(1).unwrap().parse::<u32>().unwrap();
+    let pid = holder.rsplit('-').nth(1).unwrap().parse::<u32>().unwrap();
     let victim = replicas.iter().position(|(child, _)| child.id() == pid).expect("the holder is one of ours");
     let (mut child, _) = replicas.remove(victim);
     child.kill().unwrap();
