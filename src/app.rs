@@ -90,9 +90,11 @@ impl App {
         let registry = Registry::new(meta, blobs, clock, policy)
             .with_caches(&config.proxies)?
             .with_events(config.events.clone());
-        // Before anything is served: a new endpoint receives every event committed from here on.
+        // Before anything is served: a new endpoint (or one no replica had configured within
+        // `events.retain`) receives every event committed from here on.
         for endpoint in &config.events.endpoints {
-            registry.meta().register_endpoint(&endpoint.name, registry.clock().now_ms()).await?;
+            let retain = i64::try_from(config.events.retain.as_millis()).unwrap_or(i64::MAX);
+            registry.meta().register_endpoint(&endpoint.name, registry.clock().now_ms(), retain).await?;
         }
         Ok(App { registry, auth, config: config.clone() })
     }

@@ -39,10 +39,15 @@ CREATE TABLE event_cursors (
     PRIMARY KEY (endpoint, stream)
 );
 
--- Each configured endpoint's delivery state (the lease is in gc_leases as `events:NAME`).
+-- Each endpoint's delivery state (the lease is in gc_leases as `events:NAME`). `seen_at`: when
+-- a replica configured with it last registered it or delivered to it; an endpoint not seen
+-- within `events.retain` holds no event back from pruning. `next_attempt_at`: after a failure,
+-- no replica sends before then.
 CREATE TABLE event_endpoints (
     name            TEXT    PRIMARY KEY,
     created_at      BIGINT  NOT NULL,
+    seen_at         BIGINT  NOT NULL,
+    next_attempt_at BIGINT,
     failures        INTEGER NOT NULL DEFAULT 0,
     last_error      TEXT,
     last_attempt_at BIGINT,

@@ -9,12 +9,14 @@ use std::time::Duration;
 
 use super::format::{Source, render};
 use super::{EndpointConfig, WRITTEN};
-use crate::meta::StoredEvent;
+use crate::meta::{Settle, StoredEvent};
 use crate::registry::Registry;
 
-/// How long an endpoint's lease lasts unless renewed (each round renews it): how long
-/// delivery pauses when the delivering replica dies.
-const LEASE_TTL_MS: i64 = 10_000;
+/// How much longer than one request an endpoint's lease lasts (each round renews it before it
+/// sends): a send never outlives the lease it started under, so a replica taking over cannot
+/// overtake a batch still in flight. Also about how long delivery pauses when the delivering
+/// replica dies.
+const LEASE_MARGIN_MS: i64 = 10_000;
 /// How often an idle deliverer looks for events other replicas wrote.
 const IDLE_POLL: Duration = Duration::from_millis(500);
 
@@ -24,8 +26,19 @@ enum Round {
     Idle,
     /// Sent (or skipped, or gave up on) a batch; more may be waiting.
     Progress,
-    /// The endpoint failed; wait before the next attempt.
-    Failed(i64),
+    /// The endpoint failed, or failed lately: no attempt before this time.
+    PausedUntil(i64),
+}
+
+/// Where a deliverer stands between rounds.
+struct Turn<'a> {
+    /// The lease (name, holder) the round's records are fenced by.
+    lease: (&'a str, &'a str),
+    /// The stream the last batch of pending events ended with (the next starts after it).
+    last_stream: String,
+    /// Whether replays go first this round (they alternate with pending events while both wait,
+    /// so a replay that keeps failing cannot hold live delivery up).
+    replays_first: bool,
 }
 
 /// Delivers events to one endpoint until `stop` turns true.
@@ -42,7 +55,11 @@ pub async fn run(registry: Registry, endpoint: EndpointConfig, mut stop: tokio::
         instance: registry.instance().to_string(),
     };
     let lease = format!("events:{}", endpoint.name);
+    let lease_ttl_ms =
+        i64::try_from(endpoint.timeout.as_millis()).unwrap_or(i64::MAX).saturating_add(LEASE_MARGIN_MS);
     let meta = registry.meta().clone();
+    let mut turn =
+        Turn { lease: (&lease, registry.instance()), last_stream: String::new(), replays_first: true };
     let mut wait = Duration::ZERO;
     let mut notified = Box::pin(WRITTEN.notified());
     loop {
@@ -58,10 +75,10 @@ pub async fn run(registry: Registry, endpoint: EndpointConfig, mut stop: tokio::
             return;
         }
         let now = registry.clock().now_ms();
-        match meta.take_lease(&lease, registry.instance(), now, LEASE_TTL_MS).await {
+        match meta.take_lease(&lease, registry.instance(), now, lease_ttl_ms).await {
             Ok(true) => {}
             Ok(false) => {
-                wait = Duration::from_millis(u64::try_from(LEASE_TTL_MS / 3).unwrap_or(5000));
+                wait = Duration::from_millis(u64::try_from(LEASE_MARGIN_MS / 3).unwrap_or(3000));
                 continue;
             }
             Err(e) => {
@@ -70,10 +87,13 @@ pub async fn run(registry: Registry, endpoint: EndpointConfig, mut stop: tokio::
                 continue;
             }
         }
-        wait = match round(&registry, &endpoint, &client, &source).await {
+        wait = match round(&registry, &endpoint, &client, &source, &mut turn).await {
             Ok(Round::Idle) => IDLE_POLL,
             Ok(Round::Progress) => Duration::ZERO,
-            Ok(Round::Failed(failures)) => backoff(&endpoint, failures),
+            // Renewing the lease meanwhile is not needed: every replica honours the pause.
+            Ok(Round::PausedUntil(at)) => Duration::from_millis(
+                u64::try_from(at.saturating_sub(registry.clock().now_ms()).clamp(1, i64::MAX)).unwrap_or(1),
+            ),
             Err(e) => {
                 tracing::warn!(endpoint = %endpoint.name, error = %e, "events delivery failed in the metadata store");
                 IDLE_POLL
@@ -82,95 +102,149 @@ pub async fn run(registry: Registry, endpoint: EndpointConfig, mut stop: tokio::
     }
 }
 
-/// The pause after `failures` failures in a row.
-fn backoff(endpoint: &EndpointConfig, failures: i64) -> Duration {
+/// The pause after `failures` failures in a row, in ms.
+fn backoff_ms(endpoint: &EndpointConfig, failures: i64) -> i64 {
     let doublings = u32::try_from(failures.saturating_sub(1).clamp(0, 20)).unwrap_or(20);
-    endpoint.backoff.saturating_mul(1 << doublings).min(endpoint.max_backoff)
+    let pause = endpoint.backoff.saturating_mul(1 << doublings).min(endpoint.max_backoff);
+    i64::try_from(pause.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// One batch: replays first, then pending events.
+/// One batch: of replays or of pending events (alternating while both wait), unless a failure
+/// paused the endpoint.
 async fn round(
     registry: &Registry,
     endpoint: &EndpointConfig,
     client: &reqwest::Client,
     source: &Source,
+    turn: &mut Turn<'_>,
 ) -> Result<Round, crate::meta::Error> {
     let meta = registry.meta();
     let name = endpoint.name.as_str();
+    if let Some(until) = meta.endpoint_paused_until(name, registry.clock().now_ms()).await? {
+        return Ok(Round::PausedUntil(until));
+    }
+    turn.replays_first = !turn.replays_first;
+    if turn.replays_first {
+        if let Some(done) = replays(registry, endpoint, client, source).await? {
+            return Ok(done);
+        }
+        return pending(registry, endpoint, client, source, turn).await;
+    }
+    match pending(registry, endpoint, client, source, turn).await? {
+        Round::Idle => Ok(replays(registry, endpoint, client, source).await?.unwrap_or(Round::Idle)),
+        done => Ok(done),
+    }
+}
+
+/// Sends a batch of queued replays; `None` when none is queued.
+async fn replays(
+    registry: &Registry,
+    endpoint: &EndpointConfig,
+    client: &reqwest::Client,
+    source: &Source,
+) -> Result<Option<Round>, crate::meta::Error> {
+    let meta = registry.meta();
+    let name = endpoint.name.as_str();
     let replays = meta.replays_due(name, endpoint.batch).await?;
-    if !replays.is_empty() {
-        let (wanted, skipped): (Vec<_>, Vec<_>) =
-            replays.into_iter().partition(|(e, _)| endpoint.wants(&e.kind, e.repository.as_deref()));
-        let now = registry.clock().now_ms();
-        if !skipped.is_empty() {
-            let ids: Vec<i64> = skipped.iter().map(|(e, _)| e.id).collect();
-            meta.replays_settled(name, &ids, None, 0, now).await?;
-        }
-        if wanted.is_empty() {
-            return Ok(Round::Progress);
-        }
-        let events: Vec<StoredEvent> = wanted.iter().map(|(e, _)| e.clone()).collect();
-        let ids: Vec<i64> = events.iter().map(|e| e.id).collect();
-        let attempts = wanted.iter().map(|(_, a)| *a).max().unwrap_or(0) + 1;
-        return match send(endpoint, client, source, &events).await {
-            Ok(()) => {
-                meta.replays_settled(name, &ids, None, 0, registry.clock().now_ms()).await?;
-                registry.metrics().events_delivered(name, events.len());
-                Ok(Round::Progress)
-            }
-            Err(error) => {
-                let max = i64::from(endpoint.max_attempts);
-                meta.replays_settled(name, &ids, Some(&error), max, registry.clock().now_ms()).await?;
-                registry.metrics().events_failed(name, events.len());
-                tracing::warn!(endpoint = name, events = events.len(), error, "replayed events not accepted");
-                Ok(Round::Failed(attempts))
-            }
-        };
+    if replays.is_empty() {
+        return Ok(None);
     }
-    let pending = meta.pending_events(name, endpoint.batch).await?;
-    if pending.is_empty() {
-        return Ok(Round::Idle);
+    let (wanted, skipped): (Vec<_>, Vec<_>) =
+        replays.into_iter().partition(|(e, _)| endpoint.wants(&e.kind, e.repository.as_deref()));
+    if !skipped.is_empty() {
+        let ids: Vec<i64> = skipped.iter().map(|(e, _)| e.id).collect();
+        meta.replays_settled(name, &ids, Settle::Skipped, registry.clock().now_ms()).await?;
     }
+    if wanted.is_empty() {
+        return Ok(Some(Round::Progress));
+    }
+    let events: Vec<StoredEvent> = wanted.iter().map(|(e, _)| e.clone()).collect();
+    let ids: Vec<i64> = events.iter().map(|e| e.id).collect();
+    match send(endpoint, client, source, &events).await {
+        Ok(()) => {
+            meta.replays_settled(name, &ids, Settle::Delivered, registry.clock().now_ms()).await?;
+            registry.metrics().events_delivered(name, events.len());
+            Ok(Some(Round::Progress))
+        }
+        Err(error) => {
+            let now = registry.clock().now_ms();
+            let how = Settle::Failed { error: &error, max_attempts: i64::from(endpoint.max_attempts) };
+            meta.replays_settled(name, &ids, how, now).await?;
+            registry.metrics().events_failed(name, events.len());
+            let failures = meta.event_send_failed(name, &error, now, |f| backoff_ms(endpoint, f)).await?;
+            tracing::warn!(
+                endpoint = name,
+                events = events.len(),
+                failures,
+                error,
+                "replayed events not accepted"
+            );
+            Ok(Some(Round::PausedUntil(now.saturating_add(backoff_ms(endpoint, failures)))))
+        }
+    }
+}
+
+/// Sends a batch of pending events.
+async fn pending(
+    registry: &Registry,
+    endpoint: &EndpointConfig,
+    client: &reqwest::Client,
+    source: &Source,
+    turn: &mut Turn<'_>,
+) -> Result<Round, crate::meta::Error> {
+    let meta = registry.meta();
+    let name = endpoint.name.as_str();
+    let pending = meta.pending_events(name, endpoint.batch, &turn.last_stream).await?;
+    let Some(last) = pending.last() else { return Ok(Round::Idle) };
+    turn.last_stream = last.stream.clone();
     let wanted = in_delivery_order(
         pending.iter().filter(|e| endpoint.wants(&e.kind, e.repository.as_deref())).cloned().collect(),
     );
     if wanted.is_empty() {
-        meta.events_delivered(name, &pending, 0, registry.clock().now_ms()).await?;
+        meta.events_delivered(name, turn.lease, &pending, 0, registry.clock().now_ms()).await?;
         return Ok(Round::Progress);
     }
     match send(endpoint, client, source, &wanted).await {
         Ok(()) => {
-            meta.events_delivered(name, &pending, wanted.len() as u64, registry.clock().now_ms()).await?;
+            let now = registry.clock().now_ms();
+            if !meta.events_delivered(name, turn.lease, &pending, wanted.len() as u64, now).await? {
+                // The lease ran out during the send: the replica holding it now sends them again.
+                tracing::warn!(
+                    endpoint = name,
+                    "lost the events lease while sending; the new holder resends"
+                );
+            }
             registry.metrics().events_delivered(name, wanted.len());
             Ok(Round::Progress)
         }
         Err(error) => {
             let now = registry.clock().now_ms();
             registry.metrics().events_failed(name, wanted.len());
-            let failures = meta.event_send_failed(name, &error, now).await?;
+            let failures = meta.event_send_failed(name, &error, now, |f| backoff_ms(endpoint, f)).await?;
             let oldest = wanted.iter().map(|e| e.at).min().unwrap_or(now);
             let too_old =
                 now.saturating_sub(oldest) > i64::try_from(endpoint.max_age.as_millis()).unwrap_or(i64::MAX);
             if failures >= i64::from(endpoint.max_attempts) || too_old {
                 let ids: Vec<i64> = wanted.iter().map(|e| e.id).collect();
-                meta.events_dead(name, &pending, &ids, failures, &error, now).await?;
-                tracing::error!(
-                    endpoint = name,
-                    events = ids.len(),
-                    failures,
-                    error,
-                    "events given up on: they are dead letters now (berth events status; berth events replay)"
-                );
-            } else {
-                tracing::warn!(
-                    endpoint = name,
-                    events = wanted.len(),
-                    failures,
-                    error,
-                    "events not accepted; will retry"
-                );
+                if meta.events_dead(name, turn.lease, &pending, &ids, failures, &error, now).await? {
+                    tracing::error!(
+                        endpoint = name,
+                        events = ids.len(),
+                        failures,
+                        error,
+                        "events given up on: they are dead letters now (berth events status; berth events replay)"
+                    );
+                }
+                return Ok(Round::Progress);
             }
-            Ok(Round::Failed(failures))
+            tracing::warn!(
+                endpoint = name,
+                events = wanted.len(),
+                failures,
+                error,
+                "events not accepted; will retry"
+            );
+            Ok(Round::PausedUntil(now.saturating_add(backoff_ms(endpoint, failures))))
         }
     }
 }

@@ -54,7 +54,7 @@ impl MetaStore {
                 for chunk in ids.chunks(CHUNK) {
                     let list = chunk.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
                     let pulled: Vec<(String, String, String, i64)> = sqlx::query_as(&format!(
-                        "SELECT r.name, m.digest, m.media_type, CAST(LENGTH(m.payload) AS BIGINT) FROM manifests m \
+                        "SELECT r.name, m.digest, m.media_type, m.size FROM manifests m \
                          JOIN repositories r ON r.id = m.repository_id WHERE m.id IN ({list}) ORDER BY m.id"
                     ))
                     .fetch_all(&mut *tx)

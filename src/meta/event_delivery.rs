@@ -84,6 +84,22 @@ pub struct DeadLetter {
     pub at: i64,
 }
 
+/// How replayed events were settled.
+#[derive(Debug, Clone, Copy)]
+pub enum Settle<'a> {
+    /// The endpoint accepted them: their letters go.
+    Delivered,
+    /// The endpoint's filters do not take them: their letters go.
+    Skipped,
+    /// The endpoint did not accept them: an attempt each, dead again at `max_attempts`.
+    Failed {
+        /// Why.
+        error: &'a str,
+        /// Attempts before they are dead letters again.
+        max_attempts: i64,
+    },
+}
+
 /// Which events a replay delivers again.
 #[derive(Debug, Clone, Copy)]
 pub enum ReplaySelection {
@@ -96,22 +112,49 @@ pub enum ReplaySelection {
 }
 
 impl MetaStore {
-    /// Makes endpoint `name` known. A new endpoint starts at the present: its cursors are set
-    /// to every stream's counter, so it receives the events committed from now on.
+    /// Makes endpoint `name` known (a replica configured with it starts). A new endpoint — or
+    /// one no replica was configured with for `forgotten_after_ms` — starts at the present: its
+    /// cursors are set to every stream's counter, so it receives the events committed from now
+    /// on. Returns whether it started at the present.
     ///
     /// # Errors
     /// [`Error::Database`].
-    pub async fn register_endpoint(&self, name: &str, now: i64) -> Result<bool> {
+    pub async fn register_endpoint(&self, name: &str, now: i64, forgotten_after_ms: i64) -> Result<bool> {
+        let seen_sql = format!(
+            "SELECT seen_at FROM event_endpoints WHERE name = $1{}",
+            self.update_lock_of("event_endpoints")
+        );
         transaction!(self, Error, |tx| {
-            let created: Option<(String,)> = sqlx::query_as(
-                "INSERT INTO event_endpoints (name, created_at) VALUES ($1, $2) \
-                 ON CONFLICT (name) DO NOTHING RETURNING name",
-            )
-            .bind(name)
-            .bind(now)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if created.is_some() {
+            let seen: Option<(i64,)> = sqlx::query_as(&seen_sql).bind(name).fetch_optional(&mut *tx).await?;
+            let fresh = match seen {
+                None => {
+                    sqlx::query(
+                        "INSERT INTO event_endpoints (name, created_at, seen_at) VALUES ($1, $2, $2)",
+                    )
+                    .bind(name)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                    true
+                }
+                Some((seen_at,)) => {
+                    sqlx::query("UPDATE event_endpoints SET seen_at = $2 WHERE name = $1")
+                        .bind(name)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                    seen_at < now.saturating_sub(forgotten_after_ms)
+                }
+            };
+            if fresh {
+                sqlx::query("DELETE FROM event_cursors WHERE endpoint = $1")
+                    .bind(name)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("DELETE FROM event_letters WHERE endpoint = $1")
+                    .bind(name)
+                    .execute(&mut *tx)
+                    .await?;
                 sqlx::query(
                     "INSERT INTO event_cursors (endpoint, stream, seq) SELECT $1, stream, seq FROM event_counters \
                      WHERE true ON CONFLICT (endpoint, stream) DO NOTHING",
@@ -119,25 +162,51 @@ impl MetaStore {
                 .bind(name)
                 .execute(&mut *tx)
                 .await?;
+                sqlx::query(
+                    "UPDATE event_endpoints SET failures = 0, last_error = NULL, next_attempt_at = NULL WHERE name = $1",
+                )
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
             }
-            Ok(created.is_some())
+            Ok(fresh)
         })
     }
 
-    /// Up to `limit` events pending for `endpoint`, each stream's in order (from at most 256
-    /// streams a call, in name order).
+    /// When `endpoint` may be sent to next, if a failure set a pause that has not passed.
     ///
     /// # Errors
     /// [`Error::Database`].
-    pub async fn pending_events(&self, endpoint: &str, limit: usize) -> Result<Vec<StoredEvent>> {
-        let streams: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT c.stream, COALESCE(k.seq, 0) FROM event_counters c \
+    pub async fn endpoint_paused_until(&self, endpoint: &str, now: i64) -> Result<Option<i64>> {
+        let row: Option<(Option<i64>,)> =
+            sqlx::query_as("SELECT next_attempt_at FROM event_endpoints WHERE name = $1")
+                .bind(endpoint)
+                .fetch_optional(&self.write)
+                .await?;
+        Ok(row.and_then(|(at,)| at).filter(|at| *at > now))
+    }
+
+    /// Up to `limit` events pending for `endpoint`, each stream's in order (from at most 256
+    /// streams a call, in name order from the first after `after`).
+    ///
+    /// # Errors
+    /// [`Error::Database`].
+    pub async fn pending_events(
+        &self,
+        endpoint: &str,
+        limit: usize,
+        after: &str,
+    ) -> Result<Vec<StoredEvent>> {
+        // Round-robin over the streams: from the one after the last served, wrapping around, so
+        // no stream waits behind busier ones earlier in name order.
+        let sql = "SELECT c.stream, COALESCE(k.seq, 0) FROM event_counters c \
              LEFT JOIN event_cursors k ON k.endpoint = $1 AND k.stream = c.stream \
-             WHERE c.seq > COALESCE(k.seq, 0) ORDER BY c.stream LIMIT 256",
-        )
-        .bind(endpoint)
-        .fetch_all(&self.read)
-        .await?;
+             WHERE c.seq > COALESCE(k.seq, 0) AND c.stream > $2 ORDER BY c.stream LIMIT 256";
+        let mut streams: Vec<(String, i64)> =
+            sqlx::query_as(sql).bind(endpoint).bind(after).fetch_all(&self.read).await?;
+        if streams.is_empty() && !after.is_empty() {
+            streams = sqlx::query_as(sql).bind(endpoint).bind("").fetch_all(&self.read).await?;
+        }
         let mut out = Vec::new();
         let sql = format!(
             "SELECT {EVENT_COLUMNS} FROM events e WHERE e.stream = $1 AND e.seq > $2 ORDER BY e.seq LIMIT $3"
@@ -164,44 +233,71 @@ impl MetaStore {
     ///
     /// # Errors
     /// [`Error::Database`].
+    /// Only the holder of the endpoint's lease `lease` (name, holder) records anything (`false`
+    /// otherwise).
     pub async fn events_delivered(
         &self,
         endpoint: &str,
+        lease: (&str, &str),
         events: &[StoredEvent],
         sent: u64,
         now: i64,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let ends = stream_ends(events);
+        let fence = self.lease_fence();
         transaction!(self, Error, |tx| {
+            if !holds(tx, &fence, lease).await? {
+                return Ok(false);
+            }
             advance(tx, endpoint, &ends).await?;
             sqlx::query(
                 "UPDATE event_endpoints SET failures = 0, last_error = NULL, last_attempt_at = $2, \
-                 last_success_at = $2, delivered = delivered + $3 WHERE name = $1",
+                 last_success_at = $2, seen_at = $2, next_attempt_at = NULL, delivered = delivered + $3 \
+                 WHERE name = $1",
             )
             .bind(endpoint)
             .bind(now)
             .bind(i64::try_from(sent).unwrap_or(i64::MAX))
             .execute(&mut *tx)
             .await?;
-            Ok(())
+            Ok(true)
         })
     }
 
-    /// Records a failed send to `endpoint`; returns its failures in a row.
+    /// The statement that checks (and, on PostgreSQL, holds until commit) a lease.
+    fn lease_fence(&self) -> String {
+        format!("SELECT holder FROM gc_leases WHERE name = $1 AND holder = $2{}", self.share_lock())
+    }
+
+    /// Records a failed send to `endpoint`; returns its failures in a row. No replica sends to
+    /// it again until `retry_after_ms(failures)` has passed.
     ///
     /// # Errors
     /// [`Error::Database`].
-    pub async fn event_send_failed(&self, endpoint: &str, error: &str, now: i64) -> Result<i64> {
-        let (failures,): (i64,) = sqlx::query_as(
-            "UPDATE event_endpoints SET failures = failures + 1, last_error = $2, last_attempt_at = $3 \
-             WHERE name = $1 RETURNING CAST(failures AS BIGINT)",
-        )
-        .bind(endpoint)
-        .bind(error)
-        .bind(now)
-        .fetch_one(&self.write)
-        .await?;
-        Ok(failures)
+    pub async fn event_send_failed(
+        &self,
+        endpoint: &str,
+        error: &str,
+        now: i64,
+        retry_after_ms: impl Fn(i64) -> i64,
+    ) -> Result<i64> {
+        transaction!(self, Error, |tx| {
+            let (failures,): (i64,) = sqlx::query_as(
+                "UPDATE event_endpoints SET failures = failures + 1, last_error = $2, last_attempt_at = $3, \
+                 seen_at = $3 WHERE name = $1 RETURNING CAST(failures AS BIGINT)",
+            )
+            .bind(endpoint)
+            .bind(error)
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await?;
+            sqlx::query("UPDATE event_endpoints SET next_attempt_at = $2 WHERE name = $1")
+                .bind(endpoint)
+                .bind(now.saturating_add(retry_after_ms(failures)))
+                .execute(&mut *tx)
+                .await?;
+            Ok(failures)
+        })
     }
 
     /// Gives `endpoint`'s delivery of `dead` up: they become dead letters (visible, replayable);
@@ -210,18 +306,26 @@ impl MetaStore {
     ///
     /// # Errors
     /// [`Error::Database`].
+    #[expect(clippy::too_many_arguments, reason = "the parts of one give-up")]
     pub async fn events_dead(
         &self,
         endpoint: &str,
+        lease: (&str, &str),
         events: &[StoredEvent],
         dead: &[i64],
         attempts: i64,
         error: &str,
         now: i64,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let ends = stream_ends(events);
+        let mut dead = dead.to_vec();
+        dead.sort_unstable();
+        let fence = self.lease_fence();
         transaction!(self, Error, |tx| {
-            for id in dead {
+            if !holds(tx, &fence, lease).await? {
+                return Ok(false);
+            }
+            for id in &dead {
                 sqlx::query(
                     "INSERT INTO event_letters (endpoint, event_id, state, attempts, last_error, at) \
                      VALUES ($1, $2, 'dead', $3, $4, $5) ON CONFLICT (endpoint, event_id) DO UPDATE SET \
@@ -237,14 +341,15 @@ impl MetaStore {
             }
             advance(tx, endpoint, &ends).await?;
             sqlx::query(
-                "UPDATE event_endpoints SET failures = 0, failed = failed + $2, last_attempt_at = $3 WHERE name = $1",
+                "UPDATE event_endpoints SET failures = 0, failed = failed + $2, last_attempt_at = $3, \
+                 next_attempt_at = NULL WHERE name = $1",
             )
             .bind(endpoint)
             .bind(i64::try_from(dead.len()).unwrap_or(i64::MAX))
             .bind(now)
             .execute(&mut *tx)
             .await?;
-            Ok(())
+            Ok(true)
         })
     }
 
@@ -272,8 +377,7 @@ impl MetaStore {
             .map_err(Error::Database)
     }
 
-    /// Settles replayed events `ids` of `endpoint`: removed when `error` is `None`, else their
-    /// attempts are counted and those that reached `max_attempts` become dead letters again.
+    /// Settles replayed events `ids` of `endpoint` as `how`.
     ///
     /// # Errors
     /// [`Error::Database`].
@@ -281,21 +385,22 @@ impl MetaStore {
         &self,
         endpoint: &str,
         ids: &[i64],
-        error: Option<&str>,
-        max_attempts: i64,
+        how: Settle<'_>,
         now: i64,
     ) -> Result<()> {
+        let mut ids = ids.to_vec();
+        ids.sort_unstable();
         transaction!(self, Error, |tx| {
-            for id in ids {
-                match error {
-                    None => {
+            for id in &ids {
+                match how {
+                    Settle::Delivered | Settle::Skipped => {
                         sqlx::query("DELETE FROM event_letters WHERE endpoint = $1 AND event_id = $2")
                             .bind(endpoint)
                             .bind(*id)
                             .execute(&mut *tx)
                             .await?;
                     }
-                    Some(error) => {
+                    Settle::Failed { error, max_attempts } => {
                         sqlx::query(
                             "UPDATE event_letters SET attempts = attempts + 1, last_error = $3, at = $4, \
                              state = CASE WHEN attempts + 1 >= $5 THEN 'dead' ELSE state END \
@@ -311,22 +416,18 @@ impl MetaStore {
                     }
                 }
             }
-            let update = match error {
-                None => sqlx::query(
-                    "UPDATE event_endpoints SET last_attempt_at = $2, last_success_at = $2, \
-                     delivered = delivered + $3 WHERE name = $1",
+            if let Settle::Delivered = how {
+                sqlx::query(
+                    "UPDATE event_endpoints SET last_attempt_at = $2, last_success_at = $2, seen_at = $2, \
+                     failures = 0, last_error = NULL, next_attempt_at = NULL, delivered = delivered + $3 \
+                     WHERE name = $1",
                 )
                 .bind(endpoint)
                 .bind(now)
-                .bind(i64::try_from(ids.len()).unwrap_or(i64::MAX)),
-                Some(error) => sqlx::query(
-                    "UPDATE event_endpoints SET last_attempt_at = $2, last_error = $3 WHERE name = $1",
-                )
-                .bind(endpoint)
-                .bind(now)
-                .bind(error),
-            };
-            update.execute(&mut *tx).await?;
+                .bind(i64::try_from(ids.len()).unwrap_or(i64::MAX))
+                .execute(&mut *tx)
+                .await?;
+            }
             Ok(())
         })
     }
@@ -382,7 +483,7 @@ impl MetaStore {
         let (dead, replays): (i64, i64) = sqlx::query_as(
             "SELECT CAST(COALESCE(SUM(CASE WHEN state = 'dead' THEN 1 ELSE 0 END), 0) AS BIGINT), \
              CAST(COALESCE(SUM(CASE WHEN state = 'replay' THEN 1 ELSE 0 END), 0) AS BIGINT) \
-             FROM event_letters WHERE endpoint = $1",
+             FROM event_letters l JOIN events e ON e.id = l.event_id WHERE l.endpoint = $1",
         )
         .bind(endpoint)
         .fetch_one(&self.read)
@@ -437,31 +538,23 @@ impl MetaStore {
         Ok(sqlx::query_as(&sql).bind(after).bind(limit).fetch_all(&self.read).await?)
     }
 
-    /// Removes up to `limit` events that happened before `before` and that every endpoint in
-    /// `endpoints` has done with (delivered or given up, and no letter names them). Returns how
-    /// many went.
+    /// Removes up to `limit` events that happened before `before` and that every endpoint seen
+    /// since `before` (registered or delivered to by some replica: `event_endpoints.seen_at`) is
+    /// done with — delivered or given up, and no letter of such an endpoint names them. Returns
+    /// how many went. Goes by the endpoints in the database, not this replica's configuration,
+    /// so a replica that does not know an endpoint never prunes its events.
     ///
     /// # Errors
     /// [`Error::Database`].
-    pub async fn prune_events(&self, before: i64, endpoints: &[String], limit: i64) -> Result<u64> {
-        let mut sql = String::from(
-            "DELETE FROM events WHERE id IN (SELECT e.id FROM events e WHERE e.at < $1 \
-             AND NOT EXISTS (SELECT 1 FROM event_letters l WHERE l.event_id = e.id)",
-        );
-        for i in 0..endpoints.len() {
-            sql.push_str(&format!(
-                " AND EXISTS (SELECT 1 FROM event_cursors k WHERE k.endpoint = ${} AND k.stream = e.stream \
-                 AND k.seq >= e.seq)",
-                i + 3
-            ));
-        }
-        sql.push_str(" ORDER BY e.at LIMIT $2)");
+    pub async fn prune_events(&self, before: i64, limit: i64) -> Result<u64> {
+        let sql = "DELETE FROM events WHERE id IN (SELECT e.id FROM events e WHERE e.at < $1 \
+             AND NOT EXISTS (SELECT 1 FROM event_letters l JOIN event_endpoints p ON p.name = l.endpoint \
+               WHERE l.event_id = e.id AND p.seen_at >= $1) \
+             AND NOT EXISTS (SELECT 1 FROM event_endpoints p WHERE p.seen_at >= $1 AND NOT EXISTS ( \
+               SELECT 1 FROM event_cursors k WHERE k.endpoint = p.name AND k.stream = e.stream AND k.seq >= e.seq)) \
+             ORDER BY e.at LIMIT $2)";
         transaction!(self, Error, |tx| {
-            let mut q = sqlx::query(&sql).bind(before).bind(limit);
-            for endpoint in endpoints {
-                q = q.bind(endpoint.as_str());
-            }
-            Ok(q.execute(&mut *tx).await?.rows_affected())
+            Ok(sqlx::query(sql).bind(before).bind(limit).execute(&mut *tx).await?.rows_affected())
         })
     }
 }
@@ -474,6 +567,13 @@ fn stream_ends(events: &[StoredEvent]) -> BTreeMap<String, i64> {
         *end = (*end).max(e.seq);
     }
     ends
+}
+
+/// Whether `lease` (name, holder) is held, checked with `fence` ([`MetaStore::lease_fence`]).
+async fn holds(tx: &mut AnyConnection, fence: &str, lease: (&str, &str)) -> Result<bool, sqlx::Error> {
+    let held: Option<(String,)> =
+        sqlx::query_as(fence).bind(lease.0).bind(lease.1).fetch_optional(&mut *tx).await?;
+    Ok(held.is_some())
 }
 
 /// Moves `endpoint`'s cursors forward to `ends` (never back).

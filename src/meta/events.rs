@@ -100,6 +100,17 @@ pub(crate) fn record(event: NewEvent) {
     let _ = JOURNAL.try_with(|j| j.borrow_mut().push(event));
 }
 
+/// How many events the running transaction has noted: a mark to [`truncate`] back to when the
+/// transaction rolls back to a savepoint taken here.
+pub(crate) fn mark() -> usize {
+    JOURNAL.try_with(|j| j.borrow().len()).unwrap_or(0)
+}
+
+/// Forgets the events noted since `mark`: their changes were rolled back to a savepoint.
+pub(crate) fn truncate(mark: usize) {
+    let _ = JOURNAL.try_with(|j| j.borrow_mut().truncate(mark));
+}
+
 /// Runs one attempt of a write transaction's body with a fresh journal.
 pub(crate) async fn journaled<F: std::future::Future>(body: F) -> F::Output {
     JOURNAL.scope(RefCell::new(Vec::new()), body).await

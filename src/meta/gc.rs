@@ -676,7 +676,7 @@ impl MetaStore {
             }
         }
         let (media_type, size): (String, i64) =
-            sqlx::query_as("SELECT media_type, CAST(LENGTH(payload) AS BIGINT) FROM manifests WHERE id = $1")
+            sqlx::query_as("SELECT media_type, size FROM manifests WHERE id = $1")
                 .bind(id)
                 .fetch_one(&mut *tx)
                 .await?;

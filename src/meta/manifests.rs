@@ -119,11 +119,22 @@ impl MetaStore {
             }
             let manifest_id = Self::upsert_manifest(tx, repo_id, manifest, now).await?;
             Self::write_references(tx, manifest_id, &blob_ids, &child_ids).await?;
+
+            // A cache's resolutions are all checked (share-locked, in tag order) before any tag
+            // row is locked: resolutions before tags, as a tag delete takes them.
+            let mut writable = Vec::with_capacity(tags.len());
+            for tag in tags {
+                if !matches!(condition, TagCondition::IfCacheResolves)
+                    || Self::cache_resolves(tx, repo, tag, manifest.digest, lock).await?
+                {
+                    writable.push(tag);
+                }
+            }
             let mut pushed = NewEvent::new(crate::events::MANIFEST_PUSHED, repo.as_str(), actor, now)
                 .digest(manifest.digest.as_str());
             pushed.media_type = Some(manifest.media_type.to_string());
             pushed.size = i64::try_from(manifest.payload.len()).ok();
-            match tags {
+            match writable.as_slice() {
                 [one] => pushed = pushed.tag(one.as_str()),
                 [] => {}
                 many => {
@@ -140,16 +151,6 @@ impl MetaStore {
                 pushed = pushed.detail("artifactType", artifact_type);
             }
             super::events::record(pushed);
-            // A cache's resolutions are all checked (share-locked, in tag order) before any tag
-            // row is locked: resolutions before tags, as a tag delete takes them.
-            let mut writable = Vec::with_capacity(tags.len());
-            for tag in tags {
-                if !matches!(condition, TagCondition::IfCacheResolves)
-                    || Self::cache_resolves(tx, repo, tag, manifest.digest, lock).await?
-                {
-                    writable.push(tag);
-                }
-            }
             // Several tags (an import, a cache): the rows of those that exist are locked together,
             // in name order, before any is written (as retention's batches lock theirs).
             writable.sort_by(|a, b| a.as_str().cmp(b.as_str()));

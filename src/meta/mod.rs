@@ -47,7 +47,7 @@ pub use browse::{DeletedTag, TagRow, UntaggedRow};
 pub use bulk_restore::{BulkOutcome, BulkRestoreRecord, DeleteRecord, DeleteSelection};
 pub use consistency::{BLOB_FINDINGS, Finding, LiveManifest, PAYLOAD_FINDINGS, StoredBlob, reference_kinds};
 pub use deletes::{AffectedManifest, DeleteError, Purged, Refusal, RetentionDelete};
-pub use event_delivery::{DeadLetter, EndpointState, ReplaySelection, StoredEvent};
+pub use event_delivery::{DeadLetter, EndpointState, ReplaySelection, Settle, StoredEvent};
 pub use events::NewEvent;
 pub use explain::{Explanation, Hold, LinkState};
 pub use gc::{Collected, Review, ReviewOutcome, WouldCollect};

@@ -754,6 +754,7 @@ impl MetaStore {
         let give_back = c.selected.is_none() && !c.lock_manifest_suffix.is_empty();
         let live = match seen {
             Some((id, None)) => {
+                let noted = super::events::mark();
                 if give_back {
                     sqlx::query("SAVEPOINT point_tag").execute(&mut *tx).await?;
                 }
@@ -768,6 +769,7 @@ impl MetaStore {
                 let live = matches!(locked, Some((None,)));
                 if give_back && !live {
                     sqlx::query("ROLLBACK TO SAVEPOINT point_tag").execute(&mut *tx).await?;
+                    super::events::truncate(noted);
                 }
                 if give_back {
                     sqlx::query("RELEASE SAVEPOINT point_tag").execute(&mut *tx).await?;

@@ -88,19 +88,18 @@ impl Registry {
         Ok(self.meta.events_after(after, limit).await?)
     }
 
-    /// Removes events older than `events.retain` that every configured endpoint is done with;
-    /// returns how many went. Run by the collector's sweep.
+    /// Removes events older than `events.retain` that every endpoint a replica was configured
+    /// with within that window is done with; returns how many went. Run by the collector's sweep.
     ///
     /// # Errors
     /// [`Error::Internal`].
     pub async fn prune_events(&self) -> Result<u64> {
         let retain = i64::try_from(self.events.retain.as_millis()).unwrap_or(i64::MAX);
         let before = self.clock.now_ms().saturating_sub(retain);
-        let endpoints: Vec<String> = self.events.endpoints.iter().map(|e| e.name.clone()).collect();
         let mut pruned = 0;
         // A bounded number of batches a step: the sweep comes back.
         for _ in 0..20 {
-            let n = self.meta.prune_events(before, &endpoints, PRUNE_BATCH).await?;
+            let n = self.meta.prune_events(before, PRUNE_BATCH).await?;
             pruned += n;
             if n < PRUNE_BATCH as u64 {
                 break;

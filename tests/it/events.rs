@@ -850,3 +850,38 @@ async fn two_replicas_deliver_through_one_and_lose_nothing_when_it_dies() {
         child.wait().unwrap();
     }
 }
+
+events_test!(a_bulk_restore_announces_what_came_back_and_nothing_it_rolled_back, |backend| {
+    let sink = Sink::start().await;
+    let reg = with_config(backend, &endpoint("hook", &sink.url, "")).await.unwrap();
+    let kept = reg.push_image("bulk/kept", "v1", 101).await;
+    let clash = reg.push_image("bulk/clash", "v1", 102).await;
+    for (repo, img) in [("bulk/kept", &kept), ("bulk/clash", &clash)] {
+        let res =
+            reg.req(Method::DELETE, &format!("/v2/{repo}/manifests/{}", img.digest)).send().await.unwrap();
+        assert_eq!(res.status(), 202);
+    }
+    // The tag was pushed again since: without take_tags, that delete's restore is a conflict,
+    // rolled back to its savepoint after the manifest itself was revived.
+    reg.push_image("bulk/clash", "v1", 103).await;
+    let (status, v) = reg.admin_call(Method::POST, "restore?since=1h", None).await;
+    assert_eq!(status, 200, "{v}");
+    let log = reg.event_log().await;
+    let restored: Vec<(String, String)> = log
+        .iter()
+        .filter(|e| e["kind"].as_str().unwrap().ends_with(".restored"))
+        .map(|e| (e["kind"].as_str().unwrap().to_string(), e["repository"].as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(
+        restored,
+        [
+            ("manifest.restored".to_string(), "bulk/kept".to_string()),
+            ("tag.restored".to_string(), "bulk/kept".to_string())
+        ],
+        "{v}"
+    );
+    let clash_row = reg.get(&format!("/v2/bulk/clash/manifests/{}", clash.digest)).await;
+    assert_eq!(clash_row.status(), 404, "the conflicting tombstone stayed deleted");
+    let n = log.len();
+    sink.wait_for("every event", |e| e.len() == n).await;
+});
