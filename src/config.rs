@@ -1115,6 +1115,52 @@ mod tests {
     use super::*;
 
     #[test]
+    fn events_are_checked() {
+        let o = Overrides::default();
+        let ok = "[events]\nretain = \"2d\"\nregistry_url = \"https://r.example.com/\"\n\
+                  [[events.endpoints]]\nname = \"ci-hook\"\nurl = \"https://ci.example.com/h\"\nformat = \"distribution\"\n\
+                  kinds = [\"tag.*\", \"manifest.pushed\"]\nrepositories = [\"team/**\"]\nheaders = { Authorization = \"in-file\" }\n";
+        let c = load(ok, &[("BERTH_EVENTS_CI_HOOK_HEADER_AUTHORIZATION", "Bearer from-env")], &o).unwrap();
+        assert_eq!(c.events.retain, Duration::from_secs(2 * 24 * 3600));
+        assert_eq!(c.events.registry_url.as_deref(), Some("https://r.example.com"));
+        let e = &c.events.endpoints[0];
+        assert_eq!(e.format, crate::events::Format::Distribution);
+        assert_eq!(e.headers, [("Authorization".to_string(), "Bearer from-env".to_string())]);
+        assert!(!format!("{e:?}").contains("from-env"), "header values must not be printed");
+        assert!(e.wants("tag.deleted", Some("team/app")));
+        assert!(!e.wants("tag.deleted", Some("other/app")));
+        assert!(!e.wants("manifest.deleted", Some("team/app")));
+        assert!(!e.wants("blob.collected", None), "registry-wide events pass no repository filter");
+        for (bad, says) in [
+            ("[[events.endpoints]]\nname = \"a b\"\nurl = \"https://h\"\n", "the name"),
+            ("[[events.endpoints]]\nname = \"a\"\nurl = \"ftp://h\"\n", "http://"),
+            (
+                "[[events.endpoints]]\nname = \"a\"\nurl = \"https://h\"\n[[events.endpoints]]\nname = \"a\"\nurl = \"https://i\"\n",
+                "two endpoints",
+            ),
+            (
+                "[[events.endpoints]]\nname = \"a\"\nurl = \"https://h\"\nkinds = [\"tags.*\"]\n",
+                "matches no kind",
+            ),
+            ("[[events.endpoints]]\nname = \"a\"\nurl = \"https://h\"\nformat = \"xml\"\n", "not supported"),
+            ("[[events.endpoints]]\nname = \"a\"\nurl = \"https://h\"\nbatch = 0\n", "batch"),
+            (
+                "[[events.endpoints]]\nname = \"a\"\nurl = \"https://h\"\nrepositories = [\"A\"]\n",
+                "repositories",
+            ),
+            (
+                "[[events.endpoints]]\nname = \"a\"\nurl = \"https://h\"\nbackoff = \"5m\"\nmax_backoff = \"1s\"\n",
+                "max_backoff",
+            ),
+            ("[events]\nretain = \"forever\"\n", "events.retain"),
+            ("[[events.endpoints]]\nname = \"a\"\nurl = \"https://h\"\nsecret = 1\n", "unknown field"),
+        ] {
+            let e = load(bad, &[], &o).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn proxies_are_checked() {
         let o = Overrides::default();
         let ok = "[[proxy]]\nprefix = \"hub\"\nupstream = \"https://registry-1.docker.io/\"\nusername = \"u\"\n\
