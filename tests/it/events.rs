@@ -885,3 +885,30 @@ events_test!(a_bulk_restore_announces_what_came_back_and_nothing_it_rolled_back,
     let n = log.len();
     sink.wait_for("every event", |e| e.len() == n).await;
 });
+
+events_test!(events_are_pruned_after_retain_only_once_every_endpoint_is_done_with_them, |backend| {
+    let sink = Sink::start().await;
+    sink.set_status(500);
+    let toml = format!("[events]\nretain = \"1d\"\n{}", endpoint("hook", &sink.url, "max_attempts = 1000"));
+    let reg = with_config(backend, &toml).await.unwrap();
+    reg.push_image("prune/app", "v1", 7).await;
+    reg.wait_status("a failure", |s| s["failures"].as_i64().unwrap_or(0) > 0).await;
+    // Two days on: past retain, and past max_age, so the failing batch becomes dead letters.
+    reg.app.registry.clock().advance_ms(2 * 24 * 3600 * 1000);
+    reg.wait_status("dead letters", |s| s["dead_letters"] == 2).await;
+    assert_eq!(reg.app.registry.prune_events().await.unwrap(), 0, "dead letters hold their events");
+    assert_eq!(reg.event_log().await.len(), 2);
+    sink.set_status(200);
+    let (code, v) = reg.admin_call(Method::POST, "events/replay/hook", Some(json!({"dead": true}))).await;
+    assert_eq!((code, v["queued"].as_i64()), (200, Some(2)), "{v}");
+    sink.wait_for("the replay", |e| e.len() == 2).await;
+    reg.wait_status("no letters", |s| s["dead_letters"] == 0 && s["replays"] == 0).await;
+    // A new event, delivered but younger than retain, stays; the two old ones go.
+    reg.push_image("prune/app", "v2", 8).await;
+    sink.wait_for("the new push", |e| e.len() == 4).await;
+    reg.wait_status("nothing pending", |s| s["pending"] == 0).await;
+    assert_eq!(reg.app.registry.prune_events().await.unwrap(), 2);
+    let log = reg.event_log().await;
+    assert_eq!(log.len(), 2, "{log:#?}");
+    assert!(log.iter().all(|e| e["tag"] == "v2"), "{log:#?}");
+});
