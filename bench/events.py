@@ -3,8 +3,9 @@
 scale-out one:
 
 * manifest push, delete by digest and manifest GET with none, one and three webhook endpoints
-  configured — three Berths side by side, the rounds interleaved (target: within noise: the event
-  row is one more insert in a transaction that already writes);
+  configured — three Berths side by side, the rounds interleaved, and with BENCH_BASELINE set to
+  the `berth` built before events, that one beside them (target: within noise: the event row is
+  one more insert in a transaction that already writes);
 * delivery lag (the sink's receive time minus the event's time) at about 1,000 events/s;
 * a retention run removing 50,000 tags (5,000 with --quick): from the run's answer to the last
   event at the sink, and in how many requests.
@@ -119,12 +120,24 @@ def percentile(values, p):
 
 
 def run_deployment(args, name, storage):
+    """`storage` is the embedded deployment's section; the scale-out one gets a fresh database
+    and prefix per server (each Berth its own registry)."""
+    if "scale-out" in name:
+        def fresh():
+            return bench.scale_out_toml(args.scale_out_env)
+    else:
+        def fresh():
+            return storage
     quick = args.quick
     per_round = 300 if quick else 2000
     rounds = 3
     sinks = {n: [Sink() for _ in range(n)] for n in (0, 1, 3)}
-    servers = {n: bench.start_berth(args.berth, args.work, f"{name}-{n}", config=storage + endpoints(sinks[n]))
+    servers = {n: bench.start_berth(args.berth, args.work, f"{name}-{n}", config=fresh() + endpoints(sinks[n]))
                for n in (0, 1, 3)}
+    # The build before events (BENCH_BASELINE=path to its berth): what writing the event rows costs.
+    baseline = os.environ.get("BENCH_BASELINE")
+    if baseline:
+        servers["before"] = bench.start_berth(baseline, args.work, f"{name}-before", config=fresh())
     out = {"name": name}
     try:
         base, _ = bench.tiny_image_manifest(list(servers.values()))
@@ -154,7 +167,7 @@ def run_deployment(args, name, storage):
                 g = bench.wrk(url, "GET", seconds, headers=[f"Accept: {MEDIA}"])
                 get[n].append(g["rps"])
         for n in servers:
-            out[f"endpoints_{n}"] = {
+            out["before_events" if n == "before" else f"endpoints_{n}"] = {
                 "push_per_s": statistics.median(p for p, _ in push[n]),
                 "push_cpu_ms": statistics.median(c for _, c in push[n]),
                 "delete_per_s": statistics.median(p for p, _ in delete[n]),
@@ -174,7 +187,7 @@ def run_deployment(args, name, storage):
 
     print(f"==> {name}: delivery lag at ~1,000 events/s", file=sys.stderr)
     sink = Sink(keep=True)
-    server = bench.start_berth(args.berth, args.work, f"{name}-lag", config=storage + endpoints([sink]))
+    server = bench.start_berth(args.berth, args.work, f"{name}-lag", config=fresh() + endpoints([sink]))
     try:
         base, _ = bench.tiny_image_manifest([server])
         mount(server, "bench/lag", base)
@@ -211,7 +224,7 @@ def run_deployment(args, name, storage):
     rules = ('[retention]\ninterval = "0s"\n[[retention.rules]]\nname = "bench"\nrepositories = "bench/ret"\n'
              'tags = "t.*"\nkeep_last = 1\n')
     server = bench.start_berth(args.berth, args.work, f"{name}-ret",
-                               config=storage + rules + endpoints([sink], 'kinds = ["tag.deleted"]'))
+                               config=fresh() + rules + endpoints([sink], 'kinds = ["tag.deleted"]'))
     try:
         base, _ = bench.tiny_image_manifest([server])
         mount(server, "bench/ret", base)
@@ -242,12 +255,15 @@ def table(r):
     lines = [f"Machine: {r['machine']}; {bench.hash_line(r)}.", ""]
     for d in r["runs"]:
         lines += [f"### {d['name']}", "",
+                  "Ratios against 0 endpoints (events written, none delivered).", "",
                   "| endpoints | push/s | CPU-ms/push | delete/s | CPU-ms/delete | manifest GET/s |",
                   "|---|---|---|---|---|---|"]
         none = d["endpoints_0"]
-        for n in (0, 1, 3):
-            e = d[f"endpoints_{n}"]
-            lines.append(f"| {n} | {e['push_per_s']:.0f} ({e['push_per_s'] / none['push_per_s']:.2f}×) | "
+        rows = [("before events", "before_events")] if "before_events" in d else []
+        rows += [(str(n), f"endpoints_{n}") for n in (0, 1, 3)]
+        for label, key in rows:
+            e = d[key]
+            lines.append(f"| {label} | {e['push_per_s']:.0f} ({e['push_per_s'] / none['push_per_s']:.2f}×) | "
                          f"{e['push_cpu_ms']:.2f} | {e['delete_per_s']:.0f} ({e['delete_per_s'] / none['delete_per_s']:.2f}×) | "
                          f"{e['delete_cpu_ms']:.2f} | {e['get_per_s']:.0f} ({e['get_per_s'] / none['get_per_s']:.2f}×) |")
         lag = d["lag"]

@@ -17,6 +17,9 @@ use crate::registry::Registry;
 /// overtake a batch still in flight. Also about how long delivery pauses when the delivering
 /// replica dies.
 const LEASE_MARGIN_MS: i64 = 10_000;
+/// How long a deliverer woken by a commit, or left with less than a batch, waits for more
+/// commits before it reads: fewer, larger batches under a steady stream, for that much lag.
+const LINGER: Duration = Duration::from_millis(20);
 /// How often an idle deliverer looks for events other replicas wrote.
 const IDLE_POLL: Duration = Duration::from_millis(500);
 
@@ -24,8 +27,11 @@ const IDLE_POLL: Duration = Duration::from_millis(500);
 enum Round {
     /// Nothing to send.
     Idle,
-    /// Sent (or skipped, or gave up on) a batch; more may be waiting.
-    Progress,
+    /// Sent (or skipped, or gave up on) a batch; more may be waiting (surely, if it was full).
+    Progress {
+        /// Whether the batch was as large as the endpoint's `batch`.
+        full: bool,
+    },
     /// The endpoint failed, or failed lately: no attempt before this time.
     PausedUntil(i64),
 }
@@ -39,6 +45,8 @@ struct Turn<'a> {
     /// Whether replays go first this round (they alternate with pending events while both wait,
     /// so a replay that keeps failing cannot hold live delivery up).
     replays_first: bool,
+    /// Whether a record found the lease gone (another replica took it): take it again first.
+    lease_lost: bool,
 }
 
 /// Delivers events to one endpoint until `stop` turns true.
@@ -58,15 +66,26 @@ pub async fn run(registry: Registry, endpoint: EndpointConfig, mut stop: tokio::
     let lease_ttl_ms =
         i64::try_from(endpoint.timeout.as_millis()).unwrap_or(i64::MAX).saturating_add(LEASE_MARGIN_MS);
     let meta = registry.meta().clone();
-    let mut turn =
-        Turn { lease: (&lease, registry.instance()), last_stream: String::new(), replays_first: true };
+    let mut turn = Turn {
+        lease: (&lease, registry.instance()),
+        last_stream: String::new(),
+        replays_first: true,
+        lease_lost: false,
+    };
     let mut wait = Duration::ZERO;
     let mut notified = Box::pin(WRITTEN.notified());
+    // Until when the lease is ours (as last taken); renewed only once less than the margin's
+    // half is left beyond a send, not every round.
+    let mut held_until = i64::MIN;
     loop {
         let stopping = tokio::select! {
             _ = stop.changed() => true,
             () = tokio::time::sleep(wait) => false,
-            () = notified.as_mut(), if wait == IDLE_POLL => false,
+            // Woken by a commit: gather what the next moments commit too, into one batch.
+            () = notified.as_mut(), if wait == IDLE_POLL => {
+                tokio::time::sleep(LINGER).await;
+                false
+            }
         };
         // Armed before this round reads, so a commit during the round wakes the next one.
         notified = Box::pin(WRITTEN.notified());
@@ -75,21 +94,37 @@ pub async fn run(registry: Registry, endpoint: EndpointConfig, mut stop: tokio::
             return;
         }
         let now = registry.clock().now_ms();
-        match meta.take_lease(&lease, registry.instance(), now, lease_ttl_ms).await {
-            Ok(true) => {}
+        if std::mem::take(&mut turn.lease_lost) {
+            held_until = i64::MIN;
+        }
+        let renew = held_until.saturating_sub(now) < lease_ttl_ms - LEASE_MARGIN_MS / 2;
+        match if renew {
+            meta.take_lease(&lease, registry.instance(), now, lease_ttl_ms).await
+        } else {
+            Ok(true)
+        } {
+            Ok(true) => {
+                if renew {
+                    held_until = now.saturating_add(lease_ttl_ms);
+                }
+            }
             Ok(false) => {
+                held_until = i64::MIN;
                 wait = Duration::from_millis(u64::try_from(LEASE_MARGIN_MS / 3).unwrap_or(3000));
                 continue;
             }
             Err(e) => {
                 tracing::warn!(endpoint = %endpoint.name, error = %e, "cannot take the events lease");
+                held_until = i64::MIN;
                 wait = IDLE_POLL;
                 continue;
             }
         }
         wait = match round(&registry, &endpoint, &client, &source, &mut turn).await {
             Ok(Round::Idle) => IDLE_POLL,
-            Ok(Round::Progress) => Duration::ZERO,
+            Ok(Round::Progress { full: true }) => Duration::ZERO,
+            // Less than a batch was waiting: let a few more commits gather first.
+            Ok(Round::Progress { full: false }) => LINGER,
             // Renewing the lease meanwhile is not needed: every replica honours the pause.
             Ok(Round::PausedUntil(at)) => Duration::from_millis(
                 u64::try_from(at.saturating_sub(registry.clock().now_ms()).clamp(1, i64::MAX)).unwrap_or(1),
@@ -156,7 +191,7 @@ async fn replays(
         meta.replays_settled(name, &ids, Settle::Skipped, registry.clock().now_ms()).await?;
     }
     if wanted.is_empty() {
-        return Ok(Some(Round::Progress));
+        return Ok(Some(Round::Progress { full: true }));
     }
     let events: Vec<StoredEvent> = wanted.iter().map(|(e, _)| e.clone()).collect();
     let ids: Vec<i64> = events.iter().map(|e| e.id).collect();
@@ -164,7 +199,7 @@ async fn replays(
         Ok(()) => {
             meta.replays_settled(name, &ids, Settle::Delivered, registry.clock().now_ms()).await?;
             registry.metrics().events_delivered(name, events.len());
-            Ok(Some(Round::Progress))
+            Ok(Some(Round::Progress { full: true }))
         }
         Err(error) => {
             let now = registry.clock().now_ms();
@@ -196,18 +231,21 @@ async fn pending(
     let name = endpoint.name.as_str();
     let pending = meta.pending_events(name, endpoint.batch, &turn.last_stream).await?;
     let Some(last) = pending.last() else { return Ok(Round::Idle) };
+    let full = pending.len() >= endpoint.batch;
     turn.last_stream = last.stream.clone();
     let wanted = in_delivery_order(
         pending.iter().filter(|e| endpoint.wants(&e.kind, e.repository.as_deref())).cloned().collect(),
     );
     if wanted.is_empty() {
-        meta.events_delivered(name, turn.lease, &pending, 0, registry.clock().now_ms()).await?;
-        return Ok(Round::Progress);
+        turn.lease_lost =
+            !meta.events_delivered(name, turn.lease, &pending, 0, registry.clock().now_ms()).await?;
+        return Ok(Round::Progress { full });
     }
     match send(endpoint, client, source, &wanted).await {
         Ok(()) => {
             let now = registry.clock().now_ms();
             if !meta.events_delivered(name, turn.lease, &pending, wanted.len() as u64, now).await? {
+                turn.lease_lost = true;
                 // The lease ran out during the send: the replica holding it now sends them again.
                 tracing::warn!(
                     endpoint = name,
@@ -215,7 +253,7 @@ async fn pending(
                 );
             }
             registry.metrics().events_delivered(name, wanted.len());
-            Ok(Round::Progress)
+            Ok(Round::Progress { full })
         }
         Err(error) => {
             let now = registry.clock().now_ms();
@@ -226,7 +264,9 @@ async fn pending(
                 now.saturating_sub(oldest) > i64::try_from(endpoint.max_age.as_millis()).unwrap_or(i64::MAX);
             if failures >= i64::from(endpoint.max_attempts) || too_old {
                 let ids: Vec<i64> = wanted.iter().map(|e| e.id).collect();
-                if meta.events_dead(name, turn.lease, &pending, &ids, failures, &error, now).await? {
+                turn.lease_lost =
+                    !meta.events_dead(name, turn.lease, &pending, &ids, failures, &error, now).await?;
+                if !turn.lease_lost {
                     tracing::error!(
                         endpoint = name,
                         events = ids.len(),
@@ -235,7 +275,7 @@ async fn pending(
                         "events given up on: they are dead letters now (berth events status; berth events replay)"
                     );
                 }
-                return Ok(Round::Progress);
+                return Ok(Round::Progress { full: true });
             }
             tracing::warn!(
                 endpoint = name,
