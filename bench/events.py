@@ -119,6 +119,43 @@ def percentile(values, p):
     return values[min(len(values) - 1, max(0, round(p / 100 * (len(values) - 1))))]
 
 
+def write_cost(args, name, fresh, base_rounds=6):
+    """The build before events (BENCH_BASELINE) against this one with no endpoint, alone on the
+    machine, rounds alternating which goes first: what writing the event rows costs a push and a
+    delete."""
+    servers = {"before": bench.start_berth(os.environ["BENCH_BASELINE"], args.work, f"{name}-before", config=fresh()),
+               "events": bench.start_berth(args.berth, args.work, f"{name}-events", config=fresh())}
+    per_round = 300 if args.quick else 2000
+    runs = {k: {"push": [], "delete": []} for k in servers}
+    try:
+        base, _ = bench.tiny_image_manifest(list(servers.values()))
+        for s in servers.values():
+            mount(s, "bench/ab", base)
+        print(f"==> {name}: the cost of the event rows, {base_rounds} alternating rounds", file=sys.stderr)
+        for r in range(base_rounds):
+            order = ["before", "events"] if r % 2 == 0 else ["events", "before"]
+            for k in order:
+                s = servers[k]
+                first = r * per_round
+
+                def one_push(i, s=s):
+                    body = manifest_bytes(base, i)
+                    assert request("PUT", f"{s.base}/v2/bench/ab/manifests/t{i % 50}", body, {"Content-Type": MEDIA}) == 201
+
+                def one_delete(i, s=s):
+                    assert request("DELETE", f"{s.base}/v2/bench/ab/manifests/{digest_of(manifest_bytes(base, i))}") == 202
+
+                items = list(range(first, first + per_round))
+                runs[k]["push"].append(timed(s, one_push, items))
+                runs[k]["delete"].append(timed(s, one_delete, items[:-50]))
+    finally:
+        for s in servers.values():
+            s.stop()
+    return {k: {op: {"per_s": statistics.median(p for p, _ in v[op]), "cpu_ms": statistics.median(c for _, c in v[op]),
+                     "cpu_ms_each": [round(c, 3) for _, c in v[op]]}
+                for op in ("push", "delete")} for k, v in runs.items()}
+
+
 def run_deployment(args, name, storage):
     """`storage` is the embedded deployment's section; the scale-out one gets a fresh database
     and prefix per server (each Berth its own registry)."""
@@ -128,17 +165,17 @@ def run_deployment(args, name, storage):
     else:
         def fresh():
             return storage
+    out = {"name": name}
+    if os.environ.get("BENCH_BASELINE"):
+        out["write_cost"] = write_cost(args, name, fresh)
+        if os.environ.get("BENCH_WRITE_COST_ONLY"):
+            return out
     quick = args.quick
     per_round = 300 if quick else 2000
     rounds = 3
     sinks = {n: [Sink() for _ in range(n)] for n in (0, 1, 3)}
     servers = {n: bench.start_berth(args.berth, args.work, f"{name}-{n}", config=fresh() + endpoints(sinks[n]))
                for n in (0, 1, 3)}
-    # The build before events (BENCH_BASELINE=path to its berth): what writing the event rows costs.
-    baseline = os.environ.get("BENCH_BASELINE")
-    if baseline:
-        servers["before"] = bench.start_berth(baseline, args.work, f"{name}-before", config=fresh())
-    out = {"name": name}
     try:
         base, _ = bench.tiny_image_manifest(list(servers.values()))
         for s in servers.values():
@@ -167,7 +204,7 @@ def run_deployment(args, name, storage):
                 g = bench.wrk(url, "GET", seconds, headers=[f"Accept: {MEDIA}"])
                 get[n].append(g["rps"])
         for n in servers:
-            out["before_events" if n == "before" else f"endpoints_{n}"] = {
+            out[f"endpoints_{n}"] = {
                 "push_per_s": statistics.median(p for p, _ in push[n]),
                 "push_cpu_ms": statistics.median(c for _, c in push[n]),
                 "delete_per_s": statistics.median(p for p, _ in delete[n]),
@@ -254,14 +291,25 @@ def run_deployment(args, name, storage):
 def table(r):
     lines = [f"Machine: {r['machine']}; {bench.hash_line(r)}.", ""]
     for d in r["runs"]:
-        lines += [f"### {d['name']}", "",
+        lines += [f"### {d['name']}", ""]
+        if "write_cost" in d:
+            w = d["write_cost"]
+            lines += ["The build before events against this one with no endpoint (alternating rounds, medians):", "",
+                      "| build | push/s | CPU-ms/push | delete/s | CPU-ms/delete |", "|---|---|---|---|---|"]
+            for k in ("before", "events"):
+                e = w[k]
+                lines.append(f"| {k} | {e['push']['per_s']:.0f} | {e['push']['cpu_ms']:.3f} | "
+                             f"{e['delete']['per_s']:.0f} | {e['delete']['cpu_ms']:.3f} |")
+            lines.append("")
+        if "endpoints_0" not in d:
+            continue
+        lines += [
+
                   "Ratios against 0 endpoints (events written, none delivered).", "",
                   "| endpoints | push/s | CPU-ms/push | delete/s | CPU-ms/delete | manifest GET/s |",
                   "|---|---|---|---|---|---|"]
         none = d["endpoints_0"]
-        rows = [("before events", "before_events")] if "before_events" in d else []
-        rows += [(str(n), f"endpoints_{n}") for n in (0, 1, 3)]
-        for label, key in rows:
+        for label, key in [(str(n), f"endpoints_{n}") for n in (0, 1, 3)]:
             e = d[key]
             lines.append(f"| {label} | {e['push_per_s']:.0f} ({e['push_per_s'] / none['push_per_s']:.2f}×) | "
                          f"{e['push_cpu_ms']:.2f} | {e['delete_per_s']:.0f} ({e['delete_per_s'] / none['delete_per_s']:.2f}×) | "
