@@ -26,6 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402
+import deletes  # noqa: E402
 
 MEDIA = "application/vnd.oci.image.manifest.v1+json"
 
@@ -80,28 +81,8 @@ def endpoints(sinks, extra=""):
     return "".join(f'[[events.endpoints]]\nname = "e{i}"\nurl = "{s.url}"\n{extra}\n' for i, s in enumerate(sinks))
 
 
-def request(method, url, body=None, headers=None):
-    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
-    with urllib.request.urlopen(req) as r:
-        r.read()
-        return r.status
-
-
-def manifest_bytes(base, n):
-    body = json.loads(base)
-    body["annotations"] = {"bench.n": str(n)}
-    return json.dumps(body, separators=(",", ":")).encode()
-
-
-def digest_of(body):
-    import hashlib
-    return "sha256:" + hashlib.sha256(body).hexdigest()
-
-
-def mount(server, repo, base):
-    body = json.loads(base)
-    for d in [body["config"]["digest"]] + [layer["digest"] for layer in body["layers"]]:
-        bench.curl("-X", "POST", f"{server.base}/v2/{repo}/blobs/uploads/?mount={d}&from=bench/manifests")
+# The delete benchmarks' helpers: distinct tiny manifests over the same blobs, and requests.
+request, manifest_bytes, digest_of, mount = deletes.request, deletes.manifest_bytes, deletes.digest_of, deletes.mount_blobs
 
 
 def timed(server, fn, items, workers=8):
@@ -112,6 +93,20 @@ def timed(server, fn, items, workers=8):
         list(pool.map(fn, items))
     elapsed = time.perf_counter() - t0
     return len(items) / elapsed, (bench.cpu_seconds(server.pid) - c0) * 1000 / len(items)
+
+
+def push_and_delete(server, repo, base, first, count):
+    """Pushes manifests `first`..`first + count` by tag (50 tags, each moved on by the next push)
+    and deletes by digest all but the last 50, untagged by then; the (ops/s, CPU-ms/op) of each."""
+    def one_push(i):
+        body = manifest_bytes(base, i)
+        assert request("PUT", f"{server.base}/v2/{repo}/manifests/t{i % 50}", body, {"Content-Type": MEDIA}) == 201
+
+    def one_delete(i):
+        assert request("DELETE", f"{server.base}/v2/{repo}/manifests/{digest_of(manifest_bytes(base, i))}") == 202
+
+    items = list(range(first, first + count))
+    return timed(server, one_push, items), timed(server, one_delete, items[:-50])
 
 
 def percentile(values, p):
@@ -138,16 +133,9 @@ def write_cost(args, name, fresh, base_rounds=6):
                 s = servers[k]
                 first = r * per_round
 
-                def one_push(i, s=s):
-                    body = manifest_bytes(base, i)
-                    assert request("PUT", f"{s.base}/v2/bench/ab/manifests/t{i % 50}", body, {"Content-Type": MEDIA}) == 201
-
-                def one_delete(i, s=s):
-                    assert request("DELETE", f"{s.base}/v2/bench/ab/manifests/{digest_of(manifest_bytes(base, i))}") == 202
-
-                items = list(range(first, first + per_round))
-                runs[k]["push"].append(timed(s, one_push, items))
-                runs[k]["delete"].append(timed(s, one_delete, items[:-50]))
+                pushed, deleted = push_and_delete(s, "bench/ab", base, first, per_round)
+                runs[k]["push"].append(pushed)
+                runs[k]["delete"].append(deleted)
     finally:
         for s in servers.values():
             s.stop()
@@ -189,17 +177,9 @@ def run_deployment(args, name, storage):
             for n, s in servers.items():
                 first = r * per_round
 
-                def one_push(i, s=s):
-                    body = manifest_bytes(base, i)
-                    assert request("PUT", f"{s.base}/v2/bench/ev/manifests/t{i % 50}", body, {"Content-Type": MEDIA}) == 201
-
-                def one_delete(i, s=s):
-                    assert request("DELETE", f"{s.base}/v2/bench/ev/manifests/{digest_of(manifest_bytes(base, i))}") == 202
-
-                items = list(range(first, first + per_round))
-                push[n].append(timed(s, one_push, items))
-                # The last 50 hold the tags; delete the rest (untagged now) by digest.
-                delete[n].append(timed(s, one_delete, items[:-50]))
+                pushed, deleted = push_and_delete(s, "bench/ev", base, first, per_round)
+                push[n].append(pushed)
+                delete[n].append(deleted)
                 url = f"{s.base}/v2/bench/ev/manifests/t{(first + per_round - 1) % 50}"
                 g = bench.wrk(url, "GET", seconds, headers=[f"Accept: {MEDIA}"])
                 get[n].append(g["rps"])

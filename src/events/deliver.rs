@@ -36,10 +36,14 @@ enum Round {
     PausedUntil(i64),
 }
 
-/// Where a deliverer stands between rounds.
-struct Turn<'a> {
-    /// The lease (name, holder) the round's records are fenced by.
-    lease: (&'a str, &'a str),
+/// One endpoint's deliverer, and where it stands between rounds.
+struct Deliverer {
+    registry: Registry,
+    endpoint: EndpointConfig,
+    client: reqwest::Client,
+    source: Source,
+    /// The endpoint's lease (`events:NAME`); the round's records are fenced by it.
+    lease: String,
     /// The stream the last batch of pending events ended with (the next starts after it).
     last_stream: String,
     /// Whether replays go first this round (they alternate with pending events while both wait,
@@ -62,16 +66,20 @@ pub async fn run(registry: Registry, endpoint: EndpointConfig, mut stop: tokio::
         registry_url: registry.events().registry_url.clone(),
         instance: registry.instance().to_string(),
     };
-    let lease = format!("events:{}", endpoint.name);
     let lease_ttl_ms =
         i64::try_from(endpoint.timeout.as_millis()).unwrap_or(i64::MAX).saturating_add(LEASE_MARGIN_MS);
-    let meta = registry.meta().clone();
-    let mut turn = Turn {
-        lease: (&lease, registry.instance()),
+    let mut d = Deliverer {
+        lease: format!("events:{}", endpoint.name),
+        registry,
+        endpoint,
+        client,
+        source,
         last_stream: String::new(),
         replays_first: true,
         lease_lost: false,
     };
+    let meta = d.registry.meta().clone();
+    let instance = d.registry.instance().to_string();
     let mut wait = Duration::ZERO;
     let mut notified = Box::pin(WRITTEN.notified());
     // Until when the lease is ours (as last taken); renewed only once less than the margin's
@@ -90,202 +98,220 @@ pub async fn run(registry: Registry, endpoint: EndpointConfig, mut stop: tokio::
         // Armed before this round reads, so a commit during the round wakes the next one.
         notified = Box::pin(WRITTEN.notified());
         if stopping || *stop.borrow() {
-            let _ = meta.release_lease(&lease, registry.instance()).await;
+            let _ = meta.release_lease(&d.lease, &instance).await;
             return;
         }
-        let now = registry.clock().now_ms();
-        if std::mem::take(&mut turn.lease_lost) {
+        let now = d.registry.clock().now_ms();
+        if std::mem::take(&mut d.lease_lost) {
             held_until = i64::MIN;
         }
-        let renew = held_until.saturating_sub(now) < lease_ttl_ms - LEASE_MARGIN_MS / 2;
-        match if renew {
-            meta.take_lease(&lease, registry.instance(), now, lease_ttl_ms).await
-        } else {
-            Ok(true)
-        } {
-            Ok(true) => {
-                if renew {
-                    held_until = now.saturating_add(lease_ttl_ms);
+        if held_until.saturating_sub(now) < lease_ttl_ms - LEASE_MARGIN_MS / 2 {
+            match meta.take_lease(&d.lease, &instance, now, lease_ttl_ms).await {
+                Ok(true) => held_until = now.saturating_add(lease_ttl_ms),
+                Ok(false) => {
+                    held_until = i64::MIN;
+                    wait = Duration::from_millis(u64::try_from(LEASE_MARGIN_MS / 3).unwrap_or(3000));
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(endpoint = %d.endpoint.name, error = %e, "cannot take the events lease");
+                    held_until = i64::MIN;
+                    wait = IDLE_POLL;
+                    continue;
                 }
             }
-            Ok(false) => {
-                held_until = i64::MIN;
-                wait = Duration::from_millis(u64::try_from(LEASE_MARGIN_MS / 3).unwrap_or(3000));
-                continue;
-            }
-            Err(e) => {
-                tracing::warn!(endpoint = %endpoint.name, error = %e, "cannot take the events lease");
-                held_until = i64::MIN;
-                wait = IDLE_POLL;
-                continue;
-            }
         }
-        wait = match round(&registry, &endpoint, &client, &source, &mut turn).await {
+        wait = match d.round().await {
             Ok(Round::Idle) => IDLE_POLL,
             Ok(Round::Progress { full: true }) => Duration::ZERO,
             // Less than a batch was waiting: let a few more commits gather first.
             Ok(Round::Progress { full: false }) => LINGER,
             // Renewing the lease meanwhile is not needed: every replica honours the pause.
             Ok(Round::PausedUntil(at)) => Duration::from_millis(
-                u64::try_from(at.saturating_sub(registry.clock().now_ms()).clamp(1, i64::MAX)).unwrap_or(1),
+                u64::try_from(at.saturating_sub(d.registry.clock().now_ms()).clamp(1, i64::MAX)).unwrap_or(1),
             ),
             Err(e) => {
-                tracing::warn!(endpoint = %endpoint.name, error = %e, "events delivery failed in the metadata store");
+                tracing::warn!(endpoint = %d.endpoint.name, error = %e, "events delivery failed in the metadata store");
                 IDLE_POLL
             }
         };
     }
 }
 
-/// The pause after `failures` failures in a row, in ms.
-fn backoff_ms(endpoint: &EndpointConfig, failures: i64) -> i64 {
-    let doublings = u32::try_from(failures.saturating_sub(1).clamp(0, 20)).unwrap_or(20);
-    let pause = endpoint.backoff.saturating_mul(1 << doublings).min(endpoint.max_backoff);
-    i64::try_from(pause.as_millis()).unwrap_or(i64::MAX)
-}
+impl Deliverer {
+    fn name(&self) -> &str {
+        &self.endpoint.name
+    }
 
-/// One batch: of replays or of pending events (alternating while both wait), unless a failure
-/// paused the endpoint.
-async fn round(
-    registry: &Registry,
-    endpoint: &EndpointConfig,
-    client: &reqwest::Client,
-    source: &Source,
-    turn: &mut Turn<'_>,
-) -> Result<Round, crate::meta::Error> {
-    let meta = registry.meta();
-    let name = endpoint.name.as_str();
-    if let Some(until) = meta.endpoint_paused_until(name, registry.clock().now_ms()).await? {
-        return Ok(Round::PausedUntil(until));
+    fn now(&self) -> i64 {
+        self.registry.clock().now_ms()
     }
-    turn.replays_first = !turn.replays_first;
-    if turn.replays_first {
-        if let Some(done) = replays(registry, endpoint, client, source).await? {
-            return Ok(done);
-        }
-        return pending(registry, endpoint, client, source, turn).await;
-    }
-    match pending(registry, endpoint, client, source, turn).await? {
-        Round::Idle => Ok(replays(registry, endpoint, client, source).await?.unwrap_or(Round::Idle)),
-        done => Ok(done),
-    }
-}
 
-/// Sends a batch of queued replays; `None` when none is queued.
-async fn replays(
-    registry: &Registry,
-    endpoint: &EndpointConfig,
-    client: &reqwest::Client,
-    source: &Source,
-) -> Result<Option<Round>, crate::meta::Error> {
-    let meta = registry.meta();
-    let name = endpoint.name.as_str();
-    let replays = meta.replays_due(name, endpoint.batch).await?;
-    if replays.is_empty() {
-        return Ok(None);
+    /// The pause after `failures` failures in a row, in ms.
+    fn backoff_ms(&self, failures: i64) -> i64 {
+        let doublings = u32::try_from(failures.saturating_sub(1).clamp(0, 20)).unwrap_or(20);
+        let pause = self.endpoint.backoff.saturating_mul(1 << doublings).min(self.endpoint.max_backoff);
+        i64::try_from(pause.as_millis()).unwrap_or(i64::MAX)
     }
-    let (wanted, skipped): (Vec<_>, Vec<_>) =
-        replays.into_iter().partition(|(e, _)| endpoint.wants(&e.kind, e.repository.as_deref()));
-    if !skipped.is_empty() {
-        let ids: Vec<i64> = skipped.iter().map(|(e, _)| e.id).collect();
-        meta.replays_settled(name, &ids, Settle::Skipped, registry.clock().now_ms()).await?;
-    }
-    if wanted.is_empty() {
-        return Ok(Some(Round::Progress { full: true }));
-    }
-    let events: Vec<StoredEvent> = wanted.iter().map(|(e, _)| e.clone()).collect();
-    let ids: Vec<i64> = events.iter().map(|e| e.id).collect();
-    match send(endpoint, client, source, &events).await {
-        Ok(()) => {
-            meta.replays_settled(name, &ids, Settle::Delivered, registry.clock().now_ms()).await?;
-            registry.metrics().events_delivered(name, events.len());
-            Ok(Some(Round::Progress { full: true }))
+
+    /// One batch: of replays or of pending events (alternating while both wait), unless a
+    /// failure paused the endpoint.
+    async fn round(&mut self) -> Result<Round, crate::meta::Error> {
+        if let Some(until) = self.registry.meta().endpoint_paused_until(self.name(), self.now()).await? {
+            return Ok(Round::PausedUntil(until));
         }
-        Err(error) => {
-            let now = registry.clock().now_ms();
-            let how = Settle::Failed { error: &error, max_attempts: i64::from(endpoint.max_attempts) };
-            meta.replays_settled(name, &ids, how, now).await?;
-            registry.metrics().events_failed(name, events.len());
-            let failures = meta.event_send_failed(name, &error, now, |f| backoff_ms(endpoint, f)).await?;
-            tracing::warn!(
-                endpoint = name,
-                events = events.len(),
-                failures,
-                error,
-                "replayed events not accepted"
-            );
-            Ok(Some(Round::PausedUntil(now.saturating_add(backoff_ms(endpoint, failures)))))
+        self.replays_first = !self.replays_first;
+        if self.replays_first {
+            if let Some(done) = self.replays().await? {
+                return Ok(done);
+            }
+            return self.pending().await;
+        }
+        match self.pending().await? {
+            Round::Idle => Ok(self.replays().await?.unwrap_or(Round::Idle)),
+            done => Ok(done),
         }
     }
-}
 
-/// Sends a batch of pending events.
-async fn pending(
-    registry: &Registry,
-    endpoint: &EndpointConfig,
-    client: &reqwest::Client,
-    source: &Source,
-    turn: &mut Turn<'_>,
-) -> Result<Round, crate::meta::Error> {
-    let meta = registry.meta();
-    let name = endpoint.name.as_str();
-    let pending = meta.pending_events(name, endpoint.batch, &turn.last_stream).await?;
-    let Some(last) = pending.last() else { return Ok(Round::Idle) };
-    let full = pending.len() >= endpoint.batch;
-    turn.last_stream = last.stream.clone();
-    let wanted = in_delivery_order(
-        pending.iter().filter(|e| endpoint.wants(&e.kind, e.repository.as_deref())).cloned().collect(),
-    );
-    if wanted.is_empty() {
-        turn.lease_lost =
-            !meta.events_delivered(name, turn.lease, &pending, 0, registry.clock().now_ms()).await?;
-        return Ok(Round::Progress { full });
+    /// Records a send of `n` events the endpoint did not accept; returns the failures in a row.
+    async fn failed(&self, n: usize, error: &str, now: i64) -> Result<i64, crate::meta::Error> {
+        self.registry.metrics().events_failed(self.name(), n);
+        self.registry.meta().event_send_failed(self.name(), error, now, |f| self.backoff_ms(f)).await
     }
-    match send(endpoint, client, source, &wanted).await {
-        Ok(()) => {
-            let now = registry.clock().now_ms();
-            if !meta.events_delivered(name, turn.lease, &pending, wanted.len() as u64, now).await? {
-                turn.lease_lost = true;
-                // The lease ran out during the send: the replica holding it now sends them again.
+
+    /// Sends a batch of queued replays; `None` when none is queued.
+    async fn replays(&self) -> Result<Option<Round>, crate::meta::Error> {
+        let meta = self.registry.meta();
+        let name = self.name();
+        let replays = meta.replays_due(name, self.endpoint.batch).await?;
+        if replays.is_empty() {
+            return Ok(None);
+        }
+        let (wanted, skipped): (Vec<_>, Vec<_>) =
+            replays.into_iter().partition(|(e, _)| self.endpoint.wants(&e.kind, e.repository.as_deref()));
+        if !skipped.is_empty() {
+            let ids: Vec<i64> = skipped.iter().map(|(e, _)| e.id).collect();
+            meta.replays_settled(name, &ids, Settle::Skipped, self.now()).await?;
+        }
+        if wanted.is_empty() {
+            return Ok(Some(Round::Progress { full: true }));
+        }
+        let events: Vec<StoredEvent> = wanted.into_iter().map(|(e, _)| e).collect();
+        let ids: Vec<i64> = events.iter().map(|e| e.id).collect();
+        match self.send(&events).await {
+            Ok(()) => {
+                meta.replays_settled(name, &ids, Settle::Delivered, self.now()).await?;
+                self.registry.metrics().events_delivered(name, events.len());
+                Ok(Some(Round::Progress { full: true }))
+            }
+            Err(error) => {
+                let now = self.now();
+                let how =
+                    Settle::Failed { error: &error, max_attempts: i64::from(self.endpoint.max_attempts) };
+                meta.replays_settled(name, &ids, how, now).await?;
+                let failures = self.failed(events.len(), &error, now).await?;
                 tracing::warn!(
                     endpoint = name,
-                    "lost the events lease while sending; the new holder resends"
+                    events = events.len(),
+                    failures,
+                    error,
+                    "replayed events not accepted"
                 );
+                Ok(Some(Round::PausedUntil(now.saturating_add(self.backoff_ms(failures)))))
             }
-            registry.metrics().events_delivered(name, wanted.len());
-            Ok(Round::Progress { full })
         }
-        Err(error) => {
-            let now = registry.clock().now_ms();
-            registry.metrics().events_failed(name, wanted.len());
-            let failures = meta.event_send_failed(name, &error, now, |f| backoff_ms(endpoint, f)).await?;
-            let oldest = wanted.iter().map(|e| e.at).min().unwrap_or(now);
-            let too_old =
-                now.saturating_sub(oldest) > i64::try_from(endpoint.max_age.as_millis()).unwrap_or(i64::MAX);
-            if failures >= i64::from(endpoint.max_attempts) || too_old {
-                let ids: Vec<i64> = wanted.iter().map(|e| e.id).collect();
-                turn.lease_lost =
-                    !meta.events_dead(name, turn.lease, &pending, &ids, failures, &error, now).await?;
-                if !turn.lease_lost {
-                    tracing::error!(
+    }
+
+    /// Sends a batch of pending events.
+    async fn pending(&mut self) -> Result<Round, crate::meta::Error> {
+        let meta = self.registry.meta().clone();
+        let lease_holder = self.registry.instance().to_string();
+        let name = self.endpoint.name.clone();
+        let name = name.as_str();
+        let lease = (self.lease.as_str(), lease_holder.as_str());
+        let pending = meta.pending_events(name, self.endpoint.batch, &self.last_stream).await?;
+        let Some(last) = pending.last() else { return Ok(Round::Idle) };
+        let full = pending.len() >= self.endpoint.batch;
+        self.last_stream = last.stream.clone();
+        let wanted = in_delivery_order(
+            pending
+                .iter()
+                .filter(|e| self.endpoint.wants(&e.kind, e.repository.as_deref()))
+                .cloned()
+                .collect(),
+        );
+        if wanted.is_empty() {
+            self.lease_lost = !meta.events_delivered(name, lease, &pending, 0, self.now()).await?;
+            return Ok(Round::Progress { full });
+        }
+        match self.send(&wanted).await {
+            Ok(()) => {
+                if !meta.events_delivered(name, lease, &pending, wanted.len() as u64, self.now()).await? {
+                    self.lease_lost = true;
+                    // The lease ran out during the send: the replica holding it now sends them again.
+                    tracing::warn!(
                         endpoint = name,
-                        events = ids.len(),
-                        failures,
-                        error,
-                        "events given up on: they are dead letters now (berth events status; berth events replay)"
+                        "lost the events lease while sending; the new holder resends"
                     );
                 }
-                return Ok(Round::Progress { full: true });
+                self.registry.metrics().events_delivered(name, wanted.len());
+                Ok(Round::Progress { full })
             }
-            tracing::warn!(
-                endpoint = name,
-                events = wanted.len(),
-                failures,
-                error,
-                "events not accepted; will retry"
-            );
-            Ok(Round::PausedUntil(now.saturating_add(backoff_ms(endpoint, failures))))
+            Err(error) => {
+                let now = self.now();
+                let failures = self.failed(wanted.len(), &error, now).await?;
+                let oldest = wanted.iter().map(|e| e.at).min().unwrap_or(now);
+                let max_age = i64::try_from(self.endpoint.max_age.as_millis()).unwrap_or(i64::MAX);
+                if failures >= i64::from(self.endpoint.max_attempts) || now.saturating_sub(oldest) > max_age {
+                    let ids: Vec<i64> = wanted.iter().map(|e| e.id).collect();
+                    self.lease_lost =
+                        !meta.events_dead(name, lease, &pending, &ids, failures, &error, now).await?;
+                    if !self.lease_lost {
+                        tracing::error!(
+                            endpoint = name,
+                            events = ids.len(),
+                            failures,
+                            error,
+                            "events given up on: they are dead letters now (berth events status; berth events replay)"
+                        );
+                    }
+                    return Ok(Round::Progress { full: true });
+                }
+                tracing::warn!(
+                    endpoint = name,
+                    events = wanted.len(),
+                    failures,
+                    error,
+                    "events not accepted; will retry"
+                );
+                Ok(Round::PausedUntil(now.saturating_add(self.backoff_ms(failures))))
+            }
         }
+    }
+
+    /// Posts `events` to the endpoint; `Err` says why it did not accept them.
+    async fn send(&self, events: &[StoredEvent]) -> Result<(), String> {
+        let endpoint = &self.endpoint;
+        let (content_type, body) = render(endpoint.format, events, &self.source);
+        let mut request = self
+            .client
+            .post(&endpoint.url)
+            .timeout(endpoint.timeout)
+            .header(reqwest::header::CONTENT_TYPE, content_type)
+            .header(reqwest::header::USER_AGENT, concat!("berth/", env!("CARGO_PKG_VERSION")))
+            .header("berth-replica", self.source.instance.as_str())
+            .body(body);
+        for (name, value) in &endpoint.headers {
+            request = request.header(name.as_str(), value.as_str());
+        }
+        let response = request.send().await.map_err(|e| format!("{}: {e}", endpoint.url))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let text = response.text().await.unwrap_or_default();
+        let text: String = text.chars().take(200).collect();
+        Err(format!("{} answered {status}: {text}", endpoint.url))
     }
 }
 
@@ -305,34 +331,6 @@ fn in_delivery_order(events: Vec<StoredEvent>) -> Vec<StoredEvent> {
         }
     }
     out
-}
-
-/// Posts `events` to the endpoint; `Err` says why it did not accept them.
-async fn send(
-    endpoint: &EndpointConfig,
-    client: &reqwest::Client,
-    source: &Source,
-    events: &[StoredEvent],
-) -> Result<(), String> {
-    let (content_type, body) = render(endpoint.format, events, source);
-    let mut request = client
-        .post(&endpoint.url)
-        .timeout(endpoint.timeout)
-        .header(reqwest::header::CONTENT_TYPE, content_type)
-        .header(reqwest::header::USER_AGENT, concat!("berth/", env!("CARGO_PKG_VERSION")))
-        .header("berth-replica", source.instance.as_str())
-        .body(body);
-    for (name, value) in &endpoint.headers {
-        request = request.header(name.as_str(), value.as_str());
-    }
-    let response = request.send().await.map_err(|e| format!("{}: {e}", endpoint.url))?;
-    let status = response.status();
-    if status.is_success() {
-        return Ok(());
-    }
-    let text = response.text().await.unwrap_or_default();
-    let text: String = text.chars().take(200).collect();
-    Err(format!("{} answered {status}: {text}", endpoint.url))
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ fn serve(config: &std::path::Path, ready: &std::path::Path) -> (Child, String) {
 
 /// Pushes one image (two layers, one shared) and answers its digest, or nothing when the server
 /// went away midway.
-async fn push(client: &reqwest::Client, base: &str, tag: &str, seed: u64) -> Option<Digest> {
+pub(crate) async fn push(client: &reqwest::Client, base: &str, tag: &str, seed: u64) -> Option<Digest> {
     let shared = random_bytes(7, 3000);
     let own = random_bytes(seed, 5000);
     let config = json!({"seed": seed}).to_string().into_bytes();
