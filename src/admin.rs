@@ -63,6 +63,8 @@ pub enum AdminRequest {
         target: DeleteTarget,
         /// Move tags that were pushed again since the delete back.
         take_tags: bool,
+        /// Restore even past a quota's limit.
+        force: bool,
     },
     /// Undo every delete a selection names — a time window, an actor, a retention run — each as
     /// its single restore would.
@@ -132,6 +134,8 @@ pub enum AdminRequest {
     InUse,
     /// Where each events endpoint's delivery stands.
     EventsStatus,
+    /// Each quota rule's limits and its scope's usage (or one rule's).
+    QuotaStatus(Option<String>),
     /// The events written after an id, in id order.
     EventsLog {
         /// List after this event id.
@@ -201,8 +205,13 @@ impl AdminRequest {
             AdminRequest::Tombstones(r) => ("GET", format!("tombstones/{r}"), None),
             AdminRequest::History(r, None) => ("GET", format!("history/{r}"), None),
             AdminRequest::History(r, Some(t)) => ("GET", format!("history/{r}:{t}"), None),
-            AdminRequest::Restore { target, take_tags } => {
-                let q = if *take_tags { "?take_tags=true" } else { "" };
+            AdminRequest::Restore { target, take_tags, force } => {
+                let q = match (take_tags, force) {
+                    (false, false) => "",
+                    (true, false) => "?take_tags=true",
+                    (false, true) => "?force=true",
+                    (true, true) => "?take_tags=true&force=true",
+                };
                 ("POST", format!("restore/{target}{q}"), None)
             }
             AdminRequest::BulkRestore { selection, take_tags, dry_run } => {
@@ -242,6 +251,8 @@ impl AdminRequest {
             AdminRequest::Space(None) => ("GET", "space".to_string(), None),
             AdminRequest::Space(Some(r)) => ("GET", format!("space/{r}"), None),
             AdminRequest::EventsStatus => ("GET", "events/status".to_string(), None),
+            AdminRequest::QuotaStatus(None) => ("GET", "quotas".to_string(), None),
+            AdminRequest::QuotaStatus(Some(rule)) => ("GET", format!("quotas/{rule}"), None),
             AdminRequest::EventsLog { after, n } => ("GET", format!("events?after={after}&n={n}"), None),
             AdminRequest::DeadLetters { endpoint, n } => {
                 ("GET", format!("events/dead/{endpoint}?n={n}"), None)
@@ -311,8 +322,8 @@ impl AdminRequest {
             AdminRequest::History(r, tag) => {
                 json!({ "repository": r.as_str(), "history": to_value(&registry.history(r, tag.as_ref()).await?) })
             }
-            AdminRequest::Restore { target, take_tags } => {
-                let restored = registry.restore(target, *take_tags, actor).await?;
+            AdminRequest::Restore { target, take_tags, force } => {
+                let restored = registry.restore(target, *take_tags, *force, actor).await?;
                 json!({ "target": target.to_string(), "restored": to_value(&restored) })
             }
             AdminRequest::BulkRestore { selection, take_tags, dry_run } => {
@@ -352,6 +363,9 @@ impl AdminRequest {
             }
             AdminRequest::InUse => json!({ "reports": to_value(&registry.in_use_reports().await?) }),
             AdminRequest::EventsStatus => json!({ "endpoints": to_value(&registry.events_status().await?) }),
+            AdminRequest::QuotaStatus(rule) => {
+                json!({ "quotas": to_value(&registry.quota_status(rule.as_deref()).await?) })
+            }
             AdminRequest::EventsLog { after, n } => {
                 json!({ "events": to_value(&registry.events_after(*after, *n).await?) })
             }
@@ -417,6 +431,7 @@ impl AdminRequest {
             | AdminRequest::RetentionRun { .. }
             | AdminRequest::RetentionStatus
             | AdminRequest::EventsStatus
+            | AdminRequest::QuotaStatus(_)
             | AdminRequest::EventsLog { .. }
             | AdminRequest::DeadLetters { .. }
             | AdminRequest::ReplayEvents { .. } => Operation::AdministerRegistry,
@@ -697,6 +712,7 @@ impl AdminRequest {
             ("POST", "restore", text) => AdminRequest::Restore {
                 target: parse_target(text)?,
                 take_tags: matches!(query_value(query, "take_tags"), Some("true" | "1")),
+                force: forced(query)?,
             },
             ("POST", "revert", text) => {
                 let DeleteTarget::Tag(repo, tag) = parse_target(text)? else {
@@ -746,6 +762,9 @@ impl AdminRequest {
             },
             ("GET", "retention", "status") => AdminRequest::RetentionStatus,
             ("GET", "events", "status") => AdminRequest::EventsStatus,
+            ("GET", "quotas", rule) => {
+                AdminRequest::QuotaStatus(Some(rule.to_string()).filter(|r| !r.is_empty()))
+            }
             ("GET", "events", "") => AdminRequest::EventsLog {
                 after: match query_value(query, "after") {
                     None => 0,

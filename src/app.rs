@@ -50,7 +50,11 @@ impl App {
         let meta = MetaStore::open(&config.metadata_url, &pool)
             .await?
             .with_windows(windows)
-            .with_immutable(config.immutable.clone());
+            .with_immutable(config.immutable.clone())
+            .with_quotas(crate::quota::Quotas::new(
+                config.quotas.clone(),
+                config.proxies.iter().map(|p| p.prefix.clone()).collect(),
+            ));
         let blobs = match &config.storage_s3 {
             Some(s3) => BlobStore::s3(s3)?,
             None => {
@@ -95,6 +99,11 @@ impl App {
         for endpoint in &config.events.endpoints {
             let retain = i64::try_from(config.events.retain.as_millis()).unwrap_or(i64::MAX);
             registry.meta().register_endpoint(&endpoint.name, registry.clock().now_ms(), retain).await?;
+        }
+        // Before anything is served: a rule new to the database (or whose scope changed) starts
+        // from its scope's exact usage.
+        for rule in registry.meta().prepare_quotas(registry.clock().now_ms()).await? {
+            tracing::info!(quota = %rule, "quota usage counted from scratch");
         }
         Ok(App { registry, auth, config: config.clone() })
     }

@@ -67,6 +67,8 @@ pub struct Config {
     pub proxies: Vec<ProxyConfig>,
     /// Events and where they are delivered (`[events]`).
     pub events: crate::events::EventsConfig,
+    /// Quota rules (`[[quotas]]`).
+    pub quotas: Vec<crate::quota::QuotaRule>,
 }
 
 /// One pull-through cache (`[[proxy]]`): repositories `PREFIX/…` are read from an upstream
@@ -308,6 +310,26 @@ struct FileConfig {
     proxy: Vec<ProxySection>,
     #[serde(default)]
     events: EventsSection,
+    #[serde(default)]
+    quotas: Vec<QuotaSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QuotaSection {
+    name: String,
+    repositories: String,
+    max_bytes: Size,
+    max_repositories: Option<u64>,
+    warn_at: Option<f64>,
+}
+
+/// A size: bytes, or a string with a unit (`"500GB"`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Size {
+    Bytes(u64),
+    Text(String),
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -499,6 +521,7 @@ impl Config {
             ignore_pulls_from: Vec::new(),
             proxies: Vec::new(),
             events: crate::events::EventsConfig::default(),
+            quotas: Vec::new(),
         }
     }
 
@@ -728,6 +751,7 @@ impl Config {
         cfg.ignore_pulls_from = parsed.access.ignore_pulls_from;
         cfg.proxies = proxies(parsed.proxy, &env)?;
         cfg.events = events(parsed.events, &env)?;
+        cfg.quotas = quota_rules(parsed.quotas)?;
         let kind = env("BERTH_STORAGE_KIND").or(parsed.storage.kind).unwrap_or_else(|| "filesystem".into());
         match kind.as_str() {
             "filesystem" => {}
@@ -1080,6 +1104,38 @@ fn immutable_rules(sections: Vec<ImmutableSection>) -> Result<crate::retention::
     Ok(crate::retention::ImmutableTags(rules))
 }
 
+/// The `[[quotas]]` rules, checked: names unique, a scope, a positive limit, `warn_at` in (0, 1].
+fn quota_rules(sections: Vec<QuotaSection>) -> Result<Vec<crate::quota::QuotaRule>, ConfigError> {
+    let kind = "quota";
+    let mut seen = Vec::new();
+    let mut rules = Vec::with_capacity(sections.len());
+    for q in sections {
+        let name = rule_name(kind, &q.name, &mut seen)?;
+        let max_bytes = match q.max_bytes {
+            Size::Bytes(0) => Err("must be more than zero".to_string()),
+            Size::Bytes(n) if n > i64::MAX as u64 => Err("is more than Berth can count".to_string()),
+            Size::Bytes(n) => Ok(n),
+            Size::Text(t) => crate::quota::parse_size(&t),
+        }
+        .map_err(|e| ConfigError(format!("{kind} `{name}`: max_bytes {e}")))?;
+        if q.max_repositories == Some(0) {
+            return Err(ConfigError(format!("{kind} `{name}`: max_repositories must be more than zero")));
+        }
+        let warn_at = q.warn_at.unwrap_or(0.9);
+        if !(warn_at > 0.0 && warn_at <= 1.0) {
+            return Err(ConfigError(format!("{kind} `{name}`: warn_at is a fraction above 0 and at most 1")));
+        }
+        rules.push(crate::quota::QuotaRule {
+            repositories: rule_repositories(kind, &name, Some(&q.repositories))?,
+            max_bytes,
+            max_repositories: q.max_repositories,
+            warn_at,
+            name,
+        });
+    }
+    Ok(rules)
+}
+
 /// Checks a log filter: comma-separated directives, each a level (`error`, `warn`, `info`,
 /// `debug`, `trace`, `off`) or `target=level`. A bare word that is not a level would be read as a
 /// target and silence everything else, so it is refused rather than guessed at.
@@ -1353,6 +1409,34 @@ mod tests {
             load("", &env, &Overrides::default()).unwrap().storage_s3.unwrap().sign_payload,
             Some(true)
         );
+    }
+
+    #[test]
+    fn quotas_are_checked() {
+        let ok = "[[quotas]]\nname = \"team-a\"\nrepositories = \"team-a/**\"\nmax_bytes = \"5GB\"\n\
+                  max_repositories = 20\nwarn_at = 0.8\n[[quotas]]\nname = \"all\"\nrepositories = \"**\"\nmax_bytes = 1000\n";
+        let c = load(ok, &[], &Overrides::default()).unwrap();
+        assert_eq!(c.quotas[0].max_bytes, 5_000_000_000);
+        assert_eq!(c.quotas[0].max_repositories, Some(20));
+        assert_eq!(c.quotas[1].warn_at, 0.9);
+        for (bad, says) in [
+            ("[[quotas]]\nname = \"a\"\nrepositories = \"**\"\nmax_bytes = 0\n", "more than zero"),
+            ("[[quotas]]\nname = \"a\"\nrepositories = \"**\"\nmax_bytes = \"5 furlongs\"\n", "unit"),
+            ("[[quotas]]\nname = \"a\"\nrepositories = \"**\"\nmax_bytes = 1\nwarn_at = 1.5\n", "warn_at"),
+            (
+                "[[quotas]]\nname = \"a\"\nrepositories = \"**\"\nmax_bytes = 1\nmax_repositories = 0\n",
+                "max_repositories",
+            ),
+            ("[[quotas]]\nname = \"A\"\nrepositories = \"**\"\nmax_bytes = 1\n", "lowercase"),
+            ("[[quotas]]\nname = \"a\"\nrepositories = \"**\"\n", "max_bytes"),
+            (
+                "[[quotas]]\nname = \"a\"\nrepositories = \"**\"\nmax_bytes = 1\n[[quotas]]\nname = \"a\"\nrepositories = \"x\"\nmax_bytes = 1\n",
+                "twice",
+            ),
+        ] {
+            let e = load(bad, &[], &Overrides::default()).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -33,6 +33,7 @@ pub mod memory;
 pub mod meta;
 pub mod metrics;
 pub mod oci;
+pub mod quota;
 pub mod registry;
 pub mod retention;
 pub mod server;

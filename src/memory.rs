@@ -58,7 +58,7 @@ static WRITING: AtomicUsize = AtomicUsize::new(0);
 static LAST_END_MS: AtomicI64 = AtomicI64::new(0);
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+    crate::time::system_now_ms()
 }
 
 /// A large write in progress; when the last one ends and none follows for [`QUIET`], freed memory

@@ -70,6 +70,8 @@ pub struct BerthMetrics {
     events_pending: Family<EndpointLabels, Gauge>,
     events_lag: Family<EndpointLabels, Gauge>,
     events_dead: Family<EndpointLabels, Gauge>,
+    quota_used: Family<crate::meta::RuleLabel, Gauge>,
+    quota_limit: Family<crate::meta::RuleLabel, Gauge>,
 }
 
 /// An events endpoint's labels.
@@ -106,14 +108,23 @@ pub struct RuleLabels {
 
 impl Default for BerthMetrics {
     fn default() -> Self {
-        BerthMetrics::new(Counter::default(), &crate::meta::Conflicts::default())
+        BerthMetrics::new(
+            Counter::default(),
+            &crate::meta::Conflicts::default(),
+            &crate::meta::QuotaState::default(),
+        )
     }
 }
 
 impl BerthMetrics {
     /// The metrics of a registry whose blob storage counts its resent parts in `parts_resent`
-    /// and whose metadata store counts its transient conflicts in `conflicts`.
-    pub fn new(parts_resent: Counter, conflicts: &crate::meta::Conflicts) -> Self {
+    /// and whose metadata store counts its transient conflicts in `conflicts` and its quota
+    /// refusals in `quota`.
+    pub fn new(
+        parts_resent: Counter,
+        conflicts: &crate::meta::Conflicts,
+        quota: &crate::meta::QuotaState,
+    ) -> Self {
         let mut registry = Metrics::with_prefix("berth");
         let r = &mut registry;
         let requests = registered(
@@ -150,6 +161,12 @@ impl BerthMetrics {
             "db_deadlocks",
             "Deadlocks the database detected in Berth's write transactions (retried or not)",
             conflicts.deadlocks.clone(),
+        );
+        registered(
+            r,
+            "quota_refusals",
+            "Changes refused because they would take a quota's scope past a limit, by rule",
+            quota.refusals.clone(),
         );
         BerthMetrics {
             requests,
@@ -297,6 +314,18 @@ impl BerthMetrics {
                 "Events an endpoint gave up on (dead letters), by endpoint",
                 Family::default(),
             ),
+            quota_used: registered(
+                r,
+                "quota_used_bytes",
+                "Bytes each quota's scope holds (kept by the transactions that change it), by rule",
+                Family::default(),
+            ),
+            quota_limit: registered(
+                r,
+                "quota_limit_bytes",
+                "Each quota's max_bytes, by rule",
+                Family::default(),
+            ),
             registry,
         }
     }
@@ -373,6 +402,13 @@ impl BerthMetrics {
             .get_or_create(&labels)
             .set(state.oldest_pending_at.map_or(0, |at| (now_ms - at).max(0) / 1000));
         self.events_dead.get_or_create(&labels).set(state.dead_letters);
+    }
+
+    /// Sets a quota's usage and limit.
+    pub fn set_quota(&self, rule: &str, used: i64, limit: u64) {
+        let labels = crate::meta::RuleLabel { rule: rule.to_string() };
+        self.quota_used.get_or_create(&labels).set(used);
+        self.quota_limit.get_or_create(&labels).set(i64::try_from(limit).unwrap_or(i64::MAX));
     }
 
     /// Counts a pull-through cache's answer.

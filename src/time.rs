@@ -163,3 +163,8 @@ mod tests {
         assert!(super::parse_utc("2026-13-01T00:00:00Z").is_err());
     }
 }
+
+/// The system clock in Unix milliseconds (what has no application clock at hand uses).
+pub fn system_now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}

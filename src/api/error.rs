@@ -221,7 +221,9 @@ impl From<registry::Error> for ApiError {
                 ApiError::new(ErrorCode::Denied).status(StatusCode::PRECONDITION_FAILED).message(m)
             }
             E::Conflict(m) => ApiError::new(ErrorCode::Denied).status(StatusCode::CONFLICT).message(m),
-            E::Immutable(m) => ApiError::new(ErrorCode::Denied).status(StatusCode::FORBIDDEN).message(m),
+            E::Immutable(m) | E::QuotaExceeded(m) => {
+                ApiError::new(ErrorCode::Denied).status(StatusCode::FORBIDDEN).message(m)
+            }
             E::TagUnknown(m) => ApiError::new(ErrorCode::ManifestUnknown).message(m),
             E::Unsupported(m) => ApiError::new(ErrorCode::Unsupported).message(m),
             E::Invalid(m) => ApiError::new(ErrorCode::Unsupported).status(StatusCode::BAD_REQUEST).message(m),

@@ -157,14 +157,7 @@ fn items<'a>(v: &'a Value, key: &str) -> &'a [Value] {
 
 /// Bytes as people read them.
 fn bytes(b: i64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut x = b as f64;
-    let mut unit = 0;
-    while x >= 1024.0 && unit < UNITS.len() - 1 {
-        x /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 { format!("{b} B") } else { format!("{x:.1} {}", UNITS[unit]) }
+    crate::quota::human_bytes(b)
 }
 
 fn list(values: &[Value]) -> String {
@@ -313,6 +306,35 @@ pub fn render(request: &AdminRequest, v: &Value) -> String {
                     Some(_) => out.push_str(&eviction_line(&p["last_eviction"])),
                     None => out.push_str("  no eviction in this process yet\n"),
                 }
+            }
+        }
+        AdminRequest::QuotaStatus(_) => {
+            let quotas = items(v, "quotas");
+            if quotas.is_empty() {
+                out.push_str("no quotas are configured ([[quotas]])\n");
+            }
+            for q in quotas {
+                let used = n(q, "used_bytes");
+                let max = n(q, "max_bytes");
+                let fraction = q["used_fraction"].as_f64().unwrap_or(0.0);
+                out.push_str(&format!(
+                    "{} ({})\n  {} of {} ({:.1} %, warns at {:.0} %)\n",
+                    s(q, "rule"),
+                    s(q, "repositories"),
+                    bytes(used),
+                    bytes(max),
+                    fraction * 100.0,
+                    q["warn_at"].as_f64().unwrap_or(0.0) * 100.0
+                ));
+                let repos = match q["max_repositories"].as_i64() {
+                    Some(m) => format!("{} of {m} repositories", n(q, "used_repositories")),
+                    None => format!("{} repositories", n(q, "used_repositories")),
+                };
+                let counted =
+                    q["counted_at"].as_i64().map_or("never counted: not enforced yet".to_string(), |t| {
+                        format!("counted from scratch {}", utc(t))
+                    });
+                out.push_str(&format!("  {repos}; {counted}\n"));
             }
         }
         AdminRequest::EventsStatus => {

@@ -57,6 +57,12 @@ fn render(r: &FsckReport) -> String {
                 String::new()
             }
         ));
+        if !fixed.quotas_reset.is_empty() {
+            out.push_str(&format!(
+                "repaired: quota usage reset to a fresh count: {}\n",
+                fixed.quotas_reset.join(", ")
+            ));
+        }
     }
     out.push_str(&format!(
         "checked {} blobs ({} bytes){}\n",

@@ -148,6 +148,36 @@ pub enum Command {
     ///
     /// Example: `berth events replay --endpoint ci --since 2h`
     Events(EventsArgs),
+    /// Quotas (`[[quotas]]`): `berth quota status` shows each rule's scope, the bytes and
+    /// repositories it holds against the limits, and when the usage was last counted.
+    ///
+    /// Example: `berth quota status team-a`
+    Quota(QuotaArgs),
+}
+
+/// `berth quota`.
+#[derive(Debug, clap::Args)]
+pub struct QuotaArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub action: QuotaAction,
+}
+
+/// `berth quota …`.
+#[derive(Debug, Subcommand)]
+pub enum QuotaAction {
+    /// Each rule (or one): its scope, bytes used of the limit, repositories, where it warns.
+    Status(QuotaStatusArgs),
+}
+
+/// `berth quota status`.
+#[derive(Debug, clap::Args)]
+pub struct QuotaStatusArgs {
+    /// Only this rule.
+    pub rule: Option<String>,
+    /// How to reach Berth.
+    #[command(flatten)]
+    pub conn: admin::Connection,
 }
 
 /// `berth events`.
@@ -296,6 +326,9 @@ pub struct RepoRestoreArgs {
     /// Move tags pushed again since the delete back to what the delete took.
     #[arg(long)]
     pub take_tags: bool,
+    /// Restore even if it takes a quota's scope past its limit.
+    #[arg(long)]
+    pub force: bool,
     /// How to reach Berth.
     #[command(flatten)]
     pub conn: admin::Connection,
@@ -336,6 +369,9 @@ pub struct RestoreArgs {
     /// Move tags pushed again since the delete back to what the delete took.
     #[arg(long)]
     pub take_tags: bool,
+    /// Restore even if it takes a quota's scope past its limit.
+    #[arg(long, requires = "target")]
+    pub force: bool,
     /// Bulk: deletes made at or after this moment (a UTC time, Unix ms, or a duration ago: 2h).
     #[arg(long, conflicts_with = "target")]
     pub since: Option<String>,
@@ -689,7 +725,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             ReposAction::Restore(a) => (
                 a.conn,
-                Req::Restore { target: DeleteTarget::Repository(repo(&a.repo)?), take_tags: a.take_tags },
+                Req::Restore {
+                    target: DeleteTarget::Repository(repo(&a.repo)?),
+                    take_tags: a.take_tags,
+                    force: a.force,
+                },
             ),
         },
         Command::Delete(a) => {
@@ -705,7 +745,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Tombstones(a) => (a.conn, Req::Tombstones(repo(&a.repo)?)),
         Command::Restore(a) => match &a.target {
-            Some(target) => (a.conn, Req::Restore { target: admin::target(target)?, take_tags: a.take_tags }),
+            Some(target) => (
+                a.conn,
+                Req::Restore { target: admin::target(target)?, take_tags: a.take_tags, force: a.force },
+            ),
             None => {
                 let moment = |flag: &str, v: &Option<String>| {
                     v.as_deref()
@@ -780,6 +823,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             (a.conn, Req::BulkRestore { selection, take_tags: a.take_tags, dry_run: a.dry_run })
         }
         Command::Events(EventsArgs { action: EventsAction::Status(a) }) => (a.conn, Req::EventsStatus),
+        Command::Quota(QuotaArgs { action: QuotaAction::Status(a) }) => (a.conn, Req::QuotaStatus(a.rule)),
         Command::Events(EventsArgs { action: EventsAction::Log(a) }) => {
             (a.conn, Req::EventsLog { after: a.after, n: a.limit.clamp(1, 10_000) })
         }

@@ -31,6 +31,8 @@ pub const KINDS: &[&str] = &[
     BLOB_DELETED,
     BLOB_PURGED,
     BLOB_COLLECTED,
+    QUOTA_WARNED,
+    QUOTA_REFUSED,
 ];
 
 /// A manifest was pushed (every acknowledged `PUT`, and each manifest an import or a cache fill
@@ -66,6 +68,11 @@ pub const BLOB_DELETED: &str = "blob.deleted";
 pub const BLOB_PURGED: &str = "blob.purged";
 /// The collector removed a blob; `size` is the bytes freed.
 pub const BLOB_COLLECTED: &str = "blob.collected";
+/// A quota's scope went past its rule's `warn_at` (`size`: the bytes it holds now).
+pub const QUOTA_WARNED: &str = "quota.warned";
+/// A change was refused because it would take a quota's scope past a limit (`size`: what it
+/// would have added).
+pub const QUOTA_REFUSED: &str = "quota.refused";
 
 /// The request a change came from, as events report it.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]

@@ -103,17 +103,29 @@ impl MetaStore {
         now: i64,
         review_at: i64,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(
+        // A new link is noted for the quotas; one that was there (hidden or not) adds nothing.
+        let made = sqlx::query(
             "INSERT INTO repository_blobs (repository_id, blob_id, linked_at) VALUES ($1, $2, $3) \
-             ON CONFLICT (repository_id, blob_id) DO UPDATE SET linked_at = CASE \
-             WHEN excluded.linked_at > repository_blobs.linked_at THEN excluded.linked_at \
-             ELSE repository_blobs.linked_at END, hidden_by_delete = NULL",
+             ON CONFLICT (repository_id, blob_id) DO NOTHING",
         )
         .bind(repo_id)
         .bind(blob_id)
         .bind(now)
         .execute(&mut *tx)
         .await?;
+        if made.rows_affected() == 1 {
+            super::quotas::note(super::quotas::Change::Link { repo: repo_id, blob: blob_id, delta: 1 });
+        } else {
+            sqlx::query(
+                "UPDATE repository_blobs SET linked_at = CASE WHEN $1 > linked_at THEN $1 ELSE linked_at END, \
+                 hidden_by_delete = NULL WHERE repository_id = $2 AND blob_id = $3",
+            )
+            .bind(now)
+            .bind(repo_id)
+            .bind(blob_id)
+            .execute(&mut *tx)
+            .await?;
+        }
         // The queue row after the link row (docs/design.md, lock order).
         Self::enqueue(tx, super::gc::Review::Blob(blob_id), review_at).await?;
         Ok(())

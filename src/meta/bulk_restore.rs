@@ -337,7 +337,7 @@ impl MetaStore {
                     continue;
                 }
                 sqlx::query(&format!("SAVEPOINT {SAVEPOINT}")).execute(&mut *tx).await?;
-                let noted = super::events::mark();
+                let noted = super::journal_mark();
                 let outcome = match Self::restore_delete(tx, &c, repo, repo_id, d, take_tags, actor, now)
                     .await
                 {
@@ -345,7 +345,7 @@ impl MetaStore {
                     Err(DeleteError::Refused(r)) => {
                         sqlx::query(&format!("ROLLBACK TO SAVEPOINT {SAVEPOINT}")).execute(&mut *tx).await?;
                         // The events of what the savepoint undid go with it.
-                        super::events::truncate(noted);
+                        super::journal_truncate(noted);
                         BulkOutcome::Conflict(r.to_string())
                     }
                     Err(DeleteError::Meta(e)) => return Err(BatchEnd::Failed(e)),

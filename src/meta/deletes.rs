@@ -665,11 +665,15 @@ impl MetaStore {
                     .digest(digest.as_str())
                     .detail("deleteId", delete_id),
             );
-            sqlx::query("DELETE FROM repository_blobs WHERE repository_id = $1 AND blob_id = $2")
-                .bind(repo_id)
-                .bind(blob_id)
-                .execute(&mut *tx)
-                .await?;
+            let unlinked =
+                sqlx::query("DELETE FROM repository_blobs WHERE repository_id = $1 AND blob_id = $2")
+                    .bind(repo_id)
+                    .bind(blob_id)
+                    .execute(&mut *tx)
+                    .await?;
+            if unlinked.rows_affected() == 1 {
+                super::quotas::note(super::quotas::Change::Link { repo: repo_id, blob: blob_id, delta: -1 });
+            }
             // Perhaps unreferenced and unlinked everywhere now: the review checks the grace.
             Self::enqueue(tx, Review::Blob(blob_id), now).await?;
             Ok(())
@@ -705,6 +709,7 @@ impl MetaStore {
             Self::refuse_immutable(tx, &immutable, repo_id, repo, &tags, now).await?;
             let delete_id =
                 Self::new_delete(tx, Some(repo_id), "repository", repo.as_str(), actor, None, now).await?;
+            super::quotas::note(super::quotas::Change::Repository { repo: repo_id, delta: -1 });
             // Its links stay (a restore needs them) but hide: a push into the name since must not
             // find what the delete took. Links before manifests (docs/design.md, lock order).
             let _: Vec<(i64,)> = sqlx::query_as(&lock_links).bind(repo_id).fetch_all(&mut *tx).await?;
@@ -963,6 +968,7 @@ impl MetaStore {
                 .execute(&mut *tx)
                 .await?;
             sqlx::query("DELETE FROM blobs WHERE id = $1").bind(blob_id).execute(&mut *tx).await?;
+            super::quotas::note(super::quotas::Change::BlobRemoved { blob: blob_id });
             let mut event = NewEvent::new(events::BLOB_PURGED, "", actor, now)
                 .digest(digest.as_str())
                 .detail("deleteId", delete_id)

@@ -111,6 +111,16 @@ pub(crate) fn truncate(mark: usize) {
     let _ = JOURNAL.try_with(|j| j.borrow_mut().truncate(mark));
 }
 
+/// When the running transaction's changes happened, as its events say (the application clock),
+/// or the system clock when it noted none.
+pub(crate) fn journal_time() -> i64 {
+    JOURNAL
+        .try_with(|j| j.borrow().iter().map(|e| e.at).max())
+        .ok()
+        .flatten()
+        .unwrap_or_else(crate::time::system_now_ms)
+}
+
 /// Runs one attempt of a write transaction's body with a fresh journal.
 pub(crate) async fn journaled<F: std::future::Future>(body: F) -> F::Output {
     JOURNAL.scope(RefCell::new(Vec::new()), body).await

@@ -532,6 +532,7 @@ impl MetaStore {
                         .bind(id)
                         .execute(&mut *tx)
                         .await?;
+                    super::quotas::note(super::quotas::Change::Link { repo, blob: id, delta: -1 });
                 } else {
                     loose_since = Some(loose_since.map_or(linked_at, |t: i64| t.min(linked_at)));
                 }
@@ -575,6 +576,7 @@ impl MetaStore {
             Self::to_outbox(tx, &key, now).await?;
         }
         sqlx::query("DELETE FROM blobs WHERE id = $1").bind(id).execute(&mut *tx).await?;
+        super::quotas::note(super::quotas::Change::BlobRemoved { blob: id });
         let mut event =
             NewEvent::new(crate::events::BLOB_COLLECTED, "", Some("collector"), now).digest(&digest);
         event.repository = None;
@@ -758,7 +760,14 @@ impl MetaStore {
             .await?;
         sqlx::query("DELETE FROM manifest_blobs WHERE manifest_id = $1").bind(id).execute(&mut *tx).await?;
         sqlx::query("DELETE FROM tags WHERE manifest_id = $1").bind(id).execute(&mut *tx).await?;
-        sqlx::query("DELETE FROM manifests WHERE id = $1").bind(id).execute(&mut *tx).await?;
+        let removed: Option<(i64, i64)> =
+            sqlx::query_as("DELETE FROM manifests WHERE id = $1 RETURNING repository_id, size")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if let Some((repo, size)) = removed {
+            super::quotas::note(super::quotas::Change::Manifest { repo, bytes: -size });
+        }
         let made_due: Vec<Review> = children
             .into_iter()
             .chain(referrers)

@@ -247,6 +247,10 @@ impl MetaStore {
             .fetch_optional(&mut *tx)
             .await?;
             if let Some((id,)) = inserted {
+                super::quotas::note(super::quotas::Change::Manifest {
+                    repo: repo_id,
+                    bytes: manifest.payload.len() as i64,
+                });
                 return Ok(id);
             }
             let revived: Option<(i64,)> = sqlx::query_as(

@@ -25,6 +25,7 @@ mod imports;
 mod in_use;
 mod manifests;
 mod proxy;
+pub(crate) mod quotas;
 mod reports;
 mod repos;
 mod restores;
@@ -55,6 +56,7 @@ pub use imports::{Adoption, ImportRecord, ImportedTag};
 pub use in_use::{InUseReport, Pin, PinnedImage, Reported, Unresolved};
 pub use manifests::{NewManifest, PutManifestError};
 pub use proxy::{CachedRoot, PendingManifest, ProxyTag};
+pub use quotas::{QuotaCount, QuotaState, QuotaUsage, RuleLabel};
 pub use reports::{Preview, RepositorySummary, TombstoneRow};
 pub use restores::RevertTarget;
 pub use retention::{RunRecord, Untag, UntagOutcome, UntaggedManifest};
@@ -86,6 +88,9 @@ pub enum Error {
     /// The metadata URL is not one Berth can use.
     #[error("unsupported metadata URL `{0}` (expected sqlite:… or postgres://…)")]
     UnsupportedUrl(String),
+    /// The change would take a quota's scope past a limit; nothing of it was written.
+    #[error("{0}")]
+    Quota(crate::quota::QuotaRefusal),
 }
 
 impl Error {
@@ -202,15 +207,21 @@ macro_rules! transaction {
                 Err(e) => <$err>::from($crate::meta::Error::Database(e)),
                 Ok(mut guard) => {
                     let $tx: &mut sqlx::AnyConnection = &mut *guard;
-                    // Each attempt notes its events afresh; they are written last, before COMMIT.
-                    let outcome: std::result::Result<_, $err> = $crate::meta::events::journaled(async {
-                        let value = $crate::meta::events::body::<_, $err>(async { $body }).await?;
-                        let wrote = $crate::meta::events::flush(&mut *$tx)
-                            .await
-                            .map_err(|e| <$err>::from($crate::meta::Error::Database(e)))?;
-                        Ok((value, wrote))
-                    })
-                    .await;
+                    // Each attempt notes its events and what it changes in quota scopes afresh; the
+                    // quota rows are written (and the limits checked) after the body, the events
+                    // last, before COMMIT.
+                    let outcome: std::result::Result<_, $err> =
+                        $crate::meta::quotas::journaled($crate::meta::events::journaled(async {
+                            let value = $crate::meta::events::body::<_, $err>(async { $body }).await?;
+                            $crate::meta::quotas::flush(&mut *$tx, $store.quota_state())
+                                .await
+                                .map_err(<$err>::from)?;
+                            let wrote = $crate::meta::events::flush(&mut *$tx)
+                                .await
+                                .map_err(|e| <$err>::from($crate::meta::Error::Database(e)))?;
+                            Ok((value, wrote))
+                        }))
+                        .await;
                     match outcome {
                         Err(e) => e,
                         Ok((value, wrote)) => match guard.commit().await {
@@ -235,12 +246,37 @@ macro_rules! transaction {
                 $crate::meta::Retry::Busy(reason) => {
                     break Err(<$err>::from($crate::meta::Error::Busy(reason)));
                 }
-                $crate::meta::Retry::No => break Err(error),
+                $crate::meta::Retry::No => {
+                    if let Some($crate::meta::Error::Quota(refusal)) =
+                        $crate::meta::TxError::store_error(&error)
+                    {
+                        $store.quota_refused(refusal).await;
+                    }
+                    break Err(error);
+                }
             }
         }
     }};
 }
 pub(crate) use transaction;
+
+/// How much the running transaction has noted (events, quota changes): a mark to go back to
+/// with [`journal_truncate`] when it rolls back to a savepoint taken here.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct JournalMark {
+    events: usize,
+    quotas: usize,
+}
+
+pub(crate) fn journal_mark() -> JournalMark {
+    JournalMark { events: events::mark(), quotas: quotas::mark() }
+}
+
+/// Forgets what was noted since `mark`: a savepoint taken there was rolled back.
+pub(crate) fn journal_truncate(mark: JournalMark) {
+    events::truncate(mark.events);
+    quotas::truncate(mark.quotas);
+}
 
 /// What to do after a transaction failed.
 pub(crate) enum Retry {
@@ -338,6 +374,8 @@ pub struct MetaStore {
     immutable: std::sync::Arc<crate::retention::ImmutableTags>,
     /// The transient conflicts its write transactions met.
     conflicts: Conflicts,
+    /// The quota rules it keeps and enforces.
+    quota: std::sync::Arc<quotas::QuotaState>,
 }
 
 /// The migrations of `dialect`. Migrations applied by a newer Berth that this one does not know
@@ -389,6 +427,7 @@ impl MetaStore {
                 windows: Windows::default(),
                 immutable: Default::default(),
                 conflicts: Conflicts::default(),
+                quota: Default::default(),
             })
         } else {
             Err(Error::UnsupportedUrl(url.to_string()))
@@ -420,6 +459,7 @@ impl MetaStore {
             windows: Windows::default(),
             immutable: Default::default(),
             conflicts: Conflicts::default(),
+            quota: Default::default(),
         })
     }
 
@@ -434,6 +474,13 @@ impl MetaStore {
     #[must_use]
     pub fn with_immutable(mut self, immutable: crate::retention::ImmutableTags) -> Self {
         self.immutable = std::sync::Arc::new(immutable);
+        self
+    }
+
+    /// The same store keeping and enforcing `quotas`.
+    #[must_use]
+    pub fn with_quotas(mut self, quotas: crate::quota::Quotas) -> Self {
+        self.quota = std::sync::Arc::new(quotas::QuotaState::new(quotas));
         self
     }
 

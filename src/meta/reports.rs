@@ -23,6 +23,12 @@ pub struct RepositorySummary {
     pub bytes_in_tombstones: i64,
     /// The newest push or tag move (Unix ms), if any.
     pub last_push_at: Option<i64>,
+    /// What quotas count for it alone: its linked blobs (hidden ones included) and every
+    /// manifest row, tombstones included (docs/quotas.md).
+    pub bytes_held: i64,
+    /// The quota rules whose scope holds it.
+    #[sqlx(skip)]
+    pub quotas: Vec<String>,
 }
 
 /// A tombstone as the store records it.
@@ -85,7 +91,10 @@ pub(super) const SUMMARY: &str = "SELECT r.name, r.deleted_at, \
           WHERE m.repository_id = r.id AND m.deleted_at IS NULL)) \
        AS BIGINT) AS bytes_in_tombstones, \
     CAST((SELECT MAX(x.at) FROM (SELECT MAX(m.pushed_at) AS at FROM manifests m WHERE m.repository_id = r.id \
-       UNION ALL SELECT MAX(t.updated_at) AS at FROM tags t WHERE t.repository_id = r.id) x) AS BIGINT) AS last_push_at \
+       UNION ALL SELECT MAX(t.updated_at) AS at FROM tags t WHERE t.repository_id = r.id) x) AS BIGINT) AS last_push_at, \
+    CAST((SELECT COALESCE(SUM(m.size), 0) FROM manifests m WHERE m.repository_id = r.id) \
+       + (SELECT COALESCE(SUM(b.size), 0) FROM repository_blobs rb JOIN blobs b ON b.id = rb.blob_id \
+          WHERE rb.repository_id = r.id) AS BIGINT) AS bytes_held \
     FROM repositories r";
 
 impl MetaStore {

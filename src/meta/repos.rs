@@ -64,14 +64,16 @@ impl MetaStore {
         now: i64,
         lock: &str,
     ) -> Result<i64, sqlx::Error> {
-        sqlx::query(
+        let made = sqlx::query(
             "INSERT INTO repositories (name, created_at) VALUES ($1, $2) \
              ON CONFLICT (name) DO NOTHING",
         )
         .bind(repo.as_str())
         .bind(now)
         .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected()
+            == 1;
         let sql = format!("SELECT id, deleted_at FROM repositories WHERE name = $1{lock}");
         let (id, deleted_at): (i64, Option<i64>) =
             sqlx::query_as(&sql).bind(repo.as_str()).fetch_one(&mut *tx).await?;
@@ -80,6 +82,9 @@ impl MetaStore {
                 .bind(id)
                 .execute(&mut *tx)
                 .await?;
+        }
+        if made || deleted_at.is_some() {
+            super::quotas::note(super::quotas::Change::Repository { repo: id, delta: 1 });
         }
         Ok(id)
     }

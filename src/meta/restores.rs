@@ -241,10 +241,14 @@ impl MetaStore {
                 .bind(repo_id)
                 .fetch_optional(&mut *tx)
                 .await?;
-        sqlx::query("UPDATE repositories SET deleted_at = NULL, delete_id = NULL WHERE id = $1 AND deleted_at IS NOT NULL")
-            .bind(repo_id)
-            .execute(&mut *tx)
-            .await?;
+        let undeleted =
+            sqlx::query("UPDATE repositories SET deleted_at = NULL, delete_id = NULL WHERE id = $1 AND deleted_at IS NOT NULL")
+                .bind(repo_id)
+                .execute(&mut *tx)
+                .await?;
+        if undeleted.rows_affected() == 1 {
+            super::quotas::note(super::quotas::Change::Repository { repo: repo_id, delta: 1 });
+        }
         if let Some((delete_id,)) = back {
             let mut event = NewEvent::new(crate::events::REPOSITORY_RESTORED, repo.as_str(), actor, now);
             if let Some(id) = delete_id {
@@ -754,7 +758,7 @@ impl MetaStore {
         let give_back = c.selected.is_none() && !c.lock_manifest_suffix.is_empty();
         let live = match seen {
             Some((id, None)) => {
-                let noted = super::events::mark();
+                let noted = super::journal_mark();
                 if give_back {
                     sqlx::query("SAVEPOINT point_tag").execute(&mut *tx).await?;
                 }
@@ -769,7 +773,7 @@ impl MetaStore {
                 let live = matches!(locked, Some((None,)));
                 if give_back && !live {
                     sqlx::query("ROLLBACK TO SAVEPOINT point_tag").execute(&mut *tx).await?;
-                    super::events::truncate(noted);
+                    super::journal_truncate(noted);
                 }
                 if give_back {
                     sqlx::query("RELEASE SAVEPOINT point_tag").execute(&mut *tx).await?;

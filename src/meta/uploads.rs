@@ -188,28 +188,65 @@ impl MetaStore {
             let sessions: Vec<(String, String, String)> =
                 sqlx::query_as(&due).bind(idle_before).bind(limit).fetch_all(&mut *tx).await?;
             for (id, key, chunks) in &sessions {
-                sqlx::query("DELETE FROM uploads WHERE id = $1").bind(id).execute(&mut *tx).await?;
-                // An open multipart upload goes by its marker, which aborts it when deleted.
-                #[derive(serde::Deserialize)]
-                struct Recorded {
-                    key: String,
-                    multipart: Option<OpenMultipart>,
-                }
-                #[derive(serde::Deserialize)]
-                struct OpenMultipart {
-                    marker: String,
-                }
-                let recorded: Vec<Recorded> = serde_json::from_str(chunks).unwrap_or_default();
-                let objects = recorded
-                    .into_iter()
-                    .flat_map(|c| std::iter::once(c.key).chain(c.multipart.map(|m| m.marker)))
-                    .chain((!key.ends_with('/')).then(|| key.clone()));
-                for object in objects {
-                    Self::to_outbox(tx, &object, now).await?;
-                }
+                Self::drop_session(tx, id, key, chunks, now).await?;
             }
             Ok(sessions.len() as u64)
         })
+    }
+
+    /// Removes session `id` and, in the same transaction, sends `objects` (what holds its
+    /// bytes) and those it recorded to the outbox: a refused completion, of which nothing stays.
+    /// Whether the session was there.
+    ///
+    /// # Errors
+    /// [`super::Error::Database`].
+    pub async fn discard_upload(&self, id: &str, objects: &[String], now: i64) -> Result<bool> {
+        let lock = self.update_lock_of("uploads");
+        transaction!(self, Error, |tx| {
+            let session: Option<(String, String)> =
+                sqlx::query_as(&format!("SELECT storage_key, chunks FROM uploads WHERE id = $1{lock}"))
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            let Some((key, chunks)) = session else { return Ok(false) };
+            Self::drop_session(tx, id, &key, &chunks, now).await?;
+            for object in objects {
+                Self::to_outbox(tx, object, now).await?;
+            }
+            Ok(true)
+        })
+    }
+
+    /// Deletes a session's row and sends the objects it recorded to the outbox (a session key
+    /// that is a prefix is not an object; what a session wrote but never recorded is left to the
+    /// sweep).
+    async fn drop_session(
+        tx: &mut sqlx::AnyConnection,
+        id: &str,
+        key: &str,
+        chunks: &str,
+        now: i64,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query("DELETE FROM uploads WHERE id = $1").bind(id).execute(&mut *tx).await?;
+        // An open multipart upload goes by its marker, which aborts it when deleted.
+        #[derive(serde::Deserialize)]
+        struct Recorded {
+            key: String,
+            multipart: Option<OpenMultipart>,
+        }
+        #[derive(serde::Deserialize)]
+        struct OpenMultipart {
+            marker: String,
+        }
+        let recorded: Vec<Recorded> = serde_json::from_str(chunks).unwrap_or_default();
+        let objects = recorded
+            .into_iter()
+            .flat_map(|c| std::iter::once(c.key).chain(c.multipart.map(|m| m.marker)))
+            .chain((!key.ends_with('/')).then(|| key.to_string()));
+        for object in objects {
+            Self::to_outbox(tx, &object, now).await?;
+        }
+        Ok(())
     }
 
     /// How many sessions received nothing since `idle_before` (what expiry would remove now).

@@ -86,7 +86,17 @@ impl Registry {
     /// # Errors
     /// [`Error::Internal`].
     pub async fn repositories(&self, last: Option<&str>, limit: i64) -> Result<Vec<RepositorySummary>> {
-        Ok(self.meta.repository_summaries(last, limit).await?)
+        let mut repos = self.meta.repository_summaries(last, limit).await?;
+        for r in &mut repos {
+            r.quotas = self.quotas_covering(&r.name);
+        }
+        Ok(repos)
+    }
+
+    /// The names of the quota rules whose scope holds `repo`.
+    pub fn quotas_covering(&self, repo: &str) -> Vec<String> {
+        let quotas = self.meta.quotas();
+        quotas.covering(repo).into_iter().map(|i| quotas.rules()[i].name.clone()).collect()
     }
 
     /// One repository's counts and sizes.
@@ -94,7 +104,9 @@ impl Registry {
     /// # Errors
     /// [`Error::NameUnknown`].
     pub async fn repository(&self, repo: &RepoName) -> Result<RepositorySummary> {
-        self.meta.repository_summary(repo).await?.ok_or(Error::NameUnknown)
+        let mut summary = self.meta.repository_summary(repo).await?.ok_or(Error::NameUnknown)?;
+        summary.quotas = self.quotas_covering(repo.as_str());
+        Ok(summary)
     }
 
     /// The tombstones of `repo`, newest first.
@@ -198,11 +210,23 @@ impl Registry {
     }
 
     /// Restores what `target` names: a tombstone with its tags (`REPO@DIGEST`), a deleted tag
-    /// (`REPO:TAG`) or a deleted repository (`REPO`). Returns what came back.
+    /// (`REPO:TAG`) or a deleted repository (`REPO`). Returns what came back. A restore that
+    /// would take a quota's scope past a limit is refused ([`Error::Conflict`]) unless
+    /// `over_quota`.
     ///
     /// # Errors
     /// As the restore operations.
     pub async fn restore(
+        &self,
+        target: &DeleteTarget,
+        take_tags: bool,
+        over_quota: bool,
+        actor: Option<&str>,
+    ) -> Result<Vec<crate::meta::AffectedManifest>> {
+        crate::meta::quotas::over_limit(over_quota, self.restore_target(target, take_tags, actor)).await
+    }
+
+    async fn restore_target(
         &self,
         target: &DeleteTarget,
         take_tags: bool,

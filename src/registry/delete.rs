@@ -13,6 +13,9 @@ fn refusal(e: DeleteError, not_found: fn(String) -> Error) -> Error {
         DeleteError::Refused(Refusal::Precondition(m)) => Error::PreconditionFailed(m),
         DeleteError::Refused(Refusal::Conflict(m)) => Error::Conflict(m),
         DeleteError::Refused(Refusal::Immutable(m)) => Error::Immutable(m),
+        DeleteError::Meta(crate::meta::Error::Quota(r)) => {
+            Error::Conflict(format!("{r}; an administrator may restore past it with --force"))
+        }
         DeleteError::Meta(e) => e.into(),
     }
 }

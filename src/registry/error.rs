@@ -98,6 +98,11 @@ pub enum Error {
         message: String,
     },
 
+    /// The change would take a quota's scope past a limit (403 `DENIED`); the message names the
+    /// rule, the usage and the limit. Nothing of it was recorded.
+    #[error("{0}")]
+    QuotaExceeded(String),
+
     /// A write into a pull-through cache's repository.
     #[error("{0}")]
     ReadOnlyCache(String),
@@ -109,6 +114,9 @@ pub enum Error {
 
 impl From<crate::meta::Error> for Error {
     fn from(e: crate::meta::Error) -> Self {
+        if let crate::meta::Error::Quota(refusal) = &e {
+            return Error::QuotaExceeded(refusal.to_string());
+        }
         if e.is_busy() {
             tracing::warn!(error = %e, "answering 503");
             return Error::Unavailable("the metadata store is busy; retry the request".into());

@@ -98,6 +98,26 @@ impl Registry {
         let (problems, warnings) = self.meta.queue_findings(self.clock.now_ms(), OVERDUE_MS).await?;
         report.problems.extend(problems);
         report.warnings.extend(warnings);
+        // Each quota's kept usage against a count from scratch (taken under the usage row's lock,
+        // so concurrent pushes into the scope cannot make a difference appear).
+        for count in self.count_quotas(false).await? {
+            if !count.exact() {
+                report.problems.push(Finding {
+                    kind: "quota-usage",
+                    repository: None,
+                    subject: count.rule.clone(),
+                    detail: format!(
+                        "kept usage is {} bytes and {} repositories, a count from scratch finds {} bytes and {} \
+                         repositories ({} blobs' link counts differ); `berth fsck --repair` resets it",
+                        count.recorded_bytes,
+                        count.recorded_repositories,
+                        count.counted_bytes,
+                        count.counted_repositories,
+                        count.blobs_differing
+                    ),
+                });
+            }
+        }
         Ok(report)
     }
 

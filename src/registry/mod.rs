@@ -22,6 +22,7 @@ mod in_use;
 mod proxy;
 mod pull;
 mod push;
+mod quota;
 mod retention;
 mod sweep;
 
@@ -45,6 +46,7 @@ pub use in_use::{MAX_REFERENCES, MAX_TTL_MS, parse_reference};
 pub use proxy::{ByteStream, Cache, CacheStatus, Caches, EvictionReport};
 pub use pull::{BlobHandle, Referrer};
 pub use push::{ChunkRange, PushedManifest, UploadStatus};
+pub use quota::QuotaStatus;
 pub use retention::{KeptInUse, ManifestRemoval, RetentionReport, RetentionStatus, TagRemoval};
 pub use sweep::{RepairReport, ScrubReport, SweepReport};
 
@@ -126,8 +128,11 @@ pub struct Registry {
 impl Registry {
     /// A registry over `meta` and `blobs` applying `policy`.
     pub fn new(meta: MetaStore, blobs: BlobStore, clock: Clock, policy: Policy) -> Self {
-        let metrics =
-            crate::metrics::BerthMetrics::new(blobs.parts_resent().unwrap_or_default(), meta.conflicts());
+        let metrics = crate::metrics::BerthMetrics::new(
+            blobs.parts_resent().unwrap_or_default(),
+            meta.conflicts(),
+            meta.quota_state(),
+        );
         Registry {
             meta,
             blobs,
@@ -190,6 +195,11 @@ impl Registry {
         for endpoint in &self.events.endpoints {
             let state = self.meta.endpoint_state(&endpoint.name).await?;
             self.metrics.set_events_state(&endpoint.name, &state, self.clock.now_ms());
+        }
+        if !self.meta.quotas().is_empty() {
+            for q in self.quota_status(None).await? {
+                self.metrics.set_quota(&q.rule, q.used_bytes, q.max_bytes);
+            }
         }
         Ok(self.metrics.render(&status, i64::try_from(sessions).unwrap_or(i64::MAX)))
     }

@@ -360,6 +360,19 @@ impl Registry {
                 Err(AfterFailure::RolledBack(e)) => {
                     // Leave the still-open session as it was.
                     self.blobs.revert_commit(&row.storage_key, &chunks, &blob_key, size).await;
+                    if matches!(e, Error::QuotaExceeded(_)) {
+                        // Refused for good: the session goes, its bytes through the outbox.
+                        let objects: Vec<String> = chunks
+                            .iter()
+                            .flat_map(|c| {
+                                std::iter::once(c.key.clone())
+                                    .chain(c.multipart.as_ref().map(|m| m.marker.clone()))
+                            })
+                            .collect();
+                        if let Err(gone) = self.meta.discard_upload(id, &objects, self.clock.now_ms()).await {
+                            tracing::warn!(upload = id, error = %gone, "could not discard a refused upload");
+                        }
+                    }
                     return Err(e);
                 }
                 Err(AfterFailure::Unknown(e)) => return Err(e),

@@ -201,6 +201,8 @@ pub struct RepairReport {
     pub orphan_bytes: u64,
     /// Outbox deletes that failed (retried by the collector).
     pub objects_failed: u64,
+    /// Quota rules whose kept usage differed from a count from scratch, and was reset to it.
+    pub quotas_reset: Vec<String>,
 }
 
 impl Registry {
@@ -214,6 +216,8 @@ impl Registry {
     pub async fn repair(&self) -> Result<RepairReport> {
         let mut report = RepairReport::default();
         (report.outbox_entries_dropped, report.stale_reviews_dropped) = self.meta.repair_queues().await?;
+        report.quotas_reset =
+            self.count_quotas(true).await?.into_iter().filter(|c| !c.exact()).map(|c| c.rule).collect();
         let now = self.clock.now_ms();
         for blobs in [true, false] {
             let mut after = 0;

@@ -112,7 +112,7 @@ impl Viewer<'_> {
 
     /// Whether the caller may restore `target`.
     pub(crate) fn may_restore(&self, target: DeleteTarget) -> bool {
-        self.may(&AdminRequest::Restore { target, take_tags: false })
+        self.may(&AdminRequest::Restore { target, take_tags: false, force: false })
     }
 
     /// Whether the caller may see the registry-wide pages (space, retention).
@@ -534,7 +534,7 @@ async fn restore(State(app): State<App>, headers: HeaderMap, Form(f): Form<Targe
     let v = viewer(&app, &headers)?;
     let t = v.target(&f.target)?;
     let repo = t.repository().clone();
-    let request = AdminRequest::Restore { target: t, take_tags: false };
+    let request = AdminRequest::Restore { target: t, take_tags: false, force: false };
     v.authorize(&request).await?.run(&app.registry, v.name()).await?;
     Ok(Redirect::to(&format!("/ui/repo?name={}", urlencode(repo.as_str()))).into_response())
 }

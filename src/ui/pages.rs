@@ -32,15 +32,7 @@ input[type=search]{padding:.35em;width:20em}nav.pages{margin-top:.8em}\
 .badge{background:#e0ecf6;color:#1d3557;border-radius:3px;padding:0 .4em;font-size:12px}.cache{background:#e0ecf6;border:1px solid #b8cfe3;padding:.8em}";
 
 fn bytes(n: impl TryInto<u64>) -> String {
-    let n = n.try_into().unwrap_or(0) as f64;
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = n;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 { format!("{n} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+    crate::quota::human_bytes(i64::try_from(n.try_into().unwrap_or(0)).unwrap_or(i64::MAX))
 }
 
 fn when(ms: Option<i64>) -> String {

@@ -161,6 +161,7 @@ pub(crate) async fn with_config(backend: Backend, toml: &str) -> Option<TestRegi
     config.gc.enabled = false;
     config.events = parsed.events;
     config.retention = parsed.retention;
+    config.quotas = parsed.quotas;
     Some(TestRegistry::start_with(config, dir).await)
 }
 
@@ -171,6 +172,7 @@ fn endpoint(name: &str, url: &str, extra: &str) -> String {
     )
 }
 
+#[macro_export]
 macro_rules! events_test {
     ($name:ident, |$backend:ident| $body:block) => {
         mod $name {

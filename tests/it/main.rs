@@ -23,6 +23,7 @@ mod limits;
 mod manifests;
 mod metrics;
 pub mod proxy;
+mod quotas;
 mod replicas;
 pub mod retention;
 pub mod revive;
