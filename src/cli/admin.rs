@@ -213,31 +213,35 @@ pub fn render(request: &AdminRequest, v: &Value) -> String {
     match request {
         AdminRequest::Repositories { .. } => {
             out.push_str(&format!(
-                "{:<40} {:>6} {:>9} {:>10} {:>12} {:>14}\n",
-                "REPOSITORY", "TAGS", "MANIFESTS", "TOMBSTONES", "LIVE", "IN TOMBSTONES"
+                "{:<40} {:>6} {:>9} {:>10} {:>12} {:>14} {:>12}  QUOTAS\n",
+                "REPOSITORY", "TAGS", "MANIFESTS", "TOMBSTONES", "LIVE", "IN TOMBSTONES", "HELD"
             ));
             for r in items(v, "repositories") {
                 let deleted = if r["deleted_at"].is_i64() { " (deleted)" } else { "" };
                 out.push_str(&format!(
-                    "{:<40} {:>6} {:>9} {:>10} {:>12} {:>14}\n",
+                    "{:<40} {:>6} {:>9} {:>10} {:>12} {:>14} {:>12}  {}\n",
                     format!("{}{deleted}", s(r, "name")),
                     n(r, "tags"),
                     n(r, "manifests"),
                     n(r, "tombstones"),
                     bytes(n(r, "bytes_live")),
-                    bytes(n(r, "bytes_in_tombstones"))
+                    bytes(n(r, "bytes_in_tombstones")),
+                    bytes(n(r, "bytes_held")),
+                    list(items(r, "quotas"))
                 ));
             }
         }
         AdminRequest::Repository(_) => {
             out.push_str(&format!(
-                "{}: {} tags, {} manifests, {} tombstones; {} live, {} in tombstones\n",
+                "{}: {} tags, {} manifests, {} tombstones; {} live, {} in tombstones; holds {} (quotas: {})\n",
                 s(v, "name"),
                 n(v, "tags"),
                 n(v, "manifests"),
                 n(v, "tombstones"),
                 bytes(n(v, "bytes_live")),
-                bytes(n(v, "bytes_in_tombstones"))
+                bytes(n(v, "bytes_in_tombstones")),
+                bytes(n(v, "bytes_held")),
+                list(items(v, "quotas"))
             ));
         }
         AdminRequest::Delete(_) | AdminRequest::ForceDelete(_) => {

@@ -343,7 +343,18 @@ async fn repository(State(app): State<App>, headers: HeaderMap, Query(q): Query<
         platforms.insert(t.digest.clone(), app.registry.index_platforms(&repo, &digest).await?);
     }
     let host = registry_host(&headers);
-    Ok(pages::repository(&v, &repo, &summary, &tags, &platforms, &untagged, &host))
+    // The quotas whose scope holds it: how close the team is to its limit.
+    let quotas: Vec<_> = if summary.quotas.is_empty() {
+        Vec::new()
+    } else {
+        app.registry
+            .quota_status(None)
+            .await?
+            .into_iter()
+            .filter(|q| summary.quotas.contains(&q.rule))
+            .collect()
+    };
+    Ok(pages::repository(&v, &repo, &summary, &tags, &platforms, &untagged, &quotas, &host))
 }
 
 #[derive(Debug, Deserialize)]
@@ -569,7 +580,9 @@ async fn space(State(app): State<App>, headers: HeaderMap) -> Page {
     let caches = app.registry.cache_status().await?;
     v.authorize(&AdminRequest::EventsStatus).await?;
     let endpoints = app.registry.events_status().await?;
-    Ok(pages::space(&v, &space, &status, &history, &caches, &endpoints))
+    v.authorize(&AdminRequest::QuotaStatus(None)).await?;
+    let quotas = app.registry.quota_status(None).await?;
+    Ok(pages::space(&v, &space, &status, &history, &caches, &endpoints, &quotas))
 }
 
 #[derive(Debug, Deserialize)]

@@ -35,6 +35,18 @@ fn bytes(n: impl TryInto<u64>) -> String {
     crate::quota::human_bytes(i64::try_from(n.try_into().unwrap_or(0)).unwrap_or(i64::MAX))
 }
 
+/// A quota's row: its rule and scope, bytes used of the limit with a bar, repositories.
+fn quota_row(q: &crate::registry::QuotaStatus) -> Markup {
+    let width = (q.used_fraction.clamp(0.0, 1.0) * 200.0).ceil();
+    html! { tr {
+        td { code { (q.rule) } } td { code { (q.repositories) } }
+        td.num { (bytes(q.used_bytes)) } td.num { (bytes(q.max_bytes)) }
+        td { span.bar style=(format!("width:{width}px")) {} " " (format!("{:.1} %", q.used_fraction * 100.0))
+            @if q.used_fraction >= q.warn_at { " " span.badge { "past warn_at" } } }
+        td.num { (q.used_repositories) @if let Some(m) = q.max_repositories { " of " (m) } }
+    } }
+}
+
 fn when(ms: Option<i64>) -> String {
     ms.map_or_else(|| "—".into(), crate::time::utc)
 }
@@ -165,6 +177,7 @@ pub(super) fn repository(
     tags: &[TagRow],
     platforms: &std::collections::HashMap<String, Vec<String>>,
     untagged: &[UntaggedRow],
+    quotas: &[crate::registry::QuotaStatus],
     host: &str,
 ) -> Response {
     let may_delete_tag =
@@ -183,6 +196,7 @@ pub(super) fn repository(
             p.muted { (summary.tags) " tags, " (summary.manifests) " manifests, " (bytes(summary.bytes_live)) " referenced; "
                 a href=(format!("/ui/trash?repo={}", urlencode(repo.as_str()))) { (summary.tombstones) " in the trash" }
                 " (" (bytes(summary.bytes_in_tombstones)) ")" }
+            @if !quotas.is_empty() { table id="quotas" { tbody { @for q in quotas { (quota_row(q)) } } } }
             h2 { "Tags" }
             table id="tags" {
                 thead { tr { th { "Tag" } th { "Digest" } th { "Pushed" } th { "By" } th { "Last pulled" } th.num { "Size" } th.num { "Referrers" } th {} } }
@@ -608,6 +622,7 @@ pub(super) fn space(
     history: &[SpaceSample],
     caches: &[crate::registry::CacheStatus],
     endpoints: &[crate::registry::EndpointStatus],
+    quotas: &[crate::registry::QuotaStatus],
 ) -> Response {
     let widest = s.reclaim_schedule.iter().map(|(_, b)| *b).max().unwrap_or(1).max(1);
     page(
@@ -630,6 +645,13 @@ pub(super) fn space(
                 td { (when(Some(*at))) } td.num { (bytes(*b)) }
                 td { span.bar style=(format!("width:{}px", (*b as f64 / widest as f64 * 300.0).ceil())) {} }
             } } } }
+            @if !quotas.is_empty() {
+                h2 { "Quotas" }
+                table id="quotas" {
+                    thead { tr { th { "Rule" } th { "Scope" } th.num { "Used" } th.num { "Limit" } th {} th.num { "Repositories" } } }
+                    tbody { @for q in quotas { (quota_row(q)) } }
+                }
+            }
             @if !caches.is_empty() {
                 h2 { "Pull-through caches" }
                 table id="caches" {

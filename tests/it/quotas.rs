@@ -240,6 +240,31 @@ events_test!(a_change_past_the_limit_is_refused_and_leaves_nothing, |backend| {
     let q = reg.quota().await;
     assert_eq!(q["used_repositories"], 3, "forced past the limit: {q}");
     reg.assert_usage_exact("a forced restore").await;
+
+    // The faces: the repository list, the console (a bar per rule), the CLI.
+    let (_, repos) = reg.admin(Method::GET, "repositories", None).await;
+    let a = repos["repositories"].as_array().unwrap().iter().find(|r| r["name"] == "team/a").unwrap().clone();
+    assert_eq!(a["quotas"], serde_json::json!(["team"]));
+    assert!(a["bytes_held"].as_i64().unwrap() > 0);
+    for page in ["/ui/space", "/ui/repo?name=team/a"] {
+        let html = reg.get(page).await.text().await.unwrap();
+        assert!(
+            html.contains("id=\"quotas\"") && html.contains("team/**") && html.contains("class=\"bar\""),
+            "{page}: {html}"
+        );
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["quota", "status", "--url", &reg.url("")])
+        .env_remove("BERTH_CONFIG")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("team (team/**)") && text.contains("3 of 2 repositories"),
+        "{text}"
+    );
+    let (status, _) = reg.admin(Method::GET, "quotas/nope", None).await;
+    assert_eq!(status, 404);
 });
 
 events_test!(a_rule_added_to_a_registry_starts_from_the_exact_usage, |backend| {

@@ -12,6 +12,7 @@ pub mod layout;
 mod oci_client;
 mod proxy;
 mod quickstart;
+mod quotas;
 mod retention;
 mod skopeo;
 
