@@ -409,6 +409,8 @@ impl AdminRequest {
             | AdminRequest::Preview(DeleteTarget::Repository(r)) => Operation::Administer(r.as_str()),
             AdminRequest::Delete(t) | AdminRequest::Preview(t) => Operation::Delete(t.repository().as_str()),
             AdminRequest::ForceDelete(t) => Operation::Administer(t.repository().as_str()),
+            // Past a quota: the quota covers more than the repository.
+            AdminRequest::Restore { force: true, .. } => Operation::AdministerRegistry,
             AdminRequest::Restore { target, .. } => Operation::Administer(target.repository().as_str()),
             // Decided on the pattern, never on which repositories the deletes are in.
             AdminRequest::BulkRestore { selection: Selection { repositories: Some(p), .. }, .. } => {

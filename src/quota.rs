@@ -71,6 +71,21 @@ impl Quotas {
         self.rules.iter().enumerate().filter(|(_, r)| r.repositories.matches(repo)).map(|(i, _)| i).collect()
     }
 
+    /// What `rule`'s figures are counted for: its pattern, less the caches' repositories. Kept
+    /// with the figures, so a change of either is seen and counted again.
+    pub fn scope_of(&self, rule: &QuotaRule) -> String {
+        let mut prefixes = self.cache_prefixes.clone();
+        prefixes.sort();
+        match prefixes.as_slice() {
+            [] => rule.repositories.as_str().to_string(),
+            some => format!(
+                "{} except {}",
+                rule.repositories.as_str(),
+                some.iter().map(|p| format!("{p}/**")).collect::<Vec<_>>().join(", ")
+            ),
+        }
+    }
+
     fn is_cached(&self, repo: &str) -> bool {
         self.cache_prefixes
             .iter()

@@ -104,19 +104,21 @@ impl MetaStore {
         review_at: i64,
     ) -> Result<(), sqlx::Error> {
         // A new link is noted for the quotas; one that was there (hidden or not) adds nothing.
-        let made = sqlx::query(
-            "INSERT INTO repository_blobs (repository_id, blob_id, linked_at) VALUES ($1, $2, $3) \
-             ON CONFLICT (repository_id, blob_id) DO NOTHING",
-        )
-        .bind(repo_id)
-        .bind(blob_id)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        if made.rows_affected() == 1 {
-            super::quotas::note(super::quotas::Change::Link { repo: repo_id, blob: blob_id, delta: 1 });
-        } else {
-            sqlx::query(
+        for _ in 0..STEP_ATTEMPTS {
+            let made = sqlx::query(
+                "INSERT INTO repository_blobs (repository_id, blob_id, linked_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (repository_id, blob_id) DO NOTHING",
+            )
+            .bind(repo_id)
+            .bind(blob_id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            if made.rows_affected() == 1 {
+                super::quotas::note(super::quotas::Change::Link { repo: repo_id, blob: blob_id, delta: 1 });
+                break;
+            }
+            let refreshed = sqlx::query(
                 "UPDATE repository_blobs SET linked_at = CASE WHEN $1 > linked_at THEN $1 ELSE linked_at END, \
                  hidden_by_delete = NULL WHERE repository_id = $2 AND blob_id = $3",
             )
@@ -125,6 +127,11 @@ impl MetaStore {
             .bind(blob_id)
             .execute(&mut *tx)
             .await?;
+            if refreshed.rows_affected() == 1 {
+                break;
+            }
+            // The link that blocked the insert was removed before it could be refreshed (an
+            // unlink committed in between): insert again.
         }
         // The queue row after the link row (docs/design.md, lock order).
         Self::enqueue(tx, super::gc::Review::Blob(blob_id), review_at).await?;

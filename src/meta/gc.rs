@@ -527,12 +527,16 @@ impl MetaStore {
                     continue;
                 }
                 if linked_at <= cutoff && seen_at <= cutoff {
-                    sqlx::query("DELETE FROM repository_blobs WHERE repository_id = $1 AND blob_id = $2")
-                        .bind(repo)
-                        .bind(id)
-                        .execute(&mut *tx)
-                        .await?;
-                    super::quotas::note(super::quotas::Change::Link { repo, blob: id, delta: -1 });
+                    let unlinked =
+                        sqlx::query("DELETE FROM repository_blobs WHERE repository_id = $1 AND blob_id = $2")
+                            .bind(repo)
+                            .bind(id)
+                            .execute(&mut *tx)
+                            .await?;
+                    // An unlink may have taken it since the links were read.
+                    if unlinked.rows_affected() == 1 {
+                        super::quotas::note(super::quotas::Change::Link { repo, blob: id, delta: -1 });
+                    }
                 } else {
                     loose_since = Some(loose_since.map_or(linked_at, |t: i64| t.min(linked_at)));
                 }

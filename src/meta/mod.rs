@@ -480,7 +480,7 @@ impl MetaStore {
     /// The same store keeping and enforcing `quotas`.
     #[must_use]
     pub fn with_quotas(mut self, quotas: crate::quota::Quotas) -> Self {
-        self.quota = std::sync::Arc::new(quotas::QuotaState::new(quotas));
+        self.quota = std::sync::Arc::new(quotas::QuotaState::new(quotas, self.dialect));
         self
     }
 

@@ -77,6 +77,8 @@ pub(crate) async fn journaled<F: std::future::Future>(body: F) -> F::Output {
 #[derive(Debug, Default)]
 pub struct QuotaState {
     quotas: Quotas,
+    /// How a flush locks a usage row (PostgreSQL: until commit; SQLite's one writer needs none).
+    lock: &'static str,
     names: Mutex<HashMap<i64, Arc<str>>>,
     /// Refusals, by rule.
     pub refusals:
@@ -95,8 +97,12 @@ pub struct RuleLabel {
 const NAMES_KEPT: usize = 100_000;
 
 impl QuotaState {
-    pub(super) fn new(quotas: Quotas) -> Self {
-        QuotaState { quotas, ..Default::default() }
+    pub(super) fn new(quotas: Quotas, dialect: super::Dialect) -> Self {
+        let lock = match dialect {
+            super::Dialect::Sqlite => "",
+            super::Dialect::Postgres => " FOR NO KEY UPDATE",
+        };
+        QuotaState { quotas, lock, ..Default::default() }
     }
 
     /// The rules.
@@ -235,25 +241,39 @@ pub(crate) async fn flush(tx: &mut AnyConnection, state: &QuotaState) -> Result<
         deltas.entry(rule.clone()).or_default();
     }
 
-    // Rules in name order; within a rule, blob rows in id order (docs/design.md, lock order).
+    // Rules in name order; per rule its usage row first, then its blob rows in id order, then
+    // the usage row's update (docs/design.md, lock order). The count from scratch takes the
+    // usage row exclusively, so it never interleaves with a change to the rule's blob rows.
     for (rule_name, delta) in deltas {
         let rule = quotas.rule(&rule_name);
-        let mut bytes = delta.manifest_bytes - freed.get(&rule_name).copied().unwrap_or(0);
-        for (&blob, &n) in &delta.links {
-            bytes += blob_links(tx, &rule_name, blob, n).await?;
-        }
-        if removed.iter().next().is_some() && freed.contains_key(&rule_name) {
-            delete_removed(tx, &rule_name, &removed).await?;
-        }
-        if bytes == 0 && delta.repositories == 0 {
-            continue;
-        }
-        let pattern = rule.map_or("", |r| r.repositories.as_str());
-        let Some((used, repositories, counted)) =
-            add_usage(tx, &rule_name, pattern, bytes, delta.repositories).await?
-        else {
+        let scope = rule.map(|r| quotas.scope_of(r));
+        let Some((kept_scope, _)) = lock_usage(tx, &rule_name, scope.as_deref(), state.lock).await? else {
             continue;
         };
+        // A rule whose scope here differs from the one its figures were counted for (a
+        // configuration being rolled out): only what holds in every scope — removed blobs — is
+        // applied; `berth fsck --repair` counts it again once every replica has the new one.
+        let ours = scope.as_deref().is_none_or(|s| s == kept_scope);
+        if !ours {
+            tracing::warn!(quota = %rule_name, "this replica's scope of the quota differs from the database's; not keeping it");
+        }
+        let rule = rule.filter(|_| ours);
+        let mut bytes = -freed.get(&rule_name).copied().unwrap_or(0);
+        let mut repositories = 0;
+        if rule.is_some() {
+            bytes += delta.manifest_bytes;
+            repositories = delta.repositories;
+            for (&blob, &n) in &delta.links {
+                bytes += blob_links(tx, &rule_name, blob, n).await?;
+            }
+        }
+        if freed.contains_key(&rule_name) {
+            delete_removed(tx, &rule_name, &removed).await?;
+        }
+        if bytes == 0 && repositories == 0 {
+            continue;
+        }
+        let (used, held_repositories, counted) = add_usage(tx, &rule_name, bytes, repositories).await?;
         let Some(rule) = rule.filter(|_| counted) else { continue };
         let repository = delta.repository.as_deref().unwrap_or_default().to_string();
         let refusal = |limit, used: i64, adding: i64, max: u64| QuotaRefusal {
@@ -271,12 +291,12 @@ pub(crate) async fn flush(tx: &mut AnyConnection, state: &QuotaState) -> Result<
                 return Err(Error::Quota(refusal(Limit::Bytes, used - bytes, bytes, rule.max_bytes)));
             }
             if let Some(max) = rule.max_repositories
-                && delta.repositories > 0
-                && repositories > i64::try_from(max).unwrap_or(i64::MAX)
+                && repositories > 0
+                && held_repositories > i64::try_from(max).unwrap_or(i64::MAX)
             {
                 return Err(Error::Quota(refusal(
                     Limit::Repositories,
-                    repositories - delta.repositories,
+                    held_repositories - repositories,
                     1,
                     max,
                 )));
@@ -363,44 +383,54 @@ async fn delete_removed(
     Ok(())
 }
 
-/// Adds to `rule`'s usage row (made, uncounted, if missing) and returns the new figures and
-/// whether they were counted (only then is a limit enforced).
-async fn add_usage(
+/// Locks `rule`'s usage row (`lock`), made uncounted if missing and the rule is configured here
+/// (`scope`; a replica with the rule is starting, and the count that follows, under this row's
+/// lock, takes whatever this transaction commits). Returns the scope its figures are for and
+/// whether they were counted; `None` for a rule neither configured here nor in the database.
+async fn lock_usage(
     tx: &mut AnyConnection,
     rule: &str,
-    pattern: &str,
-    bytes: i64,
-    repositories: i64,
-) -> Result<Option<(i64, i64, bool)>, sqlx::Error> {
+    scope: Option<&str>,
+    lock: &str,
+) -> Result<Option<(String, bool)>, sqlx::Error> {
+    let sql = format!("SELECT pattern, counted_at FROM quota_usage WHERE rule = $1{lock}");
     for _ in 0..2 {
-        let row: Option<(i64, i64, Option<i64>)> = sqlx::query_as(
-            "UPDATE quota_usage SET bytes = bytes + $1, repositories = repositories + $2 WHERE rule = $3 \
-             RETURNING bytes, repositories, counted_at",
-        )
-        .bind(bytes)
-        .bind(repositories)
-        .bind(rule)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some((bytes, repositories, counted_at)) = row {
-            return Ok(Some((bytes, repositories, counted_at.is_some())));
+        let row: Option<(String, Option<i64>)> =
+            sqlx::query_as(&sql).bind(rule).fetch_optional(&mut *tx).await?;
+        if let Some((pattern, counted_at)) = row {
+            return Ok(Some((pattern, counted_at.is_some())));
         }
-        if pattern.is_empty() {
-            // A rule this replica does not know and the database has no row for: nothing to keep.
-            return Ok(None);
-        }
-        // A rule new to the database (a replica that has it is starting): its row, uncounted.
-        // The count that follows, under the row's lock, takes whatever this transaction commits.
+        let Some(scope) = scope else { return Ok(None) };
         sqlx::query(
             "INSERT INTO quota_usage (rule, pattern, bytes, repositories) VALUES ($1, $2, 0, 0) \
              ON CONFLICT (rule) DO NOTHING",
         )
         .bind(rule)
-        .bind(pattern)
+        .bind(scope)
         .execute(&mut *tx)
         .await?;
     }
     Ok(None)
+}
+
+/// Adds to `rule`'s usage row (locked by [`lock_usage`]); returns the new figures and whether
+/// they were counted (only then is a limit enforced).
+async fn add_usage(
+    tx: &mut AnyConnection,
+    rule: &str,
+    bytes: i64,
+    repositories: i64,
+) -> Result<(i64, i64, bool), sqlx::Error> {
+    let (bytes, repositories, counted_at): (i64, i64, Option<i64>) = sqlx::query_as(
+        "UPDATE quota_usage SET bytes = bytes + $1, repositories = repositories + $2 WHERE rule = $3 \
+         RETURNING bytes, repositories, counted_at",
+    )
+    .bind(bytes)
+    .bind(repositories)
+    .bind(rule)
+    .fetch_one(&mut *tx)
+    .await?;
+    Ok((bytes, repositories, counted_at.is_some()))
 }
 
 /// A rule's figures as recorded.
@@ -444,6 +474,86 @@ impl QuotaCount {
     }
 }
 
+/// A scope counted from scratch beside its kept figures.
+struct Tally {
+    count: QuotaCount,
+    /// Per blob linked in the scope: its size and links there.
+    links: BTreeMap<i64, (i64, i64)>,
+}
+
+/// Counts `rule`'s scope from the rows `tx` sees: its repositories, their links grouped by blob,
+/// their manifests' sizes — and compares with the kept rows.
+async fn tally(tx: &mut AnyConnection, quotas: &Quotas, rule: &str) -> Result<Tally, sqlx::Error> {
+    let recorded: Option<(i64, i64)> =
+        sqlx::query_as("SELECT bytes, repositories FROM quota_usage WHERE rule = $1")
+            .bind(rule)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let (recorded_bytes, recorded_repositories) = recorded.unwrap_or((0, 0));
+    let index = quotas.rules().iter().position(|r| r.name == rule).unwrap_or(usize::MAX);
+    let repos: Vec<(i64, String, Option<i64>)> =
+        sqlx::query_as("SELECT id, name, deleted_at FROM repositories ORDER BY id")
+            .fetch_all(&mut *tx)
+            .await?;
+    let scope: Vec<(i64, bool)> = repos
+        .into_iter()
+        .filter(|(_, name, _)| quotas.covering(name).contains(&index))
+        .map(|(id, _, deleted)| (id, deleted.is_none()))
+        .collect();
+    let counted_repositories = scope.iter().filter(|(_, live)| *live).count() as i64;
+    let mut links: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
+    let mut manifest_bytes = 0i64;
+    let ids: Vec<i64> = scope.iter().map(|(id, _)| *id).collect();
+    for chunk in ids.chunks(ID_CHUNK) {
+        let list = placeholders(1, chunk.len());
+        let sql = format!(
+            "SELECT rb.blob_id, b.size, COUNT(*) FROM repository_blobs rb JOIN blobs b ON b.id = rb.blob_id \
+             WHERE rb.repository_id IN ({list}) GROUP BY rb.blob_id, b.size"
+        );
+        let mut q = sqlx::query_as::<_, (i64, i64, i64)>(&sql);
+        for id in chunk {
+            q = q.bind(*id);
+        }
+        for (blob, size, n) in q.fetch_all(&mut *tx).await? {
+            links.entry(blob).or_insert((size, 0)).1 += n;
+        }
+        let sql = format!(
+            "SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM manifests WHERE repository_id IN ({list})"
+        );
+        let mut q = sqlx::query_as::<_, (i64,)>(&sql);
+        for id in chunk {
+            q = q.bind(*id);
+        }
+        manifest_bytes += q.fetch_one(&mut *tx).await?.0;
+    }
+    let counted_bytes = manifest_bytes + links.values().map(|(size, _)| size).sum::<i64>();
+    let kept: Vec<(i64, i64, i64)> =
+        sqlx::query_as("SELECT blob_id, size, links FROM quota_blobs WHERE rule = $1 ORDER BY blob_id")
+            .bind(rule)
+            .fetch_all(&mut *tx)
+            .await?;
+    let mut blobs_differing = 0u64;
+    let mut seen = BTreeSet::new();
+    for (blob, size, n) in &kept {
+        seen.insert(*blob);
+        if links.get(blob) != Some(&(*size, *n)) {
+            blobs_differing += 1;
+        }
+    }
+    blobs_differing += links.keys().filter(|b| !seen.contains(b)).count() as u64;
+    Ok(Tally {
+        count: QuotaCount {
+            rule: rule.to_string(),
+            recorded_bytes,
+            counted_bytes,
+            recorded_repositories,
+            counted_repositories,
+            blobs_differing,
+        },
+        links,
+    })
+}
+
 impl MetaStore {
     /// The quota rules this store enforces.
     pub fn quotas(&self) -> &Quotas {
@@ -468,8 +578,9 @@ impl MetaStore {
     }
 
     /// Makes every configured rule's figures exact before anything is served: a rule new to the
-    /// database, or whose scope changed, is counted from scratch; the rows of rules no longer
-    /// configured are removed. Returns the rules counted.
+    /// database, or whose scope changed, is counted from scratch. Rows of rules not configured
+    /// here are left alone (another replica, or a later start, may have them). Returns the rules
+    /// counted.
     ///
     /// # Errors
     /// [`Error::Database`].
@@ -477,144 +588,78 @@ impl MetaStore {
         let recorded = self.quota_usage().await?;
         let mut counted = Vec::new();
         for rule in self.quotas().rules() {
-            let current = recorded.iter().find(|u| u.rule == rule.name);
-            if current.is_some_and(|u| u.counted_at.is_some() && u.pattern == rule.repositories.as_str()) {
+            let scope = self.quotas().scope_of(rule);
+            if recorded.iter().any(|u| u.rule == rule.name && u.counted_at.is_some() && u.pattern == scope) {
                 continue;
             }
             self.count_quota(&rule.name, true, now).await?;
             counted.push(rule.name.clone());
         }
-        for gone in recorded.iter().filter(|u| self.quotas().rule(&u.rule).is_none()) {
-            transaction!(self, Error, |tx| {
-                sqlx::query("DELETE FROM quota_blobs WHERE rule = $1")
-                    .bind(&gone.rule)
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query("DELETE FROM quota_usage WHERE rule = $1")
-                    .bind(&gone.rule)
-                    .execute(&mut *tx)
-                    .await?;
-                Ok(())
-            })?;
-        }
         Ok(counted)
     }
 
-    /// Counts `rule`'s scope from scratch under its usage row's lock (writers into the scope wait
-    /// for it, or are waited for) and compares the count with what is recorded; with `reset`, the
-    /// count replaces the records. `None` when the rule is not configured.
+    /// Counts `rule`'s scope from scratch and compares the count with the kept figures. Without
+    /// `reset` it reads one snapshot (a read-only transaction), so writers go on and a change
+    /// committing meanwhile cannot make a difference appear. With `reset` it holds the usage row
+    /// exclusively (writers into the scope wait for it, and it for them) and replaces the kept
+    /// figures with the count. `None` when the rule is not configured.
     ///
     /// # Errors
     /// [`Error::Database`].
     pub async fn count_quota(&self, rule: &str, reset: bool, now: i64) -> Result<Option<QuotaCount>> {
         let Some(rule) = self.quotas().rule(rule).cloned() else { return Ok(None) };
-        let lock = self.update_lock_of("quota_usage");
         let quotas = self.quotas().clone();
+        let scope = quotas.scope_of(&rule);
+        if !reset {
+            let begin = match self.dialect {
+                super::Dialect::Sqlite => "BEGIN",
+                super::Dialect::Postgres => "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY",
+            };
+            let mut tx = self.read.begin_with(begin).await?;
+            let tally = tally(&mut tx, &quotas, &rule.name).await?;
+            tx.rollback().await?;
+            return Ok(Some(tally.count));
+        }
+        let lock = self.update_lock_of("quota_usage");
         let count = transaction!(self, Error, |tx| {
             sqlx::query(
                 "INSERT INTO quota_usage (rule, pattern, bytes, repositories) VALUES ($1, $2, 0, 0) \
                  ON CONFLICT (rule) DO NOTHING",
             )
             .bind(&rule.name)
-            .bind(rule.repositories.as_str())
+            .bind(&scope)
             .execute(&mut *tx)
             .await?;
-            let (recorded_bytes, recorded_repositories): (i64, i64) =
-                sqlx::query_as(&format!("SELECT bytes, repositories FROM quota_usage WHERE rule = $1{lock}"))
-                    .bind(&rule.name)
-                    .fetch_one(&mut *tx)
-                    .await?;
-            let repos: Vec<(i64, String, Option<i64>)> =
-                sqlx::query_as("SELECT id, name, deleted_at FROM repositories ORDER BY id")
-                    .fetch_all(&mut *tx)
-                    .await?;
-            let index = quotas.rules().iter().position(|r| r.name == rule.name).unwrap_or(usize::MAX);
-            let scope: Vec<(i64, bool)> = repos
-                .into_iter()
-                .filter(|(_, name, _)| quotas.covering(name).contains(&index))
-                .map(|(id, _, deleted)| (id, deleted.is_none()))
-                .collect();
-            let counted_repositories = scope.iter().filter(|(_, live)| *live).count() as i64;
-            let mut links: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
-            let mut manifest_bytes = 0i64;
-            let ids: Vec<i64> = scope.iter().map(|(id, _)| *id).collect();
-            for chunk in ids.chunks(ID_CHUNK) {
-                let list = placeholders(1, chunk.len());
-                let sql = format!(
-                    "SELECT rb.blob_id, b.size, COUNT(*) FROM repository_blobs rb JOIN blobs b ON b.id = rb.blob_id \
-                     WHERE rb.repository_id IN ({list}) GROUP BY rb.blob_id, b.size"
-                );
-                let mut q = sqlx::query_as::<_, (i64, i64, i64)>(&sql);
-                for id in chunk {
-                    q = q.bind(*id);
-                }
-                for (blob, size, n) in q.fetch_all(&mut *tx).await? {
-                    let entry = links.entry(blob).or_insert((size, 0));
-                    entry.1 += n;
-                }
-                let sql = format!(
-                    "SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM manifests WHERE repository_id IN ({list})"
-                );
-                let mut q = sqlx::query_as::<_, (i64,)>(&sql);
-                for id in chunk {
-                    q = q.bind(*id);
-                }
-                manifest_bytes += q.fetch_one(&mut *tx).await?.0;
-            }
-            let counted_bytes = manifest_bytes + links.values().map(|(size, _)| size).sum::<i64>();
-            let recorded: Vec<(i64, i64, i64)> = sqlx::query_as(
-                "SELECT blob_id, size, links FROM quota_blobs WHERE rule = $1 ORDER BY blob_id",
-            )
-            .bind(&rule.name)
-            .fetch_all(&mut *tx)
-            .await?;
-            let mut blobs_differing = 0u64;
-            let mut seen = BTreeSet::new();
-            for (blob, size, n) in &recorded {
-                seen.insert(*blob);
-                if links.get(blob) != Some(&(*size, *n)) {
-                    blobs_differing += 1;
-                }
-            }
-            blobs_differing += links.keys().filter(|b| !seen.contains(b)).count() as u64;
-            let count = QuotaCount {
-                rule: rule.name.clone(),
-                recorded_bytes,
-                counted_bytes,
-                recorded_repositories,
-                counted_repositories,
-                blobs_differing,
-            };
-            if reset {
-                sqlx::query("DELETE FROM quota_blobs WHERE rule = $1")
-                    .bind(&rule.name)
-                    .execute(&mut *tx)
-                    .await?;
-                let entries: Vec<(i64, (i64, i64))> = links.into_iter().collect();
-                for chunk in entries.chunks(ID_CHUNK / 4) {
-                    let values = (0..chunk.len())
-                        .map(|i| format!("($1, ${}, ${}, ${})", 3 * i + 2, 3 * i + 3, 3 * i + 4))
-                        .collect::<Vec<_>>()
-                        .join(", ");
-                    let sql = format!("INSERT INTO quota_blobs (rule, blob_id, size, links) VALUES {values}");
-                    let mut q = sqlx::query(&sql).bind(&rule.name);
-                    for (blob, (size, n)) in chunk {
-                        q = q.bind(*blob).bind(*size).bind(*n);
-                    }
-                    q.execute(&mut *tx).await?;
-                }
-                sqlx::query(
-                    "UPDATE quota_usage SET pattern = $1, bytes = $2, repositories = $3, counted_at = $4 WHERE rule = $5",
-                )
-                .bind(rule.repositories.as_str())
-                .bind(counted_bytes)
-                .bind(counted_repositories)
-                .bind(now)
+            sqlx::query(&format!("SELECT bytes FROM quota_usage WHERE rule = $1{lock}"))
                 .bind(&rule.name)
                 .execute(&mut *tx)
                 .await?;
+            let tally = tally(tx, &quotas, &rule.name).await?;
+            sqlx::query("DELETE FROM quota_blobs WHERE rule = $1").bind(&rule.name).execute(&mut *tx).await?;
+            let entries: Vec<(i64, (i64, i64))> = tally.links.into_iter().collect();
+            for chunk in entries.chunks(ID_CHUNK / 4) {
+                let values = (0..chunk.len())
+                    .map(|i| format!("($1, ${}, ${}, ${})", 3 * i + 2, 3 * i + 3, 3 * i + 4))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let sql = format!("INSERT INTO quota_blobs (rule, blob_id, size, links) VALUES {values}");
+                let mut q = sqlx::query(&sql).bind(&rule.name);
+                for (blob, (size, n)) in chunk {
+                    q = q.bind(*blob).bind(*size).bind(*n);
+                }
+                q.execute(&mut *tx).await?;
             }
-            Ok(count)
+            sqlx::query(
+                "UPDATE quota_usage SET pattern = $1, bytes = $2, repositories = $3, counted_at = $4 WHERE rule = $5",
+            )
+            .bind(&scope)
+            .bind(tally.count.counted_bytes)
+            .bind(tally.count.counted_repositories)
+            .bind(now)
+            .bind(&rule.name)
+            .execute(&mut *tx)
+            .await?;
+            Ok(tally.count)
         })?;
         Ok(Some(count))
     }

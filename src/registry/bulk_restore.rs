@@ -286,6 +286,11 @@ impl Registry {
             );
         }
         match failed {
+            // A batch that would take a quota's scope past a limit stops the run (what earlier
+            // batches restored stays, recorded): restore those deletes one by one, with --force.
+            Some(crate::meta::Error::Quota(r)) => Err(Error::Conflict(format!(
+                "{r}; the bulk restore stopped there — restore the rest one by one, an administrator with --force"
+            ))),
             Some(e) => Err(e.into()),
             None => Ok(report),
         }

@@ -64,9 +64,11 @@ impl Registry {
     ///
     /// # Errors
     /// [`Error::Internal`] when storage or metadata fail.
-    /// [`Error::ReadOnlyCache`] in a pull-through cache's repository.
+    /// [`Error::ReadOnlyCache`] in a pull-through cache's repository; [`Error::QuotaExceeded`]
+    /// when a quota's scope holding it is full already.
     pub async fn start_upload(&self, repo: &RepoName) -> Result<UploadStatus> {
         self.refuse_cached(repo)?;
+        self.refuse_full_scope(repo).await?;
         self.open_session(repo).await
     }
 

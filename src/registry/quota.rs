@@ -48,7 +48,8 @@ impl Registry {
             .iter()
             .filter(|r| rule.is_none_or(|name| r.name == name))
             .map(|r| {
-                let u = usage.iter().find(|u| u.rule == r.name && u.pattern == r.repositories.as_str());
+                let scope = self.meta.quotas().scope_of(r);
+                let u = usage.iter().find(|u| u.rule == r.name && u.pattern == scope);
                 let used_bytes = u.map_or(0, |u| u.bytes);
                 QuotaStatus {
                     rule: r.name.clone(),
@@ -63,6 +64,33 @@ impl Registry {
                 }
             })
             .collect())
+    }
+
+    /// Refuses a new upload session in `repo` when a quota's scope holding it is full already:
+    /// its completion could only be refused (or add nothing), and bytes in open sessions are not
+    /// counted — so a full scope cannot be filled further with sessions never completed.
+    pub(super) async fn refuse_full_scope(&self, repo: &crate::oci::RepoName) -> Result<()> {
+        let quotas = self.meta.quotas();
+        let covering = quotas.covering(repo.as_str());
+        if covering.is_empty() {
+            return Ok(());
+        }
+        let usage = self.meta.quota_usage().await?;
+        for rule in covering.into_iter().map(|i| &quotas.rules()[i]) {
+            let scope = quotas.scope_of(rule);
+            let full =
+                usage.iter().find(|u| u.rule == rule.name && u.pattern == scope && u.counted_at.is_some());
+            if let Some(u) = full.filter(|u| u.bytes >= i64::try_from(rule.max_bytes).unwrap_or(i64::MAX)) {
+                return Err(super::Error::QuotaExceeded(format!(
+                    "quota `{}` ({}) is full: {} used of {}; nothing more can be uploaded into {repo}",
+                    rule.name,
+                    rule.repositories.as_str(),
+                    crate::quota::human_bytes(u.bytes),
+                    crate::quota::human_bytes(i64::try_from(rule.max_bytes).unwrap_or(i64::MAX))
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Counts every configured quota's scope from scratch and compares with the kept figures

@@ -344,7 +344,7 @@ async fn repository(State(app): State<App>, headers: HeaderMap, Query(q): Query<
     }
     let host = registry_host(&headers);
     // The quotas whose scope holds it: how close the team is to its limit.
-    let quotas: Vec<_> = if summary.quotas.is_empty() {
+    let quotas: Vec<_> = if summary.quotas.is_empty() || !v.may(&AdminRequest::QuotaStatus(None)) {
         Vec::new()
     } else {
         app.registry

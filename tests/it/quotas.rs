@@ -265,6 +265,53 @@ events_test!(a_change_past_the_limit_is_refused_and_leaves_nothing, |backend| {
     );
     let (status, _) = reg.admin(Method::GET, "quotas/nope", None).await;
     assert_eq!(status, 404);
+
+    // Filled to the byte: allowed; then a new upload session is refused at once.
+    let used = reg.quota().await["used_bytes"].as_i64().unwrap();
+    let last = random_bytes(96, (12_000 - used) as usize);
+    assert_eq!(reg.try_upload("team/a", &last).await.status(), StatusCode::CREATED);
+    assert_eq!(reg.quota().await["used_bytes"], 12_000);
+    let res = reg.req(Method::POST, "/v2/team/a/blobs/uploads/").send().await.unwrap();
+    let body = assert_oci_error(res, 403, "DENIED").await;
+    assert!(body["errors"][0]["message"].as_str().unwrap().contains("is full"), "{body}");
+    // A forced restore is for administrators of every repository: the quota covers more than one.
+    let forced = berth::admin::AdminRequest::Restore {
+        target: berth::registry::DeleteTarget::Repository(berth::oci::RepoName::parse("team/b").unwrap()),
+        take_tags: false,
+        force: true,
+    };
+    assert_eq!(forced.operation(), berth::auth::Operation::AdministerRegistry);
+});
+
+events_test!(counts_from_scratch_during_changes_keep_the_usage_exact, |backend| {
+    let reg = with_config(backend, &rule(1 << 30, "")).await.unwrap();
+    let shared = random_bytes(60, 4000);
+    let d = Digest::sha256_of(&shared);
+    let changes = {
+        let (client, base) = (reg.client.clone(), reg.url(""));
+        let (shared, d) = (shared.clone(), d.clone());
+        tokio::spawn(async move {
+            // Links that are neither a blob's first nor its last in the scope, and some that are.
+            for i in 0..40 {
+                let res = client
+                    .post(format!("{base}/v2/team/s{}/blobs/uploads/?digest={d}", i % 5))
+                    .body(shared.clone())
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(res.status(), 201);
+                let res =
+                    client.delete(format!("{base}/v2/team/s{}/blobs/{d}", (i + 2) % 5)).send().await.unwrap();
+                assert!(res.status() == 202 || res.status() == 404, "{}", res.status());
+            }
+        })
+    };
+    for _ in 0..10 {
+        reg.app.registry.count_quotas(true).await.unwrap();
+        reg.app.registry.count_quotas(false).await.unwrap();
+    }
+    changes.await.unwrap();
+    reg.assert_usage_exact("counts during changes").await;
 });
 
 events_test!(a_rule_added_to_a_registry_starts_from_the_exact_usage, |backend| {
