@@ -65,6 +65,15 @@ async fn soak(seconds: u64) {
     config.gc.blob_grace = Duration::from_secs(5);
     config.gc.untagged_grace = Duration::from_secs(1);
     config.gc.restore_window = Duration::from_secs(1);
+    // A quota over everything the soak pushes, far from its limit: every transaction keeps it,
+    // and it must come out exact (and add no deadlock).
+    config.quotas = vec![berth::quota::QuotaRule {
+        name: "soak".into(),
+        repositories: berth::auth::Pattern::parse("**").unwrap(),
+        max_bytes: 1 << 40,
+        max_repositories: None,
+        warn_at: 0.9,
+    }];
     // The defaults of a real deployment: a 1 s access flush and 2 s of allowed clock skew.
     let first = TestRegistry::start_with(config.clone(), dir).await;
     let second = TestRegistry::start_with(config.clone(), tempfile::tempdir().unwrap()).await;
@@ -85,7 +94,8 @@ async fn soak(seconds: u64) {
     std::fs::write(
         &gc_config,
         format!(
-            "data_dir = {:?}\n{}\n[gc]\nenabled = false\nblob_grace = \"5s\"\nuntagged_grace = \"1s\"\nrestore_window = \"1s\"\n",
+            "data_dir = {:?}\n{}\n[gc]\nenabled = false\nblob_grace = \"5s\"\nuntagged_grace = \"1s\"\nrestore_window = \"1s\"\n\
+             [[quotas]]\nname = \"soak\"\nrepositories = \"**\"\nmax_bytes = 1099511627776\n",
             gc_dir.path().display().to_string(),
             scale_out_toml(&config)
         ),
@@ -248,6 +258,9 @@ async fn soak(seconds: u64) {
     }
     let fsck = reg.app.registry.fsck(false, &|_, _| {}).await.unwrap();
     assert!(fsck.clean(), "{:?}", fsck.problems);
+    for count in reg.app.registry.count_quotas(false).await.unwrap() {
+        assert!(count.exact(), "the quota kept through the soak: {count:?}");
+    }
     let metrics = reg.get("/metrics").await.text().await.unwrap()
         + &lb.replicas[0].get("/metrics").await.text().await.unwrap();
     let retries: u64 = metrics
