@@ -241,41 +241,85 @@ pub(crate) async fn flush(tx: &mut AnyConnection, state: &QuotaState) -> Result<
         deltas.entry(rule.clone()).or_default();
     }
 
-    // Rules in name order; per rule its usage row first, then its blob rows in id order, then
-    // the usage row's update (docs/design.md, lock order). The count from scratch takes the
-    // usage row exclusively, so it never interleaves with a change to the rule's blob rows.
-    for (rule_name, delta) in deltas {
-        let rule = quotas.rule(&rule_name);
-        let scope = rule.map(|r| quotas.scope_of(r));
-        let Some((kept_scope, _)) = lock_usage(tx, &rule_name, scope.as_deref(), state.lock).await? else {
-            continue;
-        };
-        // A rule whose scope here differs from the one its figures were counted for (a
-        // configuration being rolled out): only what holds in every scope — removed blobs — is
-        // applied; `berth fsck --repair` counts it again once every replica has the new one.
-        let ours = scope.as_deref().is_none_or(|s| s == kept_scope);
-        if !ours {
-            tracing::warn!(quota = %rule_name, "this replica's scope of the quota differs from the database's; not keeping it");
+    // The usage rows first, in rule order and in one statement (PostgreSQL: locked to commit);
+    // then the blob rows; then the usage rows' update (docs/design.md, lock order). The count
+    // from scratch takes a usage row exclusively, so it never interleaves with a change to the
+    // rule's blob rows. A fixed number of statements, whatever the number of rules.
+    let touched: Vec<&String> = deltas.keys().collect();
+    let mut kept = lock_usage(tx, &touched, state.lock).await?;
+    let missing: Vec<(&str, String)> = touched
+        .iter()
+        .filter(|r| !kept.contains_key(r.as_str()))
+        .filter_map(|r| quotas.rule(r).map(|rule| (r.as_str(), quotas.scope_of(rule))))
+        .collect();
+    if !missing.is_empty() {
+        // A rule new to the database (a replica that has it is starting): its row, uncounted;
+        // the count that follows, under this row's lock, takes whatever this transaction commits.
+        let values =
+            (0..missing.len()).map(|i| format!("(${}, ${}, 0, 0)", 2 * i + 1, 2 * i + 2)).collect::<Vec<_>>();
+        let sql = format!(
+            "INSERT INTO quota_usage (rule, pattern, bytes, repositories) VALUES {} ON CONFLICT (rule) DO NOTHING",
+            values.join(", ")
+        );
+        let mut q = sqlx::query(&sql);
+        for (rule, scope) in &missing {
+            q = q.bind(*rule).bind(scope.as_str());
         }
-        let rule = rule.filter(|_| ours);
-        let mut bytes = -freed.get(&rule_name).copied().unwrap_or(0);
-        let mut repositories = 0;
-        if rule.is_some() {
-            bytes += delta.manifest_bytes;
-            repositories = delta.repositories;
-            for (&blob, &n) in &delta.links {
-                bytes += blob_links(tx, &rule_name, blob, n).await?;
+        q.execute(&mut *tx).await?;
+        let again: Vec<&String> =
+            touched.iter().copied().filter(|r| !kept.contains_key(r.as_str())).collect();
+        kept.extend(lock_usage(tx, &again, state.lock).await?);
+    }
+    // What each rule's scope gains or loses; a rule whose scope here differs from the one its
+    // figures were counted for (a configuration being rolled out) takes only what holds in
+    // every scope — removed blobs —, and `berth fsck --repair` counts it again once every replica
+    // has the new one.
+    let mut added: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
+    let mut first_links: Vec<(&str, i64, i64)> = Vec::new();
+    let mut unlinks: Vec<(&str, i64, i64)> = Vec::new();
+    for (rule_name, delta) in &deltas {
+        let Some((kept_scope, _)) = kept.get(rule_name.as_str()) else { continue };
+        let entry = added.entry(rule_name.as_str()).or_default();
+        entry.0 -= freed.get(rule_name).copied().unwrap_or(0);
+        let Some(rule) = quotas.rule(rule_name) else { continue };
+        if quotas.scope_of(rule) != *kept_scope {
+            tracing::warn!(quota = %rule_name, "this replica's scope of the quota differs from the database's; not keeping it");
+            continue;
+        }
+        entry.0 += delta.manifest_bytes;
+        entry.1 += delta.repositories;
+        for (&blob, &n) in &delta.links {
+            match n.cmp(&0) {
+                std::cmp::Ordering::Greater => first_links.push((rule_name.as_str(), blob, n)),
+                std::cmp::Ordering::Less => unlinks.push((rule_name.as_str(), blob, n)),
+                std::cmp::Ordering::Equal => {}
             }
         }
-        if freed.contains_key(&rule_name) {
-            delete_removed(tx, &rule_name, &removed).await?;
-        }
-        if bytes == 0 && repositories == 0 {
+    }
+    for (rule, bytes) in add_links(tx, &first_links).await? {
+        added.entry(rule).or_default().0 += bytes;
+    }
+    for (rule, blob, n) in unlinks {
+        added.entry(rule).or_default().0 += remove_links(tx, rule, blob, n).await?;
+    }
+    if !freed.is_empty() {
+        delete_removed(tx, &removed).await?;
+    }
+    added.retain(|_, (bytes, repositories)| *bytes != 0 || *repositories != 0);
+    let usage = add_usage(tx, &added).await?;
+
+    let allowed_over = OVER_LIMIT.try_with(|allowed| *allowed).unwrap_or(false);
+    for (rule_name, (bytes, repositories)) in added {
+        let Some(&(used, held_repositories, counted)) = usage.get(rule_name) else { continue };
+        let Some(rule) = quotas.rule(rule_name).filter(|_| counted) else { continue };
+        let Some(scope_here) = kept.get(rule_name).map(|(s, _)| s == &quotas.scope_of(rule)) else {
+            continue;
+        };
+        if !scope_here {
             continue;
         }
-        let (used, held_repositories, counted) = add_usage(tx, &rule_name, bytes, repositories).await?;
-        let Some(rule) = rule.filter(|_| counted) else { continue };
-        let repository = delta.repository.as_deref().unwrap_or_default().to_string();
+        let repository =
+            deltas.get(rule_name).and_then(|d| d.repository.as_deref()).unwrap_or_default().to_string();
         let refusal = |limit, used: i64, adding: i64, max: u64| QuotaRefusal {
             rule: rule.name.clone(),
             pattern: rule.repositories.as_str().to_string(),
@@ -286,7 +330,7 @@ pub(crate) async fn flush(tx: &mut AnyConnection, state: &QuotaState) -> Result<
             max: i64::try_from(max).unwrap_or(i64::MAX),
             at: super::events::journal_time(),
         };
-        if !OVER_LIMIT.try_with(|allowed| *allowed).unwrap_or(false) {
+        if !allowed_over {
             if bytes > 0 && used > i64::try_from(rule.max_bytes).unwrap_or(i64::MAX) {
                 return Err(Error::Quota(refusal(Limit::Bytes, used - bytes, bytes, rule.max_bytes)));
             }
@@ -321,28 +365,75 @@ pub(crate) async fn flush(tx: &mut AnyConnection, state: &QuotaState) -> Result<
     Ok(())
 }
 
-/// Adds `n` links (negative: removes) of `blob` to `rule`'s scope; returns the bytes this adds
-/// to the scope: the blob's size when its first link came, minus it when its last went.
-async fn blob_links(tx: &mut AnyConnection, rule: &str, blob: i64, n: i64) -> Result<i64, sqlx::Error> {
-    if n > 0 {
-        let row: Option<(i64, i64)> = sqlx::query_as(
-            "INSERT INTO quota_blobs (rule, blob_id, size, links) SELECT $1, id, size, $2 FROM blobs WHERE id = $3 \
+/// Locks the usage rows of `rules` (`lock`), in rule order; their kept scope and whether they
+/// were counted, by rule (a rule without a row is absent).
+async fn lock_usage(
+    tx: &mut AnyConnection,
+    rules: &[&String],
+    lock: &str,
+) -> Result<HashMap<String, (String, bool)>, sqlx::Error> {
+    let mut out = HashMap::new();
+    if rules.is_empty() {
+        return Ok(out);
+    }
+    let sql = format!(
+        "SELECT rule, pattern, counted_at FROM quota_usage WHERE rule IN ({}) ORDER BY rule{lock}",
+        placeholders(1, rules.len())
+    );
+    let mut q = sqlx::query_as::<_, (String, String, Option<i64>)>(&sql);
+    for rule in rules {
+        q = q.bind(rule.as_str());
+    }
+    for (rule, pattern, counted_at) in q.fetch_all(&mut *tx).await? {
+        out.insert(rule, (pattern, counted_at.is_some()));
+    }
+    Ok(out)
+}
+
+/// Adds links (rule, blob, n) to the scopes' blob rows, in one statement; returns the bytes each
+/// rule's scope gains: the size of each blob whose first link there this is.
+async fn add_links<'a>(
+    tx: &mut AnyConnection,
+    links: &[(&'a str, i64, i64)],
+) -> Result<Vec<(&'a str, i64)>, sqlx::Error> {
+    let mut gained = Vec::new();
+    for chunk in links.chunks(ID_CHUNK / 3) {
+        let rows = (0..chunk.len())
+            .map(|i| {
+                format!(
+                    "SELECT CAST(${} AS TEXT) AS vrule, CAST(${} AS BIGINT) AS vblob, CAST(${} AS BIGINT) AS vn",
+                    3 * i + 1,
+                    3 * i + 2,
+                    3 * i + 3
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ");
+        let sql = format!(
+            "INSERT INTO quota_blobs (rule, blob_id, size, links) \
+             SELECT v.vrule, b.id, b.size, v.vn FROM ({rows}) v JOIN blobs b ON b.id = v.vblob WHERE true \
              ON CONFLICT (rule, blob_id) DO UPDATE SET links = quota_blobs.links + excluded.links \
-             RETURNING links, size",
-        )
-        .bind(rule)
-        .bind(n)
-        .bind(blob)
-        .fetch_optional(&mut *tx)
-        .await?;
-        return Ok(match row {
-            Some((links, size)) if links == n => size,
-            _ => 0,
-        });
+             RETURNING rule, blob_id, links, size"
+        );
+        let mut q = sqlx::query_as::<_, (String, i64, i64, i64)>(&sql);
+        for (rule, blob, n) in chunk {
+            q = q.bind(*rule).bind(*blob).bind(*n);
+        }
+        for (rule, blob, links, size) in q.fetch_all(&mut *tx).await? {
+            let Some(&(name, _, n)) = chunk.iter().find(|(r, b, _)| *r == rule && *b == blob) else {
+                continue;
+            };
+            if links == n {
+                gained.push((name, size));
+            }
+        }
     }
-    if n == 0 {
-        return Ok(0);
-    }
+    Ok(gained)
+}
+
+/// Removes `-n` links of `blob` from `rule`'s scope; returns minus the blob's size when its last
+/// link there went.
+async fn remove_links(tx: &mut AnyConnection, rule: &str, blob: i64, n: i64) -> Result<i64, sqlx::Error> {
     let row: Option<(i64, i64)> = sqlx::query_as(
         "UPDATE quota_blobs SET links = links + $1 WHERE rule = $2 AND blob_id = $3 RETURNING links, size",
     )
@@ -364,17 +455,11 @@ async fn blob_links(tx: &mut AnyConnection, rule: &str, blob: i64, n: i64) -> Re
     }
 }
 
-async fn delete_removed(
-    tx: &mut AnyConnection,
-    rule: &str,
-    removed: &BTreeSet<i64>,
-) -> Result<(), sqlx::Error> {
+/// Deletes every rule's rows of the blobs `removed` (their remover holds the blobs' rows).
+async fn delete_removed(tx: &mut AnyConnection, removed: &BTreeSet<i64>) -> Result<(), sqlx::Error> {
     for chunk in removed.iter().copied().collect::<Vec<_>>().chunks(ID_CHUNK) {
-        let sql = format!(
-            "DELETE FROM quota_blobs WHERE rule = $1 AND blob_id IN ({})",
-            placeholders(2, chunk.len())
-        );
-        let mut q = sqlx::query(&sql).bind(rule);
+        let sql = format!("DELETE FROM quota_blobs WHERE blob_id IN ({})", placeholders(1, chunk.len()));
+        let mut q = sqlx::query(&sql);
         for id in chunk {
             q = q.bind(*id);
         }
@@ -383,54 +468,40 @@ async fn delete_removed(
     Ok(())
 }
 
-/// Locks `rule`'s usage row (`lock`), made uncounted if missing and the rule is configured here
-/// (`scope`; a replica with the rule is starting, and the count that follows, under this row's
-/// lock, takes whatever this transaction commits). Returns the scope its figures are for and
-/// whether they were counted; `None` for a rule neither configured here nor in the database.
-async fn lock_usage(
-    tx: &mut AnyConnection,
-    rule: &str,
-    scope: Option<&str>,
-    lock: &str,
-) -> Result<Option<(String, bool)>, sqlx::Error> {
-    let sql = format!("SELECT pattern, counted_at FROM quota_usage WHERE rule = $1{lock}");
-    for _ in 0..2 {
-        let row: Option<(String, Option<i64>)> =
-            sqlx::query_as(&sql).bind(rule).fetch_optional(&mut *tx).await?;
-        if let Some((pattern, counted_at)) = row {
-            return Ok(Some((pattern, counted_at.is_some())));
-        }
-        let Some(scope) = scope else { return Ok(None) };
-        sqlx::query(
-            "INSERT INTO quota_usage (rule, pattern, bytes, repositories) VALUES ($1, $2, 0, 0) \
-             ON CONFLICT (rule) DO NOTHING",
-        )
-        .bind(rule)
-        .bind(scope)
-        .execute(&mut *tx)
-        .await?;
-    }
-    Ok(None)
-}
-
-/// Adds to `rule`'s usage row (locked by [`lock_usage`]); returns the new figures and whether
-/// they were counted (only then is a limit enforced).
+/// Adds to the usage rows (locked by [`lock_usage`]) in one statement; the new figures and
+/// whether they were counted (only then is a limit enforced), by rule.
 async fn add_usage(
     tx: &mut AnyConnection,
-    rule: &str,
-    bytes: i64,
-    repositories: i64,
-) -> Result<(i64, i64, bool), sqlx::Error> {
-    let (bytes, repositories, counted_at): (i64, i64, Option<i64>) = sqlx::query_as(
-        "UPDATE quota_usage SET bytes = bytes + $1, repositories = repositories + $2 WHERE rule = $3 \
-         RETURNING bytes, repositories, counted_at",
-    )
-    .bind(bytes)
-    .bind(repositories)
-    .bind(rule)
-    .fetch_one(&mut *tx)
-    .await?;
-    Ok((bytes, repositories, counted_at.is_some()))
+    added: &BTreeMap<&str, (i64, i64)>,
+) -> Result<HashMap<String, (i64, i64, bool)>, sqlx::Error> {
+    let mut out = HashMap::new();
+    if added.is_empty() {
+        return Ok(out);
+    }
+    let rows = (0..added.len())
+        .map(|i| {
+            format!(
+                "SELECT CAST(${} AS TEXT) AS vrule, CAST(${} AS BIGINT) AS vbytes, CAST(${} AS BIGINT) AS vrepos",
+                3 * i + 1,
+                3 * i + 2,
+                3 * i + 3
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ");
+    let sql = format!(
+        "UPDATE quota_usage SET bytes = quota_usage.bytes + v.vbytes, repositories = quota_usage.repositories + v.vrepos \
+         FROM ({rows}) v WHERE quota_usage.rule = v.vrule RETURNING quota_usage.rule, quota_usage.bytes, \
+         quota_usage.repositories, quota_usage.counted_at"
+    );
+    let mut q = sqlx::query_as::<_, (String, i64, i64, Option<i64>)>(&sql);
+    for (rule, (bytes, repositories)) in added {
+        q = q.bind(*rule).bind(*bytes).bind(*repositories);
+    }
+    for (rule, bytes, repositories, counted_at) in q.fetch_all(&mut *tx).await? {
+        out.insert(rule, (bytes, repositories, counted_at.is_some()));
+    }
+    Ok(out)
 }
 
 /// A rule's figures as recorded.
