@@ -77,7 +77,10 @@ pub(crate) async fn journaled<F: std::future::Future>(body: F) -> F::Output {
 #[derive(Debug, Default)]
 pub struct QuotaState {
     quotas: Quotas,
-    /// How a flush locks a usage row (PostgreSQL: until commit; SQLite's one writer needs none).
+    /// How a flush locks a usage row before it changes the rule's blob rows (PostgreSQL: a key
+    /// share, which writers hold together — they queue only at the usage row's update — and
+    /// which a count from scratch, taking the row `FOR UPDATE`, waits for; SQLite's one writer
+    /// needs none).
     lock: &'static str,
     names: Mutex<HashMap<i64, Arc<str>>>,
     /// Refusals, by rule.
@@ -100,7 +103,7 @@ impl QuotaState {
     pub(super) fn new(quotas: Quotas, dialect: super::Dialect) -> Self {
         let lock = match dialect {
             super::Dialect::Sqlite => "",
-            super::Dialect::Postgres => " FOR NO KEY UPDATE",
+            super::Dialect::Postgres => " FOR KEY SHARE",
         };
         QuotaState { quotas, lock, ..Default::default() }
     }
