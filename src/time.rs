@@ -119,6 +119,11 @@ pub fn parse_moment(text: &str) -> Result<Moment, String> {
     })
 }
 
+/// The system clock in Unix milliseconds (what has no application clock at hand uses).
+pub fn system_now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -162,9 +167,4 @@ mod tests {
         assert!(super::parse_utc("yesterday").is_err());
         assert!(super::parse_utc("2026-13-01T00:00:00Z").is_err());
     }
-}
-
-/// The system clock in Unix milliseconds (what has no application clock at hand uses).
-pub fn system_now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }

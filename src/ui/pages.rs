@@ -170,6 +170,7 @@ pub(super) fn repositories(
     )
 }
 
+#[expect(clippy::too_many_arguments, reason = "the parts of one page")]
 pub(super) fn repository(
     v: &Viewer<'_>,
     repo: &RepoName,
