@@ -314,6 +314,39 @@ events_test!(counts_from_scratch_during_changes_keep_the_usage_exact, |backend| 
     reg.assert_usage_exact("counts during changes").await;
 });
 
+events_test!(a_refused_pushs_uploaded_blobs_are_reclaimed, |backend| {
+    let reg = with_config(backend, &rule(9_000, "")).await.unwrap();
+    let one = reg.push_image("team/a", "v1", 40).await;
+    let before = reg.assert_usage_exact("a push").await;
+    // The layers of a second image fit; its manifest does not.
+    let layer = random_bytes(41, (9_000 - before - 50) as usize);
+    assert_eq!(reg.try_upload("team/a", &layer).await.status(), StatusCode::CREATED);
+    let manifest = serde_json::to_vec_pretty(&serde_json::json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": Digest::sha256_of(&one.config).as_str(), "size": one.config.len()},
+        "layers": [{"mediaType": OCI_LAYER, "digest": Digest::sha256_of(&layer).as_str(), "size": layer.len()}],
+        "annotations": {"padding": "x".repeat(200)},
+    }))
+    .unwrap();
+    assert_oci_error(reg.put_manifest("team/a", "v2", OCI_MANIFEST, &manifest).await, 403, "DENIED").await;
+    assert_eq!(reg.assert_usage_exact("a refused manifest").await, before + layer.len() as i64);
+    // Nothing references the layer: the collector takes it once its grace has passed, and the
+    // scope has the room back.
+    reg.app.registry.clock().advance_ms(2 * 24 * 3600 * 1000);
+    reg.app.registry.collect(100_000).await.unwrap();
+    reg.app.registry.drain_outbox().await.unwrap();
+    assert_eq!(reg.assert_usage_exact("collecting the refused push's layer").await, before);
+    let d = Digest::sha256_of(&layer);
+    let (rows,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM blobs WHERE digest = $1")
+        .bind(d.as_str())
+        .fetch_one(&reg.sql().await)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0, "the refused push's layer is reclaimed");
+    let report = reg.app.registry.fsck(false, &|_, _| {}).await.unwrap();
+    assert!(report.clean() && report.orphans.is_empty(), "{:?} {:?}", report.problems, report.orphans);
+});
+
 events_test!(a_rule_added_to_a_registry_starts_from_the_exact_usage, |backend| {
     let reg = with_config(backend, "").await.unwrap();
     reg.push_image("team/a", "v1", 20).await;
