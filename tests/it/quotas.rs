@@ -387,6 +387,46 @@ events_test!(a_rule_added_to_a_registry_starts_from_the_exact_usage, |backend| {
     assert_eq!(q["repositories"], "team/a");
 });
 
+/// The lock order a count from scratch relies on, exactly (PostgreSQL; SQLite's one writer
+/// orders everything): while the usage row is held as a count holds it, a change to the rule's blob
+/// rows waits — even one adding no bytes (a blob's second link in the scope), which a count
+/// interleaving with it would otherwise undo.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_to_a_scope_waits_for_a_count_holding_its_usage_row() {
+    let Some(reg) = with_config(Backend::Postgres, &rule(1 << 30, "")).await else {
+        eprintln!("skipping: the scale-out deployment is not configured");
+        return;
+    };
+    let shared = random_bytes(70, 3000);
+    assert_eq!(reg.try_upload("team/a", &shared).await.status(), StatusCode::CREATED);
+    // team/b exists already: the second link adds neither bytes nor a repository.
+    assert_eq!(reg.try_upload("team/b", &random_bytes(71, 10)).await.status(), StatusCode::CREATED);
+    let sql = reg.sql().await;
+    let mut count = sql.begin().await.unwrap();
+    sqlx::query("SELECT bytes FROM quota_usage WHERE rule = 'team' FOR UPDATE")
+        .execute(&mut *count)
+        .await
+        .unwrap();
+    let second_link = {
+        let (client, base, d) = (reg.client.clone(), reg.url(""), Digest::sha256_of(&shared));
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            client
+                .post(format!("{base}/v2/team/b/blobs/uploads/?digest={d}"))
+                .body(shared)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    assert!(!second_link.is_finished(), "the link went past a count holding the usage row");
+    count.rollback().await.unwrap();
+    assert_eq!(second_link.await.unwrap(), StatusCode::CREATED);
+    reg.assert_usage_exact("a link after the count").await;
+}
+
 /// Pushes images of `seed..` into `team/w{writer}` until refused; returns the bytes of what was
 /// acknowledged (each blob unique to this writer).
 async fn push_until_refused(base: String, writer: u64) -> (i64, u32) {
