@@ -93,6 +93,8 @@ pub enum AdminRequest {
     Explain(ExplainTarget),
     /// The collector's state (the whole registry's: needs admin on every repository).
     GcStatus,
+    /// The backups taken of this deployment, newest first (what `berth backup` recorded).
+    Backups,
     /// Where each pull-through cache stands.
     ProxyStatus,
     /// Run the pull-through caches' eviction now.
@@ -246,6 +248,7 @@ impl AdminRequest {
             }
             AdminRequest::Explain(t) => ("GET", format!("explain/{t}"), None),
             AdminRequest::GcStatus => ("GET", "gc/status".to_string(), None),
+            AdminRequest::Backups => ("GET", "backups".to_string(), None),
             AdminRequest::ProxyStatus => ("GET", "proxies".to_string(), None),
             AdminRequest::ProxyEvict => ("POST", "proxies/evict".to_string(), None),
             AdminRequest::Space(None) => ("GET", "space".to_string(), None),
@@ -344,6 +347,7 @@ impl AdminRequest {
             }
             AdminRequest::Explain(target) => to_value(&registry.explain(target).await?),
             AdminRequest::GcStatus => to_value(&registry.gc_status().await?),
+            AdminRequest::Backups => json!({ "backups": to_value(&registry.backup_runs(20).await?) }),
             AdminRequest::ProxyStatus => json!({ "proxies": to_value(&registry.cache_status().await?) }),
             AdminRequest::ProxyEvict => json!({ "evictions": to_value(&registry.evict_caches().await?) }),
             AdminRequest::Space(repo) => {
@@ -424,6 +428,7 @@ impl AdminRequest {
                 Operation::AdministerBlob(None)
             }
             AdminRequest::GcStatus
+            | AdminRequest::Backups
             | AdminRequest::ProxyStatus
             | AdminRequest::ProxyEvict
             | AdminRequest::BulkRestore { .. }
@@ -735,6 +740,7 @@ impl AdminRequest {
                 AdminRequest::Revert { repo, tag, to }
             }
             ("GET", "gc", "status") => AdminRequest::GcStatus,
+            ("GET", "backups", "") => AdminRequest::Backups,
             ("GET", "proxies", "") => AdminRequest::ProxyStatus,
             ("POST", "proxies", "evict") => AdminRequest::ProxyEvict,
             ("GET", "space", "") => AdminRequest::Space(None),

@@ -28,11 +28,13 @@ impl App {
         Self::open_with_clock(config, Clock::default()).await
     }
 
-    /// Like [`App::open`] with a given clock (tests move it).
+    /// Opens the metadata store (applying migrations) and blob storage as configured, and
+    /// nothing else: what `berth backup restore` loads a backup into before the deployment is
+    /// opened whole.
     ///
     /// # Errors
     /// As [`App::open`].
-    pub async fn open_with_clock(config: &Config, clock: Clock) -> anyhow::Result<Self> {
+    pub async fn open_storage(config: &Config) -> anyhow::Result<(MetaStore, BlobStore)> {
         std::fs::create_dir_all(&config.data_dir).map_err(|e| {
             anyhow::anyhow!("cannot create data directory {}: {e}", config.data_dir.display())
         })?;
@@ -62,6 +64,16 @@ impl App {
                 BlobStore::filesystem(&config.storage_path, options).await?
             }
         };
+        Ok((meta, blobs))
+    }
+
+    /// Like [`App::open`] with a given clock (tests move it).
+    ///
+    /// # Errors
+    /// As [`App::open`].
+    pub async fn open_with_clock(config: &Config, clock: Clock) -> anyhow::Result<Self> {
+        let (meta, blobs) = Self::open_storage(config).await?;
+        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
         tracing::info!(
             metadata = ?meta.dialect(),
             storage = %blobs.describe(),

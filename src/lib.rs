@@ -23,6 +23,7 @@ pub mod admin;
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod backup;
 pub mod blob;
 pub mod cli;
 pub mod config;

@@ -72,6 +72,12 @@ pub struct BerthMetrics {
     events_dead: Family<EndpointLabels, Gauge>,
     quota_used: Family<crate::meta::RuleLabel, Gauge>,
     quota_limit: Family<crate::meta::RuleLabel, Gauge>,
+    backup_last_success: Gauge,
+    backup_last_duration: Gauge,
+    backup_last_bytes: Gauge,
+    backup_last_keys_copied: Gauge,
+    backup_last_bytes_copied: Gauge,
+    backup_last_failed: Gauge,
 }
 
 /// An events endpoint's labels.
@@ -326,6 +332,42 @@ impl BerthMetrics {
                 "Each quota's max_bytes, by rule",
                 Family::default(),
             ),
+            backup_last_success: registered(
+                r,
+                "backup_last_success_timestamp_seconds",
+                "When the newest complete backup finished (Unix seconds; 0: none recorded)",
+                Gauge::default(),
+            ),
+            backup_last_duration: registered(
+                r,
+                "backup_last_duration_seconds",
+                "How long the newest complete backup took",
+                Gauge::default(),
+            ),
+            backup_last_bytes: registered(
+                r,
+                "backup_last_bytes",
+                "Bytes of the keys the newest complete backup's snapshot names",
+                Gauge::default(),
+            ),
+            backup_last_keys_copied: registered(
+                r,
+                "backup_last_keys_copied",
+                "Keys the newest complete backup copied (the rest were in its location already)",
+                Gauge::default(),
+            ),
+            backup_last_bytes_copied: registered(
+                r,
+                "backup_last_bytes_copied",
+                "Bytes the newest complete backup copied",
+                Gauge::default(),
+            ),
+            backup_last_failed: registered(
+                r,
+                "backup_last_failed",
+                "1 when the newest backup started failed, else 0",
+                Gauge::default(),
+            ),
             registry,
         }
     }
@@ -402,6 +444,23 @@ impl BerthMetrics {
             .get_or_create(&labels)
             .set(state.oldest_pending_at.map_or(0, |at| (now_ms - at).max(0) / 1000));
         self.events_dead.get_or_create(&labels).set(state.dead_letters);
+    }
+
+    /// Sets the backup gauges from the newest complete backup and the newest backup of all.
+    pub fn set_backups(
+        &self,
+        complete: Option<&crate::meta::BackupRun>,
+        newest: Option<&crate::meta::BackupRun>,
+    ) {
+        if let Some(b) = complete {
+            let finished = b.finished_at.unwrap_or(b.started_at);
+            self.backup_last_success.set(finished / 1000);
+            self.backup_last_duration.set((finished - b.started_at).max(0) / 1000);
+            self.backup_last_bytes.set(b.bytes);
+            self.backup_last_keys_copied.set(b.keys_copied);
+            self.backup_last_bytes_copied.set(b.bytes_copied);
+        }
+        self.backup_last_failed.set(i64::from(newest.is_some_and(|b| b.state == "failed")));
     }
 
     /// Sets a quota's usage and limit.

@@ -178,6 +178,40 @@ impl FsStore {
         .map_err(io_err(key))
     }
 
+    /// Writes `body` (`size` bytes) as the object `key`: to a file beside it, flushed if the
+    /// store flushes blobs, then renamed into place — the key holds all the bytes or none.
+    pub(super) async fn write_object(&self, key: &str, size: u64, mut body: super::ByteStream) -> Result<()> {
+        use futures_util::StreamExt as _;
+        use tokio::io::AsyncWriteExt as _;
+        let to = self.file(key);
+        create_parent(&to, key).await?;
+        let part = to.with_extension(format!("part-{}", uuid::Uuid::new_v4().simple()));
+        let written: Result<()> = async {
+            let mut file = tokio::fs::File::create(&part).await.map_err(io_err(key))?;
+            let mut got = 0u64;
+            while let Some(piece) = body.next().await {
+                let piece = piece.map_err(io_err(key))?;
+                got += piece.len() as u64;
+                file.write_all(&piece).await.map_err(io_err(key))?;
+            }
+            if got != size {
+                return Err(Error::Io {
+                    key: key.to_string(),
+                    source: std::io::Error::other(format!("read {got} bytes, expected {size}")),
+                });
+            }
+            if self.options.fsync {
+                file.sync_all().await.map_err(io_err(key))?;
+            }
+            tokio::fs::rename(&part, &to).await.map_err(io_err(key))
+        }
+        .await;
+        if written.is_err() {
+            let _ = tokio::fs::remove_file(&part).await;
+        }
+        written
+    }
+
     /// Whether files under `dir` can be hard-linked into this store (same filesystem).
     pub(super) fn same_filesystem(&self, dir: &Path) -> Result<bool> {
         use std::os::unix::fs::MetadataExt as _;

@@ -168,6 +168,24 @@ pub enum Origin {
     },
 }
 
+/// The stream `body` opens, its error made storage's.
+async fn opened<E: std::fmt::Display>(
+    body: impl std::future::Future<Output = std::result::Result<ByteStream, E>>,
+) -> Result<ByteStream> {
+    body.await.map_err(|e| Error::Body(e.to_string()))
+}
+
+/// How [`BlobStore::place`] put an object in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placed {
+    /// A hard link to the backup's file.
+    Linked,
+    /// A copy made by the object store inside the bucket.
+    CopiedInStore,
+    /// The bytes written through Berth.
+    Written,
+}
+
 /// Deletes in flight at once on the filesystem.
 const FS_DELETE_CONCURRENCY: usize = 16;
 
@@ -483,6 +501,49 @@ impl BlobStore {
             && let Err(e) = s.delete(key).await
         {
             tracing::warn!(storage.key = key, error = %e, "could not remove an unused hard link");
+        }
+    }
+
+    /// Puts the `size` bytes at `origin` (a backup's copy) in place as object `key`, without
+    /// copying them through Berth where the store can: a hard link on the same filesystem, a copy
+    /// inside the bucket on S3; else the bytes of `body` (a stream of them, opened only then) are
+    /// written. Says which.
+    ///
+    /// # Errors
+    /// When storage or `body` fails.
+    pub async fn place<E: std::fmt::Display>(
+        &self,
+        key: &str,
+        size: u64,
+        origin: &Origin,
+        body: impl std::future::Future<Output = std::result::Result<ByteStream, E>>,
+    ) -> Result<Placed> {
+        match (&self.0, origin) {
+            (Backend::Filesystem(s), Origin::File(path))
+                if path.parent().is_some_and(|dir| s.same_filesystem(dir).unwrap_or(false)) =>
+            {
+                s.adopt(path, key).await?;
+                Ok(Placed::Linked)
+            }
+            (Backend::Filesystem(s), _) => {
+                s.write_object(key, size, opened(body).await?).await?;
+                Ok(Placed::Written)
+            }
+            (Backend::S3(s), Origin::Object { bucket, key: full }) if s.bucket() == bucket => {
+                match s.copy_in_bucket(full, key).await {
+                    Ok(()) => Ok(Placed::CopiedInStore),
+                    // CopyObject stops at 5 GiB: such an object is streamed.
+                    Err(e) => {
+                        tracing::debug!(storage.key = key, error = %e, "copy inside the bucket failed; streaming");
+                        s.write_object(key, size, opened(body).await?).await?;
+                        Ok(Placed::Written)
+                    }
+                }
+            }
+            (Backend::S3(s), _) => {
+                s.write_object(key, size, opened(body).await?).await?;
+                Ok(Placed::Written)
+            }
         }
     }
 

@@ -555,6 +555,61 @@ impl S3Store {
         (bucket == self.bucket).then(|| full_key.strip_prefix(&self.prefix).map(str::to_string)).flatten()
     }
 
+    /// The bucket.
+    pub(super) fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    /// Copies object `full_key` of this store's bucket to `key`, inside the store (no byte
+    /// passes through Berth).
+    pub(super) async fn copy_in_bucket(&self, full_key: &str, key: &str) -> Result<()> {
+        self.store.copy(&Path::from(full_key), &self.path(key)).await?;
+        Ok(())
+    }
+
+    /// Writes `body` (`size` bytes) as object `key`: one request when small, else in parts.
+    pub(super) async fn write_object(&self, key: &str, size: u64, mut body: ByteStream) -> Result<()> {
+        let io = |e: std::io::Error| Error::Io { key: key.to_string(), source: e };
+        let short = |got: u64| Error::Io {
+            key: key.to_string(),
+            source: std::io::Error::other(format!("read {got} bytes, expected {size}")),
+        };
+        if size <= self.part_size as u64 {
+            let mut buf = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+            while let Some(piece) = body.next().await {
+                buf.extend_from_slice(&piece.map_err(io)?);
+            }
+            if buf.len() as u64 != size {
+                return Err(short(buf.len() as u64));
+            }
+            self.store.put(&self.path(key), Bytes::from(buf).into()).await?;
+            return Ok(());
+        }
+        let upload = self.store.put_multipart(&self.path(key)).await?;
+        let mut writer = object_store::WriteMultipart::new_with_chunk_size(upload, self.part_size);
+        let mut got = 0u64;
+        let sent: Result<()> = async {
+            while let Some(piece) = body.next().await {
+                let piece = piece.map_err(io)?;
+                got += piece.len() as u64;
+                writer.wait_for_capacity(UPLOAD_CONCURRENCY).await?;
+                writer.put(piece);
+            }
+            if got == size { Ok(()) } else { Err(short(got)) }
+        }
+        .await;
+        match sent {
+            Ok(()) => {
+                writer.finish().await?;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = writer.abort().await;
+                Err(e)
+            }
+        }
+    }
+
     pub(super) async fn delete(&self, key: &str) -> Result<()> {
         match self.store.delete(&self.path(key)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),

@@ -527,6 +527,27 @@ pub fn render(request: &AdminRequest, v: &Value) -> String {
                 ));
             }
         }
+        AdminRequest::Backups => {
+            if items(v, "backups").is_empty() {
+                out.push_str("no backup recorded\n");
+            }
+            for b in items(v, "backups") {
+                let took = b["finished_at"].as_i64().map_or(String::new(), |f| {
+                    format!(", took {:.1} s", (f - b["started_at"].as_i64().unwrap_or(f)) as f64 / 1000.0)
+                });
+                out.push_str(&format!(
+                    "{} {:<8} to {}: {} keys ({}), {} copied ({}){took}{}\n",
+                    s(b, "id"),
+                    s(b, "state"),
+                    s(b, "location"),
+                    n(b, "keys"),
+                    bytes(n(b, "bytes")),
+                    n(b, "keys_copied"),
+                    bytes(n(b, "bytes_copied")),
+                    b["error"].as_str().map(|e| format!("\n    {e}")).unwrap_or_default()
+                ));
+            }
+        }
         AdminRequest::GcStatus => {
             for q in items(v, "queue") {
                 let oldest = q["oldest_due_ms"]
@@ -637,9 +658,11 @@ pub fn render(request: &AdminRequest, v: &Value) -> String {
             out.push_str(&format!("  unlinked from: {}\n", list(items(v, "unlinked_from"))));
             if v["bytes_deleted"].as_bool() == Some(true) {
                 out.push_str("  bytes deleted from storage\n");
+            } else if v["held_by_backup"].as_bool() == Some(true) {
+                out.push_str("  bytes held by a running backup: deleted when it ends\n");
             } else {
                 out.push_str(&format!(
-                    "  BYTES NOT DELETED from storage ({}): delete the object {} by hand\n",
+                    "  BYTES NOT DELETED from storage yet ({}): the collector's outbox retries {}\n",
                     s(v, "storage_error"),
                     s(v, "storage_key")
                 ));

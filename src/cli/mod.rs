@@ -1,6 +1,7 @@
 //! The `berth` command line.
 
 pub mod admin;
+mod backup;
 mod fsck;
 mod import;
 mod in_use;
@@ -52,6 +53,12 @@ Check and collect:
   berth gc explain REPO@DIGEST | DIGEST          why it is kept, and when it will go
   berth gc status                                queues, outbox, last passes, sweep, scrub findings
   berth gc space [REPO]                          bytes live, in tombstones, in grace, due; when the rest goes
+
+Back up and restore (docs/backup.md):
+  berth backup --to /backups/berth               while serving; copies only keys not there yet
+  berth backup verify --from /backups/berth      every file and key as recorded (--rehash: digests)
+  berth backup restore --from /backups/berth     into an empty deployment, embedded or PostgreSQL + S3
+  berth backup prune --from /backups/berth --keep 7
 
 Move in from the reference registry (docs/migrate.md):
   berth import --from /var/lib/registry          adopt its tags and blobs in place; again to catch up
@@ -153,6 +160,12 @@ pub enum Command {
     ///
     /// Example: `berth quota status team-a`
     Quota(QuotaArgs),
+    /// Backups of the whole deployment, taken while it serves: `berth backup --to DIR|s3://…`
+    /// takes one (incremental: keys already there are not copied); `verify`, `restore` (into an
+    /// empty deployment of either kind — how to move between them), `list`, `prune`.
+    ///
+    /// Example: `berth backup --to /backups/berth`, `berth backup restore --from /backups/berth`
+    Backup(backup::BackupArgs),
 }
 
 /// `berth quota`.
@@ -702,6 +715,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let (conn, request) = match cli.command {
         Command::Serve(args) => return serve(args).await,
         Command::Fsck(args) => return fsck::run(args).await,
+        Command::Backup(backup::BackupArgs { action: Some(backup::BackupAction::Status(a)), .. }) => {
+            (a.conn, Req::Backups)
+        }
+        Command::Backup(args) => return backup::run(args).await,
         Command::Import(args) => return import::run(args).await,
         Command::InUse(args) => return in_use::run(args).await,
         Command::HashSpeed => {

@@ -87,7 +87,8 @@ pub struct Purged {
     pub digest: String,
     /// Its size.
     pub size: i64,
-    /// The storage key whose bytes the caller deletes now that the rows are gone.
+    /// The storage key whose bytes the caller deletes now that the rows are gone (it is in the
+    /// outbox, which deletes it later if the caller cannot: a backup holds it, storage failed).
     pub storage_key: String,
     /// Every manifest made an unrestorable tombstone, in every repository.
     pub manifests: Vec<AffectedManifest>,
@@ -968,6 +969,9 @@ impl MetaStore {
                 .execute(&mut *tx)
                 .await?;
             sqlx::query("DELETE FROM blobs WHERE id = $1").bind(blob_id).execute(&mut *tx).await?;
+            // Through the outbox like every deletion of bytes, so a running backup's hold is
+            // honoured: the caller deletes them at once unless a backup holds them.
+            Self::to_outbox(tx, &storage_key, now).await?;
             super::quotas::note(super::quotas::Change::BlobRemoved { blob: blob_id });
             let mut event = NewEvent::new(events::BLOB_PURGED, "", actor, now)
                 .digest(digest.as_str())

@@ -161,6 +161,12 @@ pub(super) fn restore_window_end(deleted_at: i64, unrestorable: bool, window: i6
     (!unrestorable).then(|| deleted_at.saturating_add(window))
 }
 
+/// The condition on an outbox row `o` that no running backup holds it (`$1`: now, `$3`: the
+/// clock margin): every live hold lists the key among those queued before it was taken — before
+/// its snapshot, which therefore cannot name it. A hold lapses when its backup stops renewing it.
+const NOT_HELD: &str = "NOT EXISTS (SELECT 1 FROM backup_holds h WHERE h.expires_at + $3 > $1 \
+     AND NOT EXISTS (SELECT 1 FROM backup_hold_free f WHERE f.hold_id = h.id AND f.storage_key = o.storage_key))";
+
 impl MetaStore {
     /// Upserts a review of `item` at `at`, written in the event's own transaction. The queue
     /// time is a lower bound, not a verdict: a review derives the item's real deadline from its
@@ -791,14 +797,34 @@ impl MetaStore {
     /// # Errors
     /// [`Error::Database`].
     pub async fn outbox_due(&self, now: i64, limit: i64) -> Result<Vec<String>> {
-        let rows: Vec<(String,)> = sqlx::query_as(
-            "SELECT storage_key FROM gc_outbox WHERE next_attempt <= $1 ORDER BY next_attempt LIMIT $2",
-        )
-        .bind(now)
-        .bind(limit)
-        .fetch_all(&self.write)
-        .await?;
+        let sql = format!(
+            "SELECT storage_key FROM gc_outbox o WHERE next_attempt <= $1 AND {} \
+             ORDER BY next_attempt LIMIT $2",
+            NOT_HELD
+        );
+        let rows: Vec<(String,)> = sqlx::query_as(&sql)
+            .bind(now)
+            .bind(limit)
+            .bind(self.windows.margin_ms)
+            .fetch_all(&self.write)
+            .await?;
         Ok(rows.into_iter().map(|(k,)| k).collect())
+    }
+
+    /// Whether `key` is in the outbox and no running backup holds it at `now`: whether it may be
+    /// deleted right away (a purge's bytes).
+    ///
+    /// # Errors
+    /// [`Error::Database`].
+    pub async fn outbox_unheld(&self, key: &str, now: i64) -> Result<bool> {
+        let sql = format!("SELECT storage_key FROM gc_outbox o WHERE storage_key = $2 AND {NOT_HELD}");
+        let row: Option<(String,)> = sqlx::query_as(&sql)
+            .bind(now)
+            .bind(key)
+            .bind(self.windows.margin_ms)
+            .fetch_optional(&self.write)
+            .await?;
+        Ok(row.is_some())
     }
 
     /// Records the outcome of deleting outbox objects: `deleted` keys leave the outbox, `failed`

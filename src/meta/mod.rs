@@ -12,6 +12,7 @@
 //! application clock, never taken from the database's `now()`.
 
 mod access;
+mod backup;
 mod blobs;
 mod browse;
 mod bulk_restore;
@@ -43,6 +44,7 @@ use std::time::Duration;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyConnection, AnyPool, Connection as _, Executor as _};
 
+pub use backup::{BACKED_UP, BackedUp, BackupOutcome, BackupRun, Cell, Loader, NOT_BACKED_UP, Snapshot};
 pub use blobs::CompletedUpload;
 pub use browse::{DeletedTag, TagRow, UntaggedRow};
 pub use bulk_restore::{BulkOutcome, BulkRestoreRecord, DeleteRecord, DeleteSelection};

@@ -36,9 +36,12 @@ pub struct PurgeReport {
     /// What the metadata transaction did.
     #[serde(flatten)]
     pub purged: Purged,
-    /// Whether the bytes were deleted from storage; when not, `storage_error` says why (the
-    /// object stays until the collector's sweep or a repeated purge removes it).
+    /// Whether the bytes were deleted from storage; when not, `held_by_backup` or
+    /// `storage_error` says why (the outbox deletes them later).
     pub bytes_deleted: bool,
+    /// Whether a running backup holds the bytes (its snapshot may name the blob): the outbox
+    /// deletes them when the backup ends.
+    pub held_by_backup: bool,
     /// The storage failure, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub storage_error: Option<String>,
@@ -296,21 +299,33 @@ impl Registry {
             .purge_blob(digest, reason, actor, within, now)
             .await
             .map_err(|e| refusal(e, blob_unknown))?;
-        let mut deleted = self.blobs.delete(&purged.storage_key).await;
-        for attempt in 1..=3 {
-            if deleted.is_ok() {
-                break;
+        let key = purged.storage_key.clone();
+        // A running backup whose snapshot may name the blob holds its bytes: they go when it ends.
+        let held = !self.meta.outbox_unheld(&key, now).await?;
+        let mut deleted = Ok(());
+        if !held {
+            deleted = self.blobs.delete(&key).await;
+            for attempt in 1..=3 {
+                if deleted.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200 * attempt)).await;
+                deleted = self.blobs.delete(&key).await;
             }
-            tokio::time::sleep(std::time::Duration::from_millis(200 * attempt)).await;
-            deleted = self.blobs.delete(&purged.storage_key).await;
+            match &deleted {
+                Ok(()) => {
+                    self.meta.outbox_settle(std::slice::from_ref(&key), &[], self.clock.now_ms()).await?
+                }
+                Err(e) => {
+                    tracing::error!(storage.key = %key, error = %e, "purged blob's bytes could not be deleted (the outbox retries)")
+                }
+            }
         }
-        if let Err(e) = &deleted {
-            tracing::error!(storage.key = %purged.storage_key, error = %e, "purged blob's bytes could not be deleted");
-        }
-        tracing::warn!(digest = %digest, reason, actor, manifests = purged.manifests.len(), "blob purged");
+        tracing::warn!(digest = %digest, reason, actor, manifests = purged.manifests.len(), held_by_backup = held, "blob purged");
         audit("purge-blob", actor, digest.as_str(), &purged.manifests);
         Ok(PurgeReport {
-            bytes_deleted: deleted.is_ok(),
+            bytes_deleted: !held && deleted.is_ok(),
+            held_by_backup: held,
             storage_error: deleted.err().map(|e| e.to_string()),
             purged,
         })

@@ -9,6 +9,7 @@
 
 mod access;
 mod admin;
+mod backup;
 mod browse;
 mod bulk_restore;
 mod delete;
@@ -32,6 +33,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use admin::{DeleteTarget, Tombstone};
+pub use backup::{BackupOptions, BackupProgress, RestoreOptions, RestoreReport, restore_backup};
 pub use browse::{ManifestView, Part};
 pub use bulk_restore::{
     BulkItem, BulkRestoreReport, BulkRestoreView, DeleteSelectionView, MAX_SELECTED, Selection,
@@ -196,6 +198,8 @@ impl Registry {
             let state = self.meta.endpoint_state(&endpoint.name).await?;
             self.metrics.set_events_state(&endpoint.name, &state, self.clock.now_ms());
         }
+        let backups = self.meta.backup_runs(20).await?;
+        self.metrics.set_backups(backups.iter().find(|b| b.state == "complete"), backups.first());
         if !self.meta.quotas().is_empty() {
             for q in self.quota_status(None).await? {
                 self.metrics.set_quota(&q.rule, q.used_bytes, q.max_bytes);

@@ -582,7 +582,9 @@ async fn space(State(app): State<App>, headers: HeaderMap) -> Page {
     let endpoints = app.registry.events_status().await?;
     v.authorize(&AdminRequest::QuotaStatus(None)).await?;
     let quotas = app.registry.quota_status(None).await?;
-    Ok(pages::space(&v, &space, &status, &history, &caches, &endpoints, &quotas))
+    v.authorize(&AdminRequest::Backups).await?;
+    let backups = app.registry.backup_runs(5).await?;
+    Ok(pages::space(&v, &space, &status, &history, &caches, &endpoints, &quotas, &backups))
 }
 
 #[derive(Debug, Deserialize)]

@@ -616,6 +616,7 @@ fn storage_chart(samples: &[SpaceSample]) -> Markup {
     }
 }
 
+#[expect(clippy::too_many_arguments, reason = "the parts of one page")]
 pub(super) fn space(
     v: &Viewer<'_>,
     s: &Space,
@@ -624,6 +625,7 @@ pub(super) fn space(
     caches: &[crate::registry::CacheStatus],
     endpoints: &[crate::registry::EndpointStatus],
     quotas: &[crate::registry::QuotaStatus],
+    backups: &[crate::meta::BackupRun],
 ) -> Response {
     let widest = s.reclaim_schedule.iter().map(|(_, b)| *b).max().unwrap_or(1).max(1);
     page(
@@ -686,6 +688,23 @@ pub(super) fn space(
                     } } }
                 }
                 p.muted { "Dead letters are replayed with " code { "berth events replay --endpoint NAME --dead" } "." }
+            }
+            h2 { "Backups" }
+            @if backups.is_empty() { p.muted { "No backup recorded. Take one with " code { "berth backup --to DIR|s3://BUCKET/PREFIX" } " (docs/backup.md)." } }
+            @else {
+                table id="backups" {
+                    thead { tr { th { "Backup" } th { "State" } th { "Snapshot" } th { "Location" } th.num { "Keys" } th.num { "Size" }
+                        th.num { "Copied" } th.num { "Took" } } }
+                    tbody { @for b in backups { tr {
+                        td { code { (b.id) } }
+                        td { (b.state) @if let Some(e) = &b.error { br; span.muted { (e) } } }
+                        td { (when(b.snapshot_at)) }
+                        td { code { (b.location) } }
+                        td.num { (b.keys) } td.num { (bytes(b.bytes)) }
+                        td.num { (b.keys_copied) " (" (bytes(b.bytes_copied)) ")" }
+                        td.num { (b.finished_at.map_or("—".to_string(), |f| format!("{:.1} s", (f - b.started_at) as f64 / 1000.0))) }
+                    } } }
+                }
             }
             h2 { "Collector" }
             table id="queues" {

@@ -6,6 +6,7 @@ mod access;
 mod admin;
 mod api;
 pub mod auth;
+mod backup;
 mod blobs;
 mod bulk_restore;
 mod cli;
