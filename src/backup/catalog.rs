@@ -71,7 +71,11 @@ pub async fn list(location: &Location) -> anyhow::Result<Vec<Listed>> {
 /// # Errors
 /// When there is none, or its format is not one this Berth reads.
 pub async fn find_backup(location: &Location, id: Option<&str>) -> anyhow::Result<BackupRecord> {
-    let mut complete = list(location).await?.into_iter().filter_map(|l| l.record);
+    let mut complete: Vec<BackupRecord> =
+        list(location).await?.into_iter().filter_map(|l| l.record).collect();
+    // By snapshot: a resumed backup keeps its first attempt's id but has a later snapshot.
+    complete.sort_by_key(|r| (r.snapshot_at, r.id.clone()));
+    let mut complete = complete.into_iter();
     let record = match id {
         Some(id) => complete.into_iter().find(|r| r.id == id).ok_or_else(|| {
             anyhow!(
@@ -255,16 +259,18 @@ pub async fn prune(location: &Location, keep: usize, dry_run: bool) -> anyhow::R
     let all = list(location).await?;
     let newest_complete = all.iter().rev().find(|l| l.record.is_some()).map(|l| l.id.clone());
     let mut report = PruneReport { dry_run, ..Default::default() };
-    let mut complete_seen = 0;
-    for listed in all.iter().rev() {
-        if listed.record.is_some() {
-            complete_seen += 1;
-            if complete_seen <= keep {
-                report.kept.push(listed.id.clone());
-            } else {
-                report.removed.push(listed.id.clone());
-            }
-        } else if newest_complete.as_ref().is_some_and(|newest| &listed.id < newest) {
+    // Complete backups, newest snapshot first.
+    let mut complete: Vec<&BackupRecord> = all.iter().filter_map(|l| l.record.as_ref()).collect();
+    complete.sort_by_key(|r| std::cmp::Reverse((r.snapshot_at, r.id.clone())));
+    for (i, record) in complete.iter().enumerate() {
+        if i < keep {
+            report.kept.push(record.id.clone());
+        } else {
+            report.removed.push(record.id.clone());
+        }
+    }
+    for listed in all.iter().rev().filter(|l| l.record.is_none()) {
+        if newest_complete.as_ref().is_some_and(|newest| &listed.id < newest) {
             report.removed.push(listed.id.clone());
         } else {
             report.left.push(listed.id.clone());
@@ -277,7 +283,12 @@ pub async fn prune(location: &Location, keep: usize, dry_run: bool) -> anyhow::R
         );
     }
     let mut named = HashSet::new();
-    for id in &report.kept {
+    for record in complete.iter().take(keep) {
+        // A kept backup whose key list is not as recorded cannot say what it needs: stop.
+        if let Some(problem) = check_file(location, &record.id, &record.keys.file).await? {
+            bail!("kept backup {}: {problem}; nothing was removed (run `berth backup verify`)", record.id);
+        }
+        let id = &record.id;
         let mut keys = key_lines(location, &backup_path(id, "keys.jsonl.gz")).await?;
         while let Some(line) = keys.try_next().await? {
             named.insert(line.key);

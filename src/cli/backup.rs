@@ -30,6 +30,10 @@ pub struct BackupArgs {
     /// clients.
     #[arg(long)]
     pub max_rate: Option<String>,
+    /// How long the backup's hold on the outbox outlives this process if it dies (it is
+    /// renewed every quarter of it): a `--resume` waits that long for a dead run's hold to lapse.
+    #[arg(long, default_value = "30s")]
+    pub hold_lease: String,
     /// Print the record (backup.json) as JSON.
     #[arg(long)]
     pub json: bool,
@@ -161,6 +165,14 @@ fn show(p: &BackupProgress, started: Instant) -> String {
     }
 }
 
+fn hold_lease(text: &str) -> anyhow::Result<std::time::Duration> {
+    let lease = crate::config::parse_duration(text).map_err(|e| anyhow::anyhow!("--hold-lease: {e}"))?;
+    if lease < std::time::Duration::from_secs(1) {
+        anyhow::bail!("--hold-lease must be at least 1s");
+    }
+    Ok(lease)
+}
+
 async fn take(args: BackupArgs) -> anyhow::Result<()> {
     let Some(to) = args.to.as_deref() else {
         anyhow::bail!(
@@ -176,8 +188,12 @@ async fn take(args: BackupArgs) -> anyhow::Result<()> {
         .transpose()
         .map_err(|e| anyhow::anyhow!("--max-rate: {e}"))?;
     let app = crate::app::App::open(&config).await?;
-    let options =
-        BackupOptions { jobs: args.jobs, resume: args.resume, max_rate, ..BackupOptions::default() };
+    let options = BackupOptions {
+        jobs: args.jobs,
+        resume: args.resume,
+        max_rate,
+        lease: hold_lease(&args.hold_lease)?,
+    };
     let shown = super::progress::Progress::start();
     let started = Instant::now();
     let progress = |p: &BackupProgress| {

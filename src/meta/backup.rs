@@ -94,9 +94,38 @@ pub const NOT_BACKED_UP: &[(&str, &str)] = &[
 
 /// Tables any of whose rows make a deployment not empty: a backup is restored only into a
 /// deployment without them (tables filled at start from the configuration — quota usage,
-/// event endpoints — do not count; a restore replaces them).
-const CONTENT: &[&str] =
-    &["repositories", "blobs", "manifests", "uploads", "deletes", "tag_history", "events"];
+/// event endpoints — do not count; a restore replaces them). The collector's queues count: a
+/// key left in the target's outbox could be a key the restore puts back.
+const CONTENT: &[&str] = &[
+    "repositories",
+    "blobs",
+    "manifests",
+    "uploads",
+    "deletes",
+    "tag_history",
+    "events",
+    "gc_outbox",
+    "gc_reviews",
+    "swept_keys",
+];
+
+/// How far a restore moves event ids and sequence numbers past the backup's: the source may
+/// have delivered events after the snapshot, with the numbers that come next; consumers that
+/// de-duplicate by id or sequence must not take a new event for one of those.
+pub const EVENT_GAP: i64 = 1_000_000_000;
+
+async fn first_content(conn: &mut AnyConnection) -> Result<Option<String>> {
+    for table in CONTENT {
+        let (n,): (i64,) =
+            sqlx::query_as(&format!("SELECT COUNT(*) FROM (SELECT 1 FROM {table} LIMIT 1) AS t"))
+                .fetch_one(&mut *conn)
+                .await?;
+        if n > 0 {
+            return Ok(Some(format!("its `{table}` table has rows")));
+        }
+    }
+    Ok(None)
+}
 
 /// A backup recorded in this deployment.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -375,7 +404,7 @@ impl Loader {
     /// [`Error::Database`].
     pub async fn finish(mut self) -> Result<()> {
         for Deferred { table, key, column, value } in std::mem::take(&mut self.deferred) {
-            let schema = columns_of(&mut self.tx, self.dialect, table).await?;
+            let schema = self.schema.get(table).cloned().unwrap_or_default();
             let type_of = |c: &str| schema.iter().find(|(n, _)| n == c).map_or(ColumnType::Text, |(_, t)| *t);
             let conditions: Vec<String> =
                 key.iter().enumerate().map(|(i, (c, _))| format!("\"{c}\" = ${}", i + 2)).collect();
@@ -387,6 +416,34 @@ impl Loader {
             }
             query.execute(&mut *self.tx).await?;
         }
+        // New events number past what the source may have delivered after the snapshot. An
+        // endpoint that had everything keeps having everything; one that lagged catches up on
+        // the backed-up events, then jumps the gap with the next new one.
+        sqlx::query(
+            "UPDATE event_cursors SET seq = seq + $1 \
+             WHERE seq >= (SELECT c.seq FROM event_counters c WHERE c.stream = event_cursors.stream)",
+        )
+        .bind(EVENT_GAP)
+        .execute(&mut *self.tx)
+        .await?;
+        sqlx::query("UPDATE event_counters SET seq = seq + $1")
+            .bind(EVENT_GAP)
+            .execute(&mut *self.tx)
+            .await?;
+        if self.dialect == Dialect::Sqlite {
+            sqlx::query(
+                "INSERT INTO sqlite_sequence (name, seq) SELECT 'events', 0 \
+                 WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'events')",
+            )
+            .execute(&mut *self.tx)
+            .await?;
+            sqlx::query(
+                "UPDATE sqlite_sequence SET seq = (SELECT COALESCE(MAX(id), 0) FROM events) + $1 WHERE name = 'events'",
+            )
+            .bind(EVENT_GAP)
+            .execute(&mut *self.tx)
+            .await?;
+        }
         if self.dialect == Dialect::Postgres {
             let generated: Vec<(String, String)> = sqlx::query_as(
                 "SELECT CAST(table_name AS TEXT), CAST(column_name AS TEXT) FROM information_schema.columns \
@@ -397,9 +454,10 @@ impl Loader {
             .await?;
             for (table, column) in generated {
                 if BACKED_UP.iter().any(|t| t.name == table) {
+                    let gap = if table == "events" { EVENT_GAP } else { 0 };
                     let sql = format!(
                         "SELECT setval(pg_get_serial_sequence('{table}', '{column}'), \
-                         (SELECT COALESCE(MAX({column}), 0) + 1 FROM {table}), false)"
+                         (SELECT COALESCE(MAX({column}), 0) + 1 + {gap} FROM {table}), false)"
                     );
                     sqlx::query(&sql).execute(&mut *self.tx).await?;
                 }
@@ -624,29 +682,46 @@ impl MetaStore {
     /// # Errors
     /// [`Error::Database`].
     pub async fn not_empty(&self) -> Result<Option<String>> {
-        for table in CONTENT {
-            let (n,): (i64,) =
-                sqlx::query_as(&format!("SELECT COUNT(*) FROM (SELECT 1 FROM {table} LIMIT 1) AS t"))
-                    .fetch_one(&self.read)
-                    .await?;
-            if n > 0 {
-                return Ok(Some(format!("its `{table}` table has rows")));
-            }
-        }
-        Ok(None)
+        first_content(&mut *self.read.acquire().await?).await
     }
 
-    /// Starts loading a backup: one write transaction, with the rows the start put in the tables
-    /// to load (quota usage, event endpoints) removed first.
+    /// Starts loading a backup: one write transaction that first makes sure, holding off every
+    /// writer (SQLite: the write lock; PostgreSQL: the content tables locked against writes),
+    /// that the deployment is still empty — `Ok(Err(why))` when not —, then removes the rows
+    /// the start put in the tables to load (quota usage, event endpoints).
     ///
     /// # Errors
     /// [`Error::Database`].
-    pub async fn loader(&self) -> Result<Loader> {
+    pub async fn loader(&self) -> Result<std::result::Result<Loader, String>> {
         let mut tx = self.begin().await?;
+        if self.dialect == Dialect::Postgres {
+            sqlx::query(&format!("LOCK TABLE {} IN EXCLUSIVE MODE", CONTENT.join(", ")))
+                .execute(&mut *tx)
+                .await?;
+        }
+        if let Some(why) = first_content(&mut tx).await? {
+            return Ok(Err(why));
+        }
         for table in BACKED_UP.iter().rev() {
             sqlx::query(&format!("DELETE FROM {}", table.name)).execute(&mut *tx).await?;
         }
-        Ok(Loader { tx, dialect: self.dialect, deferred: Vec::new(), schema: Default::default() })
+        Ok(Ok(Loader { tx, dialect: self.dialect, deferred: Vec::new(), schema: Default::default() }))
+    }
+
+    /// Whether a backup with `id` still holds the outbox at `now`: another process is taking
+    /// it.
+    ///
+    /// # Errors
+    /// [`Error::Database`].
+    pub async fn backup_running(&self, id: &str, now: i64) -> Result<bool> {
+        let (n,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM backup_holds WHERE id LIKE $1 AND expires_at + $2 > $3")
+                .bind(format!("{id}/%"))
+                .bind(self.windows.margin_ms)
+                .bind(now)
+                .fetch_one(&self.read)
+                .await?;
+        Ok(n > 0)
     }
 
     /// Refreshes the planner's statistics after a bulk load (PostgreSQL).

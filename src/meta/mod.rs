@@ -44,7 +44,9 @@ use std::time::Duration;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyConnection, AnyPool, Connection as _, Executor as _};
 
-pub use backup::{BACKED_UP, BackedUp, BackupOutcome, BackupRun, Cell, Loader, NOT_BACKED_UP, Snapshot};
+pub use backup::{
+    BACKED_UP, BackedUp, BackupOutcome, BackupRun, Cell, EVENT_GAP, Loader, NOT_BACKED_UP, Snapshot,
+};
 pub use blobs::CompletedUpload;
 pub use browse::{DeletedTag, TagRow, UntaggedRow};
 pub use bulk_restore::{BulkOutcome, BulkRestoreRecord, DeleteRecord, DeleteSelection};

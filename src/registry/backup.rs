@@ -15,7 +15,7 @@ use anyhow::{Context as _, anyhow, bail};
 use futures_util::StreamExt as _;
 
 use super::Registry;
-use crate::backup::catalog::{find_backup, key_lines};
+use crate::backup::catalog::{check_file, find_backup, key_lines};
 use crate::backup::format::{self, LinesWriter};
 use crate::backup::location::{backup_path, object_path};
 use crate::backup::{Amount, BackupRecord, KeyLine, KeysRecord, Location, SourceRecord};
@@ -37,7 +37,7 @@ pub struct BackupOptions {
 
 impl Default for BackupOptions {
     fn default() -> Self {
-        BackupOptions { jobs: 8, resume: false, max_rate: None, lease: Duration::from_secs(120) }
+        BackupOptions { jobs: 8, resume: false, max_rate: None, lease: Duration::from_secs(30) }
     }
 }
 
@@ -82,14 +82,11 @@ fn new_id(now_ms: i64) -> String {
     format!("{time}-{}", &uuid::Uuid::new_v4().simple().to_string()[..6])
 }
 
-/// The newest backup in `location` without `backup.json`, if any.
-async fn newest_incomplete(location: &Location) -> anyhow::Result<Option<String>> {
-    for id in location.children("backups").await?.into_iter().rev() {
-        if location.size(&backup_path(&id, "backup.json")).await?.is_none() {
-            return Ok(Some(id));
-        }
-    }
-    Ok(None)
+/// The incomplete backup of `location` to resume: the newest, if it is newer than every
+/// complete one (an older one would rank below a backup it may be newer than).
+async fn resumable(location: &Location) -> anyhow::Result<Option<String>> {
+    let newest = crate::backup::catalog::list(location).await?.into_iter().next_back();
+    Ok(newest.filter(|b| b.record.is_none()).map(|b| b.id))
 }
 
 impl Registry {
@@ -105,63 +102,25 @@ impl Registry {
         progress: &(dyn Fn(&BackupProgress) + Sync),
     ) -> anyhow::Result<BackupRecord> {
         let started_at = self.clock.now_ms();
-        let id = match options.resume {
-            true => newest_incomplete(location).await?.ok_or_else(|| {
-                anyhow!("nothing to resume: every backup in {} is complete", location.name())
-            })?,
-            false => new_id(started_at),
-        };
-        let lease_ms = i64::try_from(options.lease.as_millis()).unwrap_or(i64::MAX);
-        self.meta.backup_started(&id, &location.name(), started_at).await?;
-        // A hold per attempt: a resumed backup's dead attempt keeps its own until it lapses.
-        let hold = format!("{id}/{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-        self.meta.hold_outbox(&hold, self.instance(), self.clock.now_ms(), lease_ms).await?;
-        let lapsed = Arc::new(AtomicBool::new(false));
-        let renewer = {
-            let (meta, clock, id, lapsed) =
-                (self.meta.clone(), self.clock.clone(), hold.clone(), lapsed.clone());
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(Duration::from_millis(u64::try_from(lease_ms / 4).unwrap_or(1000)))
-                        .await;
-                    match meta.renew_hold(&id, clock.now_ms(), lease_ms).await {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            lapsed.store(true, Ordering::SeqCst);
-                            return;
-                        }
-                        // A failed renewal is tried again; the lease covers a few.
-                        Err(e) => {
-                            tracing::warn!(backup = %id, error = %e, "could not renew the backup's hold")
-                        }
-                    }
+        let id = match options.resume.then_some(resumable(location).await?).flatten() {
+            Some(id) => {
+                if self.meta.backup_running(&id, started_at).await? {
+                    bail!(
+                        "backup {id} is running in another process (its hold on the outbox is live); if that process \
+                         died, its hold lapses within its --hold-lease: resume then"
+                    );
                 }
-            })
-        };
-        let outcome = self.backup_held(location, &id, started_at, options, progress, &lapsed).await;
-        renewer.abort();
-        // A hold that cannot be renewed now has lapsed at some point: keys may have gone.
-        let held = outcome.is_ok()
-            && !lapsed.load(Ordering::SeqCst)
-            && self.meta.renew_hold(&hold, self.clock.now_ms(), lease_ms).await?;
-        let outcome = match outcome {
-            Ok(_) if !held => Err(anyhow!(
-                "the backup's hold on the outbox lapsed (it was not renewed in time): keys may be missing; run it again"
-            )),
-            other => other,
-        };
-        let outcome = match outcome {
-            Ok(record) => {
-                let json = serde_json::to_vec_pretty(&record)?;
-                location
-                    .put(&backup_path(&id, "backup.json"), json.into())
-                    .await
-                    .map(|()| record)
-                    .map_err(Into::into)
+                id
             }
-            Err(e) => Err(e),
+            None => {
+                if options.resume {
+                    tracing::info!("nothing to resume in {}: taking a new backup", location.name());
+                }
+                new_id(started_at)
+            }
         };
-        self.meta.release_hold(&hold).await?;
+        self.meta.backup_started(&id, &location.name(), started_at).await?;
+        let outcome = self.backup_recorded(location, &id, started_at, options, progress).await;
         let finished = match &outcome {
             Ok(r) => BackupOutcome {
                 keys: r.keys.file.rows as i64,
@@ -172,7 +131,75 @@ impl Registry {
             },
             Err(e) => BackupOutcome { error: Some(format!("{e:#}")), ..Default::default() },
         };
-        self.meta.backup_finished(&id, &finished, self.clock.now_ms()).await?;
+        if let Err(e) = self.meta.backup_finished(&id, &finished, self.clock.now_ms()).await {
+            tracing::warn!(backup = %id, error = %e, "could not record how the backup ended");
+        }
+        outcome
+    }
+
+    /// [`Registry::backup`] once its run is recorded: hold, snapshot, copy, `backup.json`.
+    async fn backup_recorded(
+        &self,
+        location: &Location,
+        id: &str,
+        started_at: i64,
+        options: &BackupOptions,
+        progress: &(dyn Fn(&BackupProgress) + Sync),
+    ) -> anyhow::Result<BackupRecord> {
+        let lease_ms = i64::try_from(options.lease.as_millis()).unwrap_or(i64::MAX);
+        // A hold per attempt: a resumed backup's dead attempt keeps its own until it lapses.
+        let hold = format!("{id}/{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        self.meta.hold_outbox(&hold, self.instance(), self.clock.now_ms(), lease_ms).await?;
+        let lapsed = Arc::new(AtomicBool::new(false));
+        let renewer = {
+            let (meta, clock, hold, lapsed) =
+                (self.meta.clone(), self.clock.clone(), hold.clone(), lapsed.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(u64::try_from(lease_ms / 4).unwrap_or(1000)))
+                        .await;
+                    match meta.renew_hold(&hold, clock.now_ms(), lease_ms).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            lapsed.store(true, Ordering::SeqCst);
+                            return;
+                        }
+                        // A failed renewal is tried again; the lease covers a few.
+                        Err(e) => {
+                            tracing::warn!(backup = %hold, error = %e, "could not renew the backup's hold")
+                        }
+                    }
+                }
+            })
+        };
+        let outcome = self.backup_held(location, id, started_at, options, progress, &lapsed).await;
+        renewer.abort();
+        // A hold that cannot be renewed now has lapsed at some point: keys may have gone.
+        let held = match &outcome {
+            Ok(_) => {
+                !lapsed.load(Ordering::SeqCst)
+                    && self.meta.renew_hold(&hold, self.clock.now_ms(), lease_ms).await?
+            }
+            Err(_) => false,
+        };
+        let outcome = match outcome {
+            Ok(_) if !held => Err(anyhow!(
+                "the backup's hold on the outbox lapsed (it was not renewed in time): keys may be missing; run it again"
+            )),
+            Ok(record) => {
+                let json = serde_json::to_vec_pretty(&record)?;
+                location
+                    .put(&backup_path(id, "backup.json"), json.into())
+                    .await
+                    .map(|()| record)
+                    .map_err(Into::into)
+            }
+            Err(e) => Err(e),
+        };
+        // A hold not released lapses by itself.
+        if let Err(e) = self.meta.release_hold(&hold).await {
+            tracing::warn!(backup = %hold, error = %e, "could not release the backup's hold; it lapses");
+        }
         outcome
     }
 
@@ -323,6 +350,28 @@ impl Registry {
     }
 }
 
+/// Rows loaded per batch, at most.
+const LOAD_BATCH_ROWS: usize = 1000;
+/// Bytes of cells loaded per batch, about at most.
+const LOAD_BATCH_BYTES: usize = 16 * 1024 * 1024;
+
+fn cell_bytes(cell: &Cell) -> usize {
+    match cell {
+        Cell::Text(t) => t.len(),
+        Cell::Bytes(b) => b.len(),
+        _ => 8,
+    }
+}
+
+/// Whether `key` can be a storage key: relative, no `.` or `..` segment, nothing empty — a key
+/// list from a damaged or hostile location must not name a place outside the storage.
+fn is_storage_key(key: &str) -> bool {
+    !key.is_empty()
+        && !key.starts_with('/')
+        && !key.contains('\\')
+        && key.split('/').all(|segment| !segment.is_empty() && segment != "." && segment != "..")
+}
+
 /// What a restore did.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RestoreReport {
@@ -401,10 +450,17 @@ pub async fn restore_backup(
         written: Amount::default(),
         present: Amount::default(),
     };
-    let lines = key_lines(location, &backup_path(&record.id, "keys.jsonl.gz")).await?;
+    // The key list as recorded, before anything is placed: a damaged list would place too few.
+    if let Some(problem) = check_file(location, &record.id, &record.keys.file).await? {
+        bail!("the backup's key list is not as recorded ({problem}): run `berth backup verify`");
+    }
+    let lines = key_lines(location, &backup_path(&record.id, &record.keys.file.file)).await?;
     let mut placed = lines
         .map(|line| async move {
             let line = line?;
+            if !is_storage_key(&line.key) {
+                bail!("the key list names `{}`, which is not a storage key", line.key);
+            }
             match blobs.size(&line.key).await {
                 Ok(size) if size == line.size => return Ok((line.size, None)),
                 Ok(_) => blobs.delete(&line.key).await?,
@@ -446,28 +502,39 @@ pub async fn restore_backup(
     drop(placed);
     shown.phase = "load";
     progress(&shown);
-    let mut loader = meta.loader().await?;
-    for table in &record.tables {
-        let Some(spec) = BACKED_UP.iter().find(|t| t.name == table.name) else {
-            bail!(
-                "backup {} holds table `{}`, which this Berth does not know: it is from a later Berth",
-                record.id,
-                table.name
-            );
-        };
+    let mut loader = match meta.loader().await? {
+        Ok(loader) => loader,
+        Err(why) => bail!("refusing to load the metadata: the deployment is no longer empty: {why}"),
+    };
+    if let Some(unknown) = record.tables.iter().find(|t| !BACKED_UP.iter().any(|b| b.name == t.name)) {
+        bail!(
+            "backup {} holds table `{}`, which this Berth does not know: it is from a later Berth",
+            record.id,
+            unknown.name
+        );
+    }
+    // In this Berth's load order (references point backwards); a table the backup lacks (one
+    // added since it was taken) stays empty.
+    for spec in BACKED_UP {
+        let Some(table) = record.tables.iter().find(|t| t.name == spec.name) else { continue };
         let path = backup_path(&record.id, &table.file);
         let mut reader = format::open_lines(location, &path).await?;
         let header = reader.next().await?.ok_or_else(|| anyhow!("{path}: empty"))?;
         let columns: Vec<String> = serde_json::from_value(header["columns"].clone())
             .with_context(|| format!("{path}: the header names no columns"))?;
         let mut batch: Vec<Vec<Cell>> = Vec::new();
+        let mut batch_bytes = 0usize;
         let mut rows = 0u64;
         while let Some(line) = reader.next().await? {
-            batch.push(format::decode_row(line).map_err(|e| anyhow!("{path}: {e}"))?);
+            let row = format::decode_row(line).map_err(|e| anyhow!("{path}: {e}"))?;
+            batch_bytes += row.iter().map(cell_bytes).sum::<usize>();
+            batch.push(row);
             rows += 1;
-            if batch.len() == 1000 {
+            // Bounded by rows and by bytes (manifest payloads run to megabytes).
+            if batch.len() == LOAD_BATCH_ROWS || batch_bytes >= LOAD_BATCH_BYTES {
+                shown.rows += batch.len() as u64;
                 loader.insert(spec, &columns, std::mem::take(&mut batch)).await?;
-                shown.rows += 1000;
+                batch_bytes = 0;
                 progress(&shown);
             }
         }
@@ -486,4 +553,26 @@ pub async fn restore_backup(
     loader.finish().await?;
     meta.analyze().await?;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_relative_keys_inside_storage_are_storage_keys() {
+        for good in ["blobs/sha256/ab/abcd/1", "blobs/0f/x", "docker/registry/v2/blobs/sha256/ab/abcd/data"] {
+            assert!(is_storage_key(good), "{good}");
+        }
+        for bad in ["", "/etc/passwd", "blobs/../../x", "blobs//x", "./blobs/x", "blobs\\x", "blobs/x/"] {
+            assert!(!is_storage_key(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ids_sort_by_time() {
+        let (a, b) = (new_id(1_765_161_000_000), new_id(1_765_161_000_001));
+        assert!(a < b, "{a} {b}");
+        assert!(a.starts_with("20251208T023000.000Z-"), "{a}");
+    }
 }
