@@ -266,6 +266,14 @@ def run_recorded(args, run):
     return results
 
 
+def main_on_each_deployment(quick_help, run_deployment, table):
+    """The `main` of a benchmark run on both deployments: `run_deployment(args, name, storage)`
+    on each, recorded, then `table(results)` printed."""
+    args = deployment_args(quick_help)
+    results = run_recorded(args, lambda name, storage: run_deployment(args, name, storage))
+    print(table(results))
+
+
 def on_each_deployment(args, run):
     """`run(name, storage_config)` on the embedded deployment and, when its services are given,
     on the scale-out one; the list of their results."""

@@ -305,11 +305,5 @@ def table(r):
     return "\n".join(lines)
 
 
-def main():
-    args = bench.deployment_args("shorter loads, 5,000 tags")
-    results = bench.run_recorded(args, lambda name, storage: run_deployment(args, name, storage))
-    print(table(results))
-
-
 if __name__ == "__main__":
-    main()
+    bench.main_on_each_deployment("shorter loads, 5,000 tags", run_deployment, table)

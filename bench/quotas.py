@@ -150,11 +150,5 @@ def table(r):
     return "\n".join(lines)
 
 
-def main():
-    args = bench.deployment_args("shorter loads, 10,000 manifests")
-    results = bench.run_recorded(args, lambda name, storage: run_deployment(args, name, storage))
-    print(table(results))
-
-
 if __name__ == "__main__":
-    main()
+    bench.main_on_each_deployment("shorter loads, 10,000 manifests", run_deployment, table)

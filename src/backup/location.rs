@@ -105,7 +105,9 @@ impl Location {
             }
             std::fs::create_dir_all(spec).map_err(|e| Error::Invalid(format!("`{spec}`: {e}")))?;
             let dir = std::fs::canonicalize(spec).map_err(|e| Error::Invalid(format!("`{spec}`: {e}")))?;
-            let store = object_store::local::LocalFileSystem::new_with_prefix(&dir)?.with_fsync(true);
+            // Not flushed file by file: `flush` flushes the whole filesystem once, before the
+            // record that makes a backup complete is written (as `cp` then `sync`).
+            let store = object_store::local::LocalFileSystem::new_with_prefix(&dir)?;
             Ok(Location { store: Arc::new(store), base: String::new(), root: Root::Dir(dir) })
         }
     }
@@ -131,6 +133,29 @@ impl Location {
                 Origin::Object { bucket: bucket.clone(), key: format!("{}{rel}", self.base) }
             }
         }
+    }
+
+    /// Makes everything written so far durable: on a directory, one `syncfs` of its filesystem
+    /// (files are not flushed one by one); an object store's writes are durable when answered.
+    ///
+    /// # Errors
+    /// When the filesystem cannot be flushed.
+    pub async fn flush(&self) -> Result<()> {
+        let Root::Dir(dir) = &self.root else { return Ok(()) };
+        let dir = dir.clone();
+        tokio::task::spawn_blocking(move || {
+            use std::os::fd::AsRawFd as _;
+            let handle = std::fs::File::open(&dir)?;
+            // SAFETY: `syncfs` takes an open descriptor, which `handle` keeps open for the call.
+            if unsafe { libc::syncfs(handle.as_raw_fd()) } == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        })
+        .await
+        .map_err(|e| Error::Invalid(format!("flushing the backup: {e}")))?
+        .map_err(|e| Error::Invalid(format!("flushing the backup: {e}")))
     }
 
     /// The size of the object at `rel`, `None` when there is none.

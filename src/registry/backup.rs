@@ -187,12 +187,12 @@ impl Registry {
                 "the backup's hold on the outbox lapsed (it was not renewed in time): keys may be missing; run it again"
             )),
             Ok(record) => {
+                // Everything the record names is durable before the record, and the record after.
                 let json = serde_json::to_vec_pretty(&record)?;
-                location
-                    .put(&backup_path(id, "backup.json"), json.into())
-                    .await
-                    .map(|()| record)
-                    .map_err(Into::into)
+                location.flush().await?;
+                location.put(&backup_path(id, "backup.json"), json.into()).await?;
+                location.flush().await?;
+                Ok(record)
             }
             Err(e) => Err(e),
         };
