@@ -482,20 +482,26 @@ async fn collector_during_backup(scale_out: bool) {
     }
     // A key queued before the backup starts is not named by its snapshot: it may go meanwhile.
     let early = reg.push_image("hold/early", "v1", 7_990).await;
-    let early_key = reg.storage_key(&Digest::sha256_of(&early.layers[0])).await;
+    let mut early_keys = Vec::new();
+    for blob in std::iter::once(&early.config).chain(&early.layers) {
+        early_keys.push(reg.storage_key(&Digest::sha256_of(blob)).await);
+    }
+    let early_key = early_keys[0].clone();
     let res = reg.req(Method::DELETE, "/v2/hold/early/manifests/v1").send().await.unwrap();
     assert_eq!(res.status(), StatusCode::ACCEPTED);
     let res =
         reg.req(Method::DELETE, &format!("/v2/hold/early/manifests/{}", early.digest)).send().await.unwrap();
     assert_eq!(res.status(), StatusCode::ACCEPTED);
-    // Reviews only, the outbox not drained: the early key's row goes and the key waits there.
+    // Reviews only, the outbox not drained: the early image's rows go and its keys wait there.
     let sql = reg.sql().await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
         while reg.app.registry.meta().review_one(reg.app.registry.clock().now_ms()).await.unwrap().is_some() {
         }
-        let (rows,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM blobs WHERE storage_key = $1")
-            .bind(&early_key)
+        let (rows,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM blobs WHERE storage_key IN ($1, $2, $3)")
+            .bind(&early_keys[0])
+            .bind(&early_keys[1])
+            .bind(&early_keys[2])
             .fetch_one(&sql)
             .await
             .unwrap();
